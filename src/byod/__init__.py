@@ -1,0 +1,10 @@
+"""byod: roll versioned schema migrations out to every user-owned database of an app.
+
+The public surface is re-exported here; everything else is an implementation detail.
+"""
+
+from byod.errors import ByodError
+from byod.registry import Migration, MigrationContext, Plan, Registry, Step
+
+__all__ = ["ByodError", "Migration", "MigrationContext", "Plan", "Registry", "Step"]
+__version__ = "0.1.0"

@@ -1,0 +1,168 @@
+"""Turning command results into Rich tables and JSON-ready data (command line only)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from byod.commands import UserPlan, VerifyReport
+from byod.controlplane import FleetStatus, LedgerRow
+from byod.runner import UserResult
+
+__all__ = [
+    "dump",
+    "fleet_status_data",
+    "fleet_status_tables",
+    "history_data",
+    "history_table",
+    "plans_data",
+    "plans_table",
+    "result_data",
+    "verify_table",
+]
+
+
+def _default(value: object) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds") + "Z"
+    raise TypeError(type(value).__name__)
+
+
+def dump(data: object) -> str:
+    """One line of JSON."""
+    return json.dumps(data, default=_default, sort_keys=False)
+
+
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else ""
+
+
+def history_data(rows: list[LedgerRow]) -> list[dict[str, Any]]:
+    """Ledger rows as plain data."""
+    return [asdict(row) for row in rows]
+
+
+def history_table(title: str, rows: list[LedgerRow]) -> Table:
+    """Ledger rows, newest first."""
+    table = Table(title=title)
+    for column in ("when", "migration", "dir", "status", "attempt", "run", "error"):
+        table.add_column(column, overflow="fold")
+    colours = {"completed": "green", "failed": "red", "skipped": "yellow", "running": "cyan"}
+    for row in rows:
+        colour = colours.get(row.status, "")
+        table.add_row(
+            _when(row.completed_at or row.started_at or row.created_at),
+            row.migration_id,
+            row.direction,
+            f"[{colour}]{row.status}[/]" if colour else row.status,
+            str(row.attempts or ""),
+            row.run_id or "",
+            row.error or "",
+        )
+    return table
+
+
+def fleet_status_data(status: FleetStatus) -> dict[str, Any]:
+    """Fleet status as plain data."""
+    data = asdict(status)
+    data["by_version"] = {str(k): v for k, v in status.by_version.items()}
+    return data
+
+
+def fleet_status_tables(status: FleetStatus, console: Console) -> None:
+    """Print fleet status: versions, connection states, recent failures."""
+    console.print(
+        f"head version [bold]{status.head}[/], {status.users} users, "
+        f"{status.outdated} connected below head"
+    )
+    versions = Table(title="users per schema version")
+    versions.add_column("version", justify="right")
+    versions.add_column("users", justify="right")
+    for version, count in status.by_version.items():
+        mark = "" if version == status.head else " (behind)"
+        versions.add_row(f"{version}{mark}", str(count))
+    console.print(versions)
+    states = Table(title="connection status")
+    states.add_column("status")
+    states.add_column("users", justify="right")
+    for state, count in sorted(status.by_connection.items()):
+        states.add_row(state, str(count))
+    console.print(states)
+    if status.recent_failures:
+        failures = Table(title="recent failures")
+        for column in ("when", "user", "migration", "error"):
+            failures.add_column(column, overflow="fold")
+        for failure in status.recent_failures:
+            failures.add_row(
+                _when(failure.at),
+                f"{failure.user_id} ({failure.clerk_id})",
+                f"{failure.migration_id} {failure.direction}",
+                failure.error or "",
+            )
+        console.print(failures)
+
+
+def plans_data(plans: list[UserPlan]) -> list[dict[str, Any]]:
+    """Plans as plain data."""
+    return [
+        {
+            "user_id": p.user_id,
+            "clerk_id": p.clerk_id,
+            "from_version": p.plan.from_version,
+            "to_version": p.plan.to_version,
+            "steps": [
+                {"migration": s.migration.id, "version": s.migration.version, "direction": "up"}
+                for s in p.plan.steps
+            ],
+        }
+        for p in plans
+    ]
+
+
+def plans_table(plans: list[UserPlan]) -> Table:
+    """What would run where."""
+    table = Table(title="plan (dry run: nothing is changed)")
+    for column in ("user", "from", "to", "would run"):
+        table.add_column(column, overflow="fold")
+    for p in plans:
+        steps = ", ".join(s.migration.id for s in p.plan.steps) or "nothing (up to date)"
+        table.add_row(
+            f"{p.user_id} ({p.clerk_id})", str(p.plan.from_version), str(p.plan.to_version), steps
+        )
+    return table
+
+
+def result_data(result: UserResult) -> dict[str, Any]:
+    """One user's outcome as plain data."""
+    return {
+        "user_id": result.user_id,
+        "clerk_id": result.clerk_id,
+        "ok": result.ok,
+        "from_version": result.from_version,
+        "to_version": result.to_version,
+        "steps": [asdict(step) for step in result.steps],
+        "error": result.error.message if result.error else None,
+        "error_type": type(result.error).__name__ if result.error else None,
+    }
+
+
+def verify_table(reports: list[VerifyReport]) -> Table:
+    """Per-user verification."""
+    table = Table(title="verify: instance stamps vs registry and control plane")
+    for column in ("user", "control plane", "instance", "result"):
+        table.add_column(column, overflow="fold")
+    for report in reports:
+        verdict = "[green]ok[/]" if report.ok else "[red]" + "; ".join(report.problems) + "[/]"
+        instance = "?" if report.instance_version is None else str(report.instance_version)
+        table.add_row(
+            f"{report.user_id} ({report.clerk_id})",
+            str(report.control_version),
+            instance,
+            verdict,
+        )
+    return table

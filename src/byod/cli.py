@@ -1,0 +1,375 @@
+"""The ``byod`` command line: parse, call one function in ``commands``, render.
+
+Exit status: 0 all good, 1 something failed (the output says what), 2 bad usage or input.
+Errors are caught once, in :func:`main`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from byod import _render as render
+from byod import commands
+from byod.errors import ByodError, InputError
+from byod.fleet import FleetEvent, FleetStarted, FleetSummary, UserFinished
+from byod.runner import UserResult
+from byod.settings import Settings
+
+__all__ = ["app", "main"]
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    help="Roll versioned schema migrations out to every user-owned database.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+users_app = typer.Typer(help="Manage app users.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option("--database-url", help="Control-plane URL [env: BYOD_DATABASE_URL]."),
+]
+Migrations = Annotated[
+    Path | None,
+    typer.Option("--migrations", help="Migrations folder [env: BYOD_MIGRATIONS]."),
+]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+UserArg = Annotated[str, typer.Argument(help="User id or clerk id.", show_default=False)]
+OptionalUser = Annotated[
+    str | None, typer.Argument(help="User id or clerk id.", show_default=False)
+]
+All = Annotated[bool, typer.Option("--all", help="Every eligible user.")]
+
+
+def _workspace(
+    database_url: str | None, migrations: Path | None, *, create_key: bool = False
+) -> commands.Workspace:
+    settings = Settings.load(database_url=database_url, migrations=migrations)
+    return commands.Workspace(settings, create_key=create_key)
+
+
+def _one_target(user: str | None, every: bool) -> str | None:
+    if (user is None) == (not every):
+        raise InputError("give either a USER or --all (not both)")
+    return user
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log every step.")] = False,
+) -> None:
+    level_name = "INFO" if verbose else os.environ.get("BYOD_LOG_LEVEL", "WARNING").upper()
+    handler = RichHandler(console=err, show_path=False, markup=False, rich_tracebacks=False)
+    logger = logging.getLogger("byod")
+    logger.handlers[:] = [handler]
+    logger.setLevel(getattr(logging, level_name, logging.WARNING))
+    logger.propagate = False
+
+
+@app.command()
+def init(database_url: DatabaseUrl = None, migrations: Migrations = None) -> None:
+    """Create the control-plane tables (safe to run again)."""
+    result = commands.init(_workspace(database_url, migrations, create_key=True))
+    out.print(f"control plane ready: {escape(result.database)}")
+    if result.key.created:
+        out.print(f"created a new encryption key: {escape(result.key.description)} (mode 0600)")
+        out.print("  keep it safe; in production set BYOD_ENCRYPTION_KEY instead")
+    else:
+        out.print(f"encryption key: {escape(result.key.description)}")
+    out.print(f"migrations head version: {result.head}")
+
+
+@users_app.command("add")
+def users_add(
+    clerk_id: Annotated[str, typer.Option("--clerk-id", help="External auth subject.")],
+    email: Annotated[str | None, typer.Option("--email")] = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Register a user; prints the new user id."""
+    user = commands.add_user(_workspace(database_url, None), clerk_id, email)
+    out.print(user.id)
+
+
+@users_app.command("list")
+def users_list(database_url: DatabaseUrl = None, json_out: Json = False) -> None:
+    """List users."""
+    users = _workspace(database_url, None).directory.list_users()
+    if json_out:
+        out.print(render.dump([asdict(u) for u in users]))
+        return
+    for user in users:
+        out.print(f"{user.id}\t{escape(user.clerk_id)}\t{escape(user.email or '')}")
+
+
+@app.command()
+def connect(
+    user: UserArg,
+    url: Annotated[str, typer.Option("--url", help="SQLAlchemy URL of the user's database.")],
+    secret: Annotated[
+        str | None, typer.Option("--secret", help="Password, if not in the URL.")
+    ] = None,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1)] = 10.0,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Seal and store a user's database credentials and check it answers."""
+    found, reach = commands.connect(
+        _workspace(database_url, None), user, url, secret=secret, timeout=timeout
+    )
+    if reach.status == "connected":
+        out.print(
+            f"user {found.id} ({escape(found.clerk_id)}) connected, "
+            f"instance at version {reach.schema_version}"
+        )
+        return
+    err.print(
+        f"stored, but the instance is unreachable: {escape(reach.error or '')}\n"
+        "hint: check the URL and that the database is up, then run `byod connect` again"
+    )
+    raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    json_out: Json = False, database_url: DatabaseUrl = None, migrations: Migrations = None
+) -> None:
+    """Fleet status: users per version and connection status, recent failures."""
+    result = commands.status(_workspace(database_url, migrations))
+    if json_out:
+        out.print(render.dump(render.fleet_status_data(result)))
+    else:
+        render.fleet_status_tables(result, out)
+
+
+@app.command()
+def plan(
+    user: OptionalUser = None,
+    every: All = False,
+    json_out: Json = False,
+    database_url: DatabaseUrl = None,
+    migrations: Migrations = None,
+) -> None:
+    """Dry run: what would run where."""
+    plans = commands.plan(_workspace(database_url, migrations), _one_target(user, every))
+    if json_out:
+        out.print(render.dump(render.plans_data(plans)))
+    else:
+        out.print(render.plans_table(plans))
+
+
+@app.command()
+def migrate(
+    user: OptionalUser = None,
+    every: All = False,
+    to: Annotated[int | None, typer.Option("--to", help="Target version (default head).")] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1)] = 4,
+    json_out: Json = False,
+    database_url: DatabaseUrl = None,
+    migrations: Migrations = None,
+) -> None:
+    """Apply pending migrations to one user (or --all)."""
+    ws = _workspace(database_url, migrations)
+    target = _one_target(user, every)
+    if target is not None:
+        result = commands.migrate_user(ws, target, to_version=to)
+        _finish_user(result, json_out, "migrated")
+        return
+    summary = _run_fleet(
+        lambda on_event: commands.migrate_fleet(
+            ws, concurrency=concurrency, to_version=to, on_event=on_event
+        ),
+        json_out,
+    )
+    _print_summary(summary, json_out)
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def rollback(
+    user: UserArg,
+    to: Annotated[int, typer.Option("--to", help="Version to roll back to.")],
+    json_out: Json = False,
+    database_url: DatabaseUrl = None,
+    migrations: Migrations = None,
+) -> None:
+    """Undo migrations (newest first) down to a version."""
+    result = commands.rollback_user(_workspace(database_url, migrations), user, to)
+    _finish_user(result, json_out, "rolled back")
+
+
+@app.command()
+def history(
+    user: UserArg,
+    limit: Annotated[int | None, typer.Option("--limit", min=1)] = None,
+    json_out: Json = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """A user's migration history, newest first."""
+    found, rows = commands.user_history(_workspace(database_url, None), user, limit=limit)
+    if json_out:
+        out.print(render.dump(render.history_data(rows)))
+    else:
+        out.print(render.history_table(f"history of user {found.id} ({found.clerk_id})", rows))
+
+
+@app.command()
+def pending(
+    user: UserArg,
+    json_out: Json = False,
+    database_url: DatabaseUrl = None,
+    migrations: Migrations = None,
+) -> None:
+    """Number of migrations pending for a user."""
+    count = commands.pending(_workspace(database_url, migrations), user)
+    out.print(render.dump({"pending": count}) if json_out else count)
+
+
+@app.command()
+def verify(
+    user: OptionalUser = None,
+    every: All = False,
+    json_out: Json = False,
+    database_url: DatabaseUrl = None,
+    migrations: Migrations = None,
+) -> None:
+    """Check instance stamps and checksums against the registry and control plane."""
+    reports = commands.verify(_workspace(database_url, migrations), _one_target(user, every))
+    if json_out:
+        out.print(render.dump([asdict(r) | {"ok": r.ok} for r in reports]))
+    else:
+        out.print(render.verify_table(reports))
+    if not all(report.ok for report in reports):
+        raise typer.Exit(1)
+
+
+@app.command()
+def new(
+    name: Annotated[str, typer.Argument(help="What the migration does, e.g. 'add archived'.")],
+    migrations: Migrations = None,
+) -> None:
+    """Scaffold the next migration file in the migrations folder."""
+    path = commands.new_migration(_workspace(None, migrations), name)
+    out.print(f"created {escape(str(path))}")
+
+
+@app.command()
+def demo(
+    tenants: Annotated[int, typer.Option("--tenants", min=1, max=100000)] = 5,
+    database_url: DatabaseUrl = None,
+    migrations: Migrations = None,
+) -> None:
+    """Build a local fleet of SQLite instances at version 1 and migrate them all to head."""
+    from byod.demo import run_demo
+
+    ws = _workspace(database_url, migrations, create_key=True)
+    result = _run_fleet(lambda on_event: run_demo(ws, tenants=tenants, on_event=on_event), False)
+    _print_summary(result.summary, False)
+    render.fleet_status_tables(result.status, out)
+    out.print(render.history_table(f"history of {result.sample_user}", result.sample_history))
+    out.print(f"instances: {escape(str(result.folder))} ({result.created} created this time)")
+    if result.setup.key.created:
+        out.print(f"created a local encryption key: {escape(result.setup.key.description)}")
+    if not result.summary.ok:
+        raise typer.Exit(1)
+
+
+# -- rendering helpers -------------------------------------------------------------------
+
+
+def _finish_user(result: UserResult, json_out: bool, verb: str) -> None:
+    if json_out:
+        out.print(render.dump(render.result_data(result)))
+    elif result.ok:
+        if result.from_version == result.to_version:
+            out.print(f"user {result.user_id}: nothing to do (version {result.to_version})")
+        else:
+            out.print(
+                f"user {result.user_id}: {verb} from version {result.from_version} "
+                f"to {result.to_version}"
+            )
+            for step in result.steps:
+                out.print(f"  {step.migration_id} {step.direction}: {step.status}")
+    if result.error is not None:
+        if not json_out:
+            _print_error(result.error)
+        raise typer.Exit(1)
+
+
+def _run_fleet(work: Callable[[Callable[[FleetEvent], None]], T], json_out: bool) -> T:
+    """Run a fleet job, showing progress: JSON lines, or a bar on a terminal."""
+    if json_out:
+
+        def emit(event: FleetEvent) -> None:
+            if isinstance(event, UserFinished):
+                data = render.result_data(event.result) | {"outcome": event.outcome}
+                out.print(render.dump(data))
+
+        return work(emit)
+    progress = Progress(
+        TextColumn("migrating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("[red]{task.fields[failed]} failed"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not err.is_terminal,
+    )
+    task = progress.add_task("fleet", total=None, failed=0)
+    failed = 0
+
+    def show(event: FleetEvent) -> None:
+        nonlocal failed
+        if isinstance(event, FleetStarted):
+            progress.update(task, total=event.total)
+        elif isinstance(event, UserFinished):
+            failed += event.outcome == "failed"
+            progress.update(task, advance=1, failed=failed)
+
+    with progress:
+        return work(show)
+
+
+def _print_summary(summary: FleetSummary, json_out: bool) -> None:
+    if json_out:
+        out.print(render.dump({"summary": summary.as_dict()}))
+        return
+    out.print(
+        f"total {summary.total}: {summary.succeeded} succeeded, {summary.failed} failed, "
+        f"{summary.skipped} skipped, {summary.not_started} not started"
+    )
+    for error in summary.errors:
+        where = f" at {error.migration}" if error.migration else ""
+        err.print(f"[red]failed:[/] {escape(error.user)}{where}: {escape(error.error)}")
+
+
+def _print_error(error: ByodError) -> None:
+    err.print(f"[red]error:[/] {escape(error.message)}")
+    if error.hint:
+        err.print(f"[dim]hint:[/] {escape(error.hint)}")
+
+
+def main() -> None:
+    """Entry point of the ``byod`` script: runs the app, turns errors into exit codes."""
+    try:
+        app()
+    except ByodError as error:
+        _print_error(error)
+        sys.exit(error.exit_code)

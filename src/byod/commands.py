@@ -1,0 +1,310 @@
+"""The commands, as plain functions of a :class:`Workspace` (Alembic's ``command`` style).
+
+Each opens what it needs, calls the core (runner, fleet, control plane) and returns plain
+data; the command line and, later, the HTTP service only render it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from byod.connections import ReachResult, connect_user, open_instance, unseal_config
+from byod.controlplane import (
+    Directory,
+    FleetStatus,
+    LedgerRow,
+    User,
+    create_tables,
+    fleet_status,
+    history,
+    iter_outdated,
+    open_engine,
+)
+from byod.controlplane.schema import configs
+from byod.crypto import KeySource, Sealer, load_sealer
+from byod.errors import ByodError, ControlPlaneError, InputError, SettingsError
+from byod.fleet import ELIGIBLE_STATUSES, FleetEvent, FleetSummary, migrate_all
+from byod.notify import load_notifier
+from byod.registry import Plan, Registry
+from byod.runner import Runner, UserResult, check_stamp
+from byod.settings import Settings, normalize_url, safe_url
+
+__all__ = [
+    "InitResult",
+    "UserPlan",
+    "VerifyReport",
+    "Workspace",
+    "add_user",
+    "connect",
+    "init",
+    "migrate_fleet",
+    "migrate_user",
+    "new_migration",
+    "pending",
+    "plan",
+    "rollback_user",
+    "status",
+    "user_history",
+    "verify",
+]
+
+
+class Workspace:
+    """Settings plus what they open, each opened once, on first use."""
+
+    def __init__(self, settings: Settings, *, create_key: bool = False) -> None:
+        self.settings = settings
+        self._create_key = create_key
+        self.key_source: KeySource | None = None
+
+    @cached_property
+    def engine(self) -> sa.Engine:
+        """The control-plane engine."""
+        return open_engine(self.settings.database_url)
+
+    @cached_property
+    def registry(self) -> Registry:
+        """The migrations, loaded and validated."""
+        return Registry.load(self.settings.migrations_dir)
+
+    @cached_property
+    def sealer(self) -> Sealer:
+        """The sealer for the configured encryption key."""
+        sealer, self.key_source = load_sealer(self.settings, create=self._create_key)
+        return sealer
+
+    @cached_property
+    def directory(self) -> Directory:
+        """Users and configs."""
+        self.require_tables()
+        return Directory(self.engine)
+
+    def runner(self, **options: object) -> Runner:
+        """A runner on this workspace (options as :class:`Runner` takes them)."""
+        notify = load_notifier(os.environ.get("BYOD_NOTIFY_HOOK"))
+        return Runner(self.engine, self.registry, self.sealer, notify=notify, **options)  # type: ignore[arg-type]
+
+    def require_tables(self) -> None:
+        """Raise :class:`ControlPlaneError` unless ``byod init`` has run on this control plane."""
+        url = normalize_url(self.settings.database_url)
+        where = safe_url(url)
+        if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+            raise ControlPlaneError(f"no control plane at {where}: run `byod init` first")
+        try:
+            ready = sa.inspect(self.engine).has_table(configs.name)
+        except sa.exc.SQLAlchemyError as exc:
+            raise ControlPlaneError(f"cannot reach the control plane {where}") from exc
+        if not ready:
+            raise ControlPlaneError(
+                f"the control plane {where} has no byod tables: run `byod init`"
+            )
+
+
+@dataclass(frozen=True)
+class InitResult:
+    """What ``init`` set up."""
+
+    database: str
+    key: KeySource
+    head: int
+
+
+def init(ws: Workspace) -> InitResult:
+    """Create the control-plane tables (idempotent) and make sure a key is available."""
+    url = normalize_url(ws.settings.database_url)
+    if url.get_backend_name() == "sqlite" and url.database:
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    create_tables(ws.engine)
+    ws.sealer  # noqa: B018 - loads or creates the key
+    assert ws.key_source is not None
+    return InitResult(safe_url(url), ws.key_source, ws.registry.head)
+
+
+def add_user(ws: Workspace, clerk_id: str, email: str | None = None) -> User:
+    """Register an app user."""
+    return ws.directory.add_user(clerk_id, email)
+
+
+def connect(
+    ws: Workspace, user_ref: str, url: str, *, secret: str | None = None, timeout: float = 10.0
+) -> tuple[User, ReachResult]:
+    """Seal and store a user's instance credentials and check the instance answers."""
+    user = ws.directory.find_user(user_ref)
+    return user, connect_user(ws.directory, ws.sealer, user.id, url, secret=secret, timeout=timeout)
+
+
+def status(ws: Workspace) -> FleetStatus:
+    """The fleet at a glance (no instance is contacted)."""
+    ws.require_tables()
+    return fleet_status(ws.engine, ws.registry.head)
+
+
+@dataclass(frozen=True)
+class UserPlan:
+    """What a migrate would do for one user, from the control plane's view."""
+
+    user_id: int
+    clerk_id: str
+    plan: Plan
+
+
+def plan(ws: Workspace, user_ref: str | None) -> list[UserPlan]:
+    """Dry run: the steps ``migrate`` would run, per user (``None``: every eligible user)."""
+    registry = ws.registry
+    if user_ref is not None:
+        user = ws.directory.find_user(user_ref)
+        config = ws.directory.get_config(user.id)
+        return [UserPlan(user.id, user.clerk_id, registry.plan_up(config.schema_version))]
+    directory = ws.directory
+    plans = []
+    for candidate in iter_outdated(ws.engine, registry.head, statuses=ELIGIBLE_STATUSES):
+        user = directory.get_user(candidate.user_id)
+        plans.append(UserPlan(user.id, user.clerk_id, registry.plan_up(candidate.schema_version)))
+    return plans
+
+
+def migrate_user(ws: Workspace, user_ref: str, *, to_version: int | None = None) -> UserResult:
+    """Migrate one user (to head, or ``to_version``)."""
+    ws.require_tables()
+    return ws.runner().migrate(user_ref, to_version=to_version)
+
+
+def migrate_fleet(
+    ws: Workspace,
+    *,
+    concurrency: int = 4,
+    to_version: int | None = None,
+    on_event: Callable[[FleetEvent], None] = lambda event: None,
+) -> FleetSummary:
+    """Migrate every eligible outdated user."""
+    ws.require_tables()
+    if concurrency < 1:
+        raise InputError("--concurrency must be at least 1")
+    return migrate_all(
+        ws.runner(), concurrency=concurrency, to_version=to_version, on_event=on_event
+    )
+
+
+def rollback_user(ws: Workspace, user_ref: str, to_version: int) -> UserResult:
+    """Roll one user back to ``to_version``."""
+    ws.require_tables()
+    return ws.runner().rollback(user_ref, to_version)
+
+
+def user_history(
+    ws: Workspace, user_ref: str, *, limit: int | None = None
+) -> tuple[User, list[LedgerRow]]:
+    """A user's ledger rows, newest first."""
+    user = ws.directory.find_user(user_ref)
+    return user, history(ws.engine, user.id, limit=limit)
+
+
+def pending(ws: Workspace, user_ref: str) -> int:
+    """How many migrations the user's instance still needs (control plane's view)."""
+    user = ws.directory.find_user(user_ref)
+    return ws.registry.pending_count(ws.directory.get_config(user.id).schema_version)
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """One user's instance checked against the registry and the control plane."""
+
+    user_id: int
+    clerk_id: str
+    control_version: int
+    instance_version: int | None
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when stamp, registry and control plane agree."""
+        return not self.problems
+
+
+def verify(ws: Workspace, user_ref: str | None) -> list[VerifyReport]:
+    """Compare each instance's stamp with the registry's checksums and the control plane."""
+    directory = ws.directory
+    if user_ref is not None:
+        users = [directory.find_user(user_ref)]
+    else:
+        with ws.engine.connect() as conn:
+            ids = conn.execute(sa.select(configs.c.user_id).order_by(configs.c.user_id)).scalars()
+            users = [directory.get_user(int(user_id)) for user_id in ids]
+    return [_verify_one(ws, user) for user in users]
+
+
+def _verify_one(ws: Workspace, user: User) -> VerifyReport:
+    config = ws.directory.get_config(user.id)
+    try:
+        credentials = unseal_config(config, ws.sealer)
+        with open_instance(credentials, timeout=10.0) as target:
+            stamp = target.read_stamp()
+    except ByodError as exc:
+        problem = f"cannot read the instance's stamp: {exc.message}"
+        return VerifyReport(user.id, user.clerk_id, config.schema_version, None, (problem,))
+    problems = check_stamp(ws.registry, stamp)
+    instance_version = stamp[-1].version if stamp else 0
+    if instance_version != config.schema_version:
+        problems.append(
+            f"the control plane says version {config.schema_version}, the instance's stamp "
+            f"says {instance_version} (the next migrate adopts the instance's)"
+        )
+    return VerifyReport(
+        user.id, user.clerk_id, config.schema_version, instance_version, tuple(problems)
+    )
+
+
+_TEMPLATE = '''"""{title}."""
+
+import sqlalchemy as sa
+
+from byod import Migration, MigrationContext
+
+
+def up(ctx: MigrationContext) -> None:
+    # DDL through ctx.op (Alembic Operations), data through ctx.conn; both in one
+    # transaction with the stamp, so a failure leaves no trace.
+    raise NotImplementedError("write the change")
+
+
+def down(ctx: MigrationContext) -> None:
+    # Undo up(); delete this function (and pass down=None) if it cannot be undone.
+    raise NotImplementedError("write the undo")
+
+
+migration = Migration(
+    id="{id}",
+    version={version},
+    name="{title}",
+    description="{title}.",
+    up=up,
+    down=down,
+)
+'''
+
+
+def new_migration(ws: Workspace, name: str) -> Path:
+    """Write the next migration file, ``NNN_slug.py``, from a template."""
+    if not ws.settings.migrations_configured:
+        raise SettingsError(
+            "say where your app's migrations live: --migrations FOLDER or BYOD_MIGRATIONS "
+            "(the bundled example folder is not for new migrations)"
+        )
+    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    if not slug:
+        raise InputError(f"{name!r} makes no file name: use letters and digits")
+    folder = ws.settings.migrations_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    version = Registry.load(folder).head + 1
+    migration_id = f"{version:03d}_{slug}"
+    path = folder / f"{migration_id}.py"
+    title = name.strip().replace('"', "'")
+    path.write_text(_TEMPLATE.format(id=migration_id, version=version, title=title))
+    return path

@@ -1,0 +1,31 @@
+"""The control plane: the app's own database of users, BYOD configs and the ledger."""
+
+from byod.controlplane.directory import Config, Directory, User
+from byod.controlplane.ledger import Ledger, LedgerRow
+from byod.controlplane.queries import (
+    FailureRow,
+    FleetStatus,
+    OutdatedConfig,
+    count_outdated,
+    fleet_status,
+    history,
+    iter_outdated,
+)
+from byod.controlplane.schema import create_tables, open_engine
+
+__all__ = [
+    "Config",
+    "Directory",
+    "FailureRow",
+    "FleetStatus",
+    "Ledger",
+    "LedgerRow",
+    "OutdatedConfig",
+    "User",
+    "count_outdated",
+    "create_tables",
+    "fleet_status",
+    "history",
+    "iter_outdated",
+    "open_engine",
+]

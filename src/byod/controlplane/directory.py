@@ -1,0 +1,225 @@
+"""Users, their BYOD configs and the leases on them.
+
+A lease is a time-limited claim on one user's config: claiming it is one conditional
+UPDATE ... RETURNING (never read-then-write), so two runners can never both hold it, and
+a runner that dies leaves a lease that simply expires.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from byod.controlplane._tx import reading, writing
+from byod.controlplane.schema import configs, users, utcnow
+from byod.errors import (
+    BusyError,
+    ControlPlaneError,
+    InputError,
+    NotConnectedError,
+    UnknownUserError,
+)
+
+__all__ = ["Config", "Directory", "User"]
+
+
+@dataclass(frozen=True)
+class User:
+    """An app user: ``id`` is byod's, ``clerk_id`` the external auth subject."""
+
+    id: int
+    clerk_id: str
+    email: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Config:
+    """A user's BYOD config as stored (credentials still sealed)."""
+
+    user_id: int
+    target_kind: str
+    sealed_url: str
+    sealed_secret: str | None
+    key_id: str
+    connection_status: str
+    schema_version: int
+    last_error: str | None
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    updated_at: datetime
+
+
+_CONFIG_COLUMNS = [getattr(configs.c, name) for name in Config.__dataclass_fields__]
+
+
+def _config(row: sa.Row[tuple[object, ...]]) -> Config:
+    return Config(**row._asdict())
+
+
+class Directory:
+    """Reads and writes ``users`` and ``byod_configs``, and holds leases."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    # -- users ---------------------------------------------------------------------------
+
+    def add_user(self, clerk_id: str, email: str | None = None) -> User:
+        """Create a user; a clerk id already taken is an :class:`InputError`."""
+        clerk_id = clerk_id.strip()
+        if not clerk_id:
+            raise InputError("the clerk id must not be empty")
+        now = utcnow()
+        try:
+            with self.engine.begin() as conn:
+                result = conn.execute(
+                    users.insert().values(clerk_id=clerk_id, email=email, created_at=now)
+                )
+                user_id = result.inserted_primary_key[0]  # type: ignore[index]
+        except IntegrityError as exc:
+            raise InputError(f"a user with clerk id {clerk_id!r} already exists") from exc
+        except SQLAlchemyError as exc:
+            raise ControlPlaneError(
+                f"control plane: cannot add the user ({type(exc).__name__})"
+            ) from exc
+        return User(int(user_id), clerk_id, email, now)
+
+    def find_user(self, ref: str | int) -> User:
+        """The user with this id or clerk id.
+
+        A clerk id matches first; a reference made only of digits then matches a user id.
+        Raises :class:`UnknownUserError` when neither matches.
+        """
+        text = str(ref).strip()
+        query = sa.select(users).where(users.c.clerk_id == text)
+        if text.isdigit():
+            query = sa.select(users).where(
+                sa.or_(users.c.clerk_id == text, users.c.id == int(text))
+            )
+        with reading(self.engine, "look up the user") as conn:
+            rows = list(conn.execute(query).all())
+        rows.sort(key=lambda r: r.clerk_id != text)  # a clerk id match wins
+        if not rows:
+            raise UnknownUserError(f"no user with id or clerk id {text!r}")
+        return User(**rows[0]._asdict())
+
+    def get_user(self, user_id: int) -> User:
+        """The user with this byod id."""
+        return self.find_user(user_id)
+
+    def list_users(self) -> list[User]:
+        """Every user, by id."""
+        with reading(self.engine, "list users") as conn:
+            return [User(**r._asdict()) for r in conn.execute(sa.select(users).order_by("id"))]
+
+    # -- configs -------------------------------------------------------------------------
+
+    def save_config(
+        self,
+        user_id: int,
+        *,
+        target_kind: str,
+        sealed_url: str,
+        sealed_secret: str | None,
+        key_id: str,
+    ) -> None:
+        """Store (or replace) a user's sealed credentials; the status becomes ``pending``."""
+        values = {
+            "target_kind": target_kind,
+            "sealed_url": sealed_url,
+            "sealed_secret": sealed_secret,
+            "key_id": key_id,
+            "connection_status": "pending",
+            "last_error": None,
+            "updated_at": utcnow(),
+        }
+        with writing(self.engine, "store the config") as conn:
+            updated = conn.execute(
+                configs.update().where(configs.c.user_id == user_id).values(**values)
+            ).rowcount
+            if updated == 0:
+                conn.execute(configs.insert().values(user_id=user_id, **values))
+
+    def get_config(self, user_id: int) -> Config:
+        """The user's config; :class:`NotConnectedError` when there is none."""
+        with reading(self.engine, "read the config") as conn:
+            row = conn.execute(
+                sa.select(*_CONFIG_COLUMNS).where(configs.c.user_id == user_id)
+            ).first()
+        if row is None:
+            raise NotConnectedError(f"user {user_id} has no database connected")
+        return _config(row)
+
+    def set_status(
+        self,
+        user_id: int,
+        status: str,
+        *,
+        error: str | None = None,
+        schema_version: int | None = None,
+    ) -> None:
+        """Record the outcome of reaching the instance (and, if known, its version)."""
+        values: dict[str, object] = {
+            "connection_status": status,
+            "last_error": error,
+            "updated_at": utcnow(),
+        }
+        if schema_version is not None:
+            values["schema_version"] = schema_version
+        with writing(self.engine, "record the connection status") as conn:
+            conn.execute(configs.update().where(configs.c.user_id == user_id).values(**values))
+
+    # -- leases --------------------------------------------------------------------------
+
+    def claim_lease(self, user_id: int, owner: str, seconds: float) -> Config:
+        """Claim the user's lease for ``seconds``; returns the config as claimed.
+
+        Raises :class:`BusyError` when another owner holds an unexpired lease and
+        :class:`NotConnectedError` when the user has no config.
+        """
+        now = utcnow()
+        statement = (
+            configs.update()
+            .where(
+                configs.c.user_id == user_id,
+                sa.or_(
+                    configs.c.lease_owner.is_(None),
+                    configs.c.lease_owner == owner,
+                    configs.c.lease_expires_at < now,
+                ),
+            )
+            .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=seconds))
+            .returning(*_CONFIG_COLUMNS)
+        )
+        with writing(self.engine, "claim the lease") as conn:
+            row = conn.execute(statement).first()
+        if row is not None:
+            return _config(row)
+        held = self.get_config(user_id)  # raises NotConnectedError when there is none
+        raise BusyError(
+            f"user {user_id} is busy: another runner ({held.lease_owner}) holds its lease "
+            f"until {held.lease_expires_at:%Y-%m-%d %H:%M:%S} UTC"
+        )
+
+    def renew_lease(self, user_id: int, owner: str, seconds: float) -> bool:
+        """Extend a lease this owner holds; False when it was lost to another owner."""
+        with writing(self.engine, "renew the lease") as conn:
+            renewed = conn.execute(
+                configs.update()
+                .where(configs.c.user_id == user_id, configs.c.lease_owner == owner)
+                .values(lease_expires_at=utcnow() + timedelta(seconds=seconds))
+            ).rowcount
+        return renewed == 1
+
+    def release_lease(self, user_id: int, owner: str) -> None:
+        """Give the lease back (only if this owner still holds it)."""
+        with writing(self.engine, "release the lease") as conn:
+            conn.execute(
+                configs.update()
+                .where(configs.c.user_id == user_id, configs.c.lease_owner == owner)
+                .values(lease_owner=None, lease_expires_at=None)
+            )

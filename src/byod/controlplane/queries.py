@@ -1,0 +1,175 @@
+"""Read-only status queries: a user's history, the fleet at a glance, outdated users."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import sqlalchemy as sa
+
+from byod.controlplane._tx import reading
+from byod.controlplane.ledger import LedgerRow
+from byod.controlplane.schema import configs, ledger, users
+
+__all__ = [
+    "FailureRow",
+    "FleetStatus",
+    "OutdatedConfig",
+    "count_outdated",
+    "fleet_status",
+    "history",
+    "iter_outdated",
+]
+
+
+def history(
+    engine: sa.Engine, user_id: int, *, limit: int | None = None, offset: int = 0
+) -> list[LedgerRow]:
+    """A user's ledger rows, newest first."""
+    query = (
+        sa.select(ledger)
+        .where(ledger.c.user_id == user_id)
+        .order_by(ledger.c.id.desc())
+        .offset(offset)
+        .limit(limit)
+    )
+    with reading(engine, "read the history") as conn:
+        return [LedgerRow(**row._asdict()) for row in conn.execute(query)]
+
+
+@dataclass(frozen=True)
+class FailureRow:
+    """A recent failed attempt, with whom it hit."""
+
+    user_id: int
+    clerk_id: str
+    migration_id: str
+    direction: str
+    error: str | None
+    at: datetime | None
+
+
+@dataclass(frozen=True)
+class FleetStatus:
+    """Users per schema version and per connection status, and the latest failures."""
+
+    head: int
+    users: int
+    by_version: dict[int, int] = field(default_factory=dict)
+    by_connection: dict[str, int] = field(default_factory=dict)
+    outdated: int = 0
+    recent_failures: list[FailureRow] = field(default_factory=list)
+
+
+def fleet_status(engine: sa.Engine, head: int, *, failures: int = 10) -> FleetStatus:
+    """The fleet at a glance: aggregate queries only, no instance is contacted."""
+    with reading(engine, "read the fleet status") as conn:
+        user_count = conn.execute(sa.select(sa.func.count()).select_from(users)).scalar_one()
+        by_version = {
+            int(v): int(n)
+            for v, n in conn.execute(
+                sa.select(configs.c.schema_version, sa.func.count())
+                .group_by(configs.c.schema_version)
+                .order_by(configs.c.schema_version)
+            )
+        }
+        by_connection = {
+            str(s): int(n)
+            for s, n in conn.execute(
+                sa.select(configs.c.connection_status, sa.func.count()).group_by(
+                    configs.c.connection_status
+                )
+            )
+        }
+        outdated = conn.execute(
+            sa.select(sa.func.count())
+            .select_from(configs)
+            .where(configs.c.connection_status == "connected", configs.c.schema_version < head)
+        ).scalar_one()
+        failed = conn.execute(
+            sa.select(
+                ledger.c.user_id,
+                users.c.clerk_id,
+                ledger.c.migration_id,
+                ledger.c.direction,
+                ledger.c.error,
+                ledger.c.completed_at.label("at"),
+            )
+            .join(users, users.c.id == ledger.c.user_id)
+            .where(ledger.c.status == "failed")
+            .order_by(ledger.c.id.desc())
+            .limit(failures)
+        ).all()
+    no_config = int(user_count) - sum(by_connection.values())
+    if no_config:
+        by_connection["not configured"] = no_config
+    return FleetStatus(
+        head=head,
+        users=int(user_count),
+        by_version=by_version,
+        by_connection=by_connection,
+        outdated=int(outdated),
+        recent_failures=[FailureRow(**row._asdict()) for row in failed],
+    )
+
+
+def count_outdated(engine: sa.Engine, below: int, *, statuses: tuple[str, ...]) -> int:
+    """How many configs in ``statuses`` are below version ``below`` (one index range count)."""
+    query = (
+        sa.select(sa.func.count())
+        .select_from(configs)
+        .where(configs.c.connection_status.in_(statuses), configs.c.schema_version < below)
+    )
+    with reading(engine, "count outdated users") as conn:
+        return int(conn.execute(query).scalar_one())
+
+
+@dataclass(frozen=True)
+class OutdatedConfig:
+    """A connected user below a version (what a fleet run needs to start on them)."""
+
+    user_id: int
+    schema_version: int
+
+
+def iter_outdated(
+    engine: sa.Engine,
+    below: int,
+    *,
+    page_size: int = 500,
+    statuses: tuple[str, ...] = ("connected",),
+    untouched_since: datetime | None = None,
+) -> Iterator[OutdatedConfig]:
+    """Users with a config in ``statuses`` and ``schema_version < below``.
+
+    Keyset-paged over the (status, version, user id) index in (version, user id) order:
+    memory stays flat however large the fleet, and a fleet already at ``below`` costs one
+    empty range scan. ``untouched_since`` leaves out configs updated after that moment,
+    so users a running fleet run already moved are not handed out twice.
+    """
+    last: tuple[int, int] = (-1, -1)
+    while True:
+        version, user_id = last
+        query = (
+            sa.select(configs.c.user_id, configs.c.schema_version)
+            .where(
+                configs.c.connection_status.in_(statuses),
+                configs.c.schema_version < below,
+                sa.or_(
+                    configs.c.schema_version > version,
+                    sa.and_(configs.c.schema_version == version, configs.c.user_id > user_id),
+                ),
+            )
+            .order_by(configs.c.schema_version, configs.c.user_id)
+            .limit(page_size)
+        )
+        if untouched_since is not None:
+            query = query.where(configs.c.updated_at <= untouched_since)
+        with reading(engine, "select outdated users") as conn:
+            page = conn.execute(query).all()
+        for row in page:
+            yield OutdatedConfig(int(row.user_id), int(row.schema_version))
+        if len(page) < page_size:
+            return
+        last = (int(page[-1].schema_version), int(page[-1].user_id))

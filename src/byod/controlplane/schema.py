@@ -1,0 +1,132 @@
+"""The control plane's tables (SQLAlchemy Core) and how to open its database.
+
+``byod_configs`` is indexed on (connection_status, schema_version, user_id) so "connected
+and older than version V" is an index range scan, paged by user id.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.exc import SQLAlchemyError
+
+from byod.errors import ControlPlaneError
+from byod.settings import normalize_url, safe_url
+
+__all__ = [
+    "CONNECTION_STATUSES",
+    "LEDGER_STATUSES",
+    "configs",
+    "create_tables",
+    "ledger",
+    "metadata",
+    "open_engine",
+    "users",
+    "utcnow",
+]
+
+CONNECTION_STATUSES = ("pending", "connected", "error", "disconnected")
+LEDGER_STATUSES = ("pending", "running", "completed", "failed", "skipped")
+
+metadata = sa.MetaData()
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("clerk_id", sa.String(255), nullable=False, unique=True),
+    sa.Column("email", sa.String(320), nullable=True),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+)
+
+configs = sa.Table(
+    "byod_configs",
+    metadata,
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), primary_key=True),
+    sa.Column("target_kind", sa.String(32), nullable=False),
+    sa.Column("sealed_url", sa.Text, nullable=False),
+    sa.Column("sealed_secret", sa.Text, nullable=True),
+    sa.Column("key_id", sa.String(32), nullable=False),
+    sa.Column("connection_status", sa.String(16), nullable=False, server_default="pending"),
+    sa.Column("schema_version", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("lease_owner", sa.String(64), nullable=True),
+    sa.Column("lease_expires_at", sa.DateTime, nullable=True),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+    sa.CheckConstraint(
+        "connection_status IN ('pending', 'connected', 'error', 'disconnected')",
+        name="ck_byod_configs_status",
+    ),
+    sa.Index("ix_byod_configs_status_version", "connection_status", "schema_version", "user_id"),
+)
+
+ledger = sa.Table(
+    "byod_migrations",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("migration_id", sa.String(255), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("direction", sa.String(4), nullable=False, server_default="up"),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("run_id", sa.String(64), nullable=True),
+    sa.Column("started_at", sa.DateTime, nullable=True),
+    sa.Column("completed_at", sa.DateTime, nullable=True),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.CheckConstraint(
+        "status IN ('pending', 'running', 'completed', 'failed', 'skipped')",
+        name="ck_byod_migrations_status",
+    ),
+    sa.CheckConstraint("direction IN ('up', 'down')", name="ck_byod_migrations_direction"),
+    sa.Index("ix_byod_migrations_user", "user_id", "id"),
+    sa.Index("ix_byod_migrations_migration", "migration_id"),
+    sa.Index("ix_byod_migrations_user_migration", "user_id", "migration_id"),
+    sa.Index("ix_byod_migrations_status", "status", "id"),
+    sa.Index("ix_byod_migrations_run", "run_id"),
+)
+
+
+def utcnow() -> datetime:
+    """Now, in UTC, without tzinfo: how every timestamp is stored."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def open_engine(url: str) -> sa.Engine:
+    """An engine on the control plane; SQLite gets WAL and a busy timeout for many workers."""
+    parsed = normalize_url(url)
+    kwargs: dict[str, Any] = {"pool_pre_ping": parsed.get_backend_name() != "sqlite"}
+    if parsed.get_backend_name() == "sqlite":
+        kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+    try:
+        engine = sa.create_engine(parsed, **kwargs)
+    except (SQLAlchemyError, ImportError) as exc:
+        raise ControlPlaneError(f"cannot open the control plane {safe_url(parsed)}") from exc
+    if parsed.get_backend_name() == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def create_tables(engine: sa.Engine) -> None:
+    """Create the control-plane tables and indexes that are missing (safe to run again)."""
+    try:
+        metadata.create_all(engine, checkfirst=True)
+    except SQLAlchemyError as exc:
+        raise ControlPlaneError(
+            f"cannot create the control-plane tables in {safe_url(engine.url)}: "
+            f"{type(getattr(exc, 'orig', None) or exc).__name__}"
+        ) from exc

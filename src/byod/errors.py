@@ -1,0 +1,157 @@
+"""The one exception hierarchy of byod.
+
+Every error byod raises on purpose is a :class:`ByodError`. Each class says, in its
+docstring, what happened and what the operator should do; its message never holds a
+secret (URL password, deploy key, encryption key); its ``exit_code`` is what the command
+line returns (1: something failed, 2: bad usage or input). The command line catches them
+once, at its edge.
+
+* ByodError
+  x InputError (exit 2)
+    + SettingsError
+    + RegistryError
+    + UnknownUserError
+    + NotConnectedError
+    + IrreversibleError
+    + PlanError
+  x CredentialsError
+  x ControlPlaneError
+  x InstanceError
+    + UnreachableError      (transient)
+    + BusyError             (transient)
+    + MigrationFailedError
+    + DriftError
+    + DirtyInstanceError
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BusyError",
+    "ByodError",
+    "ControlPlaneError",
+    "CredentialsError",
+    "DirtyInstanceError",
+    "DriftError",
+    "InputError",
+    "InstanceError",
+    "IrreversibleError",
+    "MigrationFailedError",
+    "NotConnectedError",
+    "PlanError",
+    "RegistryError",
+    "SettingsError",
+    "UnknownUserError",
+    "UnreachableError",
+]
+
+
+class ByodError(Exception):
+    """Something byod could not do; the message says what and what to do next."""
+
+    exit_code: int = 1
+    #: A transient error may succeed if tried again later (unreachable, busy).
+    transient: bool = False
+    #: What the operator should do, shown under the message.
+    hint: str = ""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if hint is not None:
+            self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InputError(ByodError):
+    """The command was given something it cannot use: fix the input and run it again."""
+
+    exit_code = 2
+
+
+class SettingsError(InputError):
+    """A setting (flag or BYOD_* variable) is missing or malformed: correct it."""
+
+
+class RegistryError(InputError):
+    """The migrations folder is broken: fix the file the message names."""
+
+    hint = "Fix the named migration file, then run the command again."
+
+
+class UnknownUserError(InputError):
+    """No user has that id or clerk id: check `byod users list` or add the user."""
+
+    hint = "Check the id, or add the user with `byod users add --clerk-id ID`."
+
+
+class NotConnectedError(InputError):
+    """The user has no database configured: run `byod connect USER --url URL` first."""
+
+    hint = "Connect the user's database with `byod connect USER --url URL`."
+
+
+class IrreversibleError(InputError):
+    """A rollback would need a migration that has no `down`: nothing was touched."""
+
+    hint = "Write a `down` for that migration, or roll back to a later version."
+
+
+class PlanError(InputError):
+    """The requested target version makes no plan (unknown, or on the wrong side)."""
+
+
+class CredentialsError(ByodError):
+    """Sealed credentials do not open: wrong or missing key, or a corrupt or moved ciphertext."""
+
+    hint = (
+        "Check BYOD_ENCRYPTION_KEY is the key the credentials were sealed with; "
+        "if it is, reconnect the user with `byod connect`."
+    )
+
+
+class ControlPlaneError(ByodError):
+    """The control-plane database cannot be used: check BYOD_DATABASE_URL and run `byod init`."""
+
+    hint = "Check BYOD_DATABASE_URL points at a reachable database and run `byod init`."
+
+
+class InstanceError(ByodError):
+    """Something went wrong on a user's own database instance."""
+
+
+class UnreachableError(InstanceError):
+    """The instance did not answer: it is marked `error` and the user is notified; retry later."""
+
+    transient = True
+    hint = "Check the instance is up and its URL is right; the next run retries it."
+
+
+class BusyError(InstanceError):
+    """Another runner holds this user's lease or the instance lock: wait and run again."""
+
+    transient = True
+    hint = "Another run is working on this user; wait for it (or its lease to expire)."
+
+
+class MigrationFailedError(InstanceError):
+    """A migration raised: its instance changes were rolled back, later ones skipped."""
+
+    hint = "Fix the migration (or the data it trips over), then run `byod migrate` again."
+
+
+class DriftError(InstanceError):
+    """An applied migration no longer matches its file (or is unknown): nothing was run."""
+
+    hint = (
+        "Restore the migration file as it was applied (run `byod verify` for details); "
+        "never edit a migration that is already applied, add a new one instead."
+    )
+
+
+class DirtyInstanceError(InstanceError):
+    """A non-transactional migration failed halfway: repair the instance by hand first."""
+
+    hint = "Repair the instance by hand, then record the repair before migrating again."

@@ -1,0 +1,369 @@
+"""Running one user: lease, unseal, connect, reconcile, run the chain, record.
+
+The instance's stamp is the truth about what is applied; the ledger and the config's
+``schema_version`` follow it. Each step runs in one instance transaction together with
+its stamp write, then is recorded in one control-plane transaction, so a crash between
+the two never applies a step twice: the next run finds it in the stamp.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+from alembic.operations import Operations
+from alembic.runtime.migration import MigrationContext as AlembicContext
+
+from byod.connections import Credentials, open_instance, unseal_config
+from byod.controlplane import Config, Directory, Ledger, User
+from byod.crypto import Sealer
+from byod.errors import (
+    ByodError,
+    CredentialsError,
+    DriftError,
+    IrreversibleError,
+    NotConnectedError,
+    UnreachableError,
+)
+from byod.notify import Notice, Notifier, log_notice, safe_notify
+from byod.registry import MigrationContext, Plan, Registry, Step
+from byod.targets import StampEntry, Target
+
+__all__ = ["Runner", "StepResult", "UserResult", "check_stamp"]
+
+log = logging.getLogger("byod.runner")
+
+TargetOpener = Callable[[Credentials, float], Target]
+
+
+def _default_opener(credentials: Credentials, timeout: float) -> Target:
+    return open_instance(credentials, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What happened to one step of a user's plan."""
+
+    migration_id: str
+    version: int
+    direction: str
+    status: str  # completed | failed | skipped | already-applied
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class UserResult:
+    """The outcome of one user's run; ``error`` is set when it did not finish."""
+
+    user_id: int
+    clerk_id: str
+    from_version: int
+    to_version: int
+    steps: tuple[StepResult, ...] = ()
+    error: ByodError | None = field(default=None, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        """True when every planned step is done."""
+        return self.error is None
+
+    @property
+    def changed(self) -> bool:
+        """True when at least one step was applied."""
+        return any(step.status == "completed" for step in self.steps)
+
+    @property
+    def failed_migration(self) -> str | None:
+        """The id of the step that failed, if one did."""
+        return next((s.migration_id for s in self.steps if s.status == "failed"), None)
+
+
+def check_stamp(registry: Registry, stamp: list[StampEntry]) -> list[str]:
+    """Problems between an instance's stamp and the registry (empty when they agree)."""
+    problems = []
+    for position, entry in enumerate(stamp, start=1):
+        migration = registry.get(entry.id)
+        if migration is None:
+            problems.append(
+                f"{entry.id} (version {entry.version}) is applied on the instance but is not "
+                "in the migrations folder"
+            )
+        elif migration.checksum != entry.checksum:
+            problems.append(
+                f"{entry.id} changed after it was applied (checksum {entry.checksum[:12]} "
+                f"applied, {migration.checksum[:12]} in the file now)"
+            )
+        elif entry.version != position:
+            problems.append(f"{entry.id} is applied out of order (stamp position {position})")
+    return problems
+
+
+class Runner:
+    """Migrates or rolls back one user at a time; safe to share between threads."""
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        registry: Registry,
+        sealer: Sealer,
+        *,
+        notify: Notifier = log_notice,
+        lease_seconds: float = 300.0,
+        connect_timeout: float = 10.0,
+        run_id: str | None = None,
+        owner: str | None = None,
+        opener: TargetOpener = _default_opener,
+    ) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.sealer = sealer
+        self.directory = Directory(engine)
+        self.ledger = Ledger(engine)
+        self.notify = notify
+        self.lease_seconds = lease_seconds
+        self.connect_timeout = connect_timeout
+        self.run_id = run_id
+        self.owner = owner or f"runner-{uuid.uuid4().hex[:12]}"
+        self._opener = opener
+
+    # -- public --------------------------------------------------------------------------
+
+    def migrate(self, user_ref: str | int, *, to_version: int | None = None) -> UserResult:
+        """Bring the user's instance up to ``to_version`` (default: head).
+
+        Raises only for bad input (unknown user, no config, an impossible target);
+        everything that goes wrong on the way is in the result's ``error``.
+        """
+        user = self.directory.find_user(user_ref)
+        config = self.directory.get_config(user.id)
+        self._refuse_disconnected(user, config)
+        self.registry.plan_up(0, to_version)  # an unknown target is bad input
+        return self._run(user, lambda current: self.registry.plan_up(current, to_version))
+
+    def rollback(self, user_ref: str | int, to_version: int) -> UserResult:
+        """Run ``down`` newest first until the instance is at ``to_version``.
+
+        Refuses with :class:`IrreversibleError`, before touching anything, when a step
+        in the range has no ``down``.
+        """
+        user = self.directory.find_user(user_ref)
+        config = self.directory.get_config(user.id)
+        self._refuse_disconnected(user, config)
+        self._refuse_irreversible(user, self.registry.plan_down(config.schema_version, to_version))
+
+        def plan(current: int) -> Plan:
+            down = self.registry.plan_down(current, to_version)
+            self._refuse_irreversible(user, down)
+            return down
+
+        return self._run(user, plan)
+
+    # -- one run -------------------------------------------------------------------------
+
+    def _run(self, user: User, make_plan: Callable[[int], Plan]) -> UserResult:
+        try:
+            config = self.directory.claim_lease(user.id, self.owner, self.lease_seconds)
+        except ByodError as exc:
+            if isinstance(exc, NotConnectedError):
+                raise
+            return self._gave_up(user, 0, exc)
+        try:
+            with self._lease_kept(user.id):
+                return self._run_leased(user, config, make_plan)
+        finally:
+            self.directory.release_lease(user.id, self.owner)
+
+    def _run_leased(
+        self, user: User, config: Config, make_plan: Callable[[int], Plan]
+    ) -> UserResult:
+        try:
+            credentials = unseal_config(config, self.sealer)
+        except CredentialsError as exc:
+            self.directory.set_status(user.id, "error", error=exc.message)
+            return self._gave_up(user, config.schema_version, exc)
+        try:
+            target = self._opener(credentials, self.connect_timeout)
+        except UnreachableError as exc:
+            self._unreachable(user, exc)
+            return self._gave_up(user, config.schema_version, exc)
+        try:
+            try:
+                current = self._reconcile(user, config, target.read_stamp())
+                plan = make_plan(current)
+            except IrreversibleError:
+                raise
+            except ByodError as exc:
+                exc.message = credentials.scrub(exc.message)
+                if isinstance(exc, UnreachableError):
+                    self._unreachable(user, exc)
+                return self._gave_up(user, config.schema_version, exc)
+            return self._execute(user, plan, target, credentials)
+        finally:
+            target.close()
+
+    def _reconcile(self, user: User, config: Config, stamp: list[StampEntry]) -> int:
+        problems = check_stamp(self.registry, stamp)
+        if problems:
+            message = "; ".join(problems)
+            self.directory.set_status(user.id, config.connection_status, error=message)
+            raise DriftError(f"drift: {message}")
+        current = stamp[-1].version if stamp else 0
+        applied = {(entry.id, "up") for entry in stamp}
+        applied |= {(m.id, "down") for m in self.registry if m.version > current}
+        settled = self.ledger.settle_orphans(user.id, applied)  # type: ignore[arg-type]
+        if settled:
+            log.warning("user %s: settled %d rows left by a lost runner", user.id, settled)
+        if current != config.schema_version or config.connection_status != "connected":
+            if current != config.schema_version:
+                log.warning(
+                    "user %s: control plane said version %s, the instance's stamp says %s; "
+                    "adopting the instance's",
+                    user.id,
+                    config.schema_version,
+                    current,
+                )
+            self.directory.set_status(user.id, "connected", schema_version=current)
+        return current
+
+    def _execute(
+        self, user: User, plan: Plan, target: Target, credentials: Credentials
+    ) -> UserResult:
+        if plan.empty:
+            return UserResult(user.id, user.clerk_id, plan.from_version, plan.from_version)
+        row_ids = self.ledger.record_planned(user.id, plan, self.run_id)
+        results: list[StepResult] = []
+        version = plan.from_version
+        for index, (step, row_id) in enumerate(zip(plan.steps, row_ids, strict=True)):
+            attempt = self.ledger.record_started(row_id)
+            mig = step.migration
+            log.info(
+                "user %s: %s %s started (attempt %d)", user.id, mig.id, step.direction, attempt
+            )
+            started = time.perf_counter()
+            try:
+                applied = target.apply(step, self._body(user, step))
+            except ByodError as exc:
+                seconds = time.perf_counter() - started
+                text = credentials.scrub(f"{type(exc).__name__}: {exc.message}")
+                self.ledger.record_failed(row_id, text)
+                self.ledger.record_skipped(
+                    row_ids[index + 1 :], f"skipped: {mig.id} {step.direction} failed"
+                )
+                log.error(
+                    "user %s: %s %s failed (attempt %d) after %.3fs: %s",
+                    user.id,
+                    mig.id,
+                    step.direction,
+                    attempt,
+                    seconds,
+                    text,
+                )
+                if isinstance(exc, UnreachableError):
+                    self._unreachable(user, exc)
+                results.append(
+                    StepResult(mig.id, mig.version, step.direction, "failed", seconds, text)
+                )
+                results.extend(
+                    StepResult(s.migration.id, s.migration.version, s.direction, "skipped")
+                    for s in plan.steps[index + 1 :]
+                )
+                failure = type(exc)(
+                    f"user {user.id} ({user.clerk_id}): {mig.id} {step.direction} failed: "
+                    + credentials.scrub(exc.message),
+                    hint=exc.hint,
+                )
+                return UserResult(
+                    user.id, user.clerk_id, plan.from_version, version, tuple(results), failure
+                )
+            seconds = time.perf_counter() - started
+            self.ledger.record_completed(row_id, user.id, step.version_after)
+            version = step.version_after
+            status = "completed" if applied else "already-applied"
+            log.info(
+                "user %s: %s %s %s (attempt %d) in %.3fs",
+                user.id,
+                mig.id,
+                step.direction,
+                status,
+                attempt,
+                seconds,
+            )
+            results.append(StepResult(mig.id, mig.version, step.direction, status, seconds))
+        return UserResult(user.id, user.clerk_id, plan.from_version, version, tuple(results))
+
+    def _body(self, user: User, step: Step) -> Callable[[sa.Connection], None]:
+        function = step.migration.up if step.direction == "up" else step.migration.down
+        assert function is not None  # irreversible plans are refused before this
+        logger = logging.LoggerAdapter(
+            logging.getLogger("byod.migration"),
+            {"user_id": user.id, "migration_id": step.migration.id},
+        )
+
+        def body(conn: sa.Connection) -> None:
+            operations = Operations(AlembicContext.configure(connection=conn))
+            function(
+                MigrationContext(
+                    conn=conn,
+                    op=operations,
+                    main=self.engine,
+                    user_id=user.id,
+                    clerk_id=user.clerk_id,
+                    log=logger,
+                )
+            )
+
+        return body
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _gave_up(self, user: User, version: int, exc: ByodError) -> UserResult:
+        log.error("user %s: %s: %s", user.id, type(exc).__name__, exc.message)
+        failure = type(exc)(f"user {user.id} ({user.clerk_id}): {exc.message}", hint=exc.hint)
+        return UserResult(user.id, user.clerk_id, version, version, (), failure)
+
+    def _unreachable(self, user: User, exc: ByodError) -> None:
+        self.directory.set_status(user.id, "error", error=exc.message)
+        safe_notify(self.notify, Notice("unreachable", user.id, user.clerk_id, exc.message))
+
+    def _refuse_disconnected(self, user: User, config: Config) -> None:
+        if config.connection_status == "disconnected":
+            raise NotConnectedError(
+                f"user {user.id} ({user.clerk_id}) is disconnected: reconnect with `byod connect`"
+            )
+
+    def _refuse_irreversible(self, user: User, plan: Plan) -> None:
+        blocked = [s.migration.id for s in plan.steps if not s.migration.reversible]
+        if blocked:
+            raise IrreversibleError(
+                f"user {user.id} ({user.clerk_id}): cannot roll back to version "
+                f"{plan.to_version}: {', '.join(blocked)} has no down; nothing was changed"
+            )
+
+    @contextmanager
+    def _lease_kept(self, user_id: int) -> Iterator[None]:
+        """Renew the lease every third of its life while a long run holds it."""
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(self.lease_seconds / 3):
+                try:
+                    if not self.directory.renew_lease(user_id, self.owner, self.lease_seconds):
+                        log.error("user %s: lease lost to another runner", user_id)
+                        return
+                except ByodError as exc:
+                    log.warning("user %s: lease renewal failed: %s", user_id, exc.message)
+
+        keeper = threading.Thread(target=renew, name=f"byod-lease-{user_id}", daemon=True)
+        keeper.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            keeper.join()

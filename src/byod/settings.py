@@ -1,0 +1,102 @@
+"""Settings: where the control plane, the migrations and the encryption key live.
+
+Each comes from a flag, else a ``BYOD_*`` environment variable, else the embedded default
+(everything in the current folder). Settings are a frozen dataclass, built once at the
+edge and passed down.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from byod.errors import SettingsError
+
+__all__ = [
+    "DEFAULT_DATABASE_FILE",
+    "DEFAULT_KEY_FILE",
+    "Settings",
+    "bundled_migrations_dir",
+    "normalize_url",
+    "safe_url",
+]
+
+DEFAULT_DATABASE_FILE = "byod.db"
+DEFAULT_KEY_FILE = "byod.key"
+
+_DRIVERS = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg"}
+_DRIVERS.update({"mysql": "mysql+pymysql", "mariadb": "mariadb+pymysql"})
+
+
+def bundled_migrations_dir() -> Path:
+    """The example notes app's migrations, shipped inside the package."""
+    return Path(__file__).parent / "example_migrations"
+
+
+def normalize_url(url: str) -> URL:
+    """Parse a database URL, choosing byod's drivers (psycopg 3, PyMySQL) when none is named.
+
+    Raises :class:`SettingsError` for a URL that does not parse; the message never holds
+    the URL itself, which may carry a password.
+    """
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError) as exc:
+        raise SettingsError(
+            "not a database URL (expected e.g. sqlite:///path.db or postgresql://user@host/db)"
+        ) from exc
+    driver = _DRIVERS.get(parsed.drivername)
+    return parsed.set(drivername=driver) if driver else parsed
+
+
+def safe_url(url: URL | str) -> str:
+    """The URL with its password hidden, fit for messages and logs."""
+    parsed = url if isinstance(url, URL) else normalize_url(url)
+    return parsed.render_as_string(hide_password=True)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where byod finds its control plane, migrations and encryption key.
+
+    ``encryption_key`` is the base64 text from BYOD_ENCRYPTION_KEY, or ``None`` to use
+    (or create) the local key file ``key_file``.
+    """
+
+    database_url: str
+    migrations_dir: Path
+    migrations_configured: bool
+    encryption_key: str | None
+    key_file: Path
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        database_url: str | None = None,
+        migrations: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> Settings:
+        """Build settings from flags (given here), then the environment, then defaults."""
+        env = os.environ if env is None else env
+        cwd = Path.cwd() if cwd is None else cwd
+        url = database_url or env.get("BYOD_DATABASE_URL") or ""
+        if not url:
+            url = f"sqlite:///{cwd / DEFAULT_DATABASE_FILE}"
+        normalize_url(url)  # fail early on a malformed URL
+        folder_text = str(migrations) if migrations else env.get("BYOD_MIGRATIONS", "")
+        folder = Path(folder_text) if folder_text else bundled_migrations_dir()
+        key_file = Path(env.get("BYOD_KEY_FILE") or cwd / DEFAULT_KEY_FILE)
+        return cls(
+            database_url=url,
+            migrations_dir=folder,
+            migrations_configured=bool(folder_text),
+            encryption_key=env.get("BYOD_ENCRYPTION_KEY") or None,
+            key_file=key_file,
+        )

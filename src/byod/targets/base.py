@@ -1,0 +1,54 @@
+"""What the runner needs from an instance, whatever kind it is: one small protocol.
+
+A target reads the instance's stamp (its own record of what is applied) and applies one
+step in one instance transaction together with the stamp write, under the instance-side
+lock. It translates driver errors into byod's errors at this boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+import sqlalchemy as sa
+
+from byod.registry import Step
+
+__all__ = ["StampEntry", "StepBody", "Target"]
+
+#: The work of one step, run inside the instance transaction (``up`` or ``down``).
+StepBody = Callable[[sa.Connection], None]
+
+
+@dataclass(frozen=True)
+class StampEntry:
+    """One applied migration, as the instance records it."""
+
+    id: str
+    version: int
+    checksum: str
+    applied_at: datetime
+
+
+class Target(Protocol):
+    """An open connection to one user's instance."""
+
+    def read_stamp(self) -> list[StampEntry]:
+        """What the instance says is applied, oldest first."""
+        ...
+
+    def apply(self, step: Step, body: StepBody) -> bool:
+        """Run ``body`` and record ``step`` in the stamp, in one locked transaction.
+
+        Returns False, without running ``body``, when the stamp (re-read under the lock)
+        shows the step already done. Raises ``BusyError`` when another runner holds the
+        instance lock, ``MigrationFailedError`` when ``body`` raises (everything rolled
+        back), ``UnreachableError`` when the connection drops.
+        """
+        ...
+
+    def close(self) -> None:
+        """Close the connection."""
+        ...

@@ -1,0 +1,262 @@
+"""SQL instances through SQLAlchemy: SQLite files and PostgreSQL databases.
+
+Each dialect brings how to open it (timeouts, SQLite's transactional-DDL recipe) and how
+to take the instance-side lock inside the migration's transaction. The stamp table
+``byod_schema_stamp`` lives in the instance and is written only here, in the same
+transaction as the migration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.pool import NullPool
+
+from byod.controlplane.schema import utcnow
+from byod.errors import (
+    BusyError,
+    ByodError,
+    DriftError,
+    MigrationFailedError,
+    SettingsError,
+    UnreachableError,
+)
+from byod.registry import Step
+from byod.settings import safe_url
+from byod.targets.base import StampEntry, StepBody
+
+__all__ = ["STAMP_TABLE", "SqlTarget", "describe_error", "open_target"]
+
+STAMP_TABLE = "byod_schema_stamp"
+_stamp_metadata = sa.MetaData()
+_stamp = sa.Table(
+    STAMP_TABLE,
+    _stamp_metadata,
+    sa.Column("id", sa.String(255), primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False, unique=True),
+    sa.Column("checksum", sa.String(64), nullable=False),
+    sa.Column("applied_at", sa.DateTime, nullable=False),
+)
+#: Advisory-lock key for PostgreSQL: one lock per database, shared by every byod runner.
+_PG_LOCK_KEY = 0x62796F64
+
+
+def describe_error(exc: BaseException) -> str:
+    """``ErrorClass: message`` of the driver's own error, without SQLAlchemy's extras."""
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+
+
+@dataclass(frozen=True)
+class _Dialect:
+    """How one kind of SQL instance is opened and locked."""
+
+    engine_options: Callable[[URL, float], tuple[URL, dict[str, Any]]]
+    lock: Callable[[sa.Connection], None]
+    prepare: Callable[[sa.Engine, float], None] = lambda engine, timeout: None
+
+
+def _sqlite_options(url: URL, timeout: float) -> tuple[URL, dict[str, Any]]:
+    path = url.database
+    if not path or path == ":memory:":
+        raise SettingsError("a SQLite instance needs a file path: sqlite:////path/to/file.db")
+    # mode=rw: a missing file is "unreachable", never silently created empty.
+    url = url.set(database=f"file:{path}", query={"mode": "rw", "uri": "true"})
+    return url, {"connect_args": {"timeout": timeout, "check_same_thread": False}}
+
+
+def _sqlite_transactional_ddl(engine: sa.Engine, timeout: float) -> None:
+    # SQLAlchemy's documented recipe: stop pysqlite's own transaction handling (which
+    # commits DDL on its own) and emit BEGIN IMMEDIATE ourselves, so a migration's DDL
+    # and DML commit or roll back together and the write lock is taken up front.
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+        dbapi_connection.isolation_level = None
+        dbapi_connection.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _sqlite_lock(conn: sa.Connection) -> None:
+    """BEGIN IMMEDIATE already holds SQLite's write lock for the whole transaction."""
+
+
+def _postgres_options(url: URL, timeout: float) -> tuple[URL, dict[str, Any]]:
+    return url, {
+        "connect_args": {"connect_timeout": max(1, round(timeout)), "application_name": "byod"}
+    }
+
+
+def _postgres_lock(conn: sa.Connection) -> None:
+    taken = conn.execute(
+        sa.text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY}
+    ).scalar_one()
+    if not taken:
+        raise BusyError("another runner holds this instance's migration lock")
+
+
+_DIALECTS: dict[str, _Dialect] = {
+    "sqlite": _Dialect(_sqlite_options, _sqlite_lock, _sqlite_transactional_ddl),
+    "postgresql": _Dialect(_postgres_options, _postgres_lock),
+}
+
+
+def open_target(url: URL, *, timeout: float = 10.0) -> SqlTarget:
+    """Connect to a SQL instance within ``timeout`` seconds.
+
+    Raises :class:`SettingsError` for a kind of database byod does not support and
+    :class:`UnreachableError` when the instance does not answer.
+    """
+    dialect = _DIALECTS.get(url.get_backend_name())
+    if dialect is None:
+        supported = ", ".join(sorted(_DIALECTS))
+        raise SettingsError(
+            f"instances of kind {url.get_backend_name()!r} are not supported (use {supported})"
+        )
+    engine_url, options = dialect.engine_options(url, timeout)
+    try:
+        engine = sa.create_engine(engine_url, poolclass=NullPool, **options)
+    except (SQLAlchemyError, ImportError) as exc:
+        raise SettingsError(f"cannot use the instance URL {safe_url(url)}") from exc
+    dialect.prepare(engine, timeout)
+    try:
+        conn = engine.connect()
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        raise UnreachableError(
+            f"instance {safe_url(url)} is unreachable: {describe_error(exc)}"
+        ) from exc
+    return SqlTarget(engine, conn, dialect, where=safe_url(url))
+
+
+class SqlTarget:
+    """An open connection to one SQL instance; see :class:`byod.targets.base.Target`."""
+
+    def __init__(self, engine: sa.Engine, conn: sa.Connection, dialect: _Dialect, where: str):
+        self._engine = engine
+        self._conn = conn
+        self._dialect = dialect
+        self.where = where
+
+    def __enter__(self) -> SqlTarget:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def read_stamp(self) -> list[StampEntry]:
+        """What the instance says is applied, oldest first (empty for a fresh instance)."""
+        try:
+            with self._conn.begin():
+                return self._select_stamp()
+        except SQLAlchemyError as exc:
+            raise self._lost("reading the stamp", exc) from exc
+
+    def apply(self, step: Step, body: StepBody) -> bool:
+        """See :meth:`byod.targets.base.Target.apply`."""
+        try:
+            transaction = self._conn.begin()
+        except SQLAlchemyError as exc:
+            raise self._busy_or_lost(exc) from exc
+        try:
+            self._dialect.lock(self._conn)
+            _stamp.create(self._conn, checkfirst=True)
+            if not self._check_position(step, self._select_stamp()):
+                transaction.rollback()
+                return False
+            try:
+                body(self._conn)
+            except ByodError:
+                raise
+            except DBAPIError as exc:
+                if exc.connection_invalidated:
+                    raise self._lost(f"running {step.migration.id}", exc) from exc
+                raise MigrationFailedError(describe_error(exc)) from exc
+            except Exception as exc:
+                raise MigrationFailedError(describe_error(exc)) from exc
+            self._write_stamp(step)
+        except BaseException:
+            if transaction.is_active:
+                # if the connection is gone, the server rolls back on its own
+                with contextlib.suppress(SQLAlchemyError):
+                    transaction.rollback()
+            raise
+        try:
+            transaction.commit()
+        except SQLAlchemyError as exc:
+            raise self._lost(f"committing {step.migration.id} (outcome unknown)", exc) from exc
+        return True
+
+    def close(self) -> None:
+        """Close the connection and its engine."""
+        try:
+            self._conn.close()
+        finally:
+            self._engine.dispose()
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _select_stamp(self) -> list[StampEntry]:
+        if not sa.inspect(self._conn).has_table(STAMP_TABLE):
+            return []
+        rows = self._conn.execute(sa.select(_stamp).order_by(_stamp.c.version))
+        return [StampEntry(**row._asdict()) for row in rows]
+
+    def _check_position(self, step: Step, stamp: list[StampEntry]) -> bool:
+        migration = step.migration
+        applied = {entry.id for entry in stamp}
+        current = stamp[-1].version if stamp else 0
+        if step.direction == "up":
+            if migration.id in applied:
+                return False
+            expected = migration.version - 1
+        else:
+            if migration.id not in applied:
+                return False
+            expected = migration.version
+        if current != expected:
+            raise DriftError(
+                f"instance is at version {current} but {migration.id} ({step.direction}) "
+                f"needs it at version {expected}: it changed under this run"
+            )
+        return True
+
+    def _write_stamp(self, step: Step) -> None:
+        migration = step.migration
+        if step.direction == "up":
+            written = self._conn.execute(
+                _stamp.insert().values(
+                    id=migration.id,
+                    version=migration.version,
+                    checksum=migration.checksum,
+                    applied_at=utcnow(),
+                )
+            ).rowcount
+        else:
+            written = self._conn.execute(
+                _stamp.delete().where(_stamp.c.id == migration.id)
+            ).rowcount
+        if written != 1:
+            raise DriftError(f"stamp write for {migration.id} matched {written} rows, not 1")
+
+    def _busy_or_lost(self, exc: SQLAlchemyError) -> ByodError:
+        orig = getattr(exc, "orig", None)
+        if getattr(orig, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return BusyError(f"instance {self.where} is locked by another writer")
+        return self._lost("starting a transaction", exc)
+
+    def _lost(self, doing: str, exc: SQLAlchemyError) -> UnreachableError:
+        return UnreachableError(
+            f"instance {self.where}: connection lost while {doing}: {describe_error(exc)}"
+        )
