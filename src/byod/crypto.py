@@ -70,7 +70,7 @@ class Sealer:
             raw = base64.urlsafe_b64decode(token[len(_PREFIX) :].encode())
         except (binascii.Error, ValueError) as exc:
             raise CredentialsError(f"{where} is corrupt (not base64)") from exc
-        if len(raw) <= _NONCE_BYTES + 16:
+        if len(raw) < _NONCE_BYTES + 16:
             raise CredentialsError(f"{where} is corrupt (too short)")
         nonce, sealed = raw[:_NONCE_BYTES], raw[_NONCE_BYTES:]
         try:

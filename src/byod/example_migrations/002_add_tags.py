@@ -35,7 +35,7 @@ def up(ctx: MigrationContext) -> None:
     if not all_names:
         return
     ctx.conn.execute(tags.insert(), [{"name": name} for name in all_names])
-    ids = dict(ctx.conn.execute(sa.select(tags.c.name, tags.c.id)).tuples().all())
+    ids = {name: tag_id for name, tag_id in ctx.conn.execute(sa.select(tags.c.name, tags.c.id))}
     ctx.conn.execute(
         document_tags.insert(),
         [

@@ -235,20 +235,19 @@ class SqlTarget:
     def _write_stamp(self, step: Step) -> None:
         migration = step.migration
         if step.direction == "up":
-            written = self._conn.execute(
+            # the primary key and the unique version refuse a second row for this step
+            self._conn.execute(
                 _stamp.insert().values(
                     id=migration.id,
                     version=migration.version,
                     checksum=migration.checksum,
                     applied_at=utcnow(),
                 )
-            ).rowcount
-        else:
-            written = self._conn.execute(
-                _stamp.delete().where(_stamp.c.id == migration.id)
-            ).rowcount
-        if written != 1:
-            raise DriftError(f"stamp write for {migration.id} matched {written} rows, not 1")
+            )
+            return
+        deleted = self._conn.execute(_stamp.delete().where(_stamp.c.id == migration.id)).rowcount
+        if deleted != 1:
+            raise DriftError(f"stamp removal for {migration.id} matched {deleted} rows, not 1")
 
     def _busy_or_lost(self, exc: SQLAlchemyError) -> ByodError:
         orig = getattr(exc, "orig", None)

@@ -1,0 +1,178 @@
+"""Fixtures: real databases only. SQLite files in a temporary folder, and uniquely named
+PostgreSQL databases on the local server, dropped afterwards.
+
+In CI (``CI=true``) a test that needs PostgreSQL and cannot reach it fails; elsewhere it
+is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import os
+import textwrap
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from byod.commands import Workspace, init
+from byod.settings import Settings
+
+PG_SERVER = os.environ.get("BYOD_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+TEST_KEY = base64.b64encode(b"k" * 32).decode()
+OTHER_KEY = base64.b64encode(b"o" * 32).decode()
+
+
+@functools.cache
+def _pg_reachable() -> str | None:
+    """Why the PostgreSQL server cannot be used, or None when it can (checked once)."""
+    engine = sa.create_engine(PG_SERVER, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except sa.exc.SQLAlchemyError as exc:
+        return f"PostgreSQL at {PG_SERVER} is not reachable: {type(exc).__name__}"
+    finally:
+        engine.dispose()
+    return None
+
+
+def require_postgres() -> None:
+    """Fail in CI, skip elsewhere, when the PostgreSQL server is not reachable."""
+    problem = _pg_reachable()
+    if problem is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(problem)
+    pytest.skip(problem)
+
+
+class PgDatabases:
+    """Creates uniquely named PostgreSQL databases and drops them all at the end."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.admin = sa.create_engine(PG_SERVER, isolation_level="AUTOCOMMIT")
+
+    def create(self) -> str:
+        name = f"byod_t_{uuid.uuid4().hex[:12]}"
+        with self.admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        self.names.append(name)
+        return sa.make_url(PG_SERVER).set(database=name).render_as_string(hide_password=False)
+
+    def drop_all(self) -> None:
+        with self.admin.connect() as conn:
+            for name in self.names:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        self.admin.dispose()
+
+
+@pytest.fixture
+def pg() -> Iterator[PgDatabases]:
+    require_postgres()
+    databases = PgDatabases()
+    try:
+        yield databases
+    finally:
+        databases.drop_all()
+
+
+InstanceFactory = Callable[[], str]
+
+
+@pytest.fixture(params=["sqlite", "postgres"], ids=["inst_sqlite", "inst_pg"])
+def instance_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def new_instance(
+    instance_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> InstanceFactory:
+    """Makes empty instances of the parametrized kind; returns their URLs."""
+    if instance_kind == "postgres":
+        databases: PgDatabases = request.getfixturevalue("pg")
+        return databases.create
+    counter = iter(range(1, 100_000))
+
+    def make_sqlite() -> str:
+        path = tmp_path / f"instance-{next(counter)}.db"
+        path.touch()
+        return f"sqlite:///{path}"
+
+    return make_sqlite
+
+
+@pytest.fixture(params=["sqlite", "postgres"], ids=["cp_sqlite", "cp_pg"])
+def control_plane_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def control_plane_url(
+    control_plane_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> str:
+    if control_plane_kind == "postgres":
+        databases: PgDatabases = request.getfixturevalue("pg")
+        return databases.create()
+    return f"sqlite:///{tmp_path / 'control.db'}"
+
+
+def write_migrations(folder: Path, files: dict[str, str]) -> Path:
+    """Write migration files (name -> source) into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, source in files.items():
+        (folder / name).write_text(textwrap.dedent(source))
+    return folder
+
+
+def make_workspace(
+    control_plane_url: str, migrations: Path | None = None, key: str = TEST_KEY
+) -> Workspace:
+    env = {"BYOD_ENCRYPTION_KEY": key}
+    if migrations is not None:
+        env["BYOD_MIGRATIONS"] = str(migrations)
+    settings = Settings.load(database_url=control_plane_url, env=env)
+    ws = Workspace(settings)
+    init(ws)
+    return ws
+
+
+@pytest.fixture
+def ws(control_plane_url: str) -> Iterator[Workspace]:
+    """A workspace on a fresh control plane with the bundled example migrations."""
+    workspace = make_workspace(control_plane_url)
+    yield workspace
+    workspace.engine.dispose()
+
+
+def count_rows(url: str, table: str) -> int:
+    """Rows in ``table`` of an instance (0 when the table does not exist)."""
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        with engine.connect() as conn:
+            if not sa.inspect(conn).has_table(table):
+                return -1
+            return int(conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def has_table(url: str, table: str) -> bool:
+    """Whether an instance has ``table``."""
+    return count_rows(url, table) >= 0
+
+
+def execute(url: str, *statements: str) -> None:
+    """Run SQL on an instance (for seeding data or breaking things on purpose)."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            for statement in statements:
+                conn.execute(sa.text(statement))
+    finally:
+        engine.dispose()

@@ -1,0 +1,294 @@
+"""The command line as a user runs it: a real `byod` process in a fresh folder."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from byod.cli import main
+from tests.conftest import OTHER_KEY, TEST_KEY, execute, write_migrations
+from tests.migration_sets import counter_migrations
+
+BYOD = [sys.executable, "-m", "byod"]
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> object:
+        return json.loads(self.out)
+
+
+class Cli:
+    """Runs byod in ``folder`` with a clean BYOD_* environment.
+
+    In-process through the real entry point (``byod.cli.main``) by default, which is
+    fast; ``real_process=True`` starts a real ``python -m byod`` process.
+    """
+
+    def __init__(self, folder: Path, *, real_process: bool = False, **env: str) -> None:
+        self.folder = folder
+        self.real_process = real_process
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BYOD_")}
+        self.env.update(env)
+        self.env["COLUMNS"] = "200"
+
+    def __call__(self, *args: str, **env: str) -> Run:
+        run = self._process(args, env) if self.real_process else self._in_process(args, env)
+        assert "Traceback" not in run.err, run.err
+        return run
+
+    def _process(self, args: tuple[str, ...], env: dict[str, str]) -> Run:
+        done = subprocess.run(
+            [*BYOD, *args],
+            cwd=self.folder,
+            env=self.env | env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        return Run(done.returncode, done.stdout, done.stderr)
+
+    def _in_process(self, args: tuple[str, ...], env: dict[str, str]) -> Run:
+        saved_env, saved_cwd, saved_argv = dict(os.environ), Path.cwd(), sys.argv
+        saved_streams = sys.stdout, sys.stderr
+        out, err = io.StringIO(), io.StringIO()
+        os.environ.clear()
+        os.environ.update(self.env | env)
+        os.chdir(self.folder)
+        sys.argv = ["byod", *args]
+        sys.stdout, sys.stderr = out, err
+        code = 0
+        try:
+            main()
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        except Exception:
+            err.write("Traceback (unhandled exception)\n" + traceback.format_exc())
+            code = 99
+        finally:
+            sys.stdout, sys.stderr = saved_streams
+            sys.argv = saved_argv
+            os.chdir(saved_cwd)
+            os.environ.clear()
+            os.environ.update(saved_env)
+        return Run(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    return Cli(tmp_path, BYOD_ENCRYPTION_KEY=TEST_KEY)
+
+
+def sqlite_instance(folder: Path, name: str) -> str:
+    path = folder / f"{name}.db"
+    path.touch()
+    return f"sqlite:///{path}"
+
+
+def test_init_is_idempotent_and_creates_a_private_key_when_none_is_set(tmp_path: Path) -> None:
+    cli = Cli(tmp_path, real_process=True)
+    first = cli("init")
+    assert first.code == 0, first.err
+    assert "created a new encryption key" in first.out
+    assert (tmp_path / "byod.key").stat().st_mode & 0o777 == 0o600
+    second = cli("init")
+    assert second.code == 0 and "created" not in second.out
+
+
+def test_the_main_flow_from_a_fresh_folder(cli: Cli, tmp_path: Path) -> None:
+    assert cli("init").code == 0
+    added = cli("users", "add", "--clerk-id", "clerk_1", "--email", "a@example.com")
+    assert added.code == 0 and added.out.strip() == "1"
+    url = sqlite_instance(tmp_path, "one")
+    connected = cli("connect", "clerk_1", "--url", url)
+    assert connected.code == 0 and "connected" in connected.out, connected.err
+    assert cli("pending", "clerk_1").out.strip() == "2"
+    plan = cli("plan", "1", "--json").json()
+    assert plan[0]["steps"] == [  # type: ignore[index]
+        {"migration": "001_initial", "version": 1, "direction": "up"},
+        {"migration": "002_add_tags", "version": 2, "direction": "up"},
+    ]
+    migrated = cli("migrate", "clerk_1")
+    assert migrated.code == 0 and "from version 0 to 2" in migrated.out
+    assert cli("pending", "1", "--json").json() == {"pending": 0}
+    history = cli("history", "clerk_1", "--json").json()
+    assert [(h["migration_id"], h["status"]) for h in history] == [  # type: ignore[index, union-attr]
+        ("002_add_tags", "completed"),
+        ("001_initial", "completed"),
+    ]
+    status = cli("status", "--json").json()
+    assert status["by_version"] == {"2": 1} and status["by_connection"] == {"connected": 1}  # type: ignore[index]
+    assert cli("verify", "--all").code == 0
+    again = cli("migrate", "clerk_1")
+    assert again.code == 0 and "nothing to do" in again.out
+    rolled = cli("rollback", "clerk_1", "--to", "1")
+    assert rolled.code == 0 and "002_add_tags down" in rolled.out
+    refused = cli("rollback", "clerk_1", "--to", "0")
+    assert refused.code == 2 and "001_initial has no down" in refused.err
+
+
+def test_migrate_all_prints_json_lines_and_a_summary(cli: Cli, tmp_path: Path) -> None:
+    migrations = counter_migrations(tmp_path / "migrations")
+    env = {"BYOD_MIGRATIONS": str(migrations)}
+    assert cli("init", **env).code == 0
+    for name in ("a", "b", "c"):
+        assert cli("users", "add", "--clerk-id", name).code == 0
+        assert cli("connect", name, "--url", sqlite_instance(tmp_path, name)).code == 0
+    execute(f"sqlite:///{tmp_path / 'b.db'}", "CREATE TABLE bumped (id INTEGER)")
+    run = cli("migrate", "--all", "--json", "--concurrency", "2", **env)
+    assert run.code == 1
+    lines = [json.loads(line) for line in run.out.splitlines()]
+    summary = lines[-1]["summary"]
+    assert (summary["total"], summary["succeeded"], summary["failed"]) == (3, 2, 1)
+    assert summary["errors"][0]["user"] == "b"
+    assert summary["errors"][0]["migration"] == "002_bump"
+    per_user = {line["clerk_id"]: line["outcome"] for line in lines[:-1]}
+    assert per_user == {"a": "succeeded", "b": "failed", "c": "succeeded"}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["migrate"],
+        ["migrate", "1", "--all"],
+        ["migrate", "--all", "--concurrency", "0"],
+        ["migrate", "--bogus"],
+        ["rollback", "1"],
+        ["rollback", "1", "--to", "x"],
+        ["plan"],
+        ["nosuchcommand"],
+    ],
+)
+def test_bad_usage_exits_2_without_a_traceback(cli: Cli, args: list[str]) -> None:
+    assert cli("init").code == 0
+    run = cli(*args)
+    assert run.code == 2, (run.out, run.err)
+
+
+def test_unknown_user_exits_2_with_a_hint(cli: Cli) -> None:
+    assert cli("init").code == 0
+    run = cli("migrate", "nobody")
+    assert run.code == 2
+    assert "no user with id or clerk id 'nobody'" in run.err
+    assert "hint:" in run.err
+
+
+def test_commands_before_init_say_to_run_init(cli: Cli, tmp_path: Path) -> None:
+    run = cli("status")
+    assert run.code == 1 and "byod init" in run.err
+    assert not (tmp_path / "byod.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("key", "code", "words"),
+    [
+        (OTHER_KEY, 1, "wrong encryption key"),
+        ("not-base64!!", 2, "BYOD_ENCRYPTION_KEY is not valid base64"),
+    ],
+)
+def test_bad_key_is_a_clear_error(
+    cli: Cli, tmp_path: Path, key: str, code: int, words: str
+) -> None:
+    assert cli("init").code == 0
+    assert cli("users", "add", "--clerk-id", "u").code == 0
+    assert cli("connect", "u", "--url", sqlite_instance(tmp_path, "u")).code == 0
+    run = cli("migrate", "u", BYOD_ENCRYPTION_KEY=key)
+    assert run.code == code
+    assert words in run.err
+
+
+def test_corrupt_ciphertext_is_a_clear_error(cli: Cli, tmp_path: Path) -> None:
+    assert cli("init").code == 0
+    assert cli("users", "add", "--clerk-id", "u").code == 0
+    assert cli("connect", "u", "--url", sqlite_instance(tmp_path, "u")).code == 0
+    execute(f"sqlite:///{tmp_path / 'byod.db'}", "UPDATE byod_configs SET sealed_url = 'v1.AAAA'")
+    run = cli("migrate", "u")
+    assert run.code == 1
+    assert "corrupt" in run.err
+
+
+def test_unreachable_instance_on_connect_and_migrate(cli: Cli, tmp_path: Path) -> None:
+    assert cli("init").code == 0
+    assert cli("users", "add", "--clerk-id", "u").code == 0
+    missing = f"sqlite:///{tmp_path / 'missing.db'}"
+    connected = cli("connect", "u", "--url", missing)
+    assert connected.code == 1 and "unreachable" in connected.err
+    assert not (tmp_path / "missing.db").exists()  # never created by accident
+    run = cli("migrate", "u")
+    assert run.code == 1 and "unreachable" in run.err and "hint:" in run.err
+
+
+def test_broken_registry_exits_2_naming_the_file(cli: Cli, tmp_path: Path) -> None:
+    folder = write_migrations(tmp_path / "broken", {"001_a.py": "def oops(:\n"})
+    run = cli("status", "--migrations", str(folder))
+    assert cli("init").code == 0
+    run = cli("status", "--migrations", str(folder))
+    assert run.code == 2
+    assert "001_a.py: syntax error" in run.err
+
+
+def test_drift_is_reported_by_verify(cli: Cli, tmp_path: Path) -> None:
+    migrations = counter_migrations(tmp_path / "migrations")
+    env = {"BYOD_MIGRATIONS": str(migrations)}
+    assert cli("init", **env).code == 0
+    assert cli("users", "add", "--clerk-id", "u").code == 0
+    assert cli("connect", "u", "--url", sqlite_instance(tmp_path, "u")).code == 0
+    assert cli("migrate", "u", "--to", "2", **env).code == 0
+    (migrations / "001_create.py").write_text(
+        (migrations / "001_create.py").read_text() + "\n# edited\n"
+    )
+    verify = cli("verify", "u", "--json", **env)
+    assert verify.code == 1
+    report = verify.json()[0]  # type: ignore[index]
+    assert not report["ok"]
+    assert "001_create changed after it was applied" in report["problems"][0]
+    refused = cli("migrate", "u", **env)
+    assert refused.code == 1 and "drift" in refused.err
+
+
+def test_new_scaffolds_the_next_migration(cli: Cli, tmp_path: Path) -> None:
+    folder = counter_migrations(tmp_path / "migrations")
+    run = cli("new", "Add archived flag", "--migrations", str(folder))
+    assert run.code == 0
+    created = folder / "004_add_archived_flag.py"
+    assert created.exists()
+    assert 'id="004_add_archived_flag"' in created.read_text()
+    assert "version=4" in created.read_text()
+    refused = cli("new", "x")
+    assert refused.code == 2 and "BYOD_MIGRATIONS" in refused.err
+
+
+def test_demo_builds_a_fleet_and_is_safe_to_run_twice(tmp_path: Path) -> None:
+    cli = Cli(tmp_path, real_process=True)
+    first = cli("demo", "--tenants", "3")
+    assert first.code == 0, first.err
+    assert "3 succeeded" in first.out
+    assert "history of demo-tenant-001" in first.out
+    second = cli("demo", "--tenants", "3")
+    assert second.code == 0 and "0 succeeded" in second.out
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'byod-demo' / 'tenant-002.db'}")
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM tags")).scalar_one() == 4
+    engine.dispose()
+
+
+def test_a_real_process_reports_bad_usage_and_unknown_users_with_exit_2(tmp_path: Path) -> None:
+    cli = Cli(tmp_path, real_process=True, BYOD_ENCRYPTION_KEY=TEST_KEY)
+    assert cli("init").code == 0
+    assert cli("migrate").code == 2
+    unknown = cli("history", "ghost")
+    assert unknown.code == 2 and "ghost" in unknown.err

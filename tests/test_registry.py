@@ -1,0 +1,154 @@
+"""Loading and validating a migrations folder; plans."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from byod.errors import PlanError, RegistryError
+from byod.registry import Migration, Plan, Registry, Step
+from byod.settings import bundled_migrations_dir
+from tests.conftest import write_migrations
+
+
+def source(mid: str, version: int, *, down: bool = True, extra: str = "") -> str:
+    return f"""
+        from byod import Migration
+        {extra}
+        def up(ctx):
+            pass
+
+        def down(ctx):
+            pass
+
+        migration = Migration(id="{mid}", version={version}, name="n", description="d",
+                              up=up, down={"down" if down else "None"})
+        """
+
+
+def test_bundled_example_loads_with_head_derived_from_files() -> None:
+    registry = Registry.load(bundled_migrations_dir())
+    assert [m.id for m in registry] == ["001_initial", "002_add_tags"]
+    assert registry.head == 2
+    assert registry.get("002_add_tags") is not None
+    assert registry.get("003_nope") is None
+    assert [m.id for m in registry.after(1)] == ["002_add_tags"]
+    assert registry.after(2) == []
+    assert all(len(m.checksum) == 64 for m in registry)
+    assert not registry.get("001_initial").reversible  # type: ignore[union-attr]
+
+
+def test_checksum_follows_file_content(tmp_path: Path) -> None:
+    folder = write_migrations(tmp_path / "m", {"001_a.py": source("001_a", 1)})
+    before = Registry.load(folder).get("001_a").checksum  # type: ignore[union-attr]
+    (folder / "001_a.py").write_text((folder / "001_a.py").read_text() + "\n# edited\n")
+    after = Registry.load(folder).get("001_a").checksum  # type: ignore[union-attr]
+    assert before != after
+
+
+@pytest.mark.parametrize(
+    ("files", "named", "words"),
+    [
+        (
+            {
+                "001_a.py": source("001_a", 1),
+                "002_b.py": source("002_b", 2),
+                "002_c.py": source("002_c", 2),
+            },
+            "002_",
+            "duplicate version",
+        ),
+        ({"001_a.py": source("001_a", 2)}, "001_a.py", "must equal the file's number"),
+        ({"001_a.py": source("001_a", 1), "003_c.py": source("003_c", 3)}, "003_c", "gap"),
+        ({"002_b.py": source("002_b", 2)}, "002_b", "gap"),
+        ({"001_a.py": source("001_x", 1)}, "001_a.py", "must equal the file name"),
+        ({"001_a.py": source("001_a", 1).replace("up=up", "up=42")}, "001_a.py", "`up`"),
+        ({"001_a.py": source("001_a", 1).replace("down=down", "down='x'")}, "001_a.py", "`down`"),
+        ({"001_a.py": "def broken(:\n"}, "001_a.py", "syntax error on line 1"),
+        ({"001_a.py": "import no_such_module_here\n"}, "001_a.py", "import failed"),
+        ({"001_a.py": "x = 1\n"}, "001_a.py", "must define `migration"),
+        ({"1_a.py": source("1_a", 1)}, "1_a.py", "NNN_slug.py"),
+        ({"001_A.py": source("001_A", 1)}, "001_A.py", "NNN_slug.py"),
+    ],
+)
+def test_broken_folder_is_refused_naming_the_file(
+    tmp_path: Path, files: dict[str, str], named: str, words: str
+) -> None:
+    folder = write_migrations(tmp_path / "m", files)
+    with pytest.raises(RegistryError) as caught:
+        Registry.load(folder)
+    assert named in str(caught.value)
+    assert words in str(caught.value)
+    assert caught.value.exit_code == 2
+
+
+def test_missing_folder_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(RegistryError, match="does not exist"):
+        Registry.load(tmp_path / "nowhere")
+
+
+def test_duplicate_id_is_refused() -> None:
+    def up(ctx: object) -> None:
+        pass
+
+    a = Migration("001_a", 1, "a", "", up)
+    b = Migration("001_a", 2, "b", "", up)
+    with pytest.raises(RegistryError, match="duplicate migration id"):
+        Registry([a, b])
+
+
+def test_private_files_are_ignored(tmp_path: Path) -> None:
+    folder = write_migrations(
+        tmp_path / "m",
+        {"001_a.py": source("001_a", 1), "_helpers.py": "X = 1\n", "__init__.py": ""},
+    )
+    assert Registry.load(folder).head == 1
+
+
+def _registry(n: int) -> Registry:
+    def up(ctx: object) -> None:
+        pass
+
+    return Registry([Migration(f"{v:03d}_m", v, "m", "", up, up) for v in range(1, n + 1)])
+
+
+@given(st.integers(0, 12), st.data())
+def test_plan_up_runs_each_missing_version_once_in_order(head: int, data: st.DataObject) -> None:
+    registry = _registry(head)
+    current = data.draw(st.integers(0, head))
+    target = data.draw(st.integers(current, head))
+    plan = registry.plan_up(current, target)
+    assert [s.migration.version for s in plan.steps] == list(range(current + 1, target + 1))
+    assert {s.direction for s in plan.steps} <= {"up"}
+
+
+@given(st.integers(1, 12), st.data())
+def test_plan_down_runs_newest_first_to_the_target(head: int, data: st.DataObject) -> None:
+    registry = _registry(head)
+    current = data.draw(st.integers(0, head))
+    target = data.draw(st.integers(0, current))
+    plan = registry.plan_down(current, target)
+    assert [s.migration.version for s in plan.steps] == list(range(current, target, -1))
+    assert plan.steps == () or plan.steps[-1].version_after == target
+
+
+def test_plans_refuse_the_wrong_direction_and_unknown_versions() -> None:
+    registry = _registry(3)
+    with pytest.raises(PlanError, match="use rollback"):
+        registry.plan_up(3, 1)
+    with pytest.raises(PlanError, match="use migrate"):
+        registry.plan_down(1, 3)
+    with pytest.raises(PlanError, match="not known"):
+        registry.plan_up(0, 9)
+    with pytest.raises(PlanError):
+        registry.plan_down(2, -1)
+
+
+def test_a_plan_mixing_up_and_down_is_rejected() -> None:
+    registry = _registry(2)
+    first, second = list(registry)
+    with pytest.raises(PlanError, match="mix"):
+        Plan("up", 0, 2, (Step(first, "up"), Step(second, "down")))

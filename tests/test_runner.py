@@ -1,0 +1,486 @@
+"""Running one user against real instances (SQLite files and PostgreSQL databases)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from byod.commands import Workspace, connect
+from byod.connections import Credentials, open_instance
+from byod.controlplane import history
+from byod.controlplane.schema import configs, ledger
+from byod.errors import (
+    BusyError,
+    CredentialsError,
+    DriftError,
+    IrreversibleError,
+    MigrationFailedError,
+    UnreachableError,
+)
+from byod.notify import Notice
+from byod.registry import Registry, Step
+from byod.runner import Runner
+from byod.targets import StepBody, Target
+from tests import gates
+from tests.conftest import (
+    OTHER_KEY,
+    InstanceFactory,
+    count_rows,
+    execute,
+    has_table,
+    make_workspace,
+)
+from tests.migration_sets import counter_migrations
+
+
+@pytest.fixture
+def cws(control_plane_url: str, tmp_path: Path) -> Iterator[Workspace]:
+    """A workspace whose migrations are the counter set (001, 002 bump, 003 fragile)."""
+    workspace = make_workspace(control_plane_url, counter_migrations(tmp_path / "migrations"))
+    yield workspace
+    workspace.engine.dispose()
+
+
+def add_connected(ws: Workspace, url: str, clerk_id: str = "user_a") -> int:
+    user = ws.directory.add_user(clerk_id)
+    _, reach = connect(ws, clerk_id, url)
+    assert reach.status == "connected", reach.error
+    return user.id
+
+
+def counter(url: str) -> int:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(sa.text("SELECT n FROM counter")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def stamp_ids(url: str) -> list[str]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            if not sa.inspect(conn).has_table("byod_schema_stamp"):
+                return []
+            rows = conn.execute(sa.text("SELECT id FROM byod_schema_stamp ORDER BY version"))
+            return [row[0] for row in rows]
+    finally:
+        engine.dispose()
+
+
+def schema_version(ws: Workspace, user_id: int) -> int:
+    return ws.directory.get_config(user_id).schema_version
+
+
+def statuses(ws: Workspace, user_id: int) -> list[tuple[str, str, str, int]]:
+    """(migration, direction, status, attempts), oldest first."""
+    return [
+        (r.migration_id, r.direction, r.status, r.attempts)
+        for r in reversed(history(ws.engine, user_id))
+    ]
+
+
+def test_migrations_run_in_version_order_and_are_recorded(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    url = new_instance()
+    uid = add_connected(cws, url)
+    result = cws.runner().migrate(uid)
+    assert result.ok, result.error
+    assert [s.migration_id for s in result.steps] == ["001_create", "002_bump", "003_fragile"]
+    assert stamp_ids(url) == ["001_create", "002_bump", "003_fragile"]
+    assert counter(url) == 11
+    assert schema_version(cws, uid) == 3
+    assert statuses(cws, uid) == [
+        ("001_create", "up", "completed", 1),
+        ("002_bump", "up", "completed", 1),
+        ("003_fragile", "up", "completed", 1),
+    ]
+    rows = history(cws.engine, uid)
+    assert [r.migration_id for r in rows] == ["003_fragile", "002_bump", "001_create"]
+    assert all(r.started_at and r.completed_at and r.started_at <= r.completed_at for r in rows)
+
+
+def test_failed_migration_rolls_back_and_skips_the_rest(
+    cws: Workspace, new_instance: InstanceFactory, tmp_path: Path
+) -> None:
+    url = new_instance()
+    uid = add_connected(cws, url)
+    assert cws.runner().migrate(uid, to_version=1).ok
+    execute(url, "CREATE TABLE break_me (id INTEGER)")
+    result = cws.runner().migrate(uid)
+    assert not result.ok
+    assert isinstance(result.error, MigrationFailedError)
+    assert "003_fragile" in result.error.message
+    assert "data breaks 003" in result.error.message
+    assert f"user {uid}" in result.error.message
+    assert result.failed_migration == "003_fragile"
+    # 003's own changes (table t3, counter + 10) were rolled back with it; 002 stays.
+    assert not has_table(url, "t3")
+    assert counter(url) == 1
+    assert stamp_ids(url) == ["001_create", "002_bump"]
+    assert schema_version(cws, uid) == 2
+    failed = [r for r in history(cws.engine, uid) if r.status == "failed"]
+    assert len(failed) == 1
+    assert failed[0].error is not None and "RuntimeError: data breaks 003" in failed[0].error
+
+
+def test_failure_before_the_end_marks_later_migrations_skipped(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    url = new_instance()
+    uid = add_connected(cws, url)
+    # bumped already exists, so 002's create_table fails and 003 must not run.
+    execute(url, "CREATE TABLE bumped (id INTEGER)")
+    result = cws.runner().migrate(uid)
+    assert isinstance(result.error, MigrationFailedError)
+    assert [s.status for s in result.steps] == ["completed", "failed", "skipped"]
+    assert statuses(cws, uid) == [
+        ("001_create", "up", "completed", 1),
+        ("002_bump", "up", "failed", 1),
+        ("003_fragile", "up", "skipped", 0),
+    ]
+    assert schema_version(cws, uid) == 1
+    assert counter(url) == 0
+
+
+def test_rerun_is_a_no_op(cws: Workspace, new_instance: InstanceFactory) -> None:
+    url = new_instance()
+    uid = add_connected(cws, url)
+    assert cws.runner().migrate(uid).ok
+    rows_before = len(history(cws.engine, uid))
+    again = cws.runner().migrate(uid)
+    assert again.ok and again.steps == () and not again.changed
+    assert len(history(cws.engine, uid)) == rows_before
+    assert counter(url) == 11
+
+
+def test_retry_after_failure_counts_attempts_and_keeps_history(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    url = new_instance()
+    uid = add_connected(cws, url)
+    execute(url, "CREATE TABLE break_me (id INTEGER)")
+    assert not cws.runner().migrate(uid).ok
+    assert not cws.runner().migrate(uid).ok
+    execute(url, "DROP TABLE break_me")
+    assert cws.runner().migrate(uid).ok
+    fragile = [s for s in statuses(cws, uid) if s[0] == "003_fragile"]
+    assert fragile == [
+        ("003_fragile", "up", "failed", 1),
+        ("003_fragile", "up", "failed", 2),
+        ("003_fragile", "up", "completed", 3),
+    ]
+    assert counter(url) == 11
+
+
+class Crash(BaseException):
+    """Stands for the process dying: nothing in byod catches it."""
+
+
+class CrashAfterCommit:
+    """A real target that 'dies' right after the instance committed one step."""
+
+    def __init__(self, inner: Target, crash_on: str) -> None:
+        self.inner = inner
+        self.crash_on = crash_on
+
+    def read_stamp(self):  # type: ignore[no-untyped-def]
+        return self.inner.read_stamp()
+
+    def apply(self, step: Step, body: StepBody) -> bool:
+        done = self.inner.apply(step, body)
+        if step.migration.id == self.crash_on:
+            raise Crash
+        return done
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def crashing_runner(ws: Workspace, crash_on: str) -> Runner:
+    def opener(credentials: Credentials, timeout: float) -> Target:
+        return CrashAfterCommit(open_instance(credentials, timeout=timeout), crash_on)
+
+    return Runner(ws.engine, ws.registry, ws.sealer, opener=opener)
+
+
+def test_crash_between_instance_commit_and_ledger_does_not_apply_twice(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    url = new_instance()
+    uid = add_connected(cws, url)
+    with pytest.raises(Crash):
+        crashing_runner(cws, "002_bump").migrate(uid)
+    assert counter(url) == 1
+    assert schema_version(cws, uid) == 1  # the control plane never heard of 002
+    assert ("002_bump", "up", "running", 1) in statuses(cws, uid)
+    result = cws.runner().migrate(uid)
+    assert result.ok, result.error
+    assert [s.migration_id for s in result.steps] == ["003_fragile"]
+    assert counter(url) == 11  # 002's +1 once, 003's +10 once
+    assert schema_version(cws, uid) == 3
+    assert not [s for s in statuses(cws, uid) if s[2] in ("running", "pending")]
+    recovered = [r for r in history(cws.engine, uid) if r.migration_id == "002_bump"]
+    assert recovered[0].status == "completed" and "recovered" in (recovered[0].error or "")
+
+
+def test_hashtags_move_once_even_after_a_crash(
+    ws: Workspace, new_instance: InstanceFactory
+) -> None:
+    url = new_instance()
+    uid = add_connected(ws, url)
+    assert ws.runner().migrate(uid, to_version=1).ok
+    execute(
+        url,
+        "INSERT INTO documents (title, body) VALUES ('a', 'see #Ideas and #todo, not a#b')",
+        "INSERT INTO documents (title, body) VALUES ('b', '#todo twice #todo')",
+        "INSERT INTO documents (title, body) VALUES ('c', 'no tags here')",
+    )
+    with pytest.raises(Crash):
+        crashing_runner(ws, "002_add_tags").migrate(uid)
+    assert ws.runner().migrate(uid).ok
+    assert count_rows(url, "tags") == 2  # ideas, todo
+    assert count_rows(url, "document_tags") == 3  # a: ideas, todo; b: todo
+    assert schema_version(ws, uid) == 2
+
+
+def test_rollback_runs_down_newest_first(cws: Workspace, new_instance: InstanceFactory) -> None:
+    url = new_instance()
+    uid = add_connected(cws, url)
+    assert cws.runner().migrate(uid).ok
+    result = cws.runner().rollback(uid, 1)
+    assert result.ok, result.error
+    assert [(s.migration_id, s.direction) for s in result.steps] == [
+        ("003_fragile", "down"),
+        ("002_bump", "down"),
+    ]
+    assert counter(url) == 0
+    assert not has_table(url, "t3") and not has_table(url, "bumped")
+    assert stamp_ids(url) == ["001_create"]
+    assert schema_version(cws, uid) == 1
+    assert statuses(cws, uid)[-2:] == [
+        ("003_fragile", "down", "completed", 1),
+        ("002_bump", "down", "completed", 1),
+    ]
+    # and forward again: the same steps apply cleanly
+    assert cws.runner().migrate(uid).ok
+    assert counter(url) == 11
+
+
+def test_rollback_refuses_without_down_before_touching_anything(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    url = new_instance()
+    uid = add_connected(cws, url)
+    assert cws.runner().migrate(uid).ok
+    rows_before = len(history(cws.engine, uid))
+    with pytest.raises(IrreversibleError, match="001_create has no down"):
+        cws.runner().rollback(uid, 0)
+    assert stamp_ids(url) == ["001_create", "002_bump", "003_fragile"]
+    assert counter(url) == 11
+    assert len(history(cws.engine, uid)) == rows_before
+    assert cws.directory.get_config(uid).lease_owner is None
+
+
+def test_failing_down_stops_the_rollback_and_rolls_back_its_step(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    url = new_instance()
+    uid = add_connected(cws, url)
+    assert cws.runner().migrate(uid).ok
+    execute(url, "CREATE TABLE break_down (id INTEGER)")
+    result = cws.runner().rollback(uid, 1)
+    assert isinstance(result.error, MigrationFailedError)
+    assert [s.status for s in result.steps] == ["failed", "skipped"]
+    assert has_table(url, "t3") and counter(url) == 11
+    assert schema_version(cws, uid) == 3
+
+
+def test_unreachable_instance_is_marked_and_the_user_notified(
+    cws: Workspace, new_instance: InstanceFactory, instance_kind: str
+) -> None:
+    url = new_instance()
+    uid = add_connected(cws, url)
+    # make the instance disappear
+    if instance_kind == "sqlite":
+        Path(sa.make_url(url).database or "").unlink()
+    else:
+        name = sa.make_url(url).database
+        admin = sa.create_engine(
+            sa.make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT"
+        )
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
+    notices: list[Notice] = []
+    runner = Runner(cws.engine, cws.registry, cws.sealer, notify=notices.append)
+    result = runner.migrate(uid)
+    assert isinstance(result.error, UnreachableError)
+    assert "unreachable" in result.error.message
+    assert result.error.hint
+    config = cws.directory.get_config(uid)
+    assert config.connection_status == "error"
+    assert config.last_error and "unreachable" in config.last_error
+    assert config.lease_owner is None
+    assert [(n.kind, n.user_id) for n in notices] == [("unreachable", uid)]
+
+
+def test_drift_is_refused_by_migrate(
+    cws: Workspace, new_instance: InstanceFactory, control_plane_url: str
+) -> None:
+    url = new_instance()
+    uid = add_connected(cws, url)
+    assert cws.runner().migrate(uid, to_version=2).ok
+    folder = cws.settings.migrations_dir
+    edited = folder / "002_bump.py"
+    edited.write_text(edited.read_text() + "\n# edited after it was applied\n")
+    drifted = make_workspace(control_plane_url, folder)
+    result = drifted.runner().migrate(uid)
+    assert isinstance(result.error, DriftError)
+    assert "002_bump changed after it was applied" in result.error.message
+    assert stamp_ids(url) == ["001_create", "002_bump"]
+    assert not has_table(url, "t3")
+
+
+def test_wrong_key_is_a_credentials_error_and_no_secret_leaks(
+    cws: Workspace, new_instance: InstanceFactory, control_plane_url: str
+) -> None:
+    uid = add_connected(cws, new_instance())
+    other = make_workspace(control_plane_url, cws.settings.migrations_dir, key=OTHER_KEY)
+    result = other.runner().migrate(uid)
+    assert isinstance(result.error, CredentialsError)
+    assert "wrong encryption key" in result.error.message
+    assert result.error.exit_code == 1
+
+
+def test_ciphertext_moved_between_users_does_not_open(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    first = add_connected(cws, new_instance(), "user_a")
+    second = add_connected(cws, new_instance(), "user_b")
+    with cws.engine.begin() as conn:
+        sealed = conn.execute(
+            sa.select(configs.c.sealed_url).where(configs.c.user_id == first)
+        ).scalar_one()
+        conn.execute(configs.update().where(configs.c.user_id == second).values(sealed_url=sealed))
+    result = cws.runner().migrate(second)
+    assert isinstance(result.error, CredentialsError)
+    assert "moved from another user" in result.error.message
+
+
+def test_two_runs_for_one_user_at_once_one_is_busy(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    url = new_instance()
+    uid = add_connected(cws, url)
+    assert cws.runner().migrate(uid, to_version=1).ok
+    execute(url, "CREATE TABLE hold_me (id INTEGER)")
+    gates.reset()
+    first: list[object] = []
+    thread = threading.Thread(target=lambda: first.append(cws.runner().migrate(uid)))
+    thread.start()
+    try:
+        assert gates.entered.wait(20), "the first run never reached its migration"
+        second = cws.runner().migrate(uid)
+        assert isinstance(second.error, BusyError)
+        assert "busy" in second.error.message
+    finally:
+        gates.release.set()
+        thread.join(30)
+    assert first and first[0].ok  # type: ignore[attr-defined]
+    assert counter(url) == 11  # 002's bump applied once
+    completed = [s for s in statuses(cws, uid) if s[2] == "completed"]
+    assert [s[0] for s in completed] == ["001_create", "002_bump", "003_fragile"]
+
+
+def test_instance_lock_stops_a_second_control_plane(
+    cws: Workspace, new_instance: InstanceFactory, tmp_path: Path
+) -> None:
+    """Two control planes (say staging and production) pointed at one instance."""
+    url = new_instance()
+    uid = add_connected(cws, url)
+    assert cws.runner().migrate(uid, to_version=1).ok
+    execute(url, "CREATE TABLE hold_me (id INTEGER)")
+    other = make_workspace(f"sqlite:///{tmp_path / 'other.db'}", cws.settings.migrations_dir)
+    other_uid = add_connected(other, url, "same_instance")
+    gates.reset()
+    thread = threading.Thread(target=lambda: cws.runner().migrate(uid))
+    thread.start()
+    try:
+        assert gates.entered.wait(20)
+        runner = Runner(other.engine, other.registry, other.sealer, connect_timeout=0.5)
+        second = runner.migrate(other_uid)
+        assert isinstance(second.error, BusyError | UnreachableError)
+    finally:
+        gates.release.set()
+        thread.join(30)
+    assert counter(url) == 11
+    assert other.runner().migrate(other_uid).ok  # adopts what the first applied
+    assert counter(url) == 11
+    assert schema_version(other, other_uid) == 3
+
+
+def test_every_step_is_logged_with_user_migration_attempt_and_duration(
+    cws: Workspace, new_instance: InstanceFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = new_instance()
+    uid = add_connected(cws, url)
+    execute(url, "CREATE TABLE break_me (id INTEGER)")
+    with caplog.at_level(logging.INFO, logger="byod"):
+        cws.runner().migrate(uid)
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"user {uid}: 001_create up started (attempt 1)" in messages
+    assert any(
+        m.startswith(f"user {uid}: 001_create up completed (attempt 1) in ") for m in messages
+    )
+    failure = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert failure
+    text = failure[0].getMessage()
+    assert "003_fragile" in text and "attempt 1" in text and "RuntimeError" in text
+
+
+def test_no_secret_in_messages_logs_or_ledger(
+    cws: Workspace, pg: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "Sup3r-Secret-pw"
+    url = pg.create()  # type: ignore[attr-defined]
+    with_password = sa.make_url(url).set(password=secret).render_as_string(hide_password=False)
+    uid = add_connected(cws, with_password)
+    execute(url, "CREATE TABLE break_me (id INTEGER)")
+    unreachable = sa.make_url(url).set(password=secret, port=1)
+    cws.directory.add_user("user_down")
+    with caplog.at_level(logging.DEBUG, logger="byod"):
+        failed = cws.runner().migrate(uid)
+        _, reach = connect(cws, "user_down", unreachable.render_as_string(hide_password=False))
+        down = cws.runner().migrate("user_down")
+    assert failed.error is not None and reach.status == "error" and down.error is not None
+    texts = [failed.error.message, reach.error or "", down.error.message]
+    texts += [r.getMessage() for r in caplog.records]
+    with cws.engine.connect() as conn:
+        texts += [str(tuple(row)) for row in conn.execute(sa.select(ledger))]
+        texts += [str(tuple(row)) for row in conn.execute(sa.select(configs))]
+    assert texts
+    assert not [t for t in texts if secret in t]
+
+
+def test_many_users_one_failing_does_not_stop_the_others(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    from byod.fleet import migrate_all
+
+    urls = [new_instance() for _ in range(6)]
+    ids = [add_connected(cws, url, f"user_{n}") for n, url in enumerate(urls)]
+    execute(urls[2], "CREATE TABLE break_me (id INTEGER)")
+    summary = migrate_all(cws.runner(), concurrency=3)
+    assert (summary.total, summary.succeeded, summary.failed) == (6, 5, 1)
+    assert [(e.user, e.migration) for e in summary.errors] == [("user_2", "003_fragile")]
+    assert [schema_version(cws, uid) for uid in ids] == [3, 3, 2, 3, 3, 3]
+    assert [counter(url) for url in urls] == [11, 11, 1, 11, 11, 11]
+    assert Registry.load(cws.settings.migrations_dir).head == 3
