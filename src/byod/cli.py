@@ -170,6 +170,8 @@ def plan(
     plans = commands.plan(_workspace(database_url, migrations), _one_target(user, every))
     if json_out:
         out.print(render.dump(render.plans_data(plans)))
+    elif not plans:
+        out.print("nothing to do: every eligible user is at head")
     else:
         out.print(render.plans_table(plans))
 
