@@ -86,10 +86,10 @@ class Workspace:
         self.require_tables()
         return Directory(self.engine)
 
-    def runner(self, **options: object) -> Runner:
-        """A runner on this workspace (options as :class:`Runner` takes them)."""
+    def runner(self, *, run_id: str | None = None) -> Runner:
+        """A runner on this workspace, with the configured notification hook."""
         notify = load_notifier(os.environ.get("BYOD_NOTIFY_HOOK"))
-        return Runner(self.engine, self.registry, self.sealer, notify=notify, **options)  # type: ignore[arg-type]
+        return Runner(self.engine, self.registry, self.sealer, notify=notify, run_id=run_id)
 
     def require_tables(self) -> None:
         """Raise :class:`ControlPlaneError` unless ``byod init`` has run on this control plane."""
