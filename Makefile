@@ -21,7 +21,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 unit: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2
 
 test: lint unit  ## the whole suite: lint, types, tests against real databases
 

@@ -234,7 +234,6 @@ def test_unreachable_instance_on_connect_and_migrate(cli: Cli, tmp_path: Path) -
 
 def test_broken_registry_exits_2_naming_the_file(cli: Cli, tmp_path: Path) -> None:
     folder = write_migrations(tmp_path / "broken", {"001_a.py": "def oops(:\n"})
-    run = cli("status", "--migrations", str(folder))
     assert cli("init").code == 0
     run = cli("status", "--migrations", str(folder))
     assert run.code == 2

@@ -194,8 +194,8 @@ class CrashAfterCommit:
     def read_stamp(self):  # type: ignore[no-untyped-def]
         return self.inner.read_stamp()
 
-    def apply(self, step: Step, body: StepBody) -> bool:
-        done = self.inner.apply(step, body)
+    def apply(self, step: Step, body: StepBody, deadline: float | None = None) -> bool:
+        done = self.inner.apply(step, body, deadline)
         if step.migration.id == self.crash_on:
             raise Crash
         return done

@@ -41,7 +41,7 @@ users_app = typer.Typer(help="Manage app users.", no_args_is_help=True)
 app.add_typer(users_app, name="users")
 
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 DatabaseUrl = Annotated[
     str | None,

@@ -19,6 +19,7 @@ once, at its edge.
   x InstanceError
     + UnreachableError      (transient)
     + BusyError             (transient)
+    + InstanceTimeoutError  (transient)
     + MigrationFailedError
     + DriftError
     + DirtyInstanceError
@@ -35,6 +36,7 @@ __all__ = [
     "DriftError",
     "InputError",
     "InstanceError",
+    "InstanceTimeoutError",
     "IrreversibleError",
     "MigrationFailedError",
     "NotConnectedError",
@@ -134,6 +136,13 @@ class BusyError(InstanceError):
 
     transient = True
     hint = "Another run is working on this user; wait for it (or its lease to expire)."
+
+
+class InstanceTimeoutError(InstanceError):
+    """The user's run took longer than its timeout: the step was rolled back; retry later."""
+
+    transient = True
+    hint = "Raise --timeout, or split the migration into smaller steps."
 
 
 class MigrationFailedError(InstanceError):

@@ -105,8 +105,18 @@ def check_stamp(registry: Registry, stamp: list[StampEntry]) -> list[str]:
     return problems
 
 
+class _Lease:
+    """Whether this run's lease was already given back by its last ledger write."""
+
+    released = False
+
+
 class Runner:
-    """Migrates or rolls back one user at a time; safe to share between threads."""
+    """Migrates or rolls back one user at a time; safe to share between threads.
+
+    ``timeout`` bounds the whole run of one user (connect, every step); on PostgreSQL it
+    is also set as the server's statement and lock timeout, so the server stops the work.
+    """
 
     def __init__(
         self,
@@ -117,6 +127,7 @@ class Runner:
         notify: Notifier = log_notice,
         lease_seconds: float = 300.0,
         connect_timeout: float = 10.0,
+        timeout: float | None = None,
         run_id: str | None = None,
         owner: str | None = None,
         opener: TargetOpener = _default_opener,
@@ -129,6 +140,7 @@ class Runner:
         self.notify = notify
         self.lease_seconds = lease_seconds
         self.connect_timeout = connect_timeout
+        self.timeout = timeout
         self.run_id = run_id
         self.owner = owner or f"runner-{uuid.uuid4().hex[:12]}"
         self._opener = opener
@@ -142,8 +154,11 @@ class Runner:
         everything that goes wrong on the way is in the result's ``error``.
         """
         user = self.directory.find_user(user_ref)
-        config = self.directory.get_config(user.id)
-        self._refuse_disconnected(user, config)
+        self._refuse_disconnected(user, self.directory.get_config(user.id))
+        return self.migrate_user(user, to_version=to_version)
+
+    def migrate_user(self, user: User, *, to_version: int | None = None) -> UserResult:
+        """:meth:`migrate` for a user already looked up (what a fleet run calls)."""
         self.registry.plan_up(0, to_version)  # an unknown target is bad input
         return self._run(user, lambda current: self.registry.plan_up(current, to_version))
 
@@ -157,6 +172,10 @@ class Runner:
         config = self.directory.get_config(user.id)
         self._refuse_disconnected(user, config)
         self._refuse_irreversible(user, self.registry.plan_down(config.schema_version, to_version))
+        return self.rollback_user(user, to_version)
+
+    def rollback_user(self, user: User, to_version: int) -> UserResult:
+        """:meth:`rollback` for a user already looked up (what a fleet run calls)."""
 
         def plan(current: int) -> Plan:
             down = self.registry.plan_down(current, to_version)
@@ -168,28 +187,43 @@ class Runner:
     # -- one run -------------------------------------------------------------------------
 
     def _run(self, user: User, make_plan: Callable[[int], Plan]) -> UserResult:
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         try:
             config = self.directory.claim_lease(user.id, self.owner, self.lease_seconds)
         except ByodError as exc:
             if isinstance(exc, NotConnectedError):
                 raise
             return self._gave_up(user, 0, exc)
+        lease = _Lease()
         try:
             with self._lease_kept(user.id):
-                return self._run_leased(user, config, make_plan)
+                return self._run_leased(user, config, make_plan, lease, deadline)
         finally:
-            self.directory.release_lease(user.id, self.owner)
+            if not lease.released:
+                self.directory.release_lease(user.id, self.owner)
 
     def _run_leased(
-        self, user: User, config: Config, make_plan: Callable[[int], Plan]
+        self,
+        user: User,
+        config: Config,
+        make_plan: Callable[[int], Plan],
+        lease: _Lease,
+        deadline: float | None,
     ) -> UserResult:
+        if config.connection_status == "disconnected":
+            return self._gave_up(
+                user, config.schema_version, NotConnectedError("it is disconnected")
+            )
         try:
             credentials = unseal_config(config, self.sealer)
         except CredentialsError as exc:
             self.directory.set_status(user.id, "error", error=exc.message)
             return self._gave_up(user, config.schema_version, exc)
+        connect_timeout = self.connect_timeout
+        if deadline is not None:
+            connect_timeout = max(0.1, min(connect_timeout, deadline - time.monotonic()))
         try:
-            target = self._opener(credentials, self.connect_timeout)
+            target = self._opener(credentials, connect_timeout)
         except UnreachableError as exc:
             self._unreachable(user, exc)
             return self._gave_up(user, config.schema_version, exc)
@@ -204,7 +238,7 @@ class Runner:
                 if isinstance(exc, UnreachableError):
                     self._unreachable(user, exc)
                 return self._gave_up(user, config.schema_version, exc)
-            return self._execute(user, plan, target, credentials)
+            return self._execute(user, plan, target, credentials, lease, deadline)
         finally:
             target.close()
 
@@ -217,8 +251,8 @@ class Runner:
         current = stamp[-1].version if stamp else 0
         applied = {(entry.id, "up") for entry in stamp}
         applied |= {(m.id, "down") for m in self.registry if m.version > current}
-        settled = self.ledger.settle_orphans(user.id, applied)  # type: ignore[arg-type]
-        if settled:
+        if config.open_rows:
+            settled = self.ledger.settle_orphans(user.id, applied)  # type: ignore[arg-type]
             log.warning("user %s: settled %d rows left by a lost runner", user.id, settled)
         if current != config.schema_version or config.connection_status != "connected":
             if current != config.schema_version:
@@ -233,22 +267,28 @@ class Runner:
         return current
 
     def _execute(
-        self, user: User, plan: Plan, target: Target, credentials: Credentials
+        self,
+        user: User,
+        plan: Plan,
+        target: Target,
+        credentials: Credentials,
+        lease: _Lease,
+        deadline: float | None,
     ) -> UserResult:
         if plan.empty:
             return UserResult(user.id, user.clerk_id, plan.from_version, plan.from_version)
         row_ids = self.ledger.record_planned(user.id, plan, self.run_id)
         results: list[StepResult] = []
         version = plan.from_version
+        attempt = self.ledger.record_started(row_ids[0])
         for index, (step, row_id) in enumerate(zip(plan.steps, row_ids, strict=True)):
-            attempt = self.ledger.record_started(row_id)
             mig = step.migration
             log.info(
                 "user %s: %s %s started (attempt %d)", user.id, mig.id, step.direction, attempt
             )
             started = time.perf_counter()
             try:
-                applied = target.apply(step, self._body(user, step))
+                applied = target.apply(step, self._body(user, step), deadline)
             except ByodError as exc:
                 seconds = time.perf_counter() - started
                 text = credentials.scrub(f"{type(exc).__name__}: {exc.message}")
@@ -283,7 +323,15 @@ class Runner:
                     user.id, user.clerk_id, plan.from_version, version, tuple(results), failure
                 )
             seconds = time.perf_counter() - started
-            self.ledger.record_completed(row_id, user.id, step.version_after)
+            last = index == len(row_ids) - 1
+            next_attempt = self.ledger.record_completed(
+                row_id,
+                user.id,
+                step.version_after,
+                start_next=None if last else row_ids[index + 1],
+                release_owner=self.owner if last else None,
+            )
+            lease.released = last
             version = step.version_after
             status = "completed" if applied else "already-applied"
             log.info(
@@ -296,6 +344,7 @@ class Runner:
                 seconds,
             )
             results.append(StepResult(mig.id, mig.version, step.direction, status, seconds))
+            attempt = next_attempt or 0
         return UserResult(user.id, user.clerk_id, plan.from_version, version, tuple(results))
 
     def _body(self, user: User, step: Step) -> Callable[[sa.Connection], None]:

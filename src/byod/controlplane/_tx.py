@@ -1,7 +1,13 @@
-"""Control-plane transactions that turn driver errors into :class:`ControlPlaneError`."""
+"""Control-plane connections that turn driver errors into :class:`ControlPlaneError`.
+
+Round trips are the cost that matters on a remote control plane, so reads and
+single-statement writes run in autocommit (one round trip each, no BEGIN/COMMIT); only
+writes of several statements that must land together open a transaction.
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -10,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from byod.errors import ControlPlaneError
 
-__all__ = ["reading", "writing"]
+__all__ = ["autocommit", "reading", "single", "writing"]
 
 
 def _error(action: str, exc: SQLAlchemyError) -> ControlPlaneError:
@@ -18,9 +24,15 @@ def _error(action: str, exc: SQLAlchemyError) -> ControlPlaneError:
     return ControlPlaneError(f"control plane: cannot {action} ({type(cause).__name__})")
 
 
+@functools.lru_cache(maxsize=64)
+def autocommit(engine: sa.Engine) -> sa.Engine:
+    """The same engine (and pool) with every statement committed on its own."""
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
 @contextmanager
 def writing(engine: sa.Engine, action: str) -> Iterator[sa.Connection]:
-    """One short write transaction: committed on success, rolled back on error."""
+    """A short write transaction of several statements: all or nothing."""
     try:
         with engine.begin() as conn:
             yield conn
@@ -29,10 +41,20 @@ def writing(engine: sa.Engine, action: str) -> Iterator[sa.Connection]:
 
 
 @contextmanager
-def reading(engine: sa.Engine, action: str) -> Iterator[sa.Connection]:
-    """A connection for reads."""
+def single(engine: sa.Engine, action: str) -> Iterator[sa.Connection]:
+    """A connection for one atomic write statement (autocommit: one round trip)."""
     try:
-        with engine.connect() as conn:
+        with autocommit(engine).connect() as conn:
+            yield conn
+    except SQLAlchemyError as exc:
+        raise _error(action, exc) from exc
+
+
+@contextmanager
+def reading(engine: sa.Engine, action: str) -> Iterator[sa.Connection]:
+    """A connection for reads (autocommit: no BEGIN/ROLLBACK around them)."""
+    try:
+        with autocommit(engine).connect() as conn:
             yield conn
     except SQLAlchemyError as exc:
         raise _error(action, exc) from exc

@@ -13,8 +13,8 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from byod.controlplane._tx import reading, writing
-from byod.controlplane.schema import configs, users, utcnow
+from byod.controlplane._tx import reading, single, writing
+from byod.controlplane.schema import configs, ledger, users, utcnow
 from byod.errors import (
     BusyError,
     ControlPlaneError,
@@ -38,7 +38,11 @@ class User:
 
 @dataclass(frozen=True)
 class Config:
-    """A user's BYOD config as stored (credentials still sealed)."""
+    """A user's BYOD config as stored (credentials still sealed).
+
+    ``open_rows`` is only filled in by :meth:`Directory.claim_lease`: how many ledger rows
+    of this user a lost runner left ``pending`` or ``running``.
+    """
 
     user_id: int
     target_kind: str
@@ -51,9 +55,19 @@ class Config:
     lease_owner: str | None
     lease_expires_at: datetime | None
     updated_at: datetime
+    open_rows: int = 0
 
 
-_CONFIG_COLUMNS = [getattr(configs.c, name) for name in Config.__dataclass_fields__]
+_CONFIG_COLUMNS = [
+    getattr(configs.c, name) for name in Config.__dataclass_fields__ if name != "open_rows"
+]
+
+
+_open_rows = (
+    sa.select(sa.func.count())
+    .where(ledger.c.user_id == configs.c.user_id, ledger.c.status.in_(("pending", "running")))
+    .scalar_subquery()
+)
 
 
 def _config(row: sa.Row[tuple[object, ...]]) -> Config:
@@ -170,7 +184,7 @@ class Directory:
         }
         if schema_version is not None:
             values["schema_version"] = schema_version
-        with writing(self.engine, "record the connection status") as conn:
+        with single(self.engine, "record the connection status") as conn:
             conn.execute(configs.update().where(configs.c.user_id == user_id).values(**values))
 
     # -- leases --------------------------------------------------------------------------
@@ -193,9 +207,9 @@ class Directory:
                 ),
             )
             .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=seconds))
-            .returning(*_CONFIG_COLUMNS)
+            .returning(*_CONFIG_COLUMNS, _open_rows.label("open_rows"))
         )
-        with writing(self.engine, "claim the lease") as conn:
+        with single(self.engine, "claim the lease") as conn:
             row = conn.execute(statement).first()
         if row is not None:
             return _config(row)
@@ -207,7 +221,7 @@ class Directory:
 
     def renew_lease(self, user_id: int, owner: str, seconds: float) -> bool:
         """Extend a lease this owner holds; False when it was lost to another owner."""
-        with writing(self.engine, "renew the lease") as conn:
+        with single(self.engine, "renew the lease") as conn:
             renewed = conn.execute(
                 configs.update()
                 .where(configs.c.user_id == user_id, configs.c.lease_owner == owner)
@@ -217,7 +231,7 @@ class Directory:
 
     def release_lease(self, user_id: int, owner: str) -> None:
         """Give the lease back (only if this owner still holds it)."""
-        with writing(self.engine, "release the lease") as conn:
+        with single(self.engine, "release the lease") as conn:
             conn.execute(
                 configs.update()
                 .where(configs.c.user_id == user_id, configs.c.lease_owner == owner)

@@ -39,8 +39,11 @@ class Target(Protocol):
         """What the instance says is applied, oldest first."""
         ...
 
-    def apply(self, step: Step, body: StepBody) -> bool:
+    def apply(self, step: Step, body: StepBody, deadline: float | None = None) -> bool:
         """Run ``body`` and record ``step`` in the stamp, in one locked transaction.
+
+        ``deadline`` (a ``time.monotonic()`` value) bounds the work; past it the
+        transaction is stopped and rolled back with ``InstanceTimeoutError``.
 
         Returns False, without running ``body``, when the stamp (re-read under the lock)
         shows the step already done. Raises ``BusyError`` when another runner holds the

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL
@@ -25,6 +27,7 @@ from byod.errors import (
     BusyError,
     ByodError,
     DriftError,
+    InstanceTimeoutError,
     MigrationFailedError,
     SettingsError,
     UnreachableError,
@@ -45,6 +48,7 @@ _stamp = sa.Table(
     sa.Column("checksum", sa.String(64), nullable=False),
     sa.Column("applied_at", sa.DateTime, nullable=False),
 )
+_CREATE_STAMP = sa.schema.CreateTable(_stamp, if_not_exists=True)
 #: Advisory-lock key for PostgreSQL: one lock per database, shared by every byod runner.
 _PG_LOCK_KEY = 0x62796F64
 
@@ -61,8 +65,9 @@ class _Dialect:
     """How one kind of SQL instance is opened and locked."""
 
     engine_options: Callable[[URL, float], tuple[URL, dict[str, Any]]]
-    lock: Callable[[sa.Connection], None]
+    lock: Callable[[sa.Connection, int | None], None]
     prepare: Callable[[sa.Engine, float], None] = lambda engine, timeout: None
+    lock_cleanup: Callable[[sa.Connection], None] = lambda conn: None
 
 
 def _sqlite_options(url: URL, timeout: float) -> tuple[URL, dict[str, Any]]:
@@ -88,8 +93,15 @@ def _sqlite_transactional_ddl(engine: sa.Engine, timeout: float) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def _sqlite_lock(conn: sa.Connection) -> None:
-    """BEGIN IMMEDIATE already holds SQLite's write lock for the whole transaction."""
+def _sqlite_lock(conn: sa.Connection, timeout_ms: int | None) -> None:
+    """BEGIN IMMEDIATE already holds the write lock; a deadline interrupts the work."""
+    dbapi = conn.connection.dbapi_connection
+    assert isinstance(dbapi, sqlite3.Connection)
+    if timeout_ms is None:
+        dbapi.set_progress_handler(None, 0)
+        return
+    ends = time.monotonic() + timeout_ms / 1000
+    dbapi.set_progress_handler(lambda: int(time.monotonic() > ends), 10_000)
 
 
 def _postgres_options(url: URL, timeout: float) -> tuple[URL, dict[str, Any]]:
@@ -98,16 +110,46 @@ def _postgres_options(url: URL, timeout: float) -> tuple[URL, dict[str, Any]]:
     }
 
 
-def _postgres_lock(conn: sa.Connection) -> None:
-    taken = conn.execute(
-        sa.text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY}
-    ).scalar_one()
+def _postgres_lock(conn: sa.Connection, timeout_ms: int | None) -> None:
+    # one round trip: the server's own timeouts for this transaction, and the lock
+    if timeout_ms is None:
+        query = "SELECT pg_try_advisory_xact_lock(:key)"
+        params: dict[str, object] = {"key": _PG_LOCK_KEY}
+    else:
+        query = (
+            "SELECT pg_try_advisory_xact_lock(:key) "
+            "FROM (SELECT set_config('statement_timeout', :ms, true), "
+            "set_config('lock_timeout', :ms, true)) AS timeouts"
+        )
+        params = {"key": _PG_LOCK_KEY, "ms": str(timeout_ms)}
+    taken = conn.execute(sa.text(query), params).scalar_one()
     if not taken:
         raise BusyError("another runner holds this instance's migration lock")
 
 
+def _sqlite_unlock(conn: sa.Connection) -> None:
+    with contextlib.suppress(SQLAlchemyError, AttributeError):
+        _sqlite_lock(conn, None)
+
+
+def _timed_out(exc: DBAPIError) -> bool:
+    """The server (or SQLite's progress handler) stopped the work for a timeout."""
+    orig = exc.orig
+    if isinstance(orig, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable):
+        return True
+    return getattr(orig, "sqlite_errorcode", None) == sqlite3.SQLITE_INTERRUPT
+
+
+def _timeout(step: Step, exc: DBAPIError) -> InstanceTimeoutError:
+    return InstanceTimeoutError(
+        f"{step.migration.id} {step.direction} was stopped by the timeout: {describe_error(exc)}"
+    )
+
+
 _DIALECTS: dict[str, _Dialect] = {
-    "sqlite": _Dialect(_sqlite_options, _sqlite_lock, _sqlite_transactional_ddl),
+    "sqlite": _Dialect(
+        _sqlite_options, _sqlite_lock, _sqlite_transactional_ddl, lock_cleanup=_sqlite_unlock
+    ),
     "postgresql": _Dialect(_postgres_options, _postgres_lock),
 }
 
@@ -163,16 +205,21 @@ class SqlTarget:
         except SQLAlchemyError as exc:
             raise self._lost("reading the stamp", exc) from exc
 
-    def apply(self, step: Step, body: StepBody) -> bool:
+    def apply(self, step: Step, body: StepBody, deadline: float | None = None) -> bool:
         """See :meth:`byod.targets.base.Target.apply`."""
+        timeout_ms = None
+        if deadline is not None:
+            timeout_ms = int((deadline - time.monotonic()) * 1000)
+            if timeout_ms <= 0:
+                raise InstanceTimeoutError(f"the timeout ran out before {step.migration.id}")
         try:
             transaction = self._conn.begin()
         except SQLAlchemyError as exc:
             raise self._busy_or_lost(exc) from exc
         try:
-            self._dialect.lock(self._conn)
-            _stamp.create(self._conn, checkfirst=True)
-            if not self._check_position(step, self._select_stamp()):
+            self._dialect.lock(self._conn, timeout_ms)
+            self._conn.execute(_CREATE_STAMP)
+            if not self._check_position(step, self._select_stamp(known_to_exist=True)):
                 transaction.rollback()
                 return False
             try:
@@ -182,16 +229,25 @@ class SqlTarget:
             except DBAPIError as exc:
                 if exc.connection_invalidated:
                     raise self._lost(f"running {step.migration.id}", exc) from exc
+                if _timed_out(exc):
+                    raise _timeout(step, exc) from exc
                 raise MigrationFailedError(describe_error(exc)) from exc
             except Exception as exc:
                 raise MigrationFailedError(describe_error(exc)) from exc
+            if deadline is not None and time.monotonic() > deadline:
+                raise InstanceTimeoutError(f"{step.migration.id} ran past the timeout")
             self._write_stamp(step)
+        except DBAPIError as exc:
+            self._rollback_quietly(transaction)
+            if _timed_out(exc):
+                raise _timeout(step, exc) from exc
+            raise self._busy_or_lost(exc) from exc
         except BaseException:
-            if transaction.is_active:
-                # if the connection is gone, the server rolls back on its own
-                with contextlib.suppress(SQLAlchemyError):
-                    transaction.rollback()
+            self._rollback_quietly(transaction)
             raise
+        finally:
+            if timeout_ms is not None:
+                self._dialect.lock_cleanup(self._conn)
         try:
             transaction.commit()
         except SQLAlchemyError as exc:
@@ -207,8 +263,15 @@ class SqlTarget:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _select_stamp(self) -> list[StampEntry]:
-        if not sa.inspect(self._conn).has_table(STAMP_TABLE):
+    @staticmethod
+    def _rollback_quietly(transaction: sa.RootTransaction) -> None:
+        if transaction.is_active:
+            # if the connection is gone, the server rolls back on its own
+            with contextlib.suppress(SQLAlchemyError):
+                transaction.rollback()
+
+    def _select_stamp(self, *, known_to_exist: bool = False) -> list[StampEntry]:
+        if not known_to_exist and not sa.inspect(self._conn).has_table(STAMP_TABLE):
             return []
         rows = self._conn.execute(sa.select(_stamp).order_by(_stamp.c.version))
         return [StampEntry(**row._asdict()) for row in rows]
