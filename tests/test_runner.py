@@ -473,12 +473,12 @@ def test_no_secret_in_messages_logs_or_ledger(
 def test_many_users_one_failing_does_not_stop_the_others(
     cws: Workspace, new_instance: InstanceFactory
 ) -> None:
-    from byod.fleet import migrate_all
+    from byod.fleet import FleetOptions, migrate_fleet
 
     urls = [new_instance() for _ in range(6)]
     ids = [add_connected(cws, url, f"user_{n}") for n, url in enumerate(urls)]
     execute(urls[2], "CREATE TABLE break_me (id INTEGER)")
-    summary = migrate_all(cws.runner(), concurrency=3)
+    summary = migrate_fleet(cws.runner(), options=FleetOptions(concurrency=3))
     assert (summary.total, summary.succeeded, summary.failed) == (6, 5, 1)
     assert [(e.user, e.migration) for e in summary.errors] == [("user_2", "003_fragile")]
     assert [schema_version(cws, uid) for uid in ids] == [3, 3, 2, 3, 3, 3]

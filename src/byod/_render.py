@@ -10,8 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from byod.commands import UserPlan, VerifyReport
-from byod.controlplane import FleetStatus, LedgerRow
+from byod.commands import RunDetails, UserPlan, VerifyReport
+from byod.controlplane import FleetStatus, LedgerRow, RunRecord
 from byod.runner import UserResult
 
 __all__ = [
@@ -23,6 +23,9 @@ __all__ = [
     "plans_data",
     "plans_table",
     "result_data",
+    "run_data",
+    "run_details",
+    "runs_table",
     "verify_table",
 ]
 
@@ -166,3 +169,69 @@ def verify_table(reports: list[VerifyReport]) -> Table:
             verdict,
         )
     return table
+
+
+def run_data(run: RunRecord) -> dict[str, Any]:
+    """A fleet run as plain data."""
+    data = asdict(run)
+    data["state"] = run.shown_state
+    return data
+
+
+def runs_table(records: list[RunRecord]) -> Table:
+    """Fleet runs, newest first."""
+    table = Table(title="fleet runs")
+    for column in (
+        "run",
+        "kind",
+        "state",
+        "started",
+        "ended",
+        "by",
+        "total",
+        "ok",
+        "failed",
+        "skipped",
+        "not started",
+    ):
+        table.add_column(column, overflow="fold")
+    for run in records:
+        c = run.counts
+        kind = f"{run.kind} of {run.undoes}" if run.undoes else run.kind
+        table.add_row(
+            run.id,
+            kind,
+            run.shown_state,
+            _when(run.started_at),
+            _when(run.ended_at),
+            run.started_by,
+            str(c.total),
+            str(c.succeeded),
+            str(c.failed),
+            str(c.skipped),
+            str(c.not_started),
+        )
+    return table
+
+
+def run_details(details: RunDetails, console: Console) -> None:
+    """One fleet run with its options and failures."""
+    run, c = details.run, details.run.counts
+    console.print(f"run [bold]{run.id}[/] ({run.kind}) {run.shown_state}")
+    if run.halt_reason:
+        console.print(f"halted: {run.halt_reason}")
+    console.print(
+        f"started {_when(run.started_at)} by {run.started_by}; ended {_when(run.ended_at)}"
+    )
+    console.print(
+        f"total {c.total}: {c.succeeded} succeeded, {c.failed} failed, {c.skipped} skipped, "
+        f"{c.not_started} not started, {c.not_eligible} not eligible"
+    )
+    console.print("options: " + ", ".join(f"{k}={v}" for k, v in sorted(run.options.items())))
+    if details.failures:
+        table = Table(title="failures")
+        for column in ("user", "migration", "error"):
+            table.add_column(column, overflow="fold")
+        for user_id, clerk_id, migration, error in details.failures:
+            table.add_row(f"{user_id} ({clerk_id})", migration, error or "")
+        console.print(table)

@@ -18,12 +18,28 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 
 from byod import _render as render
 from byod import commands
 from byod.errors import ByodError, InputError
-from byod.fleet import FleetEvent, FleetStarted, FleetSummary, UserFinished
+from byod.fleet import (
+    FleetEvent,
+    FleetOptions,
+    FleetStarted,
+    FleetSummary,
+    Selection,
+    UserFinished,
+)
 from byod.runner import UserResult
 from byod.settings import Settings
 
@@ -39,6 +55,8 @@ app = typer.Typer(
 )
 users_app = typer.Typer(help="Manage app users.", no_args_is_help=True)
 app.add_typer(users_app, name="users")
+runs_app = typer.Typer(help="Fleet runs and their outcome.")
+app.add_typer(runs_app, name="runs")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -176,26 +194,93 @@ def plan(
         out.print(render.plans_table(plans))
 
 
+Concurrency = Annotated[
+    int, typer.Option("--concurrency", min=1, help="Users migrated at once (fleet runs).")
+]
+Retries = Annotated[
+    int, typer.Option("--retries", min=0, help="Retries of a transient failure, with backoff.")
+]
+Timeout = Annotated[
+    float | None, typer.Option("--timeout", min=0.1, help="Seconds allowed per user.")
+]
+LeaseSeconds = Annotated[
+    float, typer.Option("--lease-seconds", min=1, help="Lease length; renewed while working.")
+]
+Canary = Annotated[
+    int, typer.Option("--canary", min=0, help="Migrate N users first; halt if any fails.")
+]
+MaxFailureRatio = Annotated[
+    float | None,
+    typer.Option("--max-failure-ratio", min=0, max=1, help="Halt once failed/done passes R."),
+]
+
+
+def _fleet_options(
+    concurrency: int,
+    retries: int,
+    timeout: float | None,
+    lease_seconds: float,
+    canary: int,
+    max_failure_ratio: float | None,
+) -> FleetOptions:
+    return FleetOptions(
+        concurrency=concurrency,
+        retries=retries,
+        timeout=timeout,
+        lease_seconds=lease_seconds,
+        canary=canary,
+        max_failure_ratio=max_failure_ratio,
+    )
+
+
+def _user_list(value: str | None) -> tuple[str, ...] | None:
+    """``--users``: comma-separated ids/clerk ids, or a file with one per line."""
+    if value is None:
+        return None
+    path = Path(value)
+    text = path.read_text() if path.is_file() else value.replace(",", "\n")
+    refs = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if not refs:
+        raise InputError("--users names no user")
+    return refs
+
+
 @app.command()
 def migrate(
     user: OptionalUser = None,
     every: All = False,
     to: Annotated[int | None, typer.Option("--to", help="Target version (default head).")] = None,
-    concurrency: Annotated[int, typer.Option("--concurrency", min=1)] = 4,
+    concurrency: Concurrency = 8,
+    retries: Retries = 2,
+    timeout: Timeout = None,
+    lease_seconds: LeaseSeconds = 300.0,
+    canary: Canary = 0,
+    max_failure_ratio: MaxFailureRatio = None,
+    users: Annotated[
+        str | None, typer.Option("--users", help="With --all: only these (a,b,c or a file).")
+    ] = None,
+    only_version: Annotated[
+        int | None, typer.Option("--only-version", help="With --all: only users at V.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most N users.")] = None,
     json_out: Json = False,
     database_url: DatabaseUrl = None,
     migrations: Migrations = None,
 ) -> None:
-    """Apply pending migrations to one user (or --all)."""
+    """Apply pending migrations to one user, or to every eligible user (--all)."""
     ws = _workspace(database_url, migrations)
-    target = _one_target(user, every)
+    target = _one_target(user, every or users is not None)
     if target is not None:
         result = commands.migrate_user(ws, target, to_version=to)
         _finish_user(result, json_out, "migrated")
         return
+    options = _fleet_options(
+        concurrency, retries, timeout, lease_seconds, canary, max_failure_ratio
+    )
+    selection = Selection(_user_list(users), only_version, limit)
     summary = _run_fleet(
         lambda on_event: commands.migrate_fleet(
-            ws, concurrency=concurrency, to_version=to, on_event=on_event
+            ws, options=options, selection=selection, to_version=to, on_event=on_event
         ),
         json_out,
     )
@@ -206,15 +291,79 @@ def migrate(
 
 @app.command()
 def rollback(
-    user: UserArg,
-    to: Annotated[int, typer.Option("--to", help="Version to roll back to.")],
+    user: OptionalUser = None,
+    to: Annotated[int | None, typer.Option("--to", help="Version to roll back to.")] = None,
+    run: Annotated[
+        str | None, typer.Option("--run", help="Undo what this fleet run moved.")
+    ] = None,
+    concurrency: Concurrency = 8,
+    retries: Retries = 2,
+    timeout: Timeout = None,
+    lease_seconds: LeaseSeconds = 300.0,
+    canary: Canary = 0,
+    max_failure_ratio: MaxFailureRatio = None,
     json_out: Json = False,
     database_url: DatabaseUrl = None,
     migrations: Migrations = None,
 ) -> None:
-    """Undo migrations (newest first) down to a version."""
-    result = commands.rollback_user(_workspace(database_url, migrations), user, to)
+    """Undo migrations: one USER down to --to VERSION, or everything one --run moved."""
+    ws = _workspace(database_url, migrations)
+    if run is not None:
+        if user is not None or to is not None:
+            raise InputError("--run undoes a whole fleet run: give no USER and no --to")
+        options = _fleet_options(
+            concurrency, retries, timeout, lease_seconds, canary, max_failure_ratio
+        )
+        summary = _run_fleet(
+            lambda on_event: commands.rollback_fleet_run(
+                ws, run, options=options, on_event=on_event
+            ),
+            json_out,
+        )
+        _print_summary(summary, json_out)
+        if not summary.ok:
+            raise typer.Exit(1)
+        return
+    if user is None or to is None:
+        raise InputError("give USER --to VERSION, or --run RUN")
+    result = commands.rollback_user(ws, user, to)
     _finish_user(result, json_out, "rolled back")
+
+
+@runs_app.callback(invoke_without_command=True)
+def runs(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option("--limit", min=1)] = 20,
+    json_out: Json = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Fleet runs, newest first (`byod runs show RUN` for one)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    records = commands.list_runs(_workspace(database_url, None), limit=limit)
+    if json_out:
+        out.print(render.dump([render.run_data(r) for r in records]))
+    else:
+        out.print(render.runs_table(records))
+
+
+@runs_app.command("show")
+def runs_show(
+    run: Annotated[str, typer.Argument(help="Run id.")],
+    json_out: Json = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """One fleet run: options, state, counts and its failures."""
+    details = commands.show_run(_workspace(database_url, None), run)
+    if json_out:
+        data = render.run_data(details.run)
+        data["failures"] = [
+            {"user_id": u, "clerk_id": c, "migration": m, "error": e}
+            for u, c, m, e in details.failures
+        ]
+        out.print(render.dump(data))
+    else:
+        render.run_details(details, out)
 
 
 @app.command()
@@ -330,6 +479,7 @@ def _run_fleet(work: Callable[[Callable[[FleetEvent], None]], T], json_out: bool
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("[red]{task.fields[failed]} failed"),
+        _RateColumn(),
         TimeRemainingColumn(),
         console=err,
         disable=not err.is_terminal,
@@ -349,14 +499,24 @@ def _run_fleet(work: Callable[[Callable[[FleetEvent], None]], T], json_out: bool
         return work(show)
 
 
+class _RateColumn(ProgressColumn):
+    """Users per second."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:.1f} users/s" if task.speed else "")
+
+
 def _print_summary(summary: FleetSummary, json_out: bool) -> None:
     if json_out:
         out.print(render.dump({"summary": summary.as_dict()}))
         return
     out.print(
-        f"total {summary.total}: {summary.succeeded} succeeded, {summary.failed} failed, "
-        f"{summary.skipped} skipped, {summary.not_started} not started"
+        f"run {summary.run_id} {summary.state}: total {summary.total}: "
+        f"{summary.succeeded} succeeded, {summary.failed} failed, {summary.skipped} skipped, "
+        f"{summary.not_started} not started ({summary.not_eligible} users not eligible)"
     )
+    if summary.halt_reason:
+        err.print(f"[yellow]halted:[/] {escape(summary.halt_reason)}")
     for error in summary.errors:
         where = f" at {error.migration}" if error.migration else ""
         err.print(f"[red]failed:[/] {escape(error.user)}{where}: {escape(error.error)}")

@@ -15,11 +15,14 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from byod import fleet
 from byod.connections import ReachResult, connect_user, open_instance, unseal_config
 from byod.controlplane import (
     Directory,
     FleetStatus,
     LedgerRow,
+    RunRecord,
+    RunStore,
     User,
     create_tables,
     fleet_status,
@@ -30,7 +33,7 @@ from byod.controlplane import (
 from byod.controlplane.schema import configs
 from byod.crypto import KeySource, Sealer, load_sealer
 from byod.errors import ByodError, ControlPlaneError, InputError, SettingsError
-from byod.fleet import ELIGIBLE_STATUSES, FleetEvent, FleetSummary, migrate_all
+from byod.fleet import ELIGIBLE_STATUSES, FleetEvent, FleetOptions, FleetSummary, Selection
 from byod.notify import load_notifier
 from byod.registry import Plan, Registry
 from byod.runner import Runner, UserResult, check_stamp
@@ -38,18 +41,22 @@ from byod.settings import Settings, normalize_url, safe_url
 
 __all__ = [
     "InitResult",
+    "RunDetails",
     "UserPlan",
     "VerifyReport",
     "Workspace",
     "add_user",
     "connect",
     "init",
+    "list_runs",
     "migrate_fleet",
     "migrate_user",
     "new_migration",
     "pending",
     "plan",
+    "rollback_fleet_run",
     "rollback_user",
+    "show_run",
     "status",
     "user_history",
     "verify",
@@ -179,17 +186,49 @@ def migrate_user(ws: Workspace, user_ref: str, *, to_version: int | None = None)
 def migrate_fleet(
     ws: Workspace,
     *,
-    concurrency: int = 4,
+    options: FleetOptions = FleetOptions(),
+    selection: Selection = Selection(),
     to_version: int | None = None,
     on_event: Callable[[FleetEvent], None] = lambda event: None,
 ) -> FleetSummary:
-    """Migrate every eligible outdated user."""
+    """Migrate every eligible outdated user (or the selected ones), as one recorded run."""
     ws.require_tables()
-    if concurrency < 1:
-        raise InputError("--concurrency must be at least 1")
-    return migrate_all(
-        ws.runner(), concurrency=concurrency, to_version=to_version, on_event=on_event
+    return fleet.migrate_fleet(
+        ws.runner(), options=options, selection=selection, to_version=to_version, on_event=on_event
     )
+
+
+def rollback_fleet_run(
+    ws: Workspace,
+    run_id: str,
+    *,
+    options: FleetOptions = FleetOptions(),
+    on_event: Callable[[FleetEvent], None] = lambda event: None,
+) -> FleetSummary:
+    """Return exactly the users one fleet run moved to their versions before it."""
+    ws.require_tables()
+    return fleet.rollback_run(ws.runner(), run_id, options=options, on_event=on_event)
+
+
+def list_runs(ws: Workspace, *, limit: int = 20) -> list[RunRecord]:
+    """The newest fleet runs."""
+    ws.require_tables()
+    return RunStore(ws.engine).recent(limit)
+
+
+@dataclass(frozen=True)
+class RunDetails:
+    """One run with its failures."""
+
+    run: RunRecord
+    failures: list[tuple[int, str, str, str | None]]
+
+
+def show_run(ws: Workspace, run_id: str) -> RunDetails:
+    """One fleet run and the steps that failed in it."""
+    ws.require_tables()
+    store = RunStore(ws.engine)
+    return RunDetails(store.get(run_id), store.failures(run_id))
 
 
 def rollback_user(ws: Workspace, user_ref: str, to_version: int) -> UserResult:

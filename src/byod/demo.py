@@ -16,7 +16,7 @@ from byod.commands import InitResult, Workspace, init
 from byod.connections import connect_user
 from byod.controlplane import FleetStatus, LedgerRow, fleet_status, history
 from byod.errors import InputError, UnknownUserError
-from byod.fleet import FleetEvent, FleetSummary, migrate_all
+from byod.fleet import FleetEvent, FleetOptions, FleetSummary, migrate_fleet
 
 __all__ = ["DemoResult", "run_demo"]
 
@@ -69,7 +69,7 @@ def run_demo(
         runner.migrate(user.id, to_version=min(1, ws.registry.head))
         _seed(path)
         created += 1
-    summary = migrate_all(runner, concurrency=4, on_event=on_event)
+    summary = migrate_fleet(runner, options=FleetOptions(concurrency=4), on_event=on_event)
     sample = ws.directory.find_user("demo-tenant-001")
     return DemoResult(
         setup=setup,

@@ -1,29 +1,46 @@
-"""All users: select the outdated ones, migrate them with a bounded pool, summarise.
+"""All users: select, migrate (or undo a run) with a bounded pool, in waves, recorded.
 
-Selection is keyset-paged (never every row in memory) and streamed into at most
-``concurrency`` workers with a bounded queue, so memory stays flat as the fleet grows.
-The core emits typed progress events; it never prints.
+Selection is keyset-paged (never every row in memory) and fed to at most
+``concurrency`` workers, so memory stays flat as the fleet grows. Transient failures
+(unreachable, timeout, busy) are retried with exponential backoff and jitter; a
+migration's own error is not. A canary wave and a failure ratio can halt a run; the users
+it never started are counted ``not_started``, nothing is left half-done. Every run is
+recorded in ``byod_runs`` and its ledger rows carry its id. The core emits typed events;
+it never prints.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+import random
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
 
-from byod.controlplane import count_outdated, iter_outdated
+from byod.controlplane import (
+    RunCounts,
+    RunStore,
+    User,
+    count_not_eligible,
+    count_outdated,
+    iter_outdated,
+)
 from byod.controlplane.schema import utcnow
-from byod.errors import BusyError, ByodError
+from byod.errors import BusyError, ByodError, InputError, IrreversibleError
 from byod.runner import Runner, UserResult
 
 __all__ = [
+    "ELIGIBLE_STATUSES",
     "FleetError",
     "FleetEvent",
+    "FleetOptions",
     "FleetStarted",
     "FleetSummary",
+    "Selection",
     "UserFinished",
-    "migrate_all",
+    "migrate_fleet",
+    "rollback_run",
 ]
 
 log = logging.getLogger("byod.fleet")
@@ -31,18 +48,60 @@ ELIGIBLE_STATUSES = ("connected", "error")
 
 
 @dataclass(frozen=True)
+class FleetOptions:
+    """How a fleet run goes: how wide, how patient, when to stop."""
+
+    concurrency: int = 8
+    retries: int = 2
+    retry_base_seconds: float = 0.5
+    retry_cap_seconds: float = 30.0
+    canary: int = 0
+    max_failure_ratio: float | None = None
+    timeout: float | None = None
+    lease_seconds: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise InputError("--concurrency must be at least 1")
+        if self.retries < 0 or self.canary < 0:
+            raise InputError("--retries and --canary cannot be negative")
+        if self.max_failure_ratio is not None and not 0 <= self.max_failure_ratio <= 1:
+            raise InputError("--max-failure-ratio must be between 0 and 1")
+        if self.timeout is not None and self.timeout <= 0:
+            raise InputError("--timeout must be positive")
+        if self.lease_seconds <= 0:
+            raise InputError("--lease-seconds must be positive")
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds before retry ``attempt`` (0-based): exponential, capped, half jittered."""
+        ceiling = min(self.retry_cap_seconds, self.retry_base_seconds * 2.0**attempt)
+        return float(ceiling / 2 + random.uniform(0, ceiling / 2))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which users a fleet run considers (default: every eligible outdated user)."""
+
+    users: tuple[str, ...] | None = None
+    only_version: int | None = None
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
 class FleetStarted:
     """A fleet run starts on (about) ``total`` users."""
 
+    run_id: str
     total: int
 
 
 @dataclass(frozen=True)
 class UserFinished:
-    """One user is done; ``outcome`` is succeeded, failed or skipped."""
+    """One user is done: ``outcome`` is succeeded, failed or skipped; ``tries`` made."""
 
     result: UserResult
     outcome: str
+    tries: int
 
 
 FleetEvent = FleetStarted | UserFinished
@@ -62,32 +121,178 @@ class FleetSummary:
     """What a fleet run did; it never claims more than happened.
 
     ``skipped``: selected users that needed nothing by the time their turn came, or that
-    another runner was already working on. ``not_started``: users left when the run
-    stopped early (interrupted).
+    another runner was working on. ``not_started``: users left when the run halted or was
+    interrupted. ``not_eligible``: users with no config or a ``pending``/``disconnected``
+    connection, never touched.
     """
 
+    run_id: str = ""
+    state: str = "running"
+    halt_reason: str | None = None
     total: int = 0
     succeeded: int = 0
     failed: int = 0
     skipped: int = 0
     not_started: int = 0
+    not_eligible: int = 0
     errors: list[FleetError] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """True when no user failed and none was left unstarted."""
-        return self.failed == 0 and self.not_started == 0
+        """True when no user failed and the run went to its end."""
+        return self.failed == 0 and self.not_started == 0 and self.state == "completed"
+
+    def counts(self) -> RunCounts:
+        """The counts, as the run record keeps them."""
+        return RunCounts(
+            self.total,
+            self.succeeded,
+            self.failed,
+            self.skipped,
+            self.not_started,
+            self.not_eligible,
+        )
 
     def as_dict(self) -> dict[str, object]:
         """The summary as plain data (for JSON)."""
-        return {
-            "total": self.total,
-            "succeeded": self.succeeded,
-            "failed": self.failed,
-            "skipped": self.skipped,
-            "not_started": self.not_started,
-            "errors": [e.__dict__ for e in self.errors],
-        }
+        data = asdict(self)
+        data["errors"] = [asdict(e) for e in self.errors]
+        return data
+
+
+@dataclass(frozen=True)
+class _Item:
+    user: User
+    to_version: int
+
+
+def migrate_fleet(
+    runner: Runner,
+    *,
+    options: FleetOptions = FleetOptions(),
+    selection: Selection = Selection(),
+    to_version: int | None = None,
+    on_event: Callable[[FleetEvent], None] = lambda event: None,
+) -> FleetSummary:
+    """Migrate every eligible user below the target (default: head) and summarise.
+
+    Eligible: a config whose connection is ``connected`` or ``error`` (an instance that
+    was unreachable is tried again). One failing user never stops the others, unless a
+    canary or the failure ratio halts the run. Ctrl-C stops starting new users, lets
+    running ones finish, and counts the rest as not started.
+    """
+    target = runner.registry.head if to_version is None else to_version
+    runner.registry.plan_up(0, target)  # an unknown target is bad input
+    summary = FleetSummary()
+    if selection.users is not None:
+        items, summary.not_eligible, summary.skipped = _listed(runner, selection.users, target)
+        total = len(items)
+        chosen: Iterable[_Item] = items
+    else:
+        summary.not_eligible = count_not_eligible(runner.engine, ELIGIBLE_STATUSES)
+        total = count_outdated(
+            runner.engine, target, statuses=ELIGIBLE_STATUSES, only_version=selection.only_version
+        )
+        chosen = _outdated(runner, target, selection.only_version)
+    if selection.limit is not None:
+        total = min(total, selection.limit)
+        chosen = _limited(chosen, selection.limit)
+    summary.total = summary.skipped
+    record = {**asdict(options), **asdict(selection), "to_version": target}
+    return _execute(
+        runner,
+        chosen,
+        "migrate",
+        record,
+        summary,
+        total,
+        options,
+        on_event,
+        lambda r, item: r.migrate_user(item.user, to_version=item.to_version),
+        target_version=target,
+    )
+
+
+def rollback_run(
+    runner: Runner,
+    run_id: str,
+    *,
+    options: FleetOptions = FleetOptions(),
+    on_event: Callable[[FleetEvent], None] = lambda event: None,
+) -> FleetSummary:
+    """Undo what one fleet run moved: each user it moved back to its version before.
+
+    Refuses with :class:`IrreversibleError`, before touching anything, when a migration
+    it would undo has no ``down``. Users the run did not move are never touched.
+    """
+    store = RunStore(runner.engine)
+    store.get(run_id)  # raises for an unknown run
+    moved = store.moved_users(run_id)
+    blocked: dict[str, int] = {}
+    for user in moved:
+        current = runner.directory.get_config(user.user_id).schema_version
+        if current <= user.version_before:
+            continue
+        for step in runner.registry.plan_down(current, user.version_before).steps:
+            if not step.migration.reversible:
+                blocked[step.migration.id] = blocked.get(step.migration.id, 0) + 1
+    if blocked:
+        listed = ", ".join(f"{mid} (for {n} users)" for mid, n in sorted(blocked.items()))
+        raise IrreversibleError(
+            f"cannot undo run {run_id}: {listed} has no down; nothing was changed"
+        )
+    items = [_Item(User(u.user_id, u.clerk_id), u.version_before) for u in moved]
+    record = {**asdict(options), "undoes": run_id}
+    return _execute(
+        runner,
+        items,
+        "rollback",
+        record,
+        FleetSummary(),
+        len(items),
+        options,
+        on_event,
+        lambda r, item: r.rollback_user(item.user, item.to_version),
+        undoes=run_id,
+    )
+
+
+def _outdated(runner: Runner, target: int, only_version: int | None) -> Iterator[_Item]:
+    started = utcnow()
+    for row in iter_outdated(
+        runner.engine,
+        target,
+        statuses=ELIGIBLE_STATUSES,
+        untouched_since=started,
+        only_version=only_version,
+    ):
+        yield _Item(User(row.user_id, row.clerk_id), target)
+
+
+def _listed(runner: Runner, refs: tuple[str, ...], target: int) -> tuple[list[_Item], int, int]:
+    """Resolve ``--users`` up front (an unknown user is bad input, before anything runs)."""
+    items: list[_Item] = []
+    not_eligible = up_to_date = 0
+    for user in dict.fromkeys(runner.directory.find_user(ref) for ref in refs):
+        try:
+            config = runner.directory.get_config(user.id)
+        except ByodError:
+            not_eligible += 1
+            continue
+        if config.connection_status not in ELIGIBLE_STATUSES:
+            not_eligible += 1
+        elif config.schema_version >= target:
+            up_to_date += 1
+        else:
+            items.append(_Item(user, target))
+    return items, not_eligible, up_to_date
+
+
+def _limited(items: Iterable[_Item], limit: int) -> Iterator[_Item]:
+    for count, item in enumerate(items):
+        if count >= limit:
+            return
+        yield item
 
 
 def _outcome(result: UserResult) -> str:
@@ -96,66 +301,152 @@ def _outcome(result: UserResult) -> str:
     return "skipped" if isinstance(result.error, BusyError) else "failed"
 
 
-def migrate_all(
-    runner: Runner,
+def _execute(
+    base: Runner,
+    items: Iterable[_Item],
+    kind: str,
+    record: dict[str, object],
+    summary: FleetSummary,
+    total: int,
+    options: FleetOptions,
+    on_event: Callable[[FleetEvent], None],
+    action: Callable[[Runner, _Item], UserResult],
     *,
-    concurrency: int = 4,
-    to_version: int | None = None,
-    on_event: Callable[[FleetEvent], None] = lambda event: None,
+    target_version: int | None = None,
+    undoes: str | None = None,
 ) -> FleetSummary:
-    """Migrate every eligible user below the target (default: head) and summarise.
+    store = RunStore(base.engine)
+    summary.run_id = store.start(kind, record, target_version=target_version, undoes=undoes)
+    runner = base.configured(
+        run_id=summary.run_id, timeout=options.timeout, lease_seconds=options.lease_seconds
+    )
+    on_event(FleetStarted(summary.run_id, total + summary.total))
+    return _FleetRun(runner, store, summary, options, on_event, action).run(iter(items))
 
-    Eligible: a config whose connection is ``connected`` or ``error`` (an instance that
-    was unreachable is tried again). One failing user never stops the others. Ctrl-C
-    stops starting new users, lets running ones finish, and counts the rest not started.
-    """
-    target = runner.registry.head if to_version is None else to_version
-    started_at = utcnow()
-    summary = FleetSummary()
-    on_event(FleetStarted(count_outdated(runner.engine, target, statuses=ELIGIBLE_STATUSES)))
 
-    def finish(future: Future[UserResult]) -> None:
+class _FleetRun:
+    """One fleet run in progress: the pool, the waves, the halts, the counts."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        store: RunStore,
+        summary: FleetSummary,
+        options: FleetOptions,
+        on_event: Callable[[FleetEvent], None],
+        action: Callable[[Runner, _Item], UserResult],
+    ) -> None:
+        self.runner = runner
+        self.store = store
+        self.summary = summary
+        self.options = options
+        self.on_event = on_event
+        self.action = action
+        self.stop = threading.Event()  # no new retries, no new users
+        self.in_flight: set[Future[tuple[UserResult, int]]] = set()
+
+    def run(self, remaining: Iterator[_Item]) -> FleetSummary:
+        summary, options = self.summary, self.options
+        finished = threading.Event()
+        ticker = threading.Thread(
+            target=_report_progress,
+            args=(self.store, summary, finished),
+            name="byod-progress",
+            daemon=True,
+        )
+        ticker.start()
         try:
-            result = future.result()
+            with ThreadPoolExecutor(options.concurrency, thread_name_prefix="byod") as pool:
+                try:
+                    self._feed(pool, remaining)
+                except KeyboardInterrupt:
+                    summary.state = "interrupted"
+                    self.stop.set()
+                    log.warning("fleet run %s interrupted: finishing running users", summary.run_id)
+                    self._collect(ALL_COMPLETED)
+                    summary.not_started += sum(1 for _ in remaining)
+        finally:
+            self.stop.set()
+            finished.set()
+            ticker.join()
+            if summary.state == "running":
+                summary.state = "completed"
+            summary.total += summary.not_started
+            self.store.finish(summary.run_id, summary.counts(), summary.state, summary.halt_reason)
+        return summary
+
+    def _feed(self, pool: ThreadPoolExecutor, remaining: Iterator[_Item]) -> None:
+        summary, canary = self.summary, self.options.canary
+        submitted = 0
+        for item in remaining:
+            if canary and submitted == canary and summary.state == "running":
+                self._collect(ALL_COMPLETED)
+                if summary.failed:
+                    self._halt(f"a canary failed ({summary.failed} of {canary})")
+            while summary.state == "running" and len(self.in_flight) >= self.options.concurrency:
+                self._collect(FIRST_COMPLETED)
+            if summary.state != "running":
+                summary.not_started += 1
+                continue
+            self.in_flight.add(pool.submit(self._work, item))
+            submitted += 1
+        self._collect(ALL_COMPLETED)
+        if canary and summary.failed and submitted <= canary:
+            self._halt(f"a canary failed ({summary.failed} of {submitted})")
+
+    def _work(self, item: _Item) -> tuple[UserResult, int]:
+        tries = 0
+        while True:
+            result = self.action(self.runner, item)
+            tries += 1
+            error = result.error
+            if error is None or not error.transient or tries > self.options.retries:
+                return result, tries
+            delay = self.options.backoff(tries - 1)
+            log.info("user %s: %s; retry %d in %.2fs", item.user.id, error.message, tries, delay)
+            if self.stop.wait(delay):
+                return result, tries
+
+    def _collect(self, return_when: str) -> None:
+        done, self.in_flight = wait(self.in_flight, return_when=return_when)
+        for future in done:
+            self._finish(future)
+            self._check_ratio()
+
+    def _finish(self, future: Future[tuple[UserResult, int]]) -> None:
+        summary = self.summary
+        summary.total += 1
+        try:
+            result, tries = future.result()
         except ByodError as exc:  # the user vanished or was disconnected meanwhile
-            log.warning("fleet: a user was not migrated: %s", exc.message)
-            summary.total += 1
+            log.warning("fleet: a user was not run: %s", exc.message)
             summary.skipped += 1
             return
         outcome = _outcome(result)
-        summary.total += 1
         setattr(summary, outcome, getattr(summary, outcome) + 1)
         if outcome == "failed" and result.error is not None:
             summary.errors.append(
                 FleetError(result.clerk_id, result.failed_migration, result.error.message)
             )
-        on_event(UserFinished(result, outcome))
+        self.on_event(UserFinished(result, outcome, tries))
 
-    selection = iter_outdated(
-        runner.engine, target, statuses=ELIGIBLE_STATUSES, untouched_since=started_at
-    )
-    in_flight: set[Future[UserResult]] = set()
-    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="byod") as pool:
+    def _halt(self, reason: str) -> None:
+        if self.summary.state == "running":
+            log.warning("fleet run %s halted: %s", self.summary.run_id, reason)
+            self.summary.state, self.summary.halt_reason = "halted", reason
+            self.stop.set()
+
+    def _check_ratio(self) -> None:
+        summary, ratio = self.summary, self.options.max_failure_ratio
+        done = summary.succeeded + summary.failed
+        if ratio is not None and done and summary.failed / done > ratio:
+            self._halt(f"{summary.failed} of {done} failed, above --max-failure-ratio {ratio}")
+
+
+def _report_progress(store: RunStore, summary: FleetSummary, stop: threading.Event) -> None:
+    """Write the run's counts every few seconds, so others can watch it and see it alive."""
+    while not stop.wait(5.0):
         try:
-            for candidate in selection:
-                while len(in_flight) >= concurrency * 2:
-                    done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        finish(future)
-                in_flight.add(pool.submit(runner.migrate, candidate.user_id, to_version=target))
-            for future in _drain(in_flight):
-                finish(future)
-        except KeyboardInterrupt:
-            log.warning("fleet: interrupted; letting running users finish")
-            for future in in_flight:
-                if future.cancel():
-                    summary.not_started += 1
-            for future in _drain({f for f in in_flight if not f.cancelled()}):
-                finish(future)
-            summary.not_started += sum(1 for _ in selection)
-    return summary
-
-
-def _drain(futures: set[Future[UserResult]]) -> list[Future[UserResult]]:
-    done, _ = wait(futures)
-    return list(done)
+            store.progress(summary.run_id, summary.counts())
+        except ByodError as exc:
+            log.warning("fleet: cannot record progress: %s", exc.message)

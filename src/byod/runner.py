@@ -145,6 +145,23 @@ class Runner:
         self.owner = owner or f"runner-{uuid.uuid4().hex[:12]}"
         self._opener = opener
 
+    def configured(
+        self, *, run_id: str | None, timeout: float | None, lease_seconds: float
+    ) -> Runner:
+        """A runner like this one for one fleet run: its id, timeout and lease length."""
+        return Runner(
+            self.engine,
+            self.registry,
+            self.sealer,
+            notify=self.notify,
+            lease_seconds=lease_seconds,
+            connect_timeout=self.connect_timeout,
+            timeout=timeout,
+            run_id=run_id,
+            owner=self.owner,
+            opener=self._opener,
+        )
+
     # -- public --------------------------------------------------------------------------
 
     def migrate(self, user_ref: str | int, *, to_version: int | None = None) -> UserResult:

@@ -6,11 +6,13 @@ from byod.controlplane.queries import (
     FailureRow,
     FleetStatus,
     OutdatedConfig,
+    count_not_eligible,
     count_outdated,
     fleet_status,
     history,
     iter_outdated,
 )
+from byod.controlplane.runs import MovedUser, RunCounts, RunRecord, RunStore
 from byod.controlplane.schema import create_tables, open_engine
 
 __all__ = [
@@ -20,8 +22,13 @@ __all__ = [
     "FleetStatus",
     "Ledger",
     "LedgerRow",
+    "MovedUser",
     "OutdatedConfig",
+    "RunCounts",
+    "RunRecord",
+    "RunStore",
     "User",
+    "count_not_eligible",
     "count_outdated",
     "create_tables",
     "fleet_status",

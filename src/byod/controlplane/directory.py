@@ -32,8 +32,8 @@ class User:
 
     id: int
     clerk_id: str
-    email: str | None
-    created_at: datetime
+    email: str | None = None
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ __all__ = [
     "FailureRow",
     "FleetStatus",
     "OutdatedConfig",
+    "count_not_eligible",
     "count_outdated",
     "fleet_status",
     "history",
@@ -114,14 +115,29 @@ def fleet_status(engine: sa.Engine, head: int, *, failures: int = 10) -> FleetSt
     )
 
 
-def count_outdated(engine: sa.Engine, below: int, *, statuses: tuple[str, ...]) -> int:
+def count_outdated(
+    engine: sa.Engine, below: int, *, statuses: tuple[str, ...], only_version: int | None = None
+) -> int:
     """How many configs in ``statuses`` are below version ``below`` (one index range count)."""
     query = (
         sa.select(sa.func.count())
         .select_from(configs)
         .where(configs.c.connection_status.in_(statuses), configs.c.schema_version < below)
     )
+    if only_version is not None:
+        query = query.where(configs.c.schema_version == only_version)
     with reading(engine, "count outdated users") as conn:
+        return int(conn.execute(query).scalar_one())
+
+
+def count_not_eligible(engine: sa.Engine, eligible: tuple[str, ...]) -> int:
+    """Users with no config, or whose connection status is not in ``eligible``."""
+    query = (
+        sa.select(sa.func.count())
+        .select_from(users.outerjoin(configs, configs.c.user_id == users.c.id))
+        .where(sa.or_(configs.c.user_id.is_(None), configs.c.connection_status.not_in(eligible)))
+    )
+    with reading(engine, "count users not eligible") as conn:
         return int(conn.execute(query).scalar_one())
 
 
@@ -130,6 +146,7 @@ class OutdatedConfig:
     """A connected user below a version (what a fleet run needs to start on them)."""
 
     user_id: int
+    clerk_id: str
     schema_version: int
 
 
@@ -140,19 +157,22 @@ def iter_outdated(
     page_size: int = 500,
     statuses: tuple[str, ...] = ("connected",),
     untouched_since: datetime | None = None,
+    only_version: int | None = None,
 ) -> Iterator[OutdatedConfig]:
     """Users with a config in ``statuses`` and ``schema_version < below``.
 
     Keyset-paged over the (status, version, user id) index in (version, user id) order:
     memory stays flat however large the fleet, and a fleet already at ``below`` costs one
     empty range scan. ``untouched_since`` leaves out configs updated after that moment,
-    so users a running fleet run already moved are not handed out twice.
+    so users a running fleet run already moved are not handed out twice; ``only_version``
+    keeps only users at exactly that version.
     """
     last: tuple[int, int] = (-1, -1)
     while True:
         version, user_id = last
         query = (
-            sa.select(configs.c.user_id, configs.c.schema_version)
+            sa.select(configs.c.user_id, users.c.clerk_id, configs.c.schema_version)
+            .join(users, users.c.id == configs.c.user_id)
             .where(
                 configs.c.connection_status.in_(statuses),
                 configs.c.schema_version < below,
@@ -166,10 +186,12 @@ def iter_outdated(
         )
         if untouched_since is not None:
             query = query.where(configs.c.updated_at <= untouched_since)
+        if only_version is not None:
+            query = query.where(configs.c.schema_version == only_version)
         with reading(engine, "select outdated users") as conn:
             page = conn.execute(query).all()
         for row in page:
-            yield OutdatedConfig(int(row.user_id), int(row.schema_version))
+            yield OutdatedConfig(int(row.user_id), str(row.clerk_id), int(row.schema_version))
         if len(page) < page_size:
             return
         last = (int(page[-1].schema_version), int(page[-1].user_id))

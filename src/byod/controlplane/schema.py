@@ -20,11 +20,13 @@ from byod.settings import normalize_url, safe_url
 __all__ = [
     "CONNECTION_STATUSES",
     "LEDGER_STATUSES",
+    "RUN_STATES",
     "configs",
     "create_tables",
     "ledger",
     "metadata",
     "open_engine",
+    "runs",
     "users",
     "utcnow",
 ]
@@ -89,6 +91,35 @@ ledger = sa.Table(
     sa.Index("ix_byod_migrations_user_migration", "user_id", "migration_id"),
     sa.Index("ix_byod_migrations_status", "status", "id"),
     sa.Index("ix_byod_migrations_run", "run_id"),
+)
+
+
+RUN_STATES = ("running", "completed", "halted", "interrupted")
+
+runs = sa.Table(
+    "byod_runs",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("started_by", sa.String(255), nullable=False),
+    sa.Column("options", sa.Text, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("target_version", sa.Integer, nullable=True),
+    sa.Column("undoes", sa.String(40), nullable=True),
+    sa.Column("total", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("succeeded", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("failed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("skipped", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("not_started", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("not_eligible", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("halt_reason", sa.Text, nullable=True),
+    sa.Column("started_at", sa.DateTime, nullable=False),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+    sa.Column("ended_at", sa.DateTime, nullable=True),
+    sa.CheckConstraint(
+        "state IN ('running', 'completed', 'halted', 'interrupted')", name="ck_byod_runs_state"
+    ),
+    sa.Index("ix_byod_runs_started", "started_at"),
 )
 
 

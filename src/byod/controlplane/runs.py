@@ -1,0 +1,175 @@
+"""Fleet runs: one row per run (who, options, state, counts), and what a run moved.
+
+A run's state is ``running`` until it ends ``completed``, ``halted`` (a canary or the
+failure ratio stopped it) or ``interrupted`` (Ctrl-C). A run whose process died stays
+``running`` in the table; readers see it as ``interrupted`` once it has not reported for
+longer than :data:`STALE_AFTER`.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import secrets
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+
+from byod.controlplane._tx import reading, single
+from byod.controlplane.schema import ledger, runs, users, utcnow
+from byod.errors import InputError
+
+__all__ = ["STALE_AFTER", "MovedUser", "RunCounts", "RunRecord", "RunStore"]
+
+#: A running run that has not written its progress for this long is taken as lost.
+STALE_AFTER = timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class RunCounts:
+    """The counts a run reports."""
+
+    total: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    skipped: int = 0
+    not_started: int = 0
+    not_eligible: int = 0
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One fleet run as recorded."""
+
+    id: str
+    kind: str
+    started_by: str
+    options: dict[str, object]
+    state: str
+    target_version: int | None
+    undoes: str | None
+    counts: RunCounts
+    halt_reason: str | None
+    started_at: datetime
+    updated_at: datetime
+    ended_at: datetime | None
+
+    @property
+    def shown_state(self) -> str:
+        """The state, with a long-silent ``running`` run shown as lost."""
+        if self.state == "running" and utcnow() - self.updated_at > STALE_AFTER:
+            return "interrupted"
+        return self.state
+
+
+@dataclass(frozen=True)
+class MovedUser:
+    """A user a run moved, and the version it had before."""
+
+    user_id: int
+    clerk_id: str
+    version_before: int
+
+
+def _record(row: sa.Row[tuple[object, ...]]) -> RunRecord:
+    data = row._asdict()
+    counts = RunCounts(**{name: int(data.pop(name)) for name in RunCounts.__dataclass_fields__})
+    data["options"] = json.loads(str(data["options"]))
+    return RunRecord(counts=counts, **data)
+
+
+class RunStore:
+    """Writes and reads ``byod_runs``."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    def start(
+        self,
+        kind: str,
+        options: Mapping[str, object],
+        *,
+        target_version: int | None = None,
+        undoes: str | None = None,
+    ) -> str:
+        """Record a new run as ``running``; returns its id."""
+        now = utcnow()
+        run_id = f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+        with single(self.engine, "record the run") as conn:
+            conn.execute(
+                runs.insert().values(
+                    id=run_id,
+                    kind=kind,
+                    started_by=f"{getpass.getuser()}@{socket.gethostname()}",
+                    options=json.dumps(dict(options), sort_keys=True),
+                    state="running",
+                    target_version=target_version,
+                    undoes=undoes,
+                    started_at=now,
+                    updated_at=now,
+                )
+            )
+        return run_id
+
+    def progress(self, run_id: str, counts: RunCounts) -> None:
+        """Write the counts so far (and that the run is alive)."""
+        self._write(run_id, counts)
+
+    def finish(
+        self, run_id: str, counts: RunCounts, state: str, halt_reason: str | None = None
+    ) -> None:
+        """Record how the run ended."""
+        self._write(run_id, counts, state=state, halt_reason=halt_reason, ended_at=utcnow())
+
+    def _write(self, run_id: str, counts: RunCounts, **values: object) -> None:
+        with single(self.engine, "record the run's progress") as conn:
+            conn.execute(
+                runs.update()
+                .where(runs.c.id == run_id)
+                .values(updated_at=utcnow(), **counts.__dict__, **values)
+            )
+
+    def get(self, run_id: str) -> RunRecord:
+        """One run; :class:`InputError` when there is none with that id."""
+        with reading(self.engine, "read the run") as conn:
+            row = conn.execute(sa.select(runs).where(runs.c.id == run_id)).first()
+        if row is None:
+            raise InputError(f"no fleet run {run_id!r} (see `byod runs`)")
+        return _record(row)
+
+    def recent(self, limit: int = 20) -> list[RunRecord]:
+        """The newest runs first."""
+        query = sa.select(runs).order_by(runs.c.started_at.desc(), runs.c.id.desc()).limit(limit)
+        with reading(self.engine, "list runs") as conn:
+            return [_record(row) for row in conn.execute(query)]
+
+    def failures(self, run_id: str, limit: int = 100) -> list[tuple[int, str, str, str | None]]:
+        """(user id, clerk id, migration, error) of the run's failed steps."""
+        query = (
+            sa.select(users.c.id, users.c.clerk_id, ledger.c.migration_id, ledger.c.error)
+            .join(users, users.c.id == ledger.c.user_id)
+            .where(ledger.c.run_id == run_id, ledger.c.status == "failed")
+            .order_by(ledger.c.id)
+            .limit(limit)
+        )
+        with reading(self.engine, "read the run's failures") as conn:
+            return [(int(r[0]), str(r[1]), str(r[2]), r[3]) for r in conn.execute(query)]
+
+    def moved_users(self, run_id: str) -> list[MovedUser]:
+        """Users the run brought up at least one step, with the version each had before."""
+        query = (
+            sa.select(users.c.id, users.c.clerk_id, sa.func.min(ledger.c.version))
+            .join(users, users.c.id == ledger.c.user_id)
+            .where(
+                ledger.c.run_id == run_id,
+                ledger.c.direction == "up",
+                ledger.c.status == "completed",
+            )
+            .group_by(users.c.id, users.c.clerk_id)
+            .order_by(users.c.id)
+        )
+        with reading(self.engine, "read what the run moved") as conn:
+            return [MovedUser(int(r[0]), str(r[1]), int(r[2]) - 1) for r in conn.execute(query)]
