@@ -180,36 +180,21 @@ def run_data(run: RunRecord) -> dict[str, Any]:
 
 def runs_table(records: list[RunRecord]) -> Table:
     """Fleet runs, newest first."""
-    table = Table(title="fleet runs")
-    for column in (
-        "run",
-        "kind",
-        "state",
-        "started",
-        "ended",
-        "by",
-        "total",
-        "ok",
-        "failed",
-        "skipped",
-        "not started",
-    ):
-        table.add_column(column, overflow="fold")
+    table = Table(title="fleet runs (counts: ok / failed / skipped / not started of total)")
+    table.add_column("run", no_wrap=True)
+    table.add_column("kind")
+    table.add_column("state")
+    table.add_column("started (UTC)", no_wrap=True)
+    table.add_column("counts", no_wrap=True)
     for run in records:
         c = run.counts
-        kind = f"{run.kind} of {run.undoes}" if run.undoes else run.kind
+        kind = f"undo {run.undoes}" if run.undoes else run.kind
         table.add_row(
             run.id,
             kind,
             run.shown_state,
             _when(run.started_at),
-            _when(run.ended_at),
-            run.started_by,
-            str(c.total),
-            str(c.succeeded),
-            str(c.failed),
-            str(c.skipped),
-            str(c.not_started),
+            f"{c.succeeded}/{c.failed}/{c.skipped}/{c.not_started} of {c.total}",
         )
     return table
 

@@ -58,7 +58,9 @@ app.add_typer(users_app, name="users")
 runs_app = typer.Typer(help="Fleet runs and their outcome.")
 app.add_typer(runs_app, name="runs")
 
-out = Console(highlight=False, soft_wrap=True)
+# Off a terminal (pipes, logs, CI) tables get room instead of 80 columns.
+_WIDTH = None if sys.stdout.isatty() else 160
+out = Console(highlight=False, soft_wrap=True, width=_WIDTH)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 DatabaseUrl = Annotated[
@@ -92,14 +94,34 @@ def _one_target(user: str | None, every: bool) -> str | None:
 
 @app.callback()
 def _root(
-    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log every step.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("-v", "--verbose", help="Log every step to stderr.")
+    ] = False,
+    log_file: Annotated[
+        Path | None,
+        typer.Option("--log-file", help="Append every step's log here [env: BYOD_LOG_FILE]."),
+    ] = None,
 ) -> None:
-    level_name = "INFO" if verbose else os.environ.get("BYOD_LOG_LEVEL", "WARNING").upper()
-    handler = RichHandler(console=err, show_path=False, markup=False, rich_tracebacks=False)
+    """Logging: off on stderr unless -v or BYOD_LOG_LEVEL (errors are printed anyway);
+    a log file, when named, gets every step at INFO."""
     logger = logging.getLogger("byod")
-    logger.handlers[:] = [handler]
-    logger.setLevel(getattr(logging, level_name, logging.WARNING))
+    logger.handlers.clear()
     logger.propagate = False
+    logger.setLevel(logging.INFO)
+    level_name = "INFO" if verbose else os.environ.get("BYOD_LOG_LEVEL", "").upper()
+    if level_name:
+        handler = RichHandler(console=err, show_path=False, markup=False, rich_tracebacks=False)
+        handler.setLevel(getattr(logging, level_name, logging.INFO))
+        logger.addHandler(handler)
+    file_name = log_file or os.environ.get("BYOD_LOG_FILE")
+    if file_name:
+        file_handler = logging.FileHandler(file_name)
+        file_handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s %(threadName)s: %(message)s")
+        )
+        logger.addHandler(file_handler)
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
 
 
 @app.command()

@@ -30,7 +30,7 @@ from byod.controlplane import (
     iter_outdated,
     open_engine,
 )
-from byod.controlplane.schema import configs
+from byod.controlplane.schema import configs, metadata
 from byod.crypto import KeySource, Sealer, load_sealer
 from byod.errors import ByodError, ControlPlaneError, InputError, SettingsError
 from byod.fleet import ELIGIBLE_STATUSES, FleetEvent, FleetOptions, FleetSummary, Selection
@@ -105,12 +105,13 @@ class Workspace:
         if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
             raise ControlPlaneError(f"no control plane at {where}: run `byod init` first")
         try:
-            ready = sa.inspect(self.engine).has_table(configs.name)
+            present = set(sa.inspect(self.engine).get_table_names())
         except sa.exc.SQLAlchemyError as exc:
             raise ControlPlaneError(f"cannot reach the control plane {where}") from exc
-        if not ready:
+        missing = sorted(set(metadata.tables) - present)
+        if missing:
             raise ControlPlaneError(
-                f"the control plane {where} has no byod tables: run `byod init`"
+                f"the control plane {where} lacks {', '.join(missing)}: run `byod init`"
             )
 
 
