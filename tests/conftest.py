@@ -176,3 +176,13 @@ def execute(url: str, *statements: str) -> None:
                 conn.execute(sa.text(statement))
     finally:
         engine.dispose()
+
+
+@pytest.fixture
+def cws(control_plane_url: str, tmp_path: Path) -> Iterator[Workspace]:
+    """A workspace whose migrations are the counter set (001, 002 bump, 003 fragile)."""
+    from tests.migration_sets import counter_migrations
+
+    workspace = make_workspace(control_plane_url, counter_migrations(tmp_path / "migrations"))
+    yield workspace
+    workspace.engine.dispose()

@@ -23,12 +23,20 @@ COUNTER = {
         migration = Migration(id="001_create", version=1, name="Create", description="", up=up)
     """,
     "002_bump.py": """
+        import os
+        import pathlib
+        import time
+
         import sqlalchemy as sa
         from byod import Migration
 
         def up(ctx):
             ctx.op.create_table("bumped", sa.Column("id", sa.Integer, primary_key=True))
             ctx.conn.execute(sa.text("UPDATE counter SET n = n + 1"))
+            hold = os.environ.get("BYOD_TEST_HOLD_DIR")
+            if hold:  # a test kills the process while it waits here, inside the transaction
+                pathlib.Path(hold, f"entered-{ctx.user_id}").touch()
+                time.sleep(float(os.environ.get("BYOD_TEST_HOLD_SECONDS", "120")))
             if sa.inspect(ctx.conn).has_table("hold_me"):
                 from tests import gates
                 gates.entered.set()
@@ -66,3 +74,28 @@ COUNTER = {
 def counter_migrations(folder: Path) -> Path:
     """The counter migration set, written into ``folder``."""
     return write_migrations(folder, COUNTER)
+
+
+SLOW = {
+    "001_slow.py": """
+        import sqlalchemy as sa
+        from byod import Migration
+
+        def up(ctx):
+            ctx.op.create_table("slow", sa.Column("id", sa.Integer, primary_key=True))
+            if ctx.conn.dialect.name == "postgresql":
+                ctx.conn.execute(sa.text("SELECT pg_sleep(30)"))
+            else:
+                ctx.conn.execute(sa.text(
+                    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
+                    "SELECT count(*) FROM (SELECT x FROM c LIMIT 2000000000)"
+                ))
+
+        migration = Migration(id="001_slow", version=1, name="Slow", description="", up=up)
+    """,
+}
+
+
+def slow_migrations(folder: Path) -> Path:
+    """One migration that runs for far longer than any test's timeout."""
+    return write_migrations(folder, SLOW)

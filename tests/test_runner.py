@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,55 +34,7 @@ from tests.conftest import (
     has_table,
     make_workspace,
 )
-from tests.migration_sets import counter_migrations
-
-
-@pytest.fixture
-def cws(control_plane_url: str, tmp_path: Path) -> Iterator[Workspace]:
-    """A workspace whose migrations are the counter set (001, 002 bump, 003 fragile)."""
-    workspace = make_workspace(control_plane_url, counter_migrations(tmp_path / "migrations"))
-    yield workspace
-    workspace.engine.dispose()
-
-
-def add_connected(ws: Workspace, url: str, clerk_id: str = "user_a") -> int:
-    user = ws.directory.add_user(clerk_id)
-    _, reach = connect(ws, clerk_id, url)
-    assert reach.status == "connected", reach.error
-    return user.id
-
-
-def counter(url: str) -> int:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return int(conn.execute(sa.text("SELECT n FROM counter")).scalar_one())
-    finally:
-        engine.dispose()
-
-
-def stamp_ids(url: str) -> list[str]:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            if not sa.inspect(conn).has_table("byod_schema_stamp"):
-                return []
-            rows = conn.execute(sa.text("SELECT id FROM byod_schema_stamp ORDER BY version"))
-            return [row[0] for row in rows]
-    finally:
-        engine.dispose()
-
-
-def schema_version(ws: Workspace, user_id: int) -> int:
-    return ws.directory.get_config(user_id).schema_version
-
-
-def statuses(ws: Workspace, user_id: int) -> list[tuple[str, str, str, int]]:
-    """(migration, direction, status, attempts), oldest first."""
-    return [
-        (r.migration_id, r.direction, r.status, r.attempts)
-        for r in reversed(history(ws.engine, user_id))
-    ]
+from tests.helpers import add_connected, counter, schema_version, stamp_ids, statuses
 
 
 def test_migrations_run_in_version_order_and_are_recorded(

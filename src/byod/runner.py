@@ -294,11 +294,11 @@ class Runner:
     ) -> UserResult:
         if plan.empty:
             return UserResult(user.id, user.clerk_id, plan.from_version, plan.from_version)
-        row_ids = self.ledger.record_planned(user.id, plan, self.run_id)
+        self.ledger.record_planned(user.id, plan, self.run_id)
         results: list[StepResult] = []
         version = plan.from_version
-        attempt = self.ledger.record_started(row_ids[0])
-        for index, (step, row_id) in enumerate(zip(plan.steps, row_ids, strict=True)):
+        attempt = self.ledger.record_started(user.id, plan.steps[0])
+        for index, step in enumerate(plan.steps):
             mig = step.migration
             log.info(
                 "user %s: %s %s started (attempt %d)", user.id, mig.id, step.direction, attempt
@@ -309,9 +309,9 @@ class Runner:
             except ByodError as exc:
                 seconds = time.perf_counter() - started
                 text = credentials.scrub(f"{type(exc).__name__}: {exc.message}")
-                self.ledger.record_failed(row_id, text)
+                self.ledger.record_failed(user.id, step, text)
                 self.ledger.record_skipped(
-                    row_ids[index + 1 :], f"skipped: {mig.id} {step.direction} failed"
+                    user.id, plan.steps[index + 1 :], f"skipped: {mig.id} {step.direction} failed"
                 )
                 log.error(
                     "user %s: %s %s failed (attempt %d) after %.3fs: %s",
@@ -340,12 +340,11 @@ class Runner:
                     user.id, user.clerk_id, plan.from_version, version, tuple(results), failure
                 )
             seconds = time.perf_counter() - started
-            last = index == len(row_ids) - 1
+            last = index == len(plan.steps) - 1
             next_attempt = self.ledger.record_completed(
-                row_id,
                 user.id,
-                step.version_after,
-                start_next=None if last else row_ids[index + 1],
+                step,
+                start_next=None if last else plan.steps[index + 1],
                 release_owner=self.owner if last else None,
             )
             lease.released = last

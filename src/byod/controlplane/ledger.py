@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from byod.controlplane._tx import single, writing
 from byod.controlplane.schema import configs, ledger, utcnow
 from byod.errors import ControlPlaneError
-from byod.registry import Direction, Plan
+from byod.registry import Direction, Plan, Step
 
 __all__ = ["Ledger", "LedgerRow"]
 
@@ -55,9 +55,11 @@ class LedgerRow:
 class Ledger:
     """The one writer of ``byod_migrations`` (and of ``schema_version`` on success).
 
-    Every write is one statement in autocommit where it can be, so a step costs two
-    control-plane round trips: "started", and "completed" (which also starts the next
-    step, and on the last step gives the lease back). On PostgreSQL "completed" is one
+    Rows are addressed by (user, migration, direction) and status: while a runner holds
+    the user's lease, at most one row per step is open. Every write is one statement in
+    autocommit where it can be, so a user's chain costs "planned", "started", then one
+    "completed" per step (which also starts the next step, and on the last step gives the
+    lease back). On PostgreSQL "completed" is one
     statement (data-modifying CTEs); elsewhere one short transaction.
     """
 
@@ -65,8 +67,8 @@ class Ledger:
         self.engine = engine
         self._one_statement = engine.dialect.name == "postgresql"
 
-    def record_planned(self, user_id: int, plan: Plan, run_id: str | None) -> list[int]:
-        """Write one ``pending`` row per step of ``plan``; returns their ids in plan order."""
+    def record_planned(self, user_id: int, plan: Plan, run_id: str | None) -> None:
+        """Write one ``pending`` row per step of ``plan`` (one statement)."""
         now = utcnow()
         rows = [
             {
@@ -82,36 +84,34 @@ class Ledger:
             for step in plan.steps
         ]
         with single(self.engine, "record the plan") as conn:
-            result = conn.execute(
-                ledger.insert().returning(ledger.c.id, sort_by_parameter_order=True), rows
-            )
-            return [int(row_id) for row_id in result.scalars()]
+            conn.execute(ledger.insert(), rows)
 
-    def record_started(self, row_id: int) -> int:
-        """Mark a ``pending`` row ``running`` and number the attempt; returns that number."""
+    def record_started(self, user_id: int, step: Step) -> int:
+        """Mark the step's ``pending`` row ``running`` and number the attempt; returns it."""
         with single(self.engine, "record the start") as conn:
-            attempt = conn.execute(_start(row_id, utcnow())).scalar()
+            attempt = conn.execute(_start(user_id, step, utcnow())).scalar()
         if attempt is None:
-            raise ControlPlaneError(f"ledger row {row_id} was not pending: cannot start it")
+            raise ControlPlaneError(
+                f"user {user_id}: no pending ledger row for {step.migration.id}: cannot start it"
+            )
         return int(attempt)
 
     def record_completed(
         self,
-        row_id: int,
         user_id: int,
-        version_after: int,
+        step: Step,
         *,
-        start_next: int | None = None,
+        start_next: Step | None = None,
         release_owner: str | None = None,
     ) -> int | None:
-        """Atomically: the row ``completed`` and the config at ``version_after``.
+        """Atomically: the step's row ``completed`` and the config at its version after.
 
-        ``start_next`` also marks that row ``running`` (returns its attempt number);
-        ``release_owner`` also gives back the lease that owner holds.
+        ``start_next`` also marks that step's row ``running`` (returns its attempt
+        number); ``release_owner`` also gives back the lease that owner holds.
         """
         now = utcnow()
         config_values: dict[str, object] = {
-            "schema_version": version_after,
+            "schema_version": step.version_after,
             "connection_status": "connected",
             "last_error": None,
             "updated_at": now,
@@ -125,27 +125,29 @@ class Ledger:
             )
         done = (
             ledger.update()
-            .where(ledger.c.id == row_id, ledger.c.status == "running")
+            .where(*_row(user_id, step), ledger.c.status == "running")
             .values(status="completed", completed_at=now, error=None)
         )
         if self._one_statement:
             return self._complete_in_one_statement(done, user_id, config_values, start_next, now)
         with writing(self.engine, "record the success") as conn:
             if conn.execute(done).rowcount != 1:
-                raise ControlPlaneError(f"ledger row {row_id} was not running: not recorded")
+                raise ControlPlaneError(
+                    f"user {user_id}: {step.migration.id} was not running: not recorded"
+                )
             conn.execute(
                 configs.update().where(configs.c.user_id == user_id).values(**config_values)
             )
             if start_next is None:
                 return None
-            return _scalar_int(conn.execute(_start(start_next, now)).scalar())
+            return _scalar_int(conn.execute(_start(user_id, start_next, now)).scalar())
 
     def _complete_in_one_statement(
         self,
         done: sa.Update,
         user_id: int,
         config_values: dict[str, object],
-        start_next: int | None,
+        start_next: Step | None,
         now: datetime,
     ) -> int | None:
         done_cte = done.returning(ledger.c.id).cte("done")
@@ -155,23 +157,43 @@ class Ledger:
             .values(**config_values)
         )
         if start_next is not None:
-            next_cte = _start(start_next, now).cte("next_step")
+            next_cte = _start(user_id, start_next, now).cte("next_step")
             statement = statement.returning(sa.select(next_cte.c.attempts).scalar_subquery())
         else:
             statement = statement.returning(configs.c.user_id)
         with single(self.engine, "record the success") as conn:
             row = conn.execute(statement).first()
         if row is None:
-            raise ControlPlaneError("a ledger row was not running: the success was not recorded")
+            raise ControlPlaneError(
+                f"user {user_id}: a step was not running: the success was not recorded"
+            )
         return None if start_next is None else _scalar_int(row[0])
 
-    def record_failed(self, row_id: int, error: str) -> None:
-        """Mark a ``pending`` or ``running`` row ``failed`` with a descriptive error."""
-        self._settle([row_id], "failed", error)
+    def record_failed(self, user_id: int, step: Step, error: str) -> None:
+        """Mark the step's ``running`` row ``failed`` with a descriptive error."""
+        with single(self.engine, "record the failure") as conn:
+            conn.execute(
+                ledger.update()
+                .where(*_row(user_id, step), ledger.c.status.in_(("pending", "running")))
+                .values(status="failed", error=error[:_ERROR_LIMIT], completed_at=utcnow())
+            )
 
-    def record_skipped(self, row_ids: list[int], reason: str) -> None:
-        """Mark rows that never started ``skipped``, saying why."""
-        self._settle(row_ids, "skipped", reason, only=("pending",))
+    def record_skipped(self, user_id: int, steps: tuple[Step, ...], reason: str) -> None:
+        """Mark the ``pending`` rows of steps that never started ``skipped``, saying why."""
+        if not steps:
+            return
+        with single(self.engine, "record skipped steps") as conn:
+            conn.execute(
+                ledger.update()
+                .where(
+                    ledger.c.user_id == user_id,
+                    ledger.c.status == "pending",
+                    sa.tuple_(ledger.c.migration_id, ledger.c.direction).in_(
+                        [(s.migration.id, s.direction) for s in steps]
+                    ),
+                )
+                .values(status="skipped", error=reason[:_ERROR_LIMIT], completed_at=utcnow())
+            )
 
     def settle_orphans(self, user_id: int, applied: set[tuple[str, Direction]]) -> int:
         """Settle rows a dead runner left for this user; call only while holding its lease.
@@ -201,42 +223,33 @@ class Ledger:
                 )
         return len(orphans)
 
-    def _settle(
-        self,
-        row_ids: list[int],
-        status: str,
-        error: str,
-        only: tuple[str, ...] = ("pending", "running"),
-    ) -> None:
-        if not row_ids:
-            return
-        with single(self.engine, f"record {status}") as conn:
-            conn.execute(
-                ledger.update()
-                .where(ledger.c.id.in_(row_ids), ledger.c.status.in_(only))
-                .values(status=status, error=error[:_ERROR_LIMIT], completed_at=utcnow())
-            )
+
+def _row(user_id: int, step: Step) -> tuple[sa.ColumnElement[bool], ...]:
+    """The step's rows for this user (while the user's lease is held, one is open)."""
+    return (
+        ledger.c.user_id == user_id,
+        ledger.c.migration_id == step.migration.id,
+        ledger.c.direction == step.direction,
+    )
 
 
-def _start(row_id: int, now: datetime) -> sa.Update:
-    """UPDATE a pending row to running, numbering the attempt; RETURNING the number."""
+def _start(user_id: int, step: Step, now: datetime) -> sa.Update:
+    """UPDATE the step's pending row to running, numbering the attempt; RETURNING it."""
     earlier = ledger.alias("earlier")
-    mine = ledger.alias("mine")
     attempts = (
         sa.select(sa.func.count())
         .select_from(earlier)
-        .join(mine, mine.c.id == row_id)
         .where(
-            earlier.c.user_id == mine.c.user_id,
-            earlier.c.migration_id == mine.c.migration_id,
-            earlier.c.direction == mine.c.direction,
+            earlier.c.user_id == user_id,
+            earlier.c.migration_id == step.migration.id,
+            earlier.c.direction == step.direction,
             earlier.c.status.in_(("running", "completed", "failed")),
         )
         .scalar_subquery()
     )
     return (
         ledger.update()
-        .where(ledger.c.id == row_id, ledger.c.status == "pending")
+        .where(*_row(user_id, step), ledger.c.status == "pending")
         .values(status="running", started_at=now, attempts=attempts + 1)
         .returning(ledger.c.attempts)
     )

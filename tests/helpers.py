@@ -1,0 +1,48 @@
+"""Helpers shared by the tests: reading instances and the ledger back."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from byod.commands import Workspace, connect
+from byod.controlplane import history
+
+
+def add_connected(ws: Workspace, url: str, clerk_id: str = "user_a") -> int:
+    user = ws.directory.add_user(clerk_id)
+    _, reach = connect(ws, clerk_id, url)
+    assert reach.status == "connected", reach.error
+    return user.id
+
+
+def counter(url: str) -> int:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(sa.text("SELECT n FROM counter")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def stamp_ids(url: str) -> list[str]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            if not sa.inspect(conn).has_table("byod_schema_stamp"):
+                return []
+            rows = conn.execute(sa.text("SELECT id FROM byod_schema_stamp ORDER BY version"))
+            return [row[0] for row in rows]
+    finally:
+        engine.dispose()
+
+
+def schema_version(ws: Workspace, user_id: int) -> int:
+    return ws.directory.get_config(user_id).schema_version
+
+
+def statuses(ws: Workspace, user_id: int) -> list[tuple[str, str, str, int]]:
+    """(migration, direction, status, attempts), oldest first."""
+    return [
+        (r.migration_id, r.direction, r.status, r.attempts)
+        for r in reversed(history(ws.engine, user_id))
+    ]

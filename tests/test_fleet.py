@@ -1,0 +1,396 @@
+"""Fleet runs on real instances: mixes, waves, retries, timeouts, crashes, races, undo."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+
+from byod.commands import Workspace
+from byod.controlplane import RunStore, history
+from byod.controlplane.schema import ledger
+from byod.errors import InputError, IrreversibleError
+from byod.fleet import (
+    FleetEvent,
+    FleetOptions,
+    Selection,
+    UserFinished,
+    migrate_fleet,
+    rollback_run,
+)
+from tests.conftest import TEST_KEY, InstanceFactory, execute, make_workspace
+from tests.helpers import add_connected, counter, schema_version, stamp_ids, statuses
+from tests.migration_sets import slow_migrations
+
+FAST_RETRY = {"retry_base_seconds": 0.05, "retry_cap_seconds": 0.2}
+
+
+def fleet_of(ws: Workspace, new_instance: InstanceFactory, n: int) -> tuple[list[int], list[str]]:
+    urls = [new_instance() for _ in range(n)]
+    ids = [add_connected(ws, url, f"user_{i:03d}") for i, url in enumerate(urls)]
+    return ids, urls
+
+
+def break_instance(url: str) -> None:
+    """Data that makes 003_fragile fail."""
+    execute(url, "CREATE TABLE break_me (id INTEGER)")
+
+
+def make_unreachable(url: str) -> None:
+    if url.startswith("sqlite"):
+        Path(sa.make_url(url).database or "").unlink()
+        return
+    name = sa.make_url(url).database
+    admin = sa.create_engine(
+        sa.make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT"
+    )
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def test_fleet_mix_summary_and_ledger_are_exact(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    ids, urls = fleet_of(cws, new_instance, 6)
+    assert cws.runner().migrate(ids[5]).ok  # already at head
+    make_unreachable(urls[3])
+    break_instance(urls[4])
+    options = FleetOptions(concurrency=3, retries=1, **FAST_RETRY)
+    summary = migrate_fleet(cws.runner(), options=options)
+    assert (summary.total, summary.succeeded, summary.failed, summary.skipped) == (5, 3, 2, 0)
+    assert summary.not_started == 0 and summary.state == "completed" and not summary.ok
+    failed = {(e.user, e.migration) for e in summary.errors}
+    assert failed == {("user_003", None), ("user_004", "003_fragile")}
+    assert [schema_version(cws, uid) for uid in ids] == [3, 3, 3, 0, 2, 3]
+    assert cws.directory.get_config(ids[3]).connection_status == "error"
+    for uid in ids[:3]:
+        assert {s[0] for s in statuses(cws, uid) if s[2] == "completed"} == {
+            "001_create",
+            "002_bump",
+            "003_fragile",
+        }
+    assert statuses(cws, ids[3]) == []  # never reached: nothing planned
+    assert ("003_fragile", "up", "failed", 1) in statuses(cws, ids[4])
+    at_head_rows = history(cws.engine, ids[5])
+    assert {r.run_id for r in at_head_rows} == {None}  # the fleet run never touched it
+    run_rows = [r for uid in ids for r in history(cws.engine, uid) if r.run_id == summary.run_id]
+    assert run_rows and not [r for r in run_rows if r.status in ("running", "pending")]
+    record = RunStore(cws.engine).get(summary.run_id)
+    assert (record.state, record.counts.succeeded, record.counts.failed) == ("completed", 3, 2)
+
+
+def test_not_eligible_users_are_counted_and_never_fail_the_run(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    ids, _ = fleet_of(cws, new_instance, 2)
+    cws.directory.add_user("no_config")
+    cws.directory.set_status(ids[1], "disconnected")
+    summary = migrate_fleet(cws.runner())
+    assert (summary.total, summary.succeeded, summary.failed, summary.not_eligible) == (1, 1, 0, 2)
+    assert summary.ok
+    assert schema_version(cws, ids[1]) == 0
+
+
+def test_canary_failure_halts_before_touching_the_rest(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    ids, urls = fleet_of(cws, new_instance, 8)
+    break_instance(urls[1])
+    summary = migrate_fleet(cws.runner(), options=FleetOptions(concurrency=4, canary=2))
+    assert summary.state == "halted" and "canary" in (summary.halt_reason or "")
+    assert (summary.succeeded, summary.failed, summary.not_started, summary.total) == (1, 1, 6, 8)
+    for uid in ids[2:]:
+        assert schema_version(cws, uid) == 0 and statuses(cws, uid) == []
+    assert RunStore(cws.engine).get(summary.run_id).state == "halted"
+
+
+def test_failure_ratio_halts_the_rest_and_leaves_nothing_half_done(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    ids, urls = fleet_of(cws, new_instance, 10)
+    break_instance(urls[1])
+    break_instance(urls[2])
+    options = FleetOptions(concurrency=1, max_failure_ratio=0.5)
+    summary = migrate_fleet(cws.runner(), options=options)
+    # user 0 ok (0/1), user 1 fails (1/2 = 0.5, not above), user 2 fails (2/3): halt.
+    assert (summary.succeeded, summary.failed, summary.not_started) == (1, 2, 7)
+    assert summary.state == "halted"
+    for uid in ids[3:]:
+        assert statuses(cws, uid) == []
+    assert not [s for uid in ids for s in statuses(cws, uid) if s[2] in ("running", "pending")]
+
+
+def test_transient_failures_are_retried_with_backoff_but_migration_errors_are_not(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    ids, urls = fleet_of(cws, new_instance, 2)
+    make_unreachable(urls[0])
+    break_instance(urls[1])
+    finished: dict[str, int] = {}
+
+    def seen(event_: FleetEvent) -> None:
+        if isinstance(event_, UserFinished):
+            finished[event_.result.clerk_id] = event_.tries
+
+    options = FleetOptions(concurrency=2, retries=3, retry_base_seconds=0.1, retry_cap_seconds=1)
+    started = time.monotonic()
+    migrate_fleet(cws.runner(), options=options, on_event=seen)
+    assert finished == {"user_000": 4, "user_001": 1}
+    assert time.monotonic() - started >= 0.05 + 0.1 + 0.2  # at least half of each backoff
+    assert [s[3] for s in statuses(cws, ids[1]) if s[0] == "003_fragile"] == [1]
+
+
+def test_backoff_is_exponential_jittered_and_capped() -> None:
+    options = FleetOptions(retry_base_seconds=1, retry_cap_seconds=8)
+    for attempt, ceiling in [(0, 1), (1, 2), (2, 4), (3, 8), (6, 8)]:
+        delays = {options.backoff(attempt) for _ in range(50)}
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert len(delays) > 1  # jitter
+
+
+def test_timeout_stops_the_work_and_fails_the_attempt(
+    control_plane_url: str, new_instance: InstanceFactory, tmp_path: Path
+) -> None:
+    ws = make_workspace(control_plane_url, slow_migrations(tmp_path / "slow"))
+    url = new_instance()
+    uid = add_connected(ws, url)
+    started = time.monotonic()
+    summary = migrate_fleet(ws.runner(), options=FleetOptions(timeout=1.0, retries=0))
+    elapsed = time.monotonic() - started
+    assert summary.failed == 1
+    assert elapsed < 10, f"the work was not stopped ({elapsed:.1f}s)"
+    rows = history(ws.engine, uid)
+    assert rows[0].status == "failed"
+    assert rows[0].error and "InstanceTimeoutError" in rows[0].error
+    assert stamp_ids(url) == []
+    ws.engine.dispose()
+
+
+def test_filters_pick_users_version_and_limit(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    ids, _ = fleet_of(cws, new_instance, 5)
+    assert cws.runner().migrate(ids[0], to_version=1).ok
+    only_v1 = migrate_fleet(cws.runner(), selection=Selection(only_version=1))
+    assert only_v1.total == 1 and schema_version(cws, ids[0]) == 3
+    listed = migrate_fleet(cws.runner(), selection=Selection(users=("user_001", str(ids[2]))))
+    assert listed.succeeded == 2
+    assert [schema_version(cws, uid) for uid in ids] == [3, 3, 3, 0, 0]
+    limited = migrate_fleet(cws.runner(), selection=Selection(limit=1))
+    assert limited.total == 1 and [schema_version(cws, uid) for uid in ids[3:]] == [3, 0]
+    with pytest.raises(InputError):
+        migrate_fleet(cws.runner(), selection=Selection(users=("nobody",)))
+
+
+def test_rollback_run_returns_exactly_the_users_it_moved(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    ids, urls = fleet_of(cws, new_instance, 5)
+    for uid in ids:
+        assert cws.runner().migrate(uid, to_version=1).ok
+    assert cws.runner().migrate(ids[4]).ok  # already at head before the run
+    break_instance(urls[2])  # moves 1 -> 2, fails at 3
+    make_unreachable(urls[3])  # never moved
+    run = migrate_fleet(cws.runner(), options=FleetOptions(retries=0))
+    assert (run.succeeded, run.failed) == (2, 2)  # 2 moved 1 -> 2 and failed at 003
+    assert [schema_version(cws, uid) for uid in ids] == [3, 3, 2, 1, 3]
+    undo = rollback_run(cws.runner(), run.run_id, options=FleetOptions(concurrency=2))
+    assert (undo.total, undo.succeeded, undo.failed) == (3, 3, 0)
+    assert [schema_version(cws, uid) for uid in ids] == [1, 1, 1, 1, 3]
+    assert [counter(u) for u in (urls[0], urls[1], urls[2], urls[4])] == [0, 0, 0, 11]
+    assert stamp_ids(urls[4]) == ["001_create", "002_bump", "003_fragile"]
+    record = RunStore(cws.engine).get(undo.run_id)
+    assert record.kind == "rollback" and record.undoes == run.run_id
+
+
+def test_rollback_run_refuses_without_down_before_touching_anything(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    ids, urls = fleet_of(cws, new_instance, 3)
+    run = migrate_fleet(cws.runner())
+    assert run.succeeded == 3
+    rows_before = sum(len(history(cws.engine, uid)) for uid in ids)
+    with pytest.raises(IrreversibleError, match="001_create"):
+        rollback_run(cws.runner(), run.run_id)
+    assert [counter(u) for u in urls] == [11, 11, 11]
+    assert sum(len(history(cws.engine, uid)) for uid in ids) == rows_before
+    with pytest.raises(InputError):
+        rollback_run(cws.runner(), "no-such-run")
+
+
+class RoundTrips:
+    """Counts control-plane round trips.
+
+    PostgreSQL: every statement, plus BEGIN and COMMIT of a real transaction. SQLite is
+    in-process, so its unit of cost is a transaction: each autocommit statement, and
+    each real transaction as one.
+    """
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.count = 0
+        self.network = engine.dialect.name == "postgresql"
+        event.listen(engine, "before_cursor_execute", self._statement)
+        event.listen(engine, "begin", self._begin)
+        event.listen(engine, "commit", self._commit)
+
+    @staticmethod
+    def _autocommit(conn: sa.Connection) -> bool:
+        return conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
+
+    def _statement(self, conn: sa.Connection, *args: object) -> None:
+        if self.network or self._autocommit(conn):
+            self.count += 1
+
+    def _begin(self, conn: sa.Connection) -> None:
+        if self.network and not self._autocommit(conn):
+            self.count += 1
+
+    def _commit(self, conn: sa.Connection) -> None:
+        if not self._autocommit(conn):
+            self.count += 1
+
+
+def test_control_plane_round_trips_per_migration(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    ids, _ = fleet_of(cws, new_instance, 6)
+    trips = RoundTrips(cws.engine)
+    summary = migrate_fleet(cws.runner(), options=FleetOptions(concurrency=2))
+    applied = summary.succeeded * 3
+    run_overhead = 6  # run record, counts, selection page, eligibility counts
+    assert applied == 18
+    assert trips.count - run_overhead <= 3 * applied, trips.count
+    # a fleet already at head: no per-user work at all, whatever its size
+    trips.count = 0
+    again = migrate_fleet(cws.runner())
+    assert again.total == 0 and trips.count <= run_overhead, trips.count
+    assert len(ids) == 6
+
+
+# -- real processes ---------------------------------------------------------------------
+
+
+def byod(folder: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("BYOD_")}
+    full_env.update({"BYOD_ENCRYPTION_KEY": TEST_KEY, **(env or {})})
+    return subprocess.Popen(
+        [sys.executable, "-m", "byod", *args],
+        cwd=folder,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture
+def process_fleet(
+    cws: Workspace, new_instance: InstanceFactory, tmp_path: Path
+) -> Iterator[tuple[Workspace, list[int], list[str], dict[str, str]]]:
+    ids, urls = fleet_of(cws, new_instance, 8)
+    env = {
+        "BYOD_DATABASE_URL": cws.settings.database_url,
+        "BYOD_MIGRATIONS": str(cws.settings.migrations_dir),
+    }
+    yield cws, ids, urls, env
+
+
+def test_kill_9_mid_transaction_then_rerun_applies_each_step_once(
+    process_fleet: tuple[Workspace, list[int], list[str], dict[str, str]], tmp_path: Path
+) -> None:
+    ws, ids, urls, env = process_fleet
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    proc = byod(
+        tmp_path,
+        "migrate",
+        "--all",
+        "--concurrency",
+        "3",
+        "--lease-seconds",
+        "2",
+        env=env | {"BYOD_TEST_HOLD_DIR": str(hold)},
+    )
+    deadline = time.monotonic() + 60
+    while len(list(hold.iterdir())) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(list(hold.iterdir())) == 3, proc.communicate(timeout=5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    held = {int(p.name.split("-")[1]) for p in hold.iterdir()}
+    assert [s[2] for uid in held for s in statuses(ws, uid) if s[0] == "002_bump"] == [
+        "running"
+    ] * 3
+    time.sleep(2.2)  # the dead runner's leases expire
+    second = byod(tmp_path, "migrate", "--all", "--json", env=env)
+    _, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err
+    assert [schema_version(ws, uid) for uid in ids] == [3] * len(ids)
+    assert [counter(url) for url in urls] == [11] * len(urls)  # 002 +1 and 003 +10, once each
+    assert not [s for uid in ids for s in statuses(ws, uid) if s[2] in ("running", "pending")]
+    for uid in held:
+        bumps = [s[2] for s in statuses(ws, uid) if s[0] == "002_bump"]
+        assert bumps == ["failed", "completed"]
+        errors = [r.error for r in history(ws.engine, uid) if r.status == "failed"]
+        assert errors == ["interrupted: runner lost"]
+
+
+def test_two_processes_at_once_migrate_each_instance_exactly_once(
+    process_fleet: tuple[Workspace, list[int], list[str], dict[str, str]], tmp_path: Path
+) -> None:
+    ws, ids, urls, env = process_fleet
+    runs = [byod(tmp_path, "migrate", "--all", "--json", "--concurrency", "3", env=env)]
+    runs.append(byod(tmp_path, "migrate", "--all", "--json", "--concurrency", "3", env=env))
+    outputs = [run.communicate(timeout=120) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert [counter(url) for url in urls] == [11] * len(urls)
+    with ws.engine.connect() as conn:
+        completed = conn.execute(
+            sa.select(ledger.c.user_id, ledger.c.migration_id, sa.func.count())
+            .where(ledger.c.status == "completed")
+            .group_by(ledger.c.user_id, ledger.c.migration_id)
+        ).all()
+    assert len(completed) == 3 * len(ids)
+    assert {row[2] for row in completed} == {1}
+
+
+def test_ctrl_c_lets_running_users_finish_and_reports_the_rest(
+    process_fleet: tuple[Workspace, list[int], list[str], dict[str, str]], tmp_path: Path
+) -> None:
+    ws, ids, urls, env = process_fleet
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    proc = byod(
+        tmp_path,
+        "migrate",
+        "--all",
+        "--json",
+        "--concurrency",
+        "2",
+        env=env | {"BYOD_TEST_HOLD_DIR": str(hold), "BYOD_TEST_HOLD_SECONDS": "2"},
+    )
+    deadline = time.monotonic() + 60
+    while len(list(hold.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    summary = [line for line in out.splitlines() if '"summary"' in line]
+    assert summary, out
+    assert '"state": "interrupted"' in summary[0]
+    assert not [s for uid in ids for s in statuses(ws, uid) if s[2] in ("running", "pending")]
+    done = [uid for uid in ids if schema_version(ws, uid) == 3]
+    assert len(done) == 2
+    assert [counter(urls[ids.index(uid)]) for uid in done] == [11, 11]
+    assert [stamp_ids(url) for uid, url in zip(ids, urls, strict=True) if uid not in done] == [
+        []
+    ] * (len(ids) - 2)
