@@ -8,6 +8,7 @@ the two never applies a step twice: the next run finds it in the stamp.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -68,6 +69,7 @@ class UserResult:
     to_version: int
     steps: tuple[StepResult, ...] = ()
     error: ByodError | None = field(default=None, compare=False)
+    seconds: float = field(default=0.0, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -204,7 +206,14 @@ class Runner:
     # -- one run -------------------------------------------------------------------------
 
     def _run(self, user: User, make_plan: Callable[[int], Plan]) -> UserResult:
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        started = time.monotonic()
+        result = self._run_timed(user, make_plan, started)
+        return dataclasses.replace(result, seconds=time.monotonic() - started)
+
+    def _run_timed(
+        self, user: User, make_plan: Callable[[int], Plan], started: float
+    ) -> UserResult:
+        deadline = None if self.timeout is None else started + self.timeout
         try:
             config = self.directory.claim_lease(user.id, self.owner, self.lease_seconds)
         except ByodError as exc:

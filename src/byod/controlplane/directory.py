@@ -70,6 +70,25 @@ _open_rows = (
 )
 
 
+# Built once, values bound per call: claiming is on every user's path.
+_CLAIM = (
+    configs.update()
+    .where(
+        configs.c.user_id == sa.bindparam("b_user", type_=sa.Integer),
+        sa.or_(
+            configs.c.lease_owner.is_(None),
+            configs.c.lease_owner == sa.bindparam("b_owner", type_=sa.String),
+            configs.c.lease_expires_at < sa.bindparam("b_now", type_=sa.DateTime),
+        ),
+    )
+    .values(
+        lease_owner=sa.bindparam("b_owner", type_=sa.String),
+        lease_expires_at=sa.bindparam("b_expires", type_=sa.DateTime),
+    )
+    .returning(*_CONFIG_COLUMNS, _open_rows.label("open_rows"))
+)
+
+
 def _config(row: sa.Row[tuple[object, ...]]) -> Config:
     return Config(**row._asdict())
 
@@ -196,21 +215,14 @@ class Directory:
         :class:`NotConnectedError` when the user has no config.
         """
         now = utcnow()
-        statement = (
-            configs.update()
-            .where(
-                configs.c.user_id == user_id,
-                sa.or_(
-                    configs.c.lease_owner.is_(None),
-                    configs.c.lease_owner == owner,
-                    configs.c.lease_expires_at < now,
-                ),
-            )
-            .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=seconds))
-            .returning(*_CONFIG_COLUMNS, _open_rows.label("open_rows"))
-        )
+        params = {
+            "b_user": user_id,
+            "b_owner": owner,
+            "b_now": now,
+            "b_expires": now + timedelta(seconds=seconds),
+        }
         with single(self.engine, "claim the lease") as conn:
-            row = conn.execute(statement).first()
+            row = conn.execute(_CLAIM, params).first()
         if row is not None:
             return _config(row)
         held = self.get_config(user_id)  # raises NotConnectedError when there is none

@@ -19,6 +19,7 @@ user's history keeps every earlier attempt. What each status means:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -89,7 +90,7 @@ class Ledger:
     def record_started(self, user_id: int, step: Step) -> int:
         """Mark the step's ``pending`` row ``running`` and number the attempt; returns it."""
         with single(self.engine, "record the start") as conn:
-            attempt = conn.execute(_start(user_id, step, utcnow())).scalar()
+            attempt = conn.execute(_START, _step_params(user_id, step, utcnow())).scalar()
         if attempt is None:
             raise ControlPlaneError(
                 f"user {user_id}: no pending ledger row for {step.migration.id}: cannot start it"
@@ -110,73 +111,37 @@ class Ledger:
         number); ``release_owner`` also gives back the lease that owner holds.
         """
         now = utcnow()
-        config_values: dict[str, object] = {
-            "schema_version": step.version_after,
-            "connection_status": "connected",
-            "last_error": None,
-            "updated_at": now,
+        params = _step_params(user_id, step, now) | {
+            "b_version": step.version_after,
+            "b_owner": release_owner,
         }
-        if release_owner is not None:
-            config_values["lease_owner"] = sa.case(
-                (configs.c.lease_owner == release_owner, None), else_=configs.c.lease_owner
-            )
-            config_values["lease_expires_at"] = sa.case(
-                (configs.c.lease_owner == release_owner, None), else_=configs.c.lease_expires_at
-            )
-        done = (
-            ledger.update()
-            .where(*_row(user_id, step), ledger.c.status == "running")
-            .values(status="completed", completed_at=now, error=None)
-        )
+        if start_next is not None:
+            params |= {"b_next_m": start_next.migration.id, "b_next_d": start_next.direction}
+        release = release_owner is not None
         if self._one_statement:
-            return self._complete_in_one_statement(done, user_id, config_values, start_next, now)
-        with writing(self.engine, "record the success") as conn:
-            if conn.execute(done).rowcount != 1:
+            with single(self.engine, "record the success") as conn:
+                row = conn.execute(_completion(start_next is not None, release), params).first()
+            if row is None:
                 raise ControlPlaneError(
                     f"user {user_id}: {step.migration.id} was not running: not recorded"
                 )
-            conn.execute(
-                configs.update().where(configs.c.user_id == user_id).values(**config_values)
-            )
+            return None if start_next is None else _scalar_int(row[0])
+        with writing(self.engine, "record the success") as conn:
+            if conn.execute(_DONE, params).rowcount != 1:
+                raise ControlPlaneError(
+                    f"user {user_id}: {step.migration.id} was not running: not recorded"
+                )
+            conn.execute(_config_update(release), params)
             if start_next is None:
                 return None
-            return _scalar_int(conn.execute(_start(user_id, start_next, now)).scalar())
-
-    def _complete_in_one_statement(
-        self,
-        done: sa.Update,
-        user_id: int,
-        config_values: dict[str, object],
-        start_next: Step | None,
-        now: datetime,
-    ) -> int | None:
-        done_cte = done.returning(ledger.c.id).cte("done")
-        statement = (
-            configs.update()
-            .where(configs.c.user_id == user_id, sa.exists(sa.select(done_cte.c.id)))
-            .values(**config_values)
-        )
-        if start_next is not None:
-            next_cte = _start(user_id, start_next, now).cte("next_step")
-            statement = statement.returning(sa.select(next_cte.c.attempts).scalar_subquery())
-        else:
-            statement = statement.returning(configs.c.user_id)
-        with single(self.engine, "record the success") as conn:
-            row = conn.execute(statement).first()
-        if row is None:
-            raise ControlPlaneError(
-                f"user {user_id}: a step was not running: the success was not recorded"
-            )
-        return None if start_next is None else _scalar_int(row[0])
+            next_params = _step_params(user_id, start_next, now)
+            return _scalar_int(conn.execute(_START, next_params).scalar())
 
     def record_failed(self, user_id: int, step: Step, error: str) -> None:
         """Mark the step's ``running`` row ``failed`` with a descriptive error."""
+        params = _step_params(user_id, step, utcnow()) | {"b_error": error[:_ERROR_LIMIT]}
         with single(self.engine, "record the failure") as conn:
-            conn.execute(
-                ledger.update()
-                .where(*_row(user_id, step), ledger.c.status.in_(("pending", "running")))
-                .values(status="failed", error=error[:_ERROR_LIMIT], completed_at=utcnow())
-            )
+            conn.execute(_FAILED, params)
 
     def record_skipped(self, user_id: int, steps: tuple[Step, ...], reason: str) -> None:
         """Mark the ``pending`` rows of steps that never started ``skipped``, saying why."""
@@ -224,35 +189,94 @@ class Ledger:
         return len(orphans)
 
 
-def _row(user_id: int, step: Step) -> tuple[sa.ColumnElement[bool], ...]:
-    """The step's rows for this user (while the user's lease is held, one is open)."""
-    return (
-        ledger.c.user_id == user_id,
-        ledger.c.migration_id == step.migration.id,
-        ledger.c.direction == step.direction,
-    )
+# Statements are built once, with bound parameters: building SQLAlchemy constructs on
+# every call costs more than running them.
+_u: sa.BindParameter[int] = sa.bindparam("b_user", type_=sa.Integer)
+_m: sa.BindParameter[str] = sa.bindparam("b_migration", type_=sa.String)
+_d: sa.BindParameter[str] = sa.bindparam("b_direction", type_=sa.String)
+_now: sa.BindParameter[datetime] = sa.bindparam("b_now", type_=sa.DateTime)
+_THIS_STEP = (ledger.c.user_id == _u, ledger.c.migration_id == _m, ledger.c.direction == _d)
 
 
-def _start(user_id: int, step: Step, now: datetime) -> sa.Update:
-    """UPDATE the step's pending row to running, numbering the attempt; RETURNING it."""
+def _step_params(user_id: int, step: Step, now: datetime) -> dict[str, object]:
+    return {
+        "b_user": user_id,
+        "b_migration": step.migration.id,
+        "b_direction": step.direction,
+        "b_now": now,
+    }
+
+
+def _start_statement(
+    migration: sa.BindParameter[str], direction: sa.BindParameter[str]
+) -> sa.Update:
+    """UPDATE a step's pending row to running, numbering the attempt; RETURNING it."""
     earlier = ledger.alias("earlier")
     attempts = (
         sa.select(sa.func.count())
         .select_from(earlier)
         .where(
-            earlier.c.user_id == user_id,
-            earlier.c.migration_id == step.migration.id,
-            earlier.c.direction == step.direction,
+            earlier.c.user_id == _u,
+            earlier.c.migration_id == migration,
+            earlier.c.direction == direction,
             earlier.c.status.in_(("running", "completed", "failed")),
         )
         .scalar_subquery()
     )
     return (
         ledger.update()
-        .where(*_row(user_id, step), ledger.c.status == "pending")
-        .values(status="running", started_at=now, attempts=attempts + 1)
+        .where(
+            ledger.c.user_id == _u,
+            ledger.c.migration_id == migration,
+            ledger.c.direction == direction,
+            ledger.c.status == "pending",
+        )
+        .values(status="running", started_at=_now, attempts=attempts + 1)
         .returning(ledger.c.attempts)
     )
+
+
+_START = _start_statement(_m, _d)
+_START_NEXT = _start_statement(
+    sa.bindparam("b_next_m", type_=sa.String), sa.bindparam("b_next_d", type_=sa.String)
+)
+_DONE = (
+    ledger.update()
+    .where(*_THIS_STEP, ledger.c.status == "running")
+    .values(status="completed", completed_at=_now, error=None)
+)
+_FAILED = (
+    ledger.update()
+    .where(*_THIS_STEP, ledger.c.status.in_(("pending", "running")))
+    .values(status="failed", error=sa.bindparam("b_error"), completed_at=_now)
+)
+
+
+@functools.cache
+def _config_update(release: bool) -> sa.Update:
+    """The config at its new version (and, with ``release``, the lease given back)."""
+    values: dict[str, object] = {
+        "schema_version": sa.bindparam("b_version"),
+        "connection_status": "connected",
+        "last_error": None,
+        "updated_at": _now,
+    }
+    if release:
+        mine = configs.c.lease_owner == sa.bindparam("b_owner")
+        values["lease_owner"] = sa.case((mine, None), else_=configs.c.lease_owner)
+        values["lease_expires_at"] = sa.case((mine, None), else_=configs.c.lease_expires_at)
+    return configs.update().where(configs.c.user_id == _u).values(**values)
+
+
+@functools.cache
+def _completion(start_next: bool, release: bool) -> sa.Update:
+    """PostgreSQL: the whole success in one statement (data-modifying CTEs)."""
+    done = _DONE.returning(ledger.c.id).cte("done")
+    statement = _config_update(release).where(sa.exists(sa.select(done.c.id)))
+    if start_next:
+        next_step = _START_NEXT.cte("next_step")
+        return statement.returning(sa.select(next_step.c.attempts).scalar_subquery())
+    return statement.returning(configs.c.user_id)
 
 
 def _scalar_int(value: object) -> int | None:

@@ -9,9 +9,13 @@ transaction as the migration.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import sqlite3
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +53,7 @@ _stamp = sa.Table(
     sa.Column("applied_at", sa.DateTime, nullable=False),
 )
 _CREATE_STAMP = sa.schema.CreateTable(_stamp, if_not_exists=True)
+_SELECT_STAMP = sa.select(_stamp).order_by(_stamp.c.version)
 #: Advisory-lock key for PostgreSQL: one lock per database, shared by every byod runner.
 _PG_LOCK_KEY = 0x62796F64
 
@@ -66,6 +71,8 @@ class _Dialect:
 
     engine_options: Callable[[URL, float], tuple[URL, dict[str, Any]]]
     lock: Callable[[sa.Connection, int | None], None]
+    stamp_exists: str
+    reading: Callable[[sa.Connection], AbstractContextManager[None]]
     prepare: Callable[[sa.Engine, float], None] = lambda engine, timeout: None
     lock_cleanup: Callable[[sa.Connection], None] = lambda conn: None
 
@@ -90,7 +97,31 @@ def _sqlite_transactional_ddl(engine: sa.Engine, timeout: float) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(conn: sa.Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # a read of the stamp needs no write lock: a plain (deferred) BEGIN
+        conn.exec_driver_sql("BEGIN" if conn.info.get("byod_read") else "BEGIN IMMEDIATE")
+
+
+@contextlib.contextmanager
+def _sqlite_reading(conn: sa.Connection) -> Iterator[None]:
+    conn.info["byod_read"] = True
+    try:
+        with conn.begin():
+            yield
+    finally:
+        conn.info.pop("byod_read", None)
+
+
+@contextlib.contextmanager
+def _postgres_reading(conn: sa.Connection) -> Iterator[None]:
+    # autocommit: no BEGIN and COMMIT round trips around a read
+    conn.execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        yield
+        conn.commit()
+    finally:
+        if conn.in_transaction():
+            conn.rollback()
+        conn.execution_options(isolation_level=conn.dialect.default_isolation_level)
 
 
 def _sqlite_lock(conn: sa.Connection, timeout_ms: int | None) -> None:
@@ -146,12 +177,61 @@ def _timeout(step: Step, exc: DBAPIError) -> InstanceTimeoutError:
     )
 
 
+@functools.cache
+def _create_stamp_sql(dialect: sa.Dialect) -> str:
+    # DDL is never in SQLAlchemy's statement cache: compile it once per dialect
+    return str(_CREATE_STAMP.compile(dialect=dialect))
+
+
 _DIALECTS: dict[str, _Dialect] = {
     "sqlite": _Dialect(
-        _sqlite_options, _sqlite_lock, _sqlite_transactional_ddl, lock_cleanup=_sqlite_unlock
+        _sqlite_options,
+        _sqlite_lock,
+        f"SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '{STAMP_TABLE}'",
+        _sqlite_reading,
+        _sqlite_transactional_ddl,
+        lock_cleanup=_sqlite_unlock,
     ),
-    "postgresql": _Dialect(_postgres_options, _postgres_lock),
+    "postgresql": _Dialect(
+        _postgres_options,
+        _postgres_lock,
+        f"SELECT to_regclass('{STAMP_TABLE}') IS NOT NULL",
+        _postgres_reading,
+    ),
 }
+
+
+#: What the next connection of a shared engine connects to (set around ``connect()``).
+_target_args: contextvars.ContextVar[tuple[list[Any], dict[str, Any]]] = contextvars.ContextVar(
+    "byod_target_args"
+)
+_engines: dict[tuple[object, ...], sa.Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def _use_target_args(
+    _dialect: sa.Dialect, _record: object, cargs: list[Any], cparams: dict[str, Any]
+) -> None:
+    args, params = _target_args.get()
+    cargs[:] = args
+    cparams.clear()
+    cparams.update(params)
+
+
+def _shared_engine(
+    engine_url: URL, options: dict[str, Any], dialect: _Dialect, timeout: float
+) -> sa.Engine:
+    """One engine per kind of instance (not per instance): creating an engine and
+    initialising its dialect costs queries; connections still go to each instance."""
+    key = (engine_url.drivername, tuple(sorted(engine_url.query.items())), timeout)
+    with _engines_lock:
+        engine = _engines.get(key)
+        if engine is None:
+            engine = sa.create_engine(engine_url, poolclass=NullPool, **options)
+            dialect.prepare(engine, timeout)
+            event.listen(engine, "do_connect", _use_target_args)
+            _engines[key] = engine
+    return engine
 
 
 def open_target(url: URL, *, timeout: float = 10.0) -> SqlTarget:
@@ -168,17 +248,19 @@ def open_target(url: URL, *, timeout: float = 10.0) -> SqlTarget:
         )
     engine_url, options = dialect.engine_options(url, timeout)
     try:
-        engine = sa.create_engine(engine_url, poolclass=NullPool, **options)
+        engine = _shared_engine(engine_url, options, dialect, timeout)
+        cargs, cparams = engine.dialect.create_connect_args(engine_url)
     except (SQLAlchemyError, ImportError) as exc:
         raise SettingsError(f"cannot use the instance URL {safe_url(url)}") from exc
-    dialect.prepare(engine, timeout)
+    token = _target_args.set((list(cargs), {**cparams, **options.get("connect_args", {})}))
     try:
         conn = engine.connect()
     except SQLAlchemyError as exc:
-        engine.dispose()
         raise UnreachableError(
             f"instance {safe_url(url)} is unreachable: {describe_error(exc)}"
         ) from exc
+    finally:
+        _target_args.reset(token)
     return SqlTarget(engine, conn, dialect, where=safe_url(url))
 
 
@@ -200,7 +282,7 @@ class SqlTarget:
     def read_stamp(self) -> list[StampEntry]:
         """What the instance says is applied, oldest first (empty for a fresh instance)."""
         try:
-            with self._conn.begin():
+            with self._dialect.reading(self._conn):
                 return self._select_stamp()
         except SQLAlchemyError as exc:
             raise self._lost("reading the stamp", exc) from exc
@@ -218,7 +300,7 @@ class SqlTarget:
             raise self._busy_or_lost(exc) from exc
         try:
             self._dialect.lock(self._conn, timeout_ms)
-            self._conn.execute(_CREATE_STAMP)
+            self._conn.exec_driver_sql(_create_stamp_sql(self._engine.dialect))
             if not self._check_position(step, self._select_stamp(known_to_exist=True)):
                 transaction.rollback()
                 return False
@@ -255,11 +337,8 @@ class SqlTarget:
         return True
 
     def close(self) -> None:
-        """Close the connection and its engine."""
-        try:
-            self._conn.close()
-        finally:
-            self._engine.dispose()
+        """Close the connection (the engine is shared by every instance of its kind)."""
+        self._conn.close()
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -271,9 +350,12 @@ class SqlTarget:
                 transaction.rollback()
 
     def _select_stamp(self, *, known_to_exist: bool = False) -> list[StampEntry]:
-        if not known_to_exist and not sa.inspect(self._conn).has_table(STAMP_TABLE):
+        if (
+            not known_to_exist
+            and not self._conn.exec_driver_sql(self._dialect.stamp_exists).scalar()
+        ):
             return []
-        rows = self._conn.execute(sa.select(_stamp).order_by(_stamp.c.version))
+        rows = self._conn.execute(_SELECT_STAMP)
         return [StampEntry(**row._asdict()) for row in rows]
 
     def _check_position(self, step: Step, stamp: list[StampEntry]) -> bool:

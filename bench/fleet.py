@@ -1,0 +1,531 @@
+"""Fleet rollout benchmark: byod vs Alembic-per-instance vs the bare-driver floor.
+
+Builds a fleet at version 1 (100 documents per instance, some with #hashtags), then times
+the rollout to head (002_add_tags: two tables and a backfill). Each configuration runs
+on an identical fresh fleet, in its own process (so peak RSS is its own), and prints one
+JSON line: instances/s, p50 and p99 seconds per instance, peak RSS. A last line gives
+the ratios. Run from the repository root:
+
+    .venv/bin/python bench/fleet.py                                  # sqlite, 2,000
+    .venv/bin/python bench/fleet.py --backend postgres --latency-ms 5  # 200 databases
+    .venv/bin/python bench/fleet.py --at-head 20000                  # a no-op fleet run
+
+Configurations: ``floor`` (sqlite3/psycopg, one transaction per migration, a stamp row,
+two small ledger writes, nothing else), ``byod`` (at --concurrency), ``byod-1``
+(concurrency 1) and ``alembic`` (``alembic.command.upgrade`` once per instance, in a
+loop, as teams write it: Alembic's ``op`` is a process global, so it cannot be threaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import resource
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import sqlalchemy as sa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _proxy import LatencyProxy
+
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+KEY = base64.b64encode(b"b" * 32).decode()
+WORDS = ["alpha", "beta", "gamma", "delta", "notes", "plan", "idea", "todo", "home", "work"]
+CONFIGS = ("floor", "byod", "byod-1", "alembic")
+
+
+# -- building the fleet ------------------------------------------------------------------
+
+
+def _example(name: str) -> Any:
+    from byod.registry import Registry
+    from byod.settings import bundled_migrations_dir
+
+    migration = Registry.load(bundled_migrations_dir()).get(name)
+    assert migration is not None
+    return migration
+
+
+def _documents(seed: int) -> list[dict[str, str]]:
+    rows = []
+    for n in range(100):
+        words = [WORDS[(seed + n * 7 + k) % len(WORDS)] for k in range(12)]
+        if n % 3 == 0:
+            words += [f"#{WORDS[(seed + n) % len(WORDS)]}", f"#tag{n % 17}"]
+        rows.append({"title": f"doc {n}", "body": " ".join(words)})
+    return rows
+
+
+def _build_base(conn: sa.Connection, tool: str) -> None:
+    """Version 1 (byod's 001_initial, via Alembic Operations) + 100 documents + a stamp."""
+    from alembic.operations import Operations
+    from alembic.runtime.migration import MigrationContext
+
+    initial = _example("001_initial")
+    initial.up(SimpleNamespace(conn=conn, op=Operations(MigrationContext.configure(conn))))
+    documents = sa.table("documents", sa.column("title"), sa.column("body"))
+    conn.execute(documents.insert(), _documents(7))
+    if tool == "byod":
+        from byod.targets.sql import _CREATE_STAMP, _stamp
+
+        conn.execute(_CREATE_STAMP)
+        conn.execute(
+            _stamp.insert().values(
+                id="001_initial", version=1, checksum=initial.checksum, applied_at=sa.func.now()
+            )
+        )
+    elif tool == "alembic":
+        conn.execute(sa.text("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)"))
+        conn.execute(sa.text("INSERT INTO alembic_version VALUES ('r001')"))
+    else:
+        conn.execute(sa.text("CREATE TABLE floor_stamp (version INTEGER NOT NULL)"))
+        conn.execute(sa.text("INSERT INTO floor_stamp VALUES (1)"))
+
+
+class Fleet:
+    """Identical fresh fleets, one per configuration, of SQLite files or PG databases."""
+
+    def __init__(self, backend: str, instances: int, workdir: Path) -> None:
+        self.backend = backend
+        self.instances = instances
+        self.workdir = workdir
+        self.templates: dict[str, str] = {}
+        self.databases: list[str] = []
+        self.admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+
+    def template(self, tool: str) -> str:
+        if tool in self.templates:
+            return self.templates[tool]
+        if self.backend == "sqlite":
+            path = self.workdir / f"template-{tool}.db"
+            engine = sa.create_engine(f"sqlite:///{path}")
+            with engine.begin() as conn:
+                _build_base(conn, tool)
+            engine.dispose()
+            self.templates[tool] = str(path)
+        else:
+            name = f"bench_tpl_{tool}_{uuid.uuid4().hex[:6]}"
+            self._create(name, track=False)
+            engine = sa.create_engine(sa.make_url(PG_ADMIN).set(database=name))
+            with engine.begin() as conn:
+                _build_base(conn, tool)
+            engine.dispose()
+            self.templates[tool] = name
+        return self.templates[tool]
+
+    def _create(self, name: str, template: str | None = None, *, track: bool = True) -> None:
+        suffix = f' TEMPLATE "{template}"' if template else ""
+        with self.admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"{suffix}'))
+        if track:  # templates live for the whole benchmark; the rest per configuration
+            self.databases.append(name)
+
+    def make(self, tool: str, config: str, port: int) -> list[str]:
+        """Fresh instances for one configuration; returns their URLs (through ``port``)."""
+        template = self.template(tool)
+        urls = []
+        if self.backend == "sqlite":
+            folder = self.workdir / config
+            folder.mkdir()
+            for n in range(self.instances):
+                path = folder / f"i{n:05d}.db"
+                shutil.copyfile(template, path)
+                urls.append(f"sqlite:///{path}")
+            return urls
+        for n in range(self.instances):
+            name = f"bench_{config.replace('-', '_')}_{n:05d}_{uuid.uuid4().hex[:4]}"
+            self._create(name, template)
+            urls.append(f"postgresql+psycopg://postgres@127.0.0.1:{port}/{name}")
+        return urls
+
+    def control_plane(self, config: str, port: int) -> tuple[str, str]:
+        """(URL for setup on the real port, URL for the run through ``port``)."""
+        if self.backend == "sqlite":
+            url = f"sqlite:///{self.workdir / f'control-{config}.db'}"
+            return url, url
+        name = f"bench_cp_{config.replace('-', '_')}_{uuid.uuid4().hex[:6]}"
+        self._create(name)
+        base = sa.make_url(PG_ADMIN).set(database=name)
+        return base.render_as_string(False), base.set(port=port).render_as_string(False)
+
+    def drop_all(self) -> None:
+        with self.admin.connect() as conn:
+            for name in self.databases:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        self.databases.clear()
+
+
+def _byod_control_plane(setup_url: str, urls: list[str], version: int) -> None:
+    """Users and sealed configs in bulk, at ``version`` and connected (setup, not timed)."""
+    from byod.controlplane import create_tables, open_engine
+    from byod.controlplane.schema import configs, users, utcnow
+    from byod.crypto import Sealer
+
+    engine = open_engine(setup_url)
+    create_tables(engine)
+    sealer = Sealer(base64.b64decode(KEY))
+    now = utcnow()
+    with engine.begin() as conn:
+        conn.execute(
+            users.insert(),
+            [{"id": n + 1, "clerk_id": f"bench-{n}", "created_at": now} for n in range(len(urls))],
+        )
+        conn.execute(
+            configs.insert(),
+            [
+                {
+                    "user_id": n + 1,
+                    "target_kind": sa.make_url(url).get_backend_name(),
+                    "sealed_url": sealer.seal(url, user_id=n + 1, field_name="url"),
+                    "key_id": sealer.key_id,
+                    "connection_status": "connected",
+                    "schema_version": version,
+                    "updated_at": now,
+                }
+                for n, url in enumerate(urls)
+            ],
+        )
+    engine.dispose()
+
+
+# -- the configurations (each in a child process) ---------------------------------------
+
+
+def child_byod(spec: dict[str, Any]) -> list[float]:
+    from byod.commands import Workspace
+    from byod.fleet import FleetOptions, UserFinished, migrate_fleet
+    from byod.settings import Settings
+
+    settings = Settings.load(database_url=spec["control_plane"], env={"BYOD_ENCRYPTION_KEY": KEY})
+    ws = Workspace(settings)
+    times: list[float] = []
+
+    def seen(event: object) -> None:
+        if isinstance(event, UserFinished):
+            times.append(event.result.seconds)
+
+    summary = migrate_fleet(
+        ws.runner(), options=FleetOptions(concurrency=spec["concurrency"]), on_event=seen
+    )
+    assert summary.succeeded == len(spec["urls"]), summary.as_dict()
+    return times
+
+
+_ENV_PY = """
+from alembic import context
+from sqlalchemy import engine_from_config, pool
+
+config = context.config
+engine = engine_from_config(
+    config.get_section(config.config_ini_section, {}), prefix="sqlalchemy.",
+    poolclass=pool.NullPool,
+)
+with engine.connect() as connection:
+    context.configure(connection=connection, target_metadata=None)
+    with context.begin_transaction():
+        context.run_migrations()
+engine.dispose()
+"""
+
+_REVISION = """
+import importlib.util, logging, types
+from pathlib import Path
+from alembic import op
+import byod.settings
+
+revision = "{rev}"
+down_revision = {down}
+branch_labels = None
+depends_on = None
+
+
+def upgrade():
+    path = Path(byod.settings.bundled_migrations_dir()) / "{file}.py"
+    spec = importlib.util.spec_from_file_location("bench_{rev}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.up(types.SimpleNamespace(op=op, conn=op.get_bind(), log=logging.getLogger("bench")))
+"""
+
+
+def _alembic_scripts(folder: Path) -> Path:
+    versions = folder / "versions"
+    versions.mkdir(parents=True, exist_ok=True)
+    (folder / "env.py").write_text(_ENV_PY)
+    (versions / "r001.py").write_text(_REVISION.format(rev="r001", down=None, file="001_initial"))
+    (versions / "r002.py").write_text(
+        _REVISION.format(rev="r002", down='"r001"', file="002_add_tags")
+    )
+    return folder
+
+
+def child_alembic(spec: dict[str, Any]) -> list[float]:
+    from alembic import command
+    from alembic.config import Config
+
+    times = []
+    for url in spec["urls"]:
+        started = time.perf_counter()
+        config = Config()
+        config.set_main_option("script_location", spec["alembic_scripts"])
+        config.set_main_option("sqlalchemy.url", url)
+        command.upgrade(config, "head")
+        times.append(time.perf_counter() - started)
+    return times
+
+
+_HASHTAG = re.compile(r"(?<![\w#])#([A-Za-z][\w-]{0,63})")
+
+
+def _floor_backfill(cur: Any, placeholder: str) -> None:
+    key = "INTEGER PRIMARY KEY" if placeholder == "?" else "SERIAL PRIMARY KEY"
+    cur.execute(f"CREATE TABLE tags (id {key}, name VARCHAR(64) NOT NULL UNIQUE)")
+    cur.execute(
+        "CREATE TABLE document_tags (document_id INTEGER NOT NULL REFERENCES documents (id), "
+        "tag_id INTEGER NOT NULL REFERENCES tags (id), PRIMARY KEY (document_id, tag_id))"
+    )
+    cur.execute("SELECT id, body FROM documents")
+    found = {i: {n.lower() for n in _HASHTAG.findall(b or "")} for i, b in cur.fetchall()}
+    found = {i: names for i, names in found.items() if names}
+    names = sorted(set().union(*found.values())) if found else []
+    p = placeholder
+    cur.executemany(f"INSERT INTO tags (name) VALUES ({p})", [(n,) for n in names])
+    cur.execute("SELECT name, id FROM tags")
+    ids = dict(cur.fetchall())
+    cur.executemany(
+        f"INSERT INTO document_tags (document_id, tag_id) VALUES ({p}, {p})",
+        [(d, ids[n]) for d, ns in sorted(found.items()) for n in sorted(ns)],
+    )
+    cur.execute("UPDATE floor_stamp SET version = 2")
+
+
+def child_floor(spec: dict[str, Any]) -> list[float]:
+    import psycopg
+
+    sqlite = spec["backend"] == "sqlite"
+    local = threading.local()
+    cp_url = spec["control_plane"]
+
+    def ledger() -> Any:
+        if not hasattr(local, "cp"):
+            if sqlite:
+                local.cp = sqlite3.connect(sa.make_url(cp_url).database, timeout=30)
+                local.cp.execute("PRAGMA journal_mode=WAL")
+            else:
+                u = sa.make_url(cp_url)
+                local.cp = psycopg.connect(
+                    host=u.host, port=u.port, user=u.username, dbname=u.database, autocommit=True
+                )
+        return local.cp
+
+    p = "?" if sqlite else "%s"
+
+    def one(n_url: tuple[int, str]) -> float:
+        n, url = n_url
+        started = time.perf_counter()
+        cp = ledger()
+        cp.execute(f"INSERT INTO ledger (user_id, status) VALUES ({p}, 'running')", (n,))
+        if sqlite:
+            cp.commit()
+            conn = sqlite3.connect(sa.make_url(url).database, isolation_level=None)
+            cur = conn.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            _floor_backfill(cur, p)
+            cur.execute("COMMIT")
+        else:
+            u = sa.make_url(url)
+            conn = psycopg.connect(host=u.host, port=u.port, user=u.username, dbname=u.database)
+            with conn.transaction():
+                _floor_backfill(conn.cursor(), p)
+        conn.close()
+        cp.execute(f"UPDATE ledger SET status = 'completed' WHERE user_id = {p}", (n,))
+        if sqlite:
+            cp.commit()
+        return time.perf_counter() - started
+
+    with ThreadPoolExecutor(spec["concurrency"]) as pool:
+        return list(pool.map(one, enumerate(spec["urls"])))
+
+
+def _floor_control_plane(setup_url: str) -> None:
+    engine = sa.create_engine(setup_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE ledger (user_id INTEGER, status VARCHAR(16))"))
+    engine.dispose()
+
+
+def run_child(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    runner = {"floor": child_floor, "alembic": child_alembic}.get(spec["tool"], child_byod)
+    started = time.perf_counter()
+    times = runner(spec)
+    elapsed = time.perf_counter() - started
+    times.sort()
+    print(
+        json.dumps(
+            {
+                "seconds": round(elapsed, 3),
+                "p50_ms": round(statistics.median(times) * 1000, 2),
+                "p99_ms": round(times[min(len(times) - 1, int(len(times) * 0.99))] * 1000, 2),
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            }
+        )
+    )
+
+
+# -- the parent ------------------------------------------------------------------------
+
+
+def run_config(
+    config: str, args: argparse.Namespace, fleet: Fleet, proxy: LatencyProxy | None
+) -> dict[str, Any]:
+    tool = "byod" if config.startswith("byod") else config
+    port = proxy.port if proxy else 5432
+    urls = fleet.make(tool, config, port)
+    setup_cp, run_cp = fleet.control_plane(config, port)
+    if tool == "byod":
+        setup_urls = [re.sub(r":\d+/", ":5432/", u) if proxy else u for u in urls]
+        _byod_control_plane(setup_cp, urls, 1)
+        assert setup_urls
+    elif tool == "floor":
+        _floor_control_plane(setup_cp)
+    spec = {
+        "tool": tool,
+        "backend": args.backend,
+        "urls": urls,
+        "control_plane": run_cp,
+        "concurrency": 1 if config in ("byod-1", "alembic") else args.concurrency,
+        "alembic_scripts": str(_alembic_scripts(fleet.workdir / "alembic-scripts")),
+    }
+    spec_path = fleet.workdir / f"spec-{config}.json"
+    spec_path.write_text(json.dumps(spec))
+    trips_before = proxy.round_trips if proxy else 0
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", str(spec_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")},
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{config} failed:\n{done.stderr[-3000:]}")
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    line: dict[str, Any] = {
+        "config": config,
+        "backend": args.backend,
+        "instances": len(urls),
+        "concurrency": spec["concurrency"],
+        "latency_ms": args.latency_ms,
+        "instances_per_s": round(len(urls) / figures["seconds"], 1),
+        **figures,
+    }
+    if proxy:
+        line["round_trips_per_instance"] = round((proxy.round_trips - trips_before) / len(urls), 1)
+    if args.backend == "postgres":
+        fleet.drop_all()
+    else:
+        shutil.rmtree(fleet.workdir / config)
+    return line
+
+
+def at_head(args: argparse.Namespace, workdir: Path) -> None:
+    """A fleet already at head: `byod migrate --all` must touch no instance at all."""
+    url = f"sqlite:///{workdir / 'control-at-head.db'}"
+    missing = [f"sqlite:///{workdir / 'nowhere' / f'{n}.db'}" for n in range(args.at_head)]
+    _byod_control_plane(url, missing, 2)  # instances that do not even exist
+    env = {**os.environ, "BYOD_DATABASE_URL": url, "BYOD_ENCRYPTION_KEY": KEY}
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "byod", "migrate", "--all", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    elapsed = time.perf_counter() - started
+    summary = json.loads(done.stdout.strip().splitlines()[-1])["summary"]
+    print(
+        json.dumps(
+            {
+                "config": "byod migrate --all, fleet at head",
+                "instances": args.at_head,
+                "seconds_whole_command": round(elapsed, 3),
+                "exit": done.returncode,
+                "total_selected": summary["total"],
+            }
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--instances", type=int)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--only", default=",".join(CONFIGS))
+    parser.add_argument("--at-head", type=int, default=0)
+    parser.add_argument("--child")
+    args = parser.parse_args()
+    if args.child:
+        run_child(args.child)
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="byod-bench-"))
+    try:
+        if args.at_head:
+            at_head(args, workdir)
+            return
+        args.instances = args.instances or (2000 if args.backend == "sqlite" else 200)
+        proxy = None
+        if args.latency_ms and args.backend == "postgres":
+            proxy = LatencyProxy(5432, args.latency_ms).start()
+        fleet = Fleet(args.backend, args.instances, workdir)
+        lines = {}
+        try:
+            for config in args.only.split(","):
+                lines[config] = run_config(config, args, fleet, proxy)
+                print(json.dumps(lines[config]), flush=True)
+        finally:
+            if args.backend == "postgres":
+                fleet.templates.clear()
+                fleet.drop_all()
+                with fleet.admin.connect() as conn:
+                    for name in conn.execute(
+                        sa.text("SELECT datname FROM pg_database WHERE datname LIKE 'bench_%'")
+                    ).scalars():
+                        conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        rate = {c: line["instances_per_s"] for c, line in lines.items()}
+        ratios: dict[str, Any] = {}
+        if "byod" in rate and "alembic" in rate:
+            ratios["byod_vs_alembic"] = round(rate["byod"] / rate["alembic"], 2)
+        if "byod" in rate and "floor" in rate:
+            ratios["byod_vs_floor"] = round(rate["byod"] / rate["floor"], 3)
+        if "byod" in rate and "byod-1" in rate:
+            ratios["byod_vs_byod_1"] = round(rate["byod"] / rate["byod-1"], 2)
+        if proxy and "byod" in lines:
+            trips = lines["byod"]["round_trips_per_instance"]
+            bound = args.concurrency / (trips * args.latency_ms / 1000)
+            ratios["byod_bound_instances_per_s"] = round(bound, 1)
+            ratios["byod_vs_bound"] = round(rate["byod"] / bound, 3)
+        print(json.dumps({"ratios": ratios}))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
