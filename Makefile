@@ -16,8 +16,8 @@ demo: $(STAMP)  ## the main job on the embedded default (SQLite in this folder)
 	$(BIN)/byod demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
 unit: $(STAMP)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -18,29 +17,15 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
 from byod import _render as render
+from byod import _show as show
 from byod import commands
 from byod.errors import ByodError, InputError
 from byod.fleet import (
-    FleetEvent,
     FleetOptions,
-    FleetStarted,
-    FleetSummary,
     Selection,
-    UserFinished,
 )
-from byod.runner import UserResult
 from byod.settings import Settings
 
 __all__ = ["app", "main"]
@@ -294,19 +279,21 @@ def migrate(
     target = _one_target(user, every or users is not None)
     if target is not None:
         result = commands.migrate_user(ws, target, to_version=to)
-        _finish_user(result, json_out, "migrated")
+        show.finish_user(out, err, result, json_out, "migrated")
         return
     options = _fleet_options(
         concurrency, retries, timeout, lease_seconds, canary, max_failure_ratio
     )
     selection = Selection(_user_list(users), only_version, limit)
-    summary = _run_fleet(
+    summary = show.run_fleet(
+        out,
+        err,
         lambda on_event: commands.migrate_fleet(
             ws, options=options, selection=selection, to_version=to, on_event=on_event
         ),
         json_out,
     )
-    _print_summary(summary, json_out)
+    show.print_summary(out, err, summary, json_out)
     if not summary.ok:
         raise typer.Exit(1)
 
@@ -336,20 +323,22 @@ def rollback(
         options = _fleet_options(
             concurrency, retries, timeout, lease_seconds, canary, max_failure_ratio
         )
-        summary = _run_fleet(
+        summary = show.run_fleet(
+            out,
+            err,
             lambda on_event: commands.rollback_fleet_run(
                 ws, run, options=options, on_event=on_event
             ),
             json_out,
         )
-        _print_summary(summary, json_out)
+        show.print_summary(out, err, summary, json_out)
         if not summary.ok:
             raise typer.Exit(1)
         return
     if user is None or to is None:
         raise InputError("give USER --to VERSION, or --run RUN")
     result = commands.rollback_user(ws, user, to)
-    _finish_user(result, json_out, "rolled back")
+    show.finish_user(out, err, result, json_out, "rolled back")
 
 
 @runs_app.callback(invoke_without_command=True)
@@ -453,8 +442,10 @@ def demo(
     from byod.demo import run_demo
 
     ws = _workspace(database_url, migrations, create_key=True)
-    result = _run_fleet(lambda on_event: run_demo(ws, tenants=tenants, on_event=on_event), False)
-    _print_summary(result.summary, False)
+    result = show.run_fleet(
+        out, err, lambda on_event: run_demo(ws, tenants=tenants, on_event=on_event), False
+    )
+    show.print_summary(out, err, result.summary, False)
     render.fleet_status_tables(result.status, out)
     out.print(render.history_table(f"history of {result.sample_user}", result.sample_history))
     out.print(f"instances: {escape(str(result.folder))} ({result.created} created this time)")
@@ -467,93 +458,10 @@ def demo(
 # -- rendering helpers -------------------------------------------------------------------
 
 
-def _finish_user(result: UserResult, json_out: bool, verb: str) -> None:
-    if json_out:
-        out.print(render.dump(render.result_data(result)))
-    elif result.ok:
-        if result.from_version == result.to_version:
-            out.print(f"user {result.user_id}: nothing to do (version {result.to_version})")
-        else:
-            out.print(
-                f"user {result.user_id}: {verb} from version {result.from_version} "
-                f"to {result.to_version}"
-            )
-            for step in result.steps:
-                out.print(f"  {step.migration_id} {step.direction}: {step.status}")
-    if result.error is not None:
-        if not json_out:
-            _print_error(result.error)
-        raise typer.Exit(1)
-
-
-def _run_fleet(work: Callable[[Callable[[FleetEvent], None]], T], json_out: bool) -> T:
-    """Run a fleet job, showing progress: JSON lines, or a bar on a terminal."""
-    if json_out:
-
-        def emit(event: FleetEvent) -> None:
-            if isinstance(event, UserFinished):
-                data = render.result_data(event.result) | {"outcome": event.outcome}
-                out.print(render.dump(data))
-
-        return work(emit)
-    progress = Progress(
-        TextColumn("migrating"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("[red]{task.fields[failed]} failed"),
-        _RateColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        disable=not err.is_terminal,
-    )
-    task = progress.add_task("fleet", total=None, failed=0)
-    failed = 0
-
-    def show(event: FleetEvent) -> None:
-        nonlocal failed
-        if isinstance(event, FleetStarted):
-            progress.update(task, total=event.total)
-        elif isinstance(event, UserFinished):
-            failed += event.outcome == "failed"
-            progress.update(task, advance=1, failed=failed)
-
-    with progress:
-        return work(show)
-
-
-class _RateColumn(ProgressColumn):
-    """Users per second."""
-
-    def render(self, task: Task) -> Text:
-        return Text(f"{task.speed:.1f} users/s" if task.speed else "")
-
-
-def _print_summary(summary: FleetSummary, json_out: bool) -> None:
-    if json_out:
-        out.print(render.dump({"summary": summary.as_dict()}))
-        return
-    out.print(
-        f"run {summary.run_id} {summary.state}: total {summary.total}: "
-        f"{summary.succeeded} succeeded, {summary.failed} failed, {summary.skipped} skipped, "
-        f"{summary.not_started} not started ({summary.not_eligible} users not eligible)"
-    )
-    if summary.halt_reason:
-        err.print(f"[yellow]halted:[/] {escape(summary.halt_reason)}")
-    for error in summary.errors:
-        where = f" at {error.migration}" if error.migration else ""
-        err.print(f"[red]failed:[/] {escape(error.user)}{where}: {escape(error.error)}")
-
-
-def _print_error(error: ByodError) -> None:
-    err.print(f"[red]error:[/] {escape(error.message)}")
-    if error.hint:
-        err.print(f"[dim]hint:[/] {escape(error.hint)}")
-
-
 def main() -> None:
     """Entry point of the ``byod`` script: runs the app, turns errors into exit codes."""
     try:
         app()
     except ByodError as error:
-        _print_error(error)
+        show.print_error(err, error)
         sys.exit(error.exit_code)

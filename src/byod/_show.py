@@ -1,0 +1,114 @@
+"""Showing results on the command line: one user's outcome, fleet progress, summaries."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from byod import _render as render
+from byod.errors import ByodError
+from byod.fleet import FleetEvent, FleetStarted, FleetSummary, UserFinished
+from byod.runner import UserResult
+
+__all__ = ["finish_user", "print_error", "print_summary", "run_fleet"]
+
+T = TypeVar("T")
+
+
+def finish_user(out: Console, err: Console, result: UserResult, json_out: bool, verb: str) -> None:
+    if json_out:
+        out.print(render.dump(render.result_data(result)))
+    elif result.ok:
+        if result.from_version == result.to_version:
+            out.print(f"user {result.user_id}: nothing to do (version {result.to_version})")
+        else:
+            out.print(
+                f"user {result.user_id}: {verb} from version {result.from_version} "
+                f"to {result.to_version}"
+            )
+            for step in result.steps:
+                out.print(f"  {step.migration_id} {step.direction}: {step.status}")
+    if result.error is not None:
+        if not json_out:
+            print_error(err, result.error)
+        raise typer.Exit(1)
+
+
+def run_fleet(
+    out: Console, err: Console, work: Callable[[Callable[[FleetEvent], None]], T], json_out: bool
+) -> T:
+    """Run a fleet job, showing progress: JSON lines, or a bar on a terminal."""
+    if json_out:
+
+        def emit(event: FleetEvent) -> None:
+            if isinstance(event, UserFinished):
+                data = render.result_data(event.result) | {"outcome": event.outcome}
+                out.print(render.dump(data))
+
+        return work(emit)
+    progress = Progress(
+        TextColumn("migrating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("[red]{task.fields[failed]} failed"),
+        _RateColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not err.is_terminal,
+    )
+    task = progress.add_task("fleet", total=None, failed=0)
+    failed = 0
+
+    def show(event: FleetEvent) -> None:
+        nonlocal failed
+        if isinstance(event, FleetStarted):
+            progress.update(task, total=event.total)
+        elif isinstance(event, UserFinished):
+            failed += event.outcome == "failed"
+            progress.update(task, advance=1, failed=failed)
+
+    with progress:
+        return work(show)
+
+
+class _RateColumn(ProgressColumn):
+    """Users per second."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:.1f} users/s" if task.speed else "")
+
+
+def print_summary(out: Console, err: Console, summary: FleetSummary, json_out: bool) -> None:
+    if json_out:
+        out.print(render.dump({"summary": summary.as_dict()}))
+        return
+    out.print(
+        f"run {summary.run_id} {summary.state}: total {summary.total}: "
+        f"{summary.succeeded} succeeded, {summary.failed} failed, {summary.skipped} skipped, "
+        f"{summary.not_started} not started ({summary.not_eligible} users not eligible)"
+    )
+    if summary.halt_reason:
+        err.print(f"[yellow]halted:[/] {escape(summary.halt_reason)}")
+    for error in summary.errors:
+        where = f" at {error.migration}" if error.migration else ""
+        err.print(f"[red]failed:[/] {escape(error.user)}{where}: {escape(error.error)}")
+
+
+def print_error(err: Console, error: ByodError) -> None:
+    err.print(f"[red]error:[/] {escape(error.message)}")
+    if error.hint:
+        err.print(f"[dim]hint:[/] {escape(error.hint)}")
