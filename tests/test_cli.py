@@ -291,3 +291,31 @@ def test_a_real_process_reports_bad_usage_and_unknown_users_with_exit_2(tmp_path
     assert cli("migrate").code == 2
     unknown = cli("history", "ghost")
     assert unknown.code == 2 and "ghost" in unknown.err
+
+
+def test_fleet_runs_are_listed_shown_and_undone(cli: Cli, tmp_path: Path) -> None:
+    migrations = counter_migrations(tmp_path / "migrations")
+    env = {"BYOD_MIGRATIONS": str(migrations)}
+    assert cli("init", **env).code == 0
+    for name in ("a", "b", "c"):
+        assert cli("users", "add", "--clerk-id", name).code == 0
+        assert cli("connect", name, "--url", sqlite_instance(tmp_path, name)).code == 0
+        assert cli("migrate", name, "--to", "2", **env).code == 0
+    execute(f"sqlite:///{tmp_path / 'b.db'}", "CREATE TABLE break_me (id INTEGER)")
+    (tmp_path / "users.txt").write_text("a\nb\n")
+    run = cli("migrate", "--users", str(tmp_path / "users.txt"), "--json", **env)
+    assert run.code == 1
+    summary = json.loads(run.out.splitlines()[-1])["summary"]
+    assert (summary["succeeded"], summary["failed"], summary["total"]) == (1, 1, 2)
+    runs = cli("runs", "--json").json()
+    assert [r["id"] for r in runs] == [summary["run_id"]]  # type: ignore[index]
+    shown = cli("runs", "show", summary["run_id"], "--json").json()
+    assert shown["state"] == "completed"  # type: ignore[index]
+    assert [(f["clerk_id"], f["migration"]) for f in shown["failures"]] == [("b", "003_fragile")]  # type: ignore[index]
+    undo = cli("rollback", "--run", summary["run_id"], "--json", **env)
+    assert undo.code == 0, undo.err
+    assert json.loads(undo.out.splitlines()[-1])["summary"]["succeeded"] == 1
+    assert cli("pending", "a", **env).out.strip() == "1"  # back at 2: 003 pending again
+    assert cli("pending", "c", **env).out.strip() == "1"  # never in the run
+    assert cli("runs", "show", "nope").code == 2
+    assert cli("rollback", "--run", summary["run_id"], "--to", "1").code == 2

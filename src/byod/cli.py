@@ -23,6 +23,7 @@ from byod import _show as show
 from byod import commands
 from byod.errors import ByodError, InputError
 from byod.fleet import (
+    DEFAULT_CONCURRENCY,
     FleetOptions,
     Selection,
 )
@@ -257,7 +258,7 @@ def migrate(
     user: OptionalUser = None,
     every: All = False,
     to: Annotated[int | None, typer.Option("--to", help="Target version (default head).")] = None,
-    concurrency: Concurrency = 8,
+    concurrency: Concurrency = DEFAULT_CONCURRENCY,
     retries: Retries = 2,
     timeout: Timeout = None,
     lease_seconds: LeaseSeconds = 300.0,
@@ -305,7 +306,7 @@ def rollback(
     run: Annotated[
         str | None, typer.Option("--run", help="Undo what this fleet run moved.")
     ] = None,
-    concurrency: Concurrency = 8,
+    concurrency: Concurrency = DEFAULT_CONCURRENCY,
     retries: Retries = 2,
     timeout: Timeout = None,
     lease_seconds: LeaseSeconds = 300.0,

@@ -170,12 +170,11 @@ def plan(ws: Workspace, user_ref: str | None) -> list[UserPlan]:
         user = ws.directory.find_user(user_ref)
         config = ws.directory.get_config(user.id)
         return [UserPlan(user.id, user.clerk_id, registry.plan_up(config.schema_version))]
-    directory = ws.directory
-    plans = []
-    for candidate in iter_outdated(ws.engine, registry.head, statuses=ELIGIBLE_STATUSES):
-        user = directory.get_user(candidate.user_id)
-        plans.append(UserPlan(user.id, user.clerk_id, registry.plan_up(candidate.schema_version)))
-    return plans
+    ws.require_tables()
+    return [
+        UserPlan(row.user_id, row.clerk_id, registry.plan_up(row.schema_version))
+        for row in iter_outdated(ws.engine, registry.head, statuses=ELIGIBLE_STATUSES)
+    ]
 
 
 def migrate_user(ws: Workspace, user_ref: str, *, to_version: int | None = None) -> UserResult:

@@ -12,6 +12,7 @@ it never prints.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -31,6 +32,7 @@ from byod.errors import BusyError, ByodError, InputError, IrreversibleError
 from byod.runner import Runner, UserResult
 
 __all__ = [
+    "DEFAULT_CONCURRENCY",
     "ELIGIBLE_STATUSES",
     "FleetError",
     "FleetEvent",
@@ -45,13 +47,15 @@ __all__ = [
 
 log = logging.getLogger("byod.fleet")
 ELIGIBLE_STATUSES = ("connected", "error")
+#: Instances are mostly waited on (network, disk), so a few per core.
+DEFAULT_CONCURRENCY = min(32, 4 * (os.cpu_count() or 2))
 
 
 @dataclass(frozen=True)
 class FleetOptions:
     """How a fleet run goes: how wide, how patient, when to stop."""
 
-    concurrency: int = 8
+    concurrency: int = DEFAULT_CONCURRENCY
     retries: int = 2
     retry_base_seconds: float = 0.5
     retry_cap_seconds: float = 30.0
