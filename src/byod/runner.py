@@ -18,8 +18,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
-from alembic.operations import Operations
-from alembic.runtime.migration import MigrationContext as AlembicContext
 
 from byod.connections import Credentials, open_instance, unseal_config
 from byod.controlplane import Config, Directory, Ledger, User
@@ -381,6 +379,10 @@ class Runner:
         )
 
         def body(conn: sa.Connection) -> None:
+            # imported here: a run with nothing to migrate never pays for Alembic's import
+            from alembic.operations import Operations
+            from alembic.runtime.migration import MigrationContext as AlembicContext
+
             operations = Operations(AlembicContext.configure(connection=conn))
             function(
                 MigrationContext(
