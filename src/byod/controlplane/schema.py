@@ -132,7 +132,7 @@ def open_engine(url: str) -> sa.Engine:
     """An engine on the control plane; SQLite gets WAL and a busy timeout for many workers."""
     parsed = normalize_url(url)
     # no pre-ping: it would cost a round trip per checkout; stale connections are recycled
-    kwargs: dict[str, Any] = {"pool_recycle": 600, "pool_size": 8, "max_overflow": 56}
+    kwargs: dict[str, Any] = {"pool_recycle": 600, "pool_size": 8, "max_overflow": 24}
     if parsed.get_backend_name() == "sqlite":
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
     try:
