@@ -304,26 +304,27 @@ def process_fleet(
     yield cws, ids, urls, env
 
 
+def start_held(
+    folder: Path, env: dict[str, str], held: int, *args: str, hold_seconds: str = "120"
+) -> tuple[subprocess.Popen[str], Path]:
+    """Start `byod migrate --all ARGS` whose 002 waits inside its instance transaction;
+    return once ``held`` users are waiting there."""
+    hold = folder / "hold"
+    hold.mkdir()
+    hold_env = {"BYOD_TEST_HOLD_DIR": str(hold), "BYOD_TEST_HOLD_SECONDS": hold_seconds}
+    proc = byod(folder, "migrate", "--all", *args, env=env | hold_env)
+    deadline = time.monotonic() + 60
+    while len(list(hold.iterdir())) < held and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(list(hold.iterdir())) == held, proc.communicate(timeout=5)
+    return proc, hold
+
+
 def test_kill_9_mid_transaction_then_rerun_applies_each_step_once(
     process_fleet: tuple[Workspace, list[int], list[str], dict[str, str]], tmp_path: Path
 ) -> None:
     ws, ids, urls, env = process_fleet
-    hold = tmp_path / "hold"
-    hold.mkdir()
-    proc = byod(
-        tmp_path,
-        "migrate",
-        "--all",
-        "--concurrency",
-        "3",
-        "--lease-seconds",
-        "2",
-        env=env | {"BYOD_TEST_HOLD_DIR": str(hold)},
-    )
-    deadline = time.monotonic() + 60
-    while len(list(hold.iterdir())) < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(list(hold.iterdir())) == 3, proc.communicate(timeout=5)
+    proc, hold = start_held(tmp_path, env, 3, "--concurrency", "3", "--lease-seconds", "2")
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     held = {int(p.name.split("-")[1]) for p in hold.iterdir()}
@@ -367,20 +368,7 @@ def test_ctrl_c_lets_running_users_finish_and_reports_the_rest(
     process_fleet: tuple[Workspace, list[int], list[str], dict[str, str]], tmp_path: Path
 ) -> None:
     ws, ids, urls, env = process_fleet
-    hold = tmp_path / "hold"
-    hold.mkdir()
-    proc = byod(
-        tmp_path,
-        "migrate",
-        "--all",
-        "--json",
-        "--concurrency",
-        "2",
-        env=env | {"BYOD_TEST_HOLD_DIR": str(hold), "BYOD_TEST_HOLD_SECONDS": "2"},
-    )
-    deadline = time.monotonic() + 60
-    while len(list(hold.iterdir())) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    proc, _ = start_held(tmp_path, env, 2, "--json", "--concurrency", "2", hold_seconds="2")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err

@@ -148,14 +148,7 @@ class FleetSummary:
 
     def counts(self) -> RunCounts:
         """The counts, as the run record keeps them."""
-        return RunCounts(
-            self.total,
-            self.succeeded,
-            self.failed,
-            self.skipped,
-            self.not_started,
-            self.not_eligible,
-        )
+        return RunCounts(**{name: getattr(self, name) for name in RunCounts.__dataclass_fields__})
 
     def as_dict(self) -> dict[str, object]:
         """The summary as plain data (for JSON)."""
