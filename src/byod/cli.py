@@ -434,6 +434,23 @@ def new(
 
 
 @app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+    database_url: DatabaseUrl = None,
+    migrations: Migrations = None,
+) -> None:
+    """Serve the HTTP API and the operators' dashboard (BYOD_JWT_* configure tokens)."""
+    import uvicorn
+
+    from byod.api import AuthSettings, create_app
+
+    application = create_app(_workspace(database_url, migrations), AuthSettings.from_env())
+    err.print(f"byod serving on http://{host}:{port} (dashboard: /dashboard)")
+    uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+@app.command()
 def demo(
     tenants: Annotated[int, typer.Option("--tenants", min=1, max=100000)] = 5,
     database_url: DatabaseUrl = None,

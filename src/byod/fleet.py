@@ -47,6 +47,8 @@ __all__ = [
 
 log = logging.getLogger("byod.fleet")
 ELIGIBLE_STATUSES = ("connected", "error")
+#: How often a running fleet run writes its counts (what watchers and dashboards see).
+PROGRESS_SECONDS = 2.0
 #: Instances are mostly waited on (network, disk), so a few per core.
 DEFAULT_CONCURRENCY = min(32, 4 * (os.cpu_count() or 2))
 
@@ -317,6 +319,7 @@ def _execute(
     runner = base.configured(
         run_id=summary.run_id, timeout=options.timeout, lease_seconds=options.lease_seconds
     )
+    store.progress(summary.run_id, summary.counts(), planned=total + summary.total)
     on_event(FleetStarted(summary.run_id, total + summary.total))
     return _FleetRun(runner, store, summary, options, on_event, action).run(iter(items))
 
@@ -442,7 +445,7 @@ class _FleetRun:
 
 def _report_progress(store: RunStore, summary: FleetSummary, stop: threading.Event) -> None:
     """Write the run's counts every few seconds, so others can watch it and see it alive."""
-    while not stop.wait(5.0):
+    while not stop.wait(PROGRESS_SECONDS):
         try:
             store.progress(summary.run_id, summary.counts())
         except ByodError as exc:

@@ -52,10 +52,19 @@ class RunRecord:
     target_version: int | None
     undoes: str | None
     counts: RunCounts
+    planned: int | None
     halt_reason: str | None
     started_at: datetime
     updated_at: datetime
     ended_at: datetime | None
+
+    @property
+    def remaining(self) -> int | None:
+        """Users not finished yet (None while the size of the run is not known)."""
+        if self.planned is None:
+            return None
+        c = self.counts
+        return max(0, self.planned - c.succeeded - c.failed - c.skipped - c.not_started)
 
     @property
     def shown_state(self) -> str:
@@ -114,9 +123,12 @@ class RunStore:
             )
         return run_id
 
-    def progress(self, run_id: str, counts: RunCounts) -> None:
-        """Write the counts so far (and that the run is alive)."""
-        self._write(run_id, counts)
+    def progress(self, run_id: str, counts: RunCounts, *, planned: int | None = None) -> None:
+        """Write the counts so far (and that the run is alive); ``planned``: its size."""
+        if planned is None:
+            self._write(run_id, counts)
+        else:
+            self._write(run_id, counts, planned=planned)
 
     def finish(
         self, run_id: str, counts: RunCounts, state: str, halt_reason: str | None = None

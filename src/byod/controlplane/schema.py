@@ -112,6 +112,7 @@ runs = sa.Table(
     sa.Column("skipped", sa.Integer, nullable=False, server_default="0"),
     sa.Column("not_started", sa.Integer, nullable=False, server_default="0"),
     sa.Column("not_eligible", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("planned", sa.Integer, nullable=True),
     sa.Column("halt_reason", sa.Text, nullable=True),
     sa.Column("started_at", sa.DateTime, nullable=False),
     sa.Column("updated_at", sa.DateTime, nullable=False),

@@ -1,0 +1,9 @@
+"""The HTTP service (FastAPI): status for users, the fleet view and runs for operators.
+
+The core never imports this package.
+"""
+
+from byod.api.app import create_app
+from byod.api.auth import AuthSettings
+
+__all__ = ["AuthSettings", "create_app"]

@@ -1,0 +1,234 @@
+"""The HTTP service: the caller's own instance and history, and the operators' fleet view.
+
+Every route reads through the core (``commands``, ``controlplane``, ``fleet``); none
+holds migration logic of its own. Users see only their own data; operators
+(``byod_role: admin``) see the fleet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from byod.api import problems
+from byod.api.auth import Authenticator, AuthSettings, Principal
+from byod.api.background import BackgroundRuns
+from byod.api.dashboard import install_dashboard
+from byod.api.models import (
+    FleetRunRequest,
+    FleetStatusOut,
+    HistoryPage,
+    InstanceOut,
+    LedgerRowOut,
+    PendingOut,
+    PendingStep,
+    Problem,
+    RunOut,
+    RunStarted,
+)
+from byod.commands import Workspace
+from byod.controlplane import RunRecord, RunStore, User, fleet_status, history
+from byod.errors import InputError
+from byod.fleet import FleetOptions, Selection
+
+__all__ = ["create_app"]
+
+_PROBLEM_CONTENT = {
+    "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+}
+_ERRORS: dict[int | str, dict[str, object]] = {
+    status: {"model": Problem, "description": text}
+    for status, text in [
+        (401, "no valid token"),
+        (403, "operators only"),
+        (404, "not found"),
+        (409, "a run is already under way"),
+        (422, "invalid request"),
+    ]
+}
+
+
+def _workspace(request: Request) -> Workspace:
+    return request.app.state.ws  # type: ignore[no-any-return]
+
+
+_bearer = HTTPBearer(auto_error=False, description="A JWT; `sub` is the user's clerk id.")
+
+
+def _caller(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None,
+) -> Principal:
+    authenticator: Authenticator = request.app.state.authenticator
+    if credentials is None:
+        return authenticator.authenticate(request.headers.get("authorization"))
+    return authenticator.verify(credentials.credentials)
+
+
+def _operator(principal: Annotated[Principal, Depends(_caller)]) -> Principal:
+    if not principal.admin:
+        raise problems.ForbiddenError("operators only (byod_role: admin)")
+    return principal
+
+
+Ws = Annotated[Workspace, Depends(_workspace)]
+Caller = Annotated[Principal, Depends(_caller)]
+Operator = Annotated[Principal, Depends(_operator)]
+Limit = Annotated[int, Query(ge=1, le=500)]
+Offset = Annotated[int, Query(ge=0, le=10**9)]
+router = APIRouter()
+
+
+def _me(ws: Workspace, principal: Principal) -> User:
+    return ws.directory.find_user(principal.clerk_id)
+
+
+@router.get("/v1/me/instance", tags=["me"])
+def my_instance(ws: Ws, principal: Caller) -> InstanceOut:
+    """Where the caller's database stands."""
+    user = _me(ws, principal)
+    config = ws.directory.get_config(user.id)
+    return InstanceOut(
+        user_id=user.id,
+        clerk_id=user.clerk_id,
+        connection_status=config.connection_status,
+        schema_version=config.schema_version,
+        head_version=ws.registry.head,
+        pending=ws.registry.pending_count(config.schema_version),
+        last_error=config.last_error,
+    )
+
+
+@router.get("/v1/me/migrations", tags=["me"])
+def my_history(ws: Ws, principal: Caller, limit: Limit = 50, offset: Offset = 0) -> HistoryPage:
+    """The caller's migration history, newest first."""
+    rows = history(ws.engine, _me(ws, principal).id, limit=limit, offset=offset)
+    return HistoryPage(items=[LedgerRowOut.of(r) for r in rows], limit=limit, offset=offset)
+
+
+@router.get("/v1/me/migrations/pending", tags=["me"])
+def my_pending(ws: Ws, principal: Caller) -> PendingOut:
+    """How many migrations the caller's database still needs, and which."""
+    config = ws.directory.get_config(_me(ws, principal).id)
+    steps = [
+        PendingStep(id=m.id, version=m.version, name=m.name, description=m.description)
+        for m in ws.registry.after(config.schema_version)
+    ]
+    return PendingOut(count=len(steps), migrations=steps)
+
+
+@router.post("/v1/me/migrations/run", status_code=202, tags=["me"])
+def run_mine(request: Request, ws: Ws, principal: Caller) -> RunStarted:
+    """Start a run for the caller's own database (409 while one is under way)."""
+    user = _me(ws, principal)
+    ws.directory.get_config(user.id)  # NotConnectedError: 404
+    runs: BackgroundRuns = request.app.state.runs
+    return RunStarted(run_id=runs.start_for_user(user))
+
+
+@router.get("/v1/runs/{run_id}", tags=["me"])
+def my_run(ws: Ws, principal: Caller, run_id: str) -> RunOut:
+    """A run the caller started for their own database."""
+    user = _me(ws, principal)
+    run = _run_or_404(ws, run_id)
+    if run.options.get("users") != [str(user.id)]:
+        raise problems.NotFoundError(f"no run {run_id!r} of yours")
+    return RunOut.of(run)
+
+
+@router.get("/v1/fleet/status", tags=["operators"])
+def fleet(ws: Ws, principal: Operator) -> FleetStatusOut:
+    """Users per version and connection status, recent failures."""
+    return FleetStatusOut.of(fleet_status(ws.engine, ws.registry.head))
+
+
+@router.post("/v1/fleet/runs", status_code=202, tags=["operators"])
+def start_fleet_run(request: Request, principal: Operator, body: FleetRunRequest) -> RunStarted:
+    """Start a fleet run with these options."""
+    options = FleetOptions(
+        concurrency=body.concurrency,
+        retries=body.retries,
+        timeout=body.timeout,
+        canary=body.canary,
+        max_failure_ratio=body.max_failure_ratio,
+    )
+    selection = Selection(only_version=body.only_version, limit=body.limit)
+    runs: BackgroundRuns = request.app.state.runs
+    return RunStarted(run_id=runs.start_fleet(options, selection))
+
+
+@router.get("/v1/fleet/runs/{run_id}", tags=["operators"])
+def fleet_run(ws: Ws, principal: Operator, run_id: str) -> RunOut:
+    """A fleet run's progress: done, failed, remaining."""
+    return RunOut.of(_run_or_404(ws, run_id))
+
+
+@router.get("/v1/users/{user}/migrations", tags=["operators"])
+def user_history(
+    ws: Ws, principal: Operator, user: str, limit: Limit = 50, offset: Offset = 0
+) -> HistoryPage:
+    """Any user's history (id or clerk id), newest first."""
+    found = ws.directory.find_user(user)
+    rows = history(ws.engine, found.id, limit=limit, offset=offset)
+    return HistoryPage(items=[LedgerRowOut.of(r) for r in rows], limit=limit, offset=offset)
+
+
+def create_app(ws: Workspace, auth: AuthSettings) -> FastAPI:
+    """The ASGI app on one workspace (control plane, migrations, key)."""
+    ws.require_tables()
+    authenticator = Authenticator(auth)
+    app = FastAPI(
+        title="byod",
+        version="0.1.0",
+        description="Schema migrations of users' own databases: status and runs.",
+        responses=_ERRORS,
+    )
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.state.ws = ws
+    app.state.authenticator = authenticator
+    app.state.runs = BackgroundRuns(ws)
+    problems.install(app)
+    app.include_router(router)
+    install_dashboard(app, ws, authenticator)
+
+    @app.middleware("http")
+    async def no_store(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        response = await call_next(request)
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document, saying that every error is a problem document."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+        )
+        for operation in (op for path in schema["paths"].values() for op in path.values()):
+            for status in ("401", "403", "404", "409", "422"):
+                operation.setdefault("responses", {})[status] = {
+                    "description": _ERRORS[int(status)]["description"],
+                    "content": _PROBLEM_CONTENT,
+                }
+        schema["components"]["schemas"].pop("HTTPValidationError", None)
+        schema["components"]["schemas"].pop("ValidationError", None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def _run_or_404(ws: Workspace, run_id: str) -> RunRecord:
+    try:
+        return RunStore(ws.engine).get(run_id)
+    except InputError as exc:
+        raise problems.NotFoundError(f"no run {run_id!r}") from exc

@@ -1,0 +1,81 @@
+"""Fleet runs started over HTTP: each in a thread, answering with its run id at once."""
+
+from __future__ import annotations
+
+import threading
+
+from byod.commands import Workspace
+from byod.controlplane import User
+from byod.controlplane.schema import utcnow
+from byod.errors import BusyError, ByodError
+from byod.fleet import FleetEvent, FleetOptions, FleetStarted, FleetSummary, Selection
+from byod.fleet import migrate_fleet as run_fleet
+
+__all__ = ["BackgroundRuns"]
+
+
+class BackgroundRuns:
+    """Starts fleet runs in threads; at most one run per user at a time."""
+
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
+        self._lock = threading.Lock()
+        self._users_running: set[int] = set()
+
+    def start_for_user(self, user: User) -> str:
+        """A run for one user's own instance; :class:`BusyError` if one is under way."""
+        with self._lock:
+            if user.id in self._users_running or self._lease_held(user.id):
+                raise BusyError(f"a migration run is already under way for user {user.id}")
+            self._users_running.add(user.id)
+        try:
+            return self._start(
+                FleetOptions(concurrency=1), Selection(users=(str(user.id),)), user.id
+            )
+        except BaseException:
+            with self._lock:
+                self._users_running.discard(user.id)
+            raise
+
+    def start_fleet(self, options: FleetOptions, selection: Selection) -> str:
+        """A fleet run with the given options."""
+        return self._start(options, selection, None)
+
+    def _lease_held(self, user_id: int) -> bool:
+        config = self.ws.directory.get_config(user_id)
+        return bool(
+            config.lease_owner and config.lease_expires_at and config.lease_expires_at > utcnow()
+        )
+
+    def _start(self, options: FleetOptions, selection: Selection, user_id: int | None) -> str:
+        started = threading.Event()
+        box: dict[str, object] = {}
+
+        def on_event(event: FleetEvent) -> None:
+            if isinstance(event, FleetStarted):
+                box["run_id"] = event.run_id
+                started.set()
+
+        def work() -> None:
+            try:
+                summary: FleetSummary = run_fleet(
+                    self.ws.runner(), options=options, selection=selection, on_event=on_event
+                )
+                box.setdefault("run_id", summary.run_id)
+            except ByodError as exc:
+                box["error"] = exc
+            finally:
+                started.set()
+                if user_id is not None:
+                    with self._lock:
+                        self._users_running.discard(user_id)
+
+        threading.Thread(target=work, name="byod-api-run", daemon=True).start()
+        started.wait(30)
+        error = box.get("error")
+        if isinstance(error, ByodError):
+            raise error
+        run_id = box.get("run_id")
+        if not isinstance(run_id, str):
+            raise BusyError("the run did not start in time")
+        return run_id

@@ -1,0 +1,194 @@
+"""The operators' dashboard: server-rendered HTML, an inline-SVG chart, no build step.
+
+Sign in with an operator's token (kept in an HttpOnly cookie scoped to /dashboard).
+Pages: the fleet (users per version, connection statuses, latest failures, runs with
+live progress) and one user's history.
+"""
+
+from __future__ import annotations
+
+from html import escape
+from urllib.parse import parse_qs, quote
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from byod.api.auth import Authenticator, AuthError
+from byod.commands import Workspace
+from byod.controlplane import FleetStatus, LedgerRow, RunRecord, RunStore, fleet_status, history
+from byod.errors import ByodError
+
+__all__ = ["install_dashboard"]
+
+COOKIE = "byod_token"
+_STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:2rem;color:#1d2330;background:#f7f8fa}
+h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:2rem}
+table{border-collapse:collapse;background:#fff}td,th{border:1px solid #d5d9e0;padding:4px 8px}
+th{background:#eef1f5;text-align:left}.bad{color:#b3261e}.ok{color:#1e6b35}
+.card{display:inline-block;background:#fff;border:1px solid #d5d9e0;padding:8px 14px;
+margin-right:8px}
+form.inline{display:inline}
+"""
+
+
+def _page(title: str, body: str, *, refresh: bool = False) -> str:
+    meta = '<meta http-equiv="refresh" content="2">' if refresh else ""
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8">{meta}'
+        f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body>{body}</body></html>"
+    )
+
+
+def _sign_in(message: str = "") -> str:
+    note = f'<p class="bad" id="sign-in-error">{escape(message)}</p>' if message else ""
+    return _page(
+        "byod: sign in",
+        "<h1>byod dashboard</h1><p>Paste an operator token (byod_role: admin).</p>"
+        f"{note}"
+        '<form method="post" action="/dashboard/login">'
+        '<input type="password" name="token" id="token" size="60" autocomplete="off">'
+        '<button type="submit" id="sign-in">Sign in</button></form>',
+    )
+
+
+def _chart(status: FleetStatus) -> str:
+    """Users per schema version as an SVG bar chart."""
+    versions = sorted(set(status.by_version) | {status.head})
+    top = max([status.by_version.get(v, 0) for v in versions] + [1])
+    width, height, bar = 80 * len(versions) + 40, 220, 48
+    parts = [
+        f'<svg id="versions-chart" width="{width}" height="{height + 40}" role="img" '
+        f'aria-label="users per schema version">'
+    ]
+    for index, version in enumerate(versions):
+        count = status.by_version.get(version, 0)
+        h = round(height * count / top)
+        x = 30 + index * 80
+        colour = "#2f6fdf" if version == status.head else "#e0872b"
+        parts.append(
+            f'<rect class="bar" data-version="{version}" data-users="{count}" x="{x}" '
+            f'y="{height - h + 10}" width="{bar}" height="{h}" fill="{colour}"></rect>'
+            f'<text x="{x + bar / 2}" y="{height - h + 5}" text-anchor="middle">{count}</text>'
+            f'<text x="{x + bar / 2}" y="{height + 28}" text-anchor="middle">v{version}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _run_row(run: RunRecord) -> str:
+    c = run.counts
+    progress = ""
+    if run.planned:
+        done = c.succeeded + c.failed + c.skipped
+        progress = f'<progress max="{run.planned}" value="{done}"></progress> {done}/{run.planned}'
+    return (
+        f'<tr class="run" data-run="{escape(run.id)}"><td>{escape(run.id)}</td>'
+        f"<td>{escape(run.kind)}</td><td>{escape(run.shown_state)}</td><td>{progress}</td>"
+        f"<td>{c.succeeded}</td><td class='bad'>{c.failed}</td><td>{c.skipped}</td>"
+        f"<td>{c.not_started}</td></tr>"
+    )
+
+
+def _overview(status: FleetStatus, runs: list[RunRecord]) -> str:
+    cards = "".join(
+        f'<span class="card" data-status="{escape(state)}">{escape(state)}: <b>{count}</b></span>'
+        for state, count in sorted(status.by_connection.items())
+    )
+    failures = "".join(
+        f'<tr class="failure"><td><a href="/dashboard/users/{f.user_id}">'
+        f"{f.user_id} ({escape(f.clerk_id)})</a></td><td>{escape(f.migration_id)} "
+        f"{escape(f.direction)}</td><td>{escape(f.error or '')}</td>"
+        f"<td>{f.at:%Y-%m-%d %H:%M:%S}</td></tr>"
+        if f.at
+        else ""
+        for f in status.recent_failures
+    )
+    running = any(r.shown_state == "running" for r in runs)
+    return _page(
+        "byod: fleet",
+        f"<h1>byod fleet</h1><p>head version <b id='head'>{status.head}</b>, "
+        f"<b id='users'>{status.users}</b> users, <b id='outdated'>{status.outdated}</b> "
+        "connected below head. <a href='/dashboard/logout'>sign out</a></p>"
+        f"<h2>Users per schema version</h2>{_chart(status)}"
+        f"<h2>Connection status</h2><div id='connection'>{cards}</div>"
+        "<h2>Latest failures</h2><table id='failures'><tr><th>user</th><th>migration</th>"
+        f"<th>error</th><th>when (UTC)</th></tr>{failures}</table>"
+        "<h2>Fleet runs</h2><table id='runs'><tr><th>run</th><th>kind</th><th>state</th>"
+        "<th>progress</th><th>ok</th><th>failed</th><th>skipped</th><th>not started</th></tr>"
+        f"{''.join(_run_row(r) for r in runs)}</table>"
+        "<h2>A user's history</h2><form method='get' action='/dashboard/users'>"
+        "<input name='user' placeholder='user id or clerk id'><button>Show</button></form>",
+        refresh=running,
+    )
+
+
+def _history(label: str, rows: list[LedgerRow]) -> str:
+    body = "".join(
+        f"<tr class='step'><td>{escape(r.migration_id)}</td><td>{escape(r.direction)}</td>"
+        f"<td class='{'bad' if r.status == 'failed' else 'ok'}'>{escape(r.status)}</td>"
+        f"<td>{r.attempts}</td><td>{escape(r.run_id or '')}</td><td>{escape(r.error or '')}</td>"
+        f"<td>{r.created_at:%Y-%m-%d %H:%M:%S}</td></tr>"
+        for r in rows
+    )
+    return _page(
+        f"byod: {label}",
+        f"<p><a href='/dashboard'>&larr; fleet</a></p><h1>History of {escape(label)}</h1>"
+        "<table id='history'><tr><th>migration</th><th>dir</th><th>status</th><th>attempt</th>"
+        f"<th>run</th><th>error</th><th>created (UTC)</th></tr>{body}</table>",
+    )
+
+
+def install_dashboard(app: FastAPI, ws: Workspace, authenticator: Authenticator) -> None:
+    """Add the /dashboard pages (not part of the OpenAPI document)."""
+
+    def signed_in(request: Request) -> bool:
+        token = request.cookies.get(COOKIE)
+        if not token:
+            return False
+        try:
+            return authenticator.verify(token).admin
+        except AuthError:
+            return False
+
+    @app.get("/dashboard", include_in_schema=False)
+    def dashboard(request: Request) -> Response:
+        if not signed_in(request):
+            return HTMLResponse(_sign_in())
+        status = fleet_status(ws.engine, ws.registry.head)
+        return HTMLResponse(_overview(status, RunStore(ws.engine).recent(10)))
+
+    @app.post("/dashboard/login", include_in_schema=False)
+    async def login(request: Request) -> Response:
+        form = parse_qs((await request.body()).decode(errors="replace"))
+        token = (form.get("token") or [""])[0].strip()
+        try:
+            principal = authenticator.verify(token)
+        except AuthError as exc:
+            return HTMLResponse(_sign_in(exc.message), status_code=401)
+        if not principal.admin:
+            return HTMLResponse(_sign_in("operators only (byod_role: admin)"), status_code=403)
+        response = RedirectResponse("/dashboard", status_code=303)
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/dashboard")
+        return response
+
+    @app.get("/dashboard/logout", include_in_schema=False)
+    def logout() -> Response:
+        response = RedirectResponse("/dashboard", status_code=303)
+        response.delete_cookie(COOKIE, path="/dashboard")
+        return response
+
+    @app.get("/dashboard/users", include_in_schema=False)
+    def find_user(user: str = "") -> Response:
+        return RedirectResponse(f"/dashboard/users/{quote(user.strip() or '-')}", 303)
+
+    @app.get("/dashboard/users/{user}", include_in_schema=False)
+    def user_page(request: Request, user: str) -> Response:
+        if not signed_in(request):
+            return HTMLResponse(_sign_in())
+        try:
+            found = ws.directory.find_user(user)
+        except ByodError as exc:
+            return HTMLResponse(_page("byod", f"<p>{escape(exc.message)}</p>"), status_code=404)
+        label = f"{found.id} ({found.clerk_id})"
+        return HTMLResponse(_history(label, history(ws.engine, found.id, limit=200)))

@@ -1,0 +1,183 @@
+"""The HTTP API's request and response bodies (they make the OpenAPI document)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+from byod.controlplane import FleetStatus, LedgerRow, RunRecord
+
+__all__ = [
+    "FleetRunRequest",
+    "FleetStatusOut",
+    "HistoryPage",
+    "InstanceOut",
+    "LedgerRowOut",
+    "PendingOut",
+    "PendingStep",
+    "Problem",
+    "RunOut",
+    "RunStarted",
+]
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+
+
+class InstanceOut(BaseModel):
+    """The caller's database: where it stands."""
+
+    user_id: int
+    clerk_id: str
+    connection_status: str
+    schema_version: int
+    head_version: int
+    pending: int
+    last_error: str | None
+
+
+class LedgerRowOut(BaseModel):
+    """One migration attempt."""
+
+    id: int
+    migration_id: str
+    version: int
+    direction: str
+    status: str
+    error: str | None
+    attempts: int
+    run_id: str | None
+    started_at: datetime | None
+    completed_at: datetime | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row: LedgerRow) -> LedgerRowOut:
+        return cls(**{name: getattr(row, name) for name in cls.model_fields})
+
+
+class HistoryPage(BaseModel):
+    """A page of history, newest first."""
+
+    items: list[LedgerRowOut]
+    limit: int
+    offset: int
+
+
+class PendingStep(BaseModel):
+    """A migration the instance still needs."""
+
+    id: str
+    version: int
+    name: str
+    description: str
+
+
+class PendingOut(BaseModel):
+    """What is pending for the caller."""
+
+    count: int
+    migrations: list[PendingStep]
+
+
+class RunStarted(BaseModel):
+    """A run was started."""
+
+    run_id: str
+
+
+class RunOut(BaseModel):
+    """A fleet run and its progress."""
+
+    id: str
+    kind: str
+    state: str
+    started_by: str
+    started_at: datetime
+    ended_at: datetime | None
+    target_version: int | None
+    undoes: str | None
+    planned: int | None
+    succeeded: int
+    failed: int
+    skipped: int
+    not_started: int
+    not_eligible: int
+    done: int
+    remaining: int | None
+    halt_reason: str | None
+
+    @classmethod
+    def of(cls, run: RunRecord) -> RunOut:
+        c = run.counts
+        return cls(
+            id=run.id,
+            kind=run.kind,
+            state=run.shown_state,
+            started_by=run.started_by,
+            started_at=run.started_at,
+            ended_at=run.ended_at,
+            target_version=run.target_version,
+            undoes=run.undoes,
+            planned=run.planned,
+            succeeded=c.succeeded,
+            failed=c.failed,
+            skipped=c.skipped,
+            not_started=c.not_started,
+            not_eligible=c.not_eligible,
+            done=c.succeeded + c.failed + c.skipped,
+            remaining=run.remaining,
+            halt_reason=run.halt_reason,
+        )
+
+
+class FailureOut(BaseModel):
+    """A recent failure."""
+
+    user_id: int
+    clerk_id: str
+    migration_id: str
+    direction: str
+    error: str | None
+    at: datetime | None
+
+
+class FleetStatusOut(BaseModel):
+    """The fleet at a glance."""
+
+    head: int
+    users: int
+    by_version: dict[str, int]
+    by_connection: dict[str, int]
+    outdated: int
+    recent_failures: list[FailureOut]
+
+    @classmethod
+    def of(cls, status: FleetStatus) -> FleetStatusOut:
+        return cls(
+            head=status.head,
+            users=status.users,
+            by_version={str(k): v for k, v in status.by_version.items()},
+            by_connection=status.by_connection,
+            outdated=status.outdated,
+            recent_failures=[FailureOut(**f.__dict__) for f in status.recent_failures],
+        )
+
+
+class FleetRunRequest(BaseModel):
+    """Options of a fleet run started over HTTP."""
+
+    concurrency: int = Field(default=8, ge=1, le=256)
+    retries: int = Field(default=2, ge=0, le=10)
+    timeout: float | None = Field(default=None, gt=0, le=86400)
+    canary: int = Field(default=0, ge=0)
+    max_failure_ratio: float | None = Field(default=None, ge=0, le=1)
+    only_version: int | None = Field(default=None, ge=0)
+    limit: int | None = Field(default=None, ge=1)

@@ -1,0 +1,276 @@
+"""The HTTP service through the real ASGI app, on real control planes and instances."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from fastapi.testclient import TestClient
+
+from byod.api import AuthSettings, create_app
+from byod.commands import Workspace
+from tests import gates
+from tests.conftest import execute
+from tests.helpers import add_connected
+
+SECRET = "test-secret-that-is-long-enough-for-hs256"
+
+
+def token(
+    sub: str, *, admin: bool = False, key: Any = SECRET, alg: str = "HS256", **claims: Any
+) -> str:
+    payload = {"sub": sub, "exp": int(time.time()) + 600, **claims}
+    if admin:
+        payload["byod_role"] = "admin"
+    return jwt.encode(payload, key, algorithm=alg)
+
+
+def bearer(value: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {value}"}
+
+
+@dataclass
+class Api:
+    client: TestClient
+    ws: Workspace
+    a: int
+    b: int
+    url_a: str
+    url_b: str
+
+    def get(self, path: str, who: str, **kw: Any) -> Any:
+        return self.client.get(path, headers=bearer(token(who, admin=who == "ops")), **kw)
+
+    def post(self, path: str, who: str, **kw: Any) -> Any:
+        return self.client.post(path, headers=bearer(token(who, admin=who == "ops")), **kw)
+
+
+@pytest.fixture
+def api(cws: Workspace, tmp_path: Path) -> Iterator[Api]:
+    url_a = f"sqlite:///{tmp_path / 'a.db'}"
+    url_b = f"sqlite:///{tmp_path / 'b.db'}"
+    (tmp_path / "a.db").touch()
+    (tmp_path / "b.db").touch()
+    a = add_connected(cws, url_a, "user_a")
+    b = add_connected(cws, url_b, "user_b")
+    cws.directory.add_user("ops")
+    app = create_app(cws, AuthSettings(secret=SECRET))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield Api(client, cws, a, b, url_a, url_b)
+
+
+def wait_for_run(api: Api, path: str, who: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        body: dict[str, Any] = api.get(path, who).json()
+        if body["state"] != "running":
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"{path} never finished")
+
+
+def test_user_endpoints_happy_path(api: Api) -> None:
+    instance = api.get("/v1/me/instance", "user_a")
+    assert instance.status_code == 200
+    assert instance.json() | {"last_error": None} == {
+        "user_id": api.a,
+        "clerk_id": "user_a",
+        "connection_status": "connected",
+        "schema_version": 0,
+        "head_version": 3,
+        "pending": 3,
+        "last_error": None,
+    }
+    pending = api.get("/v1/me/migrations/pending", "user_a").json()
+    assert pending["count"] == 3
+    assert [m["id"] for m in pending["migrations"]] == ["001_create", "002_bump", "003_fragile"]
+    started = api.post("/v1/me/migrations/run", "user_a")
+    assert started.status_code == 202
+    run_id = started.json()["run_id"]
+    run = wait_for_run(api, f"/v1/runs/{run_id}", "user_a")
+    assert (run["state"], run["succeeded"], run["failed"], run["remaining"]) == (
+        "completed",
+        1,
+        0,
+        0,
+    )
+    page = api.get("/v1/me/migrations", "user_a", params={"limit": 2}).json()
+    assert [row["migration_id"] for row in page["items"]] == ["003_fragile", "002_bump"]
+    assert page["limit"] == 2
+    second = api.get("/v1/me/migrations", "user_a", params={"limit": 2, "offset": 2}).json()
+    assert [row["migration_id"] for row in second["items"]] == ["001_create"]
+    assert api.get("/v1/me/instance", "user_a").json()["schema_version"] == 3
+    assert api.get("/v1/me/instance", "user_b").json()["schema_version"] == 0  # untouched
+
+
+def test_a_second_run_while_one_runs_is_409(api: Api) -> None:
+    execute(api.url_a, "CREATE TABLE hold_me (id INTEGER)")
+    assert api.ws.runner().migrate(api.a, to_version=1).ok
+    gates.reset()
+    first = api.post("/v1/me/migrations/run", "user_a")
+    assert first.status_code == 202
+    try:
+        assert gates.entered.wait(20)
+        again = api.post("/v1/me/migrations/run", "user_a")
+        assert again.status_code == 409
+        assert again.headers["content-type"].startswith("application/problem+json")
+    finally:
+        gates.release.set()
+    run = wait_for_run(api, f"/v1/runs/{first.json()['run_id']}", "user_a")
+    assert run["succeeded"] == 1
+
+
+def test_user_a_can_never_reach_user_b(api: Api) -> None:
+    b_run = api.post("/v1/me/migrations/run", "user_b").json()["run_id"]
+    wait_for_run(api, f"/v1/runs/{b_run}", "user_b")
+    assert api.get(f"/v1/runs/{b_run}", "user_a").status_code == 404
+    assert api.get(f"/v1/fleet/runs/{b_run}", "user_a").status_code == 403
+    for ref in (str(api.b), "user_b", str(api.a)):
+        assert api.get(f"/v1/users/{ref}/migrations", "user_a").status_code == 403
+    mine = api.get("/v1/me/migrations", "user_a").json()
+    assert mine["items"] == []  # b's history is not a's
+    assert api.get("/v1/me/instance", "user_a").json()["schema_version"] == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("get", "/v1/fleet/status"),
+        ("post", "/v1/fleet/runs"),
+        ("get", "/v1/fleet/runs/anything"),
+        ("get", "/v1/users/user_b/migrations"),
+    ],
+)
+def test_non_admins_get_403_on_operator_endpoints(api: Api, method: str, path: str) -> None:
+    response = getattr(api, method)(path, "user_a", **({"json": {}} if method == "post" else {}))
+    assert response.status_code == 403
+    body = response.json()
+    assert body["status"] == 403 and body["type"].endswith("forbidden") and body["detail"]
+
+
+def test_operator_endpoints(api: Api) -> None:
+    execute(api.url_b, "CREATE TABLE break_me (id INTEGER)")
+    started = api.post("/v1/fleet/runs", "ops", json={"concurrency": 2})
+    assert started.status_code == 202
+    run = wait_for_run(api, f"/v1/fleet/runs/{started.json()['run_id']}", "ops")
+    assert (run["planned"], run["succeeded"], run["failed"], run["done"], run["remaining"]) == (
+        2,
+        1,
+        1,
+        2,
+        0,
+    )
+    status = api.get("/v1/fleet/status", "ops").json()
+    assert status["by_version"] == {"2": 1, "3": 1}
+    assert status["recent_failures"][0]["clerk_id"] == "user_b"
+    history = api.get("/v1/users/user_b/migrations", "ops").json()
+    assert history["items"][0]["status"] == "failed"
+    assert api.get("/v1/users/nobody/migrations", "ops").status_code == 404
+    assert api.get("/v1/fleet/runs/nope", "ops").status_code == 404
+    assert api.post("/v1/fleet/runs", "ops", json={"concurrency": 0}).status_code == 422
+
+
+def _rsa() -> tuple[Any, str]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return key, pem.decode()
+
+
+def _hmac_signed(claims: dict[str, Any], key: bytes) -> str:
+    """An HS256 token signed with the server's *public* key (the key-confusion attack)."""
+
+    def part(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    head = part(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = part(json.dumps(claims).encode())
+    signature = hmac.new(key, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{part(signature)}"
+
+
+def test_every_bad_token_is_401(api: Api) -> None:
+    other_key = "another-secret-that-is-long-enough-for-hs256"
+    unsigned = jwt.encode({"sub": "user_a", "exp": int(time.time()) + 600}, None, algorithm="none")
+    cases = {
+        "missing": {},
+        "not bearer": {"Authorization": "Basic abc"},
+        "garbage": bearer("not.a.jwt"),
+        "alg none": bearer(unsigned),
+        "wrong key": bearer(token("user_a", key=other_key)),
+        "expired": bearer(token("user_a", exp=int(time.time()) - 10)),
+        "not yet valid": bearer(token("user_a", nbf=int(time.time()) + 600)),
+        "no exp": bearer(jwt.encode({"sub": "user_a"}, SECRET, algorithm="HS256")),
+        "rs256 to an hs256 server": bearer(token("user_a", key=_rsa()[0], alg="RS256")),
+    }
+    for name, headers in cases.items():
+        response = api.client.get("/v1/me/instance", headers=headers)
+        assert response.status_code == 401, name
+        assert response.headers["content-type"].startswith("application/problem+json"), name
+        assert "Traceback" not in response.text
+
+
+def test_audience_and_issuer_are_checked_when_configured(cws: Workspace) -> None:
+    cws.directory.add_user("someone")
+    settings = AuthSettings(secret=SECRET, audience="byod-api", issuer="https://auth.example")
+    with TestClient(create_app(cws, settings)) as client:
+        good = token("someone", aud="byod-api", iss="https://auth.example")
+        assert client.get("/v1/me/migrations", headers=bearer(good)).status_code == 200
+        for bad in (
+            token("someone", aud="other", iss="https://auth.example"),
+            token("someone", aud="byod-api", iss="https://evil.example"),
+            token("someone"),
+        ):
+            assert client.get("/v1/me/migrations", headers=bearer(bad)).status_code == 401
+
+
+def test_rs256_public_key_and_es256_jwks(cws: Workspace, tmp_path: Path) -> None:
+    cws.directory.add_user("someone")
+    private, pem = _rsa()
+    with TestClient(create_app(cws, AuthSettings(public_key_pem=pem))) as client:
+        good = token("someone", key=private, alg="RS256")
+        assert client.get("/v1/me/migrations", headers=bearer(good)).status_code == 200
+        hs = _hmac_signed({"sub": "someone", "exp": int(time.time()) + 60}, pem.encode())
+        assert client.get("/v1/me/migrations", headers=bearer(hs)).status_code == 401
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(ec_key.public_key()))
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [jwk | {"kid": "k1", "alg": "ES256", "use": "sig"}]}))
+    with TestClient(create_app(cws, AuthSettings(jwks_path=jwks))) as client:
+        good = jwt.encode(
+            {"sub": "someone", "exp": int(time.time()) + 60},
+            ec_key,
+            algorithm="ES256",
+            headers={"kid": "k1"},
+        )
+        assert client.get("/v1/me/migrations", headers=bearer(good)).status_code == 200
+        wrong_kid = jwt.encode(
+            {"sub": "someone", "exp": int(time.time()) + 60},
+            ec_key,
+            algorithm="ES256",
+            headers={"kid": "k2"},
+        )
+        assert client.get("/v1/me/migrations", headers=bearer(wrong_kid)).status_code == 401
+
+
+def test_errors_are_problem_documents_without_internals(api: Api) -> None:
+    response = api.get("/v1/me/instance", "ops")  # ops has no database
+    assert response.status_code == 404
+    body = response.json()
+    assert set(body) == {"type", "title", "status", "detail"}
+    assert "no database connected" in body["detail"]
+    unknown = api.get("/v1/me/instance", "stranger")
+    assert unknown.status_code == 404 and "stranger" in unknown.json()["detail"]
+    assert api.client.get("/openapi.json").json()["paths"]["/v1/me/instance"]
