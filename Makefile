@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit bench clean
+.PHONY: demo test lint unit bench clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
-unit: $(STAMP)
+chromium:  ## Debian's Chromium for the dashboard's browser test (installed as root)
+	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "install Debian's chromium (apt-get install chromium) for the browser test"; }
+
+unit: $(STAMP) chromium
 	$(BIN)/pytest -n 2
 
 test: lint unit  ## the whole suite: lint, types, tests against real databases

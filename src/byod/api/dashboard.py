@@ -56,21 +56,22 @@ def _chart(status: FleetStatus) -> str:
     """Users per schema version as an SVG bar chart."""
     versions = sorted(set(status.by_version) | {status.head})
     top = max([status.by_version.get(v, 0) for v in versions] + [1])
-    width, height, bar = 80 * len(versions) + 40, 220, 48
+    width, height, bar, pad = 80 * len(versions) + 40, 200, 48, 24
     parts = [
-        f'<svg id="versions-chart" width="{width}" height="{height + 40}" role="img" '
+        f'<svg id="versions-chart" width="{width}" height="{height + pad + 30}" role="img" '
         f'aria-label="users per schema version">'
     ]
     for index, version in enumerate(versions):
         count = status.by_version.get(version, 0)
         h = round(height * count / top)
         x = 30 + index * 80
+        middle = x + bar / 2
         colour = "#2f6fdf" if version == status.head else "#e0872b"
         parts.append(
             f'<rect class="bar" data-version="{version}" data-users="{count}" x="{x}" '
-            f'y="{height - h + 10}" width="{bar}" height="{h}" fill="{colour}"></rect>'
-            f'<text x="{x + bar / 2}" y="{height - h + 5}" text-anchor="middle">{count}</text>'
-            f'<text x="{x + bar / 2}" y="{height + 28}" text-anchor="middle">v{version}</text>'
+            f'y="{height - h + pad}" width="{bar}" height="{h}" fill="{colour}"></rect>'
+            f'<text x="{middle}" y="{height - h + pad - 6}" text-anchor="middle">{count}</text>'
+            f'<text x="{middle}" y="{height + pad + 18}" text-anchor="middle">v{version}</text>'
         )
     parts.append("</svg>")
     return "".join(parts)
