@@ -23,7 +23,6 @@ from byod.api.models import (
     FleetStatusOut,
     HistoryPage,
     InstanceOut,
-    LedgerRowOut,
     PendingOut,
     PendingStep,
     Problem,
@@ -107,7 +106,7 @@ def my_instance(ws: Ws, principal: Caller) -> InstanceOut:
 def my_history(ws: Ws, principal: Caller, limit: Limit = 50, offset: Offset = 0) -> HistoryPage:
     """The caller's migration history, newest first."""
     rows = history(ws.engine, _me(ws, principal).id, limit=limit, offset=offset)
-    return HistoryPage(items=[LedgerRowOut.of(r) for r in rows], limit=limit, offset=offset)
+    return HistoryPage(items=rows, limit=limit, offset=offset)
 
 
 @router.get("/v1/me/migrations/pending", tags=["me"])
@@ -174,7 +173,7 @@ def user_history(
     """Any user's history (id or clerk id), newest first."""
     found = ws.directory.find_user(user)
     rows = history(ws.engine, found.id, limit=limit, offset=offset)
-    return HistoryPage(items=[LedgerRowOut.of(r) for r in rows], limit=limit, offset=offset)
+    return HistoryPage(items=rows, limit=limit, offset=offset)
 
 
 def create_app(ws: Workspace, auth: AuthSettings) -> FastAPI:

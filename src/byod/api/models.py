@@ -6,14 +6,13 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from byod.controlplane import FleetStatus, LedgerRow, RunRecord
+from byod.controlplane import FailureRow, FleetStatus, LedgerRow, RunRecord
 
 __all__ = [
     "FleetRunRequest",
     "FleetStatusOut",
     "HistoryPage",
     "InstanceOut",
-    "LedgerRowOut",
     "PendingOut",
     "PendingStep",
     "Problem",
@@ -43,30 +42,10 @@ class InstanceOut(BaseModel):
     last_error: str | None
 
 
-class LedgerRowOut(BaseModel):
-    """One migration attempt."""
-
-    id: int
-    migration_id: str
-    version: int
-    direction: str
-    status: str
-    error: str | None
-    attempts: int
-    run_id: str | None
-    started_at: datetime | None
-    completed_at: datetime | None
-    created_at: datetime
-
-    @classmethod
-    def of(cls, row: LedgerRow) -> LedgerRowOut:
-        return cls(**{name: getattr(row, name) for name in cls.model_fields})
-
-
 class HistoryPage(BaseModel):
     """A page of history, newest first."""
 
-    items: list[LedgerRowOut]
+    items: list[LedgerRow]
     limit: int
     offset: int
 
@@ -138,17 +117,6 @@ class RunOut(BaseModel):
         )
 
 
-class FailureOut(BaseModel):
-    """A recent failure."""
-
-    user_id: int
-    clerk_id: str
-    migration_id: str
-    direction: str
-    error: str | None
-    at: datetime | None
-
-
 class FleetStatusOut(BaseModel):
     """The fleet at a glance."""
 
@@ -157,7 +125,7 @@ class FleetStatusOut(BaseModel):
     by_version: dict[str, int]
     by_connection: dict[str, int]
     outdated: int
-    recent_failures: list[FailureOut]
+    recent_failures: list[FailureRow]
 
     @classmethod
     def of(cls, status: FleetStatus) -> FleetStatusOut:
@@ -167,7 +135,7 @@ class FleetStatusOut(BaseModel):
             by_version={str(k): v for k, v in status.by_version.items()},
             by_connection=status.by_connection,
             outdated=status.outdated,
-            recent_failures=[FailureOut(**f.__dict__) for f in status.recent_failures],
+            recent_failures=status.recent_failures,
         )
 
 
