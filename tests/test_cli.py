@@ -267,8 +267,21 @@ def test_new_scaffolds_the_next_migration(cli: Cli, tmp_path: Path) -> None:
     assert created.exists()
     assert 'id="004_add_archived_flag"' in created.read_text()
     assert "version=4" in created.read_text()
-    refused = cli("new", "x")
-    assert refused.code == 2 and "BYOD_MIGRATIONS" in refused.err
+    assert cli("new", "y").code == 0  # ./migrations exists in this folder: it is the app's
+    assert (folder / "005_y.py").exists()
+
+
+def test_new_in_a_fresh_folder_starts_the_apps_own_migrations(tmp_path: Path) -> None:
+    cli = Cli(tmp_path, BYOD_ENCRYPTION_KEY=TEST_KEY)
+    run = cli("new", "add archived")
+    assert run.code == 0, run.err
+    folder = tmp_path / "migrations"
+    assert sorted(p.name for p in folder.glob("*.py")) == [
+        "001_initial.py",
+        "002_add_tags.py",
+        "003_add_archived.py",
+    ]
+    assert cli("init").out.splitlines()[-1] == "migrations head version: 3"
 
 
 def test_demo_builds_a_fleet_and_is_safe_to_run_twice(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -32,12 +33,18 @@ from byod.controlplane import (
 )
 from byod.controlplane.schema import configs, metadata
 from byod.crypto import KeySource, Sealer, load_sealer
-from byod.errors import ByodError, ControlPlaneError, InputError, SettingsError
+from byod.errors import ByodError, ControlPlaneError, InputError
 from byod.fleet import ELIGIBLE_STATUSES, FleetEvent, FleetOptions, FleetSummary, Selection
 from byod.notify import load_notifier
 from byod.registry import Plan, Registry
 from byod.runner import Runner, UserResult, check_stamp
-from byod.settings import Settings, normalize_url, safe_url
+from byod.settings import (
+    LOCAL_MIGRATIONS,
+    Settings,
+    bundled_migrations_dir,
+    normalize_url,
+    safe_url,
+)
 
 __all__ = [
     "InitResult",
@@ -330,16 +337,20 @@ migration = Migration(
 
 
 def new_migration(ws: Workspace, name: str) -> Path:
-    """Write the next migration file, ``NNN_slug.py``, from a template."""
-    if not ws.settings.migrations_configured:
-        raise SettingsError(
-            "say where your app's migrations live: --migrations FOLDER or BYOD_MIGRATIONS "
-            "(the bundled example folder is not for new migrations)"
-        )
+    """Write the next migration file, ``NNN_slug.py``, from a template.
+
+    With no migrations folder configured, the app's folder becomes ``./migrations``,
+    started from a copy of the bundled example app so versions go on from its head.
+    """
     slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
     if not slug:
         raise InputError(f"{name!r} makes no file name: use letters and digits")
     folder = ws.settings.migrations_dir
+    if not ws.settings.migrations_configured:
+        folder = Path.cwd() / LOCAL_MIGRATIONS
+        folder.mkdir()
+        for example in sorted(bundled_migrations_dir().glob("[0-9]*.py")):
+            shutil.copyfile(example, folder / example.name)
     folder.mkdir(parents=True, exist_ok=True)
     version = Registry.load(folder).head + 1
     migration_id = f"{version:03d}_{slug}"

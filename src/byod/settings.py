@@ -20,6 +20,7 @@ from byod.errors import SettingsError
 __all__ = [
     "DEFAULT_DATABASE_FILE",
     "DEFAULT_KEY_FILE",
+    "LOCAL_MIGRATIONS",
     "Settings",
     "bundled_migrations_dir",
     "normalize_url",
@@ -28,6 +29,7 @@ __all__ = [
 
 DEFAULT_DATABASE_FILE = "byod.db"
 DEFAULT_KEY_FILE = "byod.key"
+LOCAL_MIGRATIONS = "migrations"
 
 _DRIVERS = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg"}
 _DRIVERS.update({"mysql": "mysql+pymysql", "mariadb": "mariadb+pymysql"})
@@ -64,6 +66,9 @@ def safe_url(url: URL | str) -> str:
 class Settings:
     """Where byod finds its control plane, migrations and encryption key.
 
+    Migrations: ``--migrations``, else ``BYOD_MIGRATIONS``, else ``./migrations`` when it
+    exists, else the bundled example app.
+
     ``encryption_key`` is the base64 text from BYOD_ENCRYPTION_KEY, or ``None`` to use
     (or create) the local key file ``key_file``.
     """
@@ -91,6 +96,9 @@ class Settings:
             url = f"sqlite:///{cwd / DEFAULT_DATABASE_FILE}"
         normalize_url(url)  # fail early on a malformed URL
         folder_text = str(migrations) if migrations else env.get("BYOD_MIGRATIONS", "")
+        local = cwd / LOCAL_MIGRATIONS
+        if not folder_text and local.is_dir():
+            folder_text = str(local)  # an app's own ./migrations wins over the example
         folder = Path(folder_text) if folder_text else bundled_migrations_dir()
         key_file = Path(env.get("BYOD_KEY_FILE") or cwd / DEFAULT_KEY_FILE)
         return cls(
