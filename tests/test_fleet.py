@@ -410,3 +410,24 @@ def test_a_long_migration_keeps_its_lease_alive(
         gates.release.set()
         thread.join(30)
     assert counter(url) == 11
+
+
+def test_worker_processes_migrate_every_user_once(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    ids, urls = fleet_of(cws, new_instance, 6)
+    break_instance(urls[2])
+    summary = migrate_fleet(cws.runner(), options=FleetOptions(processes=2, retries=0))
+    assert (summary.total, summary.succeeded, summary.failed) == (6, 5, 1)
+    assert [schema_version(cws, uid) for uid in ids] == [3, 3, 2, 3, 3, 3]
+    assert [counter(url) for url in urls] == [11, 11, 1, 11, 11, 11]
+    assert not [s for uid in ids for s in statuses(cws, uid) if s[2] in ("running", "pending")]
+
+
+def test_a_lease_claim_counts_only_that_users_open_rows(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    ids, _ = fleet_of(cws, new_instance, 2)
+    cws.runner().ledger.record_planned(ids[1], cws.registry.plan_up(0), None)
+    assert cws.directory.claim_lease(ids[0], "me", 30).open_rows == 0
+    assert cws.directory.claim_lease(ids[1], "me", 30).open_rows == 3

@@ -217,6 +217,10 @@ LeaseSeconds = Annotated[
 Canary = Annotated[
     int, typer.Option("--canary", min=0, help="Migrate N users first; halt if any fails.")
 ]
+Processes = Annotated[
+    int,
+    typer.Option("--processes", min=1, help="Worker processes (one user each) instead of threads."),
+]
 MaxFailureRatio = Annotated[
     float | None,
     typer.Option("--max-failure-ratio", min=0, max=1, help="Halt once failed/done passes R."),
@@ -230,8 +234,10 @@ def _fleet_options(
     lease_seconds: float,
     canary: int,
     max_failure_ratio: float | None,
+    processes: int = 1,
 ) -> FleetOptions:
     return FleetOptions(
+        processes=processes,
         concurrency=concurrency,
         retries=retries,
         timeout=timeout,
@@ -264,6 +270,7 @@ def migrate(
     lease_seconds: LeaseSeconds = 300.0,
     canary: Canary = 0,
     max_failure_ratio: MaxFailureRatio = None,
+    processes: Processes = 1,
     users: Annotated[
         str | None, typer.Option("--users", help="With --all: only these (a,b,c or a file).")
     ] = None,
@@ -283,7 +290,7 @@ def migrate(
         show.finish_user(out, err, result, json_out, "migrated")
         return
     options = _fleet_options(
-        concurrency, retries, timeout, lease_seconds, canary, max_failure_ratio
+        concurrency, retries, timeout, lease_seconds, canary, max_failure_ratio, processes
     )
     selection = Selection(_user_list(users), only_version, limit)
     summary = show.run_fleet(

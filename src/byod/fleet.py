@@ -12,12 +12,24 @@ it never prints.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import random
+import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import (
+    ALL_COMPLETED,
+    FIRST_COMPLETED,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from byod.controlplane import (
     RunCounts,
@@ -65,10 +77,15 @@ class FleetOptions:
     max_failure_ratio: float | None = None
     timeout: float | None = None
     lease_seconds: float = 300.0
+    #: >1: that many worker processes, one user each at a time, instead of threads
+    #: (for CPU-bound fleets such as local SQLite files: Python threads share one core)
+    processes: int = 1
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise InputError("--concurrency must be at least 1")
+        if self.processes < 1:
+            raise InputError("--processes must be at least 1")
         if self.retries < 0 or self.canary < 0:
             raise InputError("--retries and --canary cannot be negative")
         if self.max_failure_ratio is not None and not 0 <= self.max_failure_ratio <= 1:
@@ -207,7 +224,7 @@ def migrate_fleet(
         total,
         options,
         on_event,
-        lambda r, item: r.migrate_user(item.user, to_version=item.to_version),
+        "migrate",
         target_version=target,
     )
 
@@ -251,7 +268,7 @@ def rollback_run(
         len(items),
         options,
         on_event,
-        lambda r, item: r.rollback_user(item.user, item.to_version),
+        "rollback",
         undoes=run_id,
     )
 
@@ -309,7 +326,7 @@ def _execute(
     total: int,
     options: FleetOptions,
     on_event: Callable[[FleetEvent], None],
-    action: Callable[[Runner, _Item], UserResult],
+    action: str,
     *,
     target_version: int | None = None,
     undoes: str | None = None,
@@ -334,7 +351,7 @@ class _FleetRun:
         summary: FleetSummary,
         options: FleetOptions,
         on_event: Callable[[FleetEvent], None],
-        action: Callable[[Runner, _Item], UserResult],
+        action: str,
     ) -> None:
         self.runner = runner
         self.store = store
@@ -344,9 +361,11 @@ class _FleetRun:
         self.action = action
         self.stop = threading.Event()  # no new retries, no new users
         self.in_flight: set[Future[tuple[UserResult, int]]] = set()
+        # threads in one process, or single-user worker processes
+        self.workers = options.concurrency if options.processes == 1 else options.processes
 
     def run(self, remaining: Iterator[_Item]) -> FleetSummary:
-        summary, options = self.summary, self.options
+        summary = self.summary
         finished = threading.Event()
         ticker = threading.Thread(
             target=_report_progress,
@@ -356,7 +375,7 @@ class _FleetRun:
         )
         ticker.start()
         try:
-            with ThreadPoolExecutor(options.concurrency, thread_name_prefix="byod") as pool:
+            with self._pool() as pool:
                 try:
                     self._feed(pool, remaining)
                 except KeyboardInterrupt:
@@ -375,7 +394,24 @@ class _FleetRun:
             self.store.finish(summary.run_id, summary.counts(), summary.state, summary.halt_reason)
         return summary
 
-    def _feed(self, pool: ThreadPoolExecutor, remaining: Iterator[_Item]) -> None:
+    def _pool(self) -> Executor:
+        if self.options.processes == 1:
+            return ThreadPoolExecutor(self.options.concurrency, thread_name_prefix="byod")
+        runner = self.runner
+        if runner.registry.source is None:
+            raise InputError("--processes needs a migrations folder (not an in-memory registry)")
+        setup = _WorkerSetup(
+            control_plane=runner.engine.url.render_as_string(hide_password=False),
+            migrations=str(runner.registry.source),
+            key=runner.sealer.key,
+            run_id=self.summary.run_id,
+            options=self.options,
+            owner=runner.owner,
+        )
+        # spawn, not fork: a forked child would inherit open database connections
+        return _ProcessPool(self.options.processes, setup)
+
+    def _feed(self, pool: Executor, remaining: Iterator[_Item]) -> None:
         summary, canary = self.summary, self.options.canary
         submitted = 0
         for item in remaining:
@@ -383,29 +419,21 @@ class _FleetRun:
                 self._collect(ALL_COMPLETED)
                 if summary.failed:
                     self._halt(f"a canary failed ({summary.failed} of {canary})")
-            while summary.state == "running" and len(self.in_flight) >= self.options.concurrency:
+            while summary.state == "running" and len(self.in_flight) >= self.workers:
                 self._collect(FIRST_COMPLETED)
             if summary.state != "running":
                 summary.not_started += 1
                 continue
-            self.in_flight.add(pool.submit(self._work, item))
+            if isinstance(pool, _ProcessPool):
+                self.in_flight.add(pool.submit(_in_worker, self.action, item))
+            else:
+                self.in_flight.add(
+                    pool.submit(_attempt, self.runner, self.action, item, self.options, self.stop)
+                )
             submitted += 1
         self._collect(ALL_COMPLETED)
         if canary and summary.failed and submitted <= canary:
             self._halt(f"a canary failed ({summary.failed} of {submitted})")
-
-    def _work(self, item: _Item) -> tuple[UserResult, int]:
-        tries = 0
-        while True:
-            result = self.action(self.runner, item)
-            tries += 1
-            error = result.error
-            if error is None or not error.transient or tries > self.options.retries:
-                return result, tries
-            delay = self.options.backoff(tries - 1)
-            log.info("user %s: %s; retry %d in %.2fs", item.user.id, error.message, tries, delay)
-            if self.stop.wait(delay):
-                return result, tries
 
     def _collect(self, return_when: str) -> None:
         done, self.in_flight = wait(self.in_flight, return_when=return_when)
@@ -441,6 +469,87 @@ class _FleetRun:
         done = summary.succeeded + summary.failed
         if ratio is not None and done and summary.failed / done > ratio:
             self._halt(f"{summary.failed} of {done} failed, above --max-failure-ratio {ratio}")
+
+
+def _attempt(
+    runner: Runner,
+    action: str,
+    item: _Item,
+    options: FleetOptions,
+    stop: threading.Event | None,
+) -> tuple[UserResult, int]:
+    """Run one user, retrying transient failures with backoff; returns (result, tries)."""
+    tries = 0
+    while True:
+        if action == "rollback":
+            result = runner.rollback_user(item.user, item.to_version)
+        else:
+            result = runner.migrate_user(item.user, to_version=item.to_version)
+        tries += 1
+        error = result.error
+        if error is None or not error.transient or tries > options.retries:
+            return result, tries
+        delay = options.backoff(tries - 1)
+        log.info("user %s: %s; retry %d in %.2fs", item.user.id, error.message, tries, delay)
+        if stop is None:
+            time.sleep(delay)
+        elif stop.wait(delay):
+            return result, tries
+
+
+@dataclass(frozen=True)
+class _WorkerSetup:
+    """What a worker process needs to build its own runner (sent once, at its start)."""
+
+    control_plane: str = field(repr=False)
+    migrations: str
+    key: bytes = field(repr=False)
+    run_id: str
+    options: FleetOptions
+    owner: str
+
+
+_worker: tuple[Runner, FleetOptions] | None = None
+
+
+def _start_worker(setup: _WorkerSetup) -> None:
+    """Initializer of a worker process: Ctrl-C is the parent's to handle; own runner."""
+    global _worker  # noqa: PLW0603 - one runner per worker process, by design
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from byod.controlplane import open_engine
+    from byod.crypto import Sealer
+    from byod.notify import load_notifier
+    from byod.registry import Registry
+
+    runner = Runner(
+        open_engine(setup.control_plane),
+        Registry.load(Path(setup.migrations)),
+        Sealer(setup.key),
+        notify=load_notifier(os.environ.get("BYOD_NOTIFY_HOOK")),
+        lease_seconds=setup.options.lease_seconds,
+        timeout=setup.options.timeout,
+        run_id=setup.run_id,
+        owner=f"{setup.owner}-{os.getpid()}",
+    )
+    _worker = (runner, setup.options)
+
+
+def _in_worker(action: str, item: _Item) -> tuple[UserResult, int]:
+    assert _worker is not None, "worker process not started"
+    runner, options = _worker
+    return _attempt(runner, action, item, options, None)
+
+
+class _ProcessPool(ProcessPoolExecutor):
+    """Worker processes (spawned) for CPU-bound fleets, each with its own runner."""
+
+    def __init__(self, processes: int, setup: _WorkerSetup) -> None:
+        super().__init__(
+            max_workers=processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker,
+            initargs=(setup,),
+        )
 
 
 def _report_progress(store: RunStore, summary: FleetSummary, stop: threading.Event) -> None:

@@ -65,7 +65,12 @@ _CONFIG_COLUMNS = [
 
 _open_rows = (
     sa.select(sa.func.count())
-    .where(ledger.c.user_id == configs.c.user_id, ledger.c.status.in_(("pending", "running")))
+    # bound, not correlated: SQLite renders an UPDATE's RETURNING unqualified, where
+    # "user_id = user_id" would be true of every row
+    .where(
+        ledger.c.user_id == sa.bindparam("b_user", type_=sa.Integer),
+        ledger.c.status.in_(("pending", "running")),
+    )
     .scalar_subquery()
 )
 
