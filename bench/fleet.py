@@ -47,6 +47,7 @@ PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 KEY = base64.b64encode(b"b" * 32).decode()
 WORDS = ["alpha", "beta", "gamma", "delta", "notes", "plan", "idea", "todo", "home", "work"]
 CONFIGS = ("floor", "byod", "byod-1", "alembic")
+#: byod-pN: N worker processes instead of threads (for CPU-bound SQLite fleets)
 
 
 # -- building the fleet ------------------------------------------------------------------
@@ -219,9 +220,8 @@ def child_byod(spec: dict[str, Any]) -> list[float]:
         if isinstance(event, UserFinished):
             times.append(event.result.seconds)
 
-    summary = migrate_fleet(
-        ws.runner(), options=FleetOptions(concurrency=spec["concurrency"]), on_event=seen
-    )
+    options = FleetOptions(concurrency=spec["concurrency"], processes=spec.get("processes", 1))
+    summary = migrate_fleet(ws.runner(), options=options, on_event=seen)
     assert summary.succeeded == len(spec["urls"]), summary.as_dict()
     return times
 
@@ -410,6 +410,7 @@ def run_config(
         "urls": urls,
         "control_plane": run_cp,
         "concurrency": 1 if config in ("byod-1", "alembic") else args.concurrency,
+        "processes": int(config[6:]) if config.startswith("byod-p") else 1,
         "alembic_scripts": str(_alembic_scripts(fleet.workdir / "alembic-scripts")),
     }
     spec_path = fleet.workdir / f"spec-{config}.json"
