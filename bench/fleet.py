@@ -431,6 +431,7 @@ def run_config(
         "backend": args.backend,
         "instances": len(urls),
         "concurrency": spec["concurrency"],
+        "processes": spec["processes"],
         "latency_ms": args.latency_ms,
         "instances_per_s": round(len(urls) / figures["seconds"], 1),
         **figures,
@@ -512,12 +513,11 @@ def main() -> None:
                         conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
         rate = {c: line["instances_per_s"] for c, line in lines.items()}
         ratios: dict[str, Any] = {}
-        if "byod" in rate and "alembic" in rate:
-            ratios["byod_vs_alembic"] = round(rate["byod"] / rate["alembic"], 2)
-        if "byod" in rate and "floor" in rate:
-            ratios["byod_vs_floor"] = round(rate["byod"] / rate["floor"], 3)
-        if "byod" in rate and "byod-1" in rate:
-            ratios["byod_vs_byod_1"] = round(rate["byod"] / rate["byod-1"], 2)
+        for config in (c for c in rate if c.startswith("byod")):
+            if "alembic" in rate:
+                ratios[f"{config}_vs_alembic"] = round(rate[config] / rate["alembic"], 2)
+            if "floor" in rate:
+                ratios[f"{config}_vs_floor"] = round(rate[config] / rate["floor"], 3)
         if proxy and "byod" in lines:
             trips = lines["byod"]["round_trips_per_instance"]
             bound = args.concurrency / (trips * args.latency_ms / 1000)

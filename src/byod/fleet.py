@@ -12,25 +12,21 @@ it never prints.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import random
-import signal
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import (
     ALL_COMPLETED,
     FIRST_COMPLETED,
     Executor,
     Future,
-    ProcessPoolExecutor,
     ThreadPoolExecutor,
     wait,
 )
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
+from byod._workers import ProcessPool, WorkerSetup, attempt, in_worker
 from byod.controlplane import (
     RunCounts,
     RunStore,
@@ -400,7 +396,7 @@ class _FleetRun:
         runner = self.runner
         if runner.registry.source is None:
             raise InputError("--processes needs a migrations folder (not an in-memory registry)")
-        setup = _WorkerSetup(
+        setup = WorkerSetup(
             control_plane=runner.engine.url.render_as_string(hide_password=False),
             migrations=str(runner.registry.source),
             key=runner.sealer.key,
@@ -409,7 +405,7 @@ class _FleetRun:
             owner=runner.owner,
         )
         # spawn, not fork: a forked child would inherit open database connections
-        return _ProcessPool(self.options.processes, setup)
+        return ProcessPool(self.options.processes, setup)
 
     def _feed(self, pool: Executor, remaining: Iterator[_Item]) -> None:
         summary, canary = self.summary, self.options.canary
@@ -424,12 +420,19 @@ class _FleetRun:
             if summary.state != "running":
                 summary.not_started += 1
                 continue
-            if isinstance(pool, _ProcessPool):
-                self.in_flight.add(pool.submit(_in_worker, self.action, item))
+            if isinstance(pool, ProcessPool):
+                future = pool.submit(in_worker, self.action, item.user, item.to_version)
             else:
-                self.in_flight.add(
-                    pool.submit(_attempt, self.runner, self.action, item, self.options, self.stop)
+                future = pool.submit(
+                    attempt,
+                    self.runner,
+                    self.action,
+                    item.user,
+                    item.to_version,
+                    self.options,
+                    self.stop,
                 )
+            self.in_flight.add(future)
             submitted += 1
         self._collect(ALL_COMPLETED)
         if canary and summary.failed and submitted <= canary:
@@ -469,87 +472,6 @@ class _FleetRun:
         done = summary.succeeded + summary.failed
         if ratio is not None and done and summary.failed / done > ratio:
             self._halt(f"{summary.failed} of {done} failed, above --max-failure-ratio {ratio}")
-
-
-def _attempt(
-    runner: Runner,
-    action: str,
-    item: _Item,
-    options: FleetOptions,
-    stop: threading.Event | None,
-) -> tuple[UserResult, int]:
-    """Run one user, retrying transient failures with backoff; returns (result, tries)."""
-    tries = 0
-    while True:
-        if action == "rollback":
-            result = runner.rollback_user(item.user, item.to_version)
-        else:
-            result = runner.migrate_user(item.user, to_version=item.to_version)
-        tries += 1
-        error = result.error
-        if error is None or not error.transient or tries > options.retries:
-            return result, tries
-        delay = options.backoff(tries - 1)
-        log.info("user %s: %s; retry %d in %.2fs", item.user.id, error.message, tries, delay)
-        if stop is None:
-            time.sleep(delay)
-        elif stop.wait(delay):
-            return result, tries
-
-
-@dataclass(frozen=True)
-class _WorkerSetup:
-    """What a worker process needs to build its own runner (sent once, at its start)."""
-
-    control_plane: str = field(repr=False)
-    migrations: str
-    key: bytes = field(repr=False)
-    run_id: str
-    options: FleetOptions
-    owner: str
-
-
-_worker: tuple[Runner, FleetOptions] | None = None
-
-
-def _start_worker(setup: _WorkerSetup) -> None:
-    """Initializer of a worker process: Ctrl-C is the parent's to handle; own runner."""
-    global _worker  # noqa: PLW0603 - one runner per worker process, by design
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from byod.controlplane import open_engine
-    from byod.crypto import Sealer
-    from byod.notify import load_notifier
-    from byod.registry import Registry
-
-    runner = Runner(
-        open_engine(setup.control_plane),
-        Registry.load(Path(setup.migrations)),
-        Sealer(setup.key),
-        notify=load_notifier(os.environ.get("BYOD_NOTIFY_HOOK")),
-        lease_seconds=setup.options.lease_seconds,
-        timeout=setup.options.timeout,
-        run_id=setup.run_id,
-        owner=f"{setup.owner}-{os.getpid()}",
-    )
-    _worker = (runner, setup.options)
-
-
-def _in_worker(action: str, item: _Item) -> tuple[UserResult, int]:
-    assert _worker is not None, "worker process not started"
-    runner, options = _worker
-    return _attempt(runner, action, item, options, None)
-
-
-class _ProcessPool(ProcessPoolExecutor):
-    """Worker processes (spawned) for CPU-bound fleets, each with its own runner."""
-
-    def __init__(self, processes: int, setup: _WorkerSetup) -> None:
-        super().__init__(
-            max_workers=processes,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_start_worker,
-            initargs=(setup,),
-        )
 
 
 def _report_progress(store: RunStore, summary: FleetSummary, stop: threading.Event) -> None:

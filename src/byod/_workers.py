@@ -1,0 +1,113 @@
+"""Running one user of a fleet run: retries, and worker processes for CPU-bound fleets.
+
+Threads share one core in CPython; ``--processes`` spawns worker processes (spawn, not
+fork: a forked child would inherit open database connections), each building its own
+runner from a :class:`WorkerSetup` sent once at its start.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from byod.controlplane import User
+from byod.runner import Runner, UserResult
+
+if TYPE_CHECKING:
+    from byod.fleet import FleetOptions
+
+__all__ = ["ProcessPool", "WorkerSetup", "attempt", "in_worker"]
+
+log = logging.getLogger("byod.fleet")
+
+
+def attempt(
+    runner: Runner,
+    action: str,
+    user: User,
+    to_version: int,
+    options: FleetOptions,
+    stop: threading.Event | None,
+) -> tuple[UserResult, int]:
+    """Run one user (``migrate`` or ``rollback``), retrying transient failures with
+    backoff; returns the result and the number of tries."""
+    tries = 0
+    while True:
+        if action == "rollback":
+            result = runner.rollback_user(user, to_version)
+        else:
+            result = runner.migrate_user(user, to_version=to_version)
+        tries += 1
+        error = result.error
+        if error is None or not error.transient or tries > options.retries:
+            return result, tries
+        delay = options.backoff(tries - 1)
+        log.info("user %s: %s; retry %d in %.2fs", user.id, error.message, tries, delay)
+        if stop is None:
+            time.sleep(delay)
+        elif stop.wait(delay):
+            return result, tries
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What a worker process needs to build its own runner (sent once, at its start)."""
+
+    control_plane: str = field(repr=False)
+    migrations: str
+    key: bytes = field(repr=False)
+    run_id: str
+    options: FleetOptions
+    owner: str
+
+
+_worker: tuple[Runner, FleetOptions] | None = None
+
+
+def _start_worker(setup: WorkerSetup) -> None:
+    """Initializer of a worker process: Ctrl-C is the parent's to handle; own runner."""
+    global _worker  # noqa: PLW0603 - one runner per worker process, by design
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from byod.controlplane import open_engine
+    from byod.crypto import Sealer
+    from byod.notify import load_notifier
+    from byod.registry import Registry
+
+    runner = Runner(
+        open_engine(setup.control_plane),
+        Registry.load(Path(setup.migrations)),
+        Sealer(setup.key),
+        notify=load_notifier(os.environ.get("BYOD_NOTIFY_HOOK")),
+        lease_seconds=setup.options.lease_seconds,
+        timeout=setup.options.timeout,
+        run_id=setup.run_id,
+        owner=f"{setup.owner}-{os.getpid()}",
+    )
+    _worker = (runner, setup.options)
+
+
+def in_worker(action: str, user: User, to_version: int) -> tuple[UserResult, int]:
+    """Run one user in a worker process (started by :class:`ProcessPool`)."""
+    assert _worker is not None, "worker process not started"
+    runner, options = _worker
+    return attempt(runner, action, user, to_version, options, None)
+
+
+class ProcessPool(ProcessPoolExecutor):
+    """Worker processes (spawned) for CPU-bound fleets, each with its own runner."""
+
+    def __init__(self, processes: int, setup: WorkerSetup) -> None:
+        super().__init__(
+            max_workers=processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker,
+            initargs=(setup,),
+        )
