@@ -46,8 +46,8 @@ from _proxy import LatencyProxy
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 KEY = base64.b64encode(b"b" * 32).decode()
 WORDS = ["alpha", "beta", "gamma", "delta", "notes", "plan", "idea", "todo", "home", "work"]
-CONFIGS = ("floor", "byod", "byod-1", "alembic")
 #: byod-pN: N worker processes instead of threads (for CPU-bound SQLite fleets)
+CONFIGS = ("floor", "byod", f"byod-p{(os.cpu_count() or 2) + 1}", "byod-1", "alembic")
 
 
 # -- building the fleet ------------------------------------------------------------------
