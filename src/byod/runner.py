@@ -31,7 +31,7 @@ from byod.errors import (
     UnreachableError,
 )
 from byod.notify import Notice, Notifier, log_notice, safe_notify
-from byod.registry import MigrationContext, Plan, Registry, Step
+from byod.registry import Direction, MigrationContext, Plan, Registry, Step
 from byod.targets import StampEntry, Target
 
 __all__ = ["Runner", "StepResult", "UserResult", "check_stamp"]
@@ -273,10 +273,10 @@ class Runner:
             self.directory.set_status(user.id, config.connection_status, error=message)
             raise DriftError(f"drift: {message}")
         current = stamp[-1].version if stamp else 0
-        applied = {(entry.id, "up") for entry in stamp}
+        applied: set[tuple[str, Direction]] = {(entry.id, "up") for entry in stamp}
         applied |= {(m.id, "down") for m in self.registry if m.version > current}
         if config.open_rows:
-            settled = self.ledger.settle_orphans(user.id, applied)  # type: ignore[arg-type]
+            settled = self.ledger.settle_orphans(user.id, applied)
             log.warning("user %s: settled %d rows left by a lost runner", user.id, settled)
         if current != config.schema_version or config.connection_status != "connected":
             if current != config.schema_version:

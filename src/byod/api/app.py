@@ -52,7 +52,8 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 
 
 def _workspace(request: Request) -> Workspace:
-    return request.app.state.ws  # type: ignore[no-any-return]
+    ws: Workspace = request.app.state.ws
+    return ws
 
 
 _bearer = HTTPBearer(auto_error=False, description="A JWT; `sub` is the user's clerk id.")
