@@ -248,15 +248,15 @@ def _validate_sequence(migrations: list[Migration]) -> None:
     seen_ids: set[str] = set()
     for expected, migration in enumerate(migrations, start=1):
         if migration.id in seen_ids:
-            raise RegistryError(f"duplicate migration id {migration.id!r}")
+            raise RegistryError(f"{migration.id}.py: duplicate migration id {migration.id!r}")
         seen_ids.add(migration.id)
         if migration.version < expected:
             raise RegistryError(
-                f"duplicate version {migration.version}: {migration.id!r} and "
-                f"{migrations[expected - 2].id!r}"
+                f"{migration.id}.py: duplicate version {migration.version} "
+                f"(also {migrations[expected - 2].id}.py)"
             )
         if migration.version > expected:
             raise RegistryError(
-                f"gap in versions: {migration.id!r} is version {migration.version} but "
+                f"{migration.id}.py: gap in versions: it is version {migration.version} but "
                 f"version {expected} is missing"
             )
