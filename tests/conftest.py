@@ -81,6 +81,57 @@ def pg() -> Iterator[PgDatabases]:
         databases.drop_all()
 
 
+MYSQL_SERVER = os.environ.get("BYOD_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/mysql")
+
+
+@functools.cache
+def _mysql_reachable() -> str | None:
+    engine = sa.create_engine(MYSQL_SERVER, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except sa.exc.SQLAlchemyError as exc:
+        return f"MariaDB/MySQL at {MYSQL_SERVER} is not reachable: {type(exc).__name__}"
+    finally:
+        engine.dispose()
+    return None
+
+
+class MysqlDatabases:
+    """Creates uniquely named MariaDB databases and drops them all at the end."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.admin = sa.create_engine(MYSQL_SERVER, isolation_level="AUTOCOMMIT")
+
+    def create(self) -> str:
+        name = f"byod_t_{uuid.uuid4().hex[:12]}"
+        with self.admin.connect() as conn:
+            conn.execute(sa.text(f"CREATE DATABASE `{name}`"))
+        self.names.append(name)
+        return sa.make_url(MYSQL_SERVER).set(database=name).render_as_string(hide_password=False)
+
+    def drop_all(self) -> None:
+        with self.admin.connect() as conn:
+            for name in self.names:
+                conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
+        self.admin.dispose()
+
+
+@pytest.fixture
+def mysql() -> Iterator[MysqlDatabases]:
+    problem = _mysql_reachable()
+    if problem is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(problem)
+        pytest.skip(problem)
+    databases = MysqlDatabases()
+    try:
+        yield databases
+    finally:
+        databases.drop_all()
+
+
 InstanceFactory = Callable[[], str]
 
 

@@ -151,6 +151,9 @@ class CrashAfterCommit:
             raise Crash
         return done
 
+    def clear_dirty(self) -> list[str]:
+        return self.inner.clear_dirty()
+
     def close(self) -> None:
         self.inner.close()
 

@@ -386,6 +386,16 @@ def runs_show(
 
 
 @app.command()
+def repair(user: UserArg, database_url: DatabaseUrl = None, migrations: Migrations = None) -> None:
+    """After undoing a half-applied step by hand (MySQL/MariaDB), mark the instance clean."""
+    cleared = commands.repair(_workspace(database_url, migrations), user)
+    if cleared:
+        out.print(f"marked clean: {escape(', '.join(cleared))} will run again on the next migrate")
+    else:
+        out.print("the instance was not dirty: nothing to do")
+
+
+@app.command()
 def history(
     user: UserArg,
     limit: Annotated[int | None, typer.Option("--limit", min=1)] = None,

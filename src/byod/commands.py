@@ -61,6 +61,7 @@ __all__ = [
     "new_migration",
     "pending",
     "plan",
+    "repair",
     "rollback_fleet_run",
     "rollback_user",
     "show_run",
@@ -242,6 +243,12 @@ def rollback_user(ws: Workspace, user_ref: str, to_version: int) -> UserResult:
     """Roll one user back to ``to_version``."""
     ws.require_tables()
     return ws.runner().rollback(user_ref, to_version)
+
+
+def repair(ws: Workspace, user_ref: str) -> list[str]:
+    """Clear a user's dirty markers after a hand repair (MySQL/MariaDB instances)."""
+    ws.require_tables()
+    return ws.runner().repair(user_ref)
 
 
 def user_history(

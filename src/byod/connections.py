@@ -20,7 +20,7 @@ from byod.targets.sql import SqlTarget
 
 __all__ = ["Credentials", "ReachResult", "connect_user", "open_instance", "unseal_config"]
 
-SUPPORTED_KINDS = ("sqlite", "postgresql")
+SUPPORTED_KINDS = ("sqlite", "postgresql", "mysql", "mariadb")
 
 
 @dataclass(frozen=True)

@@ -163,4 +163,7 @@ class DriftError(InstanceError):
 class DirtyInstanceError(InstanceError):
     """A non-transactional migration failed halfway: repair the instance by hand first."""
 
-    hint = "Repair the instance by hand, then record the repair before migrating again."
+    hint = (
+        "Undo the half-applied change on the instance by hand, then run `byod repair USER` "
+        "and migrate again."
+    )

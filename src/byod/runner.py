@@ -201,6 +201,24 @@ class Runner:
 
         return self._run(user, plan)
 
+    def repair(self, user_ref: str | int) -> list[str]:
+        """Forget the dirty markers of a user's instance once an operator has undone the
+        half-applied step by hand (MySQL/MariaDB); returns the steps that were marked."""
+        user = self.directory.find_user(user_ref)
+        self.directory.claim_lease(user.id, self.owner, self.lease_seconds)
+        try:
+            credentials = unseal_config(self.directory.get_config(user.id), self.sealer)
+            target = self._opener(credentials, self.connect_timeout)
+            try:
+                cleared = target.clear_dirty()
+            finally:
+                target.close()
+        finally:
+            self.directory.release_lease(user.id, self.owner)
+        if cleared:
+            log.warning("user %s: dirty markers cleared by an operator: %s", user.id, cleared)
+        return cleared
+
     # -- one run -------------------------------------------------------------------------
 
     def _run(self, user: User, make_plan: Callable[[int], Plan]) -> UserResult:

@@ -52,6 +52,10 @@ class Target(Protocol):
         """
         ...
 
+    def clear_dirty(self) -> list[str]:
+        """Forget dirty markers (steps that failed halfway where DDL is not transactional)."""
+        ...
+
     def close(self) -> None:
         """Close the connection."""
         ...

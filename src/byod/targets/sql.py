@@ -1,4 +1,4 @@
-"""SQL instances through SQLAlchemy: SQLite files and PostgreSQL databases.
+"""SQL instances through SQLAlchemy: SQLite files, PostgreSQL and MySQL/MariaDB databases.
 
 Each dialect brings how to open it (timeouts, SQLite's transactional-DDL recipe) and how
 to take the instance-side lock inside the migration's transaction. The stamp table
@@ -14,12 +14,8 @@ import functools
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL
@@ -30,6 +26,7 @@ from byod.controlplane.schema import utcnow
 from byod.errors import (
     BusyError,
     ByodError,
+    DirtyInstanceError,
     DriftError,
     InstanceTimeoutError,
     MigrationFailedError,
@@ -39,10 +36,10 @@ from byod.errors import (
 from byod.registry import Step
 from byod.settings import safe_url
 from byod.targets.base import StampEntry, StepBody
+from byod.targets.dialects import DIALECTS, STAMP_TABLE, Dialect, timed_out
 
 __all__ = ["STAMP_TABLE", "SqlTarget", "describe_error", "open_target"]
 
-STAMP_TABLE = "byod_schema_stamp"
 _stamp_metadata = sa.MetaData()
 _stamp = sa.Table(
     STAMP_TABLE,
@@ -53,9 +50,16 @@ _stamp = sa.Table(
     sa.Column("applied_at", sa.DateTime, nullable=False),
 )
 _CREATE_STAMP = sa.schema.CreateTable(_stamp, if_not_exists=True)
+DIRTY_TABLE = "byod_schema_dirty"
+_dirty = sa.Table(
+    DIRTY_TABLE,
+    _stamp_metadata,
+    sa.Column("id", sa.String(255), primary_key=True),
+    sa.Column("direction", sa.String(4), nullable=False),
+    sa.Column("started_at", sa.DateTime, nullable=False),
+)
+_CREATE_DIRTY = sa.schema.CreateTable(_dirty, if_not_exists=True)
 _SELECT_STAMP = sa.select(_stamp).order_by(_stamp.c.version)
-#: Advisory-lock key for PostgreSQL: one lock per database, shared by every byod runner.
-_PG_LOCK_KEY = 0x62796F64
 
 
 def describe_error(exc: BaseException) -> str:
@@ -65,112 +69,6 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
 
 
-@dataclass(frozen=True)
-class _Dialect:
-    """How one kind of SQL instance is opened and locked."""
-
-    engine_options: Callable[[URL, float], tuple[URL, dict[str, Any]]]
-    lock: Callable[[sa.Connection, int | None], None]
-    stamp_exists: str
-    reading: Callable[[sa.Connection], AbstractContextManager[None]]
-    prepare: Callable[[sa.Engine, float], None] = lambda engine, timeout: None
-    lock_cleanup: Callable[[sa.Connection], None] = lambda conn: None
-
-
-def _sqlite_options(url: URL, timeout: float) -> tuple[URL, dict[str, Any]]:
-    path = url.database
-    if not path or path == ":memory:":
-        raise SettingsError("a SQLite instance needs a file path: sqlite:////path/to/file.db")
-    # mode=rw: a missing file is "unreachable", never silently created empty.
-    url = url.set(database=f"file:{path}", query={"mode": "rw", "uri": "true"})
-    return url, {"connect_args": {"timeout": timeout, "check_same_thread": False}}
-
-
-def _sqlite_transactional_ddl(engine: sa.Engine, timeout: float) -> None:
-    # SQLAlchemy's documented recipe: stop pysqlite's own transaction handling (which
-    # commits DDL on its own) and emit BEGIN IMMEDIATE ourselves, so a migration's DDL
-    # and DML commit or roll back together and the write lock is taken up front.
-    @event.listens_for(engine, "connect")
-    def _connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
-        dbapi_connection.isolation_level = None
-        dbapi_connection.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
-
-    @event.listens_for(engine, "begin")
-    def _begin(conn: sa.Connection) -> None:
-        # a read of the stamp needs no write lock: a plain (deferred) BEGIN
-        conn.exec_driver_sql("BEGIN" if conn.info.get("byod_read") else "BEGIN IMMEDIATE")
-
-
-@contextlib.contextmanager
-def _sqlite_reading(conn: sa.Connection) -> Iterator[None]:
-    conn.info["byod_read"] = True
-    try:
-        with conn.begin():
-            yield
-    finally:
-        conn.info.pop("byod_read", None)
-
-
-@contextlib.contextmanager
-def _postgres_reading(conn: sa.Connection) -> Iterator[None]:
-    # autocommit: no BEGIN and COMMIT round trips around a read
-    conn.execution_options(isolation_level="AUTOCOMMIT")
-    try:
-        yield
-        conn.commit()
-    finally:
-        if conn.in_transaction():
-            conn.rollback()
-        conn.execution_options(isolation_level=conn.dialect.default_isolation_level)
-
-
-def _sqlite_lock(conn: sa.Connection, timeout_ms: int | None) -> None:
-    """BEGIN IMMEDIATE already holds the write lock; a deadline interrupts the work."""
-    dbapi = conn.connection.dbapi_connection
-    assert isinstance(dbapi, sqlite3.Connection)
-    if timeout_ms is None:
-        dbapi.set_progress_handler(None, 0)
-        return
-    ends = time.monotonic() + timeout_ms / 1000
-    dbapi.set_progress_handler(lambda: int(time.monotonic() > ends), 10_000)
-
-
-def _postgres_options(url: URL, timeout: float) -> tuple[URL, dict[str, Any]]:
-    return url, {
-        "connect_args": {"connect_timeout": max(1, round(timeout)), "application_name": "byod"}
-    }
-
-
-def _postgres_lock(conn: sa.Connection, timeout_ms: int | None) -> None:
-    # one round trip: the server's own timeouts for this transaction, and the lock
-    if timeout_ms is None:
-        query = "SELECT pg_try_advisory_xact_lock(:key)"
-        params: dict[str, object] = {"key": _PG_LOCK_KEY}
-    else:
-        query = (
-            "SELECT pg_try_advisory_xact_lock(:key) "
-            "FROM (SELECT set_config('statement_timeout', :ms, true), "
-            "set_config('lock_timeout', :ms, true)) AS timeouts"
-        )
-        params = {"key": _PG_LOCK_KEY, "ms": str(timeout_ms)}
-    taken = conn.execute(sa.text(query), params).scalar_one()
-    if not taken:
-        raise BusyError("another runner holds this instance's migration lock")
-
-
-def _sqlite_unlock(conn: sa.Connection) -> None:
-    with contextlib.suppress(SQLAlchemyError, AttributeError):
-        _sqlite_lock(conn, None)
-
-
-def _timed_out(exc: DBAPIError) -> bool:
-    """The server (or SQLite's progress handler) stopped the work for a timeout."""
-    orig = exc.orig
-    if isinstance(orig, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable):
-        return True
-    return getattr(orig, "sqlite_errorcode", None) == sqlite3.SQLITE_INTERRUPT
-
-
 def _timeout(step: Step, exc: DBAPIError) -> InstanceTimeoutError:
     return InstanceTimeoutError(
         f"{step.migration.id} {step.direction} was stopped by the timeout: {describe_error(exc)}"
@@ -178,27 +76,9 @@ def _timeout(step: Step, exc: DBAPIError) -> InstanceTimeoutError:
 
 
 @functools.cache
-def _create_stamp_sql(dialect: sa.Dialect) -> str:
+def _create_sql(ddl: sa.schema.CreateTable, dialect: sa.Dialect) -> str:
     # DDL is never in SQLAlchemy's statement cache: compile it once per dialect
-    return str(_CREATE_STAMP.compile(dialect=dialect))
-
-
-_DIALECTS: dict[str, _Dialect] = {
-    "sqlite": _Dialect(
-        _sqlite_options,
-        _sqlite_lock,
-        f"SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '{STAMP_TABLE}'",
-        _sqlite_reading,
-        _sqlite_transactional_ddl,
-        lock_cleanup=_sqlite_unlock,
-    ),
-    "postgresql": _Dialect(
-        _postgres_options,
-        _postgres_lock,
-        f"SELECT to_regclass('{STAMP_TABLE}') IS NOT NULL",
-        _postgres_reading,
-    ),
-}
+    return str(ddl.compile(dialect=dialect))
 
 
 #: What the next connection of a shared engine connects to (set around ``connect()``).
@@ -218,20 +98,28 @@ def _use_target_args(
     cparams.update(params)
 
 
-def _shared_engine(
-    engine_url: URL, options: dict[str, Any], dialect: _Dialect, timeout: float
+def _new_engine(
+    engine_url: URL, options: dict[str, Any], dialect: Dialect, timeout: float
 ) -> sa.Engine:
-    """One engine per kind of instance (not per instance): creating an engine and
-    initialising its dialect costs queries; connections still go to each instance."""
+    engine = sa.create_engine(engine_url, poolclass=NullPool, **options)
+    dialect.prepare(engine, timeout)
+    event.listen(engine, "do_connect", _use_target_args)
+    return engine
+
+
+def _engine_for(
+    engine_url: URL, options: dict[str, Any], dialect: Dialect, timeout: float
+) -> sa.Engine:
+    """One engine per kind of instance (not per instance) where the dialect allows:
+    creating an engine and initialising its dialect costs queries; connections still
+    go to each instance."""
+    if not dialect.shared_engine:
+        return _new_engine(engine_url, options, dialect, timeout)
     key = (engine_url.drivername, tuple(sorted(engine_url.query.items())), timeout)
     with _engines_lock:
-        engine = _engines.get(key)
-        if engine is None:
-            engine = sa.create_engine(engine_url, poolclass=NullPool, **options)
-            dialect.prepare(engine, timeout)
-            event.listen(engine, "do_connect", _use_target_args)
-            _engines[key] = engine
-    return engine
+        if key not in _engines:
+            _engines[key] = _new_engine(engine_url, options, dialect, timeout)
+        return _engines[key]
 
 
 def open_target(url: URL, *, timeout: float = 10.0) -> SqlTarget:
@@ -240,15 +128,15 @@ def open_target(url: URL, *, timeout: float = 10.0) -> SqlTarget:
     Raises :class:`SettingsError` for a kind of database byod does not support and
     :class:`UnreachableError` when the instance does not answer.
     """
-    dialect = _DIALECTS.get(url.get_backend_name())
+    dialect = DIALECTS.get(url.get_backend_name())
     if dialect is None:
-        supported = ", ".join(sorted(_DIALECTS))
+        supported = ", ".join(sorted(DIALECTS))
         raise SettingsError(
             f"instances of kind {url.get_backend_name()!r} are not supported (use {supported})"
         )
     engine_url, options = dialect.engine_options(url, timeout)
     try:
-        engine = _shared_engine(engine_url, options, dialect, timeout)
+        engine = _engine_for(engine_url, options, dialect, timeout)
         cargs, cparams = engine.dialect.create_connect_args(engine_url)
     except (SQLAlchemyError, ImportError) as exc:
         raise SettingsError(f"cannot use the instance URL {safe_url(url)}") from exc
@@ -267,7 +155,7 @@ def open_target(url: URL, *, timeout: float = 10.0) -> SqlTarget:
 class SqlTarget:
     """An open connection to one SQL instance; see :class:`byod.targets.base.Target`."""
 
-    def __init__(self, engine: sa.Engine, conn: sa.Connection, dialect: _Dialect, where: str):
+    def __init__(self, engine: sa.Engine, conn: sa.Connection, dialect: Dialect, where: str):
         self._engine = engine
         self._conn = conn
         self._dialect = dialect
@@ -280,12 +168,23 @@ class SqlTarget:
         self.close()
 
     def read_stamp(self) -> list[StampEntry]:
-        """What the instance says is applied, oldest first (empty for a fresh instance)."""
+        """What the instance says is applied, oldest first (empty for a fresh instance).
+
+        Raises :class:`DirtyInstanceError` when a step failed halfway on a database
+        whose DDL is not transactional and nobody has repaired it since.
+        """
         try:
             with self._dialect.reading(self._conn):
-                return self._select_stamp()
+                dirty = self._select_dirty() if self._dialect.non_transactional_ddl else []
+                stamp = self._select_stamp()
         except SQLAlchemyError as exc:
             raise self._lost("reading the stamp", exc) from exc
+        if dirty:
+            raise DirtyInstanceError(
+                f"the instance is dirty: {', '.join(dirty)} failed halfway and left changes "
+                "behind; repair it by hand, then run `byod repair USER`"
+            )
+        return stamp
 
     def apply(self, step: Step, body: StepBody, deadline: float | None = None) -> bool:
         """See :meth:`byod.targets.base.Target.apply`."""
@@ -295,15 +194,32 @@ class SqlTarget:
             if timeout_ms <= 0:
                 raise InstanceTimeoutError(f"the timeout ran out before {step.migration.id}")
         try:
+            return self._apply(step, body, deadline, timeout_ms)
+        finally:
+            # after the commit or rollback: a session lock (MySQL) outlives transactions
+            self._dialect.lock_cleanup(self._conn)
+
+    def _apply(
+        self, step: Step, body: StepBody, deadline: float | None, timeout_ms: int | None
+    ) -> bool:
+        guarded = self._dialect.non_transactional_ddl
+        try:
             transaction = self._conn.begin()
         except SQLAlchemyError as exc:
             raise self._busy_or_lost(exc) from exc
         try:
             self._dialect.lock(self._conn, timeout_ms)
-            self._conn.exec_driver_sql(_create_stamp_sql(self._engine.dialect))
+            self._conn.exec_driver_sql(_create_sql(_CREATE_STAMP, self._engine.dialect))
             if not self._check_position(step, self._select_stamp(known_to_exist=True)):
                 transaction.rollback()
                 return False
+            if guarded:  # committed by the body's first DDL, if it has any
+                self._conn.exec_driver_sql(_create_sql(_CREATE_DIRTY, self._engine.dialect))
+                self._conn.execute(
+                    _dirty.insert().values(
+                        id=step.migration.id, direction=step.direction, started_at=utcnow()
+                    )
+                )
             try:
                 body(self._conn)
             except ByodError:
@@ -311,7 +227,7 @@ class SqlTarget:
             except DBAPIError as exc:
                 if exc.connection_invalidated:
                     raise self._lost(f"running {step.migration.id}", exc) from exc
-                if _timed_out(exc):
+                if timed_out(exc):
                     raise _timeout(step, exc) from exc
                 raise MigrationFailedError(describe_error(exc)) from exc
             except Exception as exc:
@@ -319,26 +235,63 @@ class SqlTarget:
             if deadline is not None and time.monotonic() > deadline:
                 raise InstanceTimeoutError(f"{step.migration.id} ran past the timeout")
             self._write_stamp(step)
+            if guarded:
+                self._conn.execute(_dirty.delete().where(_dirty.c.id == step.migration.id))
         except DBAPIError as exc:
             self._rollback_quietly(transaction)
-            if _timed_out(exc):
+            self._raise_if_dirty(step, exc)
+            if timed_out(exc):
                 raise _timeout(step, exc) from exc
             raise self._busy_or_lost(exc) from exc
-        except BaseException:
+        except BaseException as exc:
             self._rollback_quietly(transaction)
+            if guarded and isinstance(exc, ByodError):
+                self._raise_if_dirty(step, exc)
             raise
-        finally:
-            if timeout_ms is not None:
-                self._dialect.lock_cleanup(self._conn)
         try:
             transaction.commit()
         except SQLAlchemyError as exc:
             raise self._lost(f"committing {step.migration.id} (outcome unknown)", exc) from exc
         return True
 
+    def clear_dirty(self) -> list[str]:
+        """Forget the dirty markers (after an operator repaired the instance by hand)."""
+        if not self._dialect.non_transactional_ddl:
+            return []
+        with self._conn.begin():
+            markers = self._select_dirty()
+            self._conn.execute(_dirty.delete())
+        return markers
+
+    def _select_dirty(self) -> list[str]:
+        exists = self._conn.exec_driver_sql(
+            self._dialect.stamp_exists.replace(STAMP_TABLE, DIRTY_TABLE)
+        ).scalar()
+        if not exists:
+            return []
+        return [str(r) for r in self._conn.execute(sa.select(_dirty.c.id)).scalars()]
+
+    def _raise_if_dirty(self, step: Step, exc: BaseException) -> None:
+        if not self._dialect.non_transactional_ddl:
+            return
+        try:
+            with self._dialect.reading(self._conn):
+                dirty = step.migration.id in self._select_dirty()
+        except SQLAlchemyError:
+            dirty = True  # cannot tell: assume the worst
+        if dirty:
+            cause = exc.message if isinstance(exc, ByodError) else describe_error(exc)
+            raise DirtyInstanceError(
+                f"{step.migration.id} failed halfway and this database commits DDL on its "
+                f"own, so the instance is dirty: {cause}"
+            ) from exc
+
     def close(self) -> None:
-        """Close the connection (the engine is shared by every instance of its kind)."""
+        """Close the connection (and the engine, unless it is shared by every instance
+        of its kind)."""
         self._conn.close()
+        if not self._dialect.shared_engine:
+            self._engine.dispose()
 
     # -- helpers -------------------------------------------------------------------------
 

@@ -1,0 +1,213 @@
+"""How each kind of SQL instance is opened, read, locked and timed out.
+
+One entry per SQLAlchemy backend name in :data:`DIALECTS`; the SQL target looks its
+dialect up by name. MySQL and MariaDB commit DDL on their own, so their migrations are
+guarded by a "dirty" marker (see :mod:`byod.targets.sql`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from byod.errors import BusyError, SettingsError
+
+__all__ = ["DIALECTS", "STAMP_TABLE", "Dialect", "timed_out"]
+
+STAMP_TABLE = "byod_schema_stamp"
+#: Advisory-lock key for PostgreSQL: one lock per database, shared by every byod runner.
+_PG_LOCK_KEY = 0x62796F64
+#: Named lock for MySQL/MariaDB (per server: the name carries the database).
+_MYSQL_LOCK = "byod_migrations"
+_MARIADB_STATEMENT_TIMEOUT = 1969
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How one kind of SQL instance is opened and locked."""
+
+    engine_options: Callable[[URL, float], tuple[URL, dict[str, Any]]]
+    lock: Callable[[sa.Connection, int | None], None]
+    stamp_exists: str
+    reading: Callable[[sa.Connection], AbstractContextManager[None]]
+    prepare: Callable[[sa.Engine, float], None] = lambda engine, timeout: None
+    lock_cleanup: Callable[[sa.Connection], None] = lambda conn: None
+    #: DDL commits on its own (MySQL, MariaDB): a failed step may leave the instance dirty
+    non_transactional_ddl: bool = False
+    #: One engine for every instance of the kind; not where the dialect learns the
+    #: "default schema" from its first connection (MySQL: the database itself)
+    shared_engine: bool = True
+
+
+def _sqlite_options(url: URL, timeout: float) -> tuple[URL, dict[str, Any]]:
+    path = url.database
+    if not path or path == ":memory:":
+        raise SettingsError("a SQLite instance needs a file path: sqlite:////path/to/file.db")
+    # mode=rw: a missing file is "unreachable", never silently created empty.
+    url = url.set(database=f"file:{path}", query={"mode": "rw", "uri": "true"})
+    return url, {"connect_args": {"timeout": timeout, "check_same_thread": False}}
+
+
+def _sqlite_transactional_ddl(engine: sa.Engine, timeout: float) -> None:
+    # SQLAlchemy's documented recipe: stop pysqlite's own transaction handling (which
+    # commits DDL on its own) and emit BEGIN IMMEDIATE ourselves, so a migration's DDL
+    # and DML commit or roll back together and the write lock is taken up front.
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+        dbapi_connection.isolation_level = None
+        dbapi_connection.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: sa.Connection) -> None:
+        # a read of the stamp needs no write lock: a plain (deferred) BEGIN
+        conn.exec_driver_sql("BEGIN" if conn.info.get("byod_read") else "BEGIN IMMEDIATE")
+
+
+@contextlib.contextmanager
+def _sqlite_reading(conn: sa.Connection) -> Iterator[None]:
+    conn.info["byod_read"] = True
+    try:
+        with conn.begin():
+            yield
+    finally:
+        conn.info.pop("byod_read", None)
+
+
+@contextlib.contextmanager
+def _postgres_reading(conn: sa.Connection) -> Iterator[None]:
+    # autocommit: no BEGIN and COMMIT round trips around a read
+    conn.execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        yield
+        conn.commit()
+    finally:
+        if conn.in_transaction():
+            conn.rollback()
+        conn.execution_options(isolation_level=conn.dialect.default_isolation_level)
+
+
+def _sqlite_lock(conn: sa.Connection, timeout_ms: int | None) -> None:
+    """BEGIN IMMEDIATE already holds the write lock; a deadline interrupts the work."""
+    dbapi = conn.connection.dbapi_connection
+    assert isinstance(dbapi, sqlite3.Connection)
+    if timeout_ms is None:
+        dbapi.set_progress_handler(None, 0)
+        return
+    ends = time.monotonic() + timeout_ms / 1000
+    dbapi.set_progress_handler(lambda: int(time.monotonic() > ends), 10_000)
+
+
+def _postgres_options(url: URL, timeout: float) -> tuple[URL, dict[str, Any]]:
+    return url, {
+        "connect_args": {"connect_timeout": max(1, round(timeout)), "application_name": "byod"}
+    }
+
+
+def _postgres_lock(conn: sa.Connection, timeout_ms: int | None) -> None:
+    # one round trip: the server's own timeouts for this transaction, and the lock
+    if timeout_ms is None:
+        query = "SELECT pg_try_advisory_xact_lock(:key)"
+        params: dict[str, object] = {"key": _PG_LOCK_KEY}
+    else:
+        query = (
+            "SELECT pg_try_advisory_xact_lock(:key) "
+            "FROM (SELECT set_config('statement_timeout', :ms, true), "
+            "set_config('lock_timeout', :ms, true)) AS timeouts"
+        )
+        params = {"key": _PG_LOCK_KEY, "ms": str(timeout_ms)}
+    taken = conn.execute(sa.text(query), params).scalar_one()
+    if not taken:
+        raise BusyError("another runner holds this instance's migration lock")
+
+
+def _sqlite_unlock(conn: sa.Connection) -> None:
+    with contextlib.suppress(SQLAlchemyError, AttributeError):
+        _sqlite_lock(conn, None)
+
+
+def timed_out(exc: DBAPIError) -> bool:
+    """The server (or SQLite's progress handler) stopped the work for a timeout."""
+    orig = exc.orig
+    if isinstance(orig, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable):
+        return True
+    if getattr(orig, "sqlite_errorcode", None) == sqlite3.SQLITE_INTERRUPT:
+        return True
+    code = orig.args[0] if orig is not None and orig.args else None
+    return code == _MARIADB_STATEMENT_TIMEOUT
+
+
+def _mysql_options(url: URL, timeout: float) -> tuple[URL, dict[str, Any]]:
+    if not url.database:
+        raise SettingsError("a MySQL/MariaDB instance URL must name its database")
+    return url, {"connect_args": {"connect_timeout": max(1, round(timeout))}}
+
+
+def _mysql_lock(conn: sa.Connection, timeout_ms: int | None) -> None:
+    name = f"{_MYSQL_LOCK}:{conn.engine.url.database}"
+    # GET_LOCK is a session lock, not a transaction lock: released by _mysql_unlock
+    taken = conn.execute(sa.text("SELECT GET_LOCK(:name, 0)"), {"name": name}).scalar()
+    if taken != 1:
+        raise BusyError("another runner holds this instance's migration lock")
+    conn.info["byod_mysql_lock"] = name
+    if timeout_ms is not None and getattr(conn.dialect, "is_mariadb", False):
+        conn.execute(
+            sa.text("SET SESSION max_statement_time = :seconds"),
+            {"seconds": max(timeout_ms, 1) / 1000},
+        )
+
+
+def _mysql_unlock(conn: sa.Connection) -> None:
+    name = conn.info.pop("byod_mysql_lock", None)
+    with contextlib.suppress(SQLAlchemyError):
+        if getattr(conn.dialect, "is_mariadb", False):
+            conn.exec_driver_sql("SET SESSION max_statement_time = 0")
+        if name is not None:
+            conn.execute(sa.text("SELECT RELEASE_LOCK(:name)"), {"name": name})
+        if conn.in_transaction():
+            conn.commit()
+
+
+@contextlib.contextmanager
+def _plain_reading(conn: sa.Connection) -> Iterator[None]:
+    with conn.begin():
+        yield
+
+
+DIALECTS: dict[str, Dialect] = {
+    "sqlite": Dialect(
+        _sqlite_options,
+        _sqlite_lock,
+        f"SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '{STAMP_TABLE}'",
+        _sqlite_reading,
+        _sqlite_transactional_ddl,
+        lock_cleanup=_sqlite_unlock,
+    ),
+    "postgresql": Dialect(
+        _postgres_options,
+        _postgres_lock,
+        f"SELECT to_regclass('{STAMP_TABLE}') IS NOT NULL",
+        _postgres_reading,
+    ),
+    "mysql": Dialect(
+        _mysql_options,
+        _mysql_lock,
+        "SELECT 1 FROM information_schema.tables WHERE table_schema = DATABASE() "
+        f"AND table_name = '{STAMP_TABLE}'",
+        _plain_reading,
+        lock_cleanup=_mysql_unlock,
+        non_transactional_ddl=True,
+        shared_engine=False,
+    ),
+}
+DIALECTS["mariadb"] = DIALECTS["mysql"]

@@ -1,0 +1,97 @@
+"""MariaDB instances: the same guarantees where DDL commits on its own, plus "dirty"."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from byod.commands import Workspace
+from byod.errors import BusyError, DirtyInstanceError, MigrationFailedError
+from byod.runner import Runner
+from tests.conftest import MysqlDatabases, execute, has_table
+from tests.helpers import add_connected, counter, schema_version, stamp_ids, statuses
+
+
+def test_migrations_run_in_order_on_mariadb(cws: Workspace, mysql: MysqlDatabases) -> None:
+    url = mysql.create()
+    uid = add_connected(cws, url)
+    result = cws.runner().migrate(uid)
+    assert result.ok, result.error
+    assert stamp_ids(url) == ["001_create", "002_bump", "003_fragile"]
+    assert counter(url) == 11
+    assert schema_version(cws, uid) == 3
+    assert cws.runner().migrate(uid).steps == ()  # a rerun is a no-op
+    rolled = cws.runner().rollback(uid, 1)
+    assert rolled.ok, rolled.error
+    assert counter(url) == 0 and stamp_ids(url) == ["001_create"]
+
+
+def test_a_step_failing_after_its_ddl_leaves_the_instance_dirty_until_repaired(
+    cws: Workspace, mysql: MysqlDatabases
+) -> None:
+    url = mysql.create()
+    uid = add_connected(cws, url)
+    assert cws.runner().migrate(uid, to_version=2).ok
+    execute(url, "CREATE TABLE break_me (id INTEGER)")
+    failed = cws.runner().migrate(uid)
+    assert isinstance(failed.error, DirtyInstanceError)
+    assert "003_fragile failed halfway" in failed.error.message
+    assert "data breaks 003" in failed.error.message
+    assert has_table(url, "t3")  # MariaDB committed 003's CREATE TABLE on its own
+    assert ("003_fragile", "up", "failed", 1) in statuses(cws, uid)
+    rows_before = len(statuses(cws, uid))
+    refused = cws.runner().migrate(uid)
+    assert isinstance(refused.error, DirtyInstanceError)
+    assert "byod repair" in refused.error.message
+    assert len(statuses(cws, uid)) == rows_before  # nothing was attempted
+    # the operator undoes the half-applied step and the bad data, then says so
+    execute(url, "DROP TABLE t3", "DROP TABLE break_me")
+    assert cws.runner().repair(uid) == ["003_fragile"]
+    assert cws.runner().repair(uid) == []
+    healed = cws.runner().migrate(uid)
+    assert healed.ok, healed.error
+    assert counter(url) == 11 and schema_version(cws, uid) == 3
+
+
+def test_a_failure_before_any_ddl_rolls_back_cleanly(
+    cws: Workspace, mysql: MysqlDatabases, tmp_path: object
+) -> None:
+    url = mysql.create()
+    uid = add_connected(cws, url)
+    assert cws.runner().migrate(uid, to_version=1).ok
+    execute(url, "UPDATE counter SET n = 5")
+    execute(url, "CREATE TABLE bumped (id INTEGER)")  # 002's first DDL fails
+    result = cws.runner().migrate(uid)
+    assert isinstance(result.error, MigrationFailedError | DirtyInstanceError)
+    assert counter(url) == 5
+
+
+def test_the_named_lock_makes_a_second_runner_busy(cws: Workspace, mysql: MysqlDatabases) -> None:
+    url = mysql.create()
+    uid = add_connected(cws, url)
+    name = f"byod_migrations:{sa.make_url(url).database}"
+    holder = sa.create_engine(url)
+    with holder.connect() as conn:
+        assert conn.execute(sa.text("SELECT GET_LOCK(:n, 0)"), {"n": name}).scalar() == 1
+        result = Runner(cws.engine, cws.registry, cws.sealer).migrate(uid)
+        assert isinstance(result.error, BusyError)
+        conn.execute(sa.text("SELECT RELEASE_LOCK(:n)"), {"n": name})
+    holder.dispose()
+    assert cws.runner().migrate(uid).ok
+    assert counter(url) == 11
+
+
+def test_the_example_app_runs_on_mariadb(ws: Workspace, mysql: MysqlDatabases) -> None:
+    url = mysql.create()
+    uid = add_connected(ws, url)
+    assert ws.runner().migrate(uid, to_version=1).ok
+    execute(url, "INSERT INTO documents (title, body) VALUES ('a', 'hello #World #x')")
+    assert ws.runner().migrate(uid).ok
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        names = conn.execute(sa.text("SELECT name FROM tags ORDER BY name")).scalars().all()
+    engine.dispose()
+    assert names == ["world", "x"]
+
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
