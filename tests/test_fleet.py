@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -352,16 +353,16 @@ def test_two_processes_at_once_migrate_each_instance_exactly_once(
     runs = [byod(tmp_path, "migrate", "--all", "--json", "--concurrency", "3", env=env)]
     runs.append(byod(tmp_path, "migrate", "--all", "--json", "--concurrency", "3", env=env))
     outputs = [run.communicate(timeout=120) for run in runs]
-    assert [run.returncode for run in runs] == [0, 0], outputs
-    assert [counter(url) for url in urls] == [11] * len(urls)
     with ws.engine.connect() as conn:
-        completed = conn.execute(
-            sa.select(ledger.c.user_id, ledger.c.migration_id, sa.func.count())
-            .where(ledger.c.status == "completed")
-            .group_by(ledger.c.user_id, ledger.c.migration_id)
+        rows = conn.execute(
+            sa.select(ledger.c.user_id, ledger.c.migration_id, ledger.c.status, ledger.c.error)
         ).all()
-    assert len(completed) == 3 * len(ids)
-    assert {row[2] for row in completed} == {1}
+    why = (outputs, rows)  # shown if anything below fails
+    assert [run.returncode for run in runs] == [0, 0], why
+    assert [counter(url) for url in urls] == [11] * len(urls), why
+    completed = Counter((r.user_id, r.migration_id) for r in rows if r.status == "completed")
+    assert len(completed) == 3 * len(ids), why
+    assert set(completed.values()) == {1}, why
 
 
 def test_ctrl_c_lets_running_users_finish_and_reports_the_rest(
