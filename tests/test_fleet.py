@@ -432,3 +432,26 @@ def test_a_lease_claim_counts_only_that_users_open_rows(
     cws.runner().ledger.record_planned(ids[1], cws.registry.plan_up(0), None)
     assert cws.directory.claim_lease(ids[0], "me", 30).open_rows == 0
     assert cws.directory.claim_lease(ids[1], "me", 30).open_rows == 3
+
+
+def test_a_lease_let_go_while_claiming_is_taken_not_a_crash(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    """Regression: the holder released between the claim and the look at who holds it."""
+    from byod.controlplane import Directory
+
+    ids, _ = fleet_of(cws, new_instance, 1)
+    directory = Directory(cws.engine)
+    directory.claim_lease(ids[0], "holder", 30)
+    original = Directory.get_config
+
+    def release_first(self: Directory, user_id: int):  # type: ignore[no-untyped-def]
+        self.release_lease(user_id, "holder")
+        return original(self, user_id)
+
+    Directory.get_config = release_first  # type: ignore[method-assign]
+    try:
+        claimed = directory.claim_lease(ids[0], "me", 30)
+    finally:
+        Directory.get_config = original  # type: ignore[method-assign]
+    assert claimed.lease_owner == "me"

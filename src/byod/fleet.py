@@ -36,7 +36,14 @@ from byod.controlplane import (
     iter_outdated,
 )
 from byod.controlplane.schema import utcnow
-from byod.errors import BusyError, ByodError, InputError, IrreversibleError
+from byod.errors import (
+    BusyError,
+    ByodError,
+    InputError,
+    IrreversibleError,
+    NotConnectedError,
+    UnknownUserError,
+)
 from byod.runner import Runner, UserResult
 
 __all__ = [
@@ -356,7 +363,7 @@ class _FleetRun:
         self.on_event = on_event
         self.action = action
         self.stop = threading.Event()  # no new retries, no new users
-        self.in_flight: set[Future[tuple[UserResult, int]]] = set()
+        self.in_flight: dict[Future[tuple[UserResult, int]], _Item] = {}
         # threads in one process, or single-user worker processes
         self.workers = options.concurrency if options.processes == 1 else options.processes
 
@@ -432,26 +439,33 @@ class _FleetRun:
                     self.options,
                     self.stop,
                 )
-            self.in_flight.add(future)
+            self.in_flight[future] = item
             submitted += 1
         self._collect(ALL_COMPLETED)
         if canary and summary.failed and submitted <= canary:
             self._halt(f"a canary failed ({summary.failed} of {submitted})")
 
     def _collect(self, return_when: str) -> None:
-        done, self.in_flight = wait(self.in_flight, return_when=return_when)
+        done, _ = wait(self.in_flight, return_when=return_when)
         for future in done:
             self._finish(future)
             self._check_ratio()
 
     def _finish(self, future: Future[tuple[UserResult, int]]) -> None:
         summary = self.summary
+        item = self.in_flight.pop(future)
         summary.total += 1
         try:
             result, tries = future.result()
-        except ByodError as exc:  # the user vanished or was disconnected meanwhile
-            log.warning("fleet: a user was not run: %s", exc.message)
+        except (NotConnectedError, UnknownUserError) as exc:  # vanished meanwhile
+            log.warning("fleet: user %s was not run: %s", item.user.id, exc.message)
             summary.skipped += 1
+            return
+        except Exception as exc:  # one user's trouble never ends the run
+            text = exc.message if isinstance(exc, ByodError) else f"internal error: {exc!r}"
+            log.error("fleet: user %s failed: %s", item.user.id, text, exc_info=True)
+            summary.failed += 1
+            summary.errors.append(FleetError(item.user.clerk_id, None, text))
             return
         outcome = _outcome(result)
         setattr(summary, outcome, getattr(summary, outcome) + 1)

@@ -219,22 +219,25 @@ class Directory:
         Raises :class:`BusyError` when another owner holds an unexpired lease and
         :class:`NotConnectedError` when the user has no config.
         """
-        now = utcnow()
-        params = {
-            "b_user": user_id,
-            "b_owner": owner,
-            "b_now": now,
-            "b_expires": now + timedelta(seconds=seconds),
-        }
-        with single(self.engine, "claim the lease") as conn:
-            row = conn.execute(_CLAIM, params).first()
-        if row is not None:
-            return _config(row)
-        held = self.get_config(user_id)  # raises NotConnectedError when there is none
-        raise BusyError(
-            f"user {user_id} is busy: another runner ({held.lease_owner}) holds its lease "
-            f"until {held.lease_expires_at:%Y-%m-%d %H:%M:%S} UTC"
-        )
+        for _ in range(3):  # the holder may let go between our UPDATE and our look
+            now = utcnow()
+            params = {
+                "b_user": user_id,
+                "b_owner": owner,
+                "b_now": now,
+                "b_expires": now + timedelta(seconds=seconds),
+            }
+            with single(self.engine, "claim the lease") as conn:
+                row = conn.execute(_CLAIM, params).first()
+            if row is not None:
+                return _config(row)
+            held = self.get_config(user_id)  # raises NotConnectedError when there is none
+            if held.lease_owner is not None and held.lease_expires_at is not None:
+                raise BusyError(
+                    f"user {user_id} is busy: another runner ({held.lease_owner}) holds its "
+                    f"lease until {held.lease_expires_at:%Y-%m-%d %H:%M:%S} UTC"
+                )
+        raise BusyError(f"user {user_id} is busy: its lease keeps changing hands")
 
     def renew_lease(self, user_id: int, owner: str, seconds: float) -> bool:
         """Extend a lease this owner holds; False when it was lost to another owner."""
