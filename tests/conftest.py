@@ -26,23 +26,28 @@ TEST_KEY = base64.b64encode(b"k" * 32).decode()
 OTHER_KEY = base64.b64encode(b"o" * 32).decode()
 
 
+MYSQL_SERVER = os.environ.get("BYOD_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/mysql")
+
+
 @functools.cache
-def _pg_reachable() -> str | None:
-    """Why the PostgreSQL server cannot be used, or None when it can (checked once)."""
-    engine = sa.create_engine(PG_SERVER, connect_args={"connect_timeout": 3})
+def _unreachable(server: str) -> str | None:
+    """Why the server cannot be used, or None when it can (checked once per server)."""
+    engine = sa.create_engine(server, connect_args={"connect_timeout": 3})
     try:
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
     except sa.exc.SQLAlchemyError as exc:
-        return f"PostgreSQL at {PG_SERVER} is not reachable: {type(exc).__name__}"
+        return f"{sa.make_url(server).get_backend_name()} at {server} is not reachable: " + (
+            type(exc).__name__
+        )
     finally:
         engine.dispose()
     return None
 
 
-def require_postgres() -> None:
-    """Fail in CI, skip elsewhere, when the PostgreSQL server is not reachable."""
-    problem = _pg_reachable()
+def require_server(server: str) -> None:
+    """Fail in CI, skip elsewhere, when a database server is not reachable."""
+    problem = _unreachable(server)
     if problem is None:
         return
     if os.environ.get("CI", "").lower() == "true":
@@ -50,82 +55,49 @@ def require_postgres() -> None:
     pytest.skip(problem)
 
 
-class PgDatabases:
-    """Creates uniquely named PostgreSQL databases and drops them all at the end."""
+class ServerDatabases:
+    """Creates uniquely named databases on a server and drops them all at the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, server: str, create: str, drop: str) -> None:
+        self.server = server
+        self.create_sql, self.drop_sql = create, drop
         self.names: list[str] = []
-        self.admin = sa.create_engine(PG_SERVER, isolation_level="AUTOCOMMIT")
+        self.admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
 
     def create(self) -> str:
         name = f"byod_t_{uuid.uuid4().hex[:12]}"
         with self.admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+            conn.execute(sa.text(self.create_sql.format(name=name)))
         self.names.append(name)
-        return sa.make_url(PG_SERVER).set(database=name).render_as_string(hide_password=False)
+        return sa.make_url(self.server).set(database=name).render_as_string(hide_password=False)
 
     def drop_all(self) -> None:
         with self.admin.connect() as conn:
             for name in self.names:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+                conn.execute(sa.text(self.drop_sql.format(name=name)))
         self.admin.dispose()
 
 
 @pytest.fixture
-def pg() -> Iterator[PgDatabases]:
-    require_postgres()
-    databases = PgDatabases()
+def pg() -> Iterator[ServerDatabases]:
+    """Uniquely named PostgreSQL databases, dropped afterwards."""
+    require_server(PG_SERVER)
+    databases = ServerDatabases(
+        PG_SERVER, 'CREATE DATABASE "{name}"', 'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
+    )
     try:
         yield databases
     finally:
         databases.drop_all()
 
 
-MYSQL_SERVER = os.environ.get("BYOD_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/mysql")
-
-
-@functools.cache
-def _mysql_reachable() -> str | None:
-    engine = sa.create_engine(MYSQL_SERVER, connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-    except sa.exc.SQLAlchemyError as exc:
-        return f"MariaDB/MySQL at {MYSQL_SERVER} is not reachable: {type(exc).__name__}"
-    finally:
-        engine.dispose()
-    return None
-
-
-class MysqlDatabases:
-    """Creates uniquely named MariaDB databases and drops them all at the end."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-        self.admin = sa.create_engine(MYSQL_SERVER, isolation_level="AUTOCOMMIT")
-
-    def create(self) -> str:
-        name = f"byod_t_{uuid.uuid4().hex[:12]}"
-        with self.admin.connect() as conn:
-            conn.execute(sa.text(f"CREATE DATABASE `{name}`"))
-        self.names.append(name)
-        return sa.make_url(MYSQL_SERVER).set(database=name).render_as_string(hide_password=False)
-
-    def drop_all(self) -> None:
-        with self.admin.connect() as conn:
-            for name in self.names:
-                conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
-        self.admin.dispose()
-
-
 @pytest.fixture
-def mysql() -> Iterator[MysqlDatabases]:
-    problem = _mysql_reachable()
-    if problem is not None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(problem)
-        pytest.skip(problem)
-    databases = MysqlDatabases()
+def mysql() -> Iterator[ServerDatabases]:
+    """Uniquely named MariaDB databases, dropped afterwards."""
+    require_server(MYSQL_SERVER)
+    databases = ServerDatabases(
+        MYSQL_SERVER, "CREATE DATABASE `{name}`", "DROP DATABASE IF EXISTS `{name}`"
+    )
     try:
         yield databases
     finally:
@@ -146,7 +118,7 @@ def new_instance(
 ) -> InstanceFactory:
     """Makes empty instances of the parametrized kind; returns their URLs."""
     if instance_kind == "postgres":
-        databases: PgDatabases = request.getfixturevalue("pg")
+        databases: ServerDatabases = request.getfixturevalue("pg")
         return databases.create
     counter = iter(range(1, 100_000))
 
@@ -168,7 +140,7 @@ def control_plane_url(
     control_plane_kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> str:
     if control_plane_kind == "postgres":
-        databases: PgDatabases = request.getfixturevalue("pg")
+        databases: ServerDatabases = request.getfixturevalue("pg")
         return databases.create()
     return f"sqlite:///{tmp_path / 'control.db'}"
 

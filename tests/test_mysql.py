@@ -8,11 +8,11 @@ import sqlalchemy as sa
 from byod.commands import Workspace
 from byod.errors import BusyError, DirtyInstanceError, MigrationFailedError
 from byod.runner import Runner
-from tests.conftest import MysqlDatabases, execute, has_table
+from tests.conftest import ServerDatabases, execute, has_table
 from tests.helpers import add_connected, counter, schema_version, stamp_ids, statuses
 
 
-def test_migrations_run_in_order_on_mariadb(cws: Workspace, mysql: MysqlDatabases) -> None:
+def test_migrations_run_in_order_on_mariadb(cws: Workspace, mysql: ServerDatabases) -> None:
     url = mysql.create()
     uid = add_connected(cws, url)
     result = cws.runner().migrate(uid)
@@ -27,7 +27,7 @@ def test_migrations_run_in_order_on_mariadb(cws: Workspace, mysql: MysqlDatabase
 
 
 def test_a_step_failing_after_its_ddl_leaves_the_instance_dirty_until_repaired(
-    cws: Workspace, mysql: MysqlDatabases
+    cws: Workspace, mysql: ServerDatabases
 ) -> None:
     url = mysql.create()
     uid = add_connected(cws, url)
@@ -54,7 +54,7 @@ def test_a_step_failing_after_its_ddl_leaves_the_instance_dirty_until_repaired(
 
 
 def test_a_failure_before_any_ddl_rolls_back_cleanly(
-    cws: Workspace, mysql: MysqlDatabases, tmp_path: object
+    cws: Workspace, mysql: ServerDatabases, tmp_path: object
 ) -> None:
     url = mysql.create()
     uid = add_connected(cws, url)
@@ -66,7 +66,7 @@ def test_a_failure_before_any_ddl_rolls_back_cleanly(
     assert counter(url) == 5
 
 
-def test_the_named_lock_makes_a_second_runner_busy(cws: Workspace, mysql: MysqlDatabases) -> None:
+def test_the_named_lock_makes_a_second_runner_busy(cws: Workspace, mysql: ServerDatabases) -> None:
     url = mysql.create()
     uid = add_connected(cws, url)
     name = f"byod_migrations:{sa.make_url(url).database}"
@@ -81,7 +81,7 @@ def test_the_named_lock_makes_a_second_runner_busy(cws: Workspace, mysql: MysqlD
     assert counter(url) == 11
 
 
-def test_the_example_app_runs_on_mariadb(ws: Workspace, mysql: MysqlDatabases) -> None:
+def test_the_example_app_runs_on_mariadb(ws: Workspace, mysql: ServerDatabases) -> None:
     url = mysql.create()
     uid = add_connected(ws, url)
     assert ws.runner().migrate(uid, to_version=1).ok
