@@ -160,6 +160,7 @@ class SqlTarget:
         self._conn = conn
         self._dialect = dialect
         self.where = where
+        self._stamp_ready = False
 
     def __enter__(self) -> SqlTarget:
         return self
@@ -209,7 +210,8 @@ class SqlTarget:
             raise self._busy_or_lost(exc) from exc
         try:
             self._dialect.lock(self._conn, timeout_ms)
-            self._conn.exec_driver_sql(_create_sql(_CREATE_STAMP, self._engine.dialect))
+            if not self._stamp_ready:
+                self._conn.exec_driver_sql(_create_sql(_CREATE_STAMP, self._engine.dialect))
             if not self._check_position(step, self._select_stamp(known_to_exist=True)):
                 transaction.rollback()
                 return False
@@ -252,6 +254,7 @@ class SqlTarget:
             transaction.commit()
         except SQLAlchemyError as exc:
             raise self._lost(f"committing {step.migration.id} (outcome unknown)", exc) from exc
+        self._stamp_ready = True
         return True
 
     def clear_dirty(self) -> list[str]:
@@ -303,11 +306,10 @@ class SqlTarget:
                 transaction.rollback()
 
     def _select_stamp(self, *, known_to_exist: bool = False) -> list[StampEntry]:
-        if (
-            not known_to_exist
-            and not self._conn.exec_driver_sql(self._dialect.stamp_exists).scalar()
-        ):
-            return []
+        if not known_to_exist:
+            if not self._conn.exec_driver_sql(self._dialect.stamp_exists).scalar():
+                return []
+            self._stamp_ready = True  # no need to create it before each step
         rows = self._conn.execute(_SELECT_STAMP)
         return [StampEntry(**row._asdict()) for row in rows]
 
