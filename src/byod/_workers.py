@@ -67,6 +67,7 @@ class WorkerSetup:
     run_id: str
     options: FleetOptions
     owner: str
+    notify_hook: str | None = None
 
 
 _worker: tuple[Runner, FleetOptions] | None = None
@@ -85,7 +86,7 @@ def _start_worker(setup: WorkerSetup) -> None:
         open_engine(setup.control_plane),
         Registry.load(Path(setup.migrations)),
         Sealer(setup.key),
-        notify=load_notifier(os.environ.get("BYOD_NOTIFY_HOOK")),
+        notify=load_notifier(setup.notify_hook),
         lease_seconds=setup.options.lease_seconds,
         timeout=setup.options.timeout,
         run_id=setup.run_id,

@@ -6,7 +6,6 @@ data; the command line and, later, the HTTP service only render it.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from collections.abc import Callable
@@ -103,7 +102,7 @@ class Workspace:
 
     def runner(self, *, run_id: str | None = None) -> Runner:
         """A runner on this workspace, with the configured notification hook."""
-        notify = load_notifier(os.environ.get("BYOD_NOTIFY_HOOK"))
+        notify = load_notifier(self.settings.notify_hook)
         return Runner(self.engine, self.registry, self.sealer, notify=notify, run_id=run_id)
 
     def require_tables(self) -> None:

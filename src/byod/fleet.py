@@ -44,6 +44,7 @@ from byod.errors import (
     NotConnectedError,
     UnknownUserError,
 )
+from byod.notify import log_notice
 from byod.runner import Runner, UserResult
 
 __all__ = [
@@ -410,6 +411,7 @@ class _FleetRun:
             run_id=self.summary.run_id,
             options=self.options,
             owner=runner.owner,
+            notify_hook=_hook_spec(runner.notify),
         )
         # spawn, not fork: a forked child would inherit open database connections
         return ProcessPool(self.options.processes, setup)
@@ -486,6 +488,16 @@ class _FleetRun:
         done = summary.succeeded + summary.failed
         if ratio is not None and done and summary.failed / done > ratio:
             self._halt(f"{summary.failed} of {done} failed, above --max-failure-ratio {ratio}")
+
+
+def _hook_spec(notify: Callable[..., None]) -> str | None:
+    """How a worker process finds the same notification hook (``module:function``)."""
+    if notify is log_notice:
+        return None
+    qualname = getattr(notify, "__qualname__", "<?>")
+    if "<" in qualname:
+        raise InputError("--processes needs a notification hook importable as module:function")
+    return f"{notify.__module__}:{qualname}"
 
 
 def _report_progress(store: RunStore, summary: FleetSummary, stop: threading.Event) -> None:

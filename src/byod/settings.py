@@ -78,6 +78,7 @@ class Settings:
     migrations_configured: bool
     encryption_key: str | None
     key_file: Path
+    notify_hook: str | None = None
 
     @classmethod
     def load(
@@ -107,4 +108,5 @@ class Settings:
             migrations_configured=bool(folder_text),
             encryption_key=env.get("BYOD_ENCRYPTION_KEY") or None,
             key_file=key_file,
+            notify_hook=env.get("BYOD_NOTIFY_HOOK") or None,
         )
