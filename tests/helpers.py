@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import sqlalchemy as sa
 
 from byod.commands import Workspace, connect
@@ -46,3 +50,24 @@ def statuses(ws: Workspace, user_id: int) -> list[tuple[str, str, str, int]]:
         (r.migration_id, r.direction, r.status, r.attempts)
         for r in reversed(history(ws.engine, user_id))
     ]
+
+
+@contextmanager
+def held_in_migration(url: str, run: Callable[[], object]) -> Iterator[list[object]]:
+    """Start ``run`` in a thread; the counter set's 002 then waits inside its instance
+    transaction while the block runs, and finishes after it. Yields ``run``'s result
+    (in a list, filled once the thread is done)."""
+    from tests import gates
+    from tests.conftest import execute
+
+    execute(url, "CREATE TABLE hold_me (id INTEGER)")
+    gates.reset()
+    results: list[object] = []
+    thread = threading.Thread(target=lambda: results.append(run()))
+    thread.start()
+    try:
+        assert gates.entered.wait(20), "the held run never reached its migration"
+        yield results
+    finally:
+        gates.release.set()
+        thread.join(30)

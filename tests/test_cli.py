@@ -141,13 +141,21 @@ def test_the_main_flow_from_a_fresh_folder(cli: Cli, tmp_path: Path) -> None:
     assert refused.code == 2 and "001_initial has no down" in refused.err
 
 
-def test_migrate_all_prints_json_lines_and_a_summary(cli: Cli, tmp_path: Path) -> None:
-    migrations = counter_migrations(tmp_path / "migrations")
-    env = {"BYOD_MIGRATIONS": str(migrations)}
+def counter_fleet(cli: Cli, tmp_path: Path, *args: str) -> dict[str, str]:
+    """Users a, b, c with SQLite instances, on the counter migrations; ``args`` are
+    passed to a `byod migrate` of each. Returns the environment to use them."""
+    env = {"BYOD_MIGRATIONS": str(counter_migrations(tmp_path / "migrations"))}
     assert cli("init", **env).code == 0
     for name in ("a", "b", "c"):
         assert cli("users", "add", "--clerk-id", name).code == 0
         assert cli("connect", name, "--url", sqlite_instance(tmp_path, name)).code == 0
+        if args:
+            assert cli("migrate", name, *args, **env).code == 0
+    return env
+
+
+def test_migrate_all_prints_json_lines_and_a_summary(cli: Cli, tmp_path: Path) -> None:
+    env = counter_fleet(cli, tmp_path)
     execute(f"sqlite:///{tmp_path / 'b.db'}", "CREATE TABLE bumped (id INTEGER)")
     run = cli("migrate", "--all", "--json", "--concurrency", "2", **env)
     assert run.code == 1
@@ -307,13 +315,7 @@ def test_a_real_process_reports_bad_usage_and_unknown_users_with_exit_2(tmp_path
 
 
 def test_fleet_runs_are_listed_shown_and_undone(cli: Cli, tmp_path: Path) -> None:
-    migrations = counter_migrations(tmp_path / "migrations")
-    env = {"BYOD_MIGRATIONS": str(migrations)}
-    assert cli("init", **env).code == 0
-    for name in ("a", "b", "c"):
-        assert cli("users", "add", "--clerk-id", name).code == 0
-        assert cli("connect", name, "--url", sqlite_instance(tmp_path, name)).code == 0
-        assert cli("migrate", name, "--to", "2", **env).code == 0
+    env = counter_fleet(cli, tmp_path, "--to", "2")
     execute(f"sqlite:///{tmp_path / 'b.db'}", "CREATE TABLE break_me (id INTEGER)")
     (tmp_path / "users.txt").write_text("a\nb\n")
     run = cli("migrate", "--users", str(tmp_path / "users.txt"), "--json", **env)

@@ -388,28 +388,18 @@ def test_ctrl_c_lets_running_users_finish_and_reports_the_rest(
 def test_a_long_migration_keeps_its_lease_alive(
     cws: Workspace, new_instance: InstanceFactory
 ) -> None:
-    import threading
-
     from byod.errors import BusyError
     from byod.runner import Runner
-    from tests import gates
+    from tests.helpers import held_in_migration
 
     url = new_instance()
     uid = add_connected(cws, url)
     assert cws.runner().migrate(uid, to_version=1).ok
-    execute(url, "CREATE TABLE hold_me (id INTEGER)")
-    gates.reset()
     runner = Runner(cws.engine, cws.registry, cws.sealer, lease_seconds=0.6)
-    thread = threading.Thread(target=lambda: runner.migrate(uid))
-    thread.start()
-    try:
-        assert gates.entered.wait(20)
+    with held_in_migration(url, lambda: runner.migrate(uid)):
         time.sleep(1.5)  # well past the lease's first expiry: renewals kept it
         other = Runner(cws.engine, cws.registry, cws.sealer).migrate(uid)
         assert isinstance(other.error, BusyError)
-    finally:
-        gates.release.set()
-        thread.join(30)
     assert counter(url) == 11
 
 

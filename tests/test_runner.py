@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,6 @@ from byod.notify import Notice
 from byod.registry import Registry, Step
 from byod.runner import Runner
 from byod.targets import StepBody, Target
-from tests import gates
 from tests.conftest import (
     OTHER_KEY,
     InstanceFactory,
@@ -34,7 +32,14 @@ from tests.conftest import (
     has_table,
     make_workspace,
 )
-from tests.helpers import add_connected, counter, schema_version, stamp_ids, statuses
+from tests.helpers import (
+    add_connected,
+    counter,
+    held_in_migration,
+    schema_version,
+    stamp_ids,
+    statuses,
+)
 
 
 def test_migrations_run_in_version_order_and_are_recorded(
@@ -335,19 +340,10 @@ def test_two_runs_for_one_user_at_once_one_is_busy(
     url = new_instance()
     uid = add_connected(cws, url)
     assert cws.runner().migrate(uid, to_version=1).ok
-    execute(url, "CREATE TABLE hold_me (id INTEGER)")
-    gates.reset()
-    first: list[object] = []
-    thread = threading.Thread(target=lambda: first.append(cws.runner().migrate(uid)))
-    thread.start()
-    try:
-        assert gates.entered.wait(20), "the first run never reached its migration"
+    with held_in_migration(url, lambda: cws.runner().migrate(uid)) as first:
         second = cws.runner().migrate(uid)
         assert isinstance(second.error, BusyError)
         assert "busy" in second.error.message
-    finally:
-        gates.release.set()
-        thread.join(30)
     assert first and first[0].ok  # type: ignore[attr-defined]
     assert counter(url) == 11  # 002's bump applied once
     completed = [s for s in statuses(cws, uid) if s[2] == "completed"]
@@ -361,20 +357,12 @@ def test_instance_lock_stops_a_second_control_plane(
     url = new_instance()
     uid = add_connected(cws, url)
     assert cws.runner().migrate(uid, to_version=1).ok
-    execute(url, "CREATE TABLE hold_me (id INTEGER)")
     other = make_workspace(f"sqlite:///{tmp_path / 'other.db'}", cws.settings.migrations_dir)
     other_uid = add_connected(other, url, "same_instance")
-    gates.reset()
-    thread = threading.Thread(target=lambda: cws.runner().migrate(uid))
-    thread.start()
-    try:
-        assert gates.entered.wait(20)
+    with held_in_migration(url, lambda: cws.runner().migrate(uid)):
         runner = Runner(other.engine, other.registry, other.sealer, connect_timeout=0.5)
         second = runner.migrate(other_uid)
         assert isinstance(second.error, BusyError | UnreachableError)
-    finally:
-        gates.release.set()
-        thread.join(30)
     assert counter(url) == 11
     assert other.runner().migrate(other_uid).ok  # adopts what the first applied
     assert counter(url) == 11
