@@ -1,4 +1,4 @@
-"""Running one user of a fleet run: retries, and worker processes for CPU-bound fleets.
+"""Worker processes for CPU-bound fleets.
 
 Threads share one core in CPython; ``--processes`` spawns worker processes (spawn, not
 fork: a forked child would inherit open database connections), each building its own
@@ -7,54 +7,22 @@ runner from a :class:`WorkerSetup` sent once at its start.
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import os
 import signal
-import threading
-import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from byod._step import Settled, settle
 from byod.controlplane import User
-from byod.runner import Runner, UserResult
+from byod.runner import Runner
 
 if TYPE_CHECKING:
     from byod.fleet import FleetOptions
 
-__all__ = ["ProcessPool", "WorkerSetup", "attempt", "in_worker"]
-
-log = logging.getLogger("byod.fleet")
-
-
-def attempt(
-    runner: Runner,
-    action: str,
-    user: User,
-    to_version: int,
-    options: FleetOptions,
-    stop: threading.Event | None,
-) -> tuple[UserResult, int]:
-    """Run one user (``migrate`` or ``rollback``), retrying transient failures with
-    backoff; returns the result and the number of tries."""
-    tries = 0
-    while True:
-        if action == "rollback":
-            result = runner.rollback_user(user, to_version)
-        else:
-            result = runner.migrate_user(user, to_version=to_version)
-        tries += 1
-        error = result.error
-        if error is None or not error.transient or tries > options.retries:
-            return result, tries
-        delay = options.backoff(tries - 1)
-        log.info("user %s: %s; retry %d in %.2fs", user.id, error.message, tries, delay)
-        if stop is None:
-            time.sleep(delay)
-        elif stop.wait(delay):
-            return result, tries
+__all__ = ["ProcessPool", "WorkerSetup", "in_worker"]
 
 
 @dataclass(frozen=True)
@@ -95,11 +63,11 @@ def _start_worker(setup: WorkerSetup) -> None:
     _worker = (runner, setup.options)
 
 
-def in_worker(action: str, user: User, to_version: int) -> tuple[UserResult, int]:
+def in_worker(action: str, user: User, to_version: int) -> Settled:
     """Run one user in a worker process (started by :class:`ProcessPool`)."""
     assert _worker is not None, "worker process not started"
     runner, options = _worker
-    return attempt(runner, action, user, to_version, options, None)
+    return settle(runner, action, user, to_version, options, None)
 
 
 class ProcessPool(ProcessPoolExecutor):

@@ -153,11 +153,15 @@ def connect(
         str | None, typer.Option("--secret", help="Password, if not in the URL.")
     ] = None,
     timeout: Annotated[float, typer.Option("--timeout", min=0.1)] = 10.0,
+    queue: Annotated[
+        str | None,
+        typer.Option("--queue", help="Task queue of the workers that can reach it (distributed)."),
+    ] = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Seal and store a user's database credentials and check it answers."""
     found, reach = commands.connect(
-        _workspace(database_url, None), user, url, secret=secret, timeout=timeout
+        _workspace(database_url, None), user, url, secret=secret, timeout=timeout, queue=queue
     )
     if reach.status == "connected":
         out.print(

@@ -148,11 +148,20 @@ def add_user(ws: Workspace, clerk_id: str, email: str | None = None) -> User:
 
 
 def connect(
-    ws: Workspace, user_ref: str, url: str, *, secret: str | None = None, timeout: float = 10.0
+    ws: Workspace,
+    user_ref: str,
+    url: str,
+    *,
+    secret: str | None = None,
+    timeout: float = 10.0,
+    queue: str | None = None,
 ) -> tuple[User, ReachResult]:
-    """Seal and store a user's instance credentials and check the instance answers."""
+    """Seal and store a user's instance credentials and check the instance answers;
+    ``queue`` routes the user's distributed tasks to workers consuming that queue."""
     user = ws.directory.find_user(user_ref)
-    return user, connect_user(ws.directory, ws.sealer, user.id, url, secret=secret, timeout=timeout)
+    return user, connect_user(
+        ws.directory, ws.sealer, user.id, url, secret=secret, timeout=timeout, queue=queue
+    )
 
 
 def status(ws: Workspace) -> FleetStatus:

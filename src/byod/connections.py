@@ -7,6 +7,7 @@ a log, the ledger or the operator.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from sqlalchemy.engine import URL
@@ -21,6 +22,7 @@ from byod.targets.sql import SqlTarget
 __all__ = ["Credentials", "ReachResult", "connect_user", "open_instance", "unseal_config"]
 
 SUPPORTED_KINDS = ("sqlite", "postgresql", "mysql", "mariadb")
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -93,12 +95,16 @@ def connect_user(
     *,
     secret: str | None = None,
     timeout: float = 10.0,
+    queue: str | None = None,
 ) -> ReachResult:
     """Seal and store a user's instance credentials, then check the instance answers.
 
     The config is stored even when the instance is unreachable (status ``error``); the
-    schema version recorded is what the instance's own stamp says.
+    schema version recorded is what the instance's own stamp says. ``queue``: the task
+    queue whose workers can reach the instance (distributed runs; default queue if None).
     """
+    if queue is not None and not _QUEUE_NAME.fullmatch(queue):
+        raise SettingsError(f"bad queue name {queue!r}: use 1-64 letters, digits, '.', '_' or '-'")
     credentials = _credentials(url, secret)
     kind = credentials.url.get_backend_name()
     if kind not in SUPPORTED_KINDS:
@@ -111,6 +117,7 @@ def connect_user(
         sealed_url=sealer.seal(url, user_id=user_id, field_name="url"),
         sealed_secret=sealer.seal(secret, user_id=user_id, field_name="secret") if secret else None,
         key_id=sealer.key_id,
+        queue=queue,
     )
     try:
         with open_instance(credentials, timeout=timeout) as target:

@@ -16,6 +16,7 @@ once, at its edge.
     + PlanError
   x CredentialsError
   x ControlPlaneError
+  x BrokerError
   x InstanceError
     + UnreachableError      (transient)
     + BusyError             (transient)
@@ -28,6 +29,7 @@ once, at its edge.
 from __future__ import annotations
 
 __all__ = [
+    "BrokerError",
     "BusyError",
     "ByodError",
     "ControlPlaneError",
@@ -118,6 +120,12 @@ class ControlPlaneError(ByodError):
     """The control-plane database cannot be used: check BYOD_DATABASE_URL and run `byod init`."""
 
     hint = "Check BYOD_DATABASE_URL points at a reachable database and run `byod init`."
+
+
+class BrokerError(ByodError):
+    """The task queue's broker cannot be reached: nothing was handed out."""
+
+    hint = "Check BYOD_BROKER_URL points at a running Redis or RabbitMQ server."
 
 
 class InstanceError(ByodError):

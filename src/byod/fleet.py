@@ -26,7 +26,8 @@ from concurrent.futures import (
 )
 from dataclasses import asdict, dataclass, field
 
-from byod._workers import ProcessPool, WorkerSetup, attempt, in_worker
+from byod._step import FleetError, Settled, settle
+from byod._workers import ProcessPool, WorkerSetup, in_worker
 from byod.controlplane import (
     RunCounts,
     RunStore,
@@ -37,12 +38,9 @@ from byod.controlplane import (
 )
 from byod.controlplane.schema import utcnow
 from byod.errors import (
-    BusyError,
     ByodError,
     InputError,
     IrreversibleError,
-    NotConnectedError,
-    UnknownUserError,
 )
 from byod.notify import log_notice
 from byod.runner import Runner, UserResult
@@ -132,15 +130,6 @@ class UserFinished:
 
 
 FleetEvent = FleetStarted | UserFinished
-
-
-@dataclass(frozen=True)
-class FleetError:
-    """A user the run could not bring to its target, and why."""
-
-    user: str
-    migration: str | None
-    error: str
 
 
 @dataclass
@@ -315,12 +304,6 @@ def _limited(items: Iterable[_Item], limit: int) -> Iterator[_Item]:
         yield item
 
 
-def _outcome(result: UserResult) -> str:
-    if result.error is None:
-        return "succeeded" if result.changed else "skipped"
-    return "skipped" if isinstance(result.error, BusyError) else "failed"
-
-
 def _execute(
     base: Runner,
     items: Iterable[_Item],
@@ -364,7 +347,7 @@ class _FleetRun:
         self.on_event = on_event
         self.action = action
         self.stop = threading.Event()  # no new retries, no new users
-        self.in_flight: dict[Future[tuple[UserResult, int]], _Item] = {}
+        self.in_flight: dict[Future[Settled], _Item] = {}
         # threads in one process, or single-user worker processes
         self.workers = options.concurrency if options.processes == 1 else options.processes
 
@@ -433,7 +416,7 @@ class _FleetRun:
                 future = pool.submit(in_worker, self.action, item.user, item.to_version)
             else:
                 future = pool.submit(
-                    attempt,
+                    settle,
                     self.runner,
                     self.action,
                     item.user,
@@ -453,29 +436,16 @@ class _FleetRun:
             self._finish(future)
             self._check_ratio()
 
-    def _finish(self, future: Future[tuple[UserResult, int]]) -> None:
+    def _finish(self, future: Future[Settled]) -> None:
         summary = self.summary
-        item = self.in_flight.pop(future)
+        self.in_flight.pop(future)
+        settled = future.result()
         summary.total += 1
-        try:
-            result, tries = future.result()
-        except (NotConnectedError, UnknownUserError) as exc:  # vanished meanwhile
-            log.warning("fleet: user %s was not run: %s", item.user.id, exc.message)
-            summary.skipped += 1
-            return
-        except Exception as exc:  # one user's trouble never ends the run
-            text = exc.message if isinstance(exc, ByodError) else f"internal error: {exc!r}"
-            log.error("fleet: user %s failed: %s", item.user.id, text, exc_info=True)
-            summary.failed += 1
-            summary.errors.append(FleetError(item.user.clerk_id, None, text))
-            return
-        outcome = _outcome(result)
-        setattr(summary, outcome, getattr(summary, outcome) + 1)
-        if outcome == "failed" and result.error is not None:
-            summary.errors.append(
-                FleetError(result.clerk_id, result.failed_migration, result.error.message)
-            )
-        self.on_event(UserFinished(result, outcome, tries))
+        setattr(summary, settled.outcome, getattr(summary, settled.outcome) + 1)
+        if settled.error is not None:
+            summary.errors.append(settled.error)
+        if settled.result is not None:
+            self.on_event(UserFinished(settled.result, settled.outcome, settled.tries))
 
     def _halt(self, reason: str) -> None:
         if self.summary.state == "running":

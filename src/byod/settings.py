@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy.engine import URL, make_url
@@ -79,6 +79,10 @@ class Settings:
     encryption_key: str | None
     key_file: Path
     notify_hook: str | None = None
+    #: the task queue's broker (``redis://`` or ``amqp://``) for distributed runs
+    broker_url: str | None = field(default=None, repr=False)
+    #: Redis only: seconds before a task taken by a worker that vanished is handed out again
+    broker_visibility_timeout: float = 600.0
 
     @classmethod
     def load(
@@ -109,4 +113,19 @@ class Settings:
             encryption_key=env.get("BYOD_ENCRYPTION_KEY") or None,
             key_file=key_file,
             notify_hook=env.get("BYOD_NOTIFY_HOOK") or None,
+            broker_url=env.get("BYOD_BROKER_URL") or None,
+            broker_visibility_timeout=_positive(env, "BYOD_BROKER_VISIBILITY_TIMEOUT", 600.0),
         )
+
+
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    text = env.get(name)
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise SettingsError(f"{name} must be a positive number of seconds, not {text!r}")
+    return value

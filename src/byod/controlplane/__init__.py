@@ -11,6 +11,7 @@ from byod.controlplane.queries import (
     fleet_status,
     history,
     iter_outdated,
+    outdated_query,
 )
 from byod.controlplane.runs import MovedUser, RunCounts, RunRecord, RunStore
 from byod.controlplane.schema import create_tables, open_engine
@@ -35,4 +36,5 @@ __all__ = [
     "history",
     "iter_outdated",
     "open_engine",
+    "outdated_query",
 ]

@@ -55,6 +55,7 @@ class Config:
     lease_owner: str | None
     lease_expires_at: datetime | None
     updated_at: datetime
+    queue: str | None = None
     open_rows: int = 0
 
 
@@ -164,9 +165,14 @@ class Directory:
         sealed_url: str,
         sealed_secret: str | None,
         key_id: str,
+        queue: str | None = None,
     ) -> None:
-        """Store (or replace) a user's sealed credentials; the status becomes ``pending``."""
+        """Store (or replace) a user's sealed credentials; the status becomes ``pending``.
+
+        ``queue``: the task queue whose workers can reach the instance (distributed runs).
+        """
         values = {
+            "queue": queue,
             "target_kind": target_kind,
             "sealed_url": sealed_url,
             "sealed_secret": sealed_secret,

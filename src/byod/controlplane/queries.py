@@ -21,6 +21,7 @@ __all__ = [
     "fleet_status",
     "history",
     "iter_outdated",
+    "outdated_query",
 ]
 
 
@@ -150,6 +151,47 @@ class OutdatedConfig:
     schema_version: int
 
 
+def outdated_query(
+    below: int,
+    *,
+    after: tuple[int, int] = (-1, -1),
+    limit: int = 500,
+    statuses: tuple[str, ...] = ("connected",),
+    untouched_since: datetime | None = None,
+    only_version: int | None = None,
+    user_ids: tuple[int, ...] | None = None,
+) -> sa.Select[tuple[int, str, int, str | None]]:
+    """One keyset page of users below ``below``: ``(user_id, clerk_id, schema_version,
+    queue)`` after the (version, user id) position ``after``, in that order.
+
+    ``untouched_since`` leaves out configs updated after that moment, so users a running
+    fleet run already moved are not handed out twice; ``only_version`` keeps only users at
+    exactly that version; ``user_ids`` only those users.
+    """
+    version, user_id = after
+    query = (
+        sa.select(configs.c.user_id, users.c.clerk_id, configs.c.schema_version, configs.c.queue)
+        .join(users, users.c.id == configs.c.user_id)
+        .where(
+            configs.c.connection_status.in_(statuses),
+            configs.c.schema_version < below,
+            sa.or_(
+                configs.c.schema_version > version,
+                sa.and_(configs.c.schema_version == version, configs.c.user_id > user_id),
+            ),
+        )
+        .order_by(configs.c.schema_version, configs.c.user_id)
+        .limit(limit)
+    )
+    if untouched_since is not None:
+        query = query.where(configs.c.updated_at <= untouched_since)
+    if only_version is not None:
+        query = query.where(configs.c.schema_version == only_version)
+    if user_ids is not None:
+        query = query.where(configs.c.user_id.in_(user_ids))
+    return query
+
+
 def iter_outdated(
     engine: sa.Engine,
     below: int,
@@ -161,33 +203,20 @@ def iter_outdated(
 ) -> Iterator[OutdatedConfig]:
     """Users with a config in ``statuses`` and ``schema_version < below``.
 
-    Keyset-paged over the (status, version, user id) index in (version, user id) order:
-    memory stays flat however large the fleet, and a fleet already at ``below`` costs one
-    empty range scan. ``untouched_since`` leaves out configs updated after that moment,
-    so users a running fleet run already moved are not handed out twice; ``only_version``
-    keeps only users at exactly that version.
+    Keyset-paged over the (status, version, user id) index in (version, user id) order
+    (see :func:`outdated_query`): memory stays flat however large the fleet, and a fleet
+    already at ``below`` costs one empty range scan.
     """
     last: tuple[int, int] = (-1, -1)
     while True:
-        version, user_id = last
-        query = (
-            sa.select(configs.c.user_id, users.c.clerk_id, configs.c.schema_version)
-            .join(users, users.c.id == configs.c.user_id)
-            .where(
-                configs.c.connection_status.in_(statuses),
-                configs.c.schema_version < below,
-                sa.or_(
-                    configs.c.schema_version > version,
-                    sa.and_(configs.c.schema_version == version, configs.c.user_id > user_id),
-                ),
-            )
-            .order_by(configs.c.schema_version, configs.c.user_id)
-            .limit(page_size)
+        query = outdated_query(
+            below,
+            after=last,
+            limit=page_size,
+            statuses=statuses,
+            untouched_since=untouched_since,
+            only_version=only_version,
         )
-        if untouched_since is not None:
-            query = query.where(configs.c.updated_at <= untouched_since)
-        if only_version is not None:
-            query = query.where(configs.c.schema_version == only_version)
         with reading(engine, "select outdated users") as conn:
             page = conn.execute(query).all()
         for row in page:

@@ -57,6 +57,14 @@ class RunRecord:
     started_at: datetime
     updated_at: datetime
     ended_at: datetime | None
+    #: distributed runs: users handed to the task queue so far, and those not done yet
+    dispatched: int = 0
+    in_flight: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        """True for a run whose users are migrated by task-queue workers."""
+        return bool(self.options.get("distributed"))
 
     @property
     def remaining(self) -> int | None:
@@ -68,8 +76,13 @@ class RunRecord:
 
     @property
     def shown_state(self) -> str:
-        """The state, with a long-silent ``running`` run shown as lost."""
-        if self.state == "running" and utcnow() - self.updated_at > STALE_AFTER:
+        """The state, with a long-silent ``running`` run shown as lost (a distributed run
+        is never lost: its queued tasks wait for workers)."""
+        if (
+            self.state == "running"
+            and not self.distributed
+            and utcnow() - self.updated_at > STALE_AFTER
+        ):
             return "interrupted"
         return self.state
 
@@ -81,6 +94,11 @@ class MovedUser:
     user_id: int
     clerk_id: str
     version_before: int
+
+
+_RECORD_COLUMNS = [
+    c for c in runs.columns if c.name not in ("cursor_version", "cursor_user", "exhausted")
+]
 
 
 def _record(row: sa.Row[tuple[object, ...]]) -> RunRecord:
@@ -147,14 +165,18 @@ class RunStore:
     def get(self, run_id: str) -> RunRecord:
         """One run; :class:`InputError` when there is none with that id."""
         with reading(self.engine, "read the run") as conn:
-            row = conn.execute(sa.select(runs).where(runs.c.id == run_id)).first()
+            row = conn.execute(sa.select(*_RECORD_COLUMNS).where(runs.c.id == run_id)).first()
         if row is None:
             raise InputError(f"no fleet run {run_id!r} (see `byod runs`)")
         return _record(row)
 
     def recent(self, limit: int = 20) -> list[RunRecord]:
         """The newest runs first."""
-        query = sa.select(runs).order_by(runs.c.started_at.desc(), runs.c.id.desc()).limit(limit)
+        query = (
+            sa.select(*_RECORD_COLUMNS)
+            .order_by(runs.c.started_at.desc(), runs.c.id.desc())
+            .limit(limit)
+        )
         with reading(self.engine, "list runs") as conn:
             return [_record(row) for row in conn.execute(query)]
 

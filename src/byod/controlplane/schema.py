@@ -21,11 +21,13 @@ __all__ = [
     "CONNECTION_STATUSES",
     "LEDGER_STATUSES",
     "RUN_STATES",
+    "TASK_STATES",
     "configs",
     "create_tables",
     "ledger",
     "metadata",
     "open_engine",
+    "run_tasks",
     "runs",
     "users",
     "utcnow",
@@ -59,6 +61,8 @@ configs = sa.Table(
     sa.Column("lease_owner", sa.String(64), nullable=True),
     sa.Column("lease_expires_at", sa.DateTime, nullable=True),
     sa.Column("updated_at", sa.DateTime, nullable=False),
+    #: the task queue whose workers can reach this instance (distributed runs)
+    sa.Column("queue", sa.String(64), nullable=True),
     sa.CheckConstraint(
         "connection_status IN ('pending', 'connected', 'error', 'disconnected')",
         name="ck_byod_configs_status",
@@ -117,10 +121,45 @@ runs = sa.Table(
     sa.Column("started_at", sa.DateTime, nullable=False),
     sa.Column("updated_at", sa.DateTime, nullable=False),
     sa.Column("ended_at", sa.DateTime, nullable=True),
+    # distributed runs: how far the selection has been handed to the task queue
+    sa.Column("dispatched", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("in_flight", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("cursor_version", sa.Integer, nullable=True),
+    sa.Column("cursor_user", sa.Integer, nullable=True),
+    sa.Column("exhausted", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.CheckConstraint(
         "state IN ('running', 'completed', 'halted', 'interrupted')", name="ck_byod_runs_state"
     ),
     sa.Index("ix_byod_runs_started", "started_at"),
+)
+
+TASK_STATES = ("queued", "running", "done")
+
+#: One row per user a distributed run handed to the task queue: what makes a redelivered
+#: or duplicated task a no-op, and what lets any machine follow the run.
+run_tasks = sa.Table(
+    "byod_run_tasks",
+    metadata,
+    sa.Column("run_id", sa.String(40), sa.ForeignKey("byod_runs.id"), primary_key=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), primary_key=True),
+    sa.Column("queue", sa.String(64), nullable=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("from_version", sa.Integer, nullable=False),
+    sa.Column("to_version", sa.Integer, nullable=True),
+    sa.Column("outcome", sa.String(16), nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("error_type", sa.String(64), nullable=True),
+    sa.Column("steps", sa.Text, nullable=True),
+    sa.Column("tries", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("deliveries", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("worker", sa.String(128), nullable=True),
+    sa.Column("seconds", sa.Float, nullable=True),
+    sa.Column("queued_at", sa.DateTime, nullable=False),
+    sa.Column("started_at", sa.DateTime, nullable=True),
+    sa.Column("finished_at", sa.DateTime, nullable=True),
+    sa.CheckConstraint("state IN ('queued', 'running', 'done')", name="ck_byod_run_tasks_state"),
+    sa.Index("ix_byod_run_tasks_state", "run_id", "state"),
+    sa.Index("ix_byod_run_tasks_finished", "run_id", "finished_at"),
 )
 
 
@@ -155,11 +194,31 @@ def _sqlite_pragmas(dbapi_connection: sqlite3.Connection, _record: object) -> No
 
 
 def create_tables(engine: sa.Engine) -> None:
-    """Create the control-plane tables and indexes that are missing (safe to run again)."""
+    """Create the control-plane tables, indexes and columns that are missing (safe to run
+    again: a control plane made by an earlier byod gets the columns added since)."""
     try:
         metadata.create_all(engine, checkfirst=True)
+        _add_missing_columns(engine)
     except SQLAlchemyError as exc:
         raise ControlPlaneError(
             f"cannot create the control-plane tables in {safe_url(engine.url)}: "
             f"{type(getattr(exc, 'orig', None) or exc).__name__}"
         ) from exc
+
+
+def _add_missing_columns(engine: sa.Engine) -> None:
+    """Columns added to a table after its creation (each nullable or with a default)."""
+    inspector = sa.inspect(engine)
+    missing = []
+    for table in metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        missing += [(table.name, c) for c in table.columns if c.name not in present]
+    if not missing:
+        return
+    from alembic.operations import Operations
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.begin() as conn:
+        operations = Operations(MigrationContext.configure(connection=conn))
+        for table_name, column in missing:
+            operations.add_column(table_name, column._copy())
