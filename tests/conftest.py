@@ -21,6 +21,8 @@ import sqlalchemy as sa
 from byod.commands import Workspace, init
 from byod.settings import Settings
 
+pytest_plugins = ["tests.distributed_kit"]
+
 PG_SERVER = os.environ.get("BYOD_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 TEST_KEY = base64.b64encode(b"k" * 32).decode()
 OTHER_KEY = base64.b64encode(b"o" * 32).decode()

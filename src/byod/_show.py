@@ -20,6 +20,7 @@ from rich.progress import (
 from rich.text import Text
 
 from byod import _render as render
+from byod.distributed import RunProgress
 from byod.errors import ByodError
 from byod.fleet import FleetEvent, FleetStarted, FleetSummary, UserFinished
 from byod.runner import UserResult
@@ -49,12 +50,15 @@ def finish_user(out: Console, err: Console, result: UserResult, json_out: bool, 
 
 
 def run_fleet(
-    out: Console, err: Console, work: Callable[[Callable[[FleetEvent], None]], T], json_out: bool
+    out: Console,
+    err: Console,
+    work: Callable[[Callable[[FleetEvent | RunProgress], None]], T],
+    json_out: bool,
 ) -> T:
     """Run a fleet job, showing progress: JSON lines, or a bar on a terminal."""
     if json_out:
 
-        def emit(event: FleetEvent) -> None:
+        def emit(event: FleetEvent | RunProgress) -> None:
             if isinstance(event, UserFinished):
                 data = render.result_data(event.result) | {"outcome": event.outcome}
                 out.print(render.dump(data))
@@ -73,10 +77,12 @@ def run_fleet(
     task = progress.add_task("fleet", total=None, failed=0)
     failed = 0
 
-    def show(event: FleetEvent) -> None:
+    def show(event: FleetEvent | RunProgress) -> None:
         nonlocal failed
         if isinstance(event, FleetStarted):
             progress.update(task, total=event.total)
+        elif isinstance(event, RunProgress):
+            progress.update(task, completed=event.done, failed=event.failed, total=event.total)
         elif isinstance(event, UserFinished):
             failed += event.outcome == "failed"
             progress.update(task, advance=1, failed=failed)

@@ -282,6 +282,24 @@ def migrate(
         int | None, typer.Option("--only-version", help="With --all: only users at V.")
     ] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most N users.")] = None,
+    distributed: Annotated[
+        bool,
+        typer.Option(
+            "--distributed",
+            help="With --all: run on task-queue workers (`byod worker`); --concurrency "
+            "caps the run's tasks in flight [needs BYOD_BROKER_URL].",
+        ),
+    ] = False,
+    detach: Annotated[
+        bool,
+        typer.Option("--detach", help="With --distributed: print the run id and return."),
+    ] = False,
+    per_host: Annotated[
+        int | None,
+        typer.Option(
+            "--per-host", min=1, help="With --distributed: at most N at once per DB server."
+        ),
+    ] = None,
     json_out: Json = False,
     database_url: DatabaseUrl = None,
     migrations: Migrations = None,
@@ -289,7 +307,11 @@ def migrate(
     """Apply pending migrations to one user, or to every eligible user (--all)."""
     ws = _workspace(database_url, migrations)
     target = _one_target(user, every or users is not None)
+    if (detach or per_host is not None) and not distributed:
+        raise InputError("--detach and --per-host go with --distributed")
     if target is not None:
+        if distributed:
+            raise InputError("--distributed runs a fleet: use --all (or --users)")
         result = commands.migrate_user(ws, target, to_version=to)
         show.finish_user(out, err, result, json_out, "migrated")
         return
@@ -297,11 +319,46 @@ def migrate(
         concurrency, retries, timeout, lease_seconds, canary, max_failure_ratio, processes
     )
     selection = Selection(_user_list(users), only_version, limit)
+    if distributed:
+        run_id = commands.migrate_distributed(
+            ws, options=options, selection=selection, to_version=to, per_host=per_host
+        )
+        if detach:
+            _print_started(run_id, json_out)
+            return
+        _follow(ws, run_id, json_out, stop_on_interrupt=True)
+        return
     summary = show.run_fleet(
         out,
         err,
         lambda on_event: commands.migrate_fleet(
             ws, options=options, selection=selection, to_version=to, on_event=on_event
+        ),
+        json_out,
+    )
+    show.print_summary(out, err, summary, json_out)
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+def _print_started(run_id: str, json_out: bool) -> None:
+    if json_out:
+        out.print(render.dump({"run_id": run_id}))
+    else:
+        out.print(run_id)
+        err.print(f"run {run_id} started; watch it with `byod runs show {run_id} --follow`")
+
+
+def _follow(
+    ws: commands.Workspace, run_id: str, json_out: bool, *, stop_on_interrupt: bool
+) -> None:
+    """Follow a run to its end with the fleet run's progress and summary; exit 1 unless
+    it went to its end without a failure."""
+    summary = show.run_fleet(
+        out,
+        err,
+        lambda on_event: commands.follow(
+            ws, run_id, on_event=on_event, stop_on_interrupt=stop_on_interrupt
         ),
         json_out,
     )
@@ -373,11 +430,23 @@ def runs(
 @runs_app.command("show")
 def runs_show(
     run: Annotated[str, typer.Argument(help="Run id.")],
+    follow: Annotated[
+        bool,
+        typer.Option("--follow", help="Show its progress until it ends, then its summary."),
+    ] = False,
     json_out: Json = False,
     database_url: DatabaseUrl = None,
 ) -> None:
     """One fleet run: options, state, counts and its failures."""
-    details = commands.show_run(_workspace(database_url, None), run)
+    ws = _workspace(database_url, None)
+    if follow:
+        try:
+            _follow(ws, run, json_out, stop_on_interrupt=False)
+        except KeyboardInterrupt:
+            err.print(f"stopped watching; run {run} goes on")
+            raise typer.Exit(130) from None
+        return
+    details = commands.show_run(ws, run)
     if json_out:
         data = render.run_data(details.run)
         data["failures"] = [
@@ -387,6 +456,46 @@ def runs_show(
         out.print(render.dump(data))
     else:
         render.run_details(details, out)
+
+
+@runs_app.command("stop")
+def runs_stop(
+    run: Annotated[str, typer.Argument(help="Run id.")],
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Stop a distributed run: queued users are not started, running ones finish."""
+    if commands.stop_run(_workspace(database_url, None), run):
+        out.print(f"run {run} stopping: running users finish, the rest are not started")
+    else:
+        out.print(f"run {run} was not running: nothing to stop")
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", min=1, help="Users migrated at once here.")
+    ] = DEFAULT_CONCURRENCY,
+    queues: Annotated[
+        str | None,
+        typer.Option(
+            "--queues", help="Comma-separated queues to take tasks from [default: BYOD_QUEUE]."
+        ),
+    ] = None,
+    loglevel: Annotated[str, typer.Option("--loglevel", help="Celery's log level.")] = "INFO",
+    database_url: DatabaseUrl = None,
+    migrations: Migrations = None,
+) -> None:
+    """Run a task-queue worker for distributed runs (needs BYOD_BROKER_URL and a
+    PostgreSQL control plane); stop it with Ctrl-C (running users finish)."""
+    names = [q.strip() for q in (queues or "").split(",") if q.strip()]
+    if queues is not None and not names:
+        raise InputError("--queues names no queue")
+    commands.worker(
+        _workspace(database_url, migrations),
+        concurrency=concurrency,
+        queues=names,
+        loglevel=loglevel.upper(),
+    )
 
 
 @app.command()

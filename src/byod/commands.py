@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -32,6 +33,13 @@ from byod.controlplane import (
 )
 from byod.controlplane.schema import configs, metadata
 from byod.crypto import KeySource, Sealer, load_sealer
+from byod.distributed import (
+    Dispatcher,
+    RunProgress,
+    follow_run,
+    require_server_control_plane,
+    start_distributed,
+)
 from byod.errors import ByodError, ControlPlaneError, InputError
 from byod.fleet import ELIGIBLE_STATUSES, FleetEvent, FleetOptions, FleetSummary, Selection
 from byod.notify import load_notifier
@@ -53,8 +61,10 @@ __all__ = [
     "Workspace",
     "add_user",
     "connect",
+    "follow",
     "init",
     "list_runs",
+    "migrate_distributed",
     "migrate_fleet",
     "migrate_user",
     "new_migration",
@@ -65,8 +75,10 @@ __all__ = [
     "rollback_user",
     "show_run",
     "status",
+    "stop_run",
     "user_history",
     "verify",
+    "worker",
 ]
 
 
@@ -224,6 +236,102 @@ def rollback_fleet_run(
     """Return exactly the users one fleet run moved to their versions before it."""
     ws.require_tables()
     return fleet.rollback_run(ws.runner(), run_id, options=options, on_event=on_event)
+
+
+def migrate_distributed(
+    ws: Workspace,
+    *,
+    options: FleetOptions = FleetOptions(),
+    selection: Selection = Selection(),
+    to_version: int | None = None,
+    per_host: int | None = None,
+) -> str:
+    """Start a fleet run whose users are migrated by task-queue workers; returns its id.
+
+    Checks, before anything is recorded, that a broker is configured and answers and
+    that the control plane is one every worker can share (PostgreSQL).
+    """
+    from byod.distributed.celery_app import check_broker
+
+    dispatcher = _dispatcher(ws)
+    check_broker(dispatcher.app)
+    return start_distributed(
+        ws.runner(),
+        dispatcher.dispatcher,
+        options=options,
+        selection=selection,
+        to_version=to_version,
+        per_host=per_host,
+    )
+
+
+@dataclass(frozen=True)
+class _Queue:
+    app: Any
+    dispatcher: Dispatcher
+
+
+def _dispatcher(ws: Workspace) -> _Queue:
+    from byod.distributed.celery_app import make_app, publisher
+
+    app = make_app(ws.settings)  # no broker configured: a SettingsError
+    require_server_control_plane(ws.engine)
+    ws.require_tables()
+    return _Queue(app, Dispatcher(ws.engine, publisher(app)))
+
+
+def follow(
+    ws: Workspace,
+    run_id: str,
+    *,
+    on_event: Callable[[FleetEvent | RunProgress], None] = lambda event: None,
+    stop_on_interrupt: bool = False,
+) -> FleetSummary:
+    """Watch a fleet run until it ends and return its summary.
+
+    With a broker configured, the watcher also nudges a distributed run along. With
+    ``stop_on_interrupt``, Ctrl-C stops the run (queued users are not started, running
+    ones finish) and the watch goes on to its end; otherwise Ctrl-C ends the watch only.
+    """
+    ws.require_tables()
+    dispatcher = _dispatcher(ws).dispatcher if ws.settings.broker_url else None
+    try:
+        return follow_run(ws.engine, run_id, on_event=on_event, dispatcher=dispatcher)
+    except KeyboardInterrupt:
+        if not stop_on_interrupt or dispatcher is None:
+            raise
+        dispatcher.stop(run_id, "interrupted", "stopped by Ctrl-C")
+        return follow_run(ws.engine, run_id, dispatcher=dispatcher)
+
+
+def stop_run(ws: Workspace, run_id: str) -> bool:
+    """Stop a distributed run: nothing more is handed out, queued users are not started,
+    running ones finish. False when it was no longer running."""
+    ws.require_tables()
+    record = RunStore(ws.engine).get(run_id)
+    if not record.distributed:
+        raise InputError(
+            f"run {run_id} runs in one process: stop it with Ctrl-C where it runs",
+            hint="`byod runs stop` stops distributed runs (started with --distributed).",
+        )
+    return _dispatcher(ws).dispatcher.stop(run_id, "interrupted", "stopped by `byod runs stop`")
+
+
+def worker(ws: Workspace, *, concurrency: int, queues: list[str], loglevel: str) -> None:
+    """Run a Celery worker for byod's tasks here until it is stopped (checks first)."""
+    from byod.distributed.celery_app import check_broker, run_worker
+
+    queue = _dispatcher(ws)
+    ws.registry  # noqa: B018 - a broken migrations folder fails here, not in every task
+    ws.sealer  # noqa: B018 - so does a missing key
+    check_broker(queue.app)
+    ws.engine.dispose()  # worker processes are forked: they open their own connections
+    run_worker(
+        queue.app,
+        concurrency=concurrency,
+        queues=queues or [ws.settings.default_queue],
+        loglevel=loglevel,
+    )
 
 
 def list_runs(ws: Workspace, *, limit: int = 20) -> list[RunRecord]:

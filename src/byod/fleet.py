@@ -194,7 +194,7 @@ def migrate_fleet(
     runner.registry.plan_up(0, target)  # an unknown target is bad input
     summary = FleetSummary()
     if selection.users is not None:
-        items, summary.not_eligible, summary.skipped = _listed(runner, selection.users, target)
+        items, summary.not_eligible, summary.skipped = listed_users(runner, selection.users, target)
         total = len(items)
         chosen: Iterable[_Item] = items
     else:
@@ -278,8 +278,11 @@ def _outdated(runner: Runner, target: int, only_version: int | None) -> Iterator
         yield _Item(User(row.user_id, row.clerk_id), target)
 
 
-def _listed(runner: Runner, refs: tuple[str, ...], target: int) -> tuple[list[_Item], int, int]:
-    """Resolve ``--users`` up front (an unknown user is bad input, before anything runs)."""
+def listed_users(
+    runner: Runner, refs: tuple[str, ...], target: int
+) -> tuple[list[_Item], int, int]:
+    """Resolve ``--users`` up front (an unknown user is bad input, before anything runs):
+    the users to run, how many are not eligible, how many are already at ``target``."""
     items: list[_Item] = []
     not_eligible = up_to_date = 0
     for user in dict.fromkeys(runner.directory.find_user(ref) for ref in refs):

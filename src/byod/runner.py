@@ -146,9 +146,15 @@ class Runner:
         self._opener = opener
 
     def configured(
-        self, *, run_id: str | None, timeout: float | None, lease_seconds: float
+        self,
+        *,
+        run_id: str | None,
+        timeout: float | None,
+        lease_seconds: float,
+        owner: str | None = None,
     ) -> Runner:
-        """A runner like this one for one fleet run: its id, timeout and lease length."""
+        """A runner like this one for one fleet run: its id, timeout and lease length
+        (and, given one, the name its leases are held under)."""
         return Runner(
             self.engine,
             self.registry,
@@ -158,7 +164,7 @@ class Runner:
             connect_timeout=self.connect_timeout,
             timeout=timeout,
             run_id=run_id,
-            owner=self.owner,
+            owner=owner or self.owner,
             opener=self._opener,
         )
 

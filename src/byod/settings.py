@@ -83,6 +83,8 @@ class Settings:
     broker_url: str | None = field(default=None, repr=False)
     #: Redis only: seconds before a task taken by a worker that vanished is handed out again
     broker_visibility_timeout: float = 600.0
+    #: the queue of users whose config names none (several apps can share one broker)
+    default_queue: str = "byod"
 
     @classmethod
     def load(
@@ -115,6 +117,7 @@ class Settings:
             notify_hook=env.get("BYOD_NOTIFY_HOOK") or None,
             broker_url=env.get("BYOD_BROKER_URL") or None,
             broker_visibility_timeout=_positive(env, "BYOD_BROKER_VISIBILITY_TIMEOUT", 600.0),
+            default_queue=env.get("BYOD_QUEUE") or "byod",
         )
 
 

@@ -1,0 +1,159 @@
+"""The Celery adapter: byod's task on a Celery app, sending tasks, running a worker.
+
+Tasks are acknowledged late and handed back to the broker when their worker is lost
+(``task_acks_late``, ``task_reject_on_worker_lost``); each worker takes one task at a
+time (``worker_prefetch_multiplier = 1``). Everything a task does is in
+:class:`~byod.distributed.worker.TaskHandler`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from celery import Celery, Task
+from kombu.exceptions import OperationalError
+
+from byod.distributed.dispatch import Dispatcher, Publisher, TaskMessage
+from byod.distributed.worker import TaskHandler
+from byod.errors import BrokerError, SettingsError
+from byod.settings import Settings
+
+__all__ = [
+    "TASK_NAME",
+    "check_broker",
+    "make_app",
+    "publisher",
+    "run_worker",
+    "safe_broker_url",
+]
+
+log = logging.getLogger("byod.distributed")
+
+TASK_NAME = "byod.migrate_user"
+_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
+
+# One handler per worker process, built on its first task (after the fork).
+_handlers: dict[int, TaskHandler] = {}
+_settings: dict[str, Settings] = {}
+
+
+def safe_broker_url(url: str) -> str:
+    """The broker URL with its password hidden."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def make_app(settings: Settings) -> Celery:
+    """A Celery app on the configured broker with byod's task registered."""
+    url = settings.broker_url
+    if not url:
+        raise SettingsError(
+            "no task-queue broker: set BYOD_BROKER_URL (redis://host:6379/0 or "
+            "amqp://user:password@host:5672//)"
+        )
+    if urlsplit(url).scheme not in _SCHEMES:
+        raise SettingsError(
+            f"BYOD_BROKER_URL {safe_broker_url(url)} is neither redis:// nor amqp://"
+        )
+    app = Celery("byod", broker=url, set_as_current=False)
+    conf: dict[str, Any] = {
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": settings.default_queue,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": 3,
+        "worker_hijack_root_logger": False,
+        "worker_enable_remote_control": False,
+    }
+    if urlsplit(url).scheme.startswith("redis"):
+        timeout = settings.broker_visibility_timeout
+        conf["broker_transport_options"] = {
+            "visibility_timeout": timeout,
+            "unacked_restore_interval": max(1, min(10, int(timeout / 2))),
+            "unacked_restore_throttle": 1,
+        }
+    app.conf.update(conf)
+    _settings[app.main or "byod"] = settings
+    app.task(name=TASK_NAME, bind=True, max_retries=None)(_migrate_user)
+    return app
+
+
+def _migrate_user(task: Task, run_id: str, user_id: int) -> None:
+    """The task: one user of one distributed run."""
+    retry_in = _handler(task.app).handle(run_id, int(user_id))
+    if retry_in is not None:
+        raise task.retry(countdown=retry_in)
+
+
+def _handler(app: Celery) -> TaskHandler:
+    pid = os.getpid()
+    handler = _handlers.get(pid)
+    if handler is None:
+        from byod.commands import Workspace
+
+        workspace = Workspace(_settings.get(app.main or "byod") or Settings.load())
+        runner = workspace.runner()
+        handler = TaskHandler(runner, Dispatcher(runner.engine, publisher(app)))
+        _handlers[pid] = handler
+    return handler
+
+
+def publisher(app: Celery) -> Publisher:
+    """Sends task messages through ``app``'s broker, each to its user's queue."""
+
+    def publish(messages: Sequence[TaskMessage]) -> None:
+        try:
+            with app.producer_or_acquire() as producer:
+                for message in messages:
+                    app.send_task(
+                        TASK_NAME,
+                        args=[message.run_id, message.user_id],
+                        queue=message.queue or app.conf.task_default_queue,
+                        producer=producer,
+                    )
+        except (OperationalError, OSError) as exc:
+            raise _broker_error(app, exc) from exc
+
+    return publish
+
+
+def check_broker(app: Celery) -> None:
+    """Raise :class:`BrokerError` unless the broker answers (before anything starts)."""
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=5)
+    except (OperationalError, OSError) as exc:
+        raise _broker_error(app, exc) from exc
+
+
+def _broker_error(app: Celery, exc: Exception) -> BrokerError:
+    where = safe_broker_url(str(app.conf.broker_url))
+    return BrokerError(f"cannot reach the task-queue broker at {where} ({type(exc).__name__})")
+
+
+def run_worker(
+    app: Celery, *, concurrency: int, queues: Sequence[str], loglevel: str = "INFO"
+) -> None:
+    """Run a Celery worker for byod's tasks in this process until it is stopped."""
+    app.worker_main(
+        [
+            "worker",
+            f"--concurrency={concurrency}",
+            f"--queues={','.join(queues)}",
+            f"--loglevel={loglevel}",
+            f"--hostname=byod-{os.getpid()}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )

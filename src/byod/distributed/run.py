@@ -1,0 +1,246 @@
+"""Starting a distributed fleet run, and following any run from any machine.
+
+A distributed run is recorded like any fleet run (``byod_runs``), then its users are
+handed to the task queue in keyset pages as workers finish earlier ones. Following it
+reads the control plane only: the run's counts and its finished tasks, so the process
+that started it may go away (``--detach``) and anyone may watch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+
+from byod import errors
+from byod.controlplane import RunStore, count_not_eligible, count_outdated
+from byod.controlplane._tx import reading
+from byod.controlplane.schema import run_tasks, users
+from byod.distributed.dispatch import Dispatcher, registry_digest
+from byod.errors import ByodError, InputError
+from byod.fleet import (
+    ELIGIBLE_STATUSES,
+    FleetError,
+    FleetEvent,
+    FleetOptions,
+    FleetStarted,
+    FleetSummary,
+    Selection,
+    UserFinished,
+    listed_users,
+)
+from byod.runner import Runner, StepResult, UserResult
+
+__all__ = ["RunProgress", "follow_run", "start_distributed", "summary_of"]
+
+log = logging.getLogger("byod.distributed")
+
+#: Finished tasks are read again this far back, in case one committed late.
+_WINDOW = timedelta(seconds=30)
+#: A watcher sends again the tasks queued longer than this (lost by a broker).
+RESEND_AFTER_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """A run's counts so far (following a run whose users are not reported one by one)."""
+
+    done: int
+    failed: int
+    total: int
+
+
+def start_distributed(
+    runner: Runner,
+    dispatcher: Dispatcher,
+    *,
+    options: FleetOptions = FleetOptions(),
+    selection: Selection = Selection(),
+    to_version: int | None = None,
+    per_host: int | None = None,
+) -> str:
+    """Record a distributed run and hand its first users to the queue; returns its id.
+
+    ``options.concurrency`` is the cap on the run's tasks in flight; ``per_host`` caps
+    concurrent migrations against one database server. The workers do the rest.
+    """
+    if per_host is not None and per_host < 1:
+        raise InputError("--per-host must be at least 1")
+    if options.processes != 1:
+        raise InputError("--processes is for in-process runs: start more workers instead")
+    registry = runner.registry
+    target = registry.head if to_version is None else to_version
+    registry.plan_up(0, target)  # an unknown target is bad input
+    engine = runner.engine
+    user_ids: list[int] | None = None
+    skipped = 0
+    if selection.users is not None:
+        items, not_eligible, skipped = listed_users(runner, selection.users, target)
+        user_ids = [item.user.id for item in items]
+        planned = len(items)
+    else:
+        not_eligible = count_not_eligible(engine, ELIGIBLE_STATUSES)
+        planned = count_outdated(
+            engine, target, statuses=ELIGIBLE_STATUSES, only_version=selection.only_version
+        )
+    if selection.limit is not None:
+        planned = min(planned, selection.limit)
+    record = {
+        **asdict(options),
+        **asdict(selection),
+        "to_version": target,
+        "distributed": True,
+        "per_host": per_host,
+        "statuses": list(ELIGIBLE_STATUSES),
+        "user_ids": user_ids,
+        "migrations": registry_digest(registry),
+    }
+    store = RunStore(engine)
+    run_id = store.start("migrate", record, target_version=target)
+    counts = FleetSummary(total=skipped, skipped=skipped, not_eligible=not_eligible).counts()
+    store.progress(run_id, counts, planned=planned + skipped)
+    dispatcher.top_up(run_id)
+    log.info("distributed run %s started: %d users planned", run_id, planned)
+    return run_id
+
+
+def follow_run(
+    engine: sa.Engine,
+    run_id: str,
+    *,
+    on_event: Callable[[FleetEvent | RunProgress], None] = lambda event: None,
+    poll_seconds: float = 0.5,
+    dispatcher: Dispatcher | None = None,
+    until: Callable[[], bool] = lambda: False,
+) -> FleetSummary:
+    """Watch a run until it ends (or ``until()`` says stop) and return its summary.
+
+    A distributed run's users are reported one by one (``UserFinished``) from its task
+    rows; an in-process run's progress comes as :class:`RunProgress` counts. With a
+    ``dispatcher`` the watcher also nudges the run along (hands out users, sends again
+    tasks a broker lost), so a run with no starter left still ends.
+    """
+    store = RunStore(engine)
+    record = store.get(run_id)
+    on_event(FleetStarted(run_id, record.planned or 0))
+    seen: dict[int, datetime] = {}
+    since: datetime | None = None
+    last_nudge = time.monotonic()
+    while True:
+        record = store.get(run_id)
+        if record.distributed:
+            since = _report_tasks(engine, run_id, since, seen, on_event)
+        else:
+            c = record.counts
+            on_event(RunProgress(c.succeeded + c.failed + c.skipped, c.failed, record.planned or 0))
+        if record.ended_at is not None or until():
+            break
+        if dispatcher is not None and time.monotonic() - last_nudge > 10:
+            last_nudge = time.monotonic()
+            _nudge(dispatcher, run_id)
+        time.sleep(poll_seconds)
+    return summary_of(engine, run_id)
+
+
+def _nudge(dispatcher: Dispatcher, run_id: str) -> None:
+    try:
+        dispatcher.top_up(run_id)
+        dispatcher.resend_stale(run_id, RESEND_AFTER_SECONDS)
+    except ByodError as exc:
+        log.warning("run %s: cannot hand out users now: %s", run_id, exc.message)
+
+
+def _report_tasks(
+    engine: sa.Engine,
+    run_id: str,
+    since: datetime | None,
+    seen: dict[int, datetime],
+    on_event: Callable[[FleetEvent | RunProgress], None],
+) -> datetime | None:
+    """Report the run's tasks finished since the last look; returns the new mark."""
+    query = (
+        sa.select(run_tasks, users.c.clerk_id)
+        .join(users, users.c.id == run_tasks.c.user_id)
+        .where(run_tasks.c.run_id == run_id, run_tasks.c.state == "done")
+        .order_by(run_tasks.c.finished_at)
+    )
+    if since is not None:
+        query = query.where(run_tasks.c.finished_at >= since - _WINDOW)
+    with reading(engine, "read the run's finished tasks") as conn:
+        rows = conn.execute(query).all()
+    for row in rows:
+        if row.user_id in seen or row.outcome == "not_started":
+            continue
+        seen[row.user_id] = row.finished_at
+        on_event(UserFinished(_result(row), str(row.outcome), int(row.tries)))
+    if rows:
+        since = max(since or rows[-1].finished_at, rows[-1].finished_at)
+    if since is not None:
+        for user_id in [u for u, at in seen.items() if at < since - _WINDOW]:
+            del seen[user_id]
+    return since
+
+
+def _result(row: sa.Row[tuple[object, ...]]) -> UserResult:
+    """A finished task as the runner's result, for the same JSON lines as in-process."""
+    error_class = getattr(errors, str(row.error_type), ByodError) if row.error_type else None
+    error = None
+    if row.error is not None:
+        error = (error_class or ByodError)(str(row.error))
+    steps = tuple(StepResult(**step) for step in json.loads(str(row.steps or "[]")))
+    return UserResult(
+        user_id=int(row.user_id),
+        clerk_id=str(row.clerk_id),
+        from_version=int(row.from_version),
+        to_version=int(row.from_version if row.to_version is None else row.to_version),
+        steps=steps,
+        error=error,
+        seconds=float(row.seconds or 0.0),
+    )
+
+
+def summary_of(engine: sa.Engine, run_id: str, *, errors_limit: int = 1000) -> FleetSummary:
+    """A run's summary as recorded (the same fields as an in-process run's)."""
+    record = RunStore(engine).get(run_id)
+    c = record.counts
+    summary = FleetSummary(
+        run_id=run_id,
+        state=record.shown_state,
+        halt_reason=record.halt_reason,
+        total=c.total,
+        succeeded=c.succeeded,
+        failed=c.failed,
+        skipped=c.skipped,
+        not_started=c.not_started,
+        not_eligible=c.not_eligible,
+    )
+    if record.distributed:
+        query = (
+            sa.select(users.c.clerk_id, run_tasks.c.steps, run_tasks.c.error)
+            .join(users, users.c.id == run_tasks.c.user_id)
+            .where(run_tasks.c.run_id == run_id, run_tasks.c.outcome == "failed")
+            .order_by(run_tasks.c.finished_at)
+            .limit(errors_limit)
+        )
+        with reading(engine, "read the run's failures") as conn:
+            for clerk_id, steps, error in conn.execute(query):
+                failed_step = next(
+                    (
+                        s["migration_id"]
+                        for s in json.loads(steps or "[]")
+                        if s["status"] == "failed"
+                    ),
+                    None,
+                )
+                summary.errors.append(FleetError(str(clerk_id), failed_step, str(error or "")))
+    else:
+        summary.errors = [
+            FleetError(clerk_id, migration, error or "")
+            for _user_id, clerk_id, migration, error in RunStore(engine).failures(run_id)
+        ]
+    return summary

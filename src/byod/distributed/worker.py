@@ -1,0 +1,158 @@
+"""One task of a distributed run, as a worker process runs it (no task-queue code here).
+
+The task claims its row, runs the user with the same per-user step as an in-process
+fleet run (lease, stamp, ledger, retries), records the end once, and hands out the
+run's next users. A task whose run was halted or stopped is discarded without touching
+the instance; a duplicate of a finished task does nothing; a duplicate of a running one
+waits for it (or for its lease to expire, when its worker died).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import socket
+import zlib
+from collections.abc import Iterator
+from dataclasses import fields
+from typing import Any
+
+import sqlalchemy as sa
+
+from byod._step import FleetError, Settled, settle
+from byod.connections import unseal_config
+from byod.controlplane import User
+from byod.distributed.dispatch import Claim, Dispatcher, registry_digest
+from byod.errors import BusyError, ByodError
+from byod.fleet import FleetOptions
+from byod.runner import Runner
+
+__all__ = ["TaskHandler", "worker_name"]
+
+log = logging.getLogger("byod.distributed")
+
+#: Seconds a task waits before trying again for a slot on a busy database server.
+HOST_WAIT_SECONDS = 1.0
+
+
+def worker_name() -> str:
+    """This worker process, as leases and task rows name it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class TaskHandler:
+    """Runs the tasks of distributed runs in one worker process, with its own runner."""
+
+    def __init__(self, runner: Runner, dispatcher: Dispatcher, name: str | None = None) -> None:
+        self.runner = runner
+        self.dispatcher = dispatcher
+        self.name = name or worker_name()
+        self.digest = registry_digest(runner.registry)
+
+    def handle(self, run_id: str, user_id: int) -> float | None:
+        """Run one user's task; returns seconds to wait before trying the task again
+        (a duplicate waiting for its twin, a database server at its cap), else None."""
+        claim = self.dispatcher.claim(run_id, user_id, self.name)
+        if claim is None:
+            log.warning("task for user %s of run %s: no such task; dropped", user_id, run_id)
+            return None
+        user = User(user_id, claim.clerk_id)
+        if not claim.claimed:
+            if claim.task_state != "done":  # the run stopped: never touch the instance
+                log.info("run %s stopped: user %s not started", run_id, user_id)
+                self._finish(run_id, Settled(user, "not_started", None, 0))
+            return None
+        if claim.options.get("migrations") != self.digest:
+            message = (
+                f"worker {self.name} has other migrations than run {run_id}: deploy the same "
+                "migrations folder to every worker"
+            )
+            log.error(message)
+            self._finish(
+                run_id, Settled(user, "failed", None, 0, FleetError(user.clerk_id, None, message))
+            )
+            return None
+        with self._host_slot(user_id, claim) as free:
+            if not free:
+                return HOST_WAIT_SECONDS * random.uniform(0.5, 1.5)
+            settled = self._run(run_id, user, claim)
+        if self._twin_running(run_id, settled):
+            return _retry_delay(claim)
+        self._finish(run_id, settled)
+        return None
+
+    def _run(self, run_id: str, user: User, claim: Claim) -> Settled:
+        options = fleet_options(claim.options)
+        runner = self.runner.configured(
+            run_id=run_id,
+            timeout=options.timeout,
+            lease_seconds=options.lease_seconds,
+            owner=f"{run_id}:{self.name}"[:64],
+        )
+        return settle(runner, "migrate", user, claim.target_version, options, None)
+
+    def _finish(self, run_id: str, settled: Settled) -> None:
+        self.dispatcher.finish(run_id, settled)
+        try:
+            self.dispatcher.top_up(run_id)
+        except ByodError as exc:  # the user's end is recorded; a watcher hands out later
+            log.warning("run %s: cannot hand out more users now: %s", run_id, exc.message)
+
+    def _twin_running(self, run_id: str, settled: Settled) -> bool:
+        """Whether another delivery of this same task holds the user's lease (alive, or
+        dead with its lease not expired yet): then this one waits instead of ending."""
+        if settled.result is None or not isinstance(settled.result.error, BusyError):
+            return False
+        try:
+            owner = self.runner.directory.get_config(settled.user.id).lease_owner or ""
+        except ByodError:
+            return False
+        return owner.startswith(f"{run_id}:")
+
+    @contextlib.contextmanager
+    def _host_slot(self, user_id: int, claim: Claim) -> Iterator[bool]:
+        """One of the run's ``per_host`` slots on the user's database server (a
+        PostgreSQL advisory lock held on a control-plane connection: a worker that dies
+        gives its slot back with its connection). Yields False when all are taken."""
+        per_host = int(claim.options.get("per_host") or 0)
+        host = self._host_of(user_id) if per_host else None
+        if host is None:
+            yield True
+            return
+        key = zlib.crc32(host.encode()) - 2**31  # PostgreSQL's int4 range
+        with self.runner.engine.connect() as conn:
+            for slot in range(per_host):
+                taken = conn.execute(_TRY_LOCK, {"k": key, "s": slot}).scalar()
+                conn.commit()  # the lock is the session's: no transaction left open
+                if taken:
+                    try:
+                        yield True
+                    finally:
+                        conn.execute(_UNLOCK, {"k": key, "s": slot})
+                        conn.commit()
+                    return
+        yield False
+
+    def _host_of(self, user_id: int) -> str | None:
+        try:
+            url = unseal_config(self.runner.directory.get_config(user_id), self.runner.sealer).url
+        except ByodError:
+            return None  # the run itself reports why
+        return None if url.host is None else f"{url.host}:{url.port or ''}"
+
+
+_TRY_LOCK = sa.text("SELECT pg_try_advisory_lock(:k, :s)")
+_UNLOCK = sa.text("SELECT pg_advisory_unlock(:k, :s)")
+
+
+def fleet_options(recorded: dict[str, Any]) -> FleetOptions:
+    """The fleet options a run was started with, from its record."""
+    names = {f.name for f in fields(FleetOptions)}
+    return FleetOptions(**{k: v for k, v in recorded.items() if k in names})
+
+
+def _retry_delay(claim: Claim) -> float:
+    lease = float(claim.options.get("lease_seconds") or 300.0)
+    return max(0.5, min(10.0, lease / 3)) * random.uniform(0.8, 1.2)

@@ -1,0 +1,312 @@
+"""Distributed fleet runs: real brokers (Redis, RabbitMQ), real ``byod worker`` processes,
+a PostgreSQL control plane and real instances."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from byod import commands
+from byod.controlplane import RunStore
+from byod.fleet import FleetOptions, Selection
+from tests.conftest import ServerDatabases, execute
+from tests.distributed_kit import (
+    Cluster,
+    completed_per_user,
+    ledger_counts,
+    sqlite_fleet,
+    wait_for,
+)
+from tests.helpers import add_connected, counter, stamp_ids, statuses
+
+pytestmark = pytest.mark.postgres
+
+HEAD = ["001_create", "002_bump", "003_fragile"]
+
+
+def _task_rows(cluster: Cluster, run_id: str) -> list[sa.Row[tuple[object, ...]]]:
+    with cluster.ws.engine.connect() as conn:
+        return list(
+            conn.execute(
+                sa.text("SELECT * FROM byod_run_tasks WHERE run_id = :r ORDER BY user_id"),
+                {"r": run_id},
+            )
+        )
+
+
+def _parent(pid: int) -> int:
+    """The process that started ``pid`` (a worker's pool process -> the worker)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("PPid:")).split()[1])
+
+
+def test_two_workers_migrate_200_instances_exactly(cluster: Cluster) -> None:
+    fleet = sqlite_fleet(cluster, 200)
+    execute(fleet["u7"], "CREATE TABLE break_me (id INTEGER)")  # its data breaks 003
+    Path(fleet["u9"].removeprefix("sqlite:///")).unlink()  # unreachable now
+    at_head = cluster.ws.directory.find_user("u11")
+    assert commands.migrate_user(cluster.ws, "u11").ok  # already at head before the run
+    workers = {cluster.start_worker(concurrency=2, name=n).pid for n in ("a", "b")}
+
+    done = cluster.byod("migrate", "--all", "--distributed", "--retries", "0", "--json")
+
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    summary = cluster.summary(done)
+    assert done.returncode == 1, done.stderr  # two users failed
+    assert {k: summary[k] for k in ("state", "total", "succeeded", "failed", "skipped")} == {
+        "state": "completed",
+        "total": 199,
+        "succeeded": 197,
+        "failed": 2,
+        "skipped": 0,
+    }
+    assert sorted(e["user"] for e in summary["errors"]) == ["u7", "u9"]  # type: ignore[attr-defined]
+    per_user = {line["clerk_id"]: line for line in lines[:-1]}
+    assert len(per_user) == len(lines) - 1 == 199  # one line per finished user
+    assert per_user["u7"]["outcome"] == "failed"
+    assert per_user["u9"]["error_type"] == "UnreachableError"
+    assert per_user["u0"]["steps"][0]["migration_id"] == "001_create"
+    for clerk_id, url in fleet.items():
+        if clerk_id == "u9":
+            continue
+        if clerk_id == "u7":
+            assert stamp_ids(url) == HEAD[:2] and counter(url) == 1
+        else:
+            assert stamp_ids(url) == HEAD, clerk_id
+            assert counter(url) == 11, clerk_id  # each step applied exactly once
+    # the ledger: one completed row per (user, migration), nothing left open
+    counts = ledger_counts(cluster.ws)
+    assert counts[("003_fragile", "completed")] == 198  # 197 + the user at head before
+    assert counts[("003_fragile", "failed")] == 1
+    assert not any(status in ("running", "pending") for _, status in counts)
+    assert set(completed_per_user(cluster.ws).values()) == {1}
+    run_id = str(summary["run_id"])
+    tasks = _task_rows(cluster, run_id)
+    assert len(tasks) == 199 and at_head.id not in {t.user_id for t in tasks}
+    assert {_parent(int(t.worker.split(":")[1])) for t in tasks} == workers  # both worked
+    record = RunStore(cluster.ws.engine).get(run_id)
+    assert record.state == "completed" and record.in_flight == 0
+    with cluster.ws.engine.connect() as conn:
+        run_ids = conn.execute(
+            sa.text("SELECT DISTINCT run_id FROM byod_migrations WHERE user_id <> :u"),
+            {"u": at_head.id},
+        ).all()
+    assert [r[0] for r in run_ids] == [run_id]  # ledger rows carry the run id
+
+
+def test_kill_9_of_a_worker_inside_a_migration(cluster: Cluster, tmp_path: Path) -> None:
+    fleet = sqlite_fleet(cluster, 12)
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    doomed = cluster.start_worker(
+        concurrency=1,
+        name="doomed",
+        extra_env={"BYOD_TEST_HOLD_DIR": str(hold), "BYOD_TEST_HOLD_SECONDS": "300"},
+    )
+    started = cluster.byod(
+        "migrate", "--all", "--distributed", "--detach", "--lease-seconds", "3", "--json"
+    )
+    assert started.returncode == 0, started.stderr
+    run_id = json.loads(started.stdout)["run_id"]
+    wait_for(lambda: any(hold.iterdir()), what="a migration held inside its transaction")
+    held_user = int(next(hold.iterdir()).name.removeprefix("entered-"))
+    cluster.kill(doomed)  # kill -9, mid-transaction
+    cluster.start_worker(concurrency=2, name="survivor")
+
+    followed = cluster.byod("runs", "show", run_id, "--follow", "--json")
+
+    summary = cluster.summary(followed)
+    assert followed.returncode == 0, followed.stderr
+    assert (summary["state"], summary["succeeded"], summary["failed"]) == ("completed", 12, 0)
+    for url in fleet.values():
+        assert stamp_ids(url) == HEAD
+        assert counter(url) == 11  # the held bump was rolled back, then applied once
+    counts = ledger_counts(cluster.ws)
+    assert not any(status in ("running", "pending") for _, status in counts)
+    assert set(completed_per_user(cluster.ws).values()) == {1}
+    rows = statuses(cluster.ws, held_user)
+    assert ("002_bump", "up", "failed", 1) in rows  # the lost attempt, settled
+    assert ("002_bump", "up", "completed", 2) in rows
+    held = [t for t in _task_rows(cluster, run_id) if t.user_id == held_user][0]
+    assert held.deliveries >= 2 and held.outcome == "succeeded"
+
+
+def test_racing_runs_migrate_each_instance_once(redis_cluster: Cluster) -> None:
+    cluster = redis_cluster
+    fleet = sqlite_fleet(cluster, 60)
+    cluster.start_worker(concurrency=2, name="a")
+    cluster.start_worker(concurrency=2, name="b")
+    options = FleetOptions(concurrency=8, retries=3, retry_base_seconds=0.1)
+    run_ids: list[str] = []
+    summaries = []
+
+    def distributed() -> None:
+        run_id = commands.migrate_distributed(cluster.ws, options=options)
+        run_ids.append(run_id)
+        summaries.append(commands.follow(cluster.ws, run_id))
+
+    def in_process() -> None:
+        summaries.append(commands.migrate_fleet(cluster.ws, options=options))
+
+    threads = [threading.Thread(target=f) for f in (distributed, distributed, in_process)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+
+    assert len(summaries) == 3 and len(run_ids) == 2
+    for url in fleet.values():
+        assert stamp_ids(url) == HEAD and counter(url) == 11
+    assert set(completed_per_user(cluster.ws).values()) == {1}
+    assert len(completed_per_user(cluster.ws)) == 60 * 3
+    # every user counted as moved by exactly one of the three runs
+    assert sum(s.succeeded for s in summaries) == 60
+    assert all(s.failed == 0 for s in summaries)
+    assert not any(status in ("running", "pending") for _, status in ledger_counts(cluster.ws))
+
+
+def test_canary_failure_halts_and_nothing_after_touches_an_instance(
+    redis_cluster: Cluster,
+) -> None:
+    cluster = redis_cluster
+    fleet = sqlite_fleet(cluster, 20)
+    for clerk_id in ("u0", "u1"):  # the lowest ids: the canaries
+        execute(fleet[clerk_id], "CREATE TABLE break_me (id INTEGER)")
+    cluster.start_worker(concurrency=2)
+
+    done = cluster.byod("migrate", "--all", "--distributed", "--canary", "3", "--json")
+
+    summary = cluster.summary(done)
+    assert done.returncode == 1
+    assert summary["state"] == "halted" and "canary" in str(summary["halt_reason"])
+    assert (summary["succeeded"], summary["failed"], summary["not_started"]) == (1, 2, 17)
+    assert summary["total"] == 20
+    for n in range(3, 20):
+        assert stamp_ids(fleet[f"u{n}"]) == []  # never touched
+    assert len(_task_rows(cluster, str(summary["run_id"]))) == 3
+    with cluster.ws.engine.connect() as conn:
+        users_in_ledger = conn.execute(
+            sa.text("SELECT count(DISTINCT user_id) FROM byod_migrations")
+        ).scalar_one()
+    assert users_in_ledger == 3
+
+
+def test_queued_tasks_of_a_stopped_run_are_discarded(redis_cluster: Cluster) -> None:
+    cluster = redis_cluster
+    fleet = sqlite_fleet(cluster, 10)
+    run_id = commands.migrate_distributed(cluster.ws, options=FleetOptions(concurrency=6))
+    assert len(_task_rows(cluster, run_id)) == 6  # the cap on tasks in flight
+    stopped = cluster.byod("runs", "stop", run_id)
+    assert stopped.returncode == 0, stopped.stderr
+    cluster.start_worker(concurrency=2)  # it gets the six queued tasks
+
+    wait_for(lambda: RunStore(cluster.ws.engine).get(run_id).ended_at is not None, what="end")
+
+    record = RunStore(cluster.ws.engine).get(run_id)
+    assert record.state == "interrupted"
+    assert (record.counts.not_started, record.counts.succeeded, record.counts.total) == (10, 0, 10)
+    for url in fleet.values():
+        assert stamp_ids(url) == []  # no instance touched
+    assert {t.outcome for t in _task_rows(cluster, run_id)} == {"not_started"}
+    assert ledger_counts(cluster.ws) == {}
+
+
+def test_a_user_on_queue_eu_is_migrated_only_by_an_eu_worker(redis_cluster: Cluster) -> None:
+    cluster = redis_cluster
+    fleet = sqlite_fleet(cluster, 4)
+    eu_queue = f"eu-{cluster.queue}"
+    eu_path = cluster.folder.parent / "eu.db"
+    eu_path.touch()
+    eu_url = f"sqlite:///{eu_path}"
+    user = cluster.ws.directory.add_user("eu_user")
+    _, reach = commands.connect(cluster.ws, "eu_user", eu_url, queue=eu_queue)
+    assert reach.status == "connected"
+    cluster.start_worker(concurrency=2, name="default")
+
+    run_id = commands.migrate_distributed(cluster.ws)
+    store = RunStore(cluster.ws.engine)
+    wait_for(lambda: store.get(run_id).counts.succeeded == 4, what="the default queue's users")
+    time.sleep(1.0)
+    assert stamp_ids(eu_url) == []  # no worker consumes its queue yet
+    assert store.get(run_id).in_flight == 1 and store.get(run_id).ended_at is None
+
+    cluster.start_worker(concurrency=1, queues=[eu_queue], name="eu")
+    summary = commands.follow(cluster.ws, run_id)
+
+    assert (summary.state, summary.succeeded) == ("completed", 5)
+    assert stamp_ids(eu_url) == HEAD
+    assert all(stamp_ids(url) == HEAD for url in fleet.values())
+    eu_task = [t for t in _task_rows(cluster, run_id) if t.user_id == user.id][0]
+    assert eu_task.queue == eu_queue
+
+
+def test_per_host_cap_limits_concurrent_migrations_on_one_server(
+    redis_cluster: Cluster, pg: ServerDatabases
+) -> None:
+    cluster = redis_cluster
+    for n in range(5):
+        add_connected(cluster.ws, pg.create(), f"p{n}")
+    slow = {"BYOD_TEST_HOLD_DIR": str(cluster.folder.parent), "BYOD_TEST_HOLD_SECONDS": "0.4"}
+    cluster.start_worker(concurrency=2, extra_env=slow, name="a")
+    cluster.start_worker(concurrency=2, extra_env=slow, name="b")
+
+    run_id = commands.migrate_distributed(cluster.ws, per_host=1)
+    summary = commands.follow(cluster.ws, run_id)
+
+    assert (summary.state, summary.succeeded) == ("completed", 5)
+    with cluster.ws.engine.connect() as conn:
+        spans = conn.execute(
+            sa.text(
+                "SELECT started_at, completed_at FROM byod_migrations "
+                "WHERE migration_id = '002_bump' ORDER BY started_at"
+            )
+        ).all()
+    assert len(spans) == 5
+    for before, after in zip(spans, spans[1:], strict=False):
+        assert after.started_at >= before.completed_at  # one migration at a time on the host
+
+
+def test_distributed_needs_a_broker_and_a_server_control_plane(
+    redis_cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster = redis_cluster
+    sqlite_env = {**cluster.env, "BYOD_DATABASE_URL": f"sqlite:///{tmp_path / 'cp.db'}"}
+    cluster.env, pg_env = sqlite_env, cluster.env
+    assert cluster.byod("init").returncode == 0
+    for args in (["worker"], ["migrate", "--all", "--distributed"]):
+        refused = cluster.byod(*args, timeout=60)
+        assert refused.returncode == 2, refused.stderr
+        assert "PostgreSQL control plane" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    cluster.env = {k: v for k, v in pg_env.items() if k != "BYOD_BROKER_URL"}
+    no_broker = cluster.byod("migrate", "--all", "--distributed")
+    assert no_broker.returncode == 2 and "BYOD_BROKER_URL" in no_broker.stderr
+    cluster.env = {**pg_env, "BYOD_BROKER_URL": "redis://:hunter2@127.0.0.1:1/0"}
+    down = cluster.byod("migrate", "--all", "--distributed")
+    assert down.returncode == 1 and "cannot reach the task-queue broker" in down.stderr
+    assert "hunter2" not in down.stderr and "Traceback" not in down.stderr
+    assert RunStore(cluster.ws.engine).recent() == []  # nothing was recorded
+    bad = cluster.byod("migrate", "u0", "--distributed")
+    assert bad.returncode == 2
+
+
+def test_library_run_with_selection_and_limit(redis_cluster: Cluster) -> None:
+    cluster = redis_cluster
+    fleet = sqlite_fleet(cluster, 8)
+    cluster.start_worker(concurrency=2)
+    run_id = commands.migrate_distributed(
+        cluster.ws,
+        options=FleetOptions(concurrency=2),
+        selection=Selection(users=("u1", "u2", "u3", "u4"), limit=3),
+        to_version=2,
+    )
+    summary = commands.follow(cluster.ws, run_id)
+    assert (summary.state, summary.total, summary.succeeded) == ("completed", 3, 3)
+    moved = [c for c, url in fleet.items() if stamp_ids(url) == HEAD[:2]]
+    assert moved == ["u1", "u2", "u3"]
+    assert all(stamp_ids(fleet[c]) == [] for c in fleet if c not in moved)
