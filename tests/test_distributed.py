@@ -3,6 +3,7 @@ a PostgreSQL control plane and real instances."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -132,7 +133,7 @@ def test_kill_9_of_a_worker_inside_a_migration(cluster: Cluster, tmp_path: Path)
     rows = statuses(cluster.ws, held_user)
     assert ("002_bump", "up", "failed", 1) in rows  # the lost attempt, settled
     assert ("002_bump", "up", "completed", 2) in rows
-    held = [t for t in _task_rows(cluster, run_id) if t.user_id == held_user][0]
+    held = next(t for t in _task_rows(cluster, run_id) if t.user_id == held_user)
     assert held.deliveries >= 2 and held.outcome == "succeeded"
 
 
@@ -241,7 +242,7 @@ def test_a_user_on_queue_eu_is_migrated_only_by_an_eu_worker(redis_cluster: Clus
     assert (summary.state, summary.succeeded) == ("completed", 5)
     assert stamp_ids(eu_url) == HEAD
     assert all(stamp_ids(url) == HEAD for url in fleet.values())
-    eu_task = [t for t in _task_rows(cluster, run_id) if t.user_id == user.id][0]
+    eu_task = next(t for t in _task_rows(cluster, run_id) if t.user_id == user.id)
     assert eu_task.queue == eu_queue
 
 
@@ -267,7 +268,7 @@ def test_per_host_cap_limits_concurrent_migrations_on_one_server(
             )
         ).all()
     assert len(spans) == 5
-    for before, after in zip(spans, spans[1:], strict=False):
+    for before, after in itertools.pairwise(spans):
         assert after.started_at >= before.completed_at  # one migration at a time on the host
 
 
