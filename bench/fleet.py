@@ -9,6 +9,12 @@ the ratios. Run from the repository root:
     .venv/bin/python bench/fleet.py                                  # sqlite, 2,000
     .venv/bin/python bench/fleet.py --backend postgres --latency-ms 5  # 200 databases
     .venv/bin/python bench/fleet.py --at-head 20000                  # a no-op fleet run
+    .venv/bin/python bench/fleet.py --distributed --workers 1,2,4    # Celery workers
+
+``--distributed`` instead times Celery workers (``byod worker``, Redis broker, PostgreSQL
+control plane) with 1, 2 and 4 worker processes sharing the same total concurrency,
+against the in-process runner at that concurrency on the same control plane, and counts
+the broker round trips per user through a proxy in front of Redis.
 
 Configurations: ``floor`` (sqlite3/psycopg, one transaction per migration, a stamp row,
 two small ledger writes, nothing else), ``byod`` (at --concurrency), ``byod-1``
@@ -154,9 +160,10 @@ class Fleet:
             urls.append(f"postgresql+psycopg://postgres@127.0.0.1:{port}/{name}")
         return urls
 
-    def control_plane(self, config: str, port: int) -> tuple[str, str]:
-        """(URL for setup on the real port, URL for the run through ``port``)."""
-        if self.backend == "sqlite":
+    def control_plane(self, config: str, port: int, *, server: bool = False) -> tuple[str, str]:
+        """(URL for setup on the real port, URL for the run through ``port``); ``server``:
+        a PostgreSQL database even for a SQLite fleet (distributed runs need one)."""
+        if self.backend == "sqlite" and not server:
             url = f"sqlite:///{self.workdir / f'control-{config}.db'}"
             return url, url
         name = f"bench_cp_{config.replace('-', '_')}_{uuid.uuid4().hex[:6]}"
@@ -392,12 +399,17 @@ def run_child(spec_path: str) -> None:
 
 
 def run_config(
-    config: str, args: argparse.Namespace, fleet: Fleet, proxy: LatencyProxy | None
+    config: str,
+    args: argparse.Namespace,
+    fleet: Fleet,
+    proxy: LatencyProxy | None,
+    *,
+    server_control_plane: bool = False,
 ) -> dict[str, Any]:
     tool = "byod" if config.startswith("byod") else config
     port = proxy.port if proxy else 5432
     urls = fleet.make(tool, config, port)
-    setup_cp, run_cp = fleet.control_plane(config, port)
+    setup_cp, run_cp = fleet.control_plane(config, port, server=server_control_plane)
     if tool == "byod":
         setup_urls = [re.sub(r":\d+/", ":5432/", u) if proxy else u for u in urls]
         _byod_control_plane(setup_cp, urls, 1)
@@ -438,9 +450,97 @@ def run_config(
     }
     if proxy:
         line["round_trips_per_instance"] = round((proxy.round_trips - trips_before) / len(urls), 1)
-    if args.backend == "postgres":
-        fleet.drop_all()
-    else:
+    fleet.drop_all()  # PostgreSQL databases (instances or control plane), if any
+    if args.backend == "sqlite":
+        shutil.rmtree(fleet.workdir / config)
+    return line
+
+
+def run_distributed(
+    workers: int, args: argparse.Namespace, fleet: Fleet, proxy: LatencyProxy | None
+) -> dict[str, Any]:
+    """``workers`` byod worker processes sharing ``--concurrency``, through a counting
+    proxy in front of Redis; timed from the run's start to its end in the control plane."""
+    from byod.commands import Workspace, migrate_distributed
+    from byod.controlplane import RunStore
+    from byod.fleet import FleetOptions
+    from byod.settings import Settings
+
+    config = f"distributed-w{workers}"
+    port = proxy.port if proxy else 5432
+    urls = fleet.make("byod", config, port)
+    setup_cp, run_cp = fleet.control_plane(config, port, server=True)
+    _byod_control_plane(setup_cp, urls, 1)
+    broker_proxy = LatencyProxy(6379, 0).start()
+    env = {
+        **os.environ,
+        "BYOD_DATABASE_URL": run_cp,
+        "BYOD_ENCRYPTION_KEY": KEY,
+        "BYOD_BROKER_URL": f"redis://127.0.0.1:{broker_proxy.port}/0",
+        "BYOD_QUEUE": f"bench-{uuid.uuid4().hex[:8]}",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
+    }
+    per_worker = max(1, args.concurrency // workers)
+    logs, processes = [], []
+    for n in range(workers):
+        log = fleet.workdir / f"{config}-worker-{n}.log"
+        logs.append(log)
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "byod", "worker", "--concurrency", str(per_worker)],
+                env=env,
+                stdout=log.open("wb"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+    for log in logs:
+        while b"ready." not in log.read_bytes():
+            time.sleep(0.1)
+    ws = Workspace(Settings.load(env=env))
+    store = RunStore(ws.engine)
+    trips_before, pg_before = broker_proxy.round_trips, proxy.round_trips if proxy else 0
+    started = time.perf_counter()
+    # the cap on tasks in flight: enough queued that no worker waits for the next top-up
+    run_id = migrate_distributed(ws, options=FleetOptions(concurrency=4 * args.concurrency))
+    while store.get(run_id).ended_at is None:
+        time.sleep(0.02)
+    elapsed = time.perf_counter() - started
+    trips = broker_proxy.round_trips - trips_before
+    record = store.get(run_id)
+    assert record.counts.succeeded == len(urls), record
+    with ws.engine.connect() as conn:
+        times = sorted(
+            conn.execute(
+                sa.text("SELECT seconds FROM byod_run_tasks WHERE run_id = :r"), {"r": run_id}
+            ).scalars()
+        )
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.wait(60)
+    ws.engine.dispose()
+    broker_proxy.stop()
+    line: dict[str, Any] = {
+        "config": config,
+        "backend": args.backend,
+        "instances": len(urls),
+        "workers": workers,
+        "concurrency": per_worker * workers,
+        "latency_ms": args.latency_ms,
+        "instances_per_s": round(len(urls) / elapsed, 1),
+        "seconds": round(elapsed, 3),
+        "p50_ms": round(statistics.median(times) * 1000, 2),
+        "p99_ms": round(times[min(len(times) - 1, int(len(times) * 0.99))] * 1000, 2),
+        "broker_round_trips_per_user": round(trips / len(urls), 2),
+        "peak_rss_mb_worst_worker": round(
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1
+        ),
+    }
+    if proxy:
+        line["pg_round_trips_per_instance"] = round((proxy.round_trips - pg_before) / len(urls), 1)
+    fleet.drop_all()  # PostgreSQL databases (instances or control plane)
+    if args.backend == "sqlite":
         shutil.rmtree(fleet.workdir / config)
     return line
 
@@ -474,6 +574,21 @@ def at_head(args: argparse.Namespace, workdir: Path) -> None:
     )
 
 
+def distributed(args: argparse.Namespace, fleet: Fleet, proxy: LatencyProxy | None) -> None:
+    """In-process at --concurrency (PostgreSQL control plane), then 1, 2, 4... workers."""
+    inline = run_config("byod", args, fleet, proxy, server_control_plane=True)
+    inline["config"] = "in-process (PostgreSQL control plane)"
+    print(json.dumps(inline), flush=True)
+    rates = {}
+    for workers in (int(n) for n in args.workers.split(",")):
+        line = run_distributed(workers, args, fleet, proxy)
+        rates[workers] = line["instances_per_s"]
+        print(json.dumps(line), flush=True)
+    base = inline["instances_per_s"]
+    ratios = {f"w{n}_vs_in_process": round(rate / base, 2) for n, rate in rates.items()}
+    print(json.dumps({"ratios": ratios}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
@@ -482,6 +597,8 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--only", default=",".join(CONFIGS))
     parser.add_argument("--at-head", type=int, default=0)
+    parser.add_argument("--distributed", action="store_true")
+    parser.add_argument("--workers", default="1,2,4")
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
@@ -499,11 +616,14 @@ def main() -> None:
         fleet = Fleet(args.backend, args.instances, workdir)
         lines = {}
         try:
+            if args.distributed:
+                distributed(args, fleet, proxy)
+                return
             for config in args.only.split(","):
                 lines[config] = run_config(config, args, fleet, proxy)
                 print(json.dumps(lines[config]), flush=True)
         finally:
-            if args.backend == "postgres":
+            if args.backend == "postgres" or args.distributed:
                 fleet.templates.clear()
                 fleet.drop_all()
                 with fleet.admin.connect() as conn:
