@@ -19,7 +19,7 @@ from kombu.exceptions import OperationalError
 
 from byod.distributed.dispatch import Dispatcher, Publisher, TaskMessage
 from byod.distributed.worker import TaskHandler
-from byod.errors import BrokerError, SettingsError
+from byod.errors import BrokerError, ControlPlaneError, SettingsError
 from byod.settings import Settings
 
 __all__ = [
@@ -90,8 +90,13 @@ def make_app(settings: Settings) -> Celery:
 
 
 def _migrate_user(task: Task, run_id: str, user_id: int) -> None:
-    """The task: one user of one distributed run."""
-    retry_in = _handler(task.app).handle(run_id, int(user_id))
+    """The task: one user of one distributed run. While the control plane is out of
+    reach the task waits (retried with backoff) instead of being dropped."""
+    try:
+        retry_in = _handler(task.app).handle(run_id, int(user_id))
+    except ControlPlaneError as exc:
+        retry_in = min(60.0, 2.0 ** min(task.request.retries, 6))
+        log.warning("run %s, user %s: %s; trying again in %.0fs", run_id, user_id, exc, retry_in)
     if retry_in is not None:
         raise task.retry(countdown=retry_in)
 

@@ -24,7 +24,7 @@ from byod._step import Settled
 from byod.controlplane._tx import reading, single, writing
 from byod.controlplane.queries import outdated_query
 from byod.controlplane.schema import run_tasks, runs, utcnow
-from byod.errors import InputError, SettingsError
+from byod.errors import ByodError, InputError, SettingsError
 from byod.registry import Registry
 from byod.settings import safe_url
 
@@ -121,7 +121,7 @@ _FINISH = sa.text(
         skipped = skipped + :n_skipped, not_started = not_started + :n_not_started,
         updated_at = :now
     WHERE id IN (SELECT run_id FROM done)
-    RETURNING id
+    RETURNING state, options, in_flight, dispatched, exhausted, succeeded, failed
     """
 )
 
@@ -268,7 +268,8 @@ class Dispatcher:
         )
 
     def finish(self, run_id: str, settled: Settled) -> bool:
-        """Record how one user's task ended and count it; False when it was already
+        """Record how one user's task ended and count it, then hand out more users (or
+        halt or close the run) when that is due; False when the end was already
         recorded (a duplicate delivery), so nothing is counted twice."""
         result = settled.result
         error = settled.error
@@ -291,8 +292,15 @@ class Dispatcher:
         for outcome in ("succeeded", "failed", "skipped", "not_started"):
             params[f"n_{outcome}"] = int(settled.outcome == outcome)
         with single(self.engine, "record the task's end") as conn:
-            counted = conn.execute(_FINISH, params).first() is not None
-        return counted
+            run = conn.execute(_FINISH, params).first()
+        if run is None:
+            return False
+        if _top_up_due(run):
+            try:
+                self.top_up(run_id)
+            except ByodError as exc:  # the end is recorded; a watcher hands out later
+                log.warning("run %s: cannot hand out more users now: %s", run_id, exc.message)
+        return True
 
     # -- the whole run -------------------------------------------------------------------
 
@@ -310,6 +318,17 @@ class Dispatcher:
             ).rowcount
         self.top_up(run_id)  # closes it at once when nothing is in flight
         return stopped == 1
+
+
+def _top_up_due(run: Any) -> bool:
+    """Whether a run, just after one of its tasks ended, needs a top-up: room for a
+    batch of users, a halt to make, or an end to record."""
+    if run.in_flight == 0:
+        return True
+    options = json.loads(run.options)
+    if run.state == "running" and _halt_reason(run, options) is not None:
+        return True
+    return run.state == "running" and not run.exhausted and _room(run, options) > 0
 
 
 def _room(row: Any, options: dict[str, Any]) -> int:

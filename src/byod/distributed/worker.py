@@ -95,10 +95,6 @@ class TaskHandler:
 
     def _finish(self, run_id: str, settled: Settled) -> None:
         self.dispatcher.finish(run_id, settled)
-        try:
-            self.dispatcher.top_up(run_id)
-        except ByodError as exc:  # the user's end is recorded; a watcher hands out later
-            log.warning("run %s: cannot hand out more users now: %s", run_id, exc.message)
 
     def _twin_running(self, run_id: str, settled: Settled) -> bool:
         """Whether another delivery of this same task holds the user's lease (alive, or
