@@ -20,7 +20,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from byod import commands
 from byod.commands import Workspace
+from byod.controlplane import RunStore
+from byod.fleet import FleetSummary
 from byod.settings import Settings
 from tests.conftest import TEST_KEY, ServerDatabases, make_workspace
 from tests.helpers import add_connected
@@ -224,3 +227,10 @@ def wait_for(condition: object, timeout: float = 60, what: str = "condition") ->
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.2)
+
+
+def follow_to_end(cluster: Cluster, run_id: str, timeout: float = 120) -> FleetSummary:
+    """Wait (bounded) for the run to end, then its summary as ``byod`` reports it."""
+    store = RunStore(cluster.ws.engine)
+    wait_for(lambda: store.get(run_id).ended_at is not None, timeout, f"run {run_id} to end")
+    return commands.follow(cluster.ws, run_id)

@@ -19,11 +19,13 @@ from tests.conftest import ServerDatabases, execute
 from tests.distributed_kit import (
     Cluster,
     completed_per_user,
+    follow_to_end,
     ledger_counts,
     sqlite_fleet,
     wait_for,
 )
 from tests.helpers import add_connected, counter, stamp_ids, statuses
+from tests.tcp_proxy import CuttableProxy
 
 pytestmark = pytest.mark.postgres
 
@@ -237,7 +239,7 @@ def test_a_user_on_queue_eu_is_migrated_only_by_an_eu_worker(redis_cluster: Clus
     assert store.get(run_id).in_flight == 1 and store.get(run_id).ended_at is None
 
     cluster.start_worker(concurrency=1, queues=[eu_queue], name="eu")
-    summary = commands.follow(cluster.ws, run_id)
+    summary = follow_to_end(cluster, run_id)
 
     assert (summary.state, summary.succeeded) == ("completed", 5)
     assert stamp_ids(eu_url) == HEAD
@@ -257,7 +259,7 @@ def test_per_host_cap_limits_concurrent_migrations_on_one_server(
     cluster.start_worker(concurrency=2, extra_env=slow, name="b")
 
     run_id = commands.migrate_distributed(cluster.ws, per_host=1)
-    summary = commands.follow(cluster.ws, run_id)
+    summary = follow_to_end(cluster, run_id)
 
     assert (summary.state, summary.succeeded) == ("completed", 5)
     with cluster.ws.engine.connect() as conn:
@@ -306,8 +308,38 @@ def test_library_run_with_selection_and_limit(redis_cluster: Cluster) -> None:
         selection=Selection(users=("u1", "u2", "u3", "u4"), limit=3),
         to_version=2,
     )
-    summary = commands.follow(cluster.ws, run_id)
+    summary = follow_to_end(cluster, run_id)
     assert (summary.state, summary.total, summary.succeeded) == ("completed", 3, 3)
     moved = [c for c, url in fleet.items() if stamp_ids(url) == HEAD[:2]]
     assert moved == ["u1", "u2", "u3"]
     assert all(stamp_ids(fleet[c]) == [] for c in fleet if c not in moved)
+
+
+def test_workers_wait_for_a_control_plane_that_went_away(redis_cluster: Cluster) -> None:
+    cluster = redis_cluster
+    fleet = sqlite_fleet(cluster, 24)
+    proxy = CuttableProxy(5432)  # the workers reach the control plane through it
+    url = sa.make_url(cluster.env["BYOD_DATABASE_URL"]).set(port=proxy.port)
+    slow = {
+        "BYOD_DATABASE_URL": url.render_as_string(hide_password=False),
+        "BYOD_TEST_HOLD_DIR": str(cluster.folder.parent),
+        "BYOD_TEST_HOLD_SECONDS": "0.2",
+    }
+    try:
+        cluster.start_worker(concurrency=2, extra_env=slow)
+        run_id = commands.migrate_distributed(cluster.ws, options=FleetOptions(lease_seconds=3))
+        store = RunStore(cluster.ws.engine)
+        wait_for(lambda: store.get(run_id).counts.succeeded >= 4, what="a few users done")
+        proxy.cut()  # every worker connection drops, mid-run; no new one gets through
+        time.sleep(3)
+        assert store.get(run_id).ended_at is None
+        proxy.restore()
+        summary = follow_to_end(cluster, run_id)
+    finally:
+        proxy.close()
+
+    assert (summary.state, summary.succeeded, summary.failed) == ("completed", 24, 0)
+    for url_ in fleet.values():
+        assert stamp_ids(url_) == HEAD and counter(url_) == 11
+    assert set(completed_per_user(cluster.ws).values()) == {1}
+    assert not any(status in ("running", "pending") for _, status in ledger_counts(cluster.ws))

@@ -80,11 +80,17 @@ def settle(
     to_version: int,
     options: FleetOptions,
     stop: threading.Event | None,
+    *,
+    reraise: tuple[type[ByodError], ...] = (),
 ) -> Settled:
     """Run one user (with :func:`attempt`) and say how it ended; never raises for one
-    user's trouble, so it can never end a whole run."""
+    user's trouble, so it can never end a whole run. Errors of the ``reraise`` kinds
+    (e.g. a control plane out of reach, for a caller that can wait) are raised instead
+    of being counted as the user's failure."""
     try:
         result, tries = attempt(runner, action, user, to_version, options, stop)
+    except reraise:
+        raise
     except (NotConnectedError, UnknownUserError) as exc:  # vanished meanwhile
         log.warning("fleet: user %s was not run: %s", user.id, exc.message)
         return Settled(user, "skipped", None, 0)
@@ -92,6 +98,8 @@ def settle(
         text = exc.message if isinstance(exc, ByodError) else f"internal error: {exc!r}"
         log.error("fleet: user %s failed: %s", user.id, text, exc_info=True)
         return Settled(user, "failed", None, 1, FleetError(user.clerk_id, None, text))
+    if isinstance(result.error, reraise):
+        raise result.error
     if result.error is None:
         return Settled(user, "succeeded" if result.changed else "skipped", result, tries)
     if isinstance(result.error, BusyError):  # another runner is working on this user

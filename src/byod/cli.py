@@ -21,6 +21,7 @@ from rich.markup import escape
 from byod import _render as render
 from byod import _show as show
 from byod import commands
+from byod.distributed.run import DEFAULT_IN_FLIGHT
 from byod.errors import ByodError, InputError
 from byod.fleet import (
     DEFAULT_CONCURRENCY,
@@ -268,7 +269,16 @@ def migrate(
     user: OptionalUser = None,
     every: All = False,
     to: Annotated[int | None, typer.Option("--to", help="Target version (default head).")] = None,
-    concurrency: Concurrency = DEFAULT_CONCURRENCY,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            "--concurrency",
+            min=1,
+            help=f"Users migrated at once [default: {DEFAULT_CONCURRENCY}]; with --distributed "
+            f"the run's cap on tasks in flight [default: {DEFAULT_IN_FLIGHT}].",
+            show_default=False,
+        ),
+    ] = None,
     retries: Retries = 2,
     timeout: Timeout = None,
     lease_seconds: LeaseSeconds = 300.0,
@@ -315,6 +325,8 @@ def migrate(
         result = commands.migrate_user(ws, target, to_version=to)
         show.finish_user(out, err, result, json_out, "migrated")
         return
+    if concurrency is None:
+        concurrency = DEFAULT_IN_FLIGHT if distributed else DEFAULT_CONCURRENCY
     options = _fleet_options(
         concurrency, retries, timeout, lease_seconds, canary, max_failure_ratio, processes
     )
@@ -473,8 +485,9 @@ def runs_stop(
 @app.command()
 def worker(
     concurrency: Annotated[
-        int, typer.Option("--concurrency", min=1, help="Users migrated at once here.")
-    ] = DEFAULT_CONCURRENCY,
+        int,
+        typer.Option("--concurrency", min=1, help="Worker processes: users migrated at once here."),
+    ] = os.cpu_count() or 2,
     queues: Annotated[
         str | None,
         typer.Option(

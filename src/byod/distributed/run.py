@@ -22,7 +22,7 @@ from byod.controlplane import RunStore, count_not_eligible, count_outdated
 from byod.controlplane._tx import reading
 from byod.controlplane.schema import run_tasks, users
 from byod.distributed.dispatch import Dispatcher, registry_digest
-from byod.errors import ByodError, InputError
+from byod.errors import BrokerError, ByodError, InputError
 from byod.fleet import (
     ELIGIBLE_STATUSES,
     FleetError,
@@ -36,12 +36,14 @@ from byod.fleet import (
 )
 from byod.runner import Runner, StepResult, UserResult
 
-__all__ = ["RunProgress", "follow_run", "start_distributed", "summary_of"]
+__all__ = ["DEFAULT_IN_FLIGHT", "RunProgress", "follow_run", "start_distributed", "summary_of"]
 
 log = logging.getLogger("byod.distributed")
 
 #: Finished tasks are read again this far back, in case one committed late.
-_WINDOW = timedelta(seconds=30)
+_WINDOW = timedelta(seconds=5)
+#: The default cap on a distributed run's tasks in flight: enough for a large worker pool.
+DEFAULT_IN_FLIGHT = 256
 #: A watcher sends again the tasks queued longer than this (lost by a broker).
 RESEND_AFTER_SECONDS = 300.0
 
@@ -104,7 +106,14 @@ def start_distributed(
     run_id = store.start("migrate", record, target_version=target)
     counts = FleetSummary(total=skipped, skipped=skipped, not_eligible=not_eligible).counts()
     store.progress(run_id, counts, planned=planned + skipped)
-    dispatcher.top_up(run_id)
+    try:
+        dispatcher.top_up(run_id)
+    except BrokerError as exc:
+        raise BrokerError(
+            f"run {run_id} is recorded but its first users could not be sent: {exc.message}",
+            hint=f"Once the broker answers, `byod runs show {run_id} --follow` sends them "
+            f"again; or give the run up with `byod runs stop {run_id}`.",
+        ) from exc
     log.info("distributed run %s started: %d users planned", run_id, planned)
     return run_id
 

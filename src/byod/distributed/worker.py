@@ -25,7 +25,7 @@ from byod._step import FleetError, Settled, settle
 from byod.connections import unseal_config
 from byod.controlplane import User
 from byod.distributed.dispatch import Claim, Dispatcher, registry_digest
-from byod.errors import BusyError, ByodError
+from byod.errors import BusyError, ByodError, ControlPlaneError
 from byod.fleet import FleetOptions
 from byod.runner import Runner
 
@@ -91,7 +91,16 @@ class TaskHandler:
             lease_seconds=options.lease_seconds,
             owner=f"{run_id}:{self.name}"[:64],
         )
-        return settle(runner, "migrate", user, claim.target_version, options, None)
+        # a control plane out of reach is not the user's failure: the task waits for it
+        return settle(
+            runner,
+            "migrate",
+            user,
+            claim.target_version,
+            options,
+            None,
+            reraise=(ControlPlaneError,),
+        )
 
     def _finish(self, run_id: str, settled: Settled) -> None:
         self.dispatcher.finish(run_id, settled)
