@@ -497,7 +497,8 @@ def run_distributed(
     for log in logs:
         while b"ready." not in log.read_bytes():
             time.sleep(0.1)
-    ws = Workspace(Settings.load(env=env))
+    # the starter and its polling use the real port: the proxy counts the workers' trips
+    ws = Workspace(Settings.load(env={**env, "BYOD_DATABASE_URL": setup_cp}))
     store = RunStore(ws.engine)
     trips_before, pg_before = broker_proxy.round_trips, proxy.round_trips if proxy else 0
     started = time.perf_counter()

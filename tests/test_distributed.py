@@ -343,3 +343,31 @@ def test_workers_wait_for_a_control_plane_that_went_away(redis_cluster: Cluster)
         assert stamp_ids(url_) == HEAD and counter(url_) == 11
     assert set(completed_per_user(cluster.ws).values()) == {1}
     assert not any(status in ("running", "pending") for _, status in ledger_counts(cluster.ws))
+
+
+def test_failure_ratio_halts_a_distributed_run(redis_cluster: Cluster) -> None:
+    cluster = redis_cluster
+    fleet = sqlite_fleet(cluster, 30)
+    for n in range(8):  # the first users handed out all break at 003
+        execute(fleet[f"u{n}"], "CREATE TABLE break_me (id INTEGER)")
+    cluster.start_worker(concurrency=2)
+
+    done = cluster.byod(
+        "migrate",
+        "--all",
+        "--distributed",
+        "--concurrency",
+        "2",
+        "--max-failure-ratio",
+        "0.5",
+        "--json",
+    )
+
+    summary = cluster.summary(done)
+    assert done.returncode == 1
+    assert summary["state"] == "halted" and "max-failure-ratio" in str(summary["halt_reason"])
+    assert summary["succeeded"] == 0 and 1 <= summary["failed"] <= 2  # type: ignore[operator]
+    assert summary["total"] == 30
+    assert summary["failed"] + summary["not_started"] == 30  # type: ignore[operator]
+    touched = [c for c, url in fleet.items() if stamp_ids(url)]
+    assert len(touched) == summary["failed"]  # nothing after the halt touched an instance

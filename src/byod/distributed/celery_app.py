@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from celery import Celery, Task
+from celery.signals import worker_process_init
 from kombu.exceptions import OperationalError
 
 from byod.distributed.dispatch import Dispatcher, Publisher, TaskMessage
@@ -85,8 +86,29 @@ def make_app(settings: Settings) -> Celery:
         }
     app.conf.update(conf)
     _settings[app.main or "byod"] = settings
+    _apps.append(app)
     app.task(name=TASK_NAME, bind=True, max_retries=None)(_migrate_user)
     return app
+
+
+_apps: list[Celery] = []
+
+
+def _warm_up(**_: object) -> None:
+    """Each pool process builds its runner and opens a control-plane connection when it
+    starts, so its first task does not pay for it (nor for importing Alembic)."""
+    if not _apps:
+        return
+    try:
+        handler = _handler(_apps[-1])
+        import alembic.operations  # noqa: F401 - what every migration body needs
+
+        handler.runner.engine.connect().close()
+    except Exception as exc:  # the first task reports any real problem
+        log.warning("worker process warm-up failed: %s", exc)
+
+
+worker_process_init.connect(_warm_up, weak=False)
 
 
 def _migrate_user(task: Task, run_id: str, user_id: int) -> None:
