@@ -327,6 +327,15 @@ def test_fleet_runs_are_listed_shown_and_undone(cli: Cli, tmp_path: Path) -> Non
     shown = cli("runs", "show", summary["run_id"], "--json").json()
     assert shown["state"] == "completed"  # type: ignore[index]
     assert [(f["clerk_id"], f["migration"]) for f in shown["failures"]] == [("b", "003_fragile")]  # type: ignore[index]
+    followed = cli("runs", "show", summary["run_id"], "--follow", "--json")  # an ended run
+    assert followed.code == 1  # as the run itself: one user failed
+    again = json.loads(followed.out.splitlines()[-1])["summary"]
+    assert {k: v for k, v in again.items() if k != "errors"} == {
+        k: v for k, v in summary.items() if k != "errors"
+    }
+    assert [(e["user"], e["migration"]) for e in again["errors"]] == [("b", "003_fragile")]
+    stop = cli("runs", "stop", summary["run_id"], **env)  # not a distributed run
+    assert stop.code == 2 and "Ctrl-C" in stop.err
     undo = cli("rollback", "--run", summary["run_id"], "--json", **env)
     assert undo.code == 0, undo.err
     assert json.loads(undo.out.splitlines()[-1])["summary"]["succeeded"] == 1
