@@ -39,6 +39,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # help texts hold [env: …] and [default: …] literally
 )
 users_app = typer.Typer(help="Manage app users.", no_args_is_help=True)
 app.add_typer(users_app, name="users")
