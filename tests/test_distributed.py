@@ -371,3 +371,27 @@ def test_failure_ratio_halts_a_distributed_run(redis_cluster: Cluster) -> None:
     assert summary["failed"] + summary["not_started"] == 30  # type: ignore[operator]
     touched = [c for c, url in fleet.items() if stamp_ids(url)]
     assert len(touched) == summary["failed"]  # nothing after the halt touched an instance
+
+
+def test_tasks_a_broker_lost_are_sent_again(redis_cluster: Cluster) -> None:
+    import redis
+
+    from byod.distributed.celery_app import make_app, publisher
+    from byod.distributed.dispatch import Dispatcher
+
+    cluster = redis_cluster
+    fleet = sqlite_fleet(cluster, 8)
+    run_id = commands.migrate_distributed(cluster.ws, options=FleetOptions(concurrency=8))
+    dispatcher = Dispatcher(cluster.ws.engine, publisher(make_app(cluster.ws.settings)))
+    ghost = cluster.ws.directory.find_user("u3").id
+    assert dispatcher.claim(run_id, ghost, "ghost:1") is not None  # taken, then lost
+    redis.Redis.from_url(cluster.broker).delete(cluster.queue)  # the broker lost them all
+    assert dispatcher.resend_stale(run_id, 3600) == 0  # nothing looks lost yet
+    time.sleep(1.1)
+
+    assert dispatcher.resend_stale(run_id, 1) == 8  # 7 queued + 1 taken by a lease-less ghost
+    cluster.start_worker(concurrency=2)
+    summary = follow_to_end(cluster, run_id)
+
+    assert (summary.state, summary.succeeded) == ("completed", 8)
+    assert all(stamp_ids(url) == HEAD for url in fleet.values())

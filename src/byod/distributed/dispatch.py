@@ -16,6 +16,7 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -23,7 +24,7 @@ import sqlalchemy as sa
 from byod._step import Settled
 from byod.controlplane._tx import reading, single, writing
 from byod.controlplane.queries import outdated_query
-from byod.controlplane.schema import run_tasks, runs, utcnow
+from byod.controlplane.schema import configs, run_tasks, runs, utcnow
 from byod.errors import ByodError, InputError, SettingsError
 from byod.registry import Registry
 from byod.settings import safe_url
@@ -221,32 +222,45 @@ class Dispatcher:
         return page, exhausted
 
     def resend_stale(self, run_id: str, older_than_seconds: float) -> int:
-        """Send again the run's tasks queued longer than that (a broker that lost its
-        messages, a publish that failed); a duplicate is harmless. Returns how many."""
-        cutoff = utcnow().timestamp() - older_than_seconds
-        with reading(self.engine, "find the run's stale tasks") as conn:
-            stale = conn.execute(
-                sa.select(run_tasks.c.user_id, run_tasks.c.queue, run_tasks.c.queued_at).where(
-                    run_tasks.c.run_id == run_id, run_tasks.c.state == "queued"
+        """Send again the run's tasks that look lost (a broker that lost its messages, a
+        publish that failed): queued longer than that, or taken longer ago than that by
+        a worker whose lease on the user has lapsed. A duplicate is harmless (it finds
+        the task done, or waits for its twin). Returns how many were sent."""
+        now = utcnow()
+        cutoff = now - timedelta(seconds=older_than_seconds)
+        lost = sa.or_(
+            sa.and_(run_tasks.c.state == "queued", run_tasks.c.queued_at < cutoff),
+            sa.and_(
+                run_tasks.c.state == "running",
+                run_tasks.c.started_at < cutoff,
+                sa.or_(configs.c.lease_owner.is_(None), configs.c.lease_expires_at < now),
+            ),
+        )
+        query = (
+            sa.select(run_tasks.c.user_id, run_tasks.c.queue)
+            .join(configs, configs.c.user_id == run_tasks.c.user_id)
+            .where(run_tasks.c.run_id == run_id, lost)
+        )
+        with reading(self.engine, "find the run's lost tasks") as conn:
+            messages = [TaskMessage(run_id, int(r.user_id), r.queue) for r in conn.execute(query)]
+        if not messages:
+            return 0
+        with single(self.engine, "mark the tasks sent again") as conn:
+            conn.execute(
+                run_tasks.update()
+                .where(
+                    run_tasks.c.run_id == run_id,
+                    run_tasks.c.user_id.in_([m.user_id for m in messages]),
                 )
-            ).all()
-        messages = [
-            TaskMessage(run_id, int(r.user_id), r.queue)
-            for r in stale
-            if r.queued_at.timestamp() < cutoff
-        ]
-        if messages:
-            with single(self.engine, "mark the tasks sent again") as conn:
-                conn.execute(
-                    run_tasks.update()
-                    .where(
-                        run_tasks.c.run_id == run_id,
-                        run_tasks.c.user_id.in_([m.user_id for m in messages]),
-                    )
-                    .values(queued_at=utcnow())
+                .values(
+                    queued_at=now,
+                    started_at=sa.case(
+                        (run_tasks.c.state == "running", now), else_=run_tasks.c.started_at
+                    ),
                 )
-            log.warning("run %s: sending %d stale tasks again", run_id, len(messages))
-            self.publish(messages)
+            )
+        log.warning("run %s: sending %d lost tasks again", run_id, len(messages))
+        self.publish(messages)
         return len(messages)
 
     # -- one task ------------------------------------------------------------------------
