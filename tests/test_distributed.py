@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from byod.controlplane import RunStore
 from byod.fleet import FleetOptions, Selection
 from tests.conftest import ServerDatabases, execute
 from tests.distributed_kit import (
+    BYOD,
     Cluster,
     completed_per_user,
     follow_to_end,
@@ -395,3 +398,32 @@ def test_tasks_a_broker_lost_are_sent_again(redis_cluster: Cluster) -> None:
 
     assert (summary.state, summary.succeeded) == ("completed", 8)
     assert all(stamp_ids(url) == HEAD for url in fleet.values())
+
+
+def test_ctrl_c_stops_an_attached_distributed_run(redis_cluster: Cluster) -> None:
+    cluster = redis_cluster
+    fleet = sqlite_fleet(cluster, 30)
+    slow = {"BYOD_TEST_HOLD_DIR": str(cluster.folder.parent), "BYOD_TEST_HOLD_SECONDS": "0.3"}
+    cluster.start_worker(concurrency=2, extra_env=slow)
+    attached = subprocess.Popen(
+        [BYOD, "migrate", "--all", "--distributed", "--concurrency", "2", "--json"],
+        env=cluster.env,
+        cwd=cluster.folder.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    store = RunStore(cluster.ws.engine)
+    wait_for(lambda: any(r.counts.succeeded >= 2 for r in store.recent()), what="progress")
+
+    attached.send_signal(signal.SIGINT)
+    out, err = attached.communicate(timeout=60)
+
+    assert attached.returncode == 1, err
+    summary = json.loads(out.splitlines()[-1])["summary"]
+    assert summary["state"] == "interrupted" and summary["failed"] == 0
+    assert summary["succeeded"] + summary["not_started"] == summary["total"] == 30
+    assert 2 <= summary["succeeded"] < 30
+    moved = [c for c, url in fleet.items() if stamp_ids(url)]
+    assert len(moved) == summary["succeeded"]  # nothing half-done, nothing after the stop
+    assert all(stamp_ids(fleet[c]) == HEAD for c in moved)
