@@ -274,3 +274,10 @@ def test_errors_are_problem_documents_without_internals(api: Api) -> None:
     unknown = api.get("/v1/me/instance", "stranger")
     assert unknown.status_code == 404 and "stranger" in unknown.json()["detail"]
     assert api.client.get("/openapi.json").json()["paths"]["/v1/me/instance"]
+
+
+def test_a_distributed_run_needs_a_broker(api: Api) -> None:
+    refused = api.post("/v1/fleet/runs", "ops", json={"distributed": True})
+    assert refused.status_code == 503  # the server's set-up, not the request
+    assert "BYOD_BROKER_URL" in refused.json()["detail"]
+    assert refused.headers["content-type"] == "application/problem+json"

@@ -11,6 +11,7 @@ import jwt
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import not_a_server_error
 
 from byod.api import AuthSettings, create_app
 from byod.commands import Workspace
@@ -34,7 +35,8 @@ def fuzz_app(tmp_path: Path) -> Iterator[Any]:
 
 def test_no_500_and_every_response_matches_the_schema(fuzz_app: Any) -> None:
     """Every operation, fuzzed by schemathesis's strategies, as an operator (who may call
-    everything); the checks: no server error, status, content type and body per schema."""
+    everything); the checks: no server error but the documented 503, status, content type
+    and body per schema."""
     schema = schemathesis.openapi.from_asgi("/openapi.json", fuzz_app)
     claims = {"sub": "fuzzer", "byod_role": "admin", "exp": int(time.time()) + 3600}
     headers = {"Authorization": f"Bearer {jwt.encode(claims, SECRET)}"}
@@ -52,7 +54,11 @@ def test_no_500_and_every_response_matches_the_schema(fuzz_app: Any) -> None:
             suppress_health_check=list(HealthCheck),
         )
         def check(case: Any) -> None:
-            calls.append(case.call_and_validate(headers=headers).status_code)
+            # 503 is a documented answer (e.g. distributed runs on a server with no broker);
+            # any other 5xx, 500 above all, is a defect
+            response = case.call_and_validate(headers=headers, excluded_checks=[not_a_server_error])
+            calls.append(response.status_code)
+            assert response.status_code < 500 or response.status_code == 503, response.text
 
         check()
     assert len(calls) >= 3 * len(operations)  # the fuzzer really called the app

@@ -427,3 +427,28 @@ def test_ctrl_c_stops_an_attached_distributed_run(redis_cluster: Cluster) -> Non
     moved = [c for c, url in fleet.items() if stamp_ids(url)]
     assert len(moved) == summary["succeeded"]  # nothing half-done, nothing after the stop
     assert all(stamp_ids(fleet[c]) == HEAD for c in moved)
+
+
+def test_operators_start_a_distributed_run_over_http(redis_cluster: Cluster) -> None:
+    from fastapi.testclient import TestClient
+
+    from byod.api import AuthSettings, create_app
+    from tests.test_api import SECRET, bearer, token
+
+    cluster = redis_cluster
+    fleet = sqlite_fleet(cluster, 6)
+    cluster.ws.directory.add_user("ops")
+    cluster.start_worker(concurrency=2)
+    ops = bearer(token("ops", admin=True))
+    with TestClient(create_app(cluster.ws, AuthSettings(secret=SECRET))) as client:
+        started = client.post(
+            "/v1/fleet/runs", headers=ops, json={"distributed": True, "per_host": 2}
+        )
+        assert started.status_code == 202, started.text
+        run_id = started.json()["run_id"]
+        follow_to_end(cluster, run_id)
+        shown = client.get(f"/v1/fleet/runs/{run_id}", headers=ops).json()
+
+    assert (shown["state"], shown["succeeded"], shown["distributed"]) == ("completed", 6, True)
+    assert shown["in_flight"] == 0 and shown["remaining"] == 0
+    assert all(stamp_ids(url) == HEAD for url in fleet.values())

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from byod import commands
 from byod.api import problems
 from byod.api.auth import Authenticator, AuthSettings, Principal
 from byod.api.background import BackgroundRuns
@@ -31,7 +32,7 @@ from byod.api.models import (
 )
 from byod.commands import Workspace
 from byod.controlplane import RunRecord, RunStore, User, fleet_status, history
-from byod.errors import InputError
+from byod.errors import InputError, SettingsError
 from byod.fleet import FleetOptions, Selection
 
 __all__ = ["create_app"]
@@ -42,11 +43,13 @@ _PROBLEM_CONTENT = {
 _ERRORS: dict[int | str, dict[str, object]] = {
     status: {"model": Problem, "description": text}
     for status, text in [
+        (400, "bad input (e.g. a distributed run with no broker configured)"),
         (401, "no valid token"),
         (403, "operators only"),
         (404, "not found"),
         (409, "a run is already under way"),
         (422, "invalid request"),
+        (503, "the control plane or the task-queue broker is unavailable"),
     ]
 }
 
@@ -148,7 +151,7 @@ def fleet(ws: Ws, principal: Operator) -> FleetStatusOut:
 
 @router.post("/v1/fleet/runs", status_code=202, tags=["operators"])
 def start_fleet_run(request: Request, principal: Operator, body: FleetRunRequest) -> RunStarted:
-    """Start a fleet run with these options."""
+    """Start a fleet run with these options (``distributed``: on task-queue workers)."""
     options = FleetOptions(
         concurrency=body.concurrency,
         retries=body.retries,
@@ -157,6 +160,14 @@ def start_fleet_run(request: Request, principal: Operator, body: FleetRunRequest
         max_failure_ratio=body.max_failure_ratio,
     )
     selection = Selection(only_version=body.only_version, limit=body.limit)
+    if body.distributed:
+        try:
+            run_id = commands.migrate_distributed(
+                request.app.state.ws, options=options, selection=selection, per_host=body.per_host
+            )
+        except SettingsError as exc:  # the server's set-up, not the caller's request
+            raise problems.UnavailableError(exc.message) from exc
+        return RunStarted(run_id=run_id)
     runs: BackgroundRuns = request.app.state.runs
     return RunStarted(run_id=runs.start_fleet(options, selection))
 
@@ -216,7 +227,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             routes=app.routes,
         )
         for operation in (op for path in schema["paths"].values() for op in path.values()):
-            for status in ("401", "403", "404", "409", "422"):
+            for status in ("400", "401", "403", "404", "409", "422", "503"):
                 operation.setdefault("responses", {})[status] = {
                     "description": _ERRORS[int(status)]["description"],
                     "content": _PROBLEM_CONTENT,

@@ -92,6 +92,9 @@ class RunOut(BaseModel):
     done: int
     remaining: int | None
     halt_reason: str | None
+    #: run on task-queue workers; ``in_flight``: its users handed out, not finished yet
+    distributed: bool = False
+    in_flight: int = 0
 
     @classmethod
     def of(cls, run: RunRecord) -> RunOut:
@@ -114,6 +117,8 @@ class RunOut(BaseModel):
             done=c.succeeded + c.failed + c.skipped,
             remaining=run.remaining,
             halt_reason=run.halt_reason,
+            distributed=run.distributed,
+            in_flight=run.in_flight,
         )
 
 
@@ -149,3 +154,8 @@ class FleetRunRequest(BaseModel):
     max_failure_ratio: float | None = Field(default=None, ge=0, le=1)
     only_version: int | None = Field(default=None, ge=0)
     limit: int | None = Field(default=None, ge=1)
+    #: run on task-queue workers (needs a broker and a PostgreSQL control plane);
+    #: ``concurrency`` is then the run's cap on tasks in flight
+    distributed: bool = False
+    #: with ``distributed``: at most this many users at once per database server
+    per_host: int | None = Field(default=None, ge=1, le=1024)

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from byod.api.auth import AuthError
 from byod.errors import (
+    BrokerError,
     BusyError,
     ByodError,
     ControlPlaneError,
@@ -23,7 +24,7 @@ from byod.errors import (
     UnknownUserError,
 )
 
-__all__ = ["ForbiddenError", "NotFoundError", "install", "problem"]
+__all__ = ["ForbiddenError", "NotFoundError", "UnavailableError", "install", "problem"]
 
 log = logging.getLogger("byod.api")
 PROBLEM = "application/problem+json"
@@ -31,6 +32,10 @@ PROBLEM = "application/problem+json"
 
 class ForbiddenError(ByodError):
     """The caller may not do this (operators only)."""
+
+
+class UnavailableError(ByodError):
+    """This server is not set up for that (e.g. distributed runs without a broker)."""
 
 
 class NotFoundError(ByodError):
@@ -46,6 +51,8 @@ _STATUS: list[tuple[type[ByodError], int, str]] = [
     (BusyError, 409, "busy"),
     (InputError, 400, "bad-input"),
     (ControlPlaneError, 503, "control-plane-unavailable"),
+    (BrokerError, 503, "broker-unavailable"),
+    (UnavailableError, 503, "unavailable"),
     (ByodError, 500, "failed"),
 ]
 
