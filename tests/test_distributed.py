@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import signal
 import subprocess
 import threading
@@ -452,3 +453,18 @@ def test_operators_start_a_distributed_run_over_http(redis_cluster: Cluster) -> 
     assert (shown["state"], shown["succeeded"], shown["distributed"]) == ("completed", 6, True)
     assert shown["in_flight"] == 0 and shown["remaining"] == 0
     assert all(stamp_ids(url) == HEAD for url in fleet.values())
+
+
+def test_a_worker_with_other_migrations_refuses_the_run(redis_cluster: Cluster) -> None:
+    cluster = redis_cluster
+    fleet = sqlite_fleet(cluster, 3)
+    other = cluster.folder.parent / "other-migrations"
+    shutil.copytree(cluster.folder, other)
+    (other / "003_fragile.py").write_text((other / "003_fragile.py").read_text() + "\n# edited\n")
+    cluster.start_worker(concurrency=1, extra_env={"BYOD_MIGRATIONS": str(other)})
+
+    summary = follow_to_end(cluster, commands.migrate_distributed(cluster.ws))
+
+    assert (summary.state, summary.failed, summary.succeeded) == ("completed", 3, 0)
+    assert all("other migrations than run" in e.error for e in summary.errors)
+    assert all(stamp_ids(url) == [] for url in fleet.values())  # nothing was touched
