@@ -325,10 +325,9 @@ class Runner:
     ) -> UserResult:
         if plan.empty:
             return UserResult(user.id, user.clerk_id, plan.from_version, plan.from_version)
-        self.ledger.record_planned(user.id, plan, self.run_id)
+        attempt = self.ledger.record_planned(user.id, plan, self.run_id)
         results: list[StepResult] = []
         version = plan.from_version
-        attempt = self.ledger.record_started(user.id, plan.steps[0])
         for index, step in enumerate(plan.steps):
             mig = step.migration
             log.info(

@@ -58,9 +58,9 @@ class Ledger:
 
     Rows are addressed by (user, migration, direction) and status: while a runner holds
     the user's lease, at most one row per step is open. Every write is one statement in
-    autocommit where it can be, so a user's chain costs "planned", "started", then one
-    "completed" per step (which also starts the next step, and on the last step gives the
-    lease back). On PostgreSQL "completed" is one
+    autocommit where it can be, so a user's chain costs "planned" (which also starts the
+    first step), then one "completed" per step (which also starts the next step, and on
+    the last step gives the lease back). On PostgreSQL "completed" is one
     statement (data-modifying CTEs); elsewhere one short transaction.
     """
 
@@ -68,34 +68,41 @@ class Ledger:
         self.engine = engine
         self._one_statement = engine.dialect.name == "postgresql"
 
-    def record_planned(self, user_id: int, plan: Plan, run_id: str | None) -> None:
-        """Write one ``pending`` row per step of ``plan`` (one statement)."""
+    def record_planned(self, user_id: int, plan: Plan, run_id: str | None) -> int:
+        """Write one row per step of ``plan``: the first ``running`` with its attempt
+        number, the rest ``pending`` (one statement); returns the first's attempt."""
         now = utcnow()
+        first = plan.steps[0]
+        earlier = ledger.alias("earlier")
+        tried = (
+            sa.select(sa.func.count())
+            .select_from(earlier)
+            .where(
+                earlier.c.user_id == user_id,
+                earlier.c.migration_id == first.migration.id,
+                earlier.c.direction == first.direction,
+                earlier.c.status.in_(("running", "completed", "failed")),
+            )
+            .scalar_subquery()
+        )
         rows = [
             {
                 "user_id": user_id,
                 "migration_id": step.migration.id,
                 "version": step.migration.version,
                 "direction": step.direction,
-                "status": "pending",
-                "attempts": 0,
+                "status": "running" if step is first else "pending",
+                "attempts": tried + 1 if step is first else 0,
                 "run_id": run_id,
+                "started_at": now if step is first else None,
                 "created_at": now,
             }
             for step in plan.steps
         ]
+        statement = ledger.insert().values(rows).returning(ledger.c.status, ledger.c.attempts)
         with single(self.engine, "record the plan") as conn:
-            conn.execute(ledger.insert(), rows)
-
-    def record_started(self, user_id: int, step: Step) -> int:
-        """Mark the step's ``pending`` row ``running`` and number the attempt; returns it."""
-        with single(self.engine, "record the start") as conn:
-            attempt = conn.execute(_START, _step_params(user_id, step, utcnow())).scalar()
-        if attempt is None:
-            raise ControlPlaneError(
-                f"user {user_id}: no pending ledger row for {step.migration.id}: cannot start it"
-            )
-        return int(attempt)
+            written = conn.execute(statement).all()
+        return next(int(attempts) for status, attempts in written if status == "running")
 
     def record_completed(
         self,
