@@ -28,6 +28,7 @@ __all__ = ["DIALECTS", "STAMP_TABLE", "Dialect", "timed_out"]
 STAMP_TABLE = "byod_schema_stamp"
 #: Advisory-lock key for PostgreSQL: one lock per database, shared by every byod runner.
 _PG_LOCK_KEY = 0x62796F64
+_PG_UNDEFINED_TABLE = "42P01"
 #: Named lock for MySQL/MariaDB (per server: the name carries the database).
 _MYSQL_LOCK = "byod_migrations"
 _MARIADB_STATEMENT_TIMEOUT = 1969
@@ -48,6 +49,10 @@ class Dialect:
     #: One engine for every instance of the kind; not where the dialect learns the
     #: "default schema" from its first connection (MySQL: the database itself)
     shared_engine: bool = True
+    #: Where a read outside a transaction may simply fail: tells, by the server's error
+    #: code, that it failed for want of the table (then the stamp is read in one round
+    #: trip, without asking first whether its table exists)
+    missing_table: Callable[[DBAPIError], bool] | None = None
 
 
 def _sqlite_options(url: URL, timeout: float) -> tuple[URL, dict[str, Any]]:
@@ -198,6 +203,7 @@ DIALECTS: dict[str, Dialect] = {
         _postgres_lock,
         f"SELECT to_regclass('{STAMP_TABLE}') IS NOT NULL",
         _postgres_reading,
+        missing_table=lambda exc: getattr(exc.orig, "sqlstate", None) == _PG_UNDEFINED_TABLE,
     ),
     "mysql": Dialect(
         _mysql_options,

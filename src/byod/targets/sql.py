@@ -306,7 +306,17 @@ class SqlTarget:
                 transaction.rollback()
 
     def _select_stamp(self, *, known_to_exist: bool = False) -> list[StampEntry]:
+        missing_table = self._dialect.missing_table
         if not known_to_exist:
+            if missing_table is not None:
+                try:
+                    found = self._conn.execute(_SELECT_STAMP).all()
+                except DBAPIError as exc:
+                    if missing_table(exc):
+                        return []
+                    raise
+                self._stamp_ready = True
+                return [StampEntry(**row._asdict()) for row in found]
             if not self._conn.exec_driver_sql(self._dialect.stamp_exists).scalar():
                 return []
             self._stamp_ready = True  # no need to create it before each step
