@@ -122,6 +122,8 @@ class Cluster:
                 process.wait(10)
         if self.broker.startswith("amqp"):
             _delete_amqp_queues(self.broker, self.queues)
+        else:
+            _delete_redis_queues(self.broker, self.queues)
 
 
 def _delete_amqp_queues(url: str, names: set[str]) -> None:
@@ -131,6 +133,15 @@ def _delete_amqp_queues(url: str, names: set[str]) -> None:
         channel = connection.default_channel
         for name in names:
             channel.queue_delete(name)
+
+
+def _delete_redis_queues(url: str, names: set[str]) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    for name in names:
+        client.delete(name, f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}")
+    client.close()
 
 
 @pytest.fixture(params=sorted(BROKERS), ids=lambda name: f"broker_{name}")
