@@ -522,6 +522,10 @@ def run_distributed(
         process.wait(60)
     ws.engine.dispose()
     broker_proxy.stop()
+    import redis
+
+    queue = env["BYOD_QUEUE"]
+    redis.Redis().delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
     line: dict[str, Any] = {
         "config": config,
         "backend": args.backend,
