@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,8 +179,9 @@ def make_cluster(pg: ServerDatabases, tmp_path: Path, broker: str) -> Cluster:
     return Cluster(ws, broker, folder, queue, env)
 
 
-@pytest.fixture
-def cluster(pg: ServerDatabases, tmp_path: Path, broker: str) -> Iterator[Cluster]:
+@contextmanager
+def running_cluster(pg: ServerDatabases, tmp_path: Path, broker: str) -> Iterator[Cluster]:
+    """A cluster for one test; its workers killed and its queues deleted afterwards."""
     made = make_cluster(pg, tmp_path, broker)
     try:
         yield made
@@ -189,13 +191,17 @@ def cluster(pg: ServerDatabases, tmp_path: Path, broker: str) -> Iterator[Cluste
 
 
 @pytest.fixture
-def redis_cluster(pg: ServerDatabases, tmp_path: Path, redis_broker: str) -> Iterator[Cluster]:
-    made = make_cluster(pg, tmp_path, redis_broker)
-    try:
+def cluster(pg: ServerDatabases, tmp_path: Path, broker: str) -> Iterator[Cluster]:
+    """A cluster on each broker."""
+    with running_cluster(pg, tmp_path, broker) as made:
         yield made
-    finally:
-        made.stop()
-        made.ws.engine.dispose()
+
+
+@pytest.fixture
+def redis_cluster(pg: ServerDatabases, tmp_path: Path, redis_broker: str) -> Iterator[Cluster]:
+    """A cluster on Redis (for the tests that need one broker only)."""
+    with running_cluster(pg, tmp_path, redis_broker) as made:
+        yield made
 
 
 def sqlite_fleet(cluster: Cluster, count: int, prefix: str = "u") -> dict[str, str]:

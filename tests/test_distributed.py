@@ -468,3 +468,30 @@ def test_a_worker_with_other_migrations_refuses_the_run(redis_cluster: Cluster) 
     assert (summary.state, summary.failed, summary.succeeded) == ("completed", 3, 0)
     assert all("other migrations than run" in e.error for e in summary.errors)
     assert all(stamp_ids(url) == [] for url in fleet.values())  # nothing was touched
+
+
+def test_a_retry_after_an_unrecorded_end_still_counts_the_user_moved(
+    redis_cluster: Cluster,
+) -> None:
+    """The control plane went away after a delivery moved the user but before its end was
+    recorded: the retry finds nothing to do, and the user still counts as succeeded."""
+    from byod.distributed import Dispatcher, TaskHandler
+    from byod.distributed.celery_app import make_app, publisher
+
+    cluster = redis_cluster
+    fleet = sqlite_fleet(cluster, 2)
+    cluster.queues.add(cluster.queue)  # no worker: the test plays one, in-process
+    run_id = commands.migrate_distributed(cluster.ws)
+    dispatcher = Dispatcher(cluster.ws.engine, publisher(make_app(cluster.ws.settings)))
+    handler = TaskHandler(cluster.ws.runner(), dispatcher, name="test:1")
+    moved = cluster.ws.directory.find_user("u0")
+    first = handler.runner.configured(run_id=run_id, timeout=None, lease_seconds=30)
+    assert first.migrate_user(moved).changed  # the first delivery; its end never recorded
+
+    assert handler.handle(run_id, moved.id) is None  # the retry
+    assert handler.handle(run_id, cluster.ws.directory.find_user("u1").id) is None
+
+    record = RunStore(cluster.ws.engine).get(run_id)
+    assert record.ended_at is not None and record.state == "completed"
+    assert (record.counts.succeeded, record.counts.skipped) == (2, 0)
+    assert all(stamp_ids(url) == HEAD and counter(url) == 11 for url in fleet.values())

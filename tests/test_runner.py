@@ -163,11 +163,11 @@ class CrashAfterCommit:
         self.inner.close()
 
 
-def crashing_runner(ws: Workspace, crash_on: str) -> Runner:
+def crashing_runner(ws: Workspace, crash_on: str, run_id: str | None = None) -> Runner:
     def opener(credentials: Credentials, timeout: float) -> Target:
         return CrashAfterCommit(open_instance(credentials, timeout=timeout), crash_on)
 
-    return Runner(ws.engine, ws.registry, ws.sealer, opener=opener)
+    return Runner(ws.engine, ws.registry, ws.sealer, opener=opener, run_id=run_id)
 
 
 def test_crash_between_instance_commit_and_ledger_does_not_apply_twice(
@@ -188,6 +188,27 @@ def test_crash_between_instance_commit_and_ledger_does_not_apply_twice(
     assert not [s for s in statuses(cws, uid) if s[2] in ("running", "pending")]
     recovered = [r for r in history(cws.engine, uid) if r.migration_id == "002_bump"]
     assert recovered[0].status == "completed" and "recovered" in (recovered[0].error or "")
+
+
+def test_a_step_recovered_for_the_same_run_counts_as_moved_by_it(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    """A task delivered again after its worker was lost past the last commit: the run
+    moved the user, so the retry reports it moved (not "nothing to do")."""
+    urls = [new_instance(), new_instance()]
+    same, other = (add_connected(cws, url, f"user_{n}") for n, url in enumerate(urls))
+    for uid in (same, other):
+        with pytest.raises(Crash):
+            crashing_runner(cws, "003_fragile", run_id="run-1").migrate(uid)
+    again = cws.runner().configured(run_id="run-1", timeout=None, lease_seconds=300)
+    result = again.migrate(same)
+    assert result.ok and result.changed
+    assert [(s.migration_id, s.status) for s in result.steps] == [("003_fragile", "recovered")]
+    assert (result.from_version, result.to_version) == (2, 3)
+    later = cws.runner().configured(run_id="run-2", timeout=None, lease_seconds=300)
+    result = later.migrate(other)  # another run found it done: it moved nothing
+    assert result.ok and not result.changed and result.steps == ()
+    assert [counter(url) for url in urls] == [11, 11]
 
 
 def test_hashtags_move_once_even_after_a_crash(

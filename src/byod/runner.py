@@ -52,7 +52,7 @@ class StepResult:
     migration_id: str
     version: int
     direction: str
-    status: str  # completed | failed | skipped | already-applied
+    status: str  # completed | failed | skipped | already-applied | recovered
     seconds: float = 0.0
     error: str | None = None
 
@@ -76,8 +76,9 @@ class UserResult:
 
     @property
     def changed(self) -> bool:
-        """True when at least one step was applied."""
-        return any(step.status == "completed" for step in self.steps)
+        """True when at least one step was applied (or, applied by this same run before
+        its runner was lost, found done and recorded: ``recovered``)."""
+        return any(step.status in ("completed", "recovered") for step in self.steps)
 
     @property
     def failed_migration(self) -> str | None:
@@ -277,7 +278,7 @@ class Runner:
             return self._gave_up(user, config.schema_version, exc)
         try:
             try:
-                current = self._reconcile(user, config, target.read_stamp())
+                current, recovered = self._reconcile(user, config, target.read_stamp())
                 plan = make_plan(current)
             except IrreversibleError:
                 raise
@@ -286,11 +287,16 @@ class Runner:
                 if isinstance(exc, UnreachableError):
                     self._unreachable(user, exc)
                 return self._gave_up(user, config.schema_version, exc)
-            return self._execute(user, plan, target, credentials, lease, deadline)
+            return self._execute(user, plan, target, credentials, lease, deadline, recovered)
         finally:
             target.close()
 
-    def _reconcile(self, user: User, config: Config, stamp: list[StampEntry]) -> int:
+    def _reconcile(
+        self, user: User, config: Config, stamp: list[StampEntry]
+    ) -> tuple[int, tuple[StepResult, ...]]:
+        """The instance's version, with the control plane brought in line with it; and
+        the steps this same fleet run applied before its runner was lost (a task
+        delivered again), found done now: the run moved the user, whoever records it."""
         problems = check_stamp(self.registry, stamp)
         if problems:
             message = "; ".join(problems)
@@ -299,9 +305,17 @@ class Runner:
         current = stamp[-1].version if stamp else 0
         applied: set[tuple[str, Direction]] = {(entry.id, "up") for entry in stamp}
         applied |= {(m.id, "down") for m in self.registry if m.version > current}
+        recovered: list[StepResult] = []
         if config.open_rows:
             settled = self.ledger.settle_orphans(user.id, applied)
-            log.warning("user %s: settled %d rows left by a lost runner", user.id, settled)
+            log.warning("user %s: settled %d rows left by a lost runner", user.id, len(settled))
+            for row in settled:
+                migration = self.registry.get(row.migration_id)
+                mine = row.run_id is not None and row.run_id == self.run_id
+                if row.status == "completed" and mine and migration:
+                    recovered.append(
+                        StepResult(migration.id, migration.version, row.direction, "recovered")
+                    )
         if current != config.schema_version or config.connection_status != "connected":
             if current != config.schema_version:
                 log.warning(
@@ -312,7 +326,7 @@ class Runner:
                     current,
                 )
             self.directory.set_status(user.id, "connected", schema_version=current)
-        return current
+        return current, tuple(sorted(recovered, key=lambda step: step.version))
 
     def _execute(
         self,
@@ -322,11 +336,16 @@ class Runner:
         credentials: Credentials,
         lease: _Lease,
         deadline: float | None,
+        recovered: tuple[StepResult, ...] = (),
     ) -> UserResult:
+        from_version = plan.from_version
+        if recovered:  # this run had moved the user already: count from before that
+            first = recovered[0]
+            from_version = first.version - 1 if first.direction == "up" else first.version
         if plan.empty:
-            return UserResult(user.id, user.clerk_id, plan.from_version, plan.from_version)
+            return UserResult(user.id, user.clerk_id, from_version, plan.from_version, recovered)
         attempt = self.ledger.record_planned(user.id, plan, self.run_id)
-        results: list[StepResult] = []
+        results: list[StepResult] = list(recovered)
         version = plan.from_version
         for index, step in enumerate(plan.steps):
             mig = step.migration
@@ -367,7 +386,7 @@ class Runner:
                     hint=exc.hint,
                 )
                 return UserResult(
-                    user.id, user.clerk_id, plan.from_version, version, tuple(results), failure
+                    user.id, user.clerk_id, from_version, version, tuple(results), failure
                 )
             seconds = time.perf_counter() - started
             last = index == len(plan.steps) - 1
@@ -391,7 +410,7 @@ class Runner:
             )
             results.append(StepResult(mig.id, mig.version, step.direction, status, seconds))
             attempt = next_attempt or 0
-        return UserResult(user.id, user.clerk_id, plan.from_version, version, tuple(results))
+        return UserResult(user.id, user.clerk_id, from_version, version, tuple(results))
 
     def _body(self, user: User, step: Step) -> Callable[[sa.Connection], None]:
         function = step.migration.up if step.direction == "up" else step.migration.down

@@ -25,12 +25,12 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
-from byod.controlplane._tx import single, writing
+from byod.controlplane._tx import reading, single, writing
 from byod.controlplane.schema import configs, ledger, utcnow
 from byod.errors import ControlPlaneError
 from byod.registry import Direction, Plan, Step
 
-__all__ = ["Ledger", "LedgerRow"]
+__all__ = ["Ledger", "LedgerRow", "SettledRow"]
 
 _ERROR_LIMIT = 2000
 
@@ -167,18 +167,33 @@ class Ledger:
                 .values(status="skipped", error=reason[:_ERROR_LIMIT], completed_at=utcnow())
             )
 
-    def settle_orphans(self, user_id: int, applied: set[tuple[str, Direction]]) -> int:
+    def moved_in_run(self, user_id: int, run_id: str) -> bool:
+        """Whether the run completed at least one step for this user."""
+        query = sa.select(ledger.c.id).where(
+            ledger.c.user_id == user_id,
+            ledger.c.run_id == run_id,
+            ledger.c.status == "completed",
+        )
+        with reading(self.engine, "read what the run did") as conn:
+            return conn.execute(query.limit(1)).first() is not None
+
+    def settle_orphans(self, user_id: int, applied: set[tuple[str, Direction]]) -> list[SettledRow]:
         """Settle rows a dead runner left for this user; call only while holding its lease.
 
         A ``running`` row whose step the instance's stamp shows done becomes
         ``completed``; any other becomes ``failed`` ("interrupted: runner lost"); leftover
-        ``pending`` rows become ``skipped``. Returns how many rows were settled.
+        ``pending`` rows become ``skipped``. Returns the rows settled, as they now are.
         """
         now = utcnow()
+        settled: list[SettledRow] = []
         with writing(self.engine, "settle interrupted attempts") as conn:
             orphans = conn.execute(
                 sa.select(
-                    ledger.c.id, ledger.c.migration_id, ledger.c.direction, ledger.c.status
+                    ledger.c.id,
+                    ledger.c.migration_id,
+                    ledger.c.direction,
+                    ledger.c.status,
+                    ledger.c.run_id,
                 ).where(ledger.c.user_id == user_id, ledger.c.status.in_(("pending", "running")))
             ).all()
             for row in orphans:
@@ -193,7 +208,18 @@ class Ledger:
                     .where(ledger.c.id == row.id, ledger.c.status == row.status)
                     .values(status=status, error=error, completed_at=now)
                 )
-        return len(orphans)
+                settled.append(SettledRow(row.migration_id, row.direction, status, row.run_id))
+        return settled
+
+
+@dataclass(frozen=True)
+class SettledRow:
+    """A row a lost runner left open, as :meth:`Ledger.settle_orphans` settled it."""
+
+    migration_id: str
+    direction: str
+    status: str
+    run_id: str | None
 
 
 # Statements are built once, with bound parameters: building SQLAlchemy constructs on

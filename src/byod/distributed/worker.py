@@ -10,6 +10,7 @@ waits for it (or for its lease to expire, when its worker died).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -80,6 +81,9 @@ class TaskHandler:
             settled = self._run(run_id, user, claim)
         if self._twin_running(run_id, settled):
             return _retry_delay(claim)
+        if self._moved_already(run_id, settled):
+            # an earlier delivery moved the user, and its end went unrecorded
+            settled = dataclasses.replace(settled, outcome="succeeded")
         self._finish(run_id, settled)
         return None
 
@@ -104,6 +108,14 @@ class TaskHandler:
 
     def _finish(self, run_id: str, settled: Settled) -> None:
         self.dispatcher.finish(run_id, settled)
+
+    def _moved_already(self, run_id: str, settled: Settled) -> bool:
+        """Whether a user this delivery found with nothing to do was moved by this same
+        run (an earlier delivery whose end could not be recorded: a lost control plane)."""
+        result = settled.result
+        if settled.outcome != "skipped" or result is None or result.error is not None:
+            return False
+        return self.runner.ledger.moved_in_run(settled.user.id, run_id)
 
     def _twin_running(self, run_id: str, settled: Settled) -> bool:
         """Whether another delivery of this same task holds the user's lease (alive, or
