@@ -495,3 +495,41 @@ def test_a_retry_after_an_unrecorded_end_still_counts_the_user_moved(
     assert record.ended_at is not None and record.state == "completed"
     assert (record.counts.succeeded, record.counts.skipped) == (2, 0)
     assert all(stamp_ids(url) == HEAD and counter(url) == 11 for url in fleet.values())
+
+
+def test_a_retry_of_a_recorded_task_finishes_the_runs_bookkeeping(
+    redis_cluster: Cluster,
+) -> None:
+    """The end of the last task was recorded, then the control plane went away before the
+    run was closed: the task's retry (a duplicate now) closes it."""
+    from byod.distributed import Dispatcher, TaskHandler
+    from byod.distributed.celery_app import make_app, publisher
+
+    cluster = redis_cluster
+    sqlite_fleet(cluster, 1)
+    cluster.queues.add(cluster.queue)
+    run_id = commands.migrate_distributed(cluster.ws)
+    dispatcher = Dispatcher(cluster.ws.engine, publisher(make_app(cluster.ws.settings)))
+    handler = TaskHandler(cluster.ws.runner(), dispatcher, name="test:1")
+    user = cluster.ws.directory.find_user("u0")
+    runner = handler.runner.configured(run_id=run_id, timeout=None, lease_seconds=30)
+    assert runner.migrate_user(user).changed
+    with cluster.ws.engine.begin() as conn:  # the end recorded; the run never closed
+        conn.execute(
+            sa.text(
+                "UPDATE byod_run_tasks SET state = 'done', outcome = 'succeeded', "
+                "finished_at = now() WHERE run_id = :r"
+            ),
+            {"r": run_id},
+        )
+        conn.execute(
+            sa.text("UPDATE byod_runs SET in_flight = 0, succeeded = 1, total = 1 WHERE id = :r"),
+            {"r": run_id},
+        )
+    assert RunStore(cluster.ws.engine).get(run_id).ended_at is None
+
+    assert handler.handle(run_id, user.id) is None  # the retry
+
+    record = RunStore(cluster.ws.engine).get(run_id)
+    assert record.ended_at is not None and record.state == "completed"
+    assert record.counts.succeeded == 1

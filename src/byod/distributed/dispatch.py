@@ -25,7 +25,7 @@ from byod._step import Settled
 from byod.controlplane._tx import reading, single, writing
 from byod.controlplane.queries import outdated_query
 from byod.controlplane.schema import configs, run_tasks, runs, utcnow
-from byod.errors import ByodError, InputError, SettingsError
+from byod.errors import ByodError, ControlPlaneError, InputError, SettingsError
 from byod.registry import Registry
 from byod.settings import safe_url
 
@@ -312,7 +312,9 @@ class Dispatcher:
         if _top_up_due(run):
             try:
                 self.top_up(run_id)
-            except ByodError as exc:  # the end is recorded; a watcher hands out later
+            except ControlPlaneError:
+                raise  # the caller tries again later; its task then finds itself done
+            except ByodError as exc:  # the end is recorded; a watcher sends them later
                 log.warning("run %s: cannot hand out more users now: %s", run_id, exc.message)
         return True
 

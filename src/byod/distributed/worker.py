@@ -64,6 +64,8 @@ class TaskHandler:
             if claim.task_state != "done":  # the run stopped: never touch the instance
                 log.info("run %s stopped: user %s not started", run_id, user_id)
                 self._finish(run_id, Settled(user, "not_started", None, 0))
+            else:  # a duplicate, or a retry whose end was recorded but not its sequel
+                self.dispatcher.top_up(run_id)
             return None
         if claim.options.get("migrations") != self.digest:
             message = (
