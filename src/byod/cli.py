@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -21,11 +22,13 @@ from rich.markup import escape
 from byod import _render as render
 from byod import _show as show
 from byod import commands
-from byod.distributed.run import DEFAULT_IN_FLIGHT
+from byod.distributed.run import DEFAULT_IN_FLIGHT, RunProgress
 from byod.errors import ByodError, InputError
 from byod.fleet import (
     DEFAULT_CONCURRENCY,
+    FleetEvent,
     FleetOptions,
+    FleetSummary,
     Selection,
 )
 from byod.settings import Settings
@@ -341,17 +344,12 @@ def migrate(
             return
         _follow(ws, run_id, json_out, stop_on_interrupt=True)
         return
-    summary = show.run_fleet(
-        out,
-        err,
+    _fleet_run(
         lambda on_event: commands.migrate_fleet(
             ws, options=options, selection=selection, to_version=to, on_event=on_event
         ),
         json_out,
     )
-    show.print_summary(out, err, summary, json_out)
-    if not summary.ok:
-        raise typer.Exit(1)
 
 
 def _print_started(run_id: str, json_out: bool) -> None:
@@ -365,16 +363,21 @@ def _print_started(run_id: str, json_out: bool) -> None:
 def _follow(
     ws: commands.Workspace, run_id: str, json_out: bool, *, stop_on_interrupt: bool
 ) -> None:
-    """Follow a run to its end with the fleet run's progress and summary; exit 1 unless
-    it went to its end without a failure."""
-    summary = show.run_fleet(
-        out,
-        err,
+    """Follow a run to its end with the fleet run's progress and summary."""
+    _fleet_run(
         lambda on_event: commands.follow(
             ws, run_id, on_event=on_event, stop_on_interrupt=stop_on_interrupt
         ),
         json_out,
     )
+
+
+def _fleet_run(
+    work: Callable[[Callable[[FleetEvent | RunProgress], None]], FleetSummary], json_out: bool
+) -> None:
+    """Show a fleet run's progress, then its summary; exit 1 unless it went to its end
+    without a failure."""
+    summary = show.run_fleet(out, err, work, json_out)
     show.print_summary(out, err, summary, json_out)
     if not summary.ok:
         raise typer.Exit(1)
@@ -405,17 +408,12 @@ def rollback(
         options = _fleet_options(
             concurrency, retries, timeout, lease_seconds, canary, max_failure_ratio
         )
-        summary = show.run_fleet(
-            out,
-            err,
+        _fleet_run(
             lambda on_event: commands.rollback_fleet_run(
                 ws, run, options=options, on_event=on_event
             ),
             json_out,
         )
-        show.print_summary(out, err, summary, json_out)
-        if not summary.ok:
-            raise typer.Exit(1)
         return
     if user is None or to is None:
         raise InputError("give USER --to VERSION, or --run RUN")

@@ -54,9 +54,11 @@ __all__ = [
     "FleetStarted",
     "FleetSummary",
     "Selection",
+    "SelectionSize",
     "UserFinished",
     "migrate_fleet",
     "rollback_run",
+    "size_selection",
 ]
 
 log = logging.getLogger("byod.fleet")
@@ -190,22 +192,17 @@ def migrate_fleet(
     canary or the failure ratio halts the run. Ctrl-C stops starting new users, lets
     running ones finish, and counts the rest as not started.
     """
-    target = runner.registry.head if to_version is None else to_version
-    runner.registry.plan_up(0, target)  # an unknown target is bad input
-    summary = FleetSummary()
-    if selection.users is not None:
-        items, summary.not_eligible, summary.skipped = listed_users(runner, selection.users, target)
-        total = len(items)
-        chosen: Iterable[_Item] = items
+    size = size_selection(runner, selection, to_version)
+    target = size.target
+    summary = FleetSummary(not_eligible=size.not_eligible, skipped=size.up_to_date)
+    chosen: Iterable[_Item]
+    if size.listed is not None:
+        chosen = [_Item(user, target) for user in size.listed]
     else:
-        summary.not_eligible = count_not_eligible(runner.engine, ELIGIBLE_STATUSES)
-        total = count_outdated(
-            runner.engine, target, statuses=ELIGIBLE_STATUSES, only_version=selection.only_version
-        )
         chosen = _outdated(runner, target, selection.only_version)
     if selection.limit is not None:
-        total = min(total, selection.limit)
         chosen = _limited(chosen, selection.limit)
+    total = size.planned
     summary.total = summary.skipped
     record = {**asdict(options), **asdict(selection), "to_version": target}
     return _execute(
@@ -278,12 +275,49 @@ def _outdated(runner: Runner, target: int, only_version: int | None) -> Iterator
         yield _Item(User(row.user_id, row.clerk_id), target)
 
 
-def listed_users(
+@dataclass(frozen=True)
+class SelectionSize:
+    """A selection sized before a run starts (never more than counts in memory, except
+    ``--users``, which is resolved up front so an unknown user is bad input at once)."""
+
+    target: int
+    #: users the run will take (at most ``--limit``)
+    planned: int
+    #: users with no config or a ``pending``/``disconnected`` connection
+    not_eligible: int
+    #: ``--users`` already at the target
+    up_to_date: int
+    #: ``--users`` still to run; None: the outdated users of the index
+    listed: tuple[User, ...] | None
+
+
+def size_selection(
+    runner: Runner, selection: Selection, to_version: int | None = None
+) -> SelectionSize:
+    """The target (default head; an unknown one is bad input) and the selection's size."""
+    target = runner.registry.head if to_version is None else to_version
+    runner.registry.plan_up(0, target)
+    if selection.users is None:
+        listed = None
+        not_eligible = count_not_eligible(runner.engine, ELIGIBLE_STATUSES)
+        up_to_date = 0
+        planned = count_outdated(
+            runner.engine, target, statuses=ELIGIBLE_STATUSES, only_version=selection.only_version
+        )
+    else:
+        listed, not_eligible, up_to_date = _listed(runner, selection.users, target)
+        planned = len(listed)
+    if selection.limit is not None:
+        planned = min(planned, selection.limit)
+    return SelectionSize(target, planned, not_eligible, up_to_date, listed)
+
+
+def _listed(
     runner: Runner, refs: tuple[str, ...], target: int
-) -> tuple[list[_Item], int, int]:
-    """Resolve ``--users`` up front (an unknown user is bad input, before anything runs):
-    the users to run, how many are not eligible, how many are already at ``target``."""
-    items: list[_Item] = []
+) -> tuple[tuple[User, ...], int, int]:
+    """``--users`` resolved: those to run, how many are not eligible, how many are at
+    ``target`` already."""
+    users: list[User] = []
     not_eligible = up_to_date = 0
     for user in dict.fromkeys(runner.directory.find_user(ref) for ref in refs):
         try:
@@ -296,8 +330,8 @@ def listed_users(
         elif config.schema_version >= target:
             up_to_date += 1
         else:
-            items.append(_Item(user, target))
-    return items, not_eligible, up_to_date
+            users.append(user)
+    return tuple(users), not_eligible, up_to_date
 
 
 def _limited(items: Iterable[_Item], limit: int) -> Iterator[_Item]:

@@ -73,17 +73,8 @@ class Ledger:
         number, the rest ``pending`` (one statement); returns the first's attempt."""
         now = utcnow()
         first = plan.steps[0]
-        earlier = ledger.alias("earlier")
-        tried = (
-            sa.select(sa.func.count())
-            .select_from(earlier)
-            .where(
-                earlier.c.user_id == user_id,
-                earlier.c.migration_id == first.migration.id,
-                earlier.c.direction == first.direction,
-                earlier.c.status.in_(("running", "completed", "failed")),
-            )
-            .scalar_subquery()
+        tried = _tries_before(
+            sa.literal(user_id), sa.literal(first.migration.id), sa.literal(first.direction)
         )
         rows = [
             {
@@ -240,22 +231,29 @@ def _step_params(user_id: int, step: Step, now: datetime) -> dict[str, object]:
     }
 
 
-def _start_statement(
-    migration: sa.BindParameter[str], direction: sa.BindParameter[str]
-) -> sa.Update:
-    """UPDATE a step's pending row to running, numbering the attempt; RETURNING it."""
+def _tries_before(
+    user: sa.ColumnElement[int], migration: sa.ColumnElement[str], direction: sa.ColumnElement[str]
+) -> sa.ScalarSelect[int]:
+    """How many attempts of this step were made before (its next attempt's number - 1)."""
     earlier = ledger.alias("earlier")
-    attempts = (
+    return (
         sa.select(sa.func.count())
         .select_from(earlier)
         .where(
-            earlier.c.user_id == _u,
+            earlier.c.user_id == user,
             earlier.c.migration_id == migration,
             earlier.c.direction == direction,
             earlier.c.status.in_(("running", "completed", "failed")),
         )
         .scalar_subquery()
     )
+
+
+def _start_statement(
+    migration: sa.BindParameter[str], direction: sa.BindParameter[str]
+) -> sa.Update:
+    """UPDATE a step's pending row to running, numbering the attempt; RETURNING it."""
+    attempts = _tries_before(_u, migration, direction)
     return (
         ledger.update()
         .where(

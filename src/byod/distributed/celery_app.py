@@ -37,9 +37,9 @@ log = logging.getLogger("byod.distributed")
 TASK_NAME = "byod.migrate_user"
 _SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
 
-# One handler per worker process, built on its first task (after the fork).
+# One handler per worker process, built when it starts (after the fork).
 _handlers: dict[int, TaskHandler] = {}
-_settings: dict[str, Settings] = {}
+_apps: list[Celery] = []
 
 
 def safe_broker_url(url: str) -> str:
@@ -85,13 +85,10 @@ def make_app(settings: Settings) -> Celery:
             "unacked_restore_throttle": 1,
         }
     app.conf.update(conf)
-    _settings[app.main or "byod"] = settings
+    app.byod_settings = settings  # what each worker process builds its runner from
     _apps.append(app)
     app.task(name=TASK_NAME, bind=True, max_retries=None)(_migrate_user)
     return app
-
-
-_apps: list[Celery] = []
 
 
 def _warm_up(**_: object) -> None:
@@ -129,7 +126,7 @@ def _handler(app: Celery) -> TaskHandler:
     if handler is None:
         from byod.commands import Workspace
 
-        workspace = Workspace(_settings.get(app.main or "byod") or Settings.load())
+        workspace = Workspace(app.byod_settings)
         runner = workspace.runner()
         handler = TaskHandler(runner, Dispatcher(runner.engine, publisher(app)))
         _handlers[pid] = handler

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 
 from byod import errors
-from byod.controlplane import RunStore, count_not_eligible, count_outdated
+from byod.controlplane import RunStore
 from byod.controlplane._tx import reading
 from byod.controlplane.schema import run_tasks, users
 from byod.distributed.dispatch import Dispatcher, registry_digest
@@ -32,7 +32,7 @@ from byod.fleet import (
     FleetSummary,
     Selection,
     UserFinished,
-    listed_users,
+    size_selection,
 )
 from byod.runner import Runner, StepResult, UserResult
 
@@ -75,37 +75,23 @@ def start_distributed(
         raise InputError("--per-host must be at least 1")
     if options.processes != 1:
         raise InputError("--processes is for in-process runs: start more workers instead")
-    registry = runner.registry
-    target = registry.head if to_version is None else to_version
-    registry.plan_up(0, target)  # an unknown target is bad input
-    engine = runner.engine
-    user_ids: list[int] | None = None
-    skipped = 0
-    if selection.users is not None:
-        items, not_eligible, skipped = listed_users(runner, selection.users, target)
-        user_ids = [item.user.id for item in items]
-        planned = len(items)
-    else:
-        not_eligible = count_not_eligible(engine, ELIGIBLE_STATUSES)
-        planned = count_outdated(
-            engine, target, statuses=ELIGIBLE_STATUSES, only_version=selection.only_version
-        )
-    if selection.limit is not None:
-        planned = min(planned, selection.limit)
+    size = size_selection(runner, selection, to_version)
+    user_ids = None if size.listed is None else [user.id for user in size.listed]
     record = {
         **asdict(options),
         **asdict(selection),
-        "to_version": target,
+        "to_version": size.target,
         "distributed": True,
         "per_host": per_host,
         "statuses": list(ELIGIBLE_STATUSES),
         "user_ids": user_ids,
-        "migrations": registry_digest(registry),
+        "migrations": registry_digest(runner.registry),
     }
-    store = RunStore(engine)
-    run_id = store.start("migrate", record, target_version=target)
-    counts = FleetSummary(total=skipped, skipped=skipped, not_eligible=not_eligible).counts()
-    store.progress(run_id, counts, planned=planned + skipped)
+    store = RunStore(runner.engine)
+    run_id = store.start("migrate", record, target_version=size.target)
+    skipped = size.up_to_date
+    counts = FleetSummary(total=skipped, skipped=skipped, not_eligible=size.not_eligible)
+    store.progress(run_id, counts.counts(), planned=size.planned + skipped)
     try:
         dispatcher.top_up(run_id)
     except BrokerError as exc:
@@ -114,7 +100,7 @@ def start_distributed(
             hint=f"Once the broker answers, `byod runs show {run_id} --follow` sends them "
             f"again; or give the run up with `byod runs stop {run_id}`.",
         ) from exc
-    log.info("distributed run %s started: %d users planned", run_id, planned)
+    log.info("distributed run %s started: %d users planned", run_id, size.planned)
     return run_id
 
 
@@ -197,10 +183,10 @@ def _report_tasks(
 
 def _result(row: sa.Row[tuple[object, ...]]) -> UserResult:
     """A finished task as the runner's result, for the same JSON lines as in-process."""
-    error_class = getattr(errors, str(row.error_type), ByodError) if row.error_type else None
     error = None
     if row.error is not None:
-        error = (error_class or ByodError)(str(row.error))
+        kind = getattr(errors, str(row.error_type), None) if row.error_type else None
+        error = (kind if isinstance(kind, type) else ByodError)(str(row.error))
     steps = tuple(StepResult(**step) for step in json.loads(str(row.steps or "[]")))
     return UserResult(
         user_id=int(row.user_id),

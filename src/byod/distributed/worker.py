@@ -63,7 +63,7 @@ class TaskHandler:
         if not claim.claimed:
             if claim.task_state != "done":  # the run stopped: never touch the instance
                 log.info("run %s stopped: user %s not started", run_id, user_id)
-                self._finish(run_id, Settled(user, "not_started", None, 0))
+                self.dispatcher.finish(run_id, Settled(user, "not_started", None, 0))
             else:  # a duplicate, or a retry whose end was recorded but not its sequel
                 self.dispatcher.top_up(run_id)
             return None
@@ -73,7 +73,7 @@ class TaskHandler:
                 "migrations folder to every worker"
             )
             log.error(message)
-            self._finish(
+            self.dispatcher.finish(
                 run_id, Settled(user, "failed", None, 0, FleetError(user.clerk_id, None, message))
             )
             return None
@@ -86,7 +86,7 @@ class TaskHandler:
         if self._moved_already(run_id, settled):
             # an earlier delivery moved the user, and its end went unrecorded
             settled = dataclasses.replace(settled, outcome="succeeded")
-        self._finish(run_id, settled)
+        self.dispatcher.finish(run_id, settled)
         return None
 
     def _run(self, run_id: str, user: User, claim: Claim) -> Settled:
@@ -107,9 +107,6 @@ class TaskHandler:
             None,
             reraise=(ControlPlaneError,),
         )
-
-    def _finish(self, run_id: str, settled: Settled) -> None:
-        self.dispatcher.finish(run_id, settled)
 
     def _moved_already(self, run_id: str, settled: Settled) -> bool:
         """Whether a user this delivery found with nothing to do was moved by this same
