@@ -191,7 +191,7 @@ def test_unknown_user_exits_2_with_a_hint(cli: Cli) -> None:
     assert cli("init").code == 0
     run = cli("migrate", "nobody")
     assert run.code == 2
-    assert "no user with id or clerk id 'nobody'" in run.err
+    assert "no user with clerk id 'nobody'" in run.err
     assert "hint:" in run.err
 
 

@@ -309,7 +309,9 @@ def test_library_run_with_selection_and_limit(redis_cluster: Cluster) -> None:
     run_id = commands.migrate_distributed(
         cluster.ws,
         options=FleetOptions(concurrency=2),
-        selection=Selection(users=("u1", "u2", "u3", "u4"), limit=3),
+        selection=Selection(
+            users=commands.resolve_users(cluster.ws, ("u1", "u2", "u3", "u4")), limit=3
+        ),
         to_version=2,
     )
     summary = follow_to_end(cluster, run_id)

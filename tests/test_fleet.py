@@ -183,13 +183,14 @@ def test_filters_pick_users_version_and_limit(
     assert cws.runner().migrate(ids[0], to_version=1).ok
     only_v1 = migrate_fleet(cws.runner(), selection=Selection(only_version=1))
     assert only_v1.total == 1 and schema_version(cws, ids[0]) == 3
-    listed = migrate_fleet(cws.runner(), selection=Selection(users=("user_001", str(ids[2]))))
+    user_001 = cws.directory.find_user("user_001").id
+    listed = migrate_fleet(cws.runner(), selection=Selection(users=(user_001, ids[2])))
     assert listed.succeeded == 2
     assert [schema_version(cws, uid) for uid in ids] == [3, 3, 3, 0, 0]
     limited = migrate_fleet(cws.runner(), selection=Selection(limit=1))
     assert limited.total == 1 and [schema_version(cws, uid) for uid in ids[3:]] == [3, 0]
     with pytest.raises(InputError):
-        migrate_fleet(cws.runner(), selection=Selection(users=("nobody",)))
+        migrate_fleet(cws.runner(), selection=Selection(users=(99_999,)))
 
 
 def test_rollback_run_returns_exactly_the_users_it_moved(

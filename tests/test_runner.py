@@ -418,11 +418,11 @@ def test_no_secret_in_messages_logs_or_ledger(
     uid = add_connected(cws, with_password)
     execute(url, "CREATE TABLE break_me (id INTEGER)")
     unreachable = sa.make_url(url).set(password=secret, port=1)
-    cws.directory.add_user("user_down")
+    down_id = cws.directory.add_user("user_down").id
     with caplog.at_level(logging.DEBUG, logger="byod"):
         failed = cws.runner().migrate(uid)
         _, reach = connect(cws, "user_down", unreachable.render_as_string(hide_password=False))
-        down = cws.runner().migrate("user_down")
+        down = cws.runner().migrate(down_id)
     assert failed.error is not None and reach.status == "error" and down.error is not None
     texts = [failed.error.message, reach.error or "", down.error.message]
     texts += [r.getMessage() for r in caplog.records]

@@ -8,8 +8,10 @@ from datetime import datetime
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from byod._text import printable
 from byod.commands import RunDetails, UserPlan, VerifyReport
 from byod.controlplane import FleetStatus, LedgerRow, RunRecord
 from byod.runner import UserResult
@@ -20,6 +22,7 @@ __all__ = [
     "fleet_status_tables",
     "history_data",
     "history_table",
+    "plain",
     "plans_data",
     "plans_table",
     "result_data",
@@ -34,6 +37,12 @@ def _default(value: object) -> Any:
     if isinstance(value, datetime):
         return value.isoformat(timespec="seconds") + "Z"
     raise TypeError(type(value).__name__)
+
+
+def plain(text: str) -> str:
+    """Text from outside (a clerk id, an error) shown as it is: control characters
+    escaped (no terminal codes reach the screen) and Rich markup not interpreted."""
+    return escape(printable(text))
 
 
 def dump(data: object) -> str:
@@ -52,7 +61,7 @@ def history_data(rows: list[LedgerRow]) -> list[dict[str, Any]]:
 
 def history_table(title: str, rows: list[LedgerRow]) -> Table:
     """Ledger rows, newest first."""
-    table = Table(title=title)
+    table = Table(title=plain(title))
     for column in ("when", "migration", "dir", "status", "attempt", "run", "error"):
         table.add_column(column, overflow="fold")
     colours = {"completed": "green", "failed": "red", "skipped": "yellow", "running": "cyan"}
@@ -65,7 +74,7 @@ def history_table(title: str, rows: list[LedgerRow]) -> Table:
             f"[{colour}]{row.status}[/]" if colour else row.status,
             str(row.attempts or ""),
             row.run_id or "",
-            row.error or "",
+            plain(row.error or ""),
         )
     return table
 
@@ -79,9 +88,10 @@ def fleet_status_data(status: FleetStatus) -> dict[str, Any]:
 
 def fleet_status_tables(status: FleetStatus, console: Console) -> None:
     """Print fleet status: versions, connection states, recent failures."""
+    in_error = f" ({status.outdated_in_error} of them in error)" if status.outdated_in_error else ""
     console.print(
         f"head version [bold]{status.head}[/], {status.users} users, "
-        f"{status.outdated} connected below head"
+        f"{status.outdated} below head that a run would take{in_error}"
     )
     versions = Table(title="users per schema version")
     versions.add_column("version", justify="right")
@@ -103,9 +113,9 @@ def fleet_status_tables(status: FleetStatus, console: Console) -> None:
         for failure in status.recent_failures:
             failures.add_row(
                 _when(failure.at),
-                f"{failure.user_id} ({failure.clerk_id})",
+                f"{failure.user_id} ({plain(failure.clerk_id)})",
                 f"{failure.migration_id} {failure.direction}",
-                failure.error or "",
+                plain(failure.error or ""),
             )
         console.print(failures)
 
@@ -135,7 +145,10 @@ def plans_table(plans: list[UserPlan]) -> Table:
     for p in plans:
         steps = ", ".join(s.migration.id for s in p.plan.steps) or "nothing (up to date)"
         table.add_row(
-            f"{p.user_id} ({p.clerk_id})", str(p.plan.from_version), str(p.plan.to_version), steps
+            f"{p.user_id} ({plain(p.clerk_id)})",
+            str(p.plan.from_version),
+            str(p.plan.to_version),
+            steps,
         )
     return table
 
@@ -160,10 +173,10 @@ def verify_table(reports: list[VerifyReport]) -> Table:
     for column in ("user", "control plane", "instance", "result"):
         table.add_column(column, overflow="fold")
     for report in reports:
-        verdict = "[green]ok[/]" if report.ok else "[red]" + "; ".join(report.problems) + "[/]"
+        verdict = "[green]ok[/]" if report.ok else f"[red]{plain('; '.join(report.problems))}[/]"
         instance = "?" if report.instance_version is None else str(report.instance_version)
         table.add_row(
-            f"{report.user_id} ({report.clerk_id})",
+            f"{report.user_id} ({plain(report.clerk_id)})",
             str(report.control_version),
             instance,
             verdict,
@@ -204,9 +217,9 @@ def run_details(details: RunDetails, console: Console) -> None:
     run, c = details.run, details.run.counts
     console.print(f"run [bold]{run.id}[/] ({run.kind}) {run.shown_state}")
     if run.halt_reason:
-        console.print(f"halted: {run.halt_reason}")
+        console.print(f"halted: {plain(run.halt_reason)}")
     console.print(
-        f"started {_when(run.started_at)} by {run.started_by}; ended {_when(run.ended_at)}"
+        f"started {_when(run.started_at)} by {plain(run.started_by)}; ended {_when(run.ended_at)}"
     )
     console.print(
         f"total {c.total}: {c.succeeded} succeeded, {c.failed} failed, {c.skipped} skipped, "
@@ -218,5 +231,5 @@ def run_details(details: RunDetails, console: Console) -> None:
         for column in ("user", "migration", "error"):
             table.add_column(column, overflow="fold")
         for user_id, clerk_id, migration, error in details.failures:
-            table.add_row(f"{user_id} ({clerk_id})", migration, error or "")
+            table.add_row(f"{user_id} ({plain(clerk_id)})", migration, plain(error or ""))
         console.print(table)

@@ -111,10 +111,12 @@ def print_summary(out: Console, err: Console, summary: FleetSummary, json_out: b
         err.print(f"[yellow]halted:[/] {escape(summary.halt_reason)}")
     for error in summary.errors:
         where = f" at {error.migration}" if error.migration else ""
-        err.print(f"[red]failed:[/] {escape(error.user)}{where}: {escape(error.error)}")
+        err.print(f"[red]failed:[/] {render.plain(error.user)}{where}: {render.plain(error.error)}")
 
 
 def print_error(err: Console, error: ByodError) -> None:
-    err.print(f"[red]error:[/] {escape(error.message)}")
+    """``error: ErrorClass: message`` (the class is what the README's error table lists),
+    then the hint."""
+    err.print(f"[red]error:[/] {type(error).__name__}: {render.plain(error.message)}")
     if error.hint:
-        err.print(f"[dim]hint:[/] {escape(error.hint)}")
+        err.print(f"[dim]hint:[/] {render.plain(error.hint)}")

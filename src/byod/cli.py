@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
@@ -23,7 +24,7 @@ from byod import _render as render
 from byod import _show as show
 from byod import commands
 from byod.distributed.run import DEFAULT_IN_FLIGHT, RunProgress
-from byod.errors import ByodError, InputError
+from byod.errors import ByodError, InputError, SettingsError
 from byod.fleet import (
     DEFAULT_CONCURRENCY,
     FleetEvent,
@@ -36,6 +37,22 @@ from byod.settings import Settings
 __all__ = ["app", "main"]
 
 T = TypeVar("T")
+
+
+def _usage_name(argument: typer.core.TyperArgument) -> str:
+    name = argument.display_name_raw
+    return name if argument.required else f"[{name}]"
+
+
+def _no_type(argument: typer.core.TyperArgument, ctx: object) -> str | None:
+    return None
+
+
+# Arguments shown as click shows them (``USER``, ``[USER]``), not as Typer 0.2x does
+# (``{user}`` in the usage line, ``user <str>`` in the list); Typer builds its argument
+# objects itself, so its class is where that is said.
+typer.core.TyperArgument._usage_display_name = _usage_name  # type: ignore[method-assign, assignment]
+typer.core.TyperArgument.display_type_rich = _no_type  # type: ignore[method-assign, assignment]
 
 app = typer.Typer(
     help="Roll versioned schema migrations out to every user-owned database.",
@@ -54,18 +71,30 @@ _WIDTH = None if sys.stdout.isatty() else 160
 out = Console(highlight=False, soft_wrap=True, width=_WIDTH)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
+#: Upper bounds for numbers from the command line: past them a value is a typo, and a
+#: database would refuse it with an overflow instead of a clear message.
+MAX_INT = 2**31 - 1
+MAX_SECONDS = 7 * 24 * 3600.0
+
+_USER_HELP = "A byod user id (ASCII digits only) or else a clerk id, matched exactly."
 DatabaseUrl = Annotated[
     str | None,
-    typer.Option("--database-url", help="Control-plane URL [env: BYOD_DATABASE_URL]."),
+    typer.Option(
+        "--database-url", metavar="URL", help="Control-plane URL [env: BYOD_DATABASE_URL]."
+    ),
 ]
 Migrations = Annotated[
     Path | None,
-    typer.Option("--migrations", help="Migrations folder [env: BYOD_MIGRATIONS]."),
+    typer.Option("--migrations", metavar="DIR", help="Migrations folder [env: BYOD_MIGRATIONS]."),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
-UserArg = Annotated[str, typer.Argument(help="User id or clerk id.", show_default=False)]
+UserArg = Annotated[str, typer.Argument(metavar="USER", help=_USER_HELP, show_default=False)]
 OptionalUser = Annotated[
-    str | None, typer.Argument(help="User id or clerk id.", show_default=False)
+    str | None, typer.Argument(metavar="USER", help=_USER_HELP, show_default=False)
+]
+Version = Annotated[
+    int | None,
+    typer.Option("--to", metavar="VERSION", min=0, max=MAX_INT, help="Target version."),
 ]
 All = Annotated[bool, typer.Option("--all", help="Every eligible user.")]
 
@@ -90,7 +119,11 @@ def _root(
     ] = False,
     log_file: Annotated[
         Path | None,
-        typer.Option("--log-file", help="Append every step's log here [env: BYOD_LOG_FILE]."),
+        typer.Option(
+            "--log-file",
+            metavar="FILE",
+            help="Append every step's log here [env: BYOD_LOG_FILE].",
+        ),
     ] = None,
 ) -> None:
     """Logging: off on stderr unless -v or BYOD_LOG_LEVEL (errors are printed anyway);
@@ -106,7 +139,12 @@ def _root(
         logger.addHandler(handler)
     file_name = log_file or os.environ.get("BYOD_LOG_FILE")
     if file_name:
-        file_handler = logging.FileHandler(file_name)
+        try:
+            file_handler = logging.FileHandler(file_name)
+        except OSError as exc:
+            raise SettingsError(
+                f"cannot write the log file {file_name}: {exc.strerror or exc}"
+            ) from exc
         file_handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s %(threadName)s: %(message)s")
         )
@@ -130,8 +168,16 @@ def init(database_url: DatabaseUrl = None, migrations: Migrations = None) -> Non
 
 @users_app.command("add")
 def users_add(
-    clerk_id: Annotated[str, typer.Option("--clerk-id", help="External auth subject.")],
-    email: Annotated[str | None, typer.Option("--email")] = None,
+    clerk_id: Annotated[
+        str,
+        typer.Option(
+            "--clerk-id",
+            metavar="ID",
+            help="External auth subject (the token's `sub`), stored exactly: not all digits, "
+            "no control characters or surrounding spaces.",
+        ),
+    ],
+    email: Annotated[str | None, typer.Option("--email", metavar="EMAIL")] = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Register a user; prints the new user id."""
@@ -147,38 +193,72 @@ def users_list(database_url: DatabaseUrl = None, json_out: Json = False) -> None
         out.print(render.dump([asdict(u) for u in users]))
         return
     for user in users:
-        out.print(f"{user.id}\t{escape(user.clerk_id)}\t{escape(user.email or '')}")
+        out.print(f"{user.id}\t{render.plain(user.clerk_id)}\t{render.plain(user.email or '')}")
 
 
 @app.command()
 def connect(
     user: UserArg,
-    url: Annotated[str, typer.Option("--url", help="SQLAlchemy URL of the user's database.")],
+    url: Annotated[
+        str,
+        typer.Option(
+            "--url",
+            metavar="URL",
+            help="SQLAlchemy URL of the user's database; '-' reads it from standard input "
+            "(a hidden prompt on a terminal), out of `ps` and shell history.",
+        ),
+    ],
     secret: Annotated[
-        str | None, typer.Option("--secret", help="Password, if not in the URL.")
+        str | None,
+        typer.Option(
+            "--secret",
+            metavar="SECRET",
+            help="Password, if not in the URL; '-' reads it from standard input (after the "
+            "URL when both are '-').",
+        ),
     ] = None,
-    timeout: Annotated[float, typer.Option("--timeout", min=0.1)] = 10.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", metavar="SECONDS", min=0.1, max=MAX_SECONDS)
+    ] = 10.0,
     queue: Annotated[
         str | None,
-        typer.Option("--queue", help="Task queue of the workers that can reach it (distributed)."),
+        typer.Option(
+            "--queue",
+            metavar="QUEUE",
+            help="Task queue of the workers that can reach it (distributed).",
+        ),
     ] = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Seal and store a user's database credentials and check it answers."""
+    ws = _workspace(database_url, None)
+    url_text = _from_stdin("database URL") if url == "-" else url
+    secret_text = _from_stdin("password") if secret == "-" else secret
     found, reach = commands.connect(
-        _workspace(database_url, None), user, url, secret=secret, timeout=timeout, queue=queue
+        ws, user, url_text, secret=secret_text, timeout=timeout, queue=queue
     )
     if reach.status == "connected":
         out.print(
-            f"user {found.id} ({escape(found.clerk_id)}) connected, "
+            f"user {found.id} ({render.plain(found.clerk_id)}) connected, "
             f"instance at version {reach.schema_version}"
         )
         return
     err.print(
-        f"stored, but the instance is unreachable: {escape(reach.error or '')}\n"
+        f"stored, but the instance is unreachable: {render.plain(reach.error or '')}\n"
         "hint: check the URL and that the database is up, then run `byod connect` again"
     )
     raise typer.Exit(1)
+
+
+def _from_stdin(what: str) -> str:
+    """One secret from standard input: a hidden prompt on a terminal, else one line."""
+    if sys.stdin.isatty():
+        text = str(typer.prompt(what.capitalize(), hide_input=True, err=True))
+    else:
+        text = sys.stdin.readline().rstrip("\r\n")
+    if not text:
+        raise InputError(f"no {what} on standard input")
+    return text
 
 
 @app.command()
@@ -211,49 +291,96 @@ def plan(
         out.print(render.plans_table(plans))
 
 
+_DEFAULTS = FleetOptions()
 Concurrency = Annotated[
-    int, typer.Option("--concurrency", min=1, help="Users migrated at once (fleet runs).")
+    int | None,
+    typer.Option(
+        "--concurrency",
+        metavar="N",
+        min=1,
+        max=10_000,
+        help=f"Users migrated at once (fleet runs) [default: {DEFAULT_CONCURRENCY}].",
+        show_default=False,
+    ),
 ]
 Retries = Annotated[
-    int, typer.Option("--retries", min=0, help="Retries of a transient failure, with backoff.")
+    int | None,
+    typer.Option(
+        "--retries",
+        metavar="N",
+        min=0,
+        max=100,
+        help=f"Retries of a transient failure, with backoff [default: {_DEFAULTS.retries}].",
+        show_default=False,
+    ),
 ]
 Timeout = Annotated[
-    float | None, typer.Option("--timeout", min=0.1, help="Seconds allowed per user.")
+    float | None,
+    typer.Option(
+        "--timeout",
+        metavar="SECONDS",
+        min=0.1,
+        max=MAX_SECONDS,
+        help="Seconds allowed per user (one USER too).",
+    ),
 ]
 LeaseSeconds = Annotated[
-    float, typer.Option("--lease-seconds", min=1, help="Lease length; renewed while working.")
+    float | None,
+    typer.Option(
+        "--lease-seconds",
+        metavar="SECONDS",
+        min=1,
+        max=MAX_SECONDS,
+        help=f"Lease length; renewed while working [default: {_DEFAULTS.lease_seconds:g}].",
+        show_default=False,
+    ),
 ]
 Canary = Annotated[
-    int, typer.Option("--canary", min=0, help="Migrate N users first; halt if any fails.")
+    int | None,
+    typer.Option(
+        "--canary",
+        metavar="N",
+        min=0,
+        max=MAX_INT,
+        help="Migrate N users first; halt if any fails (fleet runs).",
+    ),
 ]
 Processes = Annotated[
-    int,
-    typer.Option("--processes", min=1, help="Worker processes (one user each) instead of threads."),
+    int | None,
+    typer.Option(
+        "--processes",
+        metavar="N",
+        min=1,
+        max=256,
+        help="Worker processes (one user each) instead of threads (fleet runs).",
+    ),
 ]
 MaxFailureRatio = Annotated[
     float | None,
-    typer.Option("--max-failure-ratio", min=0, max=1, help="Halt once failed/done passes R."),
+    typer.Option(
+        "--max-failure-ratio",
+        metavar="RATIO",
+        min=0,
+        max=1,
+        help="Halt once failed/done passes RATIO (fleet runs).",
+    ),
 ]
 
 
-def _fleet_options(
-    concurrency: int,
-    retries: int,
-    timeout: float | None,
-    lease_seconds: float,
-    canary: int,
-    max_failure_ratio: float | None,
-    processes: int = 1,
-) -> FleetOptions:
-    return FleetOptions(
-        processes=processes,
-        concurrency=concurrency,
-        retries=retries,
-        timeout=timeout,
-        lease_seconds=lease_seconds,
-        canary=canary,
-        max_failure_ratio=max_failure_ratio,
-    )
+def _fleet_options(**given: float | None) -> FleetOptions:
+    """FleetOptions from the flags given (None: not given, the default applies)."""
+    return FleetOptions(**{name: value for name, value in given.items() if value is not None})  # type: ignore[arg-type]
+
+
+def _refuse_fleet_only(**given: object) -> None:
+    """One USER is not a fleet run: its fleet-only flags are refused, never ignored."""
+    named = [f"--{name.replace('_', '-')}" for name, value in given.items() if value is not None]
+    if named:
+        raise InputError(
+            f"{', '.join(named)} {'goes' if len(named) == 1 else 'go'} with a fleet run "
+            "(--all, --users or --run); one USER takes --to, --timeout, --retries and "
+            "--lease-seconds"
+        )
 
 
 def _user_list(value: str | None) -> tuple[str, ...] | None:
@@ -261,7 +388,10 @@ def _user_list(value: str | None) -> tuple[str, ...] | None:
     if value is None:
         return None
     path = Path(value)
-    text = path.read_text() if path.is_file() else value.replace(",", "\n")
+    try:
+        text = path.read_text() if path.is_file() else value.replace(",", "\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"--users: cannot read {value}: {exc}") from exc
     refs = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not refs:
         raise InputError("--users names no user")
@@ -272,30 +402,45 @@ def _user_list(value: str | None) -> tuple[str, ...] | None:
 def migrate(
     user: OptionalUser = None,
     every: All = False,
-    to: Annotated[int | None, typer.Option("--to", help="Target version (default head).")] = None,
+    to: Version = None,
     concurrency: Annotated[
         int | None,
         typer.Option(
             "--concurrency",
+            metavar="N",
             min=1,
+            max=10_000,
             help=f"Users migrated at once [default: {DEFAULT_CONCURRENCY}]; with --distributed "
             f"the run's cap on tasks in flight [default: {DEFAULT_IN_FLIGHT}].",
             show_default=False,
         ),
     ] = None,
-    retries: Retries = 2,
+    retries: Retries = None,
     timeout: Timeout = None,
-    lease_seconds: LeaseSeconds = 300.0,
-    canary: Canary = 0,
+    lease_seconds: LeaseSeconds = None,
+    canary: Canary = None,
     max_failure_ratio: MaxFailureRatio = None,
-    processes: Processes = 1,
+    processes: Processes = None,
     users: Annotated[
-        str | None, typer.Option("--users", help="With --all: only these (a,b,c or a file).")
+        str | None,
+        typer.Option(
+            "--users", metavar="A,B|FILE", help="Only these users (a,b,c or a file, one a line)."
+        ),
     ] = None,
     only_version: Annotated[
-        int | None, typer.Option("--only-version", help="With --all: only users at V.")
+        int | None,
+        typer.Option(
+            "--only-version",
+            metavar="VERSION",
+            min=0,
+            max=MAX_INT,
+            help="With --all: only users at VERSION.",
+        ),
     ] = None,
-    limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most N users.")] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", metavar="N", min=1, max=MAX_INT, help="At most N users."),
+    ] = None,
     distributed: Annotated[
         bool,
         typer.Option(
@@ -311,7 +456,11 @@ def migrate(
     per_host: Annotated[
         int | None,
         typer.Option(
-            "--per-host", min=1, help="With --distributed: at most N at once per DB server."
+            "--per-host",
+            metavar="N",
+            min=1,
+            max=10_000,
+            help="With --distributed: at most N at once per DB server.",
         ),
     ] = None,
     json_out: Json = False,
@@ -326,15 +475,33 @@ def migrate(
     if target is not None:
         if distributed:
             raise InputError("--distributed runs a fleet: use --all (or --users)")
-        result = commands.migrate_user(ws, target, to_version=to)
+        _refuse_fleet_only(
+            concurrency=concurrency,
+            canary=canary,
+            max_failure_ratio=max_failure_ratio,
+            processes=processes,
+            only_version=only_version,
+            limit=limit,
+        )
+        single = _fleet_options(retries=retries, timeout=timeout, lease_seconds=lease_seconds)
+        result = commands.migrate_user(ws, target, to_version=to, options=single)
         show.finish_user(out, err, result, json_out, "migrated")
         return
     if concurrency is None:
         concurrency = DEFAULT_IN_FLIGHT if distributed else DEFAULT_CONCURRENCY
     options = _fleet_options(
-        concurrency, retries, timeout, lease_seconds, canary, max_failure_ratio, processes
+        concurrency=concurrency,
+        retries=retries,
+        timeout=timeout,
+        lease_seconds=lease_seconds,
+        canary=canary,
+        max_failure_ratio=max_failure_ratio,
+        processes=processes,
     )
-    selection = Selection(_user_list(users), only_version, limit)
+    refs = _user_list(users)
+    selection = Selection(
+        None if refs is None else commands.resolve_users(ws, refs), only_version, limit
+    )
     if distributed:
         run_id = commands.migrate_distributed(
             ws, options=options, selection=selection, to_version=to, per_host=per_host
@@ -386,15 +553,15 @@ def _fleet_run(
 @app.command()
 def rollback(
     user: OptionalUser = None,
-    to: Annotated[int | None, typer.Option("--to", help="Version to roll back to.")] = None,
+    to: Version = None,
     run: Annotated[
-        str | None, typer.Option("--run", help="Undo what this fleet run moved.")
+        str | None, typer.Option("--run", metavar="RUN", help="Undo what this fleet run moved.")
     ] = None,
-    concurrency: Concurrency = DEFAULT_CONCURRENCY,
-    retries: Retries = 2,
+    concurrency: Concurrency = None,
+    retries: Retries = None,
     timeout: Timeout = None,
-    lease_seconds: LeaseSeconds = 300.0,
-    canary: Canary = 0,
+    lease_seconds: LeaseSeconds = None,
+    canary: Canary = None,
     max_failure_ratio: MaxFailureRatio = None,
     json_out: Json = False,
     database_url: DatabaseUrl = None,
@@ -406,7 +573,12 @@ def rollback(
         if user is not None or to is not None:
             raise InputError("--run undoes a whole fleet run: give no USER and no --to")
         options = _fleet_options(
-            concurrency, retries, timeout, lease_seconds, canary, max_failure_ratio
+            concurrency=concurrency,
+            retries=retries,
+            timeout=timeout,
+            lease_seconds=lease_seconds,
+            canary=canary,
+            max_failure_ratio=max_failure_ratio,
         )
         _fleet_run(
             lambda on_event: commands.rollback_fleet_run(
@@ -417,14 +589,16 @@ def rollback(
         return
     if user is None or to is None:
         raise InputError("give USER --to VERSION, or --run RUN")
-    result = commands.rollback_user(ws, user, to)
+    _refuse_fleet_only(concurrency=concurrency, canary=canary, max_failure_ratio=max_failure_ratio)
+    single = _fleet_options(retries=retries, timeout=timeout, lease_seconds=lease_seconds)
+    result = commands.rollback_user(ws, user, to, options=single)
     show.finish_user(out, err, result, json_out, "rolled back")
 
 
 @runs_app.callback(invoke_without_command=True)
 def runs(
     ctx: typer.Context,
-    limit: Annotated[int, typer.Option("--limit", min=1)] = 20,
+    limit: Annotated[int, typer.Option("--limit", metavar="N", min=1, max=10_000)] = 20,
     json_out: Json = False,
     database_url: DatabaseUrl = None,
 ) -> None:
@@ -440,7 +614,7 @@ def runs(
 
 @runs_app.command("show")
 def runs_show(
-    run: Annotated[str, typer.Argument(help="Run id.")],
+    run: Annotated[str, typer.Argument(metavar="RUN", help="Run id.")],
     follow: Annotated[
         bool,
         typer.Option("--follow", help="Show its progress until it ends, then its summary."),
@@ -471,7 +645,7 @@ def runs_show(
 
 @runs_app.command("stop")
 def runs_stop(
-    run: Annotated[str, typer.Argument(help="Run id.")],
+    run: Annotated[str, typer.Argument(metavar="RUN", help="Run id.")],
     database_url: DatabaseUrl = None,
 ) -> None:
     """Stop a distributed run: queued users are not started, running ones finish."""
@@ -485,15 +659,25 @@ def runs_stop(
 def worker(
     concurrency: Annotated[
         int,
-        typer.Option("--concurrency", min=1, help="Worker processes: users migrated at once here."),
+        typer.Option(
+            "--concurrency",
+            metavar="N",
+            min=1,
+            max=1024,
+            help="Worker processes: users migrated at once here.",
+        ),
     ] = os.cpu_count() or 2,
     queues: Annotated[
         str | None,
         typer.Option(
-            "--queues", help="Comma-separated queues to take tasks from [default: BYOD_QUEUE]."
+            "--queues",
+            metavar="A,B",
+            help="Comma-separated queues to take tasks from [default: BYOD_QUEUE].",
         ),
     ] = None,
-    loglevel: Annotated[str, typer.Option("--loglevel", help="Celery's log level.")] = "INFO",
+    loglevel: Annotated[
+        str, typer.Option("--loglevel", metavar="LEVEL", help="Celery's log level.")
+    ] = "INFO",
     database_url: DatabaseUrl = None,
     migrations: Migrations = None,
 ) -> None:
@@ -523,7 +707,7 @@ def repair(user: UserArg, database_url: DatabaseUrl = None, migrations: Migratio
 @app.command()
 def history(
     user: UserArg,
-    limit: Annotated[int | None, typer.Option("--limit", min=1)] = None,
+    limit: Annotated[int | None, typer.Option("--limit", metavar="N", min=1, max=MAX_INT)] = None,
     json_out: Json = False,
     database_url: DatabaseUrl = None,
 ) -> None:
@@ -567,7 +751,10 @@ def verify(
 
 @app.command()
 def new(
-    name: Annotated[str, typer.Argument(help="What the migration does, e.g. 'add archived'.")],
+    name: Annotated[
+        str,
+        typer.Argument(metavar="NAME", help="What the migration does, e.g. 'add archived'."),
+    ],
     migrations: Migrations = None,
 ) -> None:
     """Scaffold the next migration file in the migrations folder."""
@@ -577,8 +764,8 @@ def new(
 
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+    host: Annotated[str, typer.Option("--host", metavar="HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", metavar="PORT", min=1, max=65535)] = 8000,
     database_url: DatabaseUrl = None,
     migrations: Migrations = None,
 ) -> None:
@@ -594,7 +781,7 @@ def serve(
 
 @app.command()
 def demo(
-    tenants: Annotated[int, typer.Option("--tenants", min=1, max=100000)] = 5,
+    tenants: Annotated[int, typer.Option("--tenants", metavar="N", min=1, max=100000)] = 5,
     database_url: DatabaseUrl = None,
     migrations: Migrations = None,
 ) -> None:

@@ -17,6 +17,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from byod import fleet
+from byod._step import attempt
+from byod._text import has_control, printable
 from byod.connections import ReachResult, connect_user, open_instance, unseal_config
 from byod.controlplane import (
     Directory,
@@ -25,6 +27,7 @@ from byod.controlplane import (
     RunRecord,
     RunStore,
     User,
+    count_ahead,
     create_tables,
     fleet_status,
     history,
@@ -40,7 +43,7 @@ from byod.distributed import (
     require_server_control_plane,
     start_distributed,
 )
-from byod.errors import ByodError, ControlPlaneError, InputError
+from byod.errors import ByodError, ControlPlaneError, DriftError, InputError
 from byod.fleet import ELIGIBLE_STATUSES, FleetEvent, FleetOptions, FleetSummary, Selection
 from byod.notify import load_notifier
 from byod.registry import Plan, Registry
@@ -192,23 +195,61 @@ class UserPlan:
 
 
 def plan(ws: Workspace, user_ref: str | None) -> list[UserPlan]:
-    """Dry run: the steps ``migrate`` would run, per user (``None``: every eligible user)."""
+    """Dry run: the steps ``migrate`` would run, per user (``None``: every eligible user).
+
+    Raises :class:`DriftError`, as ``migrate`` does, when a user is recorded above the
+    folder's head (the folder lacks migrations that are applied)."""
     registry = ws.registry
     if user_ref is not None:
         user = ws.directory.find_user(user_ref)
         config = ws.directory.get_config(user.id)
+        if config.schema_version > registry.head:
+            raise DriftError(
+                f"user {user.id} ({printable(user.clerk_id)}) is at version "
+                f"{config.schema_version}, above this migrations folder's head "
+                f"{registry.head}: the folder lacks migrations applied there"
+            )
         return [UserPlan(user.id, user.clerk_id, registry.plan_up(config.schema_version))]
     ws.require_tables()
+    _refuse_fleet_ahead(ws)
     return [
         UserPlan(row.user_id, row.clerk_id, registry.plan_up(row.schema_version))
         for row in iter_outdated(ws.engine, registry.head, statuses=ELIGIBLE_STATUSES)
     ]
 
 
-def migrate_user(ws: Workspace, user_ref: str, *, to_version: int | None = None) -> UserResult:
-    """Migrate one user (to head, or ``to_version``)."""
+def _refuse_fleet_ahead(ws: Workspace) -> None:
+    """A fleet run (or its plan) refuses a migrations folder older than the fleet."""
+    head = ws.registry.head
+    count, first = count_ahead(ws.engine, head)
+    if first is not None:
+        raise DriftError(
+            f"{count} user(s) are recorded above this migrations folder's head {head} (user "
+            f"{first.user_id} ({printable(first.clerk_id)}) at version {first.schema_version}):"
+            " the folder lacks migrations applied there; nothing was run"
+        )
+
+
+def migrate_user(
+    ws: Workspace,
+    user_ref: str,
+    *,
+    to_version: int | None = None,
+    options: FleetOptions = FleetOptions(),
+) -> UserResult:
+    """Migrate one user (to head, or ``to_version``); of ``options`` it honours
+    ``timeout``, ``retries`` (transient failures, with backoff) and ``lease_seconds``."""
     ws.require_tables()
-    return ws.runner().migrate(user_ref, to_version=to_version)
+    runner = _single_runner(ws, options)
+    user = runner.prepare(ws.directory.find_user(user_ref).id)
+    target = ws.registry.head if to_version is None else to_version
+    return attempt(runner, "migrate", user, target, options, None)[0]
+
+
+def _single_runner(ws: Workspace, options: FleetOptions) -> Runner:
+    return ws.runner().configured(
+        run_id=None, timeout=options.timeout, lease_seconds=options.lease_seconds
+    )
 
 
 def migrate_fleet(
@@ -218,12 +259,26 @@ def migrate_fleet(
     selection: Selection = Selection(),
     to_version: int | None = None,
     on_event: Callable[[FleetEvent], None] = lambda event: None,
+    started_by: str | None = None,
 ) -> FleetSummary:
-    """Migrate every eligible outdated user (or the selected ones), as one recorded run."""
+    """Migrate every eligible outdated user (or the selected ones), as one recorded run;
+    ``started_by`` names who asked (default: this process's OS user)."""
     ws.require_tables()
+    _refuse_fleet_ahead(ws)
     return fleet.migrate_fleet(
-        ws.runner(), options=options, selection=selection, to_version=to_version, on_event=on_event
+        ws.runner(),
+        options=options,
+        selection=selection,
+        to_version=to_version,
+        on_event=on_event,
+        started_by=started_by,
     )
+
+
+def resolve_users(ws: Workspace, refs: tuple[str, ...]) -> tuple[int, ...]:
+    """``USER`` references (byod ids or clerk ids, by :meth:`Directory.find_user`'s rule)
+    as byod ids, each resolved once; an unknown one is bad input."""
+    return tuple(dict.fromkeys(ws.directory.find_user(ref).id for ref in refs))
 
 
 def rollback_fleet_run(
@@ -245,6 +300,7 @@ def migrate_distributed(
     selection: Selection = Selection(),
     to_version: int | None = None,
     per_host: int | None = None,
+    started_by: str | None = None,
 ) -> str:
     """Start a fleet run whose users are migrated by task-queue workers; returns its id.
 
@@ -254,6 +310,7 @@ def migrate_distributed(
     from byod.distributed.celery_app import check_broker
 
     dispatcher = _dispatcher(ws)
+    _refuse_fleet_ahead(ws)
     check_broker(dispatcher.app)
     return start_distributed(
         ws.runner(),
@@ -262,6 +319,7 @@ def migrate_distributed(
         selection=selection,
         to_version=to_version,
         per_host=per_host,
+        started_by=started_by,
     )
 
 
@@ -355,16 +413,20 @@ def show_run(ws: Workspace, run_id: str) -> RunDetails:
     return RunDetails(store.get(run_id), store.failures(run_id))
 
 
-def rollback_user(ws: Workspace, user_ref: str, to_version: int) -> UserResult:
-    """Roll one user back to ``to_version``."""
+def rollback_user(
+    ws: Workspace, user_ref: str, to_version: int, *, options: FleetOptions = FleetOptions()
+) -> UserResult:
+    """Roll one user back to ``to_version`` (honouring ``options`` as :func:`migrate_user`)."""
     ws.require_tables()
-    return ws.runner().rollback(user_ref, to_version)
+    runner = _single_runner(ws, options)
+    user = runner.prepare_rollback(ws.directory.find_user(user_ref).id, to_version)
+    return attempt(runner, "rollback", user, to_version, options, None)[0]
 
 
 def repair(ws: Workspace, user_ref: str) -> list[str]:
     """Clear a user's dirty markers after a hand repair (MySQL/MariaDB instances)."""
     ws.require_tables()
-    return ws.runner().repair(user_ref)
+    return ws.runner().repair(ws.directory.find_user(user_ref).id)
 
 
 def user_history(
@@ -405,7 +467,7 @@ def verify(ws: Workspace, user_ref: str | None) -> list[VerifyReport]:
     else:
         with ws.engine.connect() as conn:
             ids = conn.execute(sa.select(configs.c.user_id).order_by(configs.c.user_id)).scalars()
-            users = [directory.get_user(int(user_id)) for user_id in ids]
+            users = [directory.get_user(int(user_id)) for user_id in ids]  # ids, not refs
     return [_verify_one(ws, user) for user in users]
 
 
@@ -430,7 +492,7 @@ def _verify_one(ws: Workspace, user: User) -> VerifyReport:
     )
 
 
-_TEMPLATE = '''"""{title}."""
+_TEMPLATE = '''"""{title}"""
 
 import sqlalchemy as sa
 
@@ -451,12 +513,15 @@ def down(ctx: MigrationContext) -> None:
 migration = Migration(
     id="{id}",
     version={version},
-    name="{title}",
-    description="{title}.",
+    name={name},
+    description={description},
     up=up,
     down=down,
 )
 '''
+#: Longest name ``byod new`` takes (it becomes the migration's name and description).
+MAX_NAME = 200
+_MAX_SLUG = 60
 
 
 def new_migration(ws: Workspace, name: str) -> Path:
@@ -464,20 +529,46 @@ def new_migration(ws: Workspace, name: str) -> Path:
 
     With no migrations folder configured, the app's folder becomes ``./migrations``,
     started from a copy of the bundled example app so versions go on from its head.
+    The name is written into the file as Python string literals (whatever it holds);
+    the file is compiled before it is written, and an existing file is never replaced.
     """
-    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    title = " ".join(name.split())
+    if len(title) > MAX_NAME or has_control(title):
+        raise InputError(
+            f"a migration name is at most {MAX_NAME} printable characters "
+            f"(this one has {len(name)})"
+        )
+    slug = re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")[:_MAX_SLUG].strip("_")
     if not slug:
-        raise InputError(f"{name!r} makes no file name: use letters and digits")
+        raise InputError(f"{printable(name)!r} makes no file name: use letters and digits")
     folder = ws.settings.migrations_dir
     if not ws.settings.migrations_configured:
         folder = Path.cwd() / LOCAL_MIGRATIONS
-        folder.mkdir()
+        _make_folder(folder)
         for example in sorted(bundled_migrations_dir().glob("[0-9]*.py")):
             shutil.copyfile(example, folder / example.name)
-    folder.mkdir(parents=True, exist_ok=True)
+    _make_folder(folder)
     version = Registry.load(folder).head + 1
     migration_id = f"{version:03d}_{slug}"
     path = folder / f"{migration_id}.py"
-    title = name.strip().replace('"', "'")
-    path.write_text(_TEMPLATE.format(id=migration_id, version=version, title=title))
+    source = _TEMPLATE.format(
+        title=title.replace("\\", "/").replace('"', "'"),
+        id=migration_id,
+        version=version,
+        name=repr(title),
+        description=repr(title + "."),
+    )
+    compile(source, str(path), "exec")  # a name can never make a file that does not load
+    try:
+        with path.open("x") as handle:
+            handle.write(source)
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror}") from exc
     return path
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the migrations folder {folder}: {exc.strerror}") from exc

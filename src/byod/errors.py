@@ -28,6 +28,8 @@ once, at its edge.
 
 from __future__ import annotations
 
+from byod._text import printable
+
 __all__ = [
     "BrokerError",
     "BusyError",
@@ -60,10 +62,13 @@ class ByodError(Exception):
     hint: str = ""
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
+        # text from outside (a driver's message, a clerk id) can hold escape codes:
+        # escaped here, so no log, ledger row or terminal ever receives them raw
+        message = printable(message)
         super().__init__(message)
         self.message = message
         if hint is not None:
-            self.hint = hint
+            self.hint = printable(hint)
 
     def __str__(self) -> str:
         return self.message

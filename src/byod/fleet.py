@@ -107,9 +107,11 @@ class FleetOptions:
 
 @dataclass(frozen=True)
 class Selection:
-    """Which users a fleet run considers (default: every eligible outdated user)."""
+    """Which users a fleet run considers (default: every eligible outdated user).
 
-    users: tuple[str, ...] | None = None
+    ``users`` are byod ids, resolved from outside input once, at the edge."""
+
+    users: tuple[int, ...] | None = None
     only_version: int | None = None
     limit: int | None = None
 
@@ -184,6 +186,7 @@ def migrate_fleet(
     selection: Selection = Selection(),
     to_version: int | None = None,
     on_event: Callable[[FleetEvent], None] = lambda event: None,
+    started_by: str | None = None,
 ) -> FleetSummary:
     """Migrate every eligible user below the target (default: head) and summarise.
 
@@ -216,6 +219,7 @@ def migrate_fleet(
         on_event,
         "migrate",
         target_version=target,
+        started_by=started_by,
     )
 
 
@@ -313,13 +317,13 @@ def size_selection(
 
 
 def _listed(
-    runner: Runner, refs: tuple[str, ...], target: int
+    runner: Runner, user_ids: tuple[int, ...], target: int
 ) -> tuple[tuple[User, ...], int, int]:
-    """``--users`` resolved: those to run, how many are not eligible, how many are at
+    """``--users`` looked up: those to run, how many are not eligible, how many are at
     ``target`` already."""
     users: list[User] = []
     not_eligible = up_to_date = 0
-    for user in dict.fromkeys(runner.directory.find_user(ref) for ref in refs):
+    for user in dict.fromkeys(runner.directory.get_user(uid) for uid in user_ids):
         try:
             config = runner.directory.get_config(user.id)
         except ByodError:
@@ -354,9 +358,12 @@ def _execute(
     *,
     target_version: int | None = None,
     undoes: str | None = None,
+    started_by: str | None = None,
 ) -> FleetSummary:
     store = RunStore(base.engine)
-    summary.run_id = store.start(kind, record, target_version=target_version, undoes=undoes)
+    summary.run_id = store.start(
+        kind, record, target_version=target_version, undoes=undoes, started_by=started_by
+    )
     runner = base.configured(
         run_id=summary.run_id, timeout=options.timeout, lease_seconds=options.lease_seconds
     )

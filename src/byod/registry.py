@@ -204,6 +204,8 @@ def _migration_files(folder: Path) -> list[Path]:
                 f"{path}: a migration file must be named NNN_slug.py "
                 "(three or more digits, then lowercase words joined by _)"
             )
+        if not path.is_file():
+            raise RegistryError(f"{path}: a migration must be a file (this is a folder)")
         files.append(path)
     return files
 
@@ -212,7 +214,10 @@ def _load_file(path: Path) -> Migration:
     match = _FILE_NAME.match(path.name)
     assert match is not None  # checked by _migration_files
     number = int(match.group(1))
-    source = path.read_bytes()
+    try:
+        source = path.read_bytes()
+    except OSError as exc:
+        raise RegistryError(f"{path}: cannot be read: {exc.strerror}") from exc
     module_name = f"byod_migrations_{hashlib.sha1(str(path.parent).encode()).hexdigest()[:10]}"
     module_name += f".{path.stem}"
     spec = importlib.util.spec_from_file_location(module_name, path)
@@ -224,6 +229,11 @@ def _load_file(path: Path) -> Migration:
         spec.loader.exec_module(module)
     except SyntaxError as exc:
         raise RegistryError(f"{path}: syntax error on line {exc.lineno}: {exc.msg}") from exc
+    except SystemExit as exc:
+        raise RegistryError(
+            f"{path}: exits while loading (SystemExit {exc.code!r}): a migration file must "
+            "only define `migration`"
+        ) from exc
     except Exception as exc:
         raise RegistryError(f"{path}: import failed: {type(exc).__name__}: {exc}") from exc
     finally:

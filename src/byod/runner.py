@@ -171,32 +171,41 @@ class Runner:
 
     # -- public --------------------------------------------------------------------------
 
-    def migrate(self, user_ref: str | int, *, to_version: int | None = None) -> UserResult:
-        """Bring the user's instance up to ``to_version`` (default: head).
+    def migrate(self, user_id: int, *, to_version: int | None = None) -> UserResult:
+        """Bring the user's instance (by byod id) up to ``to_version`` (default: head).
 
         Raises only for bad input (unknown user, no config, an impossible target);
         everything that goes wrong on the way is in the result's ``error``.
         """
-        user = self.directory.find_user(user_ref)
+        return self.migrate_user(self.prepare(user_id), to_version=to_version)
+
+    def prepare(self, user_id: int) -> User:
+        """The user, checked to be connected: :class:`UnknownUserError` or
+        :class:`NotConnectedError` (bad input) before anything is touched."""
+        user = self.directory.get_user(user_id)
         self._refuse_disconnected(user, self.directory.get_config(user.id))
-        return self.migrate_user(user, to_version=to_version)
+        return user
 
     def migrate_user(self, user: User, *, to_version: int | None = None) -> UserResult:
         """:meth:`migrate` for a user already looked up (what a fleet run calls)."""
         self.registry.plan_up(0, to_version)  # an unknown target is bad input
         return self._run(user, lambda current: self.registry.plan_up(current, to_version))
 
-    def rollback(self, user_ref: str | int, to_version: int) -> UserResult:
-        """Run ``down`` newest first until the instance is at ``to_version``.
+    def rollback(self, user_id: int, to_version: int) -> UserResult:
+        """Run ``down`` newest first until the user's instance is at ``to_version``.
 
         Refuses with :class:`IrreversibleError`, before touching anything, when a step
         in the range has no ``down``.
         """
-        user = self.directory.find_user(user_ref)
+        return self.rollback_user(self.prepare_rollback(user_id, to_version), to_version)
+
+    def prepare_rollback(self, user_id: int, to_version: int) -> User:
+        """:meth:`prepare`, and the rollback's range checked from the control plane's
+        view: :class:`PlanError` or :class:`IrreversibleError` before anything is touched."""
+        user = self.prepare(user_id)
         config = self.directory.get_config(user.id)
-        self._refuse_disconnected(user, config)
         self._refuse_irreversible(user, self.registry.plan_down(config.schema_version, to_version))
-        return self.rollback_user(user, to_version)
+        return user
 
     def rollback_user(self, user: User, to_version: int) -> UserResult:
         """:meth:`rollback` for a user already looked up (what a fleet run calls)."""
@@ -208,10 +217,10 @@ class Runner:
 
         return self._run(user, plan)
 
-    def repair(self, user_ref: str | int) -> list[str]:
+    def repair(self, user_id: int) -> list[str]:
         """Forget the dirty markers of a user's instance once an operator has undone the
         half-applied step by hand (MySQL/MariaDB); returns the steps that were marked."""
-        user = self.directory.find_user(user_ref)
+        user = self.directory.get_user(user_id)
         self.directory.claim_lease(user.id, self.owner, self.lease_seconds)
         try:
             credentials = unseal_config(self.directory.get_config(user.id), self.sealer)

@@ -18,6 +18,7 @@ from sqlalchemy.exc import ArgumentError
 from byod.errors import SettingsError
 
 __all__ = [
+    "CONTROL_PLANE_KINDS",
     "DEFAULT_DATABASE_FILE",
     "DEFAULT_KEY_FILE",
     "LOCAL_MIGRATIONS",
@@ -28,6 +29,8 @@ __all__ = [
 ]
 
 DEFAULT_DATABASE_FILE = "byod.db"
+#: Databases byod keeps its control plane in.
+CONTROL_PLANE_KINDS = ("sqlite", "postgresql")
 DEFAULT_KEY_FILE = "byod.key"
 LOCAL_MIGRATIONS = "migrations"
 
@@ -101,7 +104,12 @@ class Settings:
         url = database_url or env.get("BYOD_DATABASE_URL") or ""
         if not url:
             url = f"sqlite:///{cwd / DEFAULT_DATABASE_FILE}"
-        normalize_url(url)  # fail early on a malformed URL
+        kind = normalize_url(url).get_backend_name()  # fail early on a malformed URL
+        if kind not in CONTROL_PLANE_KINDS:
+            raise SettingsError(
+                f"the control plane cannot be a {kind!r} database: BYOD_DATABASE_URL "
+                f"(or --database-url) must be a {' or '.join(CONTROL_PLANE_KINDS)} URL"
+            )
         folder_text = str(migrations) if migrations else env.get("BYOD_MIGRATIONS", "")
         local = cwd / LOCAL_MIGRATIONS
         if not folder_text and local.is_dir():

@@ -87,7 +87,9 @@ router = APIRouter()
 
 
 def _me(ws: Workspace, principal: Principal) -> User:
-    return ws.directory.find_user(principal.clerk_id)
+    """The caller: the user whose clerk id is the token's subject, byte for byte (never
+    a byod id, never trimmed or normalised)."""
+    return ws.directory.get_user_by_clerk_id(principal.clerk_id)
 
 
 @router.get("/v1/me/instance", tags=["me"])
@@ -130,7 +132,7 @@ def run_mine(request: Request, ws: Ws, principal: Caller) -> RunStarted:
     user = _me(ws, principal)
     ws.directory.get_config(user.id)  # NotConnectedError: 404
     runs: BackgroundRuns = request.app.state.runs
-    return RunStarted(run_id=runs.start_for_user(user))
+    return RunStarted(run_id=runs.start_for_user(user, started_by=_started_by(principal)))
 
 
 @router.get("/v1/runs/{run_id}", tags=["me"])
@@ -138,7 +140,7 @@ def my_run(ws: Ws, principal: Caller, run_id: str) -> RunOut:
     """A run the caller started for their own database."""
     user = _me(ws, principal)
     run = _run_or_404(ws, run_id)
-    if run.options.get("users") != [str(user.id)]:
+    if run.options.get("users") != [user.id]:
         raise problems.NotFoundError(f"no run {run_id!r} of yours")
     return RunOut.of(run)
 
@@ -163,13 +165,19 @@ def start_fleet_run(request: Request, principal: Operator, body: FleetRunRequest
     if body.distributed:
         try:
             run_id = commands.migrate_distributed(
-                request.app.state.ws, options=options, selection=selection, per_host=body.per_host
+                request.app.state.ws,
+                options=options,
+                selection=selection,
+                per_host=body.per_host,
+                started_by=_started_by(principal),
             )
         except SettingsError as exc:  # the server's set-up, not the caller's request
             raise problems.UnavailableError(exc.message) from exc
         return RunStarted(run_id=run_id)
     runs: BackgroundRuns = request.app.state.runs
-    return RunStarted(run_id=runs.start_fleet(options, selection))
+    return RunStarted(
+        run_id=runs.start_fleet(options, selection, started_by=_started_by(principal))
+    )
 
 
 @router.get("/v1/fleet/runs/{run_id}", tags=["operators"])
@@ -236,6 +244,11 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         schema["components"]["schemas"].pop("ValidationError", None)
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _started_by(principal: Principal) -> str:
+    """Who a run started over HTTP was started by: the token's subject."""
+    return f"{principal.clerk_id} (token)"
 
 
 def _run_or_404(ws: Workspace, run_id: str) -> RunRecord:

@@ -22,24 +22,25 @@ class BackgroundRuns:
         self._lock = threading.Lock()
         self._users_running: set[int] = set()
 
-    def start_for_user(self, user: User) -> str:
-        """A run for one user's own instance; :class:`BusyError` if one is under way."""
+    def start_for_user(self, user: User, *, started_by: str) -> str:
+        """A run for one user's own instance (by byod id, never looked up again);
+        :class:`BusyError` if one is under way."""
         with self._lock:
             if user.id in self._users_running or self._lease_held(user.id):
                 raise BusyError(f"a migration run is already under way for user {user.id}")
             self._users_running.add(user.id)
         try:
             return self._start(
-                FleetOptions(concurrency=1), Selection(users=(str(user.id),)), user.id
+                FleetOptions(concurrency=1), Selection(users=(user.id,)), user.id, started_by
             )
         except BaseException:
             with self._lock:
                 self._users_running.discard(user.id)
             raise
 
-    def start_fleet(self, options: FleetOptions, selection: Selection) -> str:
-        """A fleet run with the given options."""
-        return self._start(options, selection, None)
+    def start_fleet(self, options: FleetOptions, selection: Selection, *, started_by: str) -> str:
+        """A fleet run with the given options; ``started_by``: the caller's subject."""
+        return self._start(options, selection, None, started_by)
 
     def _lease_held(self, user_id: int) -> bool:
         config = self.ws.directory.get_config(user_id)
@@ -47,7 +48,9 @@ class BackgroundRuns:
             config.lease_owner and config.lease_expires_at and config.lease_expires_at > utcnow()
         )
 
-    def _start(self, options: FleetOptions, selection: Selection, user_id: int | None) -> str:
+    def _start(
+        self, options: FleetOptions, selection: Selection, user_id: int | None, started_by: str
+    ) -> str:
         started = threading.Event()
         box: dict[str, object] = {}
 
@@ -59,7 +62,11 @@ class BackgroundRuns:
         def work() -> None:
             try:
                 summary: FleetSummary = run_fleet(
-                    self.ws.runner(), options=options, selection=selection, on_event=on_event
+                    self.ws.runner(),
+                    options=options,
+                    selection=selection,
+                    on_event=on_event,
+                    started_by=started_by,
                 )
                 box.setdefault("run_id", summary.run_id)
             except ByodError as exc:

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from byod._text import MAX_CLERK_ID, clerk_id_problem, has_control, printable
 from byod.controlplane._tx import reading, single, writing
 from byod.controlplane.schema import configs, ledger, users, utcnow
 from byod.errors import (
@@ -58,6 +59,9 @@ class Config:
     queue: str | None = None
     open_rows: int = 0
 
+
+#: The largest id an ``INTEGER`` column holds on every control plane (PostgreSQL's int4).
+_MAX_ID = 2**31 - 1
 
 _CONFIG_COLUMNS = [
     getattr(configs.c, name) for name in Config.__dataclass_fields__ if name != "open_rows"
@@ -108,10 +112,15 @@ class Directory:
     # -- users ---------------------------------------------------------------------------
 
     def add_user(self, clerk_id: str, email: str | None = None) -> User:
-        """Create a user; a clerk id already taken is an :class:`InputError`."""
-        clerk_id = clerk_id.strip()
-        if not clerk_id:
-            raise InputError("the clerk id must not be empty")
+        """Create a user; the clerk id is stored exactly as given.
+
+        Raises :class:`InputError` for a clerk id that is taken, or that could not be
+        matched exactly (see :func:`byod._text.clerk_id_problem`): all digits, control
+        characters, surrounding spaces. Nothing is trimmed or normalised.
+        """
+        problem = clerk_id_problem(clerk_id)
+        if problem is not None:
+            raise InputError(f"{problem}: {printable(clerk_id)!r} was not added")
         now = utcnow()
         try:
             with self.engine.begin() as conn:
@@ -120,35 +129,47 @@ class Directory:
                 )
                 user_id = result.inserted_primary_key[0]  # type: ignore[index]
         except IntegrityError as exc:
-            raise InputError(f"a user with clerk id {clerk_id!r} already exists") from exc
+            raise InputError(
+                f"a user with clerk id {printable(clerk_id)!r} already exists"
+            ) from exc
         except SQLAlchemyError as exc:
             raise ControlPlaneError(
                 f"control plane: cannot add the user ({type(exc).__name__})"
             ) from exc
         return User(int(user_id), clerk_id, email, now)
 
-    def find_user(self, ref: str | int) -> User:
-        """The user with this id or clerk id.
+    def find_user(self, ref: str) -> User:
+        """The user a ``USER`` argument names, by byod's one rule: ASCII digits only is a
+        byod id; anything else is a clerk id, matched exactly (never trimmed).
 
-        A clerk id matches first; a reference made only of digits then matches a user id.
-        Raises :class:`UnknownUserError` when neither matches.
+        Raises :class:`UnknownUserError` when no user matches.
         """
-        text = str(ref).strip()
-        query = sa.select(users).where(users.c.clerk_id == text)
-        if text.isdigit():
-            query = sa.select(users).where(
-                sa.or_(users.c.clerk_id == text, users.c.id == int(text))
-            )
-        with reading(self.engine, "look up the user") as conn:
-            rows = list(conn.execute(query).all())
-        rows.sort(key=lambda r: r.clerk_id != text)  # a clerk id match wins
-        if not rows:
-            raise UnknownUserError(f"no user with id or clerk id {text!r}")
-        return User(**rows[0]._asdict())
+        if ref.isascii() and ref.isdigit():
+            if len(ref.lstrip("0")) > len(str(_MAX_ID)):  # too long to be any id
+                raise UnknownUserError(f"no user with id {ref[:20]}…")
+            return self.get_user(int(ref))
+        return self.get_user_by_clerk_id(ref)
 
     def get_user(self, user_id: int) -> User:
-        """The user with this byod id."""
-        return self.find_user(user_id)
+        """The user with this byod id; :class:`UnknownUserError` when there is none."""
+        if not 0 < user_id <= _MAX_ID:
+            raise UnknownUserError(f"no user with id {user_id}")
+        return self._one(users.c.id == user_id, f"no user with id {user_id}")
+
+    def get_user_by_clerk_id(self, clerk_id: str) -> User:
+        """The user whose clerk id is exactly ``clerk_id`` (byte for byte); a token's
+        subject is looked up only this way. :class:`UnknownUserError` when none is."""
+        missing = f"no user with clerk id {printable(clerk_id)!r}"
+        if not clerk_id or len(clerk_id) > MAX_CLERK_ID or has_control(clerk_id):
+            raise UnknownUserError(missing)  # could never have been stored: no query
+        return self._one(users.c.clerk_id == clerk_id, missing)
+
+    def _one(self, where: sa.ColumnElement[bool], missing: str) -> User:
+        with reading(self.engine, "look up the user") as conn:
+            row = conn.execute(sa.select(users).where(where)).first()
+        if row is None:
+            raise UnknownUserError(missing)
+        return User(**row._asdict())
 
     def list_users(self) -> list[User]:
         """Every user, by id."""

@@ -16,6 +16,7 @@ __all__ = [
     "FailureRow",
     "FleetStatus",
     "OutdatedConfig",
+    "count_ahead",
     "count_not_eligible",
     "count_outdated",
     "fleet_status",
@@ -54,13 +55,18 @@ class FailureRow:
 
 @dataclass(frozen=True)
 class FleetStatus:
-    """Users per schema version and per connection status, and the latest failures."""
+    """Users per schema version and per connection status, and the latest failures.
+
+    ``outdated``: users a fleet run would take (connection ``connected`` or ``error``)
+    below head; ``outdated_in_error`` of them were unreachable last time (runs retry them).
+    """
 
     head: int
     users: int
     by_version: dict[int, int] = field(default_factory=dict)
     by_connection: dict[str, int] = field(default_factory=dict)
     outdated: int = 0
+    outdated_in_error: int = 0
     recent_failures: list[FailureRow] = field(default_factory=list)
 
 
@@ -84,11 +90,17 @@ def fleet_status(engine: sa.Engine, head: int, *, failures: int = 10) -> FleetSt
                 )
             )
         }
-        outdated = conn.execute(
-            sa.select(sa.func.count())
-            .select_from(configs)
-            .where(configs.c.connection_status == "connected", configs.c.schema_version < head)
-        ).scalar_one()
+        behind = {
+            str(s): int(n)
+            for s, n in conn.execute(
+                sa.select(configs.c.connection_status, sa.func.count())
+                .where(
+                    configs.c.connection_status.in_(("connected", "error")),
+                    configs.c.schema_version < head,
+                )
+                .group_by(configs.c.connection_status)
+            )
+        }
         failed = conn.execute(
             sa.select(
                 ledger.c.user_id,
@@ -111,7 +123,8 @@ def fleet_status(engine: sa.Engine, head: int, *, failures: int = 10) -> FleetSt
         users=int(user_count),
         by_version=by_version,
         by_connection=by_connection,
-        outdated=int(outdated),
+        outdated=sum(behind.values()),
+        outdated_in_error=behind.get("error", 0),
         recent_failures=[FailureRow(**row._asdict()) for row in failed],
     )
 
@@ -129,6 +142,27 @@ def count_outdated(
         query = query.where(configs.c.schema_version == only_version)
     with reading(engine, "count outdated users") as conn:
         return int(conn.execute(query).scalar_one())
+
+
+def count_ahead(engine: sa.Engine, head: int) -> tuple[int, OutdatedConfig | None]:
+    """Configs recorded above version ``head`` (applied migrations a folder with that
+    head lacks): how many, and the first of them."""
+    where = configs.c.schema_version > head
+    first = (
+        sa.select(configs.c.user_id, users.c.clerk_id, configs.c.schema_version)
+        .join(users, users.c.id == configs.c.user_id)
+        .where(where)
+        .order_by(configs.c.user_id)
+        .limit(1)
+    )
+    with reading(engine, "count users ahead of the migrations") as conn:
+        count = int(
+            conn.execute(sa.select(sa.func.count()).select_from(configs).where(where)).scalar_one()
+        )
+        row = conn.execute(first).first() if count else None
+    if row is None:
+        return count, None
+    return count, OutdatedConfig(int(row.user_id), str(row.clerk_id), int(row.schema_version))
 
 
 def count_not_eligible(engine: sa.Engine, eligible: tuple[str, ...]) -> int:

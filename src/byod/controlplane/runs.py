@@ -108,6 +108,10 @@ def _record(row: sa.Row[tuple[object, ...]]) -> RunRecord:
     return RunRecord(counts=counts, **data)
 
 
+def _local_user() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
 class RunStore:
     """Writes and reads ``byod_runs``."""
 
@@ -121,8 +125,10 @@ class RunStore:
         *,
         target_version: int | None = None,
         undoes: str | None = None,
+        started_by: str | None = None,
     ) -> str:
-        """Record a new run as ``running``; returns its id."""
+        """Record a new run as ``running``; returns its id. ``started_by``: who asked
+        for it (an HTTP caller's token subject); default this process's OS user@host."""
         now = utcnow()
         run_id = f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
         with single(self.engine, "record the run") as conn:
@@ -130,7 +136,7 @@ class RunStore:
                 runs.insert().values(
                     id=run_id,
                     kind=kind,
-                    started_by=f"{getpass.getuser()}@{socket.gethostname()}",
+                    started_by=(started_by or _local_user())[:255],
                     options=json.dumps(dict(options), sort_keys=True),
                     state="running",
                     target_version=target_version,

@@ -65,6 +65,7 @@ def start_distributed(
     selection: Selection = Selection(),
     to_version: int | None = None,
     per_host: int | None = None,
+    started_by: str | None = None,
 ) -> str:
     """Record a distributed run and hand its first users to the queue; returns its id.
 
@@ -88,7 +89,7 @@ def start_distributed(
         "migrations": registry_digest(runner.registry),
     }
     store = RunStore(runner.engine)
-    run_id = store.start("migrate", record, target_version=size.target)
+    run_id = store.start("migrate", record, target_version=size.target, started_by=started_by)
     skipped = size.up_to_date
     counts = FleetSummary(total=skipped, skipped=skipped, not_eligible=size.not_eligible)
     store.progress(run_id, counts.counts(), planned=size.planned + skipped)
