@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from byod import fleet
 from byod._step import attempt
-from byod._text import has_control, printable
+from byod._text import has_control
 from byod.connections import ReachResult, connect_user, open_instance, unseal_config
 from byod.controlplane import (
     Directory,
@@ -205,7 +205,7 @@ def plan(ws: Workspace, user_ref: str | None) -> list[UserPlan]:
         config = ws.directory.get_config(user.id)
         if config.schema_version > registry.head:
             raise DriftError(
-                f"user {user.id} ({printable(user.clerk_id)}) is at version "
+                f"user {user.id} ({user.clerk_id}) is at version "
                 f"{config.schema_version}, above this migrations folder's head "
                 f"{registry.head}: the folder lacks migrations applied there"
             )
@@ -225,7 +225,7 @@ def _refuse_fleet_ahead(ws: Workspace) -> None:
     if first is not None:
         raise DriftError(
             f"{count} user(s) are recorded above this migrations folder's head {head} (user "
-            f"{first.user_id} ({printable(first.clerk_id)}) at version {first.schema_version}):"
+            f"{first.user_id} ({first.clerk_id}) at version {first.schema_version}):"
             " the folder lacks migrations applied there; nothing was run"
         )
 
@@ -540,7 +540,7 @@ def new_migration(ws: Workspace, name: str) -> Path:
         )
     slug = re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")[:_MAX_SLUG].strip("_")
     if not slug:
-        raise InputError(f"{printable(name)!r} makes no file name: use letters and digits")
+        raise InputError(f"{name!r} makes no file name: use letters and digits")
     folder = ws.settings.migrations_dir
     if not ws.settings.migrations_configured:
         folder = Path.cwd() / LOCAL_MIGRATIONS

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from byod._text import MAX_CLERK_ID, clerk_id_problem, has_control, printable
+from byod._text import MAX_CLERK_ID, clerk_id_problem, has_control
 from byod.controlplane._tx import reading, single, writing
 from byod.controlplane.schema import configs, ledger, users, utcnow
 from byod.errors import (
@@ -120,7 +120,7 @@ class Directory:
         """
         problem = clerk_id_problem(clerk_id)
         if problem is not None:
-            raise InputError(f"{problem}: {printable(clerk_id)!r} was not added")
+            raise InputError(f"{problem}: {clerk_id!r} was not added")
         now = utcnow()
         try:
             with self.engine.begin() as conn:
@@ -130,7 +130,7 @@ class Directory:
                 user_id = result.inserted_primary_key[0]  # type: ignore[index]
         except IntegrityError as exc:
             raise InputError(
-                f"a user with clerk id {printable(clerk_id)!r} already exists"
+                f"a user with clerk id {clerk_id!r} already exists"
             ) from exc
         except SQLAlchemyError as exc:
             raise ControlPlaneError(
@@ -159,7 +159,7 @@ class Directory:
     def get_user_by_clerk_id(self, clerk_id: str) -> User:
         """The user whose clerk id is exactly ``clerk_id`` (byte for byte); a token's
         subject is looked up only this way. :class:`UnknownUserError` when none is."""
-        missing = f"no user with clerk id {printable(clerk_id)!r}"
+        missing = f"no user with clerk id {clerk_id!r}"
         if not clerk_id or len(clerk_id) > MAX_CLERK_ID or has_control(clerk_id):
             raise UnknownUserError(missing)  # could never have been stored: no query
         return self._one(users.c.clerk_id == clerk_id, missing)
