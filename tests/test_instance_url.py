@@ -381,3 +381,16 @@ def test_a_long_mysql_migration_outlasts_the_connect_timeout(
     runner = Runner(ws.engine, Registry.load(folder), ws.sealer, connect_timeout=1.0)
     result = runner.migrate("slow")
     assert result.ok, result.error
+
+
+def test_mysql_tls_modes_are_byods_own(ws: Workspace, mysql: ServerDatabases) -> None:
+    """``ssl_mode`` is read by byod (PyMySQL has none): ``disabled`` connects without TLS,
+    ``verify_identity`` refuses a server whose certificate the CA cannot vouch for (or
+    that speaks no TLS at all)."""
+    url = mysql.create()
+    ws.directory.add_user("plain")
+    ws.directory.add_user("strict")
+    _, plain = commands.connect(ws, "plain", url + "?ssl_mode=disabled")
+    assert plain.status == "connected", plain.error
+    _, strict = commands.connect(ws, "strict", url + "?ssl_mode=VERIFY_IDENTITY", timeout=3)
+    assert strict.status == "error"
