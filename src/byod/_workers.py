@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from byod._step import Settled, settle
 from byod.controlplane import User
+from byod.instance_url import InstancePolicy
 from byod.runner import Runner
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ class WorkerSetup:
     options: FleetOptions
     owner: str
     notify_hook: str | None = None
+    policy: InstancePolicy = field(default_factory=InstancePolicy)
 
 
 _worker: tuple[Runner, FleetOptions] | None = None
@@ -59,6 +61,7 @@ def _start_worker(setup: WorkerSetup) -> None:
         timeout=setup.options.timeout,
         run_id=setup.run_id,
         owner=f"{setup.owner}-{os.getpid()}",
+        policy=setup.policy,
     )
     _worker = (runner, setup.options)
 

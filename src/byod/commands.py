@@ -34,7 +34,7 @@ from byod.controlplane import (
     iter_outdated,
     open_engine,
 )
-from byod.controlplane.schema import configs, metadata
+from byod.controlplane.schema import configs, control_plane_id, metadata
 from byod.crypto import KeySource, Sealer, load_sealer
 from byod.distributed import (
     Dispatcher,
@@ -118,7 +118,14 @@ class Workspace:
     def runner(self, *, run_id: str | None = None) -> Runner:
         """A runner on this workspace, with the configured notification hook."""
         notify = load_notifier(self.settings.notify_hook)
-        return Runner(self.engine, self.registry, self.sealer, notify=notify, run_id=run_id)
+        return Runner(
+            self.engine,
+            self.registry,
+            self.sealer,
+            notify=notify,
+            run_id=run_id,
+            policy=self.settings.instance_policy,
+        )
 
     def require_tables(self) -> None:
         """Raise :class:`ControlPlaneError` unless ``byod init`` has run on this control plane."""
@@ -175,7 +182,14 @@ def connect(
     ``queue`` routes the user's distributed tasks to workers consuming that queue."""
     user = ws.directory.find_user(user_ref)
     return user, connect_user(
-        ws.directory, ws.sealer, user.id, url, secret=secret, timeout=timeout, queue=queue
+        ws.directory,
+        ws.sealer,
+        user.id,
+        url,
+        secret=secret,
+        timeout=timeout,
+        queue=queue,
+        policy=ws.settings.instance_policy,
     )
 
 
@@ -474,7 +488,12 @@ def verify(ws: Workspace, user_ref: str | None) -> list[VerifyReport]:
 def _verify_one(ws: Workspace, user: User) -> VerifyReport:
     config = ws.directory.get_config(user.id)
     try:
-        credentials = unseal_config(config, ws.sealer)
+        credentials = unseal_config(
+            config,
+            ws.sealer,
+            policy=ws.settings.instance_policy,
+            control_plane=control_plane_id(ws.engine),
+        )
         with open_instance(credentials, timeout=10.0) as target:
             stamp = target.read_stamp()
     except ByodError as exc:

@@ -1,63 +1,109 @@
 """A user's instance credentials: sealing them on connect, unsealing them to reach it.
 
-Plain credentials live only in memory, only as long as a run needs them. :class:`Secrets`
+Plain credentials live only in memory, only as long as a run needs them. :class:`Credentials`
 knows every secret of one config, so messages can be scrubbed of them before they reach
-a log, the ledger or the operator.
+a log, the ledger or the operator. Every URL is checked against the instance URL policy
+(:mod:`byod.instance_url`) when it is connected and again each time it is unsealed.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from urllib.parse import quote, quote_plus
 
 from sqlalchemy.engine import URL
 
 from byod.controlplane import Config, Directory
+from byod.controlplane.schema import control_plane_id
 from byod.crypto import Sealer
-from byod.errors import ByodError, SettingsError
-from byod.settings import normalize_url, safe_url
+from byod.errors import ByodError, InputError, SettingsError
+from byod.instance_url import InstancePolicy, check_instance_url
+from byod.settings import is_secret_option, normalize_url, safe_url
 from byod.targets import open_target
 from byod.targets.sql import SqlTarget
 
 __all__ = ["Credentials", "ReachResult", "connect_user", "open_instance", "unseal_config"]
 
-SUPPORTED_KINDS = ("sqlite", "postgresql", "mysql", "mariadb")
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: What may stand on either side of a secret for it to count as one whole token in a
+#: message: a short password is never masked inside a host name or a number.
+_EDGE = r"""\s'"`:@=/,;()\[\]{}<>?&"""
 
 
 @dataclass(frozen=True)
 class Credentials:
-    """Unsealed credentials of one instance."""
+    """Unsealed credentials of one instance, and what opening it must respect.
+
+    ``control_plane``: the id of the control plane this byod works for; an instance that
+    holds it is that control plane, and is refused. ``ssl_ca``: the operator's CA.
+    """
 
     url: URL = field(repr=False)
     secrets: tuple[str, ...] = field(repr=False, default=())
+    control_plane: str | None = None
+    ssl_ca: str | None = None
+    #: the whole URL text as the user gave it, when it holds a secret
+    url_text: str | None = field(repr=False, default=None)
 
     @property
     def where(self) -> str:
-        """The URL with its password hidden."""
+        """The URL with every credential hidden."""
         return safe_url(self.url)
 
     def scrub(self, text: str) -> str:
-        """``text`` with every secret of this instance replaced by ``***``."""
+        """``text`` with every secret of this instance replaced by ``***``.
+
+        By structure, not by substring: the URL as given is replaced whole, and each
+        secret only where it stands as a whole token (so a password ``1`` leaves
+        ``127.0.0.1`` alone).
+        """
+        if self.url_text:
+            text = text.replace(self.url_text, safe_url(self.url))
         for secret in self.secrets:
-            if secret:
-                text = text.replace(secret, "***")
+            pattern = rf"(?:(?<=[{_EDGE}])|^){re.escape(secret)}(?=$|[{_EDGE}]|\.(?:\s|$))"
+            text = re.sub(pattern, "***", text)
         return text
 
 
-def _credentials(url_text: str, secret: str | None) -> Credentials:
+def _credentials(
+    url_text: str,
+    secret: str | None,
+    policy: InstancePolicy,
+    control_plane: str | None = None,
+) -> Credentials:
     url = normalize_url(url_text)
+    check_instance_url(url, policy)
     if secret:
         url = url.set(password=secret)
-    secrets = tuple(s for s in (url.password, secret, url_text) if isinstance(s, str) and s)
-    # the raw URL text is a secret only when it carries a password
-    if not url.password:
-        secrets = tuple(s for s in secrets if s != url_text)
-    return Credentials(url, secrets)
+    found = [url.password, secret]
+    found += [
+        one
+        for name, value in url.query.items()
+        if is_secret_option(name)
+        for one in ((value,) if isinstance(value, str) else value)
+    ]
+    secrets: list[str] = []
+    for plain in (s for s in found if isinstance(s, str) and s):
+        secrets += [plain, quote_plus(plain), quote(plain, safe="")]
+    return Credentials(
+        url,
+        tuple(dict.fromkeys(secrets)),
+        control_plane=control_plane,
+        ssl_ca=policy.ssl_ca,
+        url_text=url_text if secrets else None,
+    )
 
 
-def unseal_config(config: Config, sealer: Sealer) -> Credentials:
-    """Open a config's sealed URL (and secret). Raises ``CredentialsError``."""
+def unseal_config(
+    config: Config,
+    sealer: Sealer,
+    *,
+    policy: InstancePolicy | None = None,
+    control_plane: str | None = None,
+) -> Credentials:
+    """Open a config's sealed URL (and secret). Raises ``CredentialsError``, and
+    ``SettingsError`` for a URL the instance URL policy refuses (stored by an older byod)."""
     url_text = sealer.unseal(
         config.sealed_url, user_id=config.user_id, field_name="url", key_id=config.key_id
     )
@@ -66,16 +112,36 @@ def unseal_config(config: Config, sealer: Sealer) -> Credentials:
         secret = sealer.unseal(
             config.sealed_secret, user_id=config.user_id, field_name="secret", key_id=config.key_id
         )
-    return _credentials(url_text, secret)
+    return _credentials(url_text, secret, policy or InstancePolicy(), control_plane)
 
 
 def open_instance(credentials: Credentials, *, timeout: float) -> SqlTarget:
-    """Connect to the instance; ``UnreachableError`` messages are scrubbed of secrets."""
+    """Connect to the instance; ``UnreachableError`` messages are scrubbed of secrets.
+
+    Raises :class:`SettingsError`, nothing touched, when the instance is byod's own
+    control plane.
+    """
     try:
-        return open_target(credentials.url, timeout=timeout)
+        target = open_target(credentials.url, timeout=timeout, ssl_ca=credentials.ssl_ca)
     except ByodError as exc:
         exc.message = credentials.scrub(exc.message)
         raise
+    if credentials.control_plane is None:
+        return target
+    try:
+        refused = target.holds_control_plane(credentials.control_plane)
+    except ByodError as exc:
+        target.close()
+        exc.message = credentials.scrub(exc.message)
+        raise
+    if refused:
+        target.close()
+        raise SettingsError(
+            f"the instance {credentials.where} is byod's own control plane: refused, "
+            "nothing was touched",
+            hint="Connect the user's own database, never BYOD_DATABASE_URL's.",
+        )
+    return target
 
 
 @dataclass(frozen=True)
@@ -96,36 +162,42 @@ def connect_user(
     secret: str | None = None,
     timeout: float = 10.0,
     queue: str | None = None,
+    policy: InstancePolicy | None = None,
 ) -> ReachResult:
     """Seal and store a user's instance credentials, then check the instance answers.
 
     The config is stored even when the instance is unreachable (status ``error``); the
     schema version recorded is what the instance's own stamp says. ``queue``: the task
     queue whose workers can reach the instance (distributed runs; default queue if None).
+    A URL the instance URL ``policy`` refuses, or byod's own control plane, raises
+    :class:`SettingsError` and nothing is stored.
     """
     if queue is not None and not _QUEUE_NAME.fullmatch(queue):
         raise SettingsError(f"bad queue name {queue!r}: use 1-64 letters, digits, '.', '_' or '-'")
-    credentials = _credentials(url, secret)
-    kind = credentials.url.get_backend_name()
-    if kind not in SUPPORTED_KINDS:
-        raise SettingsError(
-            f"instances of kind {kind!r} are not supported (use {', '.join(SUPPORTED_KINDS)})"
-        )
+    credentials = _credentials(
+        url, secret, policy or InstancePolicy(), control_plane_id(directory.engine)
+    )
+    # reached before anything is stored: a refused instance (the control plane) leaves
+    # the user's config as it was; an unreachable one is stored with status ``error``
+    error = None
+    try:
+        with open_instance(credentials, timeout=timeout) as target:
+            stamp = target.read_stamp()
+    except InputError:
+        raise
+    except ByodError as exc:
+        error = credentials.scrub(exc.message)
     directory.save_config(
         user_id,
-        target_kind=kind,
+        target_kind=credentials.url.get_backend_name(),
         sealed_url=sealer.seal(url, user_id=user_id, field_name="url"),
         sealed_secret=sealer.seal(secret, user_id=user_id, field_name="secret") if secret else None,
         key_id=sealer.key_id,
         queue=queue,
     )
-    try:
-        with open_instance(credentials, timeout=timeout) as target:
-            stamp = target.read_stamp()
-    except ByodError as exc:
-        message = credentials.scrub(exc.message)
-        directory.set_status(user_id, "error", error=message)
-        return ReachResult("error", 0, message)
+    if error is not None:
+        directory.set_status(user_id, "error", error=error)
+        return ReachResult("error", 0, error)
     version = stamp[-1].version if stamp else 0
     directory.set_status(user_id, "connected", schema_version=version)
     return ReachResult("connected", version)

@@ -65,7 +65,13 @@ def run_demo(
         if path.exists():
             continue
         path.touch()  # an empty file is an empty SQLite database
-        connect_user(ws.directory, ws.sealer, user.id, f"sqlite:///{path}")
+        connect_user(
+            ws.directory,
+            ws.sealer,
+            user.id,
+            f"sqlite:///{path}",
+            policy=ws.settings.instance_policy,
+        )
         runner.migrate(user.id, to_version=min(1, ws.registry.head))
         _seed(path)
         created += 1

@@ -439,6 +439,7 @@ class _FleetRun:
             options=self.options,
             owner=runner.owner,
             notify_hook=_hook_spec(runner.notify),
+            policy=runner.policy,
         )
         # spawn, not fork: a forked child would inherit open database connections
         return ProcessPool(self.options.processes, setup)

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 
 from byod.connections import Credentials, open_instance, unseal_config
 from byod.controlplane import Config, Directory, Ledger, User
+from byod.controlplane.schema import control_plane_id
 from byod.crypto import Sealer
 from byod.errors import (
     ByodError,
@@ -28,8 +29,10 @@ from byod.errors import (
     DriftError,
     IrreversibleError,
     NotConnectedError,
+    SettingsError,
     UnreachableError,
 )
+from byod.instance_url import InstancePolicy
 from byod.notify import Notice, Notifier, log_notice, safe_notify
 from byod.registry import Direction, MigrationContext, Plan, Registry, Step
 from byod.targets import StampEntry, Target
@@ -132,6 +135,7 @@ class Runner:
         run_id: str | None = None,
         owner: str | None = None,
         opener: TargetOpener = _default_opener,
+        policy: InstancePolicy | None = None,
     ) -> None:
         self.engine = engine
         self.registry = registry
@@ -145,6 +149,8 @@ class Runner:
         self.run_id = run_id
         self.owner = owner or f"runner-{uuid.uuid4().hex[:12]}"
         self._opener = opener
+        #: what instance URLs may ask (checked again each time one is unsealed)
+        self.policy = policy or InstancePolicy()
 
     def configured(
         self,
@@ -167,6 +173,7 @@ class Runner:
             run_id=run_id,
             owner=owner or self.owner,
             opener=self._opener,
+            policy=self.policy,
         )
 
     # -- public --------------------------------------------------------------------------
@@ -223,7 +230,7 @@ class Runner:
         user = self.directory.get_user(user_id)
         self.directory.claim_lease(user.id, self.owner, self.lease_seconds)
         try:
-            credentials = unseal_config(self.directory.get_config(user.id), self.sealer)
+            credentials = self._unseal(self.directory.get_config(user.id))
             target = self._opener(credentials, self.connect_timeout)
             try:
                 cleared = target.clear_dirty()
@@ -273,8 +280,8 @@ class Runner:
                 user, config.schema_version, NotConnectedError("it is disconnected")
             )
         try:
-            credentials = unseal_config(config, self.sealer)
-        except CredentialsError as exc:
+            credentials = self._unseal(config)
+        except (CredentialsError, SettingsError) as exc:  # SettingsError: URL refused
             self.directory.set_status(user.id, "error", error=exc.message)
             return self._gave_up(user, config.schema_version, exc)
         connect_timeout = self.connect_timeout
@@ -284,6 +291,9 @@ class Runner:
             target = self._opener(credentials, connect_timeout)
         except UnreachableError as exc:
             self._unreachable(user, exc)
+            return self._gave_up(user, config.schema_version, exc)
+        except SettingsError as exc:  # the instance is the control plane: nothing touched
+            self.directory.set_status(user.id, "error", error=exc.message)
             return self._gave_up(user, config.schema_version, exc)
         try:
             try:
@@ -449,6 +459,12 @@ class Runner:
         return body
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _unseal(self, config: Config) -> Credentials:
+        """A config's credentials, checked against the instance URL policy."""
+        return unseal_config(
+            config, self.sealer, policy=self.policy, control_plane=control_plane_id(self.engine)
+        )
 
     def _gave_up(self, user: User, version: int, exc: ByodError) -> UserResult:
         log.error("user %s: %s: %s", user.id, type(exc).__name__, exc.message)

@@ -11,11 +11,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote_plus
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from byod.errors import SettingsError
+from byod.instance_url import InstancePolicy
 
 __all__ = [
     "CONTROL_PLANE_KINDS",
@@ -24,6 +26,7 @@ __all__ = [
     "LOCAL_MIGRATIONS",
     "Settings",
     "bundled_migrations_dir",
+    "is_secret_option",
     "normalize_url",
     "safe_url",
 ]
@@ -59,10 +62,30 @@ def normalize_url(url: str) -> URL:
     return parsed.set(drivername=driver) if driver else parsed
 
 
+#: Query options that carry a credential, whatever the driver (matched in lower case).
+_SECRET_PARTS = ("pass", "secret", "token", "key", "auth", "credential")
+
+
+def is_secret_option(name: str) -> bool:
+    """Whether a URL query option carries a credential (``password``, ``sslpassword``...)."""
+    lowered = name.lower()
+    return any(part in lowered for part in _SECRET_PARTS)
+
+
 def safe_url(url: URL | str) -> str:
-    """The URL with its password hidden, fit for messages and logs."""
+    """The URL with every credential hidden, fit for messages and logs.
+
+    Hidden by structure: the password of the authority and the value of each query
+    option that carries a credential become ``***``; nothing else is touched.
+    """
     parsed = url if isinstance(url, URL) else normalize_url(url)
-    return parsed.render_as_string(hide_password=True)
+    base = parsed.set(query={}).render_as_string(hide_password=True)
+    pairs = []
+    for name, value in parsed.query.items():
+        for one in (value,) if isinstance(value, str) else value:
+            shown = "***" if is_secret_option(name) else quote_plus(one)
+            pairs.append(f"{quote_plus(name)}={shown}")
+    return f"{base}?{'&'.join(pairs)}" if pairs else base
 
 
 @dataclass(frozen=True)
@@ -88,6 +111,8 @@ class Settings:
     broker_visibility_timeout: float = 600.0
     #: the queue of users whose config names none (several apps can share one broker)
     default_queue: str = "byod"
+    #: what instance URLs may ask (BYOD_ALLOW_SQLITE_INSTANCES, BYOD_INSTANCE_SSL_CA)
+    instance_policy: InstancePolicy = field(default_factory=InstancePolicy)
 
     @classmethod
     def load(
@@ -126,6 +151,7 @@ class Settings:
             broker_url=env.get("BYOD_BROKER_URL") or None,
             broker_visibility_timeout=_positive(env, "BYOD_BROKER_VISIBILITY_TIMEOUT", 600.0),
             default_queue=env.get("BYOD_QUEUE") or "byod",
+            instance_policy=InstancePolicy.from_env(env),
         )
 
 

@@ -2,10 +2,16 @@
 
 ``byod_configs`` is indexed on (connection_status, schema_version, user_id) so "connected
 and older than version V" is an index range scan, paged by user id.
+
+``byod_control_plane`` holds one row, the control plane's random id, written once by
+:func:`create_tables` (``byod init``) and never changed: a URL cannot tell that an
+instance is the control plane itself, its id can (an instance holding it is refused).
 """
 
 from __future__ import annotations
 
+import functools
+import secrets
 import sqlite3
 from datetime import UTC, datetime
 from typing import Any
@@ -19,10 +25,13 @@ from byod.settings import normalize_url, safe_url
 
 __all__ = [
     "CONNECTION_STATUSES",
+    "CONTROL_PLANE_TABLE",
     "LEDGER_STATUSES",
     "RUN_STATES",
     "TASK_STATES",
     "configs",
+    "control_plane",
+    "control_plane_id",
     "create_tables",
     "ledger",
     "metadata",
@@ -163,6 +172,19 @@ run_tasks = sa.Table(
 )
 
 
+CONTROL_PLANE_TABLE = "byod_control_plane"
+
+#: One row (``slot`` 1): this control plane's id; two concurrent ``init`` cannot both write.
+control_plane = sa.Table(
+    CONTROL_PLANE_TABLE,
+    metadata,
+    sa.Column("slot", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("id", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.CheckConstraint("slot = 1", name="ck_byod_control_plane_slot"),
+)
+
+
 def utcnow() -> datetime:
     """Now, in UTC, without tzinfo: how every timestamp is stored."""
     return datetime.now(UTC).replace(tzinfo=None)
@@ -199,6 +221,7 @@ def create_tables(engine: sa.Engine) -> None:
     try:
         metadata.create_all(engine, checkfirst=True)
         _add_missing_columns(engine)
+        _write_id(engine)
     except SQLAlchemyError as exc:
         raise ControlPlaneError(
             f"cannot create the control-plane tables in {safe_url(engine.url)}: "
@@ -222,3 +245,42 @@ def _add_missing_columns(engine: sa.Engine) -> None:
         operations = Operations(MigrationContext.configure(connection=conn))
         for table_name, column in missing:
             operations.add_column(table_name, column._copy())
+
+
+def _write_id(engine: sa.Engine) -> None:
+    """Give the control plane its id, once (an existing id is kept)."""
+    with engine.connect() as conn:
+        if conn.execute(sa.select(control_plane.c.id)).first() is not None:
+            return
+        conn.rollback()
+        try:
+            with conn.begin():
+                conn.execute(
+                    control_plane.insert().values(
+                        slot=1, id=secrets.token_hex(16), created_at=utcnow()
+                    )
+                )
+        except sa.exc.IntegrityError:
+            pass  # another init wrote it first: that id stands
+
+
+def control_plane_id(engine: sa.Engine) -> str | None:
+    """This control plane's id, or None before ``byod init`` gave it one (or when it
+    cannot be read: the tables' absence is reported by whoever needs them)."""
+    try:
+        return _known_id(engine)
+    except LookupError:
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _known_id(engine: sa.Engine) -> str:
+    # an id never changes once written: read once per engine (an absent one is not cached)
+    try:
+        with engine.connect() as conn:
+            found = conn.execute(sa.select(control_plane.c.id)).scalar()
+    except SQLAlchemyError as exc:
+        raise LookupError(CONTROL_PLANE_TABLE) from exc
+    if found is None:
+        raise LookupError(CONTROL_PLANE_TABLE)
+    return str(found)

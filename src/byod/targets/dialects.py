@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -38,12 +39,16 @@ _MARIADB_STATEMENT_TIMEOUT = 1969
 class Dialect:
     """How one kind of SQL instance is opened and locked."""
 
-    engine_options: Callable[[URL, float], tuple[URL, dict[str, Any]]]
+    #: (URL, timeout, operator's CA) -> the URL the engine uses and its options
+    engine_options: Callable[[URL, float, str | None], tuple[URL, dict[str, Any]]]
     lock: Callable[[sa.Connection, int | None], None]
     stamp_exists: str
     reading: Callable[[sa.Connection], AbstractContextManager[None]]
     prepare: Callable[[sa.Engine, float], None] = lambda engine, timeout: None
     lock_cleanup: Callable[[sa.Connection], None] = lambda conn: None
+    #: Bound each read and write of the client on this connection (None: unbounded),
+    #: where the driver does not bound them itself
+    io_timeout: Callable[[sa.Connection, float | None], None] = lambda conn, seconds: None
     #: DDL commits on its own (MySQL, MariaDB): a failed step may leave the instance dirty
     non_transactional_ddl: bool = False
     #: One engine for every instance of the kind; not where the dialect learns the
@@ -55,7 +60,7 @@ class Dialect:
     missing_table: Callable[[DBAPIError], bool] | None = None
 
 
-def _sqlite_options(url: URL, timeout: float) -> tuple[URL, dict[str, Any]]:
+def _sqlite_options(url: URL, timeout: float, _ssl_ca: str | None) -> tuple[URL, dict[str, Any]]:
     path = url.database
     if not path or path == ":memory:":
         raise SettingsError("a SQLite instance needs a file path: sqlite:////path/to/file.db")
@@ -113,10 +118,12 @@ def _sqlite_lock(conn: sa.Connection, timeout_ms: int | None) -> None:
     dbapi.set_progress_handler(lambda: int(time.monotonic() > ends), 10_000)
 
 
-def _postgres_options(url: URL, timeout: float) -> tuple[URL, dict[str, Any]]:
-    return url, {
-        "connect_args": {"connect_timeout": max(1, round(timeout)), "application_name": "byod"}
-    }
+def _postgres_options(url: URL, timeout: float, ssl_ca: str | None) -> tuple[URL, dict[str, Any]]:
+    # psycopg bounds the whole connection attempt (handshake included) by connect_timeout
+    args: dict[str, Any] = {"connect_timeout": max(1, round(timeout)), "application_name": "byod"}
+    if ssl_ca and url.query.get("sslmode") in ("verify-ca", "verify-full"):
+        args["sslrootcert"] = ssl_ca  # the operator's, never the URL's
+    return url, {"connect_args": args}
 
 
 def _postgres_lock(conn: sa.Connection, timeout_ms: int | None) -> None:
@@ -152,10 +159,47 @@ def timed_out(exc: DBAPIError) -> bool:
     return code == _MARIADB_STATEMENT_TIMEOUT
 
 
-def _mysql_options(url: URL, timeout: float) -> tuple[URL, dict[str, Any]]:
+def _mysql_options(url: URL, timeout: float, ssl_ca: str | None) -> tuple[URL, dict[str, Any]]:
     if not url.database:
         raise SettingsError("a MySQL/MariaDB instance URL must name its database")
-    return url, {"connect_args": {"connect_timeout": max(1, round(timeout))}}
+    # PyMySQL's connect_timeout covers the TCP connect only: a server that accepts and
+    # never greets would be waited on forever, so reads and writes are bounded too
+    # (until a step sets its own bound, see io_timeout); LOCAL INFILE is off whatever
+    # the URL says (it lets the server read byod's files)
+    args: dict[str, Any] = {
+        "connect_timeout": max(1, round(timeout)),
+        "read_timeout": timeout,
+        "write_timeout": timeout,
+        "local_infile": False,
+    }
+    mode = str(url.query.get("ssl_mode", "preferred")).lower()
+    if mode == "disabled":
+        args["ssl_disabled"] = True
+    elif mode != "preferred":  # PyMySQL's own default: TLS when the server offers it
+        args["ssl"] = _mysql_tls(mode, ssl_ca)
+    return url.difference_update_query(["ssl_mode"]), {"connect_args": args}
+
+
+def _mysql_tls(mode: str, ssl_ca: str | None) -> ssl.SSLContext:
+    """The TLS context for a MySQL ``ssl_mode``: ``required`` encrypts without checking
+    the certificate; ``verify_ca`` checks it against the operator's CA (or the system's
+    store); ``verify_identity`` also checks the host name."""
+    cafile = None if ssl_ca in (None, "system") else ssl_ca
+    context = ssl.create_default_context(cafile=cafile)
+    context.check_hostname = mode == "verify_identity"
+    if mode == "required":
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _mysql_io_timeout(conn: sa.Connection, seconds: float | None) -> None:
+    # PyMySQL reads these before each socket read / write; it has no public setter
+    if conn.closed or conn.invalidated:
+        return  # touching it would reconnect: a lost connection needs no timeout
+    with contextlib.suppress(AttributeError, SQLAlchemyError):
+        dbapi = conn.connection.dbapi_connection
+        dbapi._read_timeout = seconds  # type: ignore[union-attr]  # PyMySQL's own knob
+        dbapi._write_timeout = seconds  # type: ignore[union-attr]
 
 
 def _mysql_lock(conn: sa.Connection, timeout_ms: int | None) -> None:
@@ -212,6 +256,7 @@ DIALECTS: dict[str, Dialect] = {
         f"AND table_name = '{STAMP_TABLE}'",
         _plain_reading,
         lock_cleanup=_mysql_unlock,
+        io_timeout=_mysql_io_timeout,
         non_transactional_ddl=True,
         shared_engine=False,
     ),

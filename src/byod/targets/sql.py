@@ -22,7 +22,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
-from byod.controlplane.schema import utcnow
+from byod.controlplane.schema import CONTROL_PLANE_TABLE, utcnow
 from byod.errors import (
     BusyError,
     ByodError,
@@ -122,8 +122,13 @@ def _engine_for(
         return _engines[key]
 
 
-def open_target(url: URL, *, timeout: float = 10.0) -> SqlTarget:
+def open_target(url: URL, *, timeout: float = 10.0, ssl_ca: str | None = None) -> SqlTarget:
     """Connect to a SQL instance within ``timeout`` seconds.
+
+    ``timeout`` also bounds each read and write on the connection until a step runs
+    (a server that accepts the connection and never answers is given up on); a step's
+    own bound is its deadline. ``ssl_ca``: the operator's CA file (or ``system``) that
+    verifies the instance's certificate where the URL asks for verification.
 
     Raises :class:`SettingsError` for a kind of database byod does not support and
     :class:`UnreachableError` when the instance does not answer.
@@ -134,7 +139,7 @@ def open_target(url: URL, *, timeout: float = 10.0) -> SqlTarget:
         raise SettingsError(
             f"instances of kind {url.get_backend_name()!r} are not supported (use {supported})"
         )
-    engine_url, options = dialect.engine_options(url, timeout)
+    engine_url, options = dialect.engine_options(url, timeout, ssl_ca)
     try:
         engine = _engine_for(engine_url, options, dialect, timeout)
         cargs, cparams = engine.dialect.create_connect_args(engine_url)
@@ -149,18 +154,46 @@ def open_target(url: URL, *, timeout: float = 10.0) -> SqlTarget:
         ) from exc
     finally:
         _target_args.reset(token)
-    return SqlTarget(engine, conn, dialect, where=safe_url(url))
+    return SqlTarget(engine, conn, dialect, where=safe_url(url), io_timeout=timeout)
+
+
+#: How long past a step's deadline the client still waits for the server's own
+#: timeout to stop the statement, before it gives up on the connection.
+_DEADLINE_GRACE = 5.0
 
 
 class SqlTarget:
     """An open connection to one SQL instance; see :class:`byod.targets.base.Target`."""
 
-    def __init__(self, engine: sa.Engine, conn: sa.Connection, dialect: Dialect, where: str):
+    def __init__(
+        self,
+        engine: sa.Engine,
+        conn: sa.Connection,
+        dialect: Dialect,
+        where: str,
+        io_timeout: float | None = None,
+    ):
         self._engine = engine
         self._conn = conn
         self._dialect = dialect
         self.where = where
         self._stamp_ready = False
+        self._io_timeout = io_timeout
+
+    def holds_control_plane(self, control_plane_id: str) -> bool:
+        """Whether this database is the byod control plane whose id is given."""
+        exists_sql = self._dialect.stamp_exists.replace(STAMP_TABLE, CONTROL_PLANE_TABLE)
+        try:
+            with self._dialect.reading(self._conn):
+                if not self._conn.exec_driver_sql(exists_sql).scalar():
+                    return False
+                found = self._conn.execute(
+                    sa.text(f"SELECT id FROM {CONTROL_PLANE_TABLE} WHERE id = :id"),
+                    {"id": control_plane_id},
+                ).first()
+        except SQLAlchemyError as exc:
+            raise self._lost("checking it is not the control plane", exc) from exc
+        return found is not None
 
     def __enter__(self) -> SqlTarget:
         return self
@@ -194,9 +227,14 @@ class SqlTarget:
             timeout_ms = int((deadline - time.monotonic()) * 1000)
             if timeout_ms <= 0:
                 raise InstanceTimeoutError(f"the timeout ran out before {step.migration.id}")
+        # the step's own bound: its deadline (and a grace for the server's timeout to
+        # speak first), or none at all; a long migration is never cut by the connect timeout
+        step_io = None if timeout_ms is None else timeout_ms / 1000 + _DEADLINE_GRACE
+        self._dialect.io_timeout(self._conn, step_io)
         try:
             return self._apply(step, body, deadline, timeout_ms)
         finally:
+            self._dialect.io_timeout(self._conn, self._io_timeout)
             # after the commit or rollback: a session lock (MySQL) outlives transactions
             self._dialect.lock_cleanup(self._conn)
 

@@ -1,0 +1,396 @@
+"""An instance URL is untrusted: the options byod refuses, the control plane refused as an
+instance, credentials scrubbed by structure, and timeouts that hold on every dialect."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from byod import commands
+from byod.commands import Workspace
+from byod.controlplane.schema import CONTROL_PLANE_TABLE, control_plane_id, create_tables
+from byod.errors import MigrationFailedError, NotConnectedError, SettingsError, UnreachableError
+from byod.instance_url import InstancePolicy, check_instance_url
+from byod.registry import Registry
+from byod.runner import Runner
+from byod.settings import Settings, normalize_url, safe_url
+from byod.targets import open_target
+from tests.conftest import (
+    TEST_KEY,
+    ServerDatabases,
+    count_rows,
+    execute,
+    make_workspace,
+    write_migrations,
+)
+from tests.test_cli import Cli
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def check(url: str, policy: InstancePolicy = InstancePolicy()) -> None:
+    check_instance_url(normalize_url(url), policy)
+
+
+def store_old_config(ws: Workspace, clerk_id: str, url: str) -> int:
+    """A config as an older byod stored it: sealed without today's URL policy."""
+    user = ws.directory.add_user(clerk_id)
+    ws.directory.save_config(
+        user.id,
+        target_kind=sa.make_url(url).get_backend_name(),
+        sealed_url=ws.sealer.seal(url, user_id=user.id, field_name="url"),
+        sealed_secret=None,
+        key_id=ws.sealer.key_id,
+    )
+    ws.directory.set_status(user.id, "connected", schema_version=0)
+    return user.id
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[int]:
+    """A TCP listener on 127.0.0.1 that accepts every connection and never says a word."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(client)
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+        for client in accepted:
+            client.close()
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return int(probe.getsockname()[1])
+
+
+# -- item: options that act on the byod machine are refused --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "option"),
+    [
+        ("mysql://root@db.example.com/app?local_infile=1", "local_infile"),
+        ("mysql://root@db.example.com/app?client_flag=128", "client_flag"),
+        ("mysql://root@db.example.com/app?read_default_file=/etc/my.cnf", "read_default_file"),
+        ("mysql://root@db.example.com/app?init_command=SELECT+1", "init_command"),
+        ("mysql://root@db.example.com/app?unix_socket=/run/mysqld.sock", "unix_socket"),
+        ("mysql://root@db.example.com/app?ssl_ca=/etc/ssl/ca.pem", "ssl_ca"),
+        ("postgresql://u@db.example.com/app?sslrootcert=/etc/ssl/ca.pem", "sslrootcert"),
+        ("postgresql://u@db.example.com/app?sslkey=/home/byod/.ssh/id_rsa", "sslkey"),
+        ("postgresql://u@db.example.com/app?passfile=/home/byod/.pgpass", "passfile"),
+        ("postgresql://u@db.example.com/app?service=prod", "service"),
+        ("postgresql://u@db.example.com/app?host=/var/run/postgresql", "host"),
+        ("postgresql://u@db.example.com/app?options=-c+role%3Dx", "options"),
+        ("sqlite:////tmp/x.db?mode=rwc", "mode"),
+    ],
+)
+def test_an_option_that_acts_on_the_byod_machine_is_refused_by_name(url: str, option: str) -> None:
+    with pytest.raises(SettingsError) as refused:
+        check(url)
+    assert f"option {option!r} is refused" in refused.value.message
+    assert refused.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u@/app",  # no host: libpq's local socket
+        "postgresql://u@%2Fvar%2Frun%2Fpostgresql/app",
+        "mysql://root@/app",
+        "postgresql://u@db.example.com/dbname=x host=/tmp",
+    ],
+)
+def test_a_network_instance_must_name_a_network_host(url: str) -> None:
+    with pytest.raises(SettingsError):
+        check(url)
+
+
+def test_tls_modes_and_timeouts_are_allowed() -> None:
+    allowed = [
+        "postgresql://u@db.example.com/app?sslmode=verify-full&connect_timeout=5",
+        "postgresql://u@db.example.com/app?channel_binding=require&target_session_attrs=any",
+        "mysql://root@db.example.com/app?ssl_mode=VERIFY_IDENTITY&charset=utf8mb4",
+        "mariadb://root@[::1]:3306/app?ssl_mode=required",
+    ]
+    for url in allowed:
+        check(url)
+    with pytest.raises(SettingsError, match="'sslmode' has a bad value"):
+        check("postgresql://u@db.example.com/app?sslmode=yes-please")
+
+
+def test_local_infile_in_a_url_is_refused_at_connect_and_nothing_is_stored(
+    ws: Workspace, mysql: ServerDatabases
+) -> None:
+    url = mysql.create()
+    ws.directory.add_user("rogue")
+    with pytest.raises(SettingsError, match="local_infile"):
+        commands.connect(ws, "rogue", url + "?local_infile=1")
+    with pytest.raises(NotConnectedError):
+        ws.directory.get_config(ws.directory.find_user("rogue").id)
+
+
+def test_a_mysql_server_cannot_read_byod_files_even_if_a_url_asks(
+    mysql: ServerDatabases, tmp_path: Path
+) -> None:
+    """The policy refuses ``local_infile``; below it, the driver's own switch is forced
+    off: a server asking for a local file (LOAD DATA LOCAL) gets nothing."""
+    secret_file = tmp_path / "environ"
+    secret_file.write_text("BYOD_ENCRYPTION_KEY=do-not-read-me\n")
+    folder = write_migrations(
+        tmp_path / "loot",
+        {
+            "001_loot.py": """
+                from byod import Migration
+
+                def up(ctx):
+                    pass
+
+                migration = Migration(id="001_loot", version=1, name="Loot",
+                                      description="A rogue server's wish.", up=up)
+            """
+        },
+    )
+    step = Registry.load(folder).plan_up(0).steps[0]
+    plain = mysql.create()
+    execute(plain, "CREATE TABLE loot (line TEXT)")
+    url = sa.make_url(plain).update_query_dict({"local_infile": "1"})
+
+    def load_local_file(conn: sa.Connection) -> None:
+        conn.exec_driver_sql(f"LOAD DATA LOCAL INFILE '{secret_file}' INTO TABLE loot")
+
+    with open_target(url, timeout=5) as target, pytest.raises(MigrationFailedError):
+        target.apply(step, load_local_file)
+    assert count_rows(plain, "loot") == 0
+
+
+def test_an_old_config_with_a_refused_option_fails_its_run_and_touches_nothing(
+    ws: Workspace, mysql: ServerDatabases
+) -> None:
+    url = mysql.create()
+    uid = store_old_config(ws, "old", url + "?local_infile=1")
+    result = ws.runner().migrate(uid)
+    assert isinstance(result.error, SettingsError)
+    assert "local_infile" in result.error.message
+    config = ws.directory.get_config(uid)
+    assert config.connection_status == "error" and "local_infile" in (config.last_error or "")
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        assert sa.inspect(conn).get_table_names() == []
+    engine.dispose()
+
+
+def test_sqlite_instances_can_be_refused_by_a_setting(ws: Workspace, tmp_path: Path) -> None:
+    instance = tmp_path / "local.db"
+    instance.touch()
+    uid = store_old_config(ws, "old", f"sqlite:///{instance}")
+    strict = Settings.load(
+        database_url=ws.settings.database_url,
+        env={"BYOD_ENCRYPTION_KEY": TEST_KEY, "BYOD_ALLOW_SQLITE_INSTANCES": "0"},
+    )
+    strict_ws = Workspace(strict)
+    strict_ws.directory.add_user("new")
+    with pytest.raises(SettingsError, match="BYOD_ALLOW_SQLITE_INSTANCES=0"):
+        commands.connect(strict_ws, "new", f"sqlite:///{instance}")
+    result = strict_ws.runner().migrate(uid)
+    assert isinstance(result.error, SettingsError)
+    assert instance.stat().st_size == 0  # never opened
+    assert ws.runner().migrate(uid).ok  # the default allows them (the embedded demo)
+    with pytest.raises(SettingsError, match="BYOD_ALLOW_SQLITE_INSTANCES"):
+        Settings.load(env={"BYOD_ALLOW_SQLITE_INSTANCES": "maybe"})
+    strict_ws.engine.dispose()
+
+
+# -- item: the control plane is never an instance ------------------------------------------
+
+
+def instance_url_of(ws: Workspace) -> str:
+    return ws.engine.url.render_as_string(hide_password=False)
+
+
+def test_the_control_plane_is_refused_as_an_instance_at_connect(ws: Workspace) -> None:
+    ws.directory.add_user("sneaky")
+    with pytest.raises(SettingsError, match="control plane") as refused:
+        commands.connect(ws, "sneaky", instance_url_of(ws))
+    assert refused.value.exit_code == 2
+    with pytest.raises(NotConnectedError):
+        ws.directory.get_config(ws.directory.find_user("sneaky").id)
+
+
+def test_a_run_refuses_the_control_plane_as_an_instance_before_any_step(ws: Workspace) -> None:
+    uid = store_old_config(ws, "sneaky", instance_url_of(ws))
+    result = ws.runner().migrate(uid)
+    assert isinstance(result.error, SettingsError)
+    assert "control plane" in result.error.message
+    assert ws.directory.get_config(uid).connection_status == "error"
+    tables = set(sa.inspect(ws.engine).get_table_names())
+    assert "documents" not in tables and "byod_schema_stamp" not in tables
+    summary = commands.migrate_fleet(ws)
+    assert summary.failed == 1 and "control plane" in summary.errors[0].error
+
+
+def test_init_keeps_the_control_plane_id_and_gives_an_older_one_its_id(ws: Workspace) -> None:
+    first = control_plane_id(ws.engine)
+    assert first
+    commands.init(ws)
+    with ws.engine.connect() as conn:
+        assert conn.execute(sa.text(f"SELECT id FROM {CONTROL_PLANE_TABLE}")).scalars().all() == [
+            first
+        ]
+    with ws.engine.begin() as conn:  # a control plane made before the id existed
+        conn.execute(sa.text(f"DROP TABLE {CONTROL_PLANE_TABLE}"))
+    create_tables(ws.engine)
+    with ws.engine.connect() as conn:
+        renewed = conn.execute(sa.text(f"SELECT id FROM {CONTROL_PLANE_TABLE}")).scalar()
+    assert renewed and renewed != first
+
+
+def test_another_control_plane_is_an_ordinary_instance(ws: Workspace, pg: ServerDatabases) -> None:
+    """Only this control plane is refused: a database holding some other id is a user's."""
+    other = make_workspace(pg.create())
+    ws.directory.add_user("other")
+    _, reach = commands.connect(ws, "other", instance_url_of(other))
+    assert reach.status == "connected", reach.error
+    other.engine.dispose()
+
+
+# -- item: credentials in URLs are scrubbed by structure -----------------------------------
+
+
+def test_safe_url_hides_the_password_and_query_secrets() -> None:
+    shown = safe_url("postgresql://u:pw@db.example.com/app?password=qs3cret&sslmode=require")
+    assert "pw" not in shown.replace("postgresql+psycopg", "") and "qs3cret" not in shown
+    assert shown == "postgresql+psycopg://u:***@db.example.com/app?password=***&sslmode=require"
+    assert "sslpassword=***" in safe_url("postgresql://u@h/app?sslpassword=k3y")
+
+
+def test_a_one_character_password_leaves_the_host_readable(ws: Workspace) -> None:
+    port = closed_port()
+    ws.directory.add_user("short")
+    _, reach = commands.connect(ws, "short", f"postgresql://postgres:1@127.0.0.1:{port}/x")
+    assert reach.status == "error"
+    assert "127.0.0.1" in (reach.error or "")
+    assert ":1@" not in (reach.error or "") and "***27" not in (reach.error or "")
+
+
+def test_a_password_in_the_query_is_never_printed(tmp_path: Path, pg: ServerDatabases) -> None:
+    cli = Cli(tmp_path, BYOD_ENCRYPTION_KEY=TEST_KEY)
+    # the control plane's own URL with ?password= (trust auth ignores it)
+    control = sa.make_url(pg.create()).update_query_dict({"password": "cp-s3cret-9"})
+    control_url = control.render_as_string(hide_password=False)
+    init = cli("init", BYOD_DATABASE_URL=control_url)
+    assert init.code == 0, init.err
+    assert "cp-s3cret-9" not in init.out + init.err and "password=***" in init.out
+    unreachable = str(control.set(port=closed_port()).render_as_string(hide_password=False))
+    broken = cli("status", BYOD_DATABASE_URL=unreachable)
+    assert broken.code == 1 and "cp-s3cret-9" not in broken.out + broken.err
+    # an instance URL with ?password= is refused, without echoing it
+    assert cli("users", "add", "--clerk-id", "u1", BYOD_DATABASE_URL=control_url).code == 0
+    instance = pg.create() + "?password=inst-s3cret-7"
+    refused = cli("connect", "u1", "--url", instance, BYOD_DATABASE_URL=control_url)
+    assert refused.code == 2 and "'password' is refused" in refused.err
+    assert "inst-s3cret-7" not in refused.out + refused.err
+
+
+def test_an_old_config_with_a_query_password_fails_without_leaking_it(ws: Workspace) -> None:
+    uid = store_old_config(ws, "old", "postgresql://postgres@127.0.0.1/x?password=old-s3cret-5")
+    result = ws.runner().migrate(uid)
+    assert result.error is not None and "old-s3cret-5" not in result.error.message
+    assert "old-s3cret-5" not in (ws.directory.get_config(uid).last_error or "")
+    summary = commands.migrate_fleet(ws)
+    assert summary.failed == 1
+    assert all("old-s3cret-5" not in error.error for error in summary.errors)
+
+
+# -- item: timeouts hold when a server accepts and never answers ---------------------------
+
+
+@pytest.mark.parametrize("kind", ["mysql", "postgresql"])
+def test_connect_gives_up_on_a_server_that_never_answers(kind: str, tmp_path: Path) -> None:
+    cli = Cli(tmp_path, BYOD_ENCRYPTION_KEY=TEST_KEY)
+    assert cli("init").code == 0
+    assert cli("users", "add", "--clerk-id", "u1").code == 0
+    user = "root" if kind == "mysql" else "postgres"
+    with silent_server() as port:
+        started = time.monotonic()
+        run = cli(
+            "connect", "u1", "--url", f"{kind}://{user}@127.0.0.1:{port}/app", "--timeout", "1"
+        )
+        took = time.monotonic() - started
+    assert run.code == 1 and "unreachable" in run.err, run.err
+    assert took < 8, f"connect --timeout 1 took {took:.1f}s"
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'byod.db'}")
+    with engine.connect() as conn:
+        status = conn.execute(sa.text("SELECT connection_status FROM byod_configs")).scalar()
+    engine.dispose()
+    assert status == "error"
+
+
+def test_a_run_gives_up_on_a_mysql_server_that_stops_answering(ws: Workspace) -> None:
+    with silent_server() as port:
+        uid = store_old_config(ws, "silent", f"mysql://root@127.0.0.1:{port}/app")
+        runner = Runner(ws.engine, ws.registry, ws.sealer, connect_timeout=1.0)
+        started = time.monotonic()
+        result = runner.migrate(uid)
+        assert time.monotonic() - started < 8
+    assert isinstance(result.error, UnreachableError)
+
+
+def test_a_long_mysql_migration_outlasts_the_connect_timeout(
+    ws: Workspace, mysql: ServerDatabases, tmp_path: Path
+) -> None:
+    """The connect timeout bounds the handshake, not a step: with no --timeout, a step
+    that takes longer than it still finishes."""
+    folder = write_migrations(
+        tmp_path / "slow",
+        {
+            "001_slow.py": """
+                import sqlalchemy as sa
+                from byod import Migration
+
+                def up(ctx):
+                    ctx.conn.execute(sa.text("SELECT SLEEP(2.5)"))
+
+                migration = Migration(id="001_slow", version=1, name="Slow",
+                                      description="Takes a while.", up=up)
+            """
+        },
+    )
+    url = mysql.create()
+    ws.directory.add_user("slow")
+    _, reach = commands.connect(ws, "slow", url, timeout=1.0)
+    assert reach.status == "connected", reach.error
+    runner = Runner(ws.engine, Registry.load(folder), ws.sealer, connect_timeout=1.0)
+    result = runner.migrate("slow")
+    assert result.ok, result.error
+
+
+def test_mysql_tls_modes_are_byods_own(ws: Workspace, mysql: ServerDatabases) -> None:
+    """``ssl_mode`` is read by byod (PyMySQL has none): ``disabled`` connects without TLS,
+    ``verify_identity`` refuses a server whose certificate the CA cannot vouch for (or
+    that speaks no TLS at all)."""
+    url = mysql.create()
+    ws.directory.add_user("plain")
+    ws.directory.add_user("strict")
+    _, plain = commands.connect(ws, "plain", url + "?ssl_mode=disabled")
+    assert plain.status == "connected", plain.error
+    _, strict = commands.connect(ws, "strict", url + "?ssl_mode=VERIFY_IDENTITY", timeout=3)
+    assert strict.status == "error"
