@@ -375,11 +375,11 @@ def test_a_long_mysql_migration_outlasts_the_connect_timeout(
         },
     )
     url = mysql.create()
-    ws.directory.add_user("slow")
+    uid = ws.directory.add_user("slow").id
     _, reach = commands.connect(ws, "slow", url, timeout=1.0)
     assert reach.status == "connected", reach.error
     runner = Runner(ws.engine, Registry.load(folder), ws.sealer, connect_timeout=1.0)
-    result = runner.migrate("slow")
+    result = runner.migrate(uid)
     assert result.ok, result.error
 
 
