@@ -65,6 +65,8 @@ def test_dashboard_shows_the_seeded_fleet(served_fleet: str, tmp_path: Path) -> 
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
         )
         page = browser.new_page()
+        refused: list[str] = []  # what the Content-Security-Policy blocked, if anything
+        page.on("console", lambda message: refused.append(message.text))
         page.goto(f"{served_fleet}/dashboard")
         page.fill("#token", token("tenant_0"))  # not an operator
         page.click("#sign-in")
@@ -83,8 +85,17 @@ def test_dashboard_shows_the_seeded_fleet(served_fleet: str, tmp_path: Path) -> 
         assert "tenant_4" in failures and "003_fragile" in failures
         assert "data breaks 003" in failures
         page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+        # the inline style is allowed by its hash: the page is styled, nothing was refused
+        background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert background == "rgb(247, 248, 250)"
         page.click("#failures a")
         page.wait_for_selector("#history")
         assert "failed" in page.inner_text("#history")
+        page.goto(f"{served_fleet}/dashboard")
+        page.click("#sign-out")  # a POST form
+        page.wait_for_selector("#sign-in")
+        page.goto(f"{served_fleet}/dashboard")
+        assert page.query_selector("#versions-chart") is None  # signed out for good
+        assert not [text for text in refused if "Content Security Policy" in text], refused
         browser.close()
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000

@@ -772,11 +772,27 @@ def serve(
     """Serve the HTTP API and the operators' dashboard (BYOD_JWT_* configure tokens)."""
     import uvicorn
 
-    from byod.api import AuthSettings, create_app
+    from byod.api import AuthSettings, HttpSettings, create_app
 
-    application = create_app(_workspace(database_url, migrations), AuthSettings.from_env())
+    application = create_app(
+        _workspace(database_url, migrations), AuthSettings.from_env(), HttpSettings.from_env()
+    )
+    access = logging.getLogger("byod.api.access")  # always on: who called what (no tokens)
+    if not any(isinstance(h, RichHandler) for h in logging.getLogger("byod").handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+        access.addHandler(handler)
     err.print(f"byod serving on http://{host}:{port} (dashboard: /dashboard)")
-    uvicorn.run(application, host=host, port=port, log_level="warning")
+    # forwarded headers are the app's decision (BYOD_FORWARDED_ALLOW_IPS), and so is the
+    # access log (uvicorn's would print query strings)
+    uvicorn.run(
+        application,
+        host=host,
+        port=port,
+        log_level="warning",
+        proxy_headers=False,
+        access_log=False,
+    )
 
 
 @app.command()

@@ -5,5 +5,6 @@ The core never imports this package.
 
 from byod.api.app import create_app
 from byod.api.auth import AuthSettings
+from byod.api.guard import HttpSettings
 
-__all__ = ["AuthSettings", "create_app"]
+__all__ = ["AuthSettings", "HttpSettings", "create_app"]

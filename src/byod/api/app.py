@@ -7,18 +7,19 @@ holds migration logic of its own. Users see only their own data; operators
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from byod import commands
 from byod.api import problems
 from byod.api.auth import Authenticator, AuthSettings, Principal
 from byod.api.background import BackgroundRuns
-from byod.api.dashboard import install_dashboard
+from byod.api.dashboard import STYLE, install_dashboard
+from byod.api.guard import Guard, HttpSettings, content_security_policy
 from byod.api.models import (
     FleetRunRequest,
     FleetStatusOut,
@@ -48,8 +49,9 @@ _ERRORS: dict[int | str, dict[str, object]] = {
         (403, "operators only"),
         (404, "not found"),
         (409, "a run is already under way"),
+        (413, "the request body is larger than BYOD_API_MAX_BODY (any request's body)"),
         (422, "invalid request"),
-        (503, "the control plane or the task-queue broker is unavailable"),
+        (503, "the control plane, the task-queue broker or the token keys are unavailable"),
     ]
 }
 
@@ -66,15 +68,19 @@ def _caller(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None,
 ) -> Principal:
+    principal = getattr(request.state, "principal", None)
+    if isinstance(principal, Principal):  # the Guard authenticated it before any body
+        return principal
     authenticator: Authenticator = request.app.state.authenticator
     if credentials is None:
         return authenticator.authenticate(request.headers.get("authorization"))
     return authenticator.verify(credentials.credentials)
 
 
-def _operator(principal: Annotated[Principal, Depends(_caller)]) -> Principal:
+def _operator(request: Request, principal: Annotated[Principal, Depends(_caller)]) -> Principal:
     if not principal.admin:
-        raise problems.ForbiddenError("operators only (byod_role: admin)")
+        authenticator: Authenticator = request.app.state.authenticator
+        raise problems.ForbiddenError(f"operators only ({authenticator.operator_rule})")
     return principal
 
 
@@ -196,8 +202,14 @@ def user_history(
     return HistoryPage(items=rows, limit=limit, offset=offset)
 
 
-def create_app(ws: Workspace, auth: AuthSettings) -> FastAPI:
-    """The ASGI app on one workspace (control plane, migrations, key)."""
+def create_app(ws: Workspace, auth: AuthSettings, http: HttpSettings | None = None) -> FastAPI:
+    """The ASGI app on one workspace (control plane, migrations, key).
+
+    ``http`` (default: 64 KiB bodies, no trusted proxy) is applied by the app itself, so
+    any ASGI server gives the same answers; ``byod serve`` turns uvicorn's own
+    forwarded-header handling off.
+    """
+    http = HttpSettings() if http is None else http
     ws.require_tables()
     authenticator = Authenticator(auth)
     app = FastAPI(
@@ -213,15 +225,14 @@ def create_app(ws: Workspace, auth: AuthSettings) -> FastAPI:
     problems.install(app)
     app.include_router(router)
     install_dashboard(app, ws, authenticator)
-
-    @app.middleware("http")
-    async def no_store(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        response = await call_next(request)
-        response.headers.setdefault("Cache-Control", "no-store")
-        return response
-
+    app.add_middleware(
+        Guard,
+        authenticator=authenticator,
+        settings=http,
+        dashboard_csp=content_security_policy(STYLE),
+    )
+    if http.forwarded_allow_ips:  # outermost: the Guard sees the real scheme and client
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(http.forwarded_allow_ips))
     return app
 
 
@@ -235,7 +246,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             routes=app.routes,
         )
         for operation in (op for path in schema["paths"].values() for op in path.values()):
-            for status in ("400", "401", "403", "404", "409", "422", "503"):
+            for status in ("400", "401", "403", "404", "409", "413", "422", "503"):
                 operation.setdefault("responses", {})[status] = {
                     "description": _ERRORS[int(status)]["description"],
                     "content": _PROBLEM_CONTENT,

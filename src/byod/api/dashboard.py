@@ -1,6 +1,9 @@
 """The operators' dashboard: server-rendered HTML, an inline-SVG chart, no build step.
 
-Sign in with an operator's token (kept in an HttpOnly cookie scoped to /dashboard).
+Sign in with an operator's token (kept in an HttpOnly, SameSite=Strict cookie scoped to
+/dashboard, ``Secure`` when the request came over HTTPS). Signing in and out are POSTs
+(a cross-site POST is refused by ``Sec-Fetch-Site``); the pages carry no script, so the
+CSP (see :mod:`byod.api.guard`) allows only the inline style below, by its hash.
 Pages: the fleet (users per version, connection statuses, latest failures, runs with
 live progress) and one user's history.
 """
@@ -12,16 +15,18 @@ from urllib.parse import parse_qs, quote
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
 
-from byod.api.auth import Authenticator, AuthError
+from byod.api.auth import Authenticator, AuthError, KeysUnavailableError
 from byod.commands import Workspace
 from byod.controlplane import FleetStatus, LedgerRow, RunRecord, RunStore, fleet_status, history
 from byod.errors import ByodError
 
-__all__ = ["install_dashboard"]
+__all__ = ["COOKIE", "STYLE", "install_dashboard"]
 
 COOKIE = "byod_token"
-_STYLE = """
+_MAX_TOKEN = 16 * 1024  # a JWT with custom claims is a few KiB at most
+STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:2rem;color:#1d2330;background:#f7f8fa}
 h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:2rem}
 table{border-collapse:collapse;background:#fff}td,th{border:1px solid #d5d9e0;padding:4px 8px}
@@ -36,15 +41,15 @@ def _page(title: str, body: str, *, refresh: bool = False) -> str:
     meta = '<meta http-equiv="refresh" content="2">' if refresh else ""
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8">{meta}'
-        f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body>{body}</body></html>"
+        f"<title>{escape(title)}</title><style>{STYLE}</style></head><body>{body}</body></html>"
     )
 
 
-def _sign_in(message: str = "") -> str:
+def _sign_in(message: str = "", rule: str = "byod_role: admin") -> str:
     note = f'<p class="bad" id="sign-in-error">{escape(message)}</p>' if message else ""
     return _page(
         "byod: sign in",
-        "<h1>byod dashboard</h1><p>Paste an operator token (byod_role: admin).</p>"
+        f"<h1>byod dashboard</h1><p>Paste an operator token ({escape(rule)}).</p>"
         f"{note}"
         '<form method="post" action="/dashboard/login">'
         '<input type="password" name="token" id="token" size="60" autocomplete="off">'
@@ -110,7 +115,8 @@ def _overview(status: FleetStatus, runs: list[RunRecord]) -> str:
         "byod: fleet",
         f"<h1>byod fleet</h1><p>head version <b id='head'>{status.head}</b>, "
         f"<b id='users'>{status.users}</b> users, <b id='outdated'>{status.outdated}</b> "
-        "connected below head. <a href='/dashboard/logout'>sign out</a></p>"
+        "connected below head. <form method='post' action='/dashboard/logout' class='inline'>"
+        "<button type='submit' id='sign-out'>sign out</button></form></p>"
         f"<h2>Users per schema version</h2>{_chart(status)}"
         f"<h2>Connection status</h2><div id='connection'>{cards}</div>"
         "<h2>Latest failures</h2><table id='failures'><tr><th>user</th><th>migration</th>"
@@ -140,43 +146,79 @@ def _history(label: str, rows: list[LedgerRow]) -> str:
     )
 
 
+def _cross_site(request: Request) -> bool:
+    """A browser's cross-site request (CSRF); requests without the header are not browsers'."""
+    return request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none")
+
+
 def install_dashboard(app: FastAPI, ws: Workspace, authenticator: Authenticator) -> None:
     """Add the /dashboard pages (not part of the OpenAPI document)."""
+    rule = authenticator.operator_rule
 
-    def signed_in(request: Request) -> bool:
+    def sign_in(message: str = "", status_code: int = 200) -> Response:
+        return HTMLResponse(_sign_in(message, rule), status_code=status_code)
+
+    def refused(request: Request) -> Response | None:
+        """None when an operator's cookie came with the request, else the page to show."""
         token = request.cookies.get(COOKIE)
         if not token:
-            return False
+            return sign_in()
         try:
-            return authenticator.verify(token).admin
+            principal = authenticator.verify(token)
         except AuthError:
-            return False
+            return sign_in()
+        except KeysUnavailableError as exc:
+            return sign_in(f"cannot check tokens now: {exc.message}", 503)
+        request.state.principal = principal  # for the access log
+        return None if principal.admin else sign_in()
 
     @app.get("/dashboard", include_in_schema=False)
     def dashboard(request: Request) -> Response:
-        if not signed_in(request):
-            return HTMLResponse(_sign_in())
+        if (page := refused(request)) is not None:
+            return page
         status = fleet_status(ws.engine, ws.registry.head)
         return HTMLResponse(_overview(status, RunStore(ws.engine).recent(10)))
 
     @app.post("/dashboard/login", include_in_schema=False)
     async def login(request: Request) -> Response:
-        form = parse_qs((await request.body()).decode(errors="replace"))
-        token = (form.get("token") or [""])[0].strip()
+        if _cross_site(request):
+            return sign_in("cross-site sign-in refused", 403)
+        body = await request.body()  # at most BYOD_API_MAX_BODY: the Guard read it
+        if len(body) > _MAX_TOKEN:
+            return sign_in(f"a token is at most {_MAX_TOKEN} bytes", 413)
+        token = (parse_qs(body.decode(errors="replace")).get("token") or [""])[0].strip()
         try:
-            principal = authenticator.verify(token)
+            principal = await run_in_threadpool(authenticator.verify, token)
         except AuthError as exc:
-            return HTMLResponse(_sign_in(exc.message), status_code=401)
+            return sign_in(exc.message, 401)
+        except KeysUnavailableError as exc:
+            return sign_in(f"cannot check tokens now: {exc.message}", 503)
+        request.state.principal = principal
         if not principal.admin:
-            return HTMLResponse(_sign_in("operators only (byod_role: admin)"), status_code=403)
+            return sign_in(f"operators only ({rule})", 403)
         response = RedirectResponse("/dashboard", status_code=303)
-        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/dashboard")
+        response.set_cookie(
+            COOKIE,
+            token,
+            httponly=True,
+            samesite="strict",
+            path="/dashboard",
+            secure=request.url.scheme == "https",
+        )
         return response
 
-    @app.get("/dashboard/logout", include_in_schema=False)
-    def logout() -> Response:
+    @app.post("/dashboard/logout", include_in_schema=False)
+    def logout(request: Request) -> Response:
+        if _cross_site(request):
+            return HTMLResponse(_page("byod", "<p>cross-site sign-out refused</p>"), 403)
         response = RedirectResponse("/dashboard", status_code=303)
-        response.delete_cookie(COOKIE, path="/dashboard")
+        response.delete_cookie(
+            COOKIE,
+            path="/dashboard",
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
         return response
 
     @app.get("/dashboard/users", include_in_schema=False)
@@ -185,8 +227,8 @@ def install_dashboard(app: FastAPI, ws: Workspace, authenticator: Authenticator)
 
     @app.get("/dashboard/users/{user}", include_in_schema=False)
     def user_page(request: Request, user: str) -> Response:
-        if not signed_in(request):
-            return HTMLResponse(_sign_in())
+        if (page := refused(request)) is not None:
+            return page
         try:
             found = ws.directory.find_user(user)
         except ByodError as exc:

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from byod.api.auth import AuthError
+from byod.api.auth import AuthError, KeysUnavailableError
 from byod.errors import (
     BrokerError,
     BusyError,
@@ -44,6 +44,7 @@ class NotFoundError(ByodError):
 
 _STATUS: list[tuple[type[ByodError], int, str]] = [
     (AuthError, 401, "unauthorized"),
+    (KeysUnavailableError, 503, "keys-unavailable"),
     (ForbiddenError, 403, "forbidden"),
     (NotFoundError, 404, "not-found"),
     (UnknownUserError, 404, "unknown-user"),

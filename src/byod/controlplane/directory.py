@@ -129,9 +129,7 @@ class Directory:
                 )
                 user_id = result.inserted_primary_key[0]  # type: ignore[index]
         except IntegrityError as exc:
-            raise InputError(
-                f"a user with clerk id {clerk_id!r} already exists"
-            ) from exc
+            raise InputError(f"a user with clerk id {clerk_id!r} already exists") from exc
         except SQLAlchemyError as exc:
             raise ControlPlaneError(
                 f"control plane: cannot add the user ({type(exc).__name__})"

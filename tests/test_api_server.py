@@ -1,0 +1,262 @@
+"""`byod serve` as an operator runs it: a real server process on a free port, spoken to over
+real sockets (bodies it must not read, forwarded headers it must not trust, its access log,
+and settings it must refuse at start with exit 2)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+import byod
+from tests.conftest import TEST_KEY, make_workspace
+from tests.helpers import add_connected
+from tests.migration_sets import counter_migrations
+from tests.test_api import SECRET, bearer, token
+from tests.test_cli import BYOD
+
+MIB = 1024 * 1024
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rss(pid: int) -> int:
+    """Resident memory of a process, in bytes (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@dataclass
+class Served:
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def raw(self, head: str, body: bytes = b"") -> socket.socket:
+        """A connection on which ``head`` (request line and headers) and ``body`` were sent."""
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+        return sock
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """A SQLite control plane with one connected user and an operator; serve's environment."""
+    url = f"sqlite:///{tmp_path / 'control.db'}"
+    ws = make_workspace(url, counter_migrations(tmp_path / "migrations"))
+    (tmp_path / "a.db").touch()
+    add_connected(ws, f"sqlite:///{tmp_path / 'a.db'}", "user_a")
+    ws.directory.add_user("ops")
+    ws.engine.dispose()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BYOD_")}
+    here = str(Path(byod.__file__).resolve().parents[1])  # the server runs this very code
+    return clean | {
+        "PYTHONPATH": os.pathsep.join([here, *filter(None, [clean.get("PYTHONPATH")])]),
+        "BYOD_DATABASE_URL": url,
+        "BYOD_MIGRATIONS": str(tmp_path / "migrations"),
+        "BYOD_ENCRYPTION_KEY": TEST_KEY,
+        "BYOD_JWT_SECRET": SECRET,
+    }
+
+
+@contextlib.contextmanager
+def serve(env: dict[str, str], folder: Path, **extra: str) -> Iterator[Served]:
+    port = _free_port()
+    log = folder / f"serve-{port}.log"
+    with log.open("wb") as stderr:
+        process = subprocess.Popen(
+            [*BYOD, "serve", "--port", str(port)],
+            cwd=folder,
+            env=env | extra,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, log.read_text()
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            assert time.monotonic() < deadline, "byod serve did not start"
+            time.sleep(0.1)
+        yield Served(f"http://127.0.0.1:{port}", port, process, log)
+    finally:
+        process.terminate()
+        process.wait(20)
+
+
+@pytest.fixture
+def served(env: dict[str, str], tmp_path: Path) -> Iterator[Served]:
+    with serve(env, tmp_path) as server:
+        yield server
+
+
+def _response(sock: socket.socket) -> bytes:
+    """The response on ``sock``, up to the server's hang-up (it times out if none comes)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    assert data.startswith(b"HTTP/1.1 "), data
+    return data
+
+
+def _status(sock: socket.socket) -> int:
+    return int(_response(sock).split()[1])
+
+
+def test_a_huge_body_without_a_token_is_401_before_it_is_read(served: Served) -> None:
+    before = _rss(served.process.pid)
+    sock = served.raw(
+        "POST /v1/fleet/runs HTTP/1.1\nHost: x\nContent-Type: application/json\n"
+        f"Content-Length: {400 * MIB}\n",
+        b"{" + b" " * 1024,
+    )
+    with sock:
+        assert _status(sock) == 401  # answered with 400 MB still to come
+        sent = 0
+        with contextlib.suppress(OSError):  # the server hangs up: nobody reads the rest
+            while sent < 64 * MIB:
+                sock.sendall(b" " * MIB)
+                sent += MIB
+    assert sent < 64 * MIB
+    assert _rss(served.process.pid) - before < 16 * MIB
+
+
+def test_a_body_over_the_limit_is_413_from_its_length_or_while_it_streams(
+    served: Served,
+) -> None:
+    auth = f"Authorization: Bearer {token('ops', admin=True)}\n"
+    declared = served.raw(
+        f"POST /v1/fleet/runs HTTP/1.1\nHost: x\n{auth}Content-Type: application/json\n"
+        f"Content-Length: {400 * MIB}\n",
+        b"{",
+    )
+    with declared:
+        refused = _response(declared)
+    assert refused.startswith(b"HTTP/1.1 413"), refused
+    assert b"application/problem+json" in refused and b"65536 bytes" in refused
+
+    chunk = b"4000\r\n" + b" " * 0x4000 + b"\r\n"  # 16 KiB chunks, never a last one
+    chunked = served.raw(
+        f"POST /v1/fleet/runs HTTP/1.1\nHost: x\n{auth}Content-Type: application/json\n"
+        "Transfer-Encoding: chunked\n",
+        chunk * 5,  # 80 KiB: past 64 KiB
+    )
+    with chunked:
+        assert _status(chunked) == 413
+
+    small = httpx.post(
+        f"{served.url}/v1/fleet/runs",
+        content=b'{"concurrency": 1' + b" " * 60_000 + b"}",
+        headers=bearer(token("ops", admin=True)) | {"content-type": "application/json"},
+        timeout=30,
+    )
+    assert small.status_code == 202  # within the limit: read and handled
+
+
+def test_login_form_is_capped(served: Served) -> None:
+    sock = served.raw(
+        "POST /dashboard/login HTTP/1.1\nHost: x\n"
+        f"Content-Type: application/x-www-form-urlencoded\nContent-Length: {100 * MIB}\n",
+        b"token=",
+    )
+    with sock:
+        assert _status(sock) == 413
+    huge_token = httpx.post(
+        f"{served.url}/dashboard/login", data={"token": "x" * 20_000}, timeout=10
+    )
+    assert huge_token.status_code == 413
+
+
+def _login(url: str, **headers: str) -> httpx.Response:
+    return httpx.post(
+        f"{url}/dashboard/login",
+        data={"token": token("ops", admin=True)},
+        headers=headers,
+        timeout=10,
+    )
+
+
+def test_forwarded_proto_is_trusted_only_from_configured_proxies(
+    served: Served, env: dict[str, str], tmp_path: Path
+) -> None:
+    # uvicorn's own default would believe any X-Forwarded-Proto from 127.0.0.1
+    plain = _login(served.url, **{"X-Forwarded-Proto": "https"})
+    assert plain.status_code == 303
+    assert "secure" not in plain.headers["set-cookie"].lower()
+    with serve(env, tmp_path, BYOD_FORWARDED_ALLOW_IPS="127.0.0.1") as behind_proxy:
+        forwarded = _login(behind_proxy.url, **{"X-Forwarded-Proto": "https"})
+        cookie = forwarded.headers["set-cookie"].lower()
+        assert "; secure" in cookie and "httponly" in cookie and "samesite=strict" in cookie
+        assert "secure" not in _login(behind_proxy.url).headers["set-cookie"].lower()
+
+
+def test_access_log_names_the_caller_and_never_the_token(served: Served) -> None:
+    secret_token = token("user_a")
+    response = httpx.get(
+        f"{served.url}/v1/me/migrations",
+        params={"limit": 2, "api_key": "hunter2"},
+        headers=bearer(secret_token),
+        timeout=10,
+    )
+    assert response.status_code == 200
+    cookie = token("ops", admin=True)
+    page = httpx.get(f"{served.url}/dashboard", cookies={"byod_token": cookie}, timeout=10)
+    assert page.status_code == 200
+    assert httpx.get(f"{served.url}/v1/me/instance", timeout=10).status_code == 401
+    deadline = time.monotonic() + 10
+    while "GET /v1/me/instance 401" not in served.log.read_text():
+        assert time.monotonic() < deadline, served.log.read_text()
+        time.sleep(0.1)
+    log = served.log.read_text()
+    assert "byod.api.access GET /v1/me/migrations 200 " in log
+    assert "sub=user_a" in log and "client=127.0.0.1" in log
+    assert "GET /dashboard 200 " in log and "sub=ops" in log
+    assert "GET /v1/me/instance 401 " in log
+    for secret in (secret_token, cookie, "hunter2", "api_key", "limit=2"):
+        assert secret not in log
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("BYOD_JWT_SECRET", "x", "at least 32"),
+        ("BYOD_JWT_PUBLIC_KEY", "-----BEGIN PUBLIC KEY-----\nnope\n", "not a PEM public key"),
+        ("BYOD_JWT_JWKS", "{missing}", "cannot read the JWKS file"),
+        ("BYOD_JWT_JWKS", "{garbage}", "is not JSON"),
+        ("BYOD_JWT_JWKS", "http://127.0.0.1:1/jwks.json", "https:// URL"),
+        ("BYOD_API_MAX_BODY", "lots", "BYOD_API_MAX_BODY"),
+    ],
+)
+def test_a_bad_setting_stops_serve_with_exit_2_and_no_traceback(
+    env: dict[str, str], tmp_path: Path, setting: str, value: str, message: str
+) -> None:
+    (tmp_path / "garbage.json").write_text("{not json")
+    value = value.format(missing=tmp_path / "nope.json", garbage=tmp_path / "garbage.json")
+    done = subprocess.run(
+        [*BYOD, "serve", "--port", str(_free_port())],
+        cwd=tmp_path,
+        env=env | {setting: value},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert message in " ".join(done.stderr.split()), done.stderr
+    assert "Traceback" not in done.stderr
