@@ -23,9 +23,12 @@ from byod.connections import Credentials, open_instance, unseal_config
 from byod.controlplane import Config, Directory, Ledger, User
 from byod.crypto import Sealer
 from byod.errors import (
+    BusyError,
     ByodError,
+    ControlPlaneError,
     CredentialsError,
     DriftError,
+    InstanceError,
     IrreversibleError,
     NotConnectedError,
     UnreachableError,
@@ -126,7 +129,7 @@ class Runner:
         sealer: Sealer,
         *,
         notify: Notifier = log_notice,
-        lease_seconds: float = 300.0,
+        lease_seconds: float = 30.0,
         connect_timeout: float = 10.0,
         timeout: float | None = None,
         run_id: str | None = None,
@@ -178,7 +181,10 @@ class Runner:
         everything that goes wrong on the way is in the result's ``error``.
         """
         user = self.directory.find_user(user_ref)
-        self._refuse_disconnected(user, self.directory.get_config(user.id))
+        config = self.directory.get_config(user.id)
+        self._refuse_disconnected(user, config)
+        if config.key_id != self.sealer.key_id:
+            return self._gave_up(user, config.schema_version, self._foreign_key(config))
         return self.migrate_user(user, to_version=to_version)
 
     def migrate_user(self, user: User, *, to_version: int | None = None) -> UserResult:
@@ -196,6 +202,8 @@ class Runner:
         config = self.directory.get_config(user.id)
         self._refuse_disconnected(user, config)
         self._refuse_irreversible(user, self.registry.plan_down(config.schema_version, to_version))
+        if config.key_id != self.sealer.key_id:
+            return self._gave_up(user, config.schema_version, self._foreign_key(config))
         return self.rollback_user(user, to_version)
 
     def rollback_user(self, user: User, to_version: int) -> UserResult:
@@ -239,9 +247,7 @@ class Runner:
         deadline = None if self.timeout is None else started + self.timeout
         try:
             config = self.directory.claim_lease(user.id, self.owner, self.lease_seconds)
-        except ByodError as exc:
-            if isinstance(exc, NotConnectedError):
-                raise
+        except BusyError as exc:
             return self._gave_up(user, 0, exc)
         lease = _Lease()
         try:
@@ -249,7 +255,10 @@ class Runner:
                 return self._run_leased(user, config, make_plan, lease, deadline)
         finally:
             if not lease.released:
-                self.directory.release_lease(user.id, self.owner)
+                try:
+                    self.directory.release_lease(user.id, self.owner)
+                except ControlPlaneError as exc:  # the outcome stands; the lease expires
+                    log.warning("user %s: lease not given back: %s", user.id, exc.message)
 
     def _run_leased(
         self,
@@ -263,11 +272,14 @@ class Runner:
             return self._gave_up(
                 user, config.schema_version, NotConnectedError("it is disconnected")
             )
+        if config.key_id != self.sealer.key_id:
+            # the operator's key, not the user's instance: its status is left alone
+            return self._refused(user, config, make_plan, self._foreign_key(config))
         try:
             credentials = unseal_config(config, self.sealer)
-        except CredentialsError as exc:
+        except CredentialsError as exc:  # the right key, and it does not open
             self.directory.set_status(user.id, "error", error=exc.message)
-            return self._gave_up(user, config.schema_version, exc)
+            return self._refused(user, config, make_plan, exc)
         connect_timeout = self.connect_timeout
         if deadline is not None:
             connect_timeout = max(0.1, min(connect_timeout, deadline - time.monotonic()))
@@ -275,17 +287,19 @@ class Runner:
             target = self._opener(credentials, connect_timeout)
         except UnreachableError as exc:
             self._unreachable(user, exc)
-            return self._gave_up(user, config.schema_version, exc)
+            return self._refused(user, config, make_plan, exc)
         try:
             try:
                 current, recovered = self._reconcile(user, config, target.read_stamp())
                 plan = make_plan(current)
-            except IrreversibleError:
+            except (IrreversibleError, ControlPlaneError):
                 raise
             except ByodError as exc:
                 exc.message = credentials.scrub(exc.message)
                 if isinstance(exc, UnreachableError):
                     self._unreachable(user, exc)
+                if isinstance(exc, InstanceError):  # unreachable, drift, dirty, timeout
+                    return self._refused(user, config, make_plan, exc)
                 return self._gave_up(user, config.schema_version, exc)
             return self._execute(user, plan, target, credentials, lease, deadline, recovered)
         finally:
@@ -440,6 +454,27 @@ class Runner:
         return body
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _refused(
+        self, user: User, config: Config, make_plan: Callable[[int], Plan], exc: ByodError
+    ) -> UserResult:
+        """Give up before the chain started, leaving a trail where operators look: a
+        ``failed`` ledger row, error class first, for the step the control plane expects
+        to run next (none when it expects nothing to run)."""
+        try:
+            steps = make_plan(config.schema_version).steps
+        except ByodError:
+            steps = ()
+        if steps:
+            text = f"{type(exc).__name__}: {exc.message}"
+            self.ledger.record_not_started(user.id, steps[0], text, self.run_id)
+        return self._gave_up(user, config.schema_version, exc)
+
+    def _foreign_key(self, config: Config) -> CredentialsError:
+        return CredentialsError(
+            f"its credentials were sealed with key {config.key_id}, but the configured key "
+            f"is {self.sealer.key_id}: wrong encryption key; nothing was changed"
+        )
 
     def _gave_up(self, user: User, version: int, exc: ByodError) -> UserResult:
         log.error("user %s: %s: %s", user.id, type(exc).__name__, exc.message)
