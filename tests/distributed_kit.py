@@ -172,7 +172,11 @@ def make_cluster(pg: ServerDatabases, tmp_path: Path, broker: str) -> Cluster:
         "BYOD_BROKER_URL": broker,
         "BYOD_BROKER_VISIBILITY_TIMEOUT": "3",
         "BYOD_QUEUE": queue,
-        "PYTHONPATH": str(Path(__file__).parent.parent),  # the migrations import tests.gates
+        # the migrations import tests.gates; a PYTHONPATH already set (a worktree's src)
+        # stays, so the workers run the code under test
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH")) if p
+        ),
     }
     env.pop("CI", None)
     ws.settings = Settings.load(database_url=control, env=env)

@@ -343,3 +343,54 @@ def test_fleet_runs_are_listed_shown_and_undone(cli: Cli, tmp_path: Path) -> Non
     assert cli("pending", "c", **env).out.strip() == "1"  # never in the run
     assert cli("runs", "show", "nope").code == 2
     assert cli("rollback", "--run", summary["run_id"], "--to", "1").code == 2
+
+
+def test_failures_before_the_chain_are_in_runs_show_status_and_history(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """Regression: an unreachable, undecryptable or drifted user was counted failed, but
+    `runs show`, `status` and `history` had nothing on it."""
+    env = counter_fleet(cli, tmp_path, "--to", "2")
+    (tmp_path / "a.db").unlink()  # unreachable
+    control = f"sqlite:///{tmp_path / 'byod.db'}"
+    execute(control, "UPDATE byod_configs SET sealed_url = 'v1.AAAA' WHERE user_id = 2")
+    (tmp_path / "migrations" / "001_create.py").write_text(
+        (tmp_path / "migrations" / "001_create.py").read_text() + "\n# edited\n"
+    )  # c drifts (a and b fail before reading their stamp)
+    run = cli("migrate", "--all", "--json", "--retries", "0", **env)
+    assert run.code == 1
+    lines = [json.loads(line) for line in run.out.splitlines()]
+    summary = lines[-1]["summary"]
+    assert (summary["total"], summary["failed"]) == (3, 3)
+    assert {line["clerk_id"]: line["error_type"] for line in lines[:-1]} == {
+        "a": "UnreachableError",
+        "b": "CredentialsError",
+        "c": "DriftError",
+    }
+    shown = cli("runs", "show", summary["run_id"], "--json").json()
+    failures = {f["clerk_id"]: (f["migration"], f["error"]) for f in shown["failures"]}  # type: ignore[index]
+    assert {user: migration for user, (migration, _) in failures.items()} == {
+        "a": "003_fragile",
+        "b": "003_fragile",
+        "c": "003_fragile",
+    }
+    assert failures["a"][1].startswith("UnreachableError: ")
+    assert failures["b"][1].startswith("CredentialsError: ")
+    assert failures["c"][1].startswith("DriftError: ")
+    recent = cli("status", "--json", **env).json()["recent_failures"]  # type: ignore[index]
+    assert {f["clerk_id"] for f in recent} == {"a", "b", "c"}
+    history = cli("history", "a", "--json").json()
+    assert next((h["migration_id"], h["status"], h["attempts"]) for h in history) == (  # type: ignore[index]
+        "003_fragile",
+        "failed",
+        0,
+    )
+    # a single user, and a rollback, leave the same trail (no run id)
+    assert cli("migrate", "a", **env).code == 1
+    assert cli("rollback", "a", "--to", "1", **env).code == 1
+    rows = cli("history", "a", "--json").json()
+    assert [(h["migration_id"], h["direction"], h["run_id"]) for h in rows][:2] == [  # type: ignore[index]
+        ("002_bump", "down", None),
+        ("003_fragile", "up", None),
+    ]
+    assert all(h["error"].startswith("UnreachableError: ") for h in rows[:3])  # type: ignore[index, union-attr]

@@ -65,12 +65,14 @@ def test_two_workers_migrate_200_instances_exactly(cluster: Cluster) -> None:
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     summary = cluster.summary(done)
     assert done.returncode == 1, done.stderr  # two users failed
-    assert {k: summary[k] for k in ("state", "total", "succeeded", "failed", "skipped")} == {
+    keys = ("state", "total", "succeeded", "failed", "busy", "up_to_date")
+    assert {k: summary[k] for k in keys} == {
         "state": "completed",
         "total": 199,
         "succeeded": 197,
         "failed": 2,
-        "skipped": 0,
+        "busy": 0,
+        "up_to_date": 0,
     }
     assert sorted(e["user"] for e in summary["errors"]) == ["u7", "u9"]  # type: ignore[attr-defined]
     per_user = {line["clerk_id"]: line for line in lines[:-1]}
@@ -495,7 +497,7 @@ def test_a_retry_after_an_unrecorded_end_still_counts_the_user_moved(
 
     record = RunStore(cluster.ws.engine).get(run_id)
     assert record.ended_at is not None and record.state == "completed"
-    assert (record.counts.succeeded, record.counts.skipped) == (2, 0)
+    assert (record.counts.succeeded, record.counts.up_to_date) == (2, 0)
     assert all(stamp_ids(url) == HEAD and counter(url) == 11 for url in fleet.values())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from sqlalchemy import event
 from byod.commands import Workspace
 from byod.controlplane import RunStore, history
 from byod.controlplane.schema import ledger
-from byod.errors import InputError, IrreversibleError
+from byod.errors import CredentialsError, InputError, IrreversibleError
 from byod.fleet import (
     FleetEvent,
     FleetOptions,
@@ -27,9 +28,17 @@ from byod.fleet import (
     migrate_fleet,
     rollback_run,
 )
-from tests.conftest import TEST_KEY, InstanceFactory, execute, make_workspace
+from tests.conftest import (
+    OTHER_KEY,
+    TEST_KEY,
+    InstanceFactory,
+    ServerDatabases,
+    execute,
+    make_workspace,
+)
 from tests.helpers import add_connected, counter, schema_version, stamp_ids, statuses
-from tests.migration_sets import slow_migrations
+from tests.migration_sets import counter_migrations, slow_migrations
+from tests.tcp_proxy import CuttableProxy
 
 FAST_RETRY = {"retry_base_seconds": 0.05, "retry_cap_seconds": 0.2}
 
@@ -67,7 +76,8 @@ def test_fleet_mix_summary_and_ledger_are_exact(
     break_instance(urls[4])
     options = FleetOptions(concurrency=3, retries=1, **FAST_RETRY)
     summary = migrate_fleet(cws.runner(), options=options)
-    assert (summary.total, summary.succeeded, summary.failed, summary.skipped) == (5, 3, 2, 0)
+    counts = (summary.total, summary.succeeded, summary.failed, summary.busy, summary.up_to_date)
+    assert counts == (5, 3, 2, 0, 0)
     assert summary.not_started == 0 and summary.state == "completed" and not summary.ok
     failed = {(e.user, e.migration) for e in summary.errors}
     assert failed == {("user_003", None), ("user_004", "003_fragile")}
@@ -79,7 +89,9 @@ def test_fleet_mix_summary_and_ledger_are_exact(
             "002_bump",
             "003_fragile",
         }
-    assert statuses(cws, ids[3]) == []  # never reached: nothing planned
+    # never reached: the step it would have run is failed, with why, and no attempt
+    assert statuses(cws, ids[3]) == [("001_create", "up", "failed", 0)]
+    assert (history(cws.engine, ids[3])[0].error or "").startswith("UnreachableError: ")
     assert ("003_fragile", "up", "failed", 1) in statuses(cws, ids[4])
     at_head_rows = history(cws.engine, ids[5])
     assert {r.run_id for r in at_head_rows} == {None}  # the fleet run never touched it
@@ -450,3 +462,218 @@ def test_a_lease_let_go_while_claiming_is_taken_not_a_crash(
     finally:
         Directory.get_config = original  # type: ignore[method-assign]
     assert claimed.lease_owner == "me"
+
+
+# -- a control plane that blips, and users that end without a runner's result ----------
+
+
+@pytest.mark.parametrize("pool", [["--concurrency", "4"], ["--processes", "2"]])
+def test_a_short_control_plane_outage_mid_run_is_waited_for(
+    pg: ServerDatabases, tmp_path: Path, pool: list[str]
+) -> None:
+    """Regression: a 2 s outage of the control plane failed every user that touched it
+    ("cannot claim the lease"), left the run `running 0/0/0/0`, ledger rows `running`
+    and users without a JSON line."""
+    ws = make_workspace(pg.create(), counter_migrations(tmp_path / "migrations"))
+    ids, urls = fleet_of(ws, lambda: _sqlite_file(tmp_path), 24)
+    proxy = CuttableProxy(5432)  # the run reaches the control plane through it
+    through = sa.make_url(ws.settings.database_url).set(port=proxy.port)
+    env = {
+        "BYOD_DATABASE_URL": through.render_as_string(hide_password=False),
+        "BYOD_MIGRATIONS": str(ws.settings.migrations_dir),
+        "BYOD_TEST_HOLD_DIR": str(tmp_path),
+        "BYOD_TEST_HOLD_SECONDS": "0.2",
+    }
+    try:
+        run = byod(tmp_path, "migrate", "--all", "--json", "--retries", "0", *pool, env=env)
+        deadline = time.monotonic() + 60
+        while _completed(ws) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proxy.cut()  # every connection of the run drops; no new one gets through
+        time.sleep(2)
+        proxy.restore()
+        out, err = run.communicate(timeout=120)
+    finally:
+        proxy.close()
+    assert run.returncode == 0, (out, err)
+    lines = [json.loads(line) for line in out.splitlines()]
+    summary = lines[-1]["summary"]
+    per_user = Counter(line["clerk_id"] for line in lines[:-1])
+    assert sorted(per_user) == [f"user_{i:03d}" for i in range(24)]
+    assert set(per_user.values()) == {1}  # one JSON line per user
+    assert (summary["state"], summary["total"], summary["succeeded"]) == ("completed", 24, 24)
+    record = RunStore(ws.engine).get(summary["run_id"])
+    c = record.counts
+    assert (record.state, c.total, c.succeeded, c.failed) == ("completed", 24, 24, 0)
+    assert record.ended_at is not None
+    assert [counter(url) for url in urls] == [11] * 24  # nothing applied twice
+    assert not [s for uid in ids for s in statuses(ws, uid) if s[2] in ("running", "pending")]
+    with ws.engine.connect() as conn:
+        done = conn.execute(
+            sa.select(ledger.c.user_id, ledger.c.migration_id).where(ledger.c.status == "completed")
+        ).all()
+    assert len(done) == len(set(done)) == 3 * 24
+    ws.engine.dispose()
+
+
+def _sqlite_file(folder: Path) -> str:
+    path = folder / f"instance-{len(list(folder.glob('instance-*.db')))}.db"
+    path.touch()
+    return f"sqlite:///{path}"
+
+
+def _completed(ws: Workspace) -> int:
+    with ws.engine.connect() as conn:
+        query = sa.select(sa.func.count()).where(ledger.c.status == "completed")
+        return int(conn.execute(query.select_from(ledger)).scalar_one())
+
+
+def test_every_user_ends_with_one_event_even_after_an_internal_error(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    """Regression: a user whose run raised (no runner result) got no `UserFinished`,
+    so no JSON line."""
+    from byod.connections import Credentials, open_instance
+    from byod.runner import Runner
+    from byod.targets import Target
+
+    ids, _ = fleet_of(cws, new_instance, 3)
+    broken = cws.directory.get_config(ids[1])
+
+    def opener(credentials: Credentials, timeout: float) -> Target:
+        target = open_instance(credentials, timeout=timeout)
+        if str(credentials.url) == str(open_instance_url(cws, broken.user_id)):
+            target.close()
+            raise RuntimeError("a bug in byod")
+        return target
+
+    runner = Runner(cws.engine, cws.registry, cws.sealer, opener=opener)
+    events: list[UserFinished] = []
+    summary = migrate_fleet(
+        runner,
+        options=FleetOptions(concurrency=2),
+        on_event=lambda e: events.append(e) if isinstance(e, UserFinished) else None,
+    )
+    assert sorted(e.result.user_id for e in events) == ids
+    assert {e.result.user_id: e.outcome for e in events}[ids[1]] == "failed"
+    assert (summary.succeeded, summary.failed) == (2, 1)
+    assert "a bug in byod" in summary.errors[0].error
+
+
+def open_instance_url(ws: Workspace, user_id: int) -> sa.URL:
+    from byod.connections import unseal_config
+
+    return unseal_config(ws.directory.get_config(user_id), ws.sealer).url
+
+
+# -- busy users, short leases, run counts ----------------------------------------------
+
+
+def test_a_user_another_runner_holds_is_counted_busy(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    ids, _ = fleet_of(cws, new_instance, 3)
+    cws.directory.claim_lease(ids[0], "another-runner", 30)
+    cws.runner().migrate(ids[2], to_version=3)  # at head before the run: not selected
+    events: dict[int, str] = {}
+    summary = migrate_fleet(
+        cws.runner(),
+        options=FleetOptions(retries=0),
+        on_event=lambda e: (
+            events.update({e.result.user_id: e.outcome}) if isinstance(e, UserFinished) else None
+        ),
+    )
+    assert (summary.total, summary.succeeded, summary.busy, summary.up_to_date) == (2, 1, 1, 0)
+    assert events == {ids[0]: "busy", ids[1]: "succeeded"}
+    assert "skipped" not in summary.as_dict()
+    counts = RunStore(cws.engine).get(summary.run_id).counts
+    assert (counts.busy, counts.succeeded, counts.up_to_date) == (1, 1, 0)
+    listed = migrate_fleet(cws.runner(), selection=Selection(users=("user_002",)))
+    assert (listed.total, listed.up_to_date) == (1, 1)
+
+
+def test_leases_are_short_by_default(cws: Workspace, new_instance: InstanceFactory) -> None:
+    """A dead runner's users come back in about 30 s, not 5 minutes."""
+    from byod.controlplane.schema import utcnow
+    from byod.distributed.worker import fleet_options
+
+    assert FleetOptions().lease_seconds == 30 == fleet_options({}).lease_seconds
+    ids, _ = fleet_of(cws, new_instance, 1)
+    runner = cws.runner()
+    assert runner.lease_seconds == 30
+    claimed = cws.directory.claim_lease(ids[0], runner.owner, runner.lease_seconds)
+    assert claimed.lease_expires_at is not None
+    assert (claimed.lease_expires_at - utcnow()).total_seconds() <= 30
+
+
+def test_runs_recorded_before_busy_and_up_to_date_stay_readable(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    ws = make_workspace(url)
+    with ws.engine.begin() as conn:  # a control plane made before the two columns
+        conn.execute(sa.text("ALTER TABLE byod_runs DROP COLUMN busy"))
+        conn.execute(sa.text("ALTER TABLE byod_runs DROP COLUMN up_to_date"))
+        conn.execute(
+            sa.text(
+                "INSERT INTO byod_runs (id, kind, started_by, options, state, total, "
+                "succeeded, failed, skipped, not_started, not_eligible, started_at, "
+                "updated_at, dispatched, in_flight, exhausted) VALUES ('old', 'migrate', "
+                "'me', '{}', 'completed', 5, 2, 1, 2, 0, 0, '2024-01-01 00:00:00', "
+                "'2024-01-01 00:00:00', 0, 0, 0)"
+            )
+        )
+    ws.engine.dispose()
+    again = make_workspace(url)  # `byod init` adds what is missing
+    counts = RunStore(again.engine).get("old").counts
+    assert (counts.total, counts.succeeded, counts.failed, counts.busy) == (5, 2, 1, 0)
+    assert counts.up_to_date == 2  # what the old run counted `skipped`
+    again.engine.dispose()
+
+
+# -- a wrong encryption key ------------------------------------------------------------
+
+
+def test_a_key_that_opens_nobody_stops_the_run_before_it_starts(
+    cws: Workspace, new_instance: InstanceFactory, control_plane_url: str
+) -> None:
+    """Regression: an operator's wrong key marked every user's instance `error`."""
+    ids, _ = fleet_of(cws, new_instance, 3)
+    wrong = make_workspace(control_plane_url, cws.settings.migrations_dir, key=OTHER_KEY)
+    with pytest.raises(CredentialsError, match="wrong encryption key") as raised:
+        migrate_fleet(wrong.runner())
+    assert raised.value.exit_code == 1
+    with pytest.raises(CredentialsError):
+        migrate_fleet(wrong.runner(), selection=Selection(users=("user_001",)))
+    assert RunStore(cws.engine).recent() == []  # no run recorded
+    for uid in ids:
+        config = cws.directory.get_config(uid)
+        assert (config.connection_status, config.lease_owner) == ("connected", None)
+        assert statuses(cws, uid) == []
+    run = migrate_fleet(cws.runner())  # the right key
+    with pytest.raises(CredentialsError):
+        rollback_run(wrong.runner(), run.run_id)
+    wrong.engine.dispose()
+
+
+def test_a_user_sealed_with_another_key_fails_without_marking_its_instance(
+    cws: Workspace, new_instance: InstanceFactory, control_plane_url: str
+) -> None:
+    from byod.commands import connect
+
+    ids, urls = fleet_of(cws, new_instance, 3)
+    other = make_workspace(control_plane_url, cws.settings.migrations_dir, key=OTHER_KEY)
+    connect(other, "user_001", urls[1])  # sealed with another key
+    with cws.engine.begin() as conn:  # corrupt, under the right key
+        conn.execute(
+            sa.text("UPDATE byod_configs SET sealed_url = 'v1.AAAA' WHERE user_id = :u"),
+            {"u": ids[2]},
+        )
+    summary = migrate_fleet(cws.runner(), options=FleetOptions(retries=0))
+    assert (summary.succeeded, summary.failed) == (1, 2)
+    foreign = cws.directory.get_config(ids[1])
+    assert (foreign.connection_status, foreign.last_error) == ("connected", None)
+    assert cws.directory.get_config(ids[2]).connection_status == "error"
+    row = history(cws.engine, ids[1])[0]
+    assert (row.status, row.run_id) == ("failed", summary.run_id)
+    assert (row.error or "").startswith("CredentialsError: ")
+    assert "wrong encryption key" in (row.error or "")
+    other.engine.dispose()

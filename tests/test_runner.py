@@ -338,6 +338,16 @@ def test_wrong_key_is_a_credentials_error_and_no_secret_leaks(
     assert isinstance(result.error, CredentialsError)
     assert "wrong encryption key" in result.error.message
     assert result.error.exit_code == 1
+    # the operator's key, not the user's instance: nothing about the user is touched
+    config = cws.directory.get_config(uid)
+    assert (config.connection_status, config.last_error, config.lease_owner) == (
+        "connected",
+        None,
+        None,
+    )
+    assert statuses(cws, uid) == []
+    assert isinstance(other.runner().rollback(uid, 0).error, CredentialsError)
+    assert cws.directory.get_config(uid).connection_status == "connected"
 
 
 def test_ciphertext_moved_between_users_does_not_open(

@@ -193,7 +193,9 @@ def run_data(run: RunRecord) -> dict[str, Any]:
 
 def runs_table(records: list[RunRecord]) -> Table:
     """Fleet runs, newest first."""
-    table = Table(title="fleet runs (counts: ok / failed / skipped / not started of total)")
+    table = Table(
+        title="fleet runs (counts: ok / failed / busy / up to date / not started of total)"
+    )
     table.add_column("run", no_wrap=True)
     table.add_column("kind")
     table.add_column("state")
@@ -207,7 +209,7 @@ def runs_table(records: list[RunRecord]) -> Table:
             kind,
             run.shown_state,
             _when(run.started_at),
-            f"{c.succeeded}/{c.failed}/{c.skipped}/{c.not_started} of {c.total}",
+            f"{c.succeeded}/{c.failed}/{c.busy}/{c.up_to_date}/{c.not_started} of {c.total}",
         )
     return table
 
@@ -222,8 +224,9 @@ def run_details(details: RunDetails, console: Console) -> None:
         f"started {_when(run.started_at)} by {plain(run.started_by)}; ended {_when(run.ended_at)}"
     )
     console.print(
-        f"total {c.total}: {c.succeeded} succeeded, {c.failed} failed, {c.skipped} skipped, "
-        f"{c.not_started} not started, {c.not_eligible} not eligible"
+        f"total {c.total}: {c.succeeded} succeeded, {c.failed} failed, {c.busy} busy, "
+        f"{c.up_to_date} up to date, {c.not_started} not started, "
+        f"{c.not_eligible} not eligible"
     )
     console.print("options: " + ", ".join(f"{k}={v}" for k, v in sorted(run.options.items())))
     if details.failures:

@@ -104,8 +104,9 @@ def print_summary(out: Console, err: Console, summary: FleetSummary, json_out: b
         return
     out.print(
         f"run {summary.run_id} {summary.state}: total {summary.total}: "
-        f"{summary.succeeded} succeeded, {summary.failed} failed, {summary.skipped} skipped, "
-        f"{summary.not_started} not started ({summary.not_eligible} users not eligible)"
+        f"{summary.succeeded} succeeded, {summary.failed} failed, {summary.busy} busy, "
+        f"{summary.up_to_date} up to date, {summary.not_started} not started "
+        f"({summary.not_eligible} users not eligible)"
     )
     if summary.halt_reason:
         err.print(f"[yellow]halted:[/] {escape(summary.halt_reason)}")

@@ -1,8 +1,11 @@
 """One user of a fleet run, wherever it runs (a thread, a worker process, a queue worker):
-transient failures retried with backoff, and the outcome the run's summary counts."""
+transient failures retried with backoff, a control plane out of reach waited for, and
+the outcome the run's summary counts."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -10,18 +13,27 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from byod.controlplane import User
-from byod.errors import BusyError, ByodError, NotConnectedError, UnknownUserError
+from byod.errors import (
+    BusyError,
+    ByodError,
+    ControlPlaneError,
+    NotConnectedError,
+    UnknownUserError,
+)
 from byod.runner import Runner, UserResult
 
 if TYPE_CHECKING:
     from byod.fleet import FleetOptions
 
-__all__ = ["OUTCOMES", "FleetError", "Settled", "attempt", "settle"]
+__all__ = ["OUTCOMES", "FleetError", "Settled", "attempt", "control_plane_patience", "settle"]
 
 log = logging.getLogger("byod.fleet")
 
-#: How a user of a fleet run can end (``not_started``: the run halted before it).
-OUTCOMES = ("succeeded", "failed", "skipped", "not_started")
+#: How a user of a fleet run can end: ``busy`` (another runner holds its lease),
+#: ``up_to_date`` (nothing to do by its turn), ``not_started`` (the run halted before
+#: it), ``not_eligible`` (disconnected or removed meanwhile: never touched, not in
+#: ``total``).
+OUTCOMES = ("succeeded", "failed", "busy", "up_to_date", "not_started", "not_eligible")
 
 
 @dataclass(frozen=True)
@@ -35,8 +47,9 @@ class FleetError:
 
 @dataclass(frozen=True)
 class Settled:
-    """How one user of a fleet run ended: ``outcome`` (one of :data:`OUTCOMES`), the
-    runner's result when there is one, the tries made, and the error the summary lists."""
+    """How one user of a fleet run ended: ``outcome`` (one of :data:`OUTCOMES`), its
+    result (always, from :func:`settle`; None only for a distributed task that never ran),
+    the tries made, and the error the summary lists."""
 
     user: User
     outcome: str
@@ -73,6 +86,13 @@ def attempt(
             return result, tries
 
 
+def control_plane_patience(options: FleetOptions) -> float:
+    """How long one user waits for a control plane out of reach before it fails: half its
+    lease. The lease was last renewed at most a third of its life before the outage, so
+    it outlives the wait: no other runner takes this live one for a lost one."""
+    return options.lease_seconds / 2
+
+
 def settle(
     runner: Runner,
     action: str,
@@ -83,26 +103,93 @@ def settle(
     *,
     reraise: tuple[type[ByodError], ...] = (),
 ) -> Settled:
-    """Run one user (with :func:`attempt`) and say how it ended; never raises for one
-    user's trouble, so it can never end a whole run. Errors of the ``reraise`` kinds
-    (e.g. a control plane out of reach, for a caller that can wait) are raised instead
-    of being counted as the user's failure."""
+    """Run one user (with :func:`attempt`) and say how it ended, always with a result;
+    never raises for one user's trouble, so it can never end a whole run.
+
+    A control plane out of reach is not the user's failure: the user is run again once
+    it answers (backoff, for at most :func:`control_plane_patience`; a step the lost
+    attempt applied is found in the stamp and counted as this run's). Errors of the
+    ``reraise`` kinds are raised instead (e.g. ``ControlPlaneError``, for a caller that
+    waits on its own: a distributed task)."""
+    waited_since: float | None = None
+    delay = 0.1
+    while True:
+        try:
+            settled = _settle_once(runner, action, user, to_version, options, stop, reraise)
+        except ControlPlaneError as exc:
+            if isinstance(exc, reraise):
+                raise
+            now = time.monotonic()
+            waited_since = now if waited_since is None else waited_since
+            if now + delay - waited_since > control_plane_patience(options):
+                log.error("fleet: user %s: control plane still out of reach: %s", user.id, exc)
+                return _failure(runner, user, exc, 1)
+            log.warning("user %s: %s; trying again in %.1fs", user.id, exc.message, delay)
+            time.sleep(delay)
+            delay = min(2.0, delay * 2)
+            continue
+        if waited_since is not None:
+            return _moved_before(runner, settled)
+        return settled
+
+
+def _settle_once(
+    runner: Runner,
+    action: str,
+    user: User,
+    to_version: int,
+    options: FleetOptions,
+    stop: threading.Event | None,
+    reraise: tuple[type[ByodError], ...],
+) -> Settled:
     try:
         result, tries = attempt(runner, action, user, to_version, options, stop)
     except reraise:
         raise
+    except ControlPlaneError:
+        raise
     except (NotConnectedError, UnknownUserError) as exc:  # vanished meanwhile
         log.warning("fleet: user %s was not run: %s", user.id, exc.message)
-        return Settled(user, "skipped", None, 0)
+        return Settled(user, "not_eligible", _no_result(runner, user, exc), 0)
     except Exception as exc:
-        text = exc.message if isinstance(exc, ByodError) else f"internal error: {exc!r}"
-        log.error("fleet: user %s failed: %s", user.id, text, exc_info=True)
-        return Settled(user, "failed", None, 1, FleetError(user.clerk_id, None, text))
-    if isinstance(result.error, reraise):
+        log.error("fleet: user %s failed: %s", user.id, exc, exc_info=True)
+        return _failure(runner, user, exc, 1)
+    kept: tuple[type[ByodError], ...] = (ControlPlaneError, *reraise)
+    if result.error is not None and isinstance(result.error, kept):
         raise result.error
     if result.error is None:
-        return Settled(user, "succeeded" if result.changed else "skipped", result, tries)
+        return Settled(user, "succeeded" if result.changed else "up_to_date", result, tries)
     if isinstance(result.error, BusyError):  # another runner is working on this user
-        return Settled(user, "skipped", result, tries)
+        return Settled(user, "busy", result, tries)
+    if isinstance(result.error, NotConnectedError):  # disconnected meanwhile
+        return Settled(user, "not_eligible", result, tries)
     error = FleetError(result.clerk_id, result.failed_migration, result.error.message)
     return Settled(user, "failed", result, tries, error)
+
+
+def _failure(runner: Runner, user: User, exc: Exception, tries: int) -> Settled:
+    """A user that failed without a runner's result (an internal error, a control plane
+    that stayed away): still one result, so it still gets its line."""
+    text = exc.message if isinstance(exc, ByodError) else f"internal error: {exc!r}"
+    result = _no_result(runner, user, exc)
+    return Settled(user, "failed", result, tries, FleetError(user.clerk_id, None, text))
+
+
+def _no_result(runner: Runner, user: User, exc: Exception) -> UserResult:
+    error = exc if isinstance(exc, ByodError) else ByodError(f"internal error: {exc!r}")
+    version = 0  # no config any more, or no control plane: the version is not known
+    with contextlib.suppress(ByodError):
+        version = runner.directory.get_config(user.id).schema_version
+    return UserResult(user.id, user.clerk_id, version, version, (), error)
+
+
+def _moved_before(runner: Runner, settled: Settled) -> Settled:
+    """After a wait for the control plane, a user found with nothing to do may have been
+    moved by this same run's lost attempt (applied, then not recorded): it succeeded."""
+    if settled.outcome != "up_to_date" or runner.run_id is None:
+        return settled
+    try:
+        moved = runner.ledger.moved_in_run(settled.user.id, runner.run_id)
+    except ByodError:
+        return settled
+    return dataclasses.replace(settled, outcome="succeeded") if moved else settled

@@ -257,7 +257,8 @@ def migrate_user(
     runner = _single_runner(ws, options)
     user = runner.prepare(ws.directory.find_user(user_ref).id)
     target = ws.registry.head if to_version is None else to_version
-    return attempt(runner, "migrate", user, target, options, None)[0]
+    refused = runner.refuse_foreign_key(user)
+    return refused or attempt(runner, "migrate", user, target, options, None)[0]
 
 
 def _single_runner(ws: Workspace, options: FleetOptions) -> Runner:
@@ -434,7 +435,8 @@ def rollback_user(
     ws.require_tables()
     runner = _single_runner(ws, options)
     user = runner.prepare_rollback(ws.directory.find_user(user_ref).id, to_version)
-    return attempt(runner, "rollback", user, to_version, options, None)[0]
+    refused = runner.refuse_foreign_key(user)
+    return refused or attempt(runner, "rollback", user, to_version, options, None)[0]
 
 
 def repair(ws: Workspace, user_ref: str) -> list[str]:

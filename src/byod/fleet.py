@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import (
     ALL_COMPLETED,
@@ -26,19 +27,21 @@ from concurrent.futures import (
 )
 from dataclasses import asdict, dataclass, field
 
-from byod._step import FleetError, Settled, settle
+from byod._step import FleetError, Settled, control_plane_patience, settle
 from byod._workers import ProcessPool, WorkerSetup, in_worker
 from byod.controlplane import (
     RunCounts,
     RunStore,
     User,
     count_not_eligible,
-    count_outdated,
+    count_outdated_by_key,
     iter_outdated,
 )
 from byod.controlplane.schema import utcnow
 from byod.errors import (
     ByodError,
+    ControlPlaneError,
+    CredentialsError,
     InputError,
     IrreversibleError,
 )
@@ -67,6 +70,9 @@ ELIGIBLE_STATUSES = ("connected", "error")
 PROGRESS_SECONDS = 2.0
 #: Instances are mostly waited on (network, disk), so a few per core.
 DEFAULT_CONCURRENCY = min(32, 4 * (os.cpu_count() or 2))
+#: How long a run's last write (its end state and counts) waits for a control plane out
+#: of reach before the run gives up recording it.
+FINISH_PATIENCE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -80,7 +86,9 @@ class FleetOptions:
     canary: int = 0
     max_failure_ratio: float | None = None
     timeout: float | None = None
-    lease_seconds: float = 300.0
+    #: short, renewed every third while a user is worked on: a dead runner's users come
+    #: back within this many seconds
+    lease_seconds: float = 30.0
     #: >1: that many worker processes, one user each at a time, instead of threads
     #: (for CPU-bound fleets such as local SQLite files: Python threads share one core)
     processes: int = 1
@@ -126,7 +134,9 @@ class FleetStarted:
 
 @dataclass(frozen=True)
 class UserFinished:
-    """One user is done: ``outcome`` is succeeded, failed or skipped; ``tries`` made."""
+    """One user is done: ``outcome`` is succeeded, failed, busy, up_to_date or
+    not_eligible (see :data:`byod._step.OUTCOMES`); ``tries`` made. Every user a run
+    takes ends with exactly one (except ``not_started`` ones)."""
 
     result: UserResult
     outcome: str
@@ -140,10 +150,10 @@ FleetEvent = FleetStarted | UserFinished
 class FleetSummary:
     """What a fleet run did; it never claims more than happened.
 
-    ``skipped``: selected users that needed nothing by the time their turn came, or that
-    another runner was working on. ``not_started``: users left when the run halted or was
-    interrupted. ``not_eligible``: users with no config or a ``pending``/``disconnected``
-    connection, never touched.
+    ``busy``: users another runner was working on (their lease was held). ``up_to_date``:
+    selected users that needed nothing by the time their turn came. ``not_started``:
+    users left when the run halted or was interrupted. ``not_eligible``: users with no
+    config or a ``pending``/``disconnected`` connection, never touched (not in ``total``).
     """
 
     run_id: str = ""
@@ -152,7 +162,8 @@ class FleetSummary:
     total: int = 0
     succeeded: int = 0
     failed: int = 0
-    skipped: int = 0
+    busy: int = 0
+    up_to_date: int = 0
     not_started: int = 0
     not_eligible: int = 0
     errors: list[FleetError] = field(default_factory=list)
@@ -197,16 +208,16 @@ def migrate_fleet(
     """
     size = size_selection(runner, selection, to_version)
     target = size.target
-    summary = FleetSummary(not_eligible=size.not_eligible, skipped=size.up_to_date)
+    summary = FleetSummary(not_eligible=size.not_eligible, up_to_date=size.up_to_date)
     chosen: Iterable[_Item]
     if size.listed is not None:
         chosen = [_Item(user, target) for user in size.listed]
     else:
-        chosen = _outdated(runner, target, selection.only_version)
+        chosen = _outdated(runner, target, selection.only_version, options)
     if selection.limit is not None:
         chosen = _limited(chosen, selection.limit)
     total = size.planned
-    summary.total = summary.skipped
+    summary.total = summary.up_to_date
     record = {**asdict(options), **asdict(selection), "to_version": target}
     return _execute(
         runner,
@@ -239,13 +250,17 @@ def rollback_run(
     store.get(run_id)  # raises for an unknown run
     moved = store.moved_users(run_id)
     blocked: dict[str, int] = {}
+    sealed_here = 0
     for user in moved:
-        current = runner.directory.get_config(user.user_id).schema_version
+        config = runner.directory.get_config(user.user_id)
+        sealed_here += config.key_id == runner.sealer.key_id
+        current = config.schema_version
         if current <= user.version_before:
             continue
         for step in runner.registry.plan_down(current, user.version_before).steps:
             if not step.migration.reversible:
                 blocked[step.migration.id] = blocked.get(step.migration.id, 0) + 1
+    _require_key(runner, len(moved), sealed_here)
     if blocked:
         listed = ", ".join(f"{mid} (for {n} users)" for mid, n in sorted(blocked.items()))
         raise IrreversibleError(
@@ -267,16 +282,35 @@ def rollback_run(
     )
 
 
-def _outdated(runner: Runner, target: int, only_version: int | None) -> Iterator[_Item]:
+def _outdated(
+    runner: Runner, target: int, only_version: int | None, options: FleetOptions
+) -> Iterator[_Item]:
+    """The outdated users, page by page; a control plane out of reach while reading the
+    next page is waited for (as long as one user would wait), then the read goes on
+    after the last user handed out."""
     started = utcnow()
-    for row in iter_outdated(
-        runner.engine,
-        target,
-        statuses=ELIGIBLE_STATUSES,
-        untouched_since=started,
-        only_version=only_version,
-    ):
-        yield _Item(User(row.user_id, row.clerk_id), target)
+    after = (-1, -1)
+    failing_since: float | None = None
+    while True:
+        try:
+            for row in iter_outdated(
+                runner.engine,
+                target,
+                statuses=ELIGIBLE_STATUSES,
+                untouched_since=started,
+                only_version=only_version,
+                after=after,
+            ):
+                after, failing_since = (row.schema_version, row.user_id), None
+                yield _Item(User(row.user_id, row.clerk_id), target)
+            return
+        except ControlPlaneError as exc:
+            now = time.monotonic()
+            failing_since = now if failing_since is None else failing_since
+            if now - failing_since > control_plane_patience(options):
+                raise
+            log.warning("fleet: cannot read the next users: %s; trying again", exc.message)
+            time.sleep(0.5)
 
 
 @dataclass(frozen=True)
@@ -305,24 +339,40 @@ def size_selection(
         listed = None
         not_eligible = count_not_eligible(runner.engine, ELIGIBLE_STATUSES)
         up_to_date = 0
-        planned = count_outdated(
-            runner.engine, target, statuses=ELIGIBLE_STATUSES, only_version=selection.only_version
+        planned, sealed_here = count_outdated_by_key(
+            runner.engine,
+            target,
+            statuses=ELIGIBLE_STATUSES,
+            only_version=selection.only_version,
+            key_id=runner.sealer.key_id,
         )
     else:
-        listed, not_eligible, up_to_date = _listed(runner, selection.users, target)
+        listed, not_eligible, up_to_date, sealed_here = _listed(runner, selection.users, target)
         planned = len(listed)
     if selection.limit is not None:
         planned = min(planned, selection.limit)
+    _require_key(runner, planned, sealed_here)
     return SelectionSize(target, planned, not_eligible, up_to_date, listed)
+
+
+def _require_key(runner: Runner, planned: int, sealed_here: int) -> None:
+    """Refuse a run whose key opens none of its users (the operator's mistake, not the
+    users'): before the run is recorded, before any lease, no user's status touched."""
+    if planned and not sealed_here:
+        raise CredentialsError(
+            f"none of the {planned} selected users' credentials were sealed with the "
+            f"configured key (key id {runner.sealer.key_id}): wrong encryption key; "
+            "no run was started and nothing was changed"
+        )
 
 
 def _listed(
     runner: Runner, user_ids: tuple[int, ...], target: int
-) -> tuple[tuple[User, ...], int, int]:
+) -> tuple[tuple[User, ...], int, int, int]:
     """``--users`` looked up: those to run, how many are not eligible, how many are at
-    ``target`` already."""
+    ``target`` already, and how many of those to run were sealed with the key in use."""
     users: list[User] = []
-    not_eligible = up_to_date = 0
+    not_eligible = up_to_date = sealed_here = 0
     for user in dict.fromkeys(runner.directory.get_user(uid) for uid in user_ids):
         try:
             config = runner.directory.get_config(user.id)
@@ -335,7 +385,8 @@ def _listed(
             up_to_date += 1
         else:
             users.append(user)
-    return tuple(users), not_eligible, up_to_date
+            sealed_here += config.key_id == runner.sealer.key_id
+    return tuple(users), not_eligible, up_to_date, sealed_here
 
 
 def _limited(items: Iterable[_Item], limit: int) -> Iterator[_Item]:
@@ -415,6 +466,9 @@ class _FleetRun:
                     log.warning("fleet run %s interrupted: finishing running users", summary.run_id)
                     self._collect(ALL_COMPLETED)
                     summary.not_started += sum(1 for _ in remaining)
+        except ByodError as exc:  # e.g. the selection unreadable for too long
+            summary.state, summary.halt_reason = "interrupted", exc.message
+            raise
         finally:
             self.stop.set()
             finished.set()
@@ -422,8 +476,27 @@ class _FleetRun:
             if summary.state == "running":
                 summary.state = "completed"
             summary.total += summary.not_started
-            self.store.finish(summary.run_id, summary.counts(), summary.state, summary.halt_reason)
+            self._record_end()
         return summary
+
+    def _record_end(self) -> None:
+        """The run's end state and real counts, waiting a while for a control plane out
+        of reach: a short outage must not leave the run ``running`` with stale counts."""
+        summary = self.summary
+        give_up = time.monotonic() + FINISH_PATIENCE_SECONDS
+        delay = 0.2
+        while True:
+            try:
+                self.store.finish(
+                    summary.run_id, summary.counts(), summary.state, summary.halt_reason
+                )
+                return
+            except ControlPlaneError as exc:
+                if time.monotonic() + delay > give_up:
+                    raise
+                log.warning("fleet: cannot record the run's end: %s; trying again", exc.message)
+                time.sleep(delay)
+                delay = min(5.0, delay * 2)
 
     def _pool(self) -> Executor:
         if self.options.processes == 1:
@@ -485,7 +558,7 @@ class _FleetRun:
         summary = self.summary
         self.in_flight.pop(future)
         settled = future.result()
-        summary.total += 1
+        summary.total += settled.outcome != "not_eligible"
         setattr(summary, settled.outcome, getattr(summary, settled.outcome) + 1)
         if settled.error is not None:
             summary.errors.append(settled.error)

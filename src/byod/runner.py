@@ -24,9 +24,12 @@ from byod.controlplane import Config, Directory, Ledger, User
 from byod.controlplane.schema import control_plane_id
 from byod.crypto import Sealer
 from byod.errors import (
+    BusyError,
     ByodError,
+    ControlPlaneError,
     CredentialsError,
     DriftError,
+    InstanceError,
     IrreversibleError,
     NotConnectedError,
     SettingsError,
@@ -129,7 +132,7 @@ class Runner:
         sealer: Sealer,
         *,
         notify: Notifier = log_notice,
-        lease_seconds: float = 300.0,
+        lease_seconds: float = 30.0,
         connect_timeout: float = 10.0,
         timeout: float | None = None,
         run_id: str | None = None,
@@ -184,7 +187,8 @@ class Runner:
         Raises only for bad input (unknown user, no config, an impossible target);
         everything that goes wrong on the way is in the result's ``error``.
         """
-        return self.migrate_user(self.prepare(user_id), to_version=to_version)
+        user = self.prepare(user_id)
+        return self.refuse_foreign_key(user) or self.migrate_user(user, to_version=to_version)
 
     def prepare(self, user_id: int) -> User:
         """The user, checked to be connected: :class:`UnknownUserError` or
@@ -192,6 +196,15 @@ class Runner:
         user = self.directory.get_user(user_id)
         self._refuse_disconnected(user, self.directory.get_config(user.id))
         return user
+
+    def refuse_foreign_key(self, user: User) -> UserResult | None:
+        """The user's result when its credentials were sealed with another key than the
+        one in use (the operator's mistake): nothing is touched, no lease, no status, no
+        ledger row. None when the key is the one in use."""
+        config = self.directory.get_config(user.id)
+        if config.key_id == self.sealer.key_id:
+            return None
+        return self._gave_up(user, config.schema_version, self._foreign_key(config))
 
     def migrate_user(self, user: User, *, to_version: int | None = None) -> UserResult:
         """:meth:`migrate` for a user already looked up (what a fleet run calls)."""
@@ -204,7 +217,8 @@ class Runner:
         Refuses with :class:`IrreversibleError`, before touching anything, when a step
         in the range has no ``down``.
         """
-        return self.rollback_user(self.prepare_rollback(user_id, to_version), to_version)
+        user = self.prepare_rollback(user_id, to_version)
+        return self.refuse_foreign_key(user) or self.rollback_user(user, to_version)
 
     def prepare_rollback(self, user_id: int, to_version: int) -> User:
         """:meth:`prepare`, and the rollback's range checked from the control plane's
@@ -255,9 +269,7 @@ class Runner:
         deadline = None if self.timeout is None else started + self.timeout
         try:
             config = self.directory.claim_lease(user.id, self.owner, self.lease_seconds)
-        except ByodError as exc:
-            if isinstance(exc, NotConnectedError):
-                raise
+        except BusyError as exc:
             return self._gave_up(user, 0, exc)
         lease = _Lease()
         try:
@@ -265,7 +277,10 @@ class Runner:
                 return self._run_leased(user, config, make_plan, lease, deadline)
         finally:
             if not lease.released:
-                self.directory.release_lease(user.id, self.owner)
+                try:
+                    self.directory.release_lease(user.id, self.owner)
+                except ControlPlaneError as exc:  # the outcome stands; the lease expires
+                    log.warning("user %s: lease not given back: %s", user.id, exc.message)
 
     def _run_leased(
         self,
@@ -279,11 +294,14 @@ class Runner:
             return self._gave_up(
                 user, config.schema_version, NotConnectedError("it is disconnected")
             )
+        if config.key_id != self.sealer.key_id:
+            # the operator's key, not the user's instance: its status is left alone
+            return self._refused(user, config, make_plan, self._foreign_key(config))
         try:
             credentials = self._unseal(config)
-        except (CredentialsError, SettingsError) as exc:  # SettingsError: URL refused
+        except (CredentialsError, SettingsError) as exc:  # the right key fails; URL refused
             self.directory.set_status(user.id, "error", error=exc.message)
-            return self._gave_up(user, config.schema_version, exc)
+            return self._refused(user, config, make_plan, exc)
         connect_timeout = self.connect_timeout
         if deadline is not None:
             connect_timeout = max(0.1, min(connect_timeout, deadline - time.monotonic()))
@@ -291,20 +309,22 @@ class Runner:
             target = self._opener(credentials, connect_timeout)
         except UnreachableError as exc:
             self._unreachable(user, exc)
-            return self._gave_up(user, config.schema_version, exc)
+            return self._refused(user, config, make_plan, exc)
         except SettingsError as exc:  # the instance is the control plane: nothing touched
             self.directory.set_status(user.id, "error", error=exc.message)
-            return self._gave_up(user, config.schema_version, exc)
+            return self._refused(user, config, make_plan, exc)
         try:
             try:
                 current, recovered = self._reconcile(user, config, target.read_stamp())
                 plan = make_plan(current)
-            except IrreversibleError:
+            except (IrreversibleError, ControlPlaneError):
                 raise
             except ByodError as exc:
                 exc.message = credentials.scrub(exc.message)
                 if isinstance(exc, UnreachableError):
                     self._unreachable(user, exc)
+                if isinstance(exc, InstanceError):  # unreachable, drift, dirty, timeout
+                    return self._refused(user, config, make_plan, exc)
                 return self._gave_up(user, config.schema_version, exc)
             return self._execute(user, plan, target, credentials, lease, deadline, recovered)
         finally:
@@ -464,6 +484,27 @@ class Runner:
         """A config's credentials, checked against the instance URL policy."""
         return unseal_config(
             config, self.sealer, policy=self.policy, control_plane=control_plane_id(self.engine)
+        )
+
+    def _refused(
+        self, user: User, config: Config, make_plan: Callable[[int], Plan], exc: ByodError
+    ) -> UserResult:
+        """Give up before the chain started, leaving a trail where operators look: a
+        ``failed`` ledger row, error class first, for the step the control plane expects
+        to run next (none when it expects nothing to run)."""
+        try:
+            steps = make_plan(config.schema_version).steps
+        except ByodError:
+            steps = ()
+        if steps:
+            text = f"{type(exc).__name__}: {exc.message}"
+            self.ledger.record_not_started(user.id, steps[0], text, self.run_id)
+        return self._gave_up(user, config.schema_version, exc)
+
+    def _foreign_key(self, config: Config) -> CredentialsError:
+        return CredentialsError(
+            f"its credentials were sealed with key {config.key_id}, but the configured key "
+            f"is {self.sealer.key_id}: wrong encryption key; nothing was changed"
         )
 
     def _gave_up(self, user: User, version: int, exc: ByodError) -> UserResult:

@@ -86,12 +86,12 @@ def _run_row(run: RunRecord) -> str:
     c = run.counts
     progress = ""
     if run.planned:
-        done = c.succeeded + c.failed + c.skipped
+        done = c.done
         progress = f'<progress max="{run.planned}" value="{done}"></progress> {done}/{run.planned}'
     return (
         f'<tr class="run" data-run="{escape(run.id)}"><td>{escape(run.id)}</td>'
         f"<td>{escape(run.kind)}</td><td>{escape(run.shown_state)}</td><td>{progress}</td>"
-        f"<td>{c.succeeded}</td><td class='bad'>{c.failed}</td><td>{c.skipped}</td>"
+        f"<td>{c.succeeded}</td><td class='bad'>{c.failed}</td><td>{c.busy + c.up_to_date}</td>"
         f"<td>{c.not_started}</td></tr>"
     )
 
@@ -122,7 +122,8 @@ def _overview(status: FleetStatus, runs: list[RunRecord]) -> str:
         "<h2>Latest failures</h2><table id='failures'><tr><th>user</th><th>migration</th>"
         f"<th>error</th><th>when (UTC)</th></tr>{failures}</table>"
         "<h2>Fleet runs</h2><table id='runs'><tr><th>run</th><th>kind</th><th>state</th>"
-        "<th>progress</th><th>ok</th><th>failed</th><th>skipped</th><th>not started</th></tr>"
+        "<th>progress</th><th>ok</th><th>failed</th><th>busy or up to date</th>"
+        "<th>not started</th></tr>"
         f"{''.join(_run_row(r) for r in runs)}</table>"
         "<h2>A user's history</h2><form method='get' action='/dashboard/users'>"
         "<input name='user' placeholder='user id or clerk id'><button>Show</button></form>",

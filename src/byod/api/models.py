@@ -86,7 +86,8 @@ class RunOut(BaseModel):
     planned: int | None
     succeeded: int
     failed: int
-    skipped: int
+    busy: int
+    up_to_date: int
     not_started: int
     not_eligible: int
     done: int
@@ -111,10 +112,11 @@ class RunOut(BaseModel):
             planned=run.planned,
             succeeded=c.succeeded,
             failed=c.failed,
-            skipped=c.skipped,
+            busy=c.busy,
+            up_to_date=c.up_to_date,
             not_started=c.not_started,
             not_eligible=c.not_eligible,
-            done=c.succeeded + c.failed + c.skipped,
+            done=c.done,
             remaining=run.remaining,
             halt_reason=run.halt_reason,
             distributed=run.distributed,

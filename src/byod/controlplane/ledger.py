@@ -10,11 +10,18 @@ user's history keeps every earlier attempt. What each status means:
                 ``failed`` "interrupted: runner lost" otherwise).
 * ``completed`` done on the instance (its stamp written in the same transaction) and
                 recorded here together with the config's ``schema_version``.
-* ``failed``    the attempt failed; its instance changes were rolled back.
+* ``failed``    the attempt failed; its instance changes were rolled back. A ``failed``
+                row with ``attempts`` 0 and no ``started_at`` is a failure before the
+                chain started (the instance unreachable, credentials that do not open,
+                drift, a dirty instance, the timeout spent connecting): it names the step
+                the control plane expected to run next, and its error starts with the
+                error class (``UnreachableError: ...``).
 * ``skipped``   planned but never started: an earlier step failed or the run stopped.
 
+A user another runner was working on (``busy``) gets no row: that runner writes them.
+
 ``attempts`` on a row is the attempt number of that step for that user and direction
-(1 for the first time it ran).
+(1 for the first time it ran; 0 when it never started).
 """
 
 from __future__ import annotations
@@ -141,6 +148,42 @@ class Ledger:
         with single(self.engine, "record the failure") as conn:
             conn.execute(_FAILED, params)
 
+    def record_not_started(self, user_id: int, step: Step, error: str, run_id: str | None) -> None:
+        """A failure before the chain started: one ``failed`` row for ``step`` (the one
+        the control plane expected to run next), attempts 0, never started. A fleet
+        run's retries of the user update its row rather than add one each. Call only
+        while holding the user's lease."""
+        now = utcnow()
+        if run_id is not None:
+            with single(self.engine, "record the failure") as conn:
+                updated = conn.execute(
+                    ledger.update()
+                    .where(
+                        *_THIS_STEP,
+                        ledger.c.run_id == run_id,
+                        ledger.c.status == "failed",
+                        ledger.c.started_at.is_(None),
+                    )
+                    .values(error=error[:_ERROR_LIMIT], completed_at=now),
+                    _step_params(user_id, step, now),
+                ).rowcount
+            if updated:
+                return
+        row = {
+            "user_id": user_id,
+            "migration_id": step.migration.id,
+            "version": step.migration.version,
+            "direction": step.direction,
+            "status": "failed",
+            "error": error[:_ERROR_LIMIT],
+            "attempts": 0,
+            "run_id": run_id,
+            "completed_at": now,
+            "created_at": now,
+        }
+        with single(self.engine, "record the failure") as conn:
+            conn.execute(ledger.insert().values(row))
+
     def record_skipped(self, user_id: int, steps: tuple[Step, ...], reason: str) -> None:
         """Mark the ``pending`` rows of steps that never started ``skipped``, saying why."""
         if not steps:
@@ -244,6 +287,7 @@ def _tries_before(
             earlier.c.migration_id == migration,
             earlier.c.direction == direction,
             earlier.c.status.in_(("running", "completed", "failed")),
+            earlier.c.started_at.is_not(None),  # a failure before the chain is no attempt
         )
         .scalar_subquery()
     )

@@ -19,6 +19,7 @@ __all__ = [
     "count_ahead",
     "count_not_eligible",
     "count_outdated",
+    "count_outdated_by_key",
     "fleet_status",
     "history",
     "iter_outdated",
@@ -133,15 +134,32 @@ def count_outdated(
     engine: sa.Engine, below: int, *, statuses: tuple[str, ...], only_version: int | None = None
 ) -> int:
     """How many configs in ``statuses`` are below version ``below`` (one index range count)."""
+    return count_outdated_by_key(
+        engine, below, statuses=statuses, only_version=only_version, key_id=""
+    )[0]
+
+
+def count_outdated_by_key(
+    engine: sa.Engine,
+    below: int,
+    *,
+    statuses: tuple[str, ...],
+    key_id: str,
+    only_version: int | None = None,
+) -> tuple[int, int]:
+    """How many configs in ``statuses`` are below version ``below``, and how many of those
+    were sealed with the key ``key_id`` (one query)."""
+    sealed = sa.func.coalesce(sa.func.sum(sa.case((configs.c.key_id == key_id, 1), else_=0)), 0)
     query = (
-        sa.select(sa.func.count())
+        sa.select(sa.func.count(), sealed)
         .select_from(configs)
         .where(configs.c.connection_status.in_(statuses), configs.c.schema_version < below)
     )
     if only_version is not None:
         query = query.where(configs.c.schema_version == only_version)
     with reading(engine, "count outdated users") as conn:
-        return int(conn.execute(query).scalar_one())
+        total, with_key = conn.execute(query).one()
+    return int(total), int(with_key)
 
 
 def count_ahead(engine: sa.Engine, head: int) -> tuple[int, OutdatedConfig | None]:
@@ -234,14 +252,16 @@ def iter_outdated(
     statuses: tuple[str, ...] = ("connected",),
     untouched_since: datetime | None = None,
     only_version: int | None = None,
+    after: tuple[int, int] = (-1, -1),
 ) -> Iterator[OutdatedConfig]:
-    """Users with a config in ``statuses`` and ``schema_version < below``.
+    """Users with a config in ``statuses`` and ``schema_version < below`` (after the
+    (version, user id) position ``after``).
 
     Keyset-paged over the (status, version, user id) index in (version, user id) order
     (see :func:`outdated_query`): memory stays flat however large the fleet, and a fleet
     already at ``below`` costs one empty range scan.
     """
-    last: tuple[int, int] = (-1, -1)
+    last = after
     while True:
         query = outdated_query(
             below,

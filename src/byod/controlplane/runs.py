@@ -30,14 +30,21 @@ STALE_AFTER = timedelta(seconds=60)
 
 @dataclass(frozen=True)
 class RunCounts:
-    """The counts a run reports."""
+    """The counts a run reports: ``total`` is every user the run took (succeeded, failed,
+    busy, up to date or not started); ``not_eligible`` users are outside it."""
 
     total: int = 0
     succeeded: int = 0
     failed: int = 0
-    skipped: int = 0
+    busy: int = 0
+    up_to_date: int = 0
     not_started: int = 0
     not_eligible: int = 0
+
+    @property
+    def done(self) -> int:
+        """Users the run is finished with (``not_started`` ones excepted)."""
+        return self.succeeded + self.failed + self.busy + self.up_to_date
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,7 @@ class RunRecord:
         if self.planned is None:
             return None
         c = self.counts
-        return max(0, self.planned - c.succeeded - c.failed - c.skipped - c.not_started)
+        return max(0, self.planned - c.done - c.not_started)
 
     @property
     def shown_state(self) -> str:
@@ -103,9 +110,10 @@ _RECORD_COLUMNS = [
 
 def _record(row: sa.Row[tuple[object, ...]]) -> RunRecord:
     data = row._asdict()
-    counts = RunCounts(**{name: int(data.pop(name)) for name in RunCounts.__dataclass_fields__})
+    counts = {name: int(data.pop(name)) for name in RunCounts.__dataclass_fields__}
+    counts["up_to_date"] += int(data.pop("skipped"))  # a run recorded by an older byod
     data["options"] = json.loads(str(data["options"]))
-    return RunRecord(counts=counts, **data)
+    return RunRecord(counts=RunCounts(**counts), **data)
 
 
 def _local_user() -> str:

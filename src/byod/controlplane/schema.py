@@ -122,6 +122,8 @@ runs = sa.Table(
     sa.Column("total", sa.Integer, nullable=False, server_default="0"),
     sa.Column("succeeded", sa.Integer, nullable=False, server_default="0"),
     sa.Column("failed", sa.Integer, nullable=False, server_default="0"),
+    #: runs recorded before ``busy`` and ``up_to_date`` counted both here; read as
+    #: ``up_to_date`` (never written any more)
     sa.Column("skipped", sa.Integer, nullable=False, server_default="0"),
     sa.Column("not_started", sa.Integer, nullable=False, server_default="0"),
     sa.Column("not_eligible", sa.Integer, nullable=False, server_default="0"),
@@ -136,6 +138,9 @@ runs = sa.Table(
     sa.Column("cursor_version", sa.Integer, nullable=True),
     sa.Column("cursor_user", sa.Integer, nullable=True),
     sa.Column("exhausted", sa.Boolean, nullable=False, server_default=sa.false()),
+    # added after the first release (``byod init`` adds them to older control planes)
+    sa.Column("busy", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("up_to_date", sa.Integer, nullable=False, server_default="0"),
     sa.CheckConstraint(
         "state IN ('running', 'completed', 'halted', 'interrupted')", name="ck_byod_runs_state"
     ),

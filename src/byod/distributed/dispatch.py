@@ -21,7 +21,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from byod._step import Settled
+from byod._step import OUTCOMES, Settled
 from byod.controlplane._tx import reading, single, writing
 from byod.controlplane.queries import outdated_query
 from byod.controlplane.schema import configs, run_tasks, runs, utcnow
@@ -117,9 +117,11 @@ _FINISH = sa.text(
         RETURNING run_id
     )
     UPDATE byod_runs
-    SET in_flight = in_flight - 1, total = total + 1,
+    SET in_flight = in_flight - 1, total = total + 1 - :n_not_eligible,
         succeeded = succeeded + :n_succeeded, failed = failed + :n_failed,
-        skipped = skipped + :n_skipped, not_started = not_started + :n_not_started,
+        busy = busy + :n_busy, up_to_date = up_to_date + :n_up_to_date,
+        not_started = not_started + :n_not_started,
+        not_eligible = not_eligible + :n_not_eligible,
         updated_at = :now
     WHERE id IN (SELECT run_id FROM done)
     RETURNING state, options, in_flight, dispatched, exhausted, succeeded, failed
@@ -303,7 +305,7 @@ class Dispatcher:
             "seconds": None if result is None else result.seconds,
             "now": utcnow(),
         }
-        for outcome in ("succeeded", "failed", "skipped", "not_started"):
+        for outcome in OUTCOMES:
             params[f"n_{outcome}"] = int(settled.outcome == outcome)
         with single(self.engine, "record the task's end") as conn:
             run = conn.execute(_FINISH, params).first()

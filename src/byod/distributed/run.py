@@ -90,9 +90,9 @@ def start_distributed(
     }
     store = RunStore(runner.engine)
     run_id = store.start("migrate", record, target_version=size.target, started_by=started_by)
-    skipped = size.up_to_date
-    counts = FleetSummary(total=skipped, skipped=skipped, not_eligible=size.not_eligible)
-    store.progress(run_id, counts.counts(), planned=size.planned + skipped)
+    up_to_date = size.up_to_date
+    counts = FleetSummary(total=up_to_date, up_to_date=up_to_date, not_eligible=size.not_eligible)
+    store.progress(run_id, counts.counts(), planned=size.planned + up_to_date)
     try:
         dispatcher.top_up(run_id)
     except BrokerError as exc:
@@ -133,7 +133,7 @@ def follow_run(
             since = _report_tasks(engine, run_id, since, seen, on_event)
         else:
             c = record.counts
-            on_event(RunProgress(c.succeeded + c.failed + c.skipped, c.failed, record.planned or 0))
+            on_event(RunProgress(c.done, c.failed, record.planned or 0))
         if record.ended_at is not None or until():
             break
         if dispatcher is not None and time.monotonic() - last_nudge > 10:
@@ -211,7 +211,8 @@ def summary_of(engine: sa.Engine, run_id: str, *, errors_limit: int = 1000) -> F
         total=c.total,
         succeeded=c.succeeded,
         failed=c.failed,
-        skipped=c.skipped,
+        busy=c.busy,
+        up_to_date=c.up_to_date,
         not_started=c.not_started,
         not_eligible=c.not_eligible,
     )

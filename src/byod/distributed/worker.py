@@ -112,7 +112,7 @@ class TaskHandler:
         """Whether a user this delivery found with nothing to do was moved by this same
         run (an earlier delivery whose end could not be recorded: a lost control plane)."""
         result = settled.result
-        if settled.outcome != "skipped" or result is None or result.error is not None:
+        if settled.outcome != "up_to_date" or result is None or result.error is not None:
             return False
         return self.runner.ledger.moved_in_run(settled.user.id, run_id)
 
@@ -170,5 +170,5 @@ def fleet_options(recorded: dict[str, Any]) -> FleetOptions:
 
 
 def _retry_delay(claim: Claim) -> float:
-    lease = float(claim.options.get("lease_seconds") or 300.0)
+    lease = float(claim.options.get("lease_seconds") or FleetOptions.lease_seconds)
     return max(0.5, min(10.0, lease / 3)) * random.uniform(0.8, 1.2)
