@@ -43,7 +43,8 @@ def test_a_step_failing_after_its_ddl_leaves_the_instance_dirty_until_repaired(
     refused = cws.runner().migrate(uid)
     assert isinstance(refused.error, DirtyInstanceError)
     assert "byod repair" in refused.error.message
-    assert len(statuses(cws, uid)) == rows_before  # nothing was attempted
+    # nothing was attempted: the refusal leaves only its trail, a row never started
+    assert statuses(cws, uid)[rows_before:] == [("003_fragile", "up", "failed", 0)]
     # the operator undoes the half-applied step and the bad data, then says so
     execute(url, "DROP TABLE t3", "DROP TABLE break_me")
     assert cws.runner().repair(uid) == ["003_fragile"]

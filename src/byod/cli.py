@@ -310,7 +310,8 @@ Retries = Annotated[
         metavar="N",
         min=0,
         max=100,
-        help=f"Retries of a transient failure, with backoff [default: {_DEFAULTS.retries}].",
+        help=f"Retries of a transient failure, with backoff [default: {_DEFAULTS.retries}; "
+        "0 for one USER].",
         show_default=False,
     ),
 ]
@@ -370,6 +371,15 @@ MaxFailureRatio = Annotated[
 def _fleet_options(**given: float | None) -> FleetOptions:
     """FleetOptions from the flags given (None: not given, the default applies)."""
     return FleetOptions(**{name: value for name, value in given.items() if value is not None})  # type: ignore[arg-type]
+
+
+def _single_options(
+    retries: int | None, timeout: float | None, lease_seconds: float | None
+) -> FleetOptions:
+    """One USER: no retries unless asked (an operator is watching), the rest as a fleet."""
+    return _fleet_options(
+        retries=0 if retries is None else retries, timeout=timeout, lease_seconds=lease_seconds
+    )
 
 
 def _refuse_fleet_only(**given: object) -> None:
@@ -483,7 +493,7 @@ def migrate(
             only_version=only_version,
             limit=limit,
         )
-        single = _fleet_options(retries=retries, timeout=timeout, lease_seconds=lease_seconds)
+        single = _single_options(retries, timeout, lease_seconds)
         result = commands.migrate_user(ws, target, to_version=to, options=single)
         show.finish_user(out, err, result, json_out, "migrated")
         return
@@ -590,7 +600,7 @@ def rollback(
     if user is None or to is None:
         raise InputError("give USER --to VERSION, or --run RUN")
     _refuse_fleet_only(concurrency=concurrency, canary=canary, max_failure_ratio=max_failure_ratio)
-    single = _fleet_options(retries=retries, timeout=timeout, lease_seconds=lease_seconds)
+    single = _single_options(retries, timeout, lease_seconds)
     result = commands.rollback_user(ws, user, to, options=single)
     show.finish_user(out, err, result, json_out, "rolled back")
 
