@@ -588,7 +588,9 @@ def test_a_user_another_runner_holds_is_counted_busy(
     assert "skipped" not in summary.as_dict()
     counts = RunStore(cws.engine).get(summary.run_id).counts
     assert (counts.busy, counts.succeeded, counts.up_to_date) == (1, 1, 0)
-    listed = migrate_fleet(cws.runner(), selection=Selection(users=(cws.directory.find_user("user_002").id,)))
+    listed = migrate_fleet(
+        cws.runner(), selection=Selection(users=(cws.directory.find_user("user_002").id,))
+    )
     assert (listed.total, listed.up_to_date) == (1, 1)
 
 
@@ -642,7 +644,9 @@ def test_a_key_that_opens_nobody_stops_the_run_before_it_starts(
         migrate_fleet(wrong.runner())
     assert raised.value.exit_code == 1
     with pytest.raises(CredentialsError):
-        migrate_fleet(wrong.runner(), selection=Selection(users=(wrong.directory.find_user("user_001").id,)))
+        migrate_fleet(
+            wrong.runner(), selection=Selection(users=(wrong.directory.find_user("user_001").id,))
+        )
     assert RunStore(cws.engine).recent() == []  # no run recorded
     for uid in ids:
         config = cws.directory.get_config(uid)

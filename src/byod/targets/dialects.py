@@ -8,6 +8,7 @@ guarded by a "dirty" marker (see :mod:`byod.targets.sql`).
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import ssl
 import time
@@ -121,6 +122,11 @@ def _sqlite_lock(conn: sa.Connection, timeout_ms: int | None) -> None:
 def _postgres_options(url: URL, timeout: float, ssl_ca: str | None) -> tuple[URL, dict[str, Any]]:
     # psycopg bounds the whole connection attempt (handshake included) by connect_timeout
     args: dict[str, Any] = {"connect_timeout": max(1, round(timeout)), "application_name": "byod"}
+    # libpq would fill a missing password from the operator's PGPASSWORD or password file
+    # and send it to the tenant's server: an instance gets its own password or none
+    args["passfile"] = os.devnull
+    if url.password is None:
+        args["password"] = ""
     if ssl_ca and url.query.get("sslmode") in ("verify-ca", "verify-full"):
         args["sslrootcert"] = ssl_ca  # the operator's, never the URL's
     return url, {"connect_args": args}
