@@ -8,11 +8,11 @@ a server that asks for the password in clear text.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -52,7 +52,7 @@ def _serve_one(conn: socket.socket, heard: list[bytes]) -> None:
         conn.sendall(b"E" + struct.pack("!i", len(fields) + 4) + fields)
 
 
-@contextmanager
+@contextlib.contextmanager
 def password_catcher() -> Iterator[tuple[int, list[bytes]]]:
     """A fake PostgreSQL server on 127.0.0.1 that records every password sent to it."""
     listener = socket.create_server(("127.0.0.1", 0))
@@ -68,10 +68,8 @@ def password_catcher() -> Iterator[tuple[int, list[bytes]]]:
                 continue
             except OSError:
                 return
-            try:
+            with contextlib.suppress(ConnectionError, OSError, struct.error):
                 _serve_one(conn, heard)
-            except (ConnectionError, OSError, struct.error):
-                pass
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
