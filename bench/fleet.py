@@ -215,9 +215,9 @@ def _byod_control_plane(setup_url: str, urls: list[str], version: int) -> None:
 
 
 def child_byod(spec: dict[str, Any]) -> list[float]:
-    from byod.commands import Workspace
     from byod.fleet import FleetOptions, UserFinished, migrate_fleet
     from byod.settings import Settings
+    from byod.workspace import Workspace
 
     settings = Settings.load(database_url=spec["control_plane"], env={"BYOD_ENCRYPTION_KEY": KEY})
     ws = Workspace(settings)
@@ -461,10 +461,11 @@ def run_distributed(
 ) -> dict[str, Any]:
     """``workers`` byod worker processes sharing ``--concurrency``, through a counting
     proxy in front of Redis; timed from the run's start to its end in the control plane."""
-    from byod.commands import Workspace, migrate_distributed
+    from byod.commands import migrate_distributed
     from byod.controlplane import RunStore
     from byod.fleet import FleetOptions
     from byod.settings import Settings
+    from byod.workspace import Workspace
 
     config = f"distributed-w{workers}"
     port = proxy.port if proxy else 5432

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from byod.commands import Workspace, init
+from byod.commands import init
 from byod.settings import Settings
+from byod.workspace import Workspace
 
 pytest_plugins = ["tests.distributed_kit"]
 

@@ -22,10 +22,10 @@ import pytest
 import sqlalchemy as sa
 
 from byod import commands
-from byod.commands import Workspace
 from byod.controlplane import RunStore
 from byod.fleet import FleetSummary
 from byod.settings import Settings
+from byod.workspace import Workspace
 from tests.conftest import TEST_KEY, ServerDatabases, make_workspace
 from tests.helpers import add_connected
 from tests.migration_sets import counter_migrations

@@ -8,8 +8,9 @@ from contextlib import contextmanager
 
 import sqlalchemy as sa
 
-from byod.commands import Workspace, connect
+from byod.commands import connect
 from byod.controlplane import history
+from byod.workspace import Workspace
 
 
 def add_connected(ws: Workspace, url: str, clerk_id: str = "user_a") -> int:

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from fastapi.testclient import TestClient
 
 from byod.api import AuthSettings, create_app
-from byod.commands import Workspace
+from byod.workspace import Workspace
 from tests import gates
 from tests.conftest import execute
 from tests.helpers import add_connected

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
 from byod.api import AuthSettings, create_app
-from byod.commands import Workspace
+from byod.workspace import Workspace
 from tests.conftest import make_workspace
 from tests.helpers import add_connected
 from tests.migration_sets import counter_migrations

@@ -28,8 +28,8 @@ from fastapi.testclient import TestClient
 
 from byod.api import AuthSettings, create_app
 from byod.api.dashboard import STYLE
-from byod.commands import Workspace
 from byod.errors import SettingsError
+from byod.workspace import Workspace
 from tests import test_api
 from tests.test_api import SECRET, Api, bearer, token
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from byod.controlplane.schema import configs, users, utcnow
+from byod.clock import utcnow
+from byod.controlplane.schema import configs, users
 from tests.conftest import TEST_KEY, ServerDatabases, write_migrations
 from tests.migration_sets import counter_migrations
 from tests.test_cli import BYOD, Cli, counter_fleet

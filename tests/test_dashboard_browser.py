@@ -13,7 +13,7 @@ import uvicorn
 from playwright.sync_api import sync_playwright
 
 from byod.api import AuthSettings, create_app
-from byod.commands import Workspace
+from byod.workspace import Workspace
 from tests.conftest import execute
 from tests.helpers import add_connected
 from tests.test_api import SECRET, token

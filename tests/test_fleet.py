@@ -16,7 +16,6 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from byod.commands import Workspace
 from byod.controlplane import RunStore, history
 from byod.controlplane.schema import ledger
 from byod.errors import CredentialsError, InputError, IrreversibleError
@@ -28,6 +27,7 @@ from byod.fleet import (
     migrate_fleet,
     rollback_run,
 )
+from byod.workspace import Workspace
 from tests.conftest import (
     OTHER_KEY,
     TEST_KEY,
@@ -533,7 +533,7 @@ def test_every_user_ends_with_one_event_even_after_an_internal_error(
 ) -> None:
     """Regression: a user whose run raised (no runner result) got no `UserFinished`,
     so no JSON line."""
-    from byod.connections import Credentials, open_instance
+    from byod.credentials import Credentials, open_instance
     from byod.runner import Runner
     from byod.targets import Target
 
@@ -561,7 +561,7 @@ def test_every_user_ends_with_one_event_even_after_an_internal_error(
 
 
 def open_instance_url(ws: Workspace, user_id: int) -> sa.URL:
-    from byod.connections import unseal_config
+    from byod.credentials import unseal_config
 
     return unseal_config(ws.directory.get_config(user_id), ws.sealer).url
 
@@ -596,7 +596,7 @@ def test_a_user_another_runner_holds_is_counted_busy(
 
 def test_leases_are_short_by_default(cws: Workspace, new_instance: InstanceFactory) -> None:
     """A dead runner's users come back in about 30 s, not 5 minutes."""
-    from byod.controlplane.schema import utcnow
+    from byod.clock import utcnow
     from byod.distributed.worker import fleet_options
 
     assert FleetOptions().lease_seconds == 30 == fleet_options({}).lease_seconds

@@ -14,10 +14,12 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from byod.api import AuthSettings, create_app
-from byod.commands import Workspace, verify
+from byod.clock import utcnow
+from byod.commands import verify
 from byod.controlplane import RunStore
-from byod.controlplane.schema import users, utcnow
+from byod.controlplane.schema import users
 from byod.errors import InputError, UnknownUserError
+from byod.workspace import Workspace
 from tests.helpers import add_connected, stamp_ids
 from tests.test_api import SECRET, bearer, token
 

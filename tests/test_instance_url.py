@@ -14,7 +14,6 @@ import pytest
 import sqlalchemy as sa
 
 from byod import commands
-from byod.commands import Workspace
 from byod.controlplane.schema import CONTROL_PLANE_TABLE, control_plane_id, create_tables
 from byod.errors import MigrationFailedError, NotConnectedError, SettingsError, UnreachableError
 from byod.instance_url import InstancePolicy, check_instance_url
@@ -22,6 +21,7 @@ from byod.registry import Registry
 from byod.runner import Runner
 from byod.settings import Settings, normalize_url, safe_url
 from byod.targets import open_target
+from byod.workspace import Workspace
 from tests.conftest import (
     TEST_KEY,
     ServerDatabases,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from byod.commands import Workspace
 from byod.errors import BusyError, DirtyInstanceError, MigrationFailedError
 from byod.runner import Runner
+from byod.workspace import Workspace
 from tests.conftest import ServerDatabases, execute, has_table
 from tests.helpers import add_connected, counter, schema_version, stamp_ids, statuses
 

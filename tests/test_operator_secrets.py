@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from byod.commands import Workspace, connect
+from byod.commands import connect
+from byod.workspace import Workspace
 
 _SSL_REQUEST = 80877103
 _GSS_REQUEST = 80877104

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from byod.commands import Workspace, connect
-from byod.connections import Credentials, open_instance
+from byod.commands import connect
 from byod.controlplane import history
 from byod.controlplane.schema import configs, ledger
+from byod.credentials import Credentials, open_instance
 from byod.errors import (
     BusyError,
     CredentialsError,
@@ -24,6 +24,7 @@ from byod.notify import Notice
 from byod.registry import Registry, Step
 from byod.runner import Runner
 from byod.targets import StepBody, Target
+from byod.workspace import Workspace
 from tests.conftest import (
     OTHER_KEY,
     InstanceFactory,

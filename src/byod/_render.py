@@ -11,10 +11,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from byod._text import printable
 from byod.commands import RunDetails, UserPlan, VerifyReport
 from byod.controlplane import FleetStatus, LedgerRow, RunRecord
 from byod.runner import UserResult
+from byod.text import printable
 
 __all__ = [
     "dump",

@@ -33,6 +33,7 @@ from byod.fleet import (
     Selection,
 )
 from byod.settings import Settings
+from byod.workspace import Workspace
 
 __all__ = ["app", "main"]
 
@@ -101,9 +102,9 @@ All = Annotated[bool, typer.Option("--all", help="Every eligible user.")]
 
 def _workspace(
     database_url: str | None, migrations: Path | None, *, create_key: bool = False
-) -> commands.Workspace:
+) -> Workspace:
     settings = Settings.load(database_url=database_url, migrations=migrations)
-    return commands.Workspace(settings, create_key=create_key)
+    return Workspace(settings, create_key=create_key)
 
 
 def _one_target(user: str | None, every: bool) -> str | None:
@@ -537,9 +538,7 @@ def _print_started(run_id: str, json_out: bool) -> None:
         err.print(f"run {run_id} started; watch it with `byod runs show {run_id} --follow`")
 
 
-def _follow(
-    ws: commands.Workspace, run_id: str, json_out: bool, *, stop_on_interrupt: bool
-) -> None:
+def _follow(ws: Workspace, run_id: str, json_out: bool, *, stop_on_interrupt: bool) -> None:
     """Follow a run to its end with the fleet run's progress and summary."""
     _fleet_run(
         lambda on_event: commands.follow(

@@ -1,7 +1,8 @@
 """The commands, as plain functions of a :class:`Workspace` (Alembic's ``command`` style).
 
 Each opens what it needs, calls the core (runner, fleet, control plane) and returns plain
-data; the command line and, later, the HTTP service only render it.
+data; every front end (the command line, the HTTP service and its dashboard, the task
+queue's worker) calls these and only renders what they return.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,7 @@ import sqlalchemy as sa
 
 from byod import fleet
 from byod._step import attempt
-from byod._text import has_control
-from byod.connections import ReachResult, connect_user, open_instance, unseal_config
 from byod.controlplane import (
-    Directory,
     FleetStatus,
     LedgerRow,
     RunRecord,
@@ -32,10 +29,10 @@ from byod.controlplane import (
     fleet_status,
     history,
     iter_outdated,
-    open_engine,
 )
-from byod.controlplane.schema import configs, control_plane_id, metadata
-from byod.crypto import KeySource, Sealer, load_sealer
+from byod.controlplane.schema import configs, control_plane_id
+from byod.credentials import ReachResult, connect_user, open_instance, unseal_config
+from byod.crypto import KeySource
 from byod.distributed import (
     Dispatcher,
     RunProgress,
@@ -43,18 +40,18 @@ from byod.distributed import (
     require_server_control_plane,
     start_distributed,
 )
-from byod.errors import ByodError, ControlPlaneError, DriftError, InputError
+from byod.errors import ByodError, DriftError, InputError
 from byod.fleet import ELIGIBLE_STATUSES, FleetEvent, FleetOptions, FleetSummary, Selection
-from byod.notify import load_notifier
 from byod.registry import Plan, Registry
 from byod.runner import Runner, UserResult, check_stamp
 from byod.settings import (
     LOCAL_MIGRATIONS,
-    Settings,
     bundled_migrations_dir,
     normalize_url,
     safe_url,
 )
+from byod.text import has_control
+from byod.workspace import Workspace
 
 __all__ = [
     "InitResult",
@@ -83,65 +80,6 @@ __all__ = [
     "verify",
     "worker",
 ]
-
-
-class Workspace:
-    """Settings plus what they open, each opened once, on first use."""
-
-    def __init__(self, settings: Settings, *, create_key: bool = False) -> None:
-        self.settings = settings
-        self._create_key = create_key
-        self.key_source: KeySource | None = None
-
-    @cached_property
-    def engine(self) -> sa.Engine:
-        """The control-plane engine."""
-        return open_engine(self.settings.database_url)
-
-    @cached_property
-    def registry(self) -> Registry:
-        """The migrations, loaded and validated."""
-        return Registry.load(self.settings.migrations_dir)
-
-    @cached_property
-    def sealer(self) -> Sealer:
-        """The sealer for the configured encryption key."""
-        sealer, self.key_source = load_sealer(self.settings, create=self._create_key)
-        return sealer
-
-    @cached_property
-    def directory(self) -> Directory:
-        """Users and configs."""
-        self.require_tables()
-        return Directory(self.engine)
-
-    def runner(self, *, run_id: str | None = None) -> Runner:
-        """A runner on this workspace, with the configured notification hook."""
-        notify = load_notifier(self.settings.notify_hook)
-        return Runner(
-            self.engine,
-            self.registry,
-            self.sealer,
-            notify=notify,
-            run_id=run_id,
-            policy=self.settings.instance_policy,
-        )
-
-    def require_tables(self) -> None:
-        """Raise :class:`ControlPlaneError` unless ``byod init`` has run on this control plane."""
-        url = normalize_url(self.settings.database_url)
-        where = safe_url(url)
-        if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
-            raise ControlPlaneError(f"no control plane at {where}: run `byod init` first")
-        try:
-            present = set(sa.inspect(self.engine).get_table_names())
-        except sa.exc.SQLAlchemyError as exc:
-            raise ControlPlaneError(f"cannot reach the control plane {where}") from exc
-        missing = sorted(set(metadata.tables) - present)
-        if missing:
-            raise ControlPlaneError(
-                f"the control plane {where} lacks {', '.join(missing)}: run `byod init`"
-            )
 
 
 @dataclass(frozen=True)

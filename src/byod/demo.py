@@ -12,11 +12,12 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from byod.commands import InitResult, Workspace, init
-from byod.connections import connect_user
+from byod.commands import InitResult, init
 from byod.controlplane import FleetStatus, LedgerRow, fleet_status, history
+from byod.credentials import connect_user
 from byod.errors import InputError, UnknownUserError
 from byod.fleet import FleetEvent, FleetOptions, FleetSummary, migrate_fleet
+from byod.workspace import Workspace
 
 __all__ = ["DemoResult", "run_demo"]
 

@@ -17,6 +17,12 @@ once, at its edge.
   x CredentialsError
   x ControlPlaneError
   x BrokerError
+  x AccessError             (the HTTP service's answers to a caller)
+    + AuthError             (401)
+    + ForbiddenError        (403)
+    + NotFoundError         (404)
+  x UnavailableError        (503: this server is not set up for it)
+    + KeysUnavailableError
   x InstanceError
     + UnreachableError      (transient)
     + BusyError             (transient)
@@ -28,9 +34,11 @@ once, at its edge.
 
 from __future__ import annotations
 
-from byod._text import printable
+from byod.text import printable
 
 __all__ = [
+    "AccessError",
+    "AuthError",
     "BrokerError",
     "BusyError",
     "ByodError",
@@ -38,15 +46,19 @@ __all__ = [
     "CredentialsError",
     "DirtyInstanceError",
     "DriftError",
+    "ForbiddenError",
     "InputError",
     "InstanceError",
     "InstanceTimeoutError",
     "IrreversibleError",
+    "KeysUnavailableError",
     "MigrationFailedError",
     "NotConnectedError",
+    "NotFoundError",
     "PlanError",
     "RegistryError",
     "SettingsError",
+    "UnavailableError",
     "UnknownUserError",
     "UnreachableError",
 ]
@@ -131,6 +143,30 @@ class BrokerError(ByodError):
     """The task queue's broker cannot be reached: nothing was handed out."""
 
     hint = "Check BYOD_BROKER_URL points at a running Redis or RabbitMQ server."
+
+
+class AccessError(ByodError):
+    """The HTTP service refused the caller; the status code says why."""
+
+
+class AuthError(AccessError):
+    """The request carries no valid token: sign in again."""
+
+
+class ForbiddenError(AccessError):
+    """The caller may not do this (operators only)."""
+
+
+class NotFoundError(AccessError):
+    """No such resource, or not the caller's."""
+
+
+class UnavailableError(ByodError):
+    """This server is not set up for that (e.g. distributed runs without a broker)."""
+
+
+class KeysUnavailableError(UnavailableError):
+    """The token-signing keys (the JWKS URL) cannot be fetched now: try again later."""
 
 
 class InstanceError(ByodError):

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 from byod._step import FleetError, Settled, control_plane_patience, settle
 from byod._workers import ProcessPool, WorkerSetup, in_worker
+from byod.clock import utcnow
 from byod.controlplane import (
     RunCounts,
     RunStore,
@@ -37,7 +38,6 @@ from byod.controlplane import (
     count_outdated_by_key,
     iter_outdated,
 )
-from byod.controlplane.schema import utcnow
 from byod.errors import (
     ByodError,
     ControlPlaneError,

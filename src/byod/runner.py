@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from byod.connections import Credentials, open_instance, unseal_config
 from byod.controlplane import Config, Directory, Ledger, User
 from byod.controlplane.schema import control_plane_id
+from byod.credentials import Credentials, open_instance, unseal_config
 from byod.crypto import Sealer
 from byod.errors import (
     BusyError,

@@ -31,10 +31,16 @@ from byod.api.models import (
     RunOut,
     RunStarted,
 )
-from byod.commands import Workspace
 from byod.controlplane import RunRecord, RunStore, User, fleet_status, history
-from byod.errors import InputError, SettingsError
+from byod.errors import (
+    ForbiddenError,
+    InputError,
+    NotFoundError,
+    SettingsError,
+    UnavailableError,
+)
 from byod.fleet import FleetOptions, Selection
+from byod.workspace import Workspace
 
 __all__ = ["create_app"]
 
@@ -80,7 +86,7 @@ def _caller(
 def _operator(request: Request, principal: Annotated[Principal, Depends(_caller)]) -> Principal:
     if not principal.admin:
         authenticator: Authenticator = request.app.state.authenticator
-        raise problems.ForbiddenError(f"operators only ({authenticator.operator_rule})")
+        raise ForbiddenError(f"operators only ({authenticator.operator_rule})")
     return principal
 
 
@@ -147,7 +153,7 @@ def my_run(ws: Ws, principal: Caller, run_id: str) -> RunOut:
     user = _me(ws, principal)
     run = _run_or_404(ws, run_id)
     if run.options.get("users") != [user.id]:
-        raise problems.NotFoundError(f"no run {run_id!r} of yours")
+        raise NotFoundError(f"no run {run_id!r} of yours")
     return RunOut.of(run)
 
 
@@ -178,7 +184,7 @@ def start_fleet_run(request: Request, principal: Operator, body: FleetRunRequest
                 started_by=_started_by(principal),
             )
         except SettingsError as exc:  # the server's set-up, not the caller's request
-            raise problems.UnavailableError(exc.message) from exc
+            raise UnavailableError(exc.message) from exc
         return RunStarted(run_id=run_id)
     runs: BackgroundRuns = request.app.state.runs
     return RunStarted(
@@ -266,4 +272,4 @@ def _run_or_404(ws: Workspace, run_id: str) -> RunRecord:
     try:
         return RunStore(ws.engine).get(run_id)
     except InputError as exc:
-        raise problems.NotFoundError(f"no run {run_id!r}") from exc
+        raise NotFoundError(f"no run {run_id!r}") from exc

@@ -27,9 +27,13 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from byod.errors import ByodError, SettingsError
+from byod.errors import (
+    AuthError,
+    KeysUnavailableError,
+    SettingsError,
+)
 
-__all__ = ["AuthError", "AuthSettings", "Authenticator", "KeysUnavailableError", "Principal"]
+__all__ = ["AuthSettings", "Authenticator", "Principal"]
 
 #: RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output.
 MIN_SECRET_BYTES = 32
@@ -37,14 +41,6 @@ MIN_SECRET_BYTES = 32
 JWKS_LIFESPAN = 300.0
 #: How long one JWKS fetch may take (seconds).
 JWKS_TIMEOUT = 5.0
-
-
-class AuthError(ByodError):
-    """The request carries no valid token: sign in again."""
-
-
-class KeysUnavailableError(ByodError):
-    """The token-signing keys (the JWKS URL) cannot be fetched now: try again later."""
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import threading
 
-from byod.commands import Workspace
+from byod.clock import utcnow
 from byod.controlplane import User
-from byod.controlplane.schema import utcnow
 from byod.errors import BusyError, ByodError
 from byod.fleet import FleetEvent, FleetOptions, FleetStarted, FleetSummary, Selection
 from byod.fleet import migrate_fleet as run_fleet
+from byod.workspace import Workspace
 
 __all__ = ["BackgroundRuns"]
 

@@ -17,10 +17,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from byod.api.auth import Authenticator, AuthError, KeysUnavailableError
-from byod.commands import Workspace
+from byod.api.auth import Authenticator
 from byod.controlplane import FleetStatus, LedgerRow, RunRecord, RunStore, fleet_status, history
-from byod.errors import ByodError
+from byod.errors import (
+    AuthError,
+    ByodError,
+    KeysUnavailableError,
+)
+from byod.workspace import Workspace
 
 __all__ = ["COOKIE", "STYLE", "install_dashboard"]
 

@@ -24,9 +24,13 @@ from dataclasses import dataclass
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from byod.api.auth import Authenticator, AuthError, KeysUnavailableError, Principal
+from byod.api.auth import Authenticator, Principal
 from byod.api.problems import problem
-from byod.errors import SettingsError
+from byod.errors import (
+    AuthError,
+    KeysUnavailableError,
+    SettingsError,
+)
 
 __all__ = ["DEFAULT_MAX_BODY", "Guard", "HttpSettings", "content_security_policy"]
 

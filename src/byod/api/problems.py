@@ -13,33 +13,25 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from byod.api.auth import AuthError, KeysUnavailableError
 from byod.errors import (
+    AuthError,
     BrokerError,
     BusyError,
     ByodError,
     ControlPlaneError,
+    ForbiddenError,
     InputError,
+    KeysUnavailableError,
     NotConnectedError,
+    NotFoundError,
+    UnavailableError,
     UnknownUserError,
 )
 
-__all__ = ["ForbiddenError", "NotFoundError", "UnavailableError", "install", "problem"]
+__all__ = ["install", "problem"]
 
 log = logging.getLogger("byod.api")
 PROBLEM = "application/problem+json"
-
-
-class ForbiddenError(ByodError):
-    """The caller may not do this (operators only)."""
-
-
-class UnavailableError(ByodError):
-    """This server is not set up for that (e.g. distributed runs without a broker)."""
-
-
-class NotFoundError(ByodError):
-    """No such resource, or not the caller's."""
 
 
 _STATUS: list[tuple[type[ByodError], int, str]] = [

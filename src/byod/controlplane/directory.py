@@ -13,9 +13,9 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from byod._text import MAX_CLERK_ID, clerk_id_problem, has_control
+from byod.clock import utcnow
 from byod.controlplane._tx import reading, single, writing
-from byod.controlplane.schema import configs, ledger, users, utcnow
+from byod.controlplane.schema import configs, ledger, users
 from byod.errors import (
     BusyError,
     ControlPlaneError,
@@ -23,6 +23,7 @@ from byod.errors import (
     NotConnectedError,
     UnknownUserError,
 )
+from byod.text import MAX_CLERK_ID, clerk_id_problem, has_control
 
 __all__ = ["Config", "Directory", "User"]
 
@@ -115,7 +116,7 @@ class Directory:
         """Create a user; the clerk id is stored exactly as given.
 
         Raises :class:`InputError` for a clerk id that is taken, or that could not be
-        matched exactly (see :func:`byod._text.clerk_id_problem`): all digits, control
+        matched exactly (see :func:`byod.text.clerk_id_problem`): all digits, control
         characters, surrounding spaces. Nothing is trimmed or normalised.
         """
         problem = clerk_id_problem(clerk_id)

@@ -32,8 +32,9 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
+from byod.clock import utcnow
 from byod.controlplane._tx import reading, single, writing
-from byod.controlplane.schema import configs, ledger, utcnow
+from byod.controlplane.schema import configs, ledger
 from byod.errors import ControlPlaneError
 from byod.registry import Direction, Plan, Step
 

@@ -18,8 +18,9 @@ from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
+from byod.clock import utcnow
 from byod.controlplane._tx import reading, single
-from byod.controlplane.schema import ledger, runs, users, utcnow
+from byod.controlplane.schema import ledger, runs, users
 from byod.errors import InputError
 
 __all__ = ["STALE_AFTER", "MovedUser", "RunCounts", "RunRecord", "RunStore"]

@@ -13,15 +13,16 @@ from __future__ import annotations
 import functools
 import secrets
 import sqlite3
-from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.exc import SQLAlchemyError
 
+from byod.clock import utcnow
 from byod.errors import ControlPlaneError
 from byod.settings import normalize_url, safe_url
+from byod.targets.base import CONTROL_PLANE_TABLE
 
 __all__ = [
     "CONNECTION_STATUSES",
@@ -177,8 +178,6 @@ run_tasks = sa.Table(
 )
 
 
-CONTROL_PLANE_TABLE = "byod_control_plane"
-
 #: One row (``slot`` 1): this control plane's id; two concurrent ``init`` cannot both write.
 control_plane = sa.Table(
     CONTROL_PLANE_TABLE,
@@ -188,11 +187,6 @@ control_plane = sa.Table(
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.CheckConstraint("slot = 1", name="ck_byod_control_plane_slot"),
 )
-
-
-def utcnow() -> datetime:
-    """Now, in UTC, without tzinfo: how every timestamp is stored."""
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def open_engine(url: str) -> sa.Engine:

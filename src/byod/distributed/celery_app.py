@@ -124,7 +124,7 @@ def _handler(app: Celery) -> TaskHandler:
     pid = os.getpid()
     handler = _handlers.get(pid)
     if handler is None:
-        from byod.commands import Workspace
+        from byod.workspace import Workspace
 
         workspace = Workspace(app.byod_settings)
         runner = workspace.runner()

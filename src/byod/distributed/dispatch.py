@@ -22,9 +22,10 @@ from typing import Any
 import sqlalchemy as sa
 
 from byod._step import OUTCOMES, Settled
+from byod.clock import utcnow
 from byod.controlplane._tx import reading, single, writing
 from byod.controlplane.queries import outdated_query
-from byod.controlplane.schema import configs, run_tasks, runs, utcnow
+from byod.controlplane.schema import configs, run_tasks, runs
 from byod.errors import ByodError, ControlPlaneError, InputError, SettingsError
 from byod.registry import Registry
 from byod.settings import safe_url

@@ -23,8 +23,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from byod._step import FleetError, Settled, settle
-from byod.connections import unseal_config
 from byod.controlplane import User
+from byod.credentials import unseal_config
 from byod.distributed.dispatch import Claim, Dispatcher, registry_digest
 from byod.errors import BusyError, ByodError, ControlPlaneError
 from byod.fleet import FleetOptions

@@ -16,7 +16,11 @@ import sqlalchemy as sa
 
 from byod.registry import Step
 
-__all__ = ["StampEntry", "StepBody", "Target"]
+__all__ = ["CONTROL_PLANE_TABLE", "StampEntry", "StepBody", "Target"]
+
+#: The table whose one row names a byod control plane (written by ``byod init``); a
+#: database that holds it with the control plane's id is never migrated as an instance.
+CONTROL_PLANE_TABLE = "byod_control_plane"
 
 #: The work of one step, run inside the instance transaction (``up`` or ``down``).
 StepBody = Callable[[sa.Connection], None]

@@ -22,7 +22,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
-from byod.controlplane.schema import CONTROL_PLANE_TABLE, utcnow
+from byod.clock import utcnow
 from byod.errors import (
     BusyError,
     ByodError,
@@ -35,7 +35,7 @@ from byod.errors import (
 )
 from byod.registry import Step
 from byod.settings import safe_url
-from byod.targets.base import StampEntry, StepBody
+from byod.targets.base import CONTROL_PLANE_TABLE, StampEntry, StepBody
 from byod.targets.dialects import DIALECTS, STAMP_TABLE, Dialect, timed_out
 
 __all__ = ["STAMP_TABLE", "SqlTarget", "describe_error", "open_target"]

@@ -1,0 +1,79 @@
+"""The workspace: settings, and what they open (control plane, migrations, key), each
+opened once, on first use. Every command is a function of one (Alembic's ``Config``)."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from byod.controlplane import Directory, open_engine
+from byod.controlplane.schema import metadata
+from byod.crypto import KeySource, Sealer, load_sealer
+from byod.errors import ControlPlaneError
+from byod.notify import load_notifier
+from byod.registry import Registry
+from byod.runner import Runner
+from byod.settings import Settings, normalize_url, safe_url
+
+__all__ = ["Workspace"]
+
+
+class Workspace:
+    """Settings plus what they open, each opened once, on first use."""
+
+    def __init__(self, settings: Settings, *, create_key: bool = False) -> None:
+        self.settings = settings
+        self._create_key = create_key
+        self.key_source: KeySource | None = None
+
+    @cached_property
+    def engine(self) -> sa.Engine:
+        """The control-plane engine."""
+        return open_engine(self.settings.database_url)
+
+    @cached_property
+    def registry(self) -> Registry:
+        """The migrations, loaded and validated."""
+        return Registry.load(self.settings.migrations_dir)
+
+    @cached_property
+    def sealer(self) -> Sealer:
+        """The sealer for the configured encryption key."""
+        sealer, self.key_source = load_sealer(self.settings, create=self._create_key)
+        return sealer
+
+    @cached_property
+    def directory(self) -> Directory:
+        """Users and configs."""
+        self.require_tables()
+        return Directory(self.engine)
+
+    def runner(self, *, run_id: str | None = None) -> Runner:
+        """A runner on this workspace, with the configured notification hook."""
+        notify = load_notifier(self.settings.notify_hook)
+        return Runner(
+            self.engine,
+            self.registry,
+            self.sealer,
+            notify=notify,
+            run_id=run_id,
+            policy=self.settings.instance_policy,
+        )
+
+    def require_tables(self) -> None:
+        """Raise :class:`ControlPlaneError` unless ``byod init`` has run on this control plane."""
+        url = normalize_url(self.settings.database_url)
+        where = safe_url(url)
+        if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+            raise ControlPlaneError(f"no control plane at {where}: run `byod init` first")
+        try:
+            present = set(sa.inspect(self.engine).get_table_names())
+        except sa.exc.SQLAlchemyError as exc:
+            raise ControlPlaneError(f"cannot reach the control plane {where}") from exc
+        missing = sorted(set(metadata.tables) - present)
+        if missing:
+            raise ControlPlaneError(
+                f"the control plane {where} lacks {', '.join(missing)}: run `byod init`"
+            )
