@@ -597,9 +597,9 @@ def test_a_user_another_runner_holds_is_counted_busy(
 def test_leases_are_short_by_default(cws: Workspace, new_instance: InstanceFactory) -> None:
     """A dead runner's users come back in about 30 s, not 5 minutes."""
     from byod.clock import utcnow
-    from byod.distributed.worker import fleet_options
+    from byod.spec import RunSpec
 
-    assert FleetOptions().lease_seconds == 30 == fleet_options({}).lease_seconds
+    assert FleetOptions().lease_seconds == 30 == RunSpec.from_json("{}").options.lease_seconds
     ids, _ = fleet_of(cws, new_instance, 1)
     runner = cws.runner()
     assert runner.lease_seconds == 30

@@ -228,7 +228,7 @@ def run_details(details: RunDetails, console: Console) -> None:
         f"{c.up_to_date} up to date, {c.not_started} not started, "
         f"{c.not_eligible} not eligible"
     )
-    console.print("options: " + ", ".join(f"{k}={v}" for k, v in sorted(run.options.items())))
+    console.print("options: " + ", ".join(f"{k}={v}" for k, v in sorted(run.spec.flat().items())))
     if details.failures:
         table = Table(title="failures")
         for column in ("user", "migration", "error"):

@@ -17,7 +17,6 @@ from typing import Any
 import sqlalchemy as sa
 
 from byod import fleet
-from byod._step import attempt
 from byod.controlplane import (
     FleetStatus,
     LedgerRow,
@@ -41,7 +40,7 @@ from byod.distributed import (
     start_distributed,
 )
 from byod.errors import ByodError, DriftError, InputError
-from byod.fleet import ELIGIBLE_STATUSES, FleetEvent, FleetOptions, FleetSummary, Selection
+from byod.fleet import ELIGIBLE_STATUSES, FleetEvent, FleetOptions, FleetSummary, Selection, attempt
 from byod.registry import Plan, Registry
 from byod.runner import Runner, UserResult, check_stamp
 from byod.settings import (

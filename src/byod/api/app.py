@@ -152,7 +152,7 @@ def my_run(ws: Ws, principal: Caller, run_id: str) -> RunOut:
     """A run the caller started for their own database."""
     user = _me(ws, principal)
     run = _run_or_404(ws, run_id)
-    if run.options.get("users") != [user.id]:
+    if run.spec.selection.users != (user.id,):
         raise NotFoundError(f"no run {run_id!r} of yours")
     return RunOut.of(run)
 

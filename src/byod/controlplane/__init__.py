@@ -15,21 +15,34 @@ from byod.controlplane.queries import (
     iter_outdated,
     outdated_query,
 )
-from byod.controlplane.runs import MovedUser, RunCounts, RunRecord, RunStore
+from byod.controlplane.runs import (
+    Claim,
+    DispatchRow,
+    FinishedTask,
+    MovedUser,
+    RunRecord,
+    RunStore,
+    TaskEnd,
+    TaskStore,
+)
 from byod.controlplane.schema import create_tables, open_engine
 
 __all__ = [
+    "Claim",
     "Config",
     "Directory",
+    "DispatchRow",
     "FailureRow",
+    "FinishedTask",
     "FleetStatus",
     "Ledger",
     "LedgerRow",
     "MovedUser",
     "OutdatedConfig",
-    "RunCounts",
     "RunRecord",
     "RunStore",
+    "TaskEnd",
+    "TaskStore",
     "User",
     "count_ahead",
     "count_not_eligible",

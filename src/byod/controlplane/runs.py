@@ -1,51 +1,49 @@
-"""Fleet runs: one row per run (who, options, state, counts), and what a run moved.
+"""Fleet runs and their tasks: the one writer of ``byod_runs`` and ``byod_run_tasks``.
 
-A run's state is ``running`` until it ends ``completed``, ``halted`` (a canary or the
-failure ratio stopped it) or ``interrupted`` (Ctrl-C). A run whose process died stays
-``running`` in the table; readers see it as ``interrupted`` once it has not reported for
-longer than :data:`STALE_AFTER`.
+``byod_runs``: one row per run (who, its specification, state, counts). A run's state
+is ``running`` until it ends ``completed``, ``halted`` (a canary or the failure ratio
+stopped it) or ``interrupted`` (Ctrl-C, ``runs stop``); ``ended_at`` is set exactly once.
+A run whose process died stays ``running`` in the table; readers see it as
+``interrupted`` once it has not reported for longer than :data:`STALE_AFTER`.
+
+``byod_run_tasks`` (distributed runs): one row per user handed to the task queue,
+``queued`` -> ``running`` (taken by a worker) -> ``done`` (its outcome recorded). A task's
+end is recorded and counted on its run in one statement, only while it is not ``done``:
+a duplicate delivery can never count a user twice.
 """
 
 from __future__ import annotations
 
 import getpass
-import json
 import secrets
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
 from byod.clock import utcnow
-from byod.controlplane._tx import reading, single
-from byod.controlplane.schema import ledger, runs, users
+from byod.controlplane._tx import reading, single, writing
+from byod.controlplane.queries import outdated_query
+from byod.controlplane.schema import configs, ledger, run_tasks, runs, users
 from byod.errors import InputError
+from byod.spec import OUTCOMES, RunCounts, RunSpec
 
-__all__ = ["STALE_AFTER", "MovedUser", "RunCounts", "RunRecord", "RunStore"]
+__all__ = [
+    "STALE_AFTER",
+    "Claim",
+    "DispatchRow",
+    "FinishedTask",
+    "MovedUser",
+    "RunRecord",
+    "RunStore",
+    "TaskEnd",
+    "TaskStore",
+]
 
 #: A running run that has not written its progress for this long is taken as lost.
 STALE_AFTER = timedelta(seconds=60)
-
-
-@dataclass(frozen=True)
-class RunCounts:
-    """The counts a run reports: ``total`` is every user the run took (succeeded, failed,
-    busy, up to date or not started); ``not_eligible`` users are outside it."""
-
-    total: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    busy: int = 0
-    up_to_date: int = 0
-    not_started: int = 0
-    not_eligible: int = 0
-
-    @property
-    def done(self) -> int:
-        """Users the run is finished with (``not_started`` ones excepted)."""
-        return self.succeeded + self.failed + self.busy + self.up_to_date
 
 
 @dataclass(frozen=True)
@@ -55,7 +53,7 @@ class RunRecord:
     id: str
     kind: str
     started_by: str
-    options: dict[str, object]
+    spec: RunSpec
     state: str
     target_version: int | None
     undoes: str | None
@@ -72,7 +70,7 @@ class RunRecord:
     @property
     def distributed(self) -> bool:
         """True for a run whose users are migrated by task-queue workers."""
-        return bool(self.options.get("distributed"))
+        return self.spec.distributed
 
     @property
     def remaining(self) -> int | None:
@@ -113,7 +111,7 @@ def _record(row: sa.Row[tuple[object, ...]]) -> RunRecord:
     data = row._asdict()
     counts = {name: int(data.pop(name)) for name in RunCounts.__dataclass_fields__}
     counts["up_to_date"] += int(data.pop("skipped"))  # a run recorded by an older byod
-    data["options"] = json.loads(str(data["options"]))
+    data["spec"] = RunSpec.from_json(str(data.pop("options")))
     return RunRecord(counts=RunCounts(**counts), **data)
 
 
@@ -127,17 +125,10 @@ class RunStore:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
 
-    def start(
-        self,
-        kind: str,
-        options: Mapping[str, object],
-        *,
-        target_version: int | None = None,
-        undoes: str | None = None,
-        started_by: str | None = None,
-    ) -> str:
-        """Record a new run as ``running``; returns its id. ``started_by``: who asked
-        for it (an HTTP caller's token subject); default this process's OS user@host."""
+    def start(self, kind: str, spec: RunSpec, *, started_by: str | None = None) -> str:
+        """Record a new run (``kind``: migrate or rollback) as ``running``; returns its id.
+        ``started_by``: who asked for it (an HTTP caller's token subject); default this
+        process's OS user@host."""
         now = utcnow()
         run_id = f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
         with single(self.engine, "record the run") as conn:
@@ -146,10 +137,10 @@ class RunStore:
                     id=run_id,
                     kind=kind,
                     started_by=(started_by or _local_user())[:255],
-                    options=json.dumps(dict(options), sort_keys=True),
+                    options=spec.to_json(),
                     state="running",
-                    target_version=target_version,
-                    undoes=undoes,
+                    target_version=spec.to_version,
+                    undoes=spec.undoes,
                     started_at=now,
                     updated_at=now,
                 )
@@ -222,3 +213,338 @@ class RunStore:
         )
         with reading(self.engine, "read what the run moved") as conn:
             return [MovedUser(int(r[0]), str(r[1]), int(r[2]) - 1) for r in conn.execute(query)]
+
+    # -- distributed runs ----------------------------------------------------------------
+
+    def hand_out(
+        self, run_id: str, decide: Callable[[DispatchRow], tuple[str | None, int]]
+    ) -> list[tuple[int, str | None]]:
+        """One step of a distributed run's dispatch, in one transaction: ``decide`` looks
+        at the run (locked; a second caller returns at once with nothing) and says why it
+        must halt (or None) and how many users to hand out now; their task rows are
+        written ``queued`` and the run's cursor moved; a run with nothing in flight and
+        nothing left (or stopped) is closed. Returns the users handed out, with their
+        queue, for the caller to publish."""
+        with writing(self.engine, "hand out the run's next users") as conn:
+            row = conn.execute(
+                sa.select(runs).where(runs.c.id == run_id).with_for_update(skip_locked=True)
+            ).first()
+            if row is None or row.ended_at is not None:
+                return []
+            run = _dispatch_row(row)
+            halt, room = decide(run)
+            values: dict[str, object] = {}
+            state, exhausted, in_flight = run.state, run.exhausted, run.in_flight
+            if state == "running" and halt is not None:
+                state = values["state"] = "halted"
+                values["halt_reason"] = halt
+            page: Sequence[sa.Row[tuple[int, str, int, str | None]]] = []
+            if state == "running" and not exhausted and room > 0:
+                page, exhausted = self._next_page(conn, row, run, room)
+                in_flight += len(page)
+                values |= {
+                    "dispatched": run.dispatched + len(page),
+                    "in_flight": in_flight,
+                    "exhausted": exhausted,
+                }
+                if page:
+                    values["cursor_version"] = int(page[-1].schema_version)
+                    values["cursor_user"] = int(page[-1].user_id)
+            if in_flight == 0 and (exhausted or state != "running"):
+                values |= _closing(row, state)
+            if values:
+                values["updated_at"] = utcnow()
+                conn.execute(runs.update().where(runs.c.id == run_id).values(**values))
+        return [(int(r.user_id), r.queue) for r in page]
+
+    @staticmethod
+    def _next_page(
+        conn: sa.Connection, row: sa.Row[tuple[object, ...]], run: DispatchRow, room: int
+    ) -> tuple[Sequence[sa.Row[tuple[int, str, int, str | None]]], bool]:
+        """The next page of the run's selection after its cursor, written as queued
+        task rows; and whether the selection is exhausted."""
+        spec = run.spec
+        cursor = (
+            -1 if row.cursor_version is None else int(str(row.cursor_version)),
+            -1 if row.cursor_user is None else int(str(row.cursor_user)),
+        )
+        query = outdated_query(
+            run.target_version,
+            after=cursor,
+            limit=room,
+            statuses=spec.statuses,
+            untouched_since=row.started_at,
+            only_version=spec.selection.only_version,
+            user_ids=spec.user_ids,
+        )
+        page = conn.execute(query).all()
+        limit = spec.selection.limit
+        exhausted = len(page) < room or (limit is not None and run.dispatched + len(page) >= limit)
+        if page:
+            now = utcnow()
+            conn.execute(
+                run_tasks.insert(),
+                [
+                    {
+                        "run_id": run.run_id,
+                        "user_id": r.user_id,
+                        "queue": r.queue,
+                        "state": "queued",
+                        "from_version": r.schema_version,
+                        "queued_at": now,
+                    }
+                    for r in page
+                ],
+            )
+        return page, exhausted
+
+    def stop(self, run_id: str, state: str, reason: str) -> bool:
+        """Mark a running run ``interrupted`` or ``halted`` (it is closed by the next
+        :meth:`hand_out` once nothing is in flight); False when it was not running."""
+        if state not in ("interrupted", "halted"):
+            raise InputError(f"a run can be stopped as interrupted or halted, not {state}")
+        with single(self.engine, "stop the run") as conn:
+            stopped = conn.execute(
+                runs.update()
+                .where(runs.c.id == run_id, runs.c.state == "running")
+                .values(state=state, halt_reason=reason, updated_at=utcnow())
+            ).rowcount
+        return stopped == 1
+
+
+@dataclass(frozen=True)
+class DispatchRow:
+    """A distributed run as its dispatch sees it (its row, with the spec parsed)."""
+
+    run_id: str
+    state: str
+    spec: RunSpec
+    target_version: int
+    in_flight: int
+    dispatched: int
+    exhausted: bool
+    succeeded: int
+    failed: int
+
+
+_DISPATCH_COLUMNS = (
+    "id, state, options, target_version, in_flight, dispatched, exhausted, succeeded, failed"
+)
+
+
+def _dispatch_row(row: sa.Row[tuple[object, ...]]) -> DispatchRow:
+    return DispatchRow(
+        run_id=str(row.id),
+        state=str(row.state),
+        spec=RunSpec.from_json(str(row.options)),
+        target_version=int(str(row.target_version)),
+        in_flight=int(str(row.in_flight)),
+        dispatched=int(str(row.dispatched)),
+        exhausted=bool(row.exhausted),
+        succeeded=int(str(row.succeeded)),
+        failed=int(str(row.failed)),
+    )
+
+
+def _closing(row: sa.Row[tuple[object, ...]], state: str) -> dict[str, object]:
+    """A run's last write: its end state; a stopped run's users never handed out are
+    counted not started."""
+    values: dict[str, object] = {"ended_at": utcnow()}
+    if state == "running":
+        values["state"] = "completed"
+    else:
+        total = int(str(row.total))
+        never = max(0, int(str(row.planned or 0)) - total)
+        values["not_started"] = int(str(row.not_started)) + never
+        values["total"] = total + never
+    return values
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker learns when it takes a task: the run, the user, and whether to go."""
+
+    run_state: str
+    spec: RunSpec
+    target_version: int
+    clerk_id: str
+    task_state: str  # before this claim: queued | running | done
+    claimed: bool  # True: run the user; False: the run stopped, or the task is done
+
+
+@dataclass(frozen=True)
+class TaskEnd:
+    """How one user's task ended, as its row keeps it (``outcome``: one of
+    :data:`byod.spec.OUTCOMES`)."""
+
+    outcome: str
+    to_version: int | None = None
+    error: str | None = None
+    error_type: str | None = None
+    steps: str | None = None
+    tries: int = 0
+    seconds: float | None = None
+
+
+# Take the task unless it is done or its run has stopped, and say what was there before.
+_CLAIM = sa.text(
+    """
+    WITH claimed AS (
+        UPDATE byod_run_tasks AS t
+        SET state = 'running', worker = :worker, started_at = :now,
+            deliveries = t.deliveries + 1
+        FROM byod_runs AS r
+        WHERE t.run_id = :run AND t.user_id = :user AND t.state <> 'done'
+          AND r.id = t.run_id AND r.state = 'running'
+        RETURNING t.user_id
+    )
+    SELECT r.state, r.options, r.target_version, u.clerk_id, t.state AS task_state,
+           EXISTS (SELECT 1 FROM claimed) AS claimed
+    FROM byod_runs AS r
+    JOIN byod_run_tasks AS t ON t.run_id = r.id AND t.user_id = :user
+    JOIN users AS u ON u.id = t.user_id
+    WHERE r.id = :run
+    """
+)
+
+_COUNTED = ", ".join(f"{name} = {name} + :n_{name}" for name in OUTCOMES)
+
+# Record the task's end once (a duplicate finds it done) and count it in the same statement.
+_FINISH = sa.text(
+    f"""
+    WITH done AS (
+        UPDATE byod_run_tasks
+        SET state = 'done', outcome = :outcome, to_version = :to_version, error = :error,
+            error_type = :error_type, steps = :steps, tries = :tries, seconds = :seconds,
+            finished_at = timezone('UTC', clock_timestamp())
+        WHERE run_id = :run AND user_id = :user AND state <> 'done'
+        RETURNING run_id
+    )
+    UPDATE byod_runs
+    SET in_flight = in_flight - 1, total = total + 1 - :n_not_eligible, {_COUNTED},
+        updated_at = :now
+    WHERE id IN (SELECT run_id FROM done)
+    RETURNING {_DISPATCH_COLUMNS}
+    """
+)
+
+
+class TaskStore:
+    """Claims and ends a distributed run's tasks (PostgreSQL: one statement each)."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    def claim(self, run_id: str, user_id: int, worker: str) -> Claim | None:
+        """Take one user's task (None: no such task, e.g. its run was deleted)."""
+        params = {"run": run_id, "user": user_id, "worker": worker[:128], "now": utcnow()}
+        with single(self.engine, "claim the task") as conn:
+            row = conn.execute(_CLAIM, params).first()
+        if row is None:
+            return None
+        return Claim(
+            run_state=str(row.state),
+            spec=RunSpec.from_json(str(row.options)),
+            target_version=int(row.target_version),
+            clerk_id=str(row.clerk_id),
+            task_state=str(row.task_state),
+            claimed=bool(row.claimed),
+        )
+
+    def finish(self, run_id: str, user_id: int, end: TaskEnd) -> DispatchRow | None:
+        """Record how the task ended and count it on its run; returns the run as it now
+        is, or None when the end was already recorded (a duplicate: nothing counted)."""
+        params: dict[str, object] = {"run": run_id, "user": user_id, "now": utcnow()}
+        params |= end.__dict__
+        params |= {f"n_{name}": int(end.outcome == name) for name in OUTCOMES}
+        with single(self.engine, "record the task's end") as conn:
+            row = conn.execute(_FINISH, params).first()
+        return None if row is None else _dispatch_row(row)
+
+    def send_again(self, run_id: str, older_than_seconds: float) -> list[tuple[int, str | None]]:
+        """The run's tasks that look lost (queued longer than that, or taken longer ago
+        than that by a worker whose lease on the user has lapsed), marked sent again
+        now; returns them (user, queue) for the caller to publish."""
+        now = utcnow()
+        cutoff = now - timedelta(seconds=older_than_seconds)
+        lost = sa.or_(
+            sa.and_(run_tasks.c.state == "queued", run_tasks.c.queued_at < cutoff),
+            sa.and_(
+                run_tasks.c.state == "running",
+                run_tasks.c.started_at < cutoff,
+                sa.or_(configs.c.lease_owner.is_(None), configs.c.lease_expires_at < now),
+            ),
+        )
+        query = (
+            sa.select(run_tasks.c.user_id, run_tasks.c.queue)
+            .join(configs, configs.c.user_id == run_tasks.c.user_id)
+            .where(run_tasks.c.run_id == run_id, lost)
+        )
+        with reading(self.engine, "find the run's lost tasks") as conn:
+            found = [(int(r.user_id), r.queue) for r in conn.execute(query)]
+        if not found:
+            return []
+        with single(self.engine, "mark the tasks sent again") as conn:
+            conn.execute(
+                run_tasks.update()
+                .where(
+                    run_tasks.c.run_id == run_id,
+                    run_tasks.c.user_id.in_([user_id for user_id, _ in found]),
+                )
+                .values(
+                    queued_at=now,
+                    started_at=sa.case(
+                        (run_tasks.c.state == "running", now), else_=run_tasks.c.started_at
+                    ),
+                )
+            )
+        return found
+
+    def finished(self, run_id: str, since: datetime | None) -> list[FinishedTask]:
+        """The run's tasks recorded done (since that moment, when given), oldest first."""
+        query = (
+            sa.select(run_tasks, users.c.clerk_id)
+            .join(users, users.c.id == run_tasks.c.user_id)
+            .where(run_tasks.c.run_id == run_id, run_tasks.c.state == "done")
+            .order_by(run_tasks.c.finished_at)
+        )
+        if since is not None:
+            query = query.where(run_tasks.c.finished_at >= since)
+        with reading(self.engine, "read the run's finished tasks") as conn:
+            return [
+                FinishedTask(
+                    user_id=int(r.user_id),
+                    clerk_id=str(r.clerk_id),
+                    outcome=str(r.outcome),
+                    tries=int(r.tries),
+                    from_version=int(r.from_version),
+                    to_version=None if r.to_version is None else int(r.to_version),
+                    error=r.error,
+                    error_type=r.error_type,
+                    steps=str(r.steps or "[]"),
+                    seconds=float(r.seconds or 0.0),
+                    finished_at=r.finished_at,
+                )
+                for r in conn.execute(query)
+            ]
+
+    def failed(self, run_id: str, limit: int) -> list[FinishedTask]:
+        """The run's tasks that ended ``failed``, oldest first."""
+        return [t for t in self.finished(run_id, None) if t.outcome == "failed"][:limit]
+
+
+@dataclass(frozen=True)
+class FinishedTask:
+    """A distributed run's task as recorded done (``steps``: its steps as JSON)."""
+
+    user_id: int
+    clerk_id: str
+    outcome: str
+    tries: int
+    from_version: int
+    to_version: int | None
+    error: str | None
+    error_type: str | None
+    steps: str
+    seconds: float
+    finished_at: datetime

@@ -18,9 +18,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 
 from byod import errors
-from byod.controlplane import RunStore
-from byod.controlplane._tx import reading
-from byod.controlplane.schema import run_tasks, users
+from byod.controlplane import FinishedTask, RunStore, TaskStore
 from byod.distributed.dispatch import Dispatcher, registry_digest
 from byod.errors import BrokerError, ByodError, InputError
 from byod.fleet import (
@@ -35,6 +33,7 @@ from byod.fleet import (
     size_selection,
 )
 from byod.runner import Runner, StepResult, UserResult
+from byod.spec import RunSpec
 
 __all__ = ["DEFAULT_IN_FLIGHT", "RunProgress", "follow_run", "start_distributed", "summary_of"]
 
@@ -77,19 +76,18 @@ def start_distributed(
     if options.processes != 1:
         raise InputError("--processes is for in-process runs: start more workers instead")
     size = size_selection(runner, selection, to_version)
-    user_ids = None if size.listed is None else [user.id for user in size.listed]
-    record = {
-        **asdict(options),
-        **asdict(selection),
-        "to_version": size.target,
-        "distributed": True,
-        "per_host": per_host,
-        "statuses": list(ELIGIBLE_STATUSES),
-        "user_ids": user_ids,
-        "migrations": registry_digest(runner.registry),
-    }
+    spec = RunSpec(
+        options=options,
+        selection=selection,
+        to_version=size.target,
+        distributed=True,
+        per_host=per_host,
+        statuses=ELIGIBLE_STATUSES,
+        user_ids=None if size.listed is None else tuple(user.id for user in size.listed),
+        migrations=registry_digest(runner.registry),
+    )
     store = RunStore(runner.engine)
-    run_id = store.start("migrate", record, target_version=size.target, started_by=started_by)
+    run_id = store.start("migrate", spec, started_by=started_by)
     up_to_date = size.up_to_date
     counts = FleetSummary(total=up_to_date, up_to_date=up_to_date, not_eligible=size.not_eligible)
     store.progress(run_id, counts.counts(), planned=size.planned + up_to_date)
@@ -159,21 +157,12 @@ def _report_tasks(
     on_event: Callable[[FleetEvent | RunProgress], None],
 ) -> datetime | None:
     """Report the run's tasks finished since the last look; returns the new mark."""
-    query = (
-        sa.select(run_tasks, users.c.clerk_id)
-        .join(users, users.c.id == run_tasks.c.user_id)
-        .where(run_tasks.c.run_id == run_id, run_tasks.c.state == "done")
-        .order_by(run_tasks.c.finished_at)
-    )
-    if since is not None:
-        query = query.where(run_tasks.c.finished_at >= since - _WINDOW)
-    with reading(engine, "read the run's finished tasks") as conn:
-        rows = conn.execute(query).all()
+    rows = TaskStore(engine).finished(run_id, None if since is None else since - _WINDOW)
     for row in rows:
         if row.user_id in seen or row.outcome == "not_started":
             continue
         seen[row.user_id] = row.finished_at
-        on_event(UserFinished(_result(row), str(row.outcome), int(row.tries)))
+        on_event(UserFinished(_result(row), row.outcome, row.tries))
     if rows:
         since = max(since or rows[-1].finished_at, rows[-1].finished_at)
     if since is not None:
@@ -182,59 +171,38 @@ def _report_tasks(
     return since
 
 
-def _result(row: sa.Row[tuple[object, ...]]) -> UserResult:
+def _result(row: FinishedTask) -> UserResult:
     """A finished task as the runner's result, for the same JSON lines as in-process."""
     error = None
     if row.error is not None:
         kind = getattr(errors, str(row.error_type), None) if row.error_type else None
         error = (kind if isinstance(kind, type) else ByodError)(str(row.error))
-    steps = tuple(StepResult(**step) for step in json.loads(str(row.steps or "[]")))
+    steps = tuple(StepResult(**step) for step in json.loads(row.steps))
     return UserResult(
-        user_id=int(row.user_id),
-        clerk_id=str(row.clerk_id),
-        from_version=int(row.from_version),
-        to_version=int(row.from_version if row.to_version is None else row.to_version),
+        user_id=row.user_id,
+        clerk_id=row.clerk_id,
+        from_version=row.from_version,
+        to_version=row.from_version if row.to_version is None else row.to_version,
         steps=steps,
         error=error,
-        seconds=float(row.seconds or 0.0),
+        seconds=row.seconds,
     )
 
 
 def summary_of(engine: sa.Engine, run_id: str, *, errors_limit: int = 1000) -> FleetSummary:
     """A run's summary as recorded (the same fields as an in-process run's)."""
     record = RunStore(engine).get(run_id)
-    c = record.counts
     summary = FleetSummary(
         run_id=run_id,
         state=record.shown_state,
         halt_reason=record.halt_reason,
-        total=c.total,
-        succeeded=c.succeeded,
-        failed=c.failed,
-        busy=c.busy,
-        up_to_date=c.up_to_date,
-        not_started=c.not_started,
-        not_eligible=c.not_eligible,
+        **asdict(record.counts),
     )
     if record.distributed:
-        query = (
-            sa.select(users.c.clerk_id, run_tasks.c.steps, run_tasks.c.error)
-            .join(users, users.c.id == run_tasks.c.user_id)
-            .where(run_tasks.c.run_id == run_id, run_tasks.c.outcome == "failed")
-            .order_by(run_tasks.c.finished_at)
-            .limit(errors_limit)
-        )
-        with reading(engine, "read the run's failures") as conn:
-            for clerk_id, steps, error in conn.execute(query):
-                failed_step = next(
-                    (
-                        s["migration_id"]
-                        for s in json.loads(steps or "[]")
-                        if s["status"] == "failed"
-                    ),
-                    None,
-                )
-                summary.errors.append(FleetError(str(clerk_id), failed_step, str(error or "")))
+        for task in TaskStore(engine).failed(run_id, errors_limit):
+            steps = json.loads(task.steps)
+            failed_step = next((s["migration_id"] for s in steps if s["status"] == "failed"), None)
+            summary.errors.append(FleetError(task.clerk_id, failed_step, task.error or ""))
     else:
         summary.errors = [
             FleetError(clerk_id, migration, error or "")

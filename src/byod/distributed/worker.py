@@ -17,17 +17,14 @@ import random
 import socket
 import zlib
 from collections.abc import Iterator
-from dataclasses import fields
-from typing import Any
 
 import sqlalchemy as sa
 
-from byod._step import FleetError, Settled, settle
-from byod.controlplane import User
+from byod.controlplane import Claim, User
 from byod.credentials import unseal_config
-from byod.distributed.dispatch import Claim, Dispatcher, registry_digest
+from byod.distributed.dispatch import Dispatcher, registry_digest
 from byod.errors import BusyError, ByodError, ControlPlaneError
-from byod.fleet import FleetOptions
+from byod.fleet import FleetError, Settled, settle
 from byod.runner import Runner
 
 __all__ = ["TaskHandler", "worker_name"]
@@ -67,7 +64,7 @@ class TaskHandler:
             else:  # a duplicate, or a retry whose end was recorded but not its sequel
                 self.dispatcher.top_up(run_id)
             return None
-        if claim.options.get("migrations") != self.digest:
+        if claim.spec.migrations != self.digest:
             message = (
                 f"worker {self.name} has other migrations than run {run_id}: deploy the same "
                 "migrations folder to every worker"
@@ -90,7 +87,7 @@ class TaskHandler:
         return None
 
     def _run(self, run_id: str, user: User, claim: Claim) -> Settled:
-        options = fleet_options(claim.options)
+        options = claim.spec.options
         runner = self.runner.configured(
             run_id=run_id,
             timeout=options.timeout,
@@ -132,7 +129,7 @@ class TaskHandler:
         """One of the run's ``per_host`` slots on the user's database server (a
         PostgreSQL advisory lock held on a control-plane connection: a worker that dies
         gives its slot back with its connection). Yields False when all are taken."""
-        per_host = int(claim.options.get("per_host") or 0)
+        per_host = claim.spec.per_host or 0
         host = self._host_of(user_id) if per_host else None
         if host is None:
             yield True
@@ -163,12 +160,6 @@ _TRY_LOCK = sa.text("SELECT pg_try_advisory_lock(:k, :s)")
 _UNLOCK = sa.text("SELECT pg_advisory_unlock(:k, :s)")
 
 
-def fleet_options(recorded: dict[str, Any]) -> FleetOptions:
-    """The fleet options a run was started with, from its record."""
-    names = {f.name for f in fields(FleetOptions)}
-    return FleetOptions(**{k: v for k, v in recorded.items() if k in names})
-
-
 def _retry_delay(claim: Claim) -> float:
-    lease = float(claim.options.get("lease_seconds") or FleetOptions.lease_seconds)
+    lease = claim.spec.options.lease_seconds
     return max(0.5, min(10.0, lease / 3)) * random.uniform(0.8, 1.2)

@@ -10,7 +10,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from byod.controlplane import User
 from byod.errors import (
@@ -21,19 +20,11 @@ from byod.errors import (
     UnknownUserError,
 )
 from byod.runner import Runner, UserResult
+from byod.spec import FleetOptions
 
-if TYPE_CHECKING:
-    from byod.fleet import FleetOptions
-
-__all__ = ["OUTCOMES", "FleetError", "Settled", "attempt", "control_plane_patience", "settle"]
+__all__ = ["FleetError", "Settled", "attempt", "control_plane_patience", "settle"]
 
 log = logging.getLogger("byod.fleet")
-
-#: How a user of a fleet run can end: ``busy`` (another runner holds its lease),
-#: ``up_to_date`` (nothing to do by its turn), ``not_started`` (the run halted before
-#: it), ``not_eligible`` (disconnected or removed meanwhile: never touched, not in
-#: ``total``).
-OUTCOMES = ("succeeded", "failed", "busy", "up_to_date", "not_started", "not_eligible")
 
 
 @dataclass(frozen=True)
@@ -47,7 +38,7 @@ class FleetError:
 
 @dataclass(frozen=True)
 class Settled:
-    """How one user of a fleet run ended: ``outcome`` (one of :data:`OUTCOMES`), its
+    """How one user of a fleet run ended: ``outcome`` (one of :data:`byod.spec.OUTCOMES`), its
     result (always, from :func:`settle`; None only for a distributed task that never ran),
     the tries made, and the error the summary lists."""
 

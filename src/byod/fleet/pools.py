@@ -13,15 +13,12 @@ import signal
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from byod._step import Settled, settle
 from byod.controlplane import User
+from byod.fleet.outcome import Settled, settle
 from byod.instance_url import InstancePolicy
 from byod.runner import Runner
-
-if TYPE_CHECKING:
-    from byod.fleet import FleetOptions
+from byod.spec import FleetOptions
 
 __all__ = ["ProcessPool", "WorkerSetup", "in_worker"]
 

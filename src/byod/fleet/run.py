@@ -1,0 +1,310 @@
+"""All users: migrate (or undo a run) with a bounded pool, in waves, recorded.
+
+Users are streamed from the selection into at most ``concurrency`` workers (threads, or
+spawned processes), so memory stays flat as the fleet grows. Transient failures
+(unreachable, timeout, busy) are retried with exponential backoff and jitter; a
+migration's own error is not. A canary wave and a failure ratio can halt a run
+(:mod:`byod.fleet.halt`); the users it never started are counted ``not_started``,
+nothing is left half-done. Every run is recorded in ``byod_runs`` and its ledger rows
+carry its id. The core emits typed events; it never prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import (
+    ALL_COMPLETED,
+    FIRST_COMPLETED,
+    Executor,
+    Future,
+    ThreadPoolExecutor,
+    wait,
+)
+
+from byod.controlplane import RunStore, User
+from byod.errors import ByodError, ControlPlaneError, InputError, IrreversibleError
+from byod.fleet.halt import halt_reason
+from byod.fleet.outcome import Settled, settle
+from byod.fleet.pools import ProcessPool, WorkerSetup, in_worker
+from byod.fleet.selection import Item, limited, outdated, require_key, size_selection
+from byod.fleet.summary import FleetEvent, FleetStarted, FleetSummary, UserFinished
+from byod.notify import log_notice
+from byod.runner import Runner
+from byod.spec import FleetOptions, RunSpec, Selection
+
+__all__ = ["migrate_fleet", "rollback_run"]
+
+log = logging.getLogger("byod.fleet")
+#: How often a running fleet run writes its counts (what watchers and dashboards see).
+PROGRESS_SECONDS = 2.0
+#: How long a run's last write (its end state and counts) waits for a control plane out
+#: of reach before the run gives up recording it.
+FINISH_PATIENCE_SECONDS = 60.0
+
+
+def migrate_fleet(
+    runner: Runner,
+    *,
+    options: FleetOptions = FleetOptions(),
+    selection: Selection = Selection(),
+    to_version: int | None = None,
+    on_event: Callable[[FleetEvent], None] = lambda event: None,
+    started_by: str | None = None,
+) -> FleetSummary:
+    """Migrate every eligible user below the target (default: head) and summarise.
+
+    Eligible: a config whose connection is ``connected`` or ``error`` (an instance that
+    was unreachable is tried again). One failing user never stops the others, unless a
+    canary or the failure ratio halts the run. Ctrl-C stops starting new users, lets
+    running ones finish, and counts the rest as not started.
+    """
+    size = size_selection(runner, selection, to_version)
+    target = size.target
+    summary = FleetSummary(not_eligible=size.not_eligible, up_to_date=size.up_to_date)
+    chosen: Iterable[Item]
+    if size.listed is not None:
+        chosen = [Item(user, target) for user in size.listed]
+    else:
+        chosen = outdated(runner, target, selection.only_version, options)
+    if selection.limit is not None:
+        chosen = limited(chosen, selection.limit)
+    total = size.planned
+    summary.total = summary.up_to_date
+    spec = RunSpec(options=options, selection=selection, to_version=target)
+    return _execute(runner, chosen, "migrate", spec, summary, total, on_event, started_by)
+
+
+def rollback_run(
+    runner: Runner,
+    run_id: str,
+    *,
+    options: FleetOptions = FleetOptions(),
+    on_event: Callable[[FleetEvent], None] = lambda event: None,
+) -> FleetSummary:
+    """Undo what one fleet run moved: each user it moved back to its version before.
+
+    Refuses with :class:`IrreversibleError`, before touching anything, when a migration
+    it would undo has no ``down``. Users the run did not move are never touched.
+    """
+    store = RunStore(runner.engine)
+    store.get(run_id)  # raises for an unknown run
+    moved = store.moved_users(run_id)
+    blocked: dict[str, int] = {}
+    sealed_here = 0
+    for user in moved:
+        config = runner.directory.get_config(user.user_id)
+        sealed_here += config.key_id == runner.sealer.key_id
+        current = config.schema_version
+        if current <= user.version_before:
+            continue
+        for step in runner.registry.plan_down(current, user.version_before).steps:
+            if not step.migration.reversible:
+                blocked[step.migration.id] = blocked.get(step.migration.id, 0) + 1
+    require_key(runner, len(moved), sealed_here)
+    if blocked:
+        listed = ", ".join(f"{mid} (for {n} users)" for mid, n in sorted(blocked.items()))
+        raise IrreversibleError(
+            f"cannot undo run {run_id}: {listed} has no down; nothing was changed"
+        )
+    items = [Item(User(u.user_id, u.clerk_id), u.version_before) for u in moved]
+    spec = RunSpec(options=options, undoes=run_id)
+    return _execute(runner, items, "rollback", spec, FleetSummary(), len(items), on_event, None)
+
+
+def _execute(
+    base: Runner,
+    items: Iterable[Item],
+    action: str,
+    spec: RunSpec,
+    summary: FleetSummary,
+    total: int,
+    on_event: Callable[[FleetEvent], None],
+    started_by: str | None,
+) -> FleetSummary:
+    """Record the run (``action``: migrate or rollback), then run its users."""
+    store = RunStore(base.engine)
+    summary.run_id = store.start(action, spec, started_by=started_by)
+    options = spec.options
+    runner = base.configured(
+        run_id=summary.run_id, timeout=options.timeout, lease_seconds=options.lease_seconds
+    )
+    store.progress(summary.run_id, summary.counts(), planned=total + summary.total)
+    on_event(FleetStarted(summary.run_id, total + summary.total))
+    return _FleetRun(runner, store, summary, options, on_event, action).run(iter(items))
+
+
+class _FleetRun:
+    """One fleet run in progress: the pool, the waves, the halts, the counts."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        store: RunStore,
+        summary: FleetSummary,
+        options: FleetOptions,
+        on_event: Callable[[FleetEvent], None],
+        action: str,
+    ) -> None:
+        self.runner = runner
+        self.store = store
+        self.summary = summary
+        self.options = options
+        self.on_event = on_event
+        self.action = action
+        self.stop = threading.Event()  # no new retries, no new users
+        self.in_flight: dict[Future[Settled], Item] = {}
+        # threads in one process, or single-user worker processes
+        self.workers = options.concurrency if options.processes == 1 else options.processes
+
+    def run(self, remaining: Iterator[Item]) -> FleetSummary:
+        summary = self.summary
+        finished = threading.Event()
+        ticker = threading.Thread(
+            target=_report_progress,
+            args=(self.store, summary, finished),
+            name="byod-progress",
+            daemon=True,
+        )
+        ticker.start()
+        try:
+            with self._pool() as pool:
+                try:
+                    self._feed(pool, remaining)
+                except KeyboardInterrupt:
+                    summary.state = "interrupted"
+                    self.stop.set()
+                    log.warning("fleet run %s interrupted: finishing running users", summary.run_id)
+                    self._collect(ALL_COMPLETED)
+                    summary.not_started += sum(1 for _ in remaining)
+        except ByodError as exc:  # e.g. the selection unreadable for too long
+            summary.state, summary.halt_reason = "interrupted", exc.message
+            raise
+        finally:
+            self.stop.set()
+            finished.set()
+            ticker.join()
+            if summary.state == "running":
+                summary.state = "completed"
+            summary.total += summary.not_started
+            self._record_end()
+        return summary
+
+    def _record_end(self) -> None:
+        """The run's end state and real counts, waiting a while for a control plane out
+        of reach: a short outage must not leave the run ``running`` with stale counts."""
+        summary = self.summary
+        give_up = time.monotonic() + FINISH_PATIENCE_SECONDS
+        delay = 0.2
+        while True:
+            try:
+                self.store.finish(
+                    summary.run_id, summary.counts(), summary.state, summary.halt_reason
+                )
+                return
+            except ControlPlaneError as exc:
+                if time.monotonic() + delay > give_up:
+                    raise
+                log.warning("fleet: cannot record the run's end: %s; trying again", exc.message)
+                time.sleep(delay)
+                delay = min(5.0, delay * 2)
+
+    def _pool(self) -> Executor:
+        if self.options.processes == 1:
+            return ThreadPoolExecutor(self.options.concurrency, thread_name_prefix="byod")
+        runner = self.runner
+        if runner.registry.source is None:
+            raise InputError("--processes needs a migrations folder (not an in-memory registry)")
+        setup = WorkerSetup(
+            control_plane=runner.engine.url.render_as_string(hide_password=False),
+            migrations=str(runner.registry.source),
+            key=runner.sealer.key,
+            run_id=self.summary.run_id,
+            options=self.options,
+            owner=runner.owner,
+            notify_hook=_hook_spec(runner.notify),
+            policy=runner.policy,
+        )
+        # spawn, not fork: a forked child would inherit open database connections
+        return ProcessPool(self.options.processes, setup)
+
+    def _feed(self, pool: Executor, remaining: Iterator[Item]) -> None:
+        summary, canary = self.summary, self.options.canary
+        submitted = 0
+        for item in remaining:
+            if canary and submitted == canary and summary.state == "running":
+                self._collect(ALL_COMPLETED)
+                self._check_halt(started=submitted, canary_over=True)
+            while summary.state == "running" and len(self.in_flight) >= self.workers:
+                self._collect(FIRST_COMPLETED)
+            if summary.state != "running":
+                summary.not_started += 1
+                continue
+            if isinstance(pool, ProcessPool):
+                future = pool.submit(in_worker, self.action, item.user, item.to_version)
+            else:
+                future = pool.submit(
+                    settle,
+                    self.runner,
+                    self.action,
+                    item.user,
+                    item.to_version,
+                    self.options,
+                    self.stop,
+                )
+            self.in_flight[future] = item
+            submitted += 1
+        self._collect(ALL_COMPLETED)
+        self._check_halt(started=submitted, canary_over=submitted <= canary)
+
+    def _collect(self, return_when: str) -> None:
+        done, _ = wait(self.in_flight, return_when=return_when)
+        for future in done:
+            self._finish(future)
+            self._check_halt(started=0, canary_over=False)
+
+    def _finish(self, future: Future[Settled]) -> None:
+        summary = self.summary
+        self.in_flight.pop(future)
+        settled = future.result()
+        summary.total += settled.outcome != "not_eligible"
+        setattr(summary, settled.outcome, getattr(summary, settled.outcome) + 1)
+        if settled.error is not None:
+            summary.errors.append(settled.error)
+        if settled.result is not None:
+            self.on_event(UserFinished(settled.result, settled.outcome, settled.tries))
+
+    def _check_halt(self, *, started: int, canary_over: bool) -> None:
+        summary = self.summary
+        reason = halt_reason(
+            self.options,
+            succeeded=summary.succeeded,
+            failed=summary.failed,
+            started=started,
+            canary_over=canary_over,
+        )
+        if reason is not None and summary.state == "running":
+            log.warning("fleet run %s halted: %s", summary.run_id, reason)
+            summary.state, summary.halt_reason = "halted", reason
+            self.stop.set()
+
+
+def _hook_spec(notify: Callable[..., None]) -> str | None:
+    """How a worker process finds the same notification hook (``module:function``)."""
+    if notify is log_notice:
+        return None
+    qualname = getattr(notify, "__qualname__", "<?>")
+    if "<" in qualname:
+        raise InputError("--processes needs a notification hook importable as module:function")
+    return f"{notify.__module__}:{qualname}"
+
+
+def _report_progress(store: RunStore, summary: FleetSummary, stop: threading.Event) -> None:
+    """Write the run's counts every few seconds, so others can watch it and see it alive."""
+    while not stop.wait(PROGRESS_SECONDS):
+        try:
+            store.progress(summary.run_id, summary.counts())
+        except ByodError as exc:
+            log.warning("fleet: cannot record progress: %s", exc.message)

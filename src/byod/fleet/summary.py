@@ -1,0 +1,71 @@
+"""What a fleet run tells as it goes (typed events) and what it did (its summary)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from byod.fleet.outcome import FleetError
+from byod.runner import UserResult
+from byod.spec import RunCounts
+
+__all__ = ["FleetEvent", "FleetStarted", "FleetSummary", "UserFinished"]
+
+
+@dataclass(frozen=True)
+class FleetStarted:
+    """A fleet run starts on (about) ``total`` users."""
+
+    run_id: str
+    total: int
+
+
+@dataclass(frozen=True)
+class UserFinished:
+    """One user is done: ``outcome`` is succeeded, failed, busy, up_to_date or
+    not_eligible (see :data:`byod.spec.OUTCOMES`); ``tries`` made. Every user a run
+    takes ends with exactly one (except ``not_started`` ones)."""
+
+    result: UserResult
+    outcome: str
+    tries: int
+
+
+FleetEvent = FleetStarted | UserFinished
+
+
+@dataclass
+class FleetSummary:
+    """What a fleet run did; it never claims more than happened.
+
+    ``busy``: users another runner was working on (their lease was held). ``up_to_date``:
+    selected users that needed nothing by the time their turn came. ``not_started``:
+    users left when the run halted or was interrupted. ``not_eligible``: users with no
+    config or a ``pending``/``disconnected`` connection, never touched (not in ``total``).
+    """
+
+    run_id: str = ""
+    state: str = "running"
+    halt_reason: str | None = None
+    total: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    busy: int = 0
+    up_to_date: int = 0
+    not_started: int = 0
+    not_eligible: int = 0
+    errors: list[FleetError] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when no user failed and the run went to its end."""
+        return self.failed == 0 and self.not_started == 0 and self.state == "completed"
+
+    def counts(self) -> RunCounts:
+        """The counts, as the run record keeps them."""
+        return RunCounts(**{name: getattr(self, name) for name in RunCounts.__dataclass_fields__})
+
+    def as_dict(self) -> dict[str, object]:
+        """The summary as plain data (for JSON)."""
+        data = asdict(self)
+        data["errors"] = [asdict(e) for e in self.errors]
+        return data
