@@ -180,8 +180,9 @@ class Fleet:
 
 def _byod_control_plane(setup_url: str, urls: list[str], version: int) -> None:
     """Users and sealed configs in bulk, at ``version`` and connected (setup, not timed)."""
+    from byod.clock import utcnow
     from byod.controlplane import create_tables, open_engine
-    from byod.controlplane.schema import configs, users, utcnow
+    from byod.controlplane.schema import configs, users
     from byod.crypto import Sealer
 
     engine = open_engine(setup_url)
@@ -461,6 +462,7 @@ def run_distributed(
 ) -> dict[str, Any]:
     """``workers`` byod worker processes sharing ``--concurrency``, through a counting
     proxy in front of Redis; timed from the run's start to its end in the control plane."""
+    from byod.cli import celery_broker
     from byod.commands import migrate_distributed
     from byod.controlplane import RunStore
     from byod.fleet import FleetOptions
@@ -499,7 +501,7 @@ def run_distributed(
         while b"ready." not in log.read_bytes():
             time.sleep(0.1)
     # the starter and its polling use the real port: the proxy counts the workers' trips
-    ws = Workspace(Settings.load(env={**env, "BYOD_DATABASE_URL": setup_cp}))
+    ws = Workspace(Settings.load(env={**env, "BYOD_DATABASE_URL": setup_cp}), broker=celery_broker)
     store = RunStore(ws.engine)
     trips_before, pg_before = broker_proxy.round_trips, proxy.round_trips if proxy else 0
     started = time.perf_counter()

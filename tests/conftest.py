@@ -19,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 from byod.commands import init
+from byod.distributed import Broker
 from byod.settings import Settings
 from byod.workspace import Workspace
 
@@ -156,6 +157,13 @@ def write_migrations(folder: Path, files: dict[str, str]) -> Path:
     return folder
 
 
+def celery_broker(settings: Settings) -> Broker:
+    """The Celery adapter, as the command line hands it to its workspaces."""
+    from byod.taskqueue import CeleryBroker
+
+    return CeleryBroker(settings)
+
+
 def make_workspace(
     control_plane_url: str, migrations: Path | None = None, key: str = TEST_KEY
 ) -> Workspace:
@@ -163,7 +171,7 @@ def make_workspace(
     if migrations is not None:
         env["BYOD_MIGRATIONS"] = str(migrations)
     settings = Settings.load(database_url=control_plane_url, env=env)
-    ws = Workspace(settings)
+    ws = Workspace(settings, broker=celery_broker)
     init(ws)
     return ws
 

@@ -384,8 +384,8 @@ def test_failure_ratio_halts_a_distributed_run(redis_cluster: Cluster) -> None:
 def test_tasks_a_broker_lost_are_sent_again(redis_cluster: Cluster) -> None:
     import redis
 
-    from byod.distributed.celery_app import make_app, publisher
     from byod.distributed.dispatch import Dispatcher
+    from byod.taskqueue.celery_app import make_app, publisher
 
     cluster = redis_cluster
     fleet = sqlite_fleet(cluster, 8)
@@ -480,7 +480,7 @@ def test_a_retry_after_an_unrecorded_end_still_counts_the_user_moved(
     """The control plane went away after a delivery moved the user but before its end was
     recorded: the retry finds nothing to do, and the user still counts as succeeded."""
     from byod.distributed import Dispatcher, TaskHandler
-    from byod.distributed.celery_app import make_app, publisher
+    from byod.taskqueue.celery_app import make_app, publisher
 
     cluster = redis_cluster
     fleet = sqlite_fleet(cluster, 2)
@@ -507,7 +507,7 @@ def test_a_retry_of_a_recorded_task_finishes_the_runs_bookkeeping(
     """The end of the last task was recorded, then the control plane went away before the
     run was closed: the task's retry (a duplicate now) closes it."""
     from byod.distributed import Dispatcher, TaskHandler
-    from byod.distributed.celery_app import make_app, publisher
+    from byod.taskqueue.celery_app import make_app, publisher
 
     cluster = redis_cluster
     sqlite_fleet(cluster, 1)

@@ -23,6 +23,7 @@ from rich.markup import escape
 from byod import _render as render
 from byod import _show as show
 from byod import commands
+from byod.distributed import Broker
 from byod.distributed.run import DEFAULT_IN_FLIGHT, RunProgress
 from byod.errors import ByodError, InputError, SettingsError
 from byod.fleet import (
@@ -104,7 +105,15 @@ def _workspace(
     database_url: str | None, migrations: Path | None, *, create_key: bool = False
 ) -> Workspace:
     settings = Settings.load(database_url=database_url, migrations=migrations)
-    return Workspace(settings, create_key=create_key)
+    return Workspace(settings, create_key=create_key, broker=celery_broker)
+
+
+def celery_broker(settings: Settings) -> Broker:
+    """The task queue for distributed runs: the Celery adapter (imported only when a
+    command needs it, so other commands never pay for importing Celery)."""
+    from byod.taskqueue import CeleryBroker
+
+    return CeleryBroker(settings)
 
 
 def _one_target(user: str | None, every: bool) -> str | None:
@@ -695,7 +704,9 @@ def worker(
     names = [q.strip() for q in (queues or "").split(",") if q.strip()]
     if queues is not None and not names:
         raise InputError("--queues names no queue")
-    commands.worker(
+    from byod.taskqueue import serve_worker
+
+    serve_worker(
         _workspace(database_url, migrations),
         concurrency=concurrency,
         queues=names,

@@ -12,7 +12,6 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import sqlalchemy as sa
 
@@ -59,6 +58,7 @@ __all__ = [
     "VerifyReport",
     "Workspace",
     "add_user",
+    "check_worker",
     "connect",
     "follow",
     "init",
@@ -77,7 +77,6 @@ __all__ = [
     "stop_run",
     "user_history",
     "verify",
-    "worker",
 ]
 
 
@@ -259,14 +258,12 @@ def migrate_distributed(
     Checks, before anything is recorded, that a broker is configured and answers and
     that the control plane is one every worker can share (PostgreSQL).
     """
-    from byod.distributed.celery_app import check_broker
-
     dispatcher = _dispatcher(ws)
     _refuse_fleet_ahead(ws)
-    check_broker(dispatcher.app)
+    ws.broker.check()
     return start_distributed(
         ws.runner(),
-        dispatcher.dispatcher,
+        dispatcher,
         options=options,
         selection=selection,
         to_version=to_version,
@@ -275,19 +272,11 @@ def migrate_distributed(
     )
 
 
-@dataclass(frozen=True)
-class _Queue:
-    app: Any
-    dispatcher: Dispatcher
-
-
-def _dispatcher(ws: Workspace) -> _Queue:
-    from byod.distributed.celery_app import make_app, publisher
-
-    app = make_app(ws.settings)  # no broker configured: a SettingsError
+def _dispatcher(ws: Workspace) -> Dispatcher:
+    broker = ws.broker  # none configured: a SettingsError
     require_server_control_plane(ws.engine)
     ws.require_tables()
-    return _Queue(app, Dispatcher(ws.engine, publisher(app)))
+    return Dispatcher(ws.engine, broker.publish)
 
 
 def follow(
@@ -304,7 +293,7 @@ def follow(
     ones finish) and the watch goes on to its end; otherwise Ctrl-C ends the watch only.
     """
     ws.require_tables()
-    dispatcher = _dispatcher(ws).dispatcher if ws.settings.broker_url else None
+    dispatcher = _dispatcher(ws) if ws.settings.broker_url else None
     try:
         return follow_run(ws.engine, run_id, on_event=on_event, dispatcher=dispatcher)
     except KeyboardInterrupt:
@@ -324,24 +313,16 @@ def stop_run(ws: Workspace, run_id: str) -> bool:
             f"run {run_id} runs in one process: stop it with Ctrl-C where it runs",
             hint="`byod runs stop` stops distributed runs (started with --distributed).",
         )
-    return _dispatcher(ws).dispatcher.stop(run_id, "interrupted", "stopped by `byod runs stop`")
+    return _dispatcher(ws).stop(run_id, "interrupted", "stopped by `byod runs stop`")
 
 
-def worker(ws: Workspace, *, concurrency: int, queues: list[str], loglevel: str) -> None:
-    """Run a Celery worker for byod's tasks here until it is stopped (checks first)."""
-    from byod.distributed.celery_app import check_broker, run_worker
-
-    queue = _dispatcher(ws)
+def check_worker(ws: Workspace) -> None:
+    """What a task-queue worker needs, checked before it takes a task: a shared
+    (PostgreSQL) control plane made by ``byod init``, the migrations, the key."""
+    require_server_control_plane(ws.engine)
+    ws.require_tables()
     ws.registry  # noqa: B018 - a broken migrations folder fails here, not in every task
     ws.sealer  # noqa: B018 - so does a missing key
-    check_broker(queue.app)
-    ws.engine.dispose()  # worker processes are forked: they open their own connections
-    run_worker(
-        queue.app,
-        concurrency=concurrency,
-        queues=queues or [ws.settings.default_queue],
-        loglevel=loglevel,
-    )
 
 
 def list_runs(ws: Workspace, *, limit: int = 20) -> list[RunRecord]:

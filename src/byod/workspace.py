@@ -3,30 +3,56 @@ opened once, on first use. Every command is a function of one (Alembic's ``Confi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
 from byod.controlplane import Directory, open_engine
 from byod.controlplane.schema import metadata
 from byod.crypto import KeySource, Sealer, load_sealer
-from byod.errors import ControlPlaneError
+from byod.errors import ControlPlaneError, SettingsError
 from byod.notify import load_notifier
 from byod.registry import Registry
 from byod.runner import Runner
 from byod.settings import Settings, normalize_url, safe_url
 
-__all__ = ["Workspace"]
+if TYPE_CHECKING:  # the distributed core is imported only by what runs it
+    from byod.distributed import Broker
+
+__all__ = ["BrokerFactory", "Workspace"]
+
+
+#: Opens the task queue for these settings (front ends pass the Celery adapter's).
+BrokerFactory = Callable[[Settings], "Broker"]
 
 
 class Workspace:
-    """Settings plus what they open, each opened once, on first use."""
+    """Settings plus what they open, each opened once, on first use.
 
-    def __init__(self, settings: Settings, *, create_key: bool = False) -> None:
+    ``broker``: how to open the task queue for distributed runs; a front end that offers
+    them passes the adapter's (the core never imports one)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        create_key: bool = False,
+        broker: BrokerFactory | None = None,
+    ) -> None:
         self.settings = settings
         self._create_key = create_key
+        self._broker_factory = broker
         self.key_source: KeySource | None = None
+
+    @cached_property
+    def broker(self) -> Broker:
+        """The task queue (:class:`SettingsError` when none is configured)."""
+        if self._broker_factory is None:
+            raise SettingsError("distributed runs are not available here: no task queue")
+        return self._broker_factory(self.settings)
 
     @cached_property
     def engine(self) -> sa.Engine:

@@ -1,14 +1,20 @@
-"""Fleet runs beyond one machine: the per-user step as tasks on a Celery task queue.
+"""Fleet runs beyond one machine: the per-user step as tasks on a task queue.
 
-The core (:mod:`.dispatch`, :mod:`.run`, :mod:`.worker`) knows nothing of Celery;
-:mod:`.celery_app` is the adapter. The control plane must be PostgreSQL.
+This package knows nothing of Celery: it speaks to a :class:`~.dispatch.Broker`, which
+the adapter (:mod:`byod.taskqueue`) supplies. The control plane must be PostgreSQL.
 """
 
-from byod.distributed.dispatch import Dispatcher, TaskMessage, require_server_control_plane
+from byod.distributed.dispatch import (
+    Broker,
+    Dispatcher,
+    TaskMessage,
+    require_server_control_plane,
+)
 from byod.distributed.run import RunProgress, follow_run, start_distributed, summary_of
 from byod.distributed.worker import TaskHandler
 
 __all__ = [
+    "Broker",
     "Dispatcher",
     "RunProgress",
     "TaskHandler",

@@ -16,6 +16,7 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import sqlalchemy as sa
 
@@ -27,6 +28,7 @@ from byod.registry import Registry
 from byod.settings import safe_url
 
 __all__ = [
+    "Broker",
     "Dispatcher",
     "Publisher",
     "TaskMessage",
@@ -46,8 +48,19 @@ class TaskMessage:
     queue: str | None
 
 
-#: Sends task messages to the broker (the Celery adapter supplies it).
+#: Sends task messages to the broker.
 Publisher = Callable[[Sequence[TaskMessage]], None]
+
+
+class Broker(Protocol):
+    """What the core needs of a task queue; the Celery adapter (:mod:`byod.taskqueue`)
+    supplies one, and front ends hand it to the workspace."""
+
+    def publish(self, messages: Sequence[TaskMessage]) -> None:
+        """Send each message to its user's queue; :class:`BrokerError` if it cannot."""
+
+    def check(self) -> None:
+        """Raise :class:`BrokerError` unless the broker answers."""
 
 
 def require_server_control_plane(engine: sa.Engine) -> None:

@@ -1,10 +1,10 @@
-"""The Celery app for ``celery -A byod.distributed.app worker``, configured from the
+"""The Celery app for ``celery -A byod.taskqueue.app worker``, configured from the
 ``BYOD_*`` environment (``byod worker`` does the same with checks first)."""
 
 from __future__ import annotations
 
-from byod.distributed.celery_app import make_app
 from byod.settings import Settings
+from byod.taskqueue.celery_app import make_app
 
 __all__ = ["app"]
 

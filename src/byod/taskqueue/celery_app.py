@@ -1,5 +1,7 @@
 """The Celery adapter: byod's task on a Celery app, sending tasks, running a worker.
 
+The only part of byod that imports Celery.
+
 Tasks are acknowledged late and handed back to the broker when their worker is lost
 (``task_acks_late``, ``task_reject_on_worker_lost``); each worker takes one task at a
 time (``worker_prefetch_multiplier = 1``). Everything a task does is in
@@ -18,18 +20,22 @@ from celery import Celery, Task
 from celery.signals import worker_process_init
 from kombu.exceptions import OperationalError
 
+from byod import commands
 from byod.distributed.dispatch import Dispatcher, Publisher, TaskMessage
 from byod.distributed.worker import TaskHandler
 from byod.errors import BrokerError, ControlPlaneError, SettingsError
 from byod.settings import Settings
+from byod.workspace import Workspace
 
 __all__ = [
     "TASK_NAME",
+    "CeleryBroker",
     "check_broker",
     "make_app",
     "publisher",
     "run_worker",
     "safe_broker_url",
+    "serve_worker",
 ]
 
 log = logging.getLogger("byod.distributed")
@@ -124,8 +130,6 @@ def _handler(app: Celery) -> TaskHandler:
     pid = os.getpid()
     handler = _handlers.get(pid)
     if handler is None:
-        from byod.workspace import Workspace
-
         workspace = Workspace(app.byod_settings)
         runner = workspace.runner()
         handler = TaskHandler(runner, Dispatcher(runner.engine, publisher(app)))
@@ -180,4 +184,31 @@ def run_worker(
             "--without-gossip",
             "--without-mingle",
         ]
+    )
+
+
+class CeleryBroker:
+    """The task queue as the core sees it (:class:`~byod.distributed.Broker`), on Celery."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.app = make_app(settings)  # no broker configured: a SettingsError
+        self.publish = publisher(self.app)
+
+    def check(self) -> None:
+        """Raise :class:`BrokerError` unless the broker answers."""
+        check_broker(self.app)
+
+
+def serve_worker(ws: Workspace, *, concurrency: int, queues: Sequence[str], loglevel: str) -> None:
+    """``byod worker``: check everything a task needs (control plane, migrations, key,
+    broker), then run a Celery worker for byod's tasks here until it is stopped."""
+    broker = CeleryBroker(ws.settings)
+    commands.check_worker(ws)
+    broker.check()
+    ws.engine.dispose()  # worker processes are forked: they open their own connections
+    run_worker(
+        broker.app,
+        concurrency=concurrency,
+        queues=list(queues) or [ws.settings.default_queue],
+        loglevel=loglevel,
     )
