@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from fastapi.testclient import TestClient
 
 from byod.api import AuthSettings, create_app
+from byod.controlplane import RunStore
 from byod.workspace import Workspace
 from tests import gates
 from tests.conftest import execute
@@ -179,6 +180,33 @@ def test_operator_endpoints(api: Api) -> None:
     assert api.get("/v1/users/nobody/migrations", "ops").status_code == 404
     assert api.get("/v1/fleet/runs/nope", "ops").status_code == 404
     assert api.post("/v1/fleet/runs", "ops", json={"concurrency": 0}).status_code == 422
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"max_failure_rate": 0.01},  # a misspelt safety limit is never dropped silently
+        {"users": [1]},
+        {"bogus": 1},
+        {"canary": True},
+        {"per_host": 1},  # goes with distributed
+        {"limit": 2**40},
+    ],
+)
+def test_a_fleet_run_request_with_an_unknown_or_wrong_field_is_422(
+    api: Api, body: dict[str, Any]
+) -> None:
+    answer = api.post("/v1/fleet/runs", "ops", json=body)
+    assert answer.status_code == 422, answer.text
+    assert RunStore(api.ws.engine).recent() == []  # no run was started
+
+
+def test_an_operator_reads_a_clerk_id_holding_a_slash(api: Api) -> None:
+    slashed = api.ws.directory.add_user("org/alice")
+    history = api.get("/v1/users/org%2Falice/migrations", "ops")
+    assert history.status_code == 200 and history.json()["items"] == []
+    by_id = api.get(f"/v1/users/{slashed.id}/migrations", "ops")
+    assert by_id.status_code == 200
 
 
 def _rsa() -> tuple[Any, str]:

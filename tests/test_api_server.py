@@ -260,3 +260,19 @@ def test_a_bad_setting_stops_serve_with_exit_2_and_no_traceback(
     assert done.returncode == 2, done.stderr
     assert message in " ".join(done.stderr.split()), done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_access_log_escapes_what_comes_from_outside(served: Served) -> None:
+    forged = httpx.get(f"{served.url}/v1/%1b%5b31mX%0aFAKE%20LINE", timeout=10)
+    assert forged.status_code == 401
+    evil = token("\x1b[31mEVIL\nforged line\u202e", admin=True)
+    assert httpx.get(f"{served.url}/v1/fleet/status", headers=bearer(evil), timeout=10)
+    deadline = time.monotonic() + 10
+    while "EVIL" not in served.log.read_text():
+        assert time.monotonic() < deadline, served.log.read_text()
+        time.sleep(0.1)
+    log = served.log.read_text()
+    assert "\x1b" not in log and "\u202e" not in log
+    assert not any(line.startswith(("FAKE", "forged")) for line in log.splitlines())
+    assert "/v1/\\x1b[31mX\\nFAKE LINE 401" in log
+    assert "sub=\\x1b[31mEVIL\\nforged line\\u202e" in log

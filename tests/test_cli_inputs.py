@@ -77,7 +77,10 @@ def test_new_writes_a_loadable_file_whatever_the_name(cli: Cli, tmp_path: Path) 
     names = sorted(p.name for p in folder.glob("*.py"))
     assert names[0].startswith("001_bad_n_nope") and len(names) == 3
     assert all(len(n) <= 70 for n in names)
-    assert cli("new", "x" * 201, "--migrations", str(folder)).code == 2
+    too_long = cli("new", "x" * 201, "--migrations", str(folder))
+    assert too_long.code == 2 and "at most 200 characters" in too_long.err
+    control = cli("new", "a\x1b[31mb", "--migrations", str(folder))
+    assert control.code == 2 and "control characters" in control.err
 
 
 def test_a_folder_named_like_a_migration_is_a_registry_error(cli: Cli, tmp_path: Path) -> None:
@@ -101,7 +104,13 @@ def test_plan_and_migrate_agree_on_a_folder_older_than_the_fleet(cli: Cli, tmp_p
     empty = tmp_path / "empty"
     empty.mkdir()
     older = {"BYOD_MIGRATIONS": str(empty)}
-    for args in (["plan", "--all"], ["plan", "a"], ["migrate", "--all"], ["migrate", "a"]):
+    for args in (
+        ["plan", "--all"],
+        ["plan", "a"],
+        ["migrate", "--all"],
+        ["migrate", "a"],
+        ["pending", "a"],
+    ):
         run = cli(*args, **older)
         assert run.code == 1, (args, run.out, run.err)
         assert "DriftError" in run.err, (args, run.err)

@@ -393,6 +393,11 @@ def test_ctrl_c_lets_running_users_finish_and_reports_the_rest(
     summary = [line for line in out.splitlines() if '"summary"' in line]
     assert summary, out
     assert '"state": "interrupted"' in summary[0]
+    counts = json.loads(summary[0])["summary"]
+    # every user is counted: the one taken from the selection but never submitted too
+    assert counts["total"] == len(ids) == counts["succeeded"] + counts["not_started"]
+    run = RunStore(ws.engine).get(counts["run_id"])
+    assert run.planned == run.counts.total == len(ids)
     assert not [s for uid in ids for s in statuses(ws, uid) if s[2] in ("running", "pending")]
     done = [uid for uid in ids if schema_version(ws, uid) == 3]
     assert len(done) == 2
@@ -573,18 +578,21 @@ def test_a_user_another_runner_holds_is_counted_busy(
     cws: Workspace, new_instance: InstanceFactory
 ) -> None:
     ids, _ = fleet_of(cws, new_instance, 3)
+    assert cws.runner().migrate(ids[0], to_version=1).ok
     cws.directory.claim_lease(ids[0], "another-runner", 30)
     cws.runner().migrate(ids[2], to_version=3)  # at head before the run: not selected
-    events: dict[int, str] = {}
+    events: dict[int, UserFinished] = {}
     summary = migrate_fleet(
         cws.runner(),
         options=FleetOptions(retries=0),
         on_event=lambda e: (
-            events.update({e.result.user_id: e.outcome}) if isinstance(e, UserFinished) else None
+            events.update({e.result.user_id: e}) if isinstance(e, UserFinished) else None
         ),
     )
     assert (summary.total, summary.succeeded, summary.busy, summary.up_to_date) == (2, 1, 1, 0)
-    assert events == {ids[0]: "busy", ids[1]: "succeeded"}
+    assert {uid: e.outcome for uid, e in events.items()} == {ids[0]: "busy", ids[1]: "succeeded"}
+    busy = events[ids[0]].result  # its line says where the user stands, not version 0
+    assert (busy.from_version, busy.to_version) == (1, 1)
     assert "skipped" not in summary.as_dict()
     counts = RunStore(cws.engine).get(summary.run_id).counts
     assert (counts.busy, counts.succeeded, counts.up_to_date) == (1, 1, 0)

@@ -100,3 +100,16 @@ def test_a_tenant_server_never_receives_the_operators_postgres_passwords(
         )
         assert given.status == "error"
         assert heard == [b"tenant-pw"]  # the tenant's own password still goes, and only it
+
+
+def test_postgres_instances_connect_without_a_libpq_warning(tmp_path: Path, pg: object) -> None:
+    from tests.conftest import TEST_KEY, ServerDatabases
+    from tests.test_cli import Cli
+
+    assert isinstance(pg, ServerDatabases)
+    cli = Cli(tmp_path, real_process=True, BYOD_ENCRYPTION_KEY=TEST_KEY)
+    assert cli("init").code == 0
+    assert cli("users", "add", "--clerk-id", "a").code == 0
+    connected = cli("connect", "a", "--url", pg.create())
+    assert connected.code == 0, connected.err
+    assert "WARNING" not in connected.err and "password file" not in connected.err

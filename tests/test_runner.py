@@ -32,6 +32,7 @@ from tests.conftest import (
     execute,
     has_table,
     make_workspace,
+    write_migrations,
 )
 from tests.helpers import (
     add_connected,
@@ -458,3 +459,33 @@ def test_many_users_one_failing_does_not_stop_the_others(
     assert [schema_version(cws, uid) for uid in ids] == [3, 3, 2, 3, 3, 3]
     assert [counter(url) for url in urls] == [11, 11, 1, 11, 11, 11]
     assert Registry.load(cws.settings.migrations_dir).head == 3
+
+
+def test_a_migration_that_calls_sys_exit_fails_its_step(
+    ws: Workspace, tmp_path: Path, new_instance: InstanceFactory
+) -> None:
+    folder = write_migrations(
+        tmp_path / "exiting",
+        {
+            "001_exit.py": """
+                import sys
+                import sqlalchemy as sa
+                from byod import Migration
+
+                def up(ctx):
+                    ctx.op.create_table("t", sa.Column("id", sa.Integer, primary_key=True))
+                    sys.exit(0)
+
+                migration = Migration(id="001_exit", version=1, name="Exit", description="",
+                                      up=up)
+            """
+        },
+    )
+    url = new_instance()
+    uid = add_connected(ws, url)
+    runner = Runner(ws.engine, Registry.load(folder), ws.sealer)
+    result = runner.migrate(uid)
+    assert isinstance(result.error, MigrationFailedError)
+    assert "called sys.exit(0)" in result.error.message
+    assert statuses(ws, uid) == [("001_exit", "up", "failed", 1)]
+    assert not has_table(url, "t")  # rolled back with the step

@@ -153,12 +153,7 @@ def plan(ws: Workspace, user_ref: str | None) -> list[UserPlan]:
     if user_ref is not None:
         user = ws.directory.find_user(user_ref)
         config = ws.directory.get_config(user.id)
-        if config.schema_version > registry.head:
-            raise DriftError(
-                f"user {user.id} ({user.clerk_id}) is at version "
-                f"{config.schema_version}, above this migrations folder's head "
-                f"{registry.head}: the folder lacks migrations applied there"
-            )
+        _refuse_user_ahead(ws, user, config.schema_version)
         return [UserPlan(user.id, user.clerk_id, registry.plan_up(config.schema_version))]
     ws.require_tables()
     _refuse_fleet_ahead(ws)
@@ -166,6 +161,16 @@ def plan(ws: Workspace, user_ref: str | None) -> list[UserPlan]:
         UserPlan(row.user_id, row.clerk_id, registry.plan_up(row.schema_version))
         for row in iter_outdated(ws.engine, registry.head, statuses=ELIGIBLE_STATUSES)
     ]
+
+
+def _refuse_user_ahead(ws: Workspace, user: User, version: int) -> None:
+    """A user recorded above the folder's head: the folder lacks applied migrations."""
+    head = ws.registry.head
+    if version > head:
+        raise DriftError(
+            f"user {user.id} ({user.clerk_id}) is at version {version}, above this "
+            f"migrations folder's head {head}: the folder lacks migrations applied there"
+        )
 
 
 def _refuse_fleet_ahead(ws: Workspace) -> None:
@@ -374,7 +379,9 @@ def user_history(
 def pending(ws: Workspace, user_ref: str) -> int:
     """How many migrations the user's instance still needs (control plane's view)."""
     user = ws.directory.find_user(user_ref)
-    return ws.registry.pending_count(ws.directory.get_config(user.id).schema_version)
+    config = ws.directory.get_config(user.id)
+    _refuse_user_ahead(ws, user, config.schema_version)
+    return ws.registry.pending_count(config.schema_version)
 
 
 @dataclass(frozen=True)
@@ -472,11 +479,10 @@ def new_migration(ws: Workspace, name: str) -> Path:
     the file is compiled before it is written, and an existing file is never replaced.
     """
     title = " ".join(name.split())
-    if len(title) > MAX_NAME or has_control(title):
-        raise InputError(
-            f"a migration name is at most {MAX_NAME} printable characters "
-            f"(this one has {len(name)})"
-        )
+    if has_control(title):
+        raise InputError(f"{name!r}: a migration name must not hold control characters")
+    if len(title) > MAX_NAME:
+        raise InputError(f"a migration name is at most {MAX_NAME} characters (not {len(title)})")
     slug = re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")[:_MAX_SLUG].strip("_")
     if not slug:
         raise InputError(f"{name!r} makes no file name: use letters and digits")

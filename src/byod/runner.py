@@ -31,6 +31,7 @@ from byod.errors import (
     DriftError,
     InstanceError,
     IrreversibleError,
+    MigrationFailedError,
     NotConnectedError,
     SettingsError,
     UnreachableError,
@@ -270,7 +271,11 @@ class Runner:
         try:
             config = self.directory.claim_lease(user.id, self.owner, self.lease_seconds)
         except BusyError as exc:
-            return self._gave_up(user, 0, exc)
+            try:  # what the control plane says, for the user's line
+                version = self.directory.get_config(user.id).schema_version
+            except ByodError:
+                version = 0
+            return self._gave_up(user, version, exc)
         lease = _Lease()
         try:
             with self._lease_kept(user.id):
@@ -465,16 +470,21 @@ class Runner:
             from alembic.runtime.migration import MigrationContext as AlembicContext
 
             operations = Operations(AlembicContext.configure(connection=conn))
-            function(
-                MigrationContext(
-                    conn=conn,
-                    op=operations,
-                    main=self.engine,
-                    user_id=user.id,
-                    clerk_id=user.clerk_id,
-                    log=logger,
-                )
+            context = MigrationContext(
+                conn=conn,
+                op=operations,
+                main=self.engine,
+                user_id=user.id,
+                clerk_id=user.clerk_id,
+                log=logger,
             )
+            try:
+                function(context)
+            except SystemExit as exc:  # never the end of the process: the step's failure
+                raise MigrationFailedError(
+                    f"{step.migration.id} called sys.exit({exc.code!r}); a migration must "
+                    "return or raise"
+                ) from exc
 
         return body
 
@@ -496,10 +506,12 @@ class Runner:
             steps = make_plan(config.schema_version).steps
         except ByodError:
             steps = ()
-        if steps:
-            text = f"{type(exc).__name__}: {exc.message}"
-            self.ledger.record_not_started(user.id, steps[0], text, self.run_id)
-        return self._gave_up(user, config.schema_version, exc)
+        if not steps:
+            return self._gave_up(user, config.schema_version, exc)
+        step, text = steps[0], f"{type(exc).__name__}: {exc.message}"
+        self.ledger.record_not_started(user.id, step, text, self.run_id)
+        failed = StepResult(step.migration.id, step.migration.version, step.direction, "failed")
+        return self._gave_up(user, config.schema_version, exc, steps=(failed,))
 
     def _foreign_key(self, config: Config) -> CredentialsError:
         return CredentialsError(
@@ -507,10 +519,12 @@ class Runner:
             f"is {self.sealer.key_id}: wrong encryption key; nothing was changed"
         )
 
-    def _gave_up(self, user: User, version: int, exc: ByodError) -> UserResult:
+    def _gave_up(
+        self, user: User, version: int, exc: ByodError, *, steps: tuple[StepResult, ...] = ()
+    ) -> UserResult:
         log.error("user %s: %s: %s", user.id, type(exc).__name__, exc.message)
         failure = type(exc)(f"user {user.id} ({user.clerk_id}): {exc.message}", hint=exc.hint)
-        return UserResult(user.id, user.clerk_id, version, version, (), failure)
+        return UserResult(user.id, user.clerk_id, version, version, steps, failure)
 
     def _unreachable(self, user: User, exc: ByodError) -> None:
         self.directory.set_status(user.id, "error", error=exc.message)

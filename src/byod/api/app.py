@@ -198,7 +198,7 @@ def fleet_run(ws: Ws, principal: Operator, run_id: str) -> RunOut:
     return RunOut.of(_run_or_404(ws, run_id))
 
 
-@router.get("/v1/users/{user}/migrations", tags=["operators"])
+@router.get("/v1/users/{user:path}/migrations", tags=["operators"])
 def user_history(
     ws: Ws, principal: Operator, user: str, limit: Limit = 50, offset: Offset = 0
 ) -> HistoryPage:

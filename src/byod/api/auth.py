@@ -149,8 +149,11 @@ class Authenticator:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
             raise AuthError("malformed token") from exc
-        algorithm = header.get("alg")
-        for key, allowed in self._candidates(header.get("kid")):
+        algorithm, kid = header.get("alg"), header.get("kid")
+        candidates = self._candidates(kid)
+        if kid is not None and not any(allowed == algorithm for _, allowed in candidates):
+            raise AuthError(f"no {algorithm} signing key here has the token's kid {kid!r}")
+        for key, allowed in candidates:
             if algorithm != allowed:
                 continue
             try:

@@ -228,9 +228,10 @@ def install_dashboard(app: FastAPI, ws: Workspace, authenticator: Authenticator)
 
     @app.get("/dashboard/users", include_in_schema=False)
     def find_user(user: str = "") -> Response:
-        return RedirectResponse(f"/dashboard/users/{quote(user.strip() or '-')}", 303)
+        # matched exactly, as everywhere: never trimmed; any character, "/" too
+        return RedirectResponse(f"/dashboard/users/{quote(user or '-', safe='')}", 303)
 
-    @app.get("/dashboard/users/{user}", include_in_schema=False)
+    @app.get("/dashboard/users/{user:path}", include_in_schema=False)
     def user_page(request: Request, user: str) -> Response:
         if (page := refused(request)) is not None:
             return page

@@ -31,6 +31,7 @@ from byod.errors import (
     KeysUnavailableError,
     SettingsError,
 )
+from byod.text import printable
 
 __all__ = ["DEFAULT_MAX_BODY", "Guard", "HttpSettings", "content_security_policy"]
 
@@ -147,12 +148,12 @@ class Guard:
             client = scope.get("client")
             access_log.info(
                 "%s %s %s %.1fms client=%s sub=%s",
-                scope["method"],
-                path,
+                printable(str(scope["method"])),
+                printable(path),  # a request's path and a token's subject come from outside
                 outcome["status"],
                 (time.perf_counter() - started) * 1000,
                 client[0] if client else "-",
-                principal.clerk_id if isinstance(principal, Principal) else "-",
+                printable(principal.clerk_id) if isinstance(principal, Principal) else "-",
             )
 
     def _csp(self, path: str) -> str:

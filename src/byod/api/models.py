@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from byod.controlplane import FailureRow, FleetStatus, LedgerRow, RunRecord
 
@@ -19,6 +19,10 @@ __all__ = [
     "RunOut",
     "RunStarted",
 ]
+
+
+#: The largest number a control plane's INTEGER column holds on every database.
+_MAX_INT = 2**31 - 1
 
 
 class Problem(BaseModel):
@@ -147,17 +151,27 @@ class FleetStatusOut(BaseModel):
 
 
 class FleetRunRequest(BaseModel):
-    """Options of a fleet run started over HTTP."""
+    """Options of a fleet run started over HTTP. An unknown or misspelt field, a value of
+    the wrong type (``true`` for a number) or ``per_host`` without ``distributed`` is a
+    422: a safety limit is never silently dropped."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     concurrency: int = Field(default=8, ge=1, le=256)
     retries: int = Field(default=2, ge=0, le=10)
     timeout: float | None = Field(default=None, gt=0, le=86400)
-    canary: int = Field(default=0, ge=0)
+    canary: int = Field(default=0, ge=0, le=_MAX_INT)
     max_failure_ratio: float | None = Field(default=None, ge=0, le=1)
-    only_version: int | None = Field(default=None, ge=0)
-    limit: int | None = Field(default=None, ge=1)
+    only_version: int | None = Field(default=None, ge=0, le=_MAX_INT)
+    limit: int | None = Field(default=None, ge=1, le=_MAX_INT)
     #: run on task-queue workers (needs a broker and a PostgreSQL control plane);
     #: ``concurrency`` is then the run's cap on tasks in flight
     distributed: bool = False
     #: with ``distributed``: at most this many users at once per database server
     per_host: int | None = Field(default=None, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _per_host_is_distributed(self) -> FleetRunRequest:
+        if self.per_host is not None and not self.distributed:
+            raise ValueError("per_host goes with distributed: true")
+        return self

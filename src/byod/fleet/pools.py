@@ -7,6 +7,7 @@ runner from a :class:`WorkerSetup` sent once at its start.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -44,6 +45,10 @@ def _start_worker(setup: WorkerSetup) -> None:
     """Initializer of a worker process: Ctrl-C is the parent's to handle; own runner."""
     global _worker  # noqa: PLW0603 - one runner per worker process, by design
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # the parent reports each user's outcome; without a handler Python's last resort
+    # would print this process's warnings on the operator's terminal as well
+    logging.getLogger("byod").addHandler(logging.NullHandler())
+    logging.getLogger("byod").propagate = False
     from byod.controlplane import open_engine
     from byod.crypto import Sealer
     from byod.notify import load_notifier

@@ -156,6 +156,7 @@ class _FleetRun:
         self.action = action
         self.stop = threading.Event()  # no new retries, no new users
         self.in_flight: dict[Future[Settled], Item] = {}
+        self.waiting: Item | None = None
         # threads in one process, or single-user worker processes
         self.workers = options.concurrency if options.processes == 1 else options.processes
 
@@ -178,7 +179,8 @@ class _FleetRun:
                     self.stop.set()
                     log.warning("fleet run %s interrupted: finishing running users", summary.run_id)
                     self._collect(ALL_COMPLETED)
-                    summary.not_started += sum(1 for _ in remaining)
+                    waiting = 0 if self.waiting is None else 1  # taken, never started
+                    summary.not_started += waiting + sum(1 for _ in remaining)
         except ByodError as exc:  # e.g. the selection unreadable for too long
             summary.state, summary.halt_reason = "interrupted", exc.message
             raise
@@ -234,6 +236,7 @@ class _FleetRun:
         summary, canary = self.summary, self.options.canary
         submitted = 0
         for item in remaining:
+            self.waiting = item  # taken from the selection, not submitted yet
             if canary and submitted == canary and summary.state == "running":
                 self._collect(ALL_COMPLETED)
                 self._check_halt(started=submitted, canary_over=True)
@@ -241,6 +244,7 @@ class _FleetRun:
                 self._collect(FIRST_COMPLETED)
             if summary.state != "running":
                 summary.not_started += 1
+                self.waiting = None
                 continue
             if isinstance(pool, ProcessPool):
                 future = pool.submit(in_worker, self.action, item.user, item.to_version)
@@ -255,6 +259,7 @@ class _FleetRun:
                     self.stop,
                 )
             self.in_flight[future] = item
+            self.waiting = None
             submitted += 1
         self._collect(ALL_COMPLETED)
         self._check_halt(started=submitted, canary_over=submitted <= canary)

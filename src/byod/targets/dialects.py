@@ -119,12 +119,17 @@ def _sqlite_lock(conn: sa.Connection, timeout_ms: int | None) -> None:
     dbapi.set_progress_handler(lambda: int(time.monotonic() > ends), 10_000)
 
 
+#: A password file that cannot exist (a path below a device, not a folder): libpq skips
+#: it without a word, where /dev/null itself makes it warn on every connection.
+_NO_PASSFILE = os.path.join(os.devnull, "byod-no-password-file")
+
+
 def _postgres_options(url: URL, timeout: float, ssl_ca: str | None) -> tuple[URL, dict[str, Any]]:
     # psycopg bounds the whole connection attempt (handshake included) by connect_timeout
     args: dict[str, Any] = {"connect_timeout": max(1, round(timeout)), "application_name": "byod"}
     # libpq would fill a missing password from the operator's PGPASSWORD or password file
     # and send it to the tenant's server: an instance gets its own password or none
-    args["passfile"] = os.devnull
+    args["passfile"] = _NO_PASSFILE
     if url.password is None:
         args["password"] = ""
     if ssl_ca and url.query.get("sslmode") in ("verify-ca", "verify-full"):
