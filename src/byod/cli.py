@@ -254,8 +254,10 @@ def connect(
         )
         return
     err.print(
-        f"stored, but the instance is unreachable: {render.plain(reach.error or '')}\n"
-        "hint: check the URL and that the database is up, then run `byod connect` again"
+        f"[red]error:[/] {reach.error_type or 'UnreachableError'}: "
+        f"{render.plain(reach.error or '')}\n"
+        "[dim]hint:[/] the config is stored (status error); check the URL and that the "
+        "database is up, then run `byod connect` again"
     )
     raise typer.Exit(1)
 

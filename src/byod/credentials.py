@@ -151,6 +151,8 @@ class ReachResult:
     status: str
     schema_version: int
     error: str | None = None
+    #: the class of the error (``UnreachableError``, ``InstanceTimeoutError``, …)
+    error_type: str | None = None
 
 
 def connect_user(
@@ -179,14 +181,14 @@ def connect_user(
     )
     # reached before anything is stored: a refused instance (the control plane) leaves
     # the user's config as it was; an unreachable one is stored with status ``error``
-    error = None
+    error = error_type = None
     try:
         with open_instance(credentials, timeout=timeout) as target:
             stamp = target.read_stamp()
     except InputError:
         raise
     except ByodError as exc:
-        error = credentials.scrub(exc.message)
+        error, error_type = credentials.scrub(exc.message), type(exc).__name__
     directory.save_config(
         user_id,
         target_kind=credentials.url.get_backend_name(),
@@ -197,7 +199,7 @@ def connect_user(
     )
     if error is not None:
         directory.set_status(user_id, "error", error=error)
-        return ReachResult("error", 0, error)
+        return ReachResult("error", 0, error, error_type)
     version = stamp[-1].version if stamp else 0
     directory.set_status(user_id, "connected", schema_version=version)
     return ReachResult("connected", version)

@@ -90,10 +90,13 @@ class InputError(ByodError):
     """The command was given something it cannot use: fix the input and run it again."""
 
     exit_code = 2
+    hint = "Fix the input the message names (`byod COMMAND --help` lists the options)."
 
 
 class SettingsError(InputError):
     """A setting (flag or BYOD_* variable) is missing or malformed: correct it."""
+
+    hint = "Correct the setting the message names (see the README's Configuration)."
 
 
 class RegistryError(InputError):
