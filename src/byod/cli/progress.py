@@ -19,7 +19,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from byod import _render as render
+from byod.cli import render
 from byod.distributed import RunProgress
 from byod.errors import ByodError
 from byod.fleet import FleetEvent, FleetStarted, FleetSummary, UserFinished

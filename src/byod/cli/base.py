@@ -1,0 +1,260 @@
+"""What every ``byod`` command shares: the Typer apps, the consoles, the common options
+and arguments, and how a command opens its workspace."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import typer.core
+from rich.console import Console
+from rich.logging import RichHandler
+
+from byod.distributed import Broker
+from byod.errors import InputError, SettingsError
+from byod.fleet import DEFAULT_CONCURRENCY, FleetOptions
+from byod.settings import Settings
+from byod.workspace import Workspace
+
+
+def _usage_name(argument: typer.core.TyperArgument) -> str:
+    name = argument.display_name_raw
+    return name if argument.required else f"[{name}]"
+
+
+def _no_type(argument: typer.core.TyperArgument, ctx: object) -> str | None:
+    return None
+
+
+# Arguments shown as click shows them (``USER``, ``[USER]``), not as Typer 0.2x does
+# (``{user}`` in the usage line, ``user <str>`` in the list); Typer builds its argument
+# objects itself, so its class is where that is said.
+typer.core.TyperArgument._usage_display_name = _usage_name  # type: ignore[method-assign, assignment]
+typer.core.TyperArgument.display_type_rich = _no_type  # type: ignore[method-assign, assignment]
+
+app = typer.Typer(
+    help="Roll versioned schema migrations out to every user-owned database.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode=None,  # help texts hold [env: …] and [default: …] literally
+)
+users_app = typer.Typer(help="Manage app users.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+runs_app = typer.Typer(help="Fleet runs and their outcome.")
+app.add_typer(runs_app, name="runs")
+
+# Off a terminal (pipes, logs, CI) tables get room instead of 80 columns.
+_WIDTH = None if sys.stdout.isatty() else 160
+out = Console(highlight=False, soft_wrap=True, width=_WIDTH)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+#: Upper bounds for numbers from the command line: past them a value is a typo, and a
+#: database would refuse it with an overflow instead of a clear message.
+MAX_INT = 2**31 - 1
+MAX_SECONDS = 7 * 24 * 3600.0
+
+_USER_HELP = "A byod user id (ASCII digits only) or else a clerk id, matched exactly."
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url", metavar="URL", help="Control-plane URL [env: BYOD_DATABASE_URL]."
+    ),
+]
+Migrations = Annotated[
+    Path | None,
+    typer.Option("--migrations", metavar="DIR", help="Migrations folder [env: BYOD_MIGRATIONS]."),
+]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+UserArg = Annotated[str, typer.Argument(metavar="USER", help=_USER_HELP, show_default=False)]
+OptionalUser = Annotated[
+    str | None, typer.Argument(metavar="USER", help=_USER_HELP, show_default=False)
+]
+Version = Annotated[
+    int | None,
+    typer.Option("--to", metavar="VERSION", min=0, max=MAX_INT, help="Target version."),
+]
+All = Annotated[bool, typer.Option("--all", help="Every eligible user.")]
+
+
+def workspace_for(
+    database_url: str | None, migrations: Path | None, *, create_key: bool = False
+) -> Workspace:
+    settings = Settings.load(database_url=database_url, migrations=migrations)
+    return Workspace(settings, create_key=create_key, broker=celery_broker)
+
+
+def celery_broker(settings: Settings) -> Broker:
+    """The task queue for distributed runs: the Celery adapter (imported only when a
+    command needs it, so other commands never pay for importing Celery)."""
+    from byod.taskqueue import CeleryBroker
+
+    return CeleryBroker(settings)
+
+
+def one_target(user: str | None, every: bool) -> str | None:
+    if (user is None) == (not every):
+        raise InputError("give either a USER or --all (not both)")
+    return user
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[
+        bool, typer.Option("-v", "--verbose", help="Log every step to stderr.")
+    ] = False,
+    log_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--log-file",
+            metavar="FILE",
+            help="Append every step's log here [env: BYOD_LOG_FILE].",
+        ),
+    ] = None,
+) -> None:
+    """Logging: off on stderr unless -v or BYOD_LOG_LEVEL (errors are printed anyway);
+    a log file, when named, gets every step at INFO."""
+    logger = logging.getLogger("byod")
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    level_name = "INFO" if verbose else os.environ.get("BYOD_LOG_LEVEL", "").upper()
+    if level_name:
+        handler = RichHandler(console=err, show_path=False, markup=False, rich_tracebacks=False)
+        handler.setLevel(getattr(logging, level_name, logging.INFO))
+        logger.addHandler(handler)
+    file_name = log_file or os.environ.get("BYOD_LOG_FILE")
+    if file_name:
+        try:
+            file_handler = logging.FileHandler(file_name)
+        except OSError as exc:
+            raise SettingsError(
+                f"cannot write the log file {file_name}: {exc.strerror or exc}"
+            ) from exc
+        file_handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s %(threadName)s: %(message)s")
+        )
+        logger.addHandler(file_handler)
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+
+
+DEFAULTS = FleetOptions()
+Concurrency = Annotated[
+    int | None,
+    typer.Option(
+        "--concurrency",
+        metavar="N",
+        min=1,
+        max=10_000,
+        help=f"Users migrated at once (fleet runs) [default: {DEFAULT_CONCURRENCY}].",
+        show_default=False,
+    ),
+]
+Retries = Annotated[
+    int | None,
+    typer.Option(
+        "--retries",
+        metavar="N",
+        min=0,
+        max=100,
+        help=f"Retries of a transient failure, with backoff [default: {DEFAULTS.retries}; "
+        "0 for one USER].",
+        show_default=False,
+    ),
+]
+Timeout = Annotated[
+    float | None,
+    typer.Option(
+        "--timeout",
+        metavar="SECONDS",
+        min=0.1,
+        max=MAX_SECONDS,
+        help="Seconds allowed per user (one USER too).",
+    ),
+]
+LeaseSeconds = Annotated[
+    float | None,
+    typer.Option(
+        "--lease-seconds",
+        metavar="SECONDS",
+        min=1,
+        max=MAX_SECONDS,
+        help=f"Lease length; renewed while working [default: {DEFAULTS.lease_seconds:g}].",
+        show_default=False,
+    ),
+]
+Canary = Annotated[
+    int | None,
+    typer.Option(
+        "--canary",
+        metavar="N",
+        min=0,
+        max=MAX_INT,
+        help="Migrate N users first; halt if any fails (fleet runs).",
+    ),
+]
+Processes = Annotated[
+    int | None,
+    typer.Option(
+        "--processes",
+        metavar="N",
+        min=1,
+        max=256,
+        help="Worker processes (one user each) instead of threads (fleet runs).",
+    ),
+]
+MaxFailureRatio = Annotated[
+    float | None,
+    typer.Option(
+        "--max-failure-ratio",
+        metavar="RATIO",
+        min=0,
+        max=1,
+        help="Halt once failed/done passes RATIO (fleet runs).",
+    ),
+]
+
+
+def fleet_options(**given: float | None) -> FleetOptions:
+    """FleetOptions from the flags given (None: not given, the default applies)."""
+    return FleetOptions(**{name: value for name, value in given.items() if value is not None})  # type: ignore[arg-type]
+
+
+def single_options(
+    retries: int | None, timeout: float | None, lease_seconds: float | None
+) -> FleetOptions:
+    """One USER: no retries unless asked (an operator is watching), the rest as a fleet."""
+    return fleet_options(
+        retries=0 if retries is None else retries, timeout=timeout, lease_seconds=lease_seconds
+    )
+
+
+def refuse_fleet_only(**given: object) -> None:
+    """One USER is not a fleet run: its fleet-only flags are refused, never ignored."""
+    named = [f"--{name.replace('_', '-')}" for name, value in given.items() if value is not None]
+    if named:
+        raise InputError(
+            f"{', '.join(named)} {'goes' if len(named) == 1 else 'go'} with a fleet run "
+            "(--all, --users or --run); one USER takes --to, --timeout, --retries and "
+            "--lease-seconds"
+        )
+
+
+def user_list(value: str | None) -> tuple[str, ...] | None:
+    """``--users``: comma-separated ids/clerk ids, or a file with one per line."""
+    if value is None:
+        return None
+    path = Path(value)
+    try:
+        text = path.read_text() if path.is_file() else value.replace(",", "\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"--users: cannot read {value}: {exc}") from exc
+    refs = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if not refs:
+        raise InputError("--users names no user")
+    return refs

@@ -1,0 +1,251 @@
+"""Setting up: the control plane, users, their databases, migration files; the
+service, the task-queue worker and the demo."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import asdict
+from typing import Annotated
+
+import typer
+import typer.core
+from rich.logging import RichHandler
+from rich.markup import escape
+
+from byod import commands
+from byod.cli import progress, render
+from byod.cli.base import (
+    MAX_SECONDS,
+    DatabaseUrl,
+    Json,
+    Migrations,
+    UserArg,
+    app,
+    err,
+    out,
+    users_app,
+    workspace_for,
+)
+from byod.errors import InputError
+
+
+@app.command()
+def init(database_url: DatabaseUrl = None, migrations: Migrations = None) -> None:
+    """Create the control-plane tables (safe to run again)."""
+    result = commands.init(workspace_for(database_url, migrations, create_key=True))
+    out.print(f"control plane ready: {escape(result.database)}")
+    if result.key.created:
+        out.print(f"created a new encryption key: {escape(result.key.description)} (mode 0600)")
+        out.print("  keep it safe; in production set BYOD_ENCRYPTION_KEY instead")
+    else:
+        out.print(f"encryption key: {escape(result.key.description)}")
+    out.print(f"migrations head version: {result.head}")
+
+
+@users_app.command("add")
+def users_add(
+    clerk_id: Annotated[
+        str,
+        typer.Option(
+            "--clerk-id",
+            metavar="ID",
+            help="External auth subject (the token's `sub`), stored exactly: not all digits, "
+            "no control characters or surrounding spaces.",
+        ),
+    ],
+    email: Annotated[str | None, typer.Option("--email", metavar="EMAIL")] = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Register a user; prints the new user id."""
+    user = commands.add_user(workspace_for(database_url, None), clerk_id, email)
+    out.print(user.id)
+
+
+@users_app.command("list")
+def users_list(database_url: DatabaseUrl = None, json_out: Json = False) -> None:
+    """List users."""
+    users = workspace_for(database_url, None).directory.list_users()
+    if json_out:
+        out.print(render.dump([asdict(u) for u in users]))
+        return
+    for user in users:
+        out.print(f"{user.id}\t{render.plain(user.clerk_id)}\t{render.plain(user.email or '')}")
+
+
+@app.command()
+def connect(
+    user: UserArg,
+    url: Annotated[
+        str,
+        typer.Option(
+            "--url",
+            metavar="URL",
+            help="SQLAlchemy URL of the user's database; '-' reads it from standard input "
+            "(a hidden prompt on a terminal), out of `ps` and shell history.",
+        ),
+    ],
+    secret: Annotated[
+        str | None,
+        typer.Option(
+            "--secret",
+            metavar="SECRET",
+            help="Password, if not in the URL; '-' reads it from standard input (after the "
+            "URL when both are '-').",
+        ),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", metavar="SECONDS", min=0.1, max=MAX_SECONDS)
+    ] = 10.0,
+    queue: Annotated[
+        str | None,
+        typer.Option(
+            "--queue",
+            metavar="QUEUE",
+            help="Task queue of the workers that can reach it (distributed).",
+        ),
+    ] = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Seal and store a user's database credentials and check it answers."""
+    ws = workspace_for(database_url, None)
+    url_text = from_stdin("database URL") if url == "-" else url
+    secret_text = from_stdin("password") if secret == "-" else secret
+    found, reach = commands.connect(
+        ws, user, url_text, secret=secret_text, timeout=timeout, queue=queue
+    )
+    if reach.status == "connected":
+        out.print(
+            f"user {found.id} ({render.plain(found.clerk_id)}) connected, "
+            f"instance at version {reach.schema_version}"
+        )
+        return
+    err.print(
+        f"[red]error:[/] {reach.error_type or 'UnreachableError'}: "
+        f"{render.plain(reach.error or '')}\n"
+        "[dim]hint:[/] the config is stored (status error); check the URL and that the "
+        "database is up, then run `byod connect` again"
+    )
+    raise typer.Exit(1)
+
+
+def from_stdin(what: str) -> str:
+    """One secret from standard input: a hidden prompt on a terminal, else one line."""
+    if sys.stdin.isatty():
+        text = str(typer.prompt(what.capitalize(), hide_input=True, err=True))
+    else:
+        text = sys.stdin.readline().rstrip("\r\n")
+    if not text:
+        raise InputError(f"no {what} on standard input")
+    return text
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[
+        int,
+        typer.Option(
+            "--concurrency",
+            metavar="N",
+            min=1,
+            max=1024,
+            help="Worker processes: users migrated at once here.",
+        ),
+    ] = os.cpu_count() or 2,
+    queues: Annotated[
+        str | None,
+        typer.Option(
+            "--queues",
+            metavar="A,B",
+            help="Comma-separated queues to take tasks from [default: BYOD_QUEUE].",
+        ),
+    ] = None,
+    loglevel: Annotated[
+        str, typer.Option("--loglevel", metavar="LEVEL", help="Celery's log level.")
+    ] = "INFO",
+    database_url: DatabaseUrl = None,
+    migrations: Migrations = None,
+) -> None:
+    """Run a task-queue worker for distributed runs (needs BYOD_BROKER_URL and a
+    PostgreSQL control plane); stop it with Ctrl-C (running users finish)."""
+    names = [q.strip() for q in (queues or "").split(",") if q.strip()]
+    if queues is not None and not names:
+        raise InputError("--queues names no queue")
+    from byod.taskqueue import serve_worker
+
+    serve_worker(
+        workspace_for(database_url, migrations),
+        concurrency=concurrency,
+        queues=names,
+        loglevel=loglevel.upper(),
+    )
+
+
+@app.command()
+def new(
+    name: Annotated[
+        str,
+        typer.Argument(metavar="NAME", help="What the migration does, e.g. 'add archived'."),
+    ],
+    migrations: Migrations = None,
+) -> None:
+    """Scaffold the next migration file in the migrations folder."""
+    path = commands.new_migration(workspace_for(None, migrations), name)
+    out.print(f"created {escape(str(path))}")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", metavar="HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", metavar="PORT", min=1, max=65535)] = 8000,
+    database_url: DatabaseUrl = None,
+    migrations: Migrations = None,
+) -> None:
+    """Serve the HTTP API and the operators' dashboard (BYOD_JWT_* configure tokens)."""
+    import uvicorn
+
+    from byod.api import AuthSettings, HttpSettings, create_app
+
+    application = create_app(
+        workspace_for(database_url, migrations), AuthSettings.from_env(), HttpSettings.from_env()
+    )
+    access = logging.getLogger("byod.api.access")  # always on: who called what (no tokens)
+    if not any(isinstance(h, RichHandler) for h in logging.getLogger("byod").handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+        access.addHandler(handler)
+    err.print(f"byod serving on http://{host}:{port} (dashboard: /dashboard)")
+    # forwarded headers are the app's decision (BYOD_FORWARDED_ALLOW_IPS), and so is the
+    # access log (uvicorn's would print query strings)
+    uvicorn.run(
+        application,
+        host=host,
+        port=port,
+        log_level="warning",
+        proxy_headers=False,
+        access_log=False,
+    )
+
+
+@app.command()
+def demo(
+    tenants: Annotated[int, typer.Option("--tenants", metavar="N", min=1, max=100000)] = 5,
+    database_url: DatabaseUrl = None,
+    migrations: Migrations = None,
+) -> None:
+    """Build a local fleet of SQLite instances at version 1 and migrate them all to head."""
+    from byod.demo import run_demo
+
+    ws = workspace_for(database_url, migrations, create_key=True)
+    result = progress.run_fleet(
+        out, err, lambda on_event: run_demo(ws, tenants=tenants, on_event=on_event), False
+    )
+    progress.print_summary(out, err, result.summary, False)
+    render.fleet_status_tables(result.status, out)
+    out.print(render.history_table(f"history of {result.sample_user}", result.sample_history))
+    out.print(f"instances: {escape(str(result.folder))} ({result.created} created this time)")
+    if result.setup.key.created:
+        out.print(f"created a local encryption key: {escape(result.setup.key.description)}")
+    if not result.summary.ok:
+        raise typer.Exit(1)

@@ -1,0 +1,316 @@
+"""Moving instances: plans, migrations and rollbacks of one user or a fleet, and
+the record of fleet runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated
+
+import typer
+import typer.core
+
+from byod import commands
+from byod.cli import progress, render
+from byod.cli.base import (
+    MAX_INT,
+    All,
+    Canary,
+    Concurrency,
+    DatabaseUrl,
+    Json,
+    LeaseSeconds,
+    MaxFailureRatio,
+    Migrations,
+    OptionalUser,
+    Processes,
+    Retries,
+    Timeout,
+    Version,
+    app,
+    err,
+    fleet_options,
+    one_target,
+    out,
+    refuse_fleet_only,
+    runs_app,
+    single_options,
+    user_list,
+    workspace_for,
+)
+from byod.distributed.run import DEFAULT_IN_FLIGHT, RunProgress
+from byod.errors import InputError
+from byod.fleet import DEFAULT_CONCURRENCY, FleetEvent, FleetSummary, Selection
+from byod.workspace import Workspace
+
+
+@app.command()
+def plan(
+    user: OptionalUser = None,
+    every: All = False,
+    json_out: Json = False,
+    database_url: DatabaseUrl = None,
+    migrations: Migrations = None,
+) -> None:
+    """Dry run: what would run where."""
+    plans = commands.plan(workspace_for(database_url, migrations), one_target(user, every))
+    if json_out:
+        out.print(render.dump(render.plans_data(plans)))
+    elif not plans:
+        out.print("nothing to do: every eligible user is at head")
+    else:
+        out.print(render.plans_table(plans))
+
+
+@app.command()
+def migrate(
+    user: OptionalUser = None,
+    every: All = False,
+    to: Version = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            "--concurrency",
+            metavar="N",
+            min=1,
+            max=10_000,
+            help=f"Users migrated at once [default: {DEFAULT_CONCURRENCY}]; with --distributed "
+            f"the run's cap on tasks in flight [default: {DEFAULT_IN_FLIGHT}].",
+            show_default=False,
+        ),
+    ] = None,
+    retries: Retries = None,
+    timeout: Timeout = None,
+    lease_seconds: LeaseSeconds = None,
+    canary: Canary = None,
+    max_failure_ratio: MaxFailureRatio = None,
+    processes: Processes = None,
+    users: Annotated[
+        str | None,
+        typer.Option(
+            "--users", metavar="A,B|FILE", help="Only these users (a,b,c or a file, one a line)."
+        ),
+    ] = None,
+    only_version: Annotated[
+        int | None,
+        typer.Option(
+            "--only-version",
+            metavar="VERSION",
+            min=0,
+            max=MAX_INT,
+            help="With --all: only users at VERSION.",
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", metavar="N", min=1, max=MAX_INT, help="At most N users."),
+    ] = None,
+    distributed: Annotated[
+        bool,
+        typer.Option(
+            "--distributed",
+            help="With --all: run on task-queue workers (`byod worker`); --concurrency "
+            "caps the run's tasks in flight [needs BYOD_BROKER_URL].",
+        ),
+    ] = False,
+    detach: Annotated[
+        bool,
+        typer.Option("--detach", help="With --distributed: print the run id and return."),
+    ] = False,
+    per_host: Annotated[
+        int | None,
+        typer.Option(
+            "--per-host",
+            metavar="N",
+            min=1,
+            max=10_000,
+            help="With --distributed: at most N at once per DB server.",
+        ),
+    ] = None,
+    json_out: Json = False,
+    database_url: DatabaseUrl = None,
+    migrations: Migrations = None,
+) -> None:
+    """Apply pending migrations to one user, or to every eligible user (--all)."""
+    ws = workspace_for(database_url, migrations)
+    target = one_target(user, every or users is not None)
+    if (detach or per_host is not None) and not distributed:
+        raise InputError("--detach and --per-host go with --distributed")
+    if target is not None:
+        if distributed:
+            raise InputError("--distributed runs a fleet: use --all (or --users)")
+        refuse_fleet_only(
+            concurrency=concurrency,
+            canary=canary,
+            max_failure_ratio=max_failure_ratio,
+            processes=processes,
+            only_version=only_version,
+            limit=limit,
+        )
+        single = single_options(retries, timeout, lease_seconds)
+        result = commands.migrate_user(ws, target, to_version=to, options=single)
+        progress.finish_user(out, err, result, json_out, "migrated")
+        return
+    if concurrency is None:
+        concurrency = DEFAULT_IN_FLIGHT if distributed else DEFAULT_CONCURRENCY
+    options = fleet_options(
+        concurrency=concurrency,
+        retries=retries,
+        timeout=timeout,
+        lease_seconds=lease_seconds,
+        canary=canary,
+        max_failure_ratio=max_failure_ratio,
+        processes=processes,
+    )
+    refs = user_list(users)
+    selection = Selection(
+        None if refs is None else commands.resolve_users(ws, refs), only_version, limit
+    )
+    if distributed:
+        run_id = commands.migrate_distributed(
+            ws, options=options, selection=selection, to_version=to, per_host=per_host
+        )
+        if detach:
+            _print_started(run_id, json_out)
+            return
+        _follow(ws, run_id, json_out, stop_on_interrupt=True)
+        return
+    _fleet_run(
+        lambda on_event: commands.migrate_fleet(
+            ws, options=options, selection=selection, to_version=to, on_event=on_event
+        ),
+        json_out,
+    )
+
+
+def _print_started(run_id: str, json_out: bool) -> None:
+    if json_out:
+        out.print(render.dump({"run_id": run_id}))
+    else:
+        out.print(run_id)
+        err.print(f"run {run_id} started; watch it with `byod runs show {run_id} --follow`")
+
+
+def _follow(ws: Workspace, run_id: str, json_out: bool, *, stop_on_interrupt: bool) -> None:
+    """Follow a run to its end with the fleet run's progress and summary."""
+    _fleet_run(
+        lambda on_event: commands.follow(
+            ws, run_id, on_event=on_event, stop_on_interrupt=stop_on_interrupt
+        ),
+        json_out,
+    )
+
+
+def _fleet_run(
+    work: Callable[[Callable[[FleetEvent | RunProgress], None]], FleetSummary], json_out: bool
+) -> None:
+    """Show a fleet run's progress, then its summary; exit 1 unless it went to its end
+    without a failure."""
+    summary = progress.run_fleet(out, err, work, json_out)
+    progress.print_summary(out, err, summary, json_out)
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def rollback(
+    user: OptionalUser = None,
+    to: Version = None,
+    run: Annotated[
+        str | None, typer.Option("--run", metavar="RUN", help="Undo what this fleet run moved.")
+    ] = None,
+    concurrency: Concurrency = None,
+    retries: Retries = None,
+    timeout: Timeout = None,
+    lease_seconds: LeaseSeconds = None,
+    canary: Canary = None,
+    max_failure_ratio: MaxFailureRatio = None,
+    json_out: Json = False,
+    database_url: DatabaseUrl = None,
+    migrations: Migrations = None,
+) -> None:
+    """Undo migrations: one USER down to --to VERSION, or everything one --run moved."""
+    ws = workspace_for(database_url, migrations)
+    if run is not None:
+        if user is not None or to is not None:
+            raise InputError("--run undoes a whole fleet run: give no USER and no --to")
+        options = fleet_options(
+            concurrency=concurrency,
+            retries=retries,
+            timeout=timeout,
+            lease_seconds=lease_seconds,
+            canary=canary,
+            max_failure_ratio=max_failure_ratio,
+        )
+        _fleet_run(
+            lambda on_event: commands.rollback_fleet_run(
+                ws, run, options=options, on_event=on_event
+            ),
+            json_out,
+        )
+        return
+    if user is None or to is None:
+        raise InputError("give USER --to VERSION, or --run RUN")
+    refuse_fleet_only(concurrency=concurrency, canary=canary, max_failure_ratio=max_failure_ratio)
+    single = single_options(retries, timeout, lease_seconds)
+    result = commands.rollback_user(ws, user, to, options=single)
+    progress.finish_user(out, err, result, json_out, "rolled back")
+
+
+@runs_app.callback(invoke_without_command=True)
+def runs(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option("--limit", metavar="N", min=1, max=10_000)] = 20,
+    json_out: Json = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Fleet runs, newest first (`byod runs show RUN` for one)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    records = commands.list_runs(workspace_for(database_url, None), limit=limit)
+    if json_out:
+        out.print(render.dump([render.run_data(r) for r in records]))
+    else:
+        out.print(render.runs_table(records))
+
+
+@runs_app.command("show")
+def runs_show(
+    run: Annotated[str, typer.Argument(metavar="RUN", help="Run id.")],
+    follow: Annotated[
+        bool,
+        typer.Option("--follow", help="Show its progress until it ends, then its summary."),
+    ] = False,
+    json_out: Json = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """One fleet run: options, state, counts and its failures."""
+    ws = workspace_for(database_url, None)
+    if follow:
+        try:
+            _follow(ws, run, json_out, stop_on_interrupt=False)
+        except KeyboardInterrupt:
+            err.print(f"stopped watching; run {run} goes on")
+            raise typer.Exit(130) from None
+        return
+    details = commands.show_run(ws, run)
+    if json_out:
+        data = render.run_data(details.run)
+        data["failures"] = [
+            {"user_id": u, "clerk_id": c, "migration": m, "error": e}
+            for u, c, m, e in details.failures
+        ]
+        out.print(render.dump(data))
+    else:
+        render.run_details(details, out)
+
+
+@runs_app.command("stop")
+def runs_stop(
+    run: Annotated[str, typer.Argument(metavar="RUN", help="Run id.")],
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Stop a distributed run: queued users are not started, running ones finish."""
+    if commands.stop_run(workspace_for(database_url, None), run):
+        out.print(f"run {run} stopping: running users finish, the rest are not started")
+    else:
+        out.print(f"run {run} was not running: nothing to stop")
