@@ -31,7 +31,7 @@ from byod.api.models import (
     RunOut,
     RunStarted,
 )
-from byod.controlplane import RunRecord, RunStore, User, fleet_status, history
+from byod.controlplane import RunRecord, User
 from byod.errors import (
     ForbiddenError,
     InputError,
@@ -101,39 +101,37 @@ router = APIRouter()
 def _me(ws: Workspace, principal: Principal) -> User:
     """The caller: the user whose clerk id is the token's subject, byte for byte (never
     a byod id, never trimmed or normalised)."""
-    return ws.directory.get_user_by_clerk_id(principal.clerk_id)
+    return commands.caller(ws, principal.clerk_id)
 
 
 @router.get("/v1/me/instance", tags=["me"])
 def my_instance(ws: Ws, principal: Caller) -> InstanceOut:
     """Where the caller's database stands."""
-    user = _me(ws, principal)
-    config = ws.directory.get_config(user.id)
+    view = commands.instance(ws, _me(ws, principal))
     return InstanceOut(
-        user_id=user.id,
-        clerk_id=user.clerk_id,
-        connection_status=config.connection_status,
-        schema_version=config.schema_version,
-        head_version=ws.registry.head,
-        pending=ws.registry.pending_count(config.schema_version),
-        last_error=config.last_error,
+        user_id=view.user.id,
+        clerk_id=view.user.clerk_id,
+        connection_status=view.config.connection_status,
+        schema_version=view.config.schema_version,
+        head_version=view.head,
+        pending=view.pending,
+        last_error=view.config.last_error,
     )
 
 
 @router.get("/v1/me/migrations", tags=["me"])
 def my_history(ws: Ws, principal: Caller, limit: Limit = 50, offset: Offset = 0) -> HistoryPage:
     """The caller's migration history, newest first."""
-    rows = history(ws.engine, _me(ws, principal).id, limit=limit, offset=offset)
+    rows = commands.history_of(ws, _me(ws, principal).id, limit=limit, offset=offset)
     return HistoryPage(items=rows, limit=limit, offset=offset)
 
 
 @router.get("/v1/me/migrations/pending", tags=["me"])
 def my_pending(ws: Ws, principal: Caller) -> PendingOut:
     """How many migrations the caller's database still needs, and which."""
-    config = ws.directory.get_config(_me(ws, principal).id)
     steps = [
         PendingStep(id=m.id, version=m.version, name=m.name, description=m.description)
-        for m in ws.registry.after(config.schema_version)
+        for m in commands.pending_migrations(ws, _me(ws, principal))
     ]
     return PendingOut(count=len(steps), migrations=steps)
 
@@ -142,7 +140,7 @@ def my_pending(ws: Ws, principal: Caller) -> PendingOut:
 def run_mine(request: Request, ws: Ws, principal: Caller) -> RunStarted:
     """Start a run for the caller's own database (409 while one is under way)."""
     user = _me(ws, principal)
-    ws.directory.get_config(user.id)  # NotConnectedError: 404
+    commands.instance(ws, user)  # NotConnectedError: 404
     runs: BackgroundRuns = request.app.state.runs
     return RunStarted(run_id=runs.start_for_user(user, started_by=_started_by(principal)))
 
@@ -160,7 +158,7 @@ def my_run(ws: Ws, principal: Caller, run_id: str) -> RunOut:
 @router.get("/v1/fleet/status", tags=["operators"])
 def fleet(ws: Ws, principal: Operator) -> FleetStatusOut:
     """Users per version and connection status, recent failures."""
-    return FleetStatusOut.of(fleet_status(ws.engine, ws.registry.head))
+    return FleetStatusOut.of(commands.status(ws))
 
 
 @router.post("/v1/fleet/runs", status_code=202, tags=["operators"])
@@ -203,8 +201,7 @@ def user_history(
     ws: Ws, principal: Operator, user: str, limit: Limit = 50, offset: Offset = 0
 ) -> HistoryPage:
     """Any user's history (id or clerk id), newest first."""
-    found = ws.directory.find_user(user)
-    rows = history(ws.engine, found.id, limit=limit, offset=offset)
+    _, rows = commands.user_history(ws, user, limit=limit, offset=offset)
     return HistoryPage(items=rows, limit=limit, offset=offset)
 
 
@@ -270,6 +267,6 @@ def _started_by(principal: Principal) -> str:
 
 def _run_or_404(ws: Workspace, run_id: str) -> RunRecord:
     try:
-        return RunStore(ws.engine).get(run_id)
+        return commands.get_run(ws, run_id)
     except InputError as exc:
         raise NotFoundError(f"no run {run_id!r}") from exc

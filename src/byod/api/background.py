@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import threading
 
-from byod.clock import utcnow
+from byod import commands
 from byod.controlplane import User
 from byod.errors import BusyError, ByodError
 from byod.fleet import FleetEvent, FleetOptions, FleetStarted, FleetSummary, Selection
-from byod.fleet import migrate_fleet as run_fleet
 from byod.workspace import Workspace
 
 __all__ = ["BackgroundRuns"]
@@ -43,10 +42,7 @@ class BackgroundRuns:
         return self._start(options, selection, None, started_by)
 
     def _lease_held(self, user_id: int) -> bool:
-        config = self.ws.directory.get_config(user_id)
-        return bool(
-            config.lease_owner and config.lease_expires_at and config.lease_expires_at > utcnow()
-        )
+        return commands.instance_busy(self.ws, user_id)
 
     def _start(
         self, options: FleetOptions, selection: Selection, user_id: int | None, started_by: str
@@ -61,8 +57,8 @@ class BackgroundRuns:
 
         def work() -> None:
             try:
-                summary: FleetSummary = run_fleet(
-                    self.ws.runner(),
+                summary: FleetSummary = commands.migrate_fleet(
+                    self.ws,
                     options=options,
                     selection=selection,
                     on_event=on_event,

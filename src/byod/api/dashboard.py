@@ -17,8 +17,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from byod import commands
 from byod.api.auth import Authenticator
-from byod.controlplane import FleetStatus, LedgerRow, RunRecord, RunStore, fleet_status, history
+from byod.controlplane import FleetStatus, LedgerRow, RunRecord
 from byod.errors import (
     AuthError,
     ByodError,
@@ -181,8 +182,7 @@ def install_dashboard(app: FastAPI, ws: Workspace, authenticator: Authenticator)
     def dashboard(request: Request) -> Response:
         if (page := refused(request)) is not None:
             return page
-        status = fleet_status(ws.engine, ws.registry.head)
-        return HTMLResponse(_overview(status, RunStore(ws.engine).recent(10)))
+        return HTMLResponse(_overview(commands.status(ws), commands.list_runs(ws, limit=10)))
 
     @app.post("/dashboard/login", include_in_schema=False)
     async def login(request: Request) -> Response:
@@ -236,8 +236,7 @@ def install_dashboard(app: FastAPI, ws: Workspace, authenticator: Authenticator)
         if (page := refused(request)) is not None:
             return page
         try:
-            found = ws.directory.find_user(user)
+            found, rows = commands.user_history(ws, user, limit=200)
         except ByodError as exc:
             return HTMLResponse(_page("byod", f"<p>{escape(exc.message)}</p>"), status_code=404)
-        label = f"{found.id} ({found.clerk_id})"
-        return HTMLResponse(_history(label, history(ws.engine, found.id, limit=200)))
+        return HTMLResponse(_history(f"{found.id} ({found.clerk_id})", rows))

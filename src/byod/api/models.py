@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from byod.controlplane import FailureRow, FleetStatus, LedgerRow, RunRecord
 
@@ -98,7 +98,7 @@ class RunOut(BaseModel):
     remaining: int | None
     halt_reason: str | None
     #: run on task-queue workers; ``in_flight``: its users handed out, not finished yet
-    distributed: bool = False
+    distributed: StrictBool = False
     in_flight: int = 0
 
     @classmethod
@@ -155,7 +155,14 @@ class FleetRunRequest(BaseModel):
     the wrong type (``true`` for a number) or ``per_host`` without ``distributed`` is a
     422: a safety limit is never silently dropped."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        # the document says it too: a ``per_host`` number needs ``distributed: true``
+        json_schema_extra={
+            "if": {"properties": {"per_host": {"type": "integer"}}, "required": ["per_host"]},
+            "then": {"properties": {"distributed": {"const": True}}, "required": ["distributed"]},
+        },
+    )
 
     concurrency: int = Field(default=8, ge=1, le=256)
     retries: int = Field(default=2, ge=0, le=10)
@@ -166,9 +173,26 @@ class FleetRunRequest(BaseModel):
     limit: int | None = Field(default=None, ge=1, le=_MAX_INT)
     #: run on task-queue workers (needs a broker and a PostgreSQL control plane);
     #: ``concurrency`` is then the run's cap on tasks in flight
-    distributed: bool = False
+    distributed: StrictBool = False
     #: with ``distributed``: at most this many users at once per database server
     per_host: int | None = Field(default=None, ge=1, le=1024)
+
+    @field_validator(
+        "concurrency",
+        "retries",
+        "timeout",
+        "canary",
+        "max_failure_ratio",
+        "only_version",
+        "limit",
+        "per_host",
+        mode="before",
+    )
+    @classmethod
+    def _not_a_boolean(cls, value: object) -> object:
+        if isinstance(value, bool):
+            raise ValueError("a number, not true or false")
+        return value
 
     @model_validator(mode="after")
     def _per_host_is_distributed(self) -> FleetRunRequest:

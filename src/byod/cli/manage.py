@@ -66,7 +66,7 @@ def users_add(
 @users_app.command("list")
 def users_list(database_url: DatabaseUrl = None, json_out: Json = False) -> None:
     """List users."""
-    users = workspace_for(database_url, None).directory.list_users()
+    users = commands.list_users(workspace_for(database_url, None))
     if json_out:
         out.print(render.dump([asdict(u) for u in users]))
         return
@@ -235,7 +235,7 @@ def demo(
     migrations: Migrations = None,
 ) -> None:
     """Build a local fleet of SQLite instances at version 1 and migrate them all to head."""
-    from byod.demo import run_demo
+    from byod.commands.demo import run_demo
 
     ws = workspace_for(database_url, migrations, create_key=True)
     result = progress.run_fleet(

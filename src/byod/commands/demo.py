@@ -12,7 +12,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from byod.commands import InitResult, init
+from byod.commands.setup import InitResult, init
 from byod.controlplane import FleetStatus, LedgerRow, fleet_status, history
 from byod.credentials import connect_user
 from byod.errors import InputError, UnknownUserError

@@ -1,0 +1,181 @@
+"""Reading without changing: the fleet, one user's instance, history and pending
+migrations, runs, and verification against each instance's stamp."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from byod.clock import utcnow
+from byod.commands.runs import refuse_user_ahead
+from byod.controlplane import (
+    Config,
+    FleetStatus,
+    LedgerRow,
+    RunRecord,
+    RunStore,
+    User,
+    fleet_status,
+    history,
+)
+from byod.controlplane.schema import configs, control_plane_id
+from byod.credentials import open_instance, unseal_config
+from byod.errors import ByodError
+from byod.registry import Migration
+from byod.runner import check_stamp
+from byod.workspace import Workspace
+
+
+def status(ws: Workspace) -> FleetStatus:
+    """The fleet at a glance (no instance is contacted)."""
+    ws.require_tables()
+    return fleet_status(ws.engine, ws.registry.head)
+
+
+def list_runs(ws: Workspace, *, limit: int = 20) -> list[RunRecord]:
+    """The newest fleet runs."""
+    ws.require_tables()
+    return RunStore(ws.engine).recent(limit)
+
+
+@dataclass(frozen=True)
+class RunDetails:
+    """One run with its failures."""
+
+    run: RunRecord
+    failures: list[tuple[int, str, str, str | None]]
+
+
+def show_run(ws: Workspace, run_id: str) -> RunDetails:
+    """One fleet run and the steps that failed in it."""
+    ws.require_tables()
+    store = RunStore(ws.engine)
+    return RunDetails(store.get(run_id), store.failures(run_id))
+
+
+def user_history(
+    ws: Workspace, user_ref: str, *, limit: int | None = None, offset: int = 0
+) -> tuple[User, list[LedgerRow]]:
+    """A user's ledger rows (``USER`` by the one rule), newest first."""
+    user = ws.directory.find_user(user_ref)
+    return user, history_of(ws, user.id, limit=limit, offset=offset)
+
+
+def history_of(
+    ws: Workspace, user_id: int, *, limit: int | None = None, offset: int = 0
+) -> list[LedgerRow]:
+    """The ledger rows of the user with this byod id, newest first."""
+    ws.require_tables()
+    return history(ws.engine, user_id, limit=limit, offset=offset)
+
+
+def list_users(ws: Workspace) -> list[User]:
+    """Every user, by id."""
+    return ws.directory.list_users()
+
+
+def caller(ws: Workspace, clerk_id: str) -> User:
+    """The user a token's subject names: its clerk id, byte for byte (never a byod id,
+    never trimmed or normalised); :class:`UnknownUserError` when none does."""
+    return ws.directory.get_user_by_clerk_id(clerk_id)
+
+
+@dataclass(frozen=True)
+class InstanceView:
+    """Where one user's database stands, from the control plane's view."""
+
+    user: User
+    config: Config
+    head: int
+    pending: int
+
+
+def instance(ws: Workspace, user: User) -> InstanceView:
+    """The user's database as the control plane records it (:class:`NotConnectedError`
+    when none is connected)."""
+    config = ws.directory.get_config(user.id)
+    head = ws.registry.head
+    return InstanceView(user, config, head, ws.registry.pending_count(config.schema_version))
+
+
+def instance_busy(ws: Workspace, user_id: int) -> bool:
+    """Whether a runner holds the user's lease now (a run is under way for it)."""
+    config = ws.directory.get_config(user_id)
+    expires = config.lease_expires_at
+    return bool(config.lease_owner and expires and expires > utcnow())
+
+
+def pending_migrations(ws: Workspace, user: User) -> list[Migration]:
+    """The migrations the user's database still needs, oldest first."""
+    config = ws.directory.get_config(user.id)
+    refuse_user_ahead(ws, user, config.schema_version)
+    return ws.registry.after(config.schema_version)
+
+
+def get_run(ws: Workspace, run_id: str) -> RunRecord:
+    """One fleet run (:class:`InputError` when there is none with that id)."""
+    ws.require_tables()
+    return RunStore(ws.engine).get(run_id)
+
+
+def pending(ws: Workspace, user_ref: str) -> int:
+    """How many migrations the user's instance still needs (control plane's view)."""
+    user = ws.directory.find_user(user_ref)
+    config = ws.directory.get_config(user.id)
+    refuse_user_ahead(ws, user, config.schema_version)
+    return ws.registry.pending_count(config.schema_version)
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """One user's instance checked against the registry and the control plane."""
+
+    user_id: int
+    clerk_id: str
+    control_version: int
+    instance_version: int | None
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when stamp, registry and control plane agree."""
+        return not self.problems
+
+
+def verify(ws: Workspace, user_ref: str | None) -> list[VerifyReport]:
+    """Compare each instance's stamp with the registry's checksums and the control plane."""
+    directory = ws.directory
+    if user_ref is not None:
+        users = [directory.find_user(user_ref)]
+    else:
+        with ws.engine.connect() as conn:
+            ids = conn.execute(sa.select(configs.c.user_id).order_by(configs.c.user_id)).scalars()
+            users = [directory.get_user(int(user_id)) for user_id in ids]  # ids, not refs
+    return [_verify_one(ws, user) for user in users]
+
+
+def _verify_one(ws: Workspace, user: User) -> VerifyReport:
+    config = ws.directory.get_config(user.id)
+    try:
+        credentials = unseal_config(
+            config,
+            ws.sealer,
+            policy=ws.settings.instance_policy,
+            control_plane=control_plane_id(ws.engine),
+        )
+        with open_instance(credentials, timeout=10.0) as target:
+            stamp = target.read_stamp()
+    except ByodError as exc:
+        problem = f"cannot read the instance's stamp: {exc.message}"
+        return VerifyReport(user.id, user.clerk_id, config.schema_version, None, (problem,))
+    problems = check_stamp(ws.registry, stamp)
+    instance_version = stamp[-1].version if stamp else 0
+    if instance_version != config.schema_version:
+        problems.append(
+            f"the control plane says version {config.schema_version}, the instance's stamp "
+            f"says {instance_version} (the next migrate adopts the instance's)"
+        )
+    return VerifyReport(
+        user.id, user.clerk_id, config.schema_version, instance_version, tuple(problems)
+    )

@@ -1,0 +1,230 @@
+"""Moving instances: plans, migrations and rollbacks of one user or a fleet, in this
+process or on task-queue workers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from byod import fleet
+from byod.controlplane import (
+    RunStore,
+    User,
+    count_ahead,
+    iter_outdated,
+)
+from byod.distributed import (
+    Dispatcher,
+    RunProgress,
+    follow_run,
+    require_server_control_plane,
+    start_distributed,
+)
+from byod.errors import DriftError, InputError
+from byod.fleet import ELIGIBLE_STATUSES, FleetEvent, FleetOptions, FleetSummary, Selection, attempt
+from byod.registry import Plan
+from byod.runner import Runner, UserResult
+from byod.workspace import Workspace
+
+
+@dataclass(frozen=True)
+class UserPlan:
+    """What a migrate would do for one user, from the control plane's view."""
+
+    user_id: int
+    clerk_id: str
+    plan: Plan
+
+
+def plan(ws: Workspace, user_ref: str | None) -> list[UserPlan]:
+    """Dry run: the steps ``migrate`` would run, per user (``None``: every eligible user).
+
+    Raises :class:`DriftError`, as ``migrate`` does, when a user is recorded above the
+    folder's head (the folder lacks migrations that are applied)."""
+    registry = ws.registry
+    if user_ref is not None:
+        user = ws.directory.find_user(user_ref)
+        config = ws.directory.get_config(user.id)
+        refuse_user_ahead(ws, user, config.schema_version)
+        return [UserPlan(user.id, user.clerk_id, registry.plan_up(config.schema_version))]
+    ws.require_tables()
+    _refuse_fleet_ahead(ws)
+    return [
+        UserPlan(row.user_id, row.clerk_id, registry.plan_up(row.schema_version))
+        for row in iter_outdated(ws.engine, registry.head, statuses=ELIGIBLE_STATUSES)
+    ]
+
+
+def refuse_user_ahead(ws: Workspace, user: User, version: int) -> None:
+    """A user recorded above the folder's head: the folder lacks applied migrations."""
+    head = ws.registry.head
+    if version > head:
+        raise DriftError(
+            f"user {user.id} ({user.clerk_id}) is at version {version}, above this "
+            f"migrations folder's head {head}: the folder lacks migrations applied there"
+        )
+
+
+def _refuse_fleet_ahead(ws: Workspace) -> None:
+    """A fleet run (or its plan) refuses a migrations folder older than the fleet."""
+    head = ws.registry.head
+    count, first = count_ahead(ws.engine, head)
+    if first is not None:
+        raise DriftError(
+            f"{count} user(s) are recorded above this migrations folder's head {head} (user "
+            f"{first.user_id} ({first.clerk_id}) at version {first.schema_version}):"
+            " the folder lacks migrations applied there; nothing was run"
+        )
+
+
+def migrate_user(
+    ws: Workspace,
+    user_ref: str,
+    *,
+    to_version: int | None = None,
+    options: FleetOptions = FleetOptions(),
+) -> UserResult:
+    """Migrate one user (to head, or ``to_version``); of ``options`` it honours
+    ``timeout``, ``retries`` (transient failures, with backoff) and ``lease_seconds``."""
+    ws.require_tables()
+    runner = _single_runner(ws, options)
+    user = runner.prepare(ws.directory.find_user(user_ref).id)
+    target = ws.registry.head if to_version is None else to_version
+    refused = runner.refuse_foreign_key(user)
+    return refused or attempt(runner, "migrate", user, target, options, None)[0]
+
+
+def _single_runner(ws: Workspace, options: FleetOptions) -> Runner:
+    return ws.runner().configured(
+        run_id=None, timeout=options.timeout, lease_seconds=options.lease_seconds
+    )
+
+
+def migrate_fleet(
+    ws: Workspace,
+    *,
+    options: FleetOptions = FleetOptions(),
+    selection: Selection = Selection(),
+    to_version: int | None = None,
+    on_event: Callable[[FleetEvent], None] = lambda event: None,
+    started_by: str | None = None,
+) -> FleetSummary:
+    """Migrate every eligible outdated user (or the selected ones), as one recorded run;
+    ``started_by`` names who asked (default: this process's OS user)."""
+    ws.require_tables()
+    _refuse_fleet_ahead(ws)
+    return fleet.migrate_fleet(
+        ws.runner(),
+        options=options,
+        selection=selection,
+        to_version=to_version,
+        on_event=on_event,
+        started_by=started_by,
+    )
+
+
+def resolve_users(ws: Workspace, refs: tuple[str, ...]) -> tuple[int, ...]:
+    """``USER`` references (byod ids or clerk ids, by :meth:`Directory.find_user`'s rule)
+    as byod ids, each resolved once; an unknown one is bad input."""
+    return tuple(dict.fromkeys(ws.directory.find_user(ref).id for ref in refs))
+
+
+def rollback_fleet_run(
+    ws: Workspace,
+    run_id: str,
+    *,
+    options: FleetOptions = FleetOptions(),
+    on_event: Callable[[FleetEvent], None] = lambda event: None,
+) -> FleetSummary:
+    """Return exactly the users one fleet run moved to their versions before it."""
+    ws.require_tables()
+    return fleet.rollback_run(ws.runner(), run_id, options=options, on_event=on_event)
+
+
+def migrate_distributed(
+    ws: Workspace,
+    *,
+    options: FleetOptions = FleetOptions(),
+    selection: Selection = Selection(),
+    to_version: int | None = None,
+    per_host: int | None = None,
+    started_by: str | None = None,
+) -> str:
+    """Start a fleet run whose users are migrated by task-queue workers; returns its id.
+
+    Checks, before anything is recorded, that a broker is configured and answers and
+    that the control plane is one every worker can share (PostgreSQL).
+    """
+    dispatcher = _dispatcher(ws)
+    _refuse_fleet_ahead(ws)
+    ws.broker.check()
+    return start_distributed(
+        ws.runner(),
+        dispatcher,
+        options=options,
+        selection=selection,
+        to_version=to_version,
+        per_host=per_host,
+        started_by=started_by,
+    )
+
+
+def _dispatcher(ws: Workspace) -> Dispatcher:
+    broker = ws.broker  # none configured: a SettingsError
+    require_server_control_plane(ws.engine)
+    ws.require_tables()
+    return Dispatcher(ws.engine, broker.publish)
+
+
+def follow(
+    ws: Workspace,
+    run_id: str,
+    *,
+    on_event: Callable[[FleetEvent | RunProgress], None] = lambda event: None,
+    stop_on_interrupt: bool = False,
+) -> FleetSummary:
+    """Watch a fleet run until it ends and return its summary.
+
+    With a broker configured, the watcher also nudges a distributed run along. With
+    ``stop_on_interrupt``, Ctrl-C stops the run (queued users are not started, running
+    ones finish) and the watch goes on to its end; otherwise Ctrl-C ends the watch only.
+    """
+    ws.require_tables()
+    dispatcher = _dispatcher(ws) if ws.settings.broker_url else None
+    try:
+        return follow_run(ws.engine, run_id, on_event=on_event, dispatcher=dispatcher)
+    except KeyboardInterrupt:
+        if not stop_on_interrupt or dispatcher is None:
+            raise
+        dispatcher.stop(run_id, "interrupted", "stopped by Ctrl-C")
+        return follow_run(ws.engine, run_id, dispatcher=dispatcher)
+
+
+def stop_run(ws: Workspace, run_id: str) -> bool:
+    """Stop a distributed run: nothing more is handed out, queued users are not started,
+    running ones finish. False when it was no longer running."""
+    ws.require_tables()
+    record = RunStore(ws.engine).get(run_id)
+    if not record.distributed:
+        raise InputError(
+            f"run {run_id} runs in one process: stop it with Ctrl-C where it runs",
+            hint="`byod runs stop` stops distributed runs (started with --distributed).",
+        )
+    return _dispatcher(ws).stop(run_id, "interrupted", "stopped by `byod runs stop`")
+
+
+def rollback_user(
+    ws: Workspace, user_ref: str, to_version: int, *, options: FleetOptions = FleetOptions()
+) -> UserResult:
+    """Roll one user back to ``to_version`` (honouring ``options`` as :func:`migrate_user`)."""
+    ws.require_tables()
+    runner = _single_runner(ws, options)
+    user = runner.prepare_rollback(ws.directory.find_user(user_ref).id, to_version)
+    refused = runner.refuse_foreign_key(user)
+    return refused or attempt(runner, "rollback", user, to_version, options, None)[0]
+
+
+def repair(ws: Workspace, user_ref: str) -> list[str]:
+    """Clear a user's dirty markers after a hand repair (MySQL/MariaDB instances)."""
+    ws.require_tables()
+    return ws.runner().repair(ws.directory.find_user(user_ref).id)
