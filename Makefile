@@ -19,6 +19,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 chromium:  ## Debian's Chromium for the dashboard's browser test (installed as root)
 	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && \
