@@ -80,7 +80,7 @@ def test_fleet_mix_summary_and_ledger_are_exact(
     assert counts == (5, 3, 2, 0, 0)
     assert summary.not_started == 0 and summary.state == "completed" and not summary.ok
     failed = {(e.user, e.migration) for e in summary.errors}
-    assert failed == {("user_003", None), ("user_004", "003_fragile")}
+    assert failed == {("user_003", "001_create"), ("user_004", "003_fragile")}
     assert [schema_version(cws, uid) for uid in ids] == [3, 3, 3, 0, 2, 3]
     assert cws.directory.get_config(ids[3]).connection_status == "error"
     for uid in ids[:3]:

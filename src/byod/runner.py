@@ -401,36 +401,10 @@ class Runner:
                 applied = target.apply(step, self._body(user, step), deadline)
             except ByodError as exc:
                 seconds = time.perf_counter() - started
-                text = credentials.scrub(f"{type(exc).__name__}: {exc.message}")
-                self.ledger.record_failed(user.id, step, text)
-                self.ledger.record_skipped(
-                    user.id, plan.steps[index + 1 :], f"skipped: {mig.id} {step.direction} failed"
-                )
-                log.error(
-                    "user %s: %s %s failed (attempt %d) after %.3fs: %s",
-                    user.id,
-                    mig.id,
-                    step.direction,
-                    attempt,
-                    seconds,
-                    text,
-                )
-                if isinstance(exc, UnreachableError):
-                    self._unreachable(user, exc)
-                results.append(
-                    StepResult(mig.id, mig.version, step.direction, "failed", seconds, text)
-                )
-                results.extend(
-                    StepResult(s.migration.id, s.migration.version, s.direction, "skipped")
-                    for s in plan.steps[index + 1 :]
-                )
-                failure = type(exc)(
-                    f"user {user.id} ({user.clerk_id}): {mig.id} {step.direction} failed: "
-                    + credentials.scrub(exc.message),
-                    hint=exc.hint,
-                )
-                return UserResult(
-                    user.id, user.clerk_id, from_version, version, tuple(results), failure
+                failure = self._step_failed(user, plan, index, exc, credentials, attempt, seconds)
+                results.extend(failure.steps)
+                return dataclasses.replace(
+                    failure, from_version=from_version, to_version=version, steps=tuple(results)
                 )
             seconds = time.perf_counter() - started
             last = index == len(plan.steps) - 1
@@ -455,6 +429,46 @@ class Runner:
             results.append(StepResult(mig.id, mig.version, step.direction, status, seconds))
             attempt = next_attempt or 0
         return UserResult(user.id, user.clerk_id, from_version, version, tuple(results))
+
+    def _step_failed(
+        self,
+        user: User,
+        plan: Plan,
+        index: int,
+        exc: ByodError,
+        credentials: Credentials,
+        attempt: int,
+        seconds: float,
+    ) -> UserResult:
+        """Step ``index`` of the plan failed (its instance transaction rolled back): the
+        ledger says so (later steps ``skipped``), and the user's result names the step;
+        its ``steps`` are the failed one and the skipped ones."""
+        step = plan.steps[index]
+        mig, later = step.migration, plan.steps[index + 1 :]
+        text = credentials.scrub(f"{type(exc).__name__}: {exc.message}")
+        self.ledger.record_failed(user.id, step, text)
+        self.ledger.record_skipped(user.id, later, f"skipped: {mig.id} {step.direction} failed")
+        log.error(
+            "user %s: %s %s failed (attempt %d) after %.3fs: %s",
+            user.id,
+            mig.id,
+            step.direction,
+            attempt,
+            seconds,
+            text,
+        )
+        if isinstance(exc, UnreachableError):
+            self._unreachable(user, exc)
+        steps = [StepResult(mig.id, mig.version, step.direction, "failed", seconds, text)]
+        steps += [
+            StepResult(s.migration.id, s.migration.version, s.direction, "skipped") for s in later
+        ]
+        failure = type(exc)(
+            f"user {user.id} ({user.clerk_id}): {mig.id} {step.direction} failed: "
+            + credentials.scrub(exc.message),
+            hint=exc.hint,
+        )
+        return UserResult(user.id, user.clerk_id, 0, 0, tuple(steps), failure)
 
     def _body(self, user: User, step: Step) -> Callable[[sa.Connection], None]:
         function = step.migration.up if step.direction == "up" else step.migration.down

@@ -157,10 +157,11 @@ def _ids(value: object) -> tuple[int, ...] | None:
     return None
 
 
-@dataclass(frozen=True)
+@dataclass
 class RunCounts:
-    """The counts a run reports: ``total`` is every user the run took (succeeded, failed,
-    busy, up to date or not started); ``not_eligible`` users are outside it."""
+    """The counts a run reports, the one list of them: ``total`` is every user the run
+    took (succeeded, failed, busy, up to date or not started); ``not_eligible`` users are
+    outside it. A fleet run's summary tallies them as it goes."""
 
     total: int = 0
     succeeded: int = 0

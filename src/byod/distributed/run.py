@@ -33,7 +33,7 @@ from byod.fleet import (
     size_selection,
 )
 from byod.runner import Runner, StepResult, UserResult
-from byod.spec import RunSpec
+from byod.spec import RunCounts, RunSpec
 
 __all__ = ["DEFAULT_IN_FLIGHT", "RunProgress", "follow_run", "start_distributed", "summary_of"]
 
@@ -89,8 +89,8 @@ def start_distributed(
     store = RunStore(runner.engine)
     run_id = store.start("migrate", spec, started_by=started_by)
     up_to_date = size.up_to_date
-    counts = FleetSummary(total=up_to_date, up_to_date=up_to_date, not_eligible=size.not_eligible)
-    store.progress(run_id, counts.counts(), planned=size.planned + up_to_date)
+    counts = RunCounts(total=up_to_date, up_to_date=up_to_date, not_eligible=size.not_eligible)
+    store.progress(run_id, counts, planned=size.planned + up_to_date)
     try:
         dispatcher.top_up(run_id)
     except BrokerError as exc:

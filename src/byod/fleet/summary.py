@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from byod.fleet.outcome import FleetError
 from byod.runner import UserResult
@@ -34,8 +34,9 @@ FleetEvent = FleetStarted | UserFinished
 
 
 @dataclass
-class FleetSummary:
-    """What a fleet run did; it never claims more than happened.
+class FleetSummary(RunCounts):
+    """What a fleet run did; it never claims more than happened: its counts (the
+    counters of :class:`~byod.spec.RunCounts`), state, why it halted, and the errors.
 
     ``busy``: users another runner was working on (their lease was held). ``up_to_date``:
     selected users that needed nothing by the time their turn came. ``not_started``:
@@ -46,13 +47,6 @@ class FleetSummary:
     run_id: str = ""
     state: str = "running"
     halt_reason: str | None = None
-    total: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    busy: int = 0
-    up_to_date: int = 0
-    not_started: int = 0
-    not_eligible: int = 0
     errors: list[FleetError] = field(default_factory=list)
 
     @property
@@ -62,10 +56,9 @@ class FleetSummary:
 
     def counts(self) -> RunCounts:
         """The counts, as the run record keeps them."""
-        return RunCounts(**{name: getattr(self, name) for name in RunCounts.__dataclass_fields__})
+        return RunCounts(**{f.name: getattr(self, f.name) for f in fields(RunCounts)})
 
     def as_dict(self) -> dict[str, object]:
-        """The summary as plain data (for JSON)."""
-        data = asdict(self)
-        data["errors"] = [asdict(e) for e in self.errors]
-        return data
+        """The summary as plain data (for JSON): run id, state and halt reason first."""
+        head = {"run_id": self.run_id, "state": self.state, "halt_reason": self.halt_reason}
+        return head | asdict(self.counts()) | {"errors": [asdict(e) for e in self.errors]}

@@ -25,7 +25,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from byod.errors import BusyError, SettingsError
 
-__all__ = ["DIALECTS", "STAMP_TABLE", "Dialect", "timed_out"]
+__all__ = ["DIALECTS", "STAMP_TABLE", "Dialect", "table_exists", "timed_out"]
 
 STAMP_TABLE = "byod_schema_stamp"
 #: Advisory-lock key for PostgreSQL: one lock per database, shared by every byod runner.
@@ -43,7 +43,8 @@ class Dialect:
     #: (URL, timeout, operator's CA) -> the URL the engine uses and its options
     engine_options: Callable[[URL, float, str | None], tuple[URL, dict[str, Any]]]
     lock: Callable[[sa.Connection, int | None], None]
-    stamp_exists: str
+    #: one row (truthy) when the table named ``:name`` exists in the instance
+    table_exists_sql: str
     reading: Callable[[sa.Connection], AbstractContextManager[None]]
     prepare: Callable[[sa.Engine, float], None] = lambda engine, timeout: None
     lock_cleanup: Callable[[sa.Connection], None] = lambda conn: None
@@ -59,6 +60,12 @@ class Dialect:
     #: code, that it failed for want of the table (then the stamp is read in one round
     #: trip, without asking first whether its table exists)
     missing_table: Callable[[DBAPIError], bool] | None = None
+
+
+def table_exists(dialect: Dialect, name: str) -> sa.TextClause:
+    """The dialect's query for whether table ``name`` exists (the name bound, never
+    spliced into the SQL)."""
+    return sa.text(dialect.table_exists_sql).bindparams(name=name)
 
 
 def _sqlite_options(url: URL, timeout: float, _ssl_ca: str | None) -> tuple[URL, dict[str, Any]]:
@@ -248,7 +255,7 @@ DIALECTS: dict[str, Dialect] = {
     "sqlite": Dialect(
         _sqlite_options,
         _sqlite_lock,
-        f"SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '{STAMP_TABLE}'",
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = :name",
         _sqlite_reading,
         _sqlite_transactional_ddl,
         lock_cleanup=_sqlite_unlock,
@@ -256,7 +263,7 @@ DIALECTS: dict[str, Dialect] = {
     "postgresql": Dialect(
         _postgres_options,
         _postgres_lock,
-        f"SELECT to_regclass('{STAMP_TABLE}') IS NOT NULL",
+        "SELECT to_regclass(:name) IS NOT NULL",
         _postgres_reading,
         missing_table=lambda exc: getattr(exc.orig, "sqlstate", None) == _PG_UNDEFINED_TABLE,
     ),
@@ -264,7 +271,7 @@ DIALECTS: dict[str, Dialect] = {
         _mysql_options,
         _mysql_lock,
         "SELECT 1 FROM information_schema.tables WHERE table_schema = DATABASE() "
-        f"AND table_name = '{STAMP_TABLE}'",
+        "AND table_name = :name",
         _plain_reading,
         lock_cleanup=_mysql_unlock,
         io_timeout=_mysql_io_timeout,

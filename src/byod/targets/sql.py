@@ -36,7 +36,7 @@ from byod.errors import (
 from byod.registry import Step
 from byod.settings import safe_url
 from byod.targets.base import CONTROL_PLANE_TABLE, StampEntry, StepBody
-from byod.targets.dialects import DIALECTS, STAMP_TABLE, Dialect, timed_out
+from byod.targets.dialects import DIALECTS, STAMP_TABLE, Dialect, table_exists, timed_out
 
 __all__ = ["STAMP_TABLE", "SqlTarget", "describe_error", "open_target"]
 
@@ -59,6 +59,10 @@ _dirty = sa.Table(
     sa.Column("started_at", sa.DateTime, nullable=False),
 )
 _CREATE_DIRTY = sa.schema.CreateTable(_dirty, if_not_exists=True)
+#: only read here: a database holding this table with the control plane's id is one
+_control_plane = sa.Table(
+    CONTROL_PLANE_TABLE, _stamp_metadata, sa.Column("id", sa.String(64), nullable=False)
+)
 _SELECT_STAMP = sa.select(_stamp).order_by(_stamp.c.version)
 
 
@@ -182,14 +186,13 @@ class SqlTarget:
 
     def holds_control_plane(self, control_plane_id: str) -> bool:
         """Whether this database is the byod control plane whose id is given."""
-        exists_sql = self._dialect.stamp_exists.replace(STAMP_TABLE, CONTROL_PLANE_TABLE)
+        exists = table_exists(self._dialect, CONTROL_PLANE_TABLE)
         try:
             with self._dialect.reading(self._conn):
-                if not self._conn.exec_driver_sql(exists_sql).scalar():
+                if not self._conn.execute(exists).scalar():
                     return False
                 found = self._conn.execute(
-                    sa.text(f"SELECT id FROM {CONTROL_PLANE_TABLE} WHERE id = :id"),
-                    {"id": control_plane_id},
+                    sa.select(_control_plane.c.id).where(_control_plane.c.id == control_plane_id)
                 ).first()
         except SQLAlchemyError as exc:
             raise self._lost("checking it is not the control plane", exc) from exc
@@ -260,18 +263,7 @@ class SqlTarget:
                         id=step.migration.id, direction=step.direction, started_at=utcnow()
                     )
                 )
-            try:
-                body(self._conn)
-            except ByodError:
-                raise
-            except DBAPIError as exc:
-                if exc.connection_invalidated:
-                    raise self._lost(f"running {step.migration.id}", exc) from exc
-                if timed_out(exc):
-                    raise _timeout(step, exc) from exc
-                raise MigrationFailedError(describe_error(exc)) from exc
-            except Exception as exc:
-                raise MigrationFailedError(describe_error(exc)) from exc
+            self._run_body(step, body)
             if deadline is not None and time.monotonic() > deadline:
                 raise InstanceTimeoutError(f"{step.migration.id} ran past the timeout")
             self._write_stamp(step)
@@ -295,6 +287,22 @@ class SqlTarget:
         self._stamp_ready = True
         return True
 
+    def _run_body(self, step: Step, body: StepBody) -> None:
+        """The migration's own code, its errors told apart: a lost connection, the
+        server's timeout, or the migration's failure."""
+        try:
+            body(self._conn)
+        except ByodError:
+            raise
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise self._lost(f"running {step.migration.id}", exc) from exc
+            if timed_out(exc):
+                raise _timeout(step, exc) from exc
+            raise MigrationFailedError(describe_error(exc)) from exc
+        except Exception as exc:
+            raise MigrationFailedError(describe_error(exc)) from exc
+
     def clear_dirty(self) -> list[str]:
         """Forget the dirty markers (after an operator repaired the instance by hand)."""
         if not self._dialect.non_transactional_ddl:
@@ -305,9 +313,7 @@ class SqlTarget:
         return markers
 
     def _select_dirty(self) -> list[str]:
-        exists = self._conn.exec_driver_sql(
-            self._dialect.stamp_exists.replace(STAMP_TABLE, DIRTY_TABLE)
-        ).scalar()
+        exists = self._conn.execute(table_exists(self._dialect, DIRTY_TABLE)).scalar()
         if not exists:
             return []
         return [str(r) for r in self._conn.execute(sa.select(_dirty.c.id)).scalars()]
@@ -355,7 +361,7 @@ class SqlTarget:
                     raise
                 self._stamp_ready = True
                 return [StampEntry(**row._asdict()) for row in found]
-            if not self._conn.exec_driver_sql(self._dialect.stamp_exists).scalar():
+            if not self._conn.execute(table_exists(self._dialect, STAMP_TABLE)).scalar():
                 return []
             self._stamp_ready = True  # no need to create it before each step
         rows = self._conn.execute(_SELECT_STAMP)

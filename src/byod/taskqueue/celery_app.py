@@ -53,7 +53,10 @@ def safe_broker_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    # rebuilt by structure, never by replacing the password's text (a one-character
+    # password would garble the host)
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{parts.username or ''}:***@{host}"
     return parts._replace(netloc=netloc).geturl()
 
 
