@@ -149,12 +149,6 @@ class Registry:
         """The migration with this id, if any."""
         return self._by_id.get(migration_id)
 
-    def at(self, version: int) -> Migration | None:
-        """The migration that moves an instance to ``version``, if any."""
-        if 1 <= version <= len(self._by_version):
-            return self._by_version[version - 1]
-        return None
-
     def after(self, version: int) -> list[Migration]:
         """Migrations newer than ``version``, oldest first."""
         return [m for m in self._by_version if m.version > version]

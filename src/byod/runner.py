@@ -15,7 +15,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
@@ -39,8 +38,10 @@ from byod.errors import (
 from byod.instance_url import InstancePolicy
 from byod.notify import Notice, Notifier, log_notice, safe_notify
 from byod.registry import Direction, MigrationContext, Plan, Registry, Step
+from byod.results import StepResult, UserResult, check_stamp
 from byod.targets import StampEntry, Target
 
+# the results are byod.results'; re-exported as the runner's own vocabulary
 __all__ = ["Runner", "StepResult", "UserResult", "check_stamp"]
 
 log = logging.getLogger("byod.runner")
@@ -50,67 +51,6 @@ TargetOpener = Callable[[Credentials, float], Target]
 
 def _default_opener(credentials: Credentials, timeout: float) -> Target:
     return open_instance(credentials, timeout=timeout)
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """What happened to one step of a user's plan."""
-
-    migration_id: str
-    version: int
-    direction: str
-    status: str  # completed | failed | skipped | already-applied | recovered
-    seconds: float = 0.0
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class UserResult:
-    """The outcome of one user's run; ``error`` is set when it did not finish."""
-
-    user_id: int
-    clerk_id: str
-    from_version: int
-    to_version: int
-    steps: tuple[StepResult, ...] = ()
-    error: ByodError | None = field(default=None, compare=False)
-    seconds: float = field(default=0.0, compare=False)
-
-    @property
-    def ok(self) -> bool:
-        """True when every planned step is done."""
-        return self.error is None
-
-    @property
-    def changed(self) -> bool:
-        """True when at least one step was applied (or, applied by this same run before
-        its runner was lost, found done and recorded: ``recovered``)."""
-        return any(step.status in ("completed", "recovered") for step in self.steps)
-
-    @property
-    def failed_migration(self) -> str | None:
-        """The id of the step that failed, if one did."""
-        return next((s.migration_id for s in self.steps if s.status == "failed"), None)
-
-
-def check_stamp(registry: Registry, stamp: list[StampEntry]) -> list[str]:
-    """Problems between an instance's stamp and the registry (empty when they agree)."""
-    problems = []
-    for position, entry in enumerate(stamp, start=1):
-        migration = registry.get(entry.id)
-        if migration is None:
-            problems.append(
-                f"{entry.id} (version {entry.version}) is applied on the instance but is not "
-                "in the migrations folder"
-            )
-        elif migration.checksum != entry.checksum:
-            problems.append(
-                f"{entry.id} changed after it was applied (checksum {entry.checksum[:12]} "
-                f"applied, {migration.checksum[:12]} in the file now)"
-            )
-        elif entry.version != position:
-            problems.append(f"{entry.id} is applied out of order (stamp position {position})")
-    return problems
 
 
 class _Lease:

@@ -15,16 +15,15 @@ from byod.controlplane.queries import (
     iter_outdated,
     outdated_query,
 )
-from byod.controlplane.runs import (
+from byod.controlplane.run_records import (
     Claim,
     DispatchRow,
     FinishedTask,
     MovedUser,
     RunRecord,
-    RunStore,
     TaskEnd,
-    TaskStore,
 )
+from byod.controlplane.runs import RunStore, TaskStore
 from byod.controlplane.schema import create_tables, open_engine
 
 __all__ = [

@@ -4,7 +4,7 @@
 is ``running`` until it ends ``completed``, ``halted`` (a canary or the failure ratio
 stopped it) or ``interrupted`` (Ctrl-C, ``runs stop``); ``ended_at`` is set exactly once.
 A run whose process died stays ``running`` in the table; readers see it as
-``interrupted`` once it has not reported for longer than :data:`STALE_AFTER`.
+``interrupted`` once it has not reported for a while (``run_records.STALE_AFTER``).
 
 ``byod_run_tasks`` (distributed runs): one row per user handed to the task queue,
 ``queued`` -> ``running`` (taken by a worker) -> ``done`` (its outcome recorded). A task's
@@ -18,7 +18,6 @@ import getpass
 import secrets
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
@@ -26,81 +25,19 @@ import sqlalchemy as sa
 from byod.clock import utcnow
 from byod.controlplane._tx import reading, single, writing
 from byod.controlplane.queries import outdated_query
+from byod.controlplane.run_records import (
+    Claim,
+    DispatchRow,
+    FinishedTask,
+    MovedUser,
+    RunRecord,
+    TaskEnd,
+)
 from byod.controlplane.schema import configs, ledger, run_tasks, runs, users
 from byod.errors import InputError
 from byod.spec import OUTCOMES, RunCounts, RunSpec
 
-__all__ = [
-    "STALE_AFTER",
-    "Claim",
-    "DispatchRow",
-    "FinishedTask",
-    "MovedUser",
-    "RunRecord",
-    "RunStore",
-    "TaskEnd",
-    "TaskStore",
-]
-
-#: A running run that has not written its progress for this long is taken as lost.
-STALE_AFTER = timedelta(seconds=60)
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """One fleet run as recorded."""
-
-    id: str
-    kind: str
-    started_by: str
-    spec: RunSpec
-    state: str
-    target_version: int | None
-    undoes: str | None
-    counts: RunCounts
-    planned: int | None
-    halt_reason: str | None
-    started_at: datetime
-    updated_at: datetime
-    ended_at: datetime | None
-    #: distributed runs: users handed to the task queue so far, and those not done yet
-    dispatched: int = 0
-    in_flight: int = 0
-
-    @property
-    def distributed(self) -> bool:
-        """True for a run whose users are migrated by task-queue workers."""
-        return self.spec.distributed
-
-    @property
-    def remaining(self) -> int | None:
-        """Users not finished yet (None while the size of the run is not known)."""
-        if self.planned is None:
-            return None
-        c = self.counts
-        return max(0, self.planned - c.done - c.not_started)
-
-    @property
-    def shown_state(self) -> str:
-        """The state, with a long-silent ``running`` run shown as lost (a distributed run
-        is never lost: its queued tasks wait for workers)."""
-        if (
-            self.state == "running"
-            and not self.distributed
-            and utcnow() - self.updated_at > STALE_AFTER
-        ):
-            return "interrupted"
-        return self.state
-
-
-@dataclass(frozen=True)
-class MovedUser:
-    """A user a run moved, and the version it had before."""
-
-    user_id: int
-    clerk_id: str
-    version_before: int
-
+__all__ = ["RunStore", "TaskStore"]
 
 _RECORD_COLUMNS = [
     c for c in runs.columns if c.name not in ("cursor_version", "cursor_user", "exhausted")
@@ -312,21 +249,6 @@ class RunStore:
         return stopped == 1
 
 
-@dataclass(frozen=True)
-class DispatchRow:
-    """A distributed run as its dispatch sees it (its row, with the spec parsed)."""
-
-    run_id: str
-    state: str
-    spec: RunSpec
-    target_version: int
-    in_flight: int
-    dispatched: int
-    exhausted: bool
-    succeeded: int
-    failed: int
-
-
 _DISPATCH_COLUMNS = (
     "id, state, options, target_version, in_flight, dispatched, exhausted, succeeded, failed"
 )
@@ -358,32 +280,6 @@ def _closing(row: sa.Row[tuple[object, ...]], state: str) -> dict[str, object]:
         values["not_started"] = int(str(row.not_started)) + never
         values["total"] = total + never
     return values
-
-
-@dataclass(frozen=True)
-class Claim:
-    """What a worker learns when it takes a task: the run, the user, and whether to go."""
-
-    run_state: str
-    spec: RunSpec
-    target_version: int
-    clerk_id: str
-    task_state: str  # before this claim: queued | running | done
-    claimed: bool  # True: run the user; False: the run stopped, or the task is done
-
-
-@dataclass(frozen=True)
-class TaskEnd:
-    """How one user's task ended, as its row keeps it (``outcome``: one of
-    :data:`byod.spec.OUTCOMES`)."""
-
-    outcome: str
-    to_version: int | None = None
-    error: str | None = None
-    error_type: str | None = None
-    steps: str | None = None
-    tries: int = 0
-    seconds: float | None = None
 
 
 # Take the task unless it is done or its run has stopped, and say what was there before.
@@ -531,20 +427,3 @@ class TaskStore:
     def failed(self, run_id: str, limit: int) -> list[FinishedTask]:
         """The run's tasks that ended ``failed``, oldest first."""
         return [t for t in self.finished(run_id, None) if t.outcome == "failed"][:limit]
-
-
-@dataclass(frozen=True)
-class FinishedTask:
-    """A distributed run's task as recorded done (``steps``: its steps as JSON)."""
-
-    user_id: int
-    clerk_id: str
-    outcome: str
-    tries: int
-    from_version: int
-    to_version: int | None
-    error: str | None
-    error_type: str | None
-    steps: str
-    seconds: float
-    finished_at: datetime

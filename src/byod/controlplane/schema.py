@@ -43,6 +43,12 @@ __all__ = [
     "utcnow",
 ]
 
+
+def _one_of(column: str, values: tuple[str, ...], name: str) -> sa.CheckConstraint:
+    """A CHECK that ``column`` holds one of ``values`` (the tuple is the one list)."""
+    return sa.CheckConstraint(f"{column} IN ({', '.join(repr(v) for v in values)})", name=name)
+
+
 CONNECTION_STATUSES = ("pending", "connected", "error", "disconnected")
 LEDGER_STATUSES = ("pending", "running", "completed", "failed", "skipped")
 
@@ -73,10 +79,7 @@ configs = sa.Table(
     sa.Column("updated_at", sa.DateTime, nullable=False),
     #: the task queue whose workers can reach this instance (distributed runs)
     sa.Column("queue", sa.String(64), nullable=True),
-    sa.CheckConstraint(
-        "connection_status IN ('pending', 'connected', 'error', 'disconnected')",
-        name="ck_byod_configs_status",
-    ),
+    _one_of("connection_status", CONNECTION_STATUSES, "ck_byod_configs_status"),
     sa.Index("ix_byod_configs_status_version", "connection_status", "schema_version", "user_id"),
 )
 
@@ -95,11 +98,8 @@ ledger = sa.Table(
     sa.Column("started_at", sa.DateTime, nullable=True),
     sa.Column("completed_at", sa.DateTime, nullable=True),
     sa.Column("created_at", sa.DateTime, nullable=False),
-    sa.CheckConstraint(
-        "status IN ('pending', 'running', 'completed', 'failed', 'skipped')",
-        name="ck_byod_migrations_status",
-    ),
-    sa.CheckConstraint("direction IN ('up', 'down')", name="ck_byod_migrations_direction"),
+    _one_of("status", LEDGER_STATUSES, "ck_byod_migrations_status"),
+    _one_of("direction", ("up", "down"), "ck_byod_migrations_direction"),
     sa.Index("ix_byod_migrations_user", "user_id", "id"),
     sa.Index("ix_byod_migrations_migration", "migration_id"),
     sa.Index("ix_byod_migrations_user_migration", "user_id", "migration_id"),
@@ -142,9 +142,7 @@ runs = sa.Table(
     # added after the first release (``byod init`` adds them to older control planes)
     sa.Column("busy", sa.Integer, nullable=False, server_default="0"),
     sa.Column("up_to_date", sa.Integer, nullable=False, server_default="0"),
-    sa.CheckConstraint(
-        "state IN ('running', 'completed', 'halted', 'interrupted')", name="ck_byod_runs_state"
-    ),
+    _one_of("state", RUN_STATES, "ck_byod_runs_state"),
     sa.Index("ix_byod_runs_started", "started_at"),
 )
 
@@ -172,7 +170,7 @@ run_tasks = sa.Table(
     sa.Column("queued_at", sa.DateTime, nullable=False),
     sa.Column("started_at", sa.DateTime, nullable=True),
     sa.Column("finished_at", sa.DateTime, nullable=True),
-    sa.CheckConstraint("state IN ('queued', 'running', 'done')", name="ck_byod_run_tasks_state"),
+    _one_of("state", TASK_STATES, "ck_byod_run_tasks_state"),
     sa.Index("ix_byod_run_tasks_state", "run_id", "state"),
     sa.Index("ix_byod_run_tasks_finished", "run_id", "finished_at"),
 )

@@ -15,12 +15,10 @@ import logging
 import os
 import random
 import socket
-import zlib
 from collections.abc import Iterator
 
-import sqlalchemy as sa
-
 from byod.controlplane import Claim, User
+from byod.controlplane.slots import server_slot
 from byod.credentials import unseal_config
 from byod.distributed.dispatch import Dispatcher, registry_digest
 from byod.errors import BusyError, ByodError, ControlPlaneError
@@ -134,19 +132,8 @@ class TaskHandler:
         if host is None:
             yield True
             return
-        key = zlib.crc32(host.encode()) - 2**31  # PostgreSQL's int4 range
-        with self.runner.engine.connect() as conn:
-            for slot in range(per_host):
-                taken = conn.execute(_TRY_LOCK, {"k": key, "s": slot}).scalar()
-                conn.commit()  # the lock is the session's: no transaction left open
-                if taken:
-                    try:
-                        yield True
-                    finally:
-                        conn.execute(_UNLOCK, {"k": key, "s": slot})
-                        conn.commit()
-                    return
-        yield False
+        with server_slot(self.runner.engine, host, per_host) as free:
+            yield free
 
     def _host_of(self, user_id: int) -> str | None:
         try:
@@ -154,10 +141,6 @@ class TaskHandler:
         except ByodError:
             return None  # the run itself reports why
         return None if url.host is None else f"{url.host}:{url.port or ''}"
-
-
-_TRY_LOCK = sa.text("SELECT pg_try_advisory_lock(:k, :s)")
-_UNLOCK = sa.text("SELECT pg_advisory_unlock(:k, :s)")
 
 
 def _retry_delay(claim: Claim) -> float:

@@ -33,6 +33,7 @@ from byod.errors import (
     SettingsError,
     UnreachableError,
 )
+from byod.instance_url import SUPPORTED_KINDS
 from byod.registry import Step
 from byod.settings import safe_url
 from byod.targets.base import CONTROL_PLANE_TABLE, StampEntry, StepBody
@@ -139,7 +140,7 @@ def open_target(url: URL, *, timeout: float = 10.0, ssl_ca: str | None = None) -
     """
     dialect = DIALECTS.get(url.get_backend_name())
     if dialect is None:
-        supported = ", ".join(sorted(DIALECTS))
+        supported = ", ".join(SUPPORTED_KINDS)
         raise SettingsError(
             f"instances of kind {url.get_backend_name()!r} are not supported (use {supported})"
         )
