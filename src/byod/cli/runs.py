@@ -39,7 +39,7 @@ from byod.cli.base import (
 )
 from byod.distributed.run import DEFAULT_IN_FLIGHT, RunProgress
 from byod.errors import InputError
-from byod.fleet import DEFAULT_CONCURRENCY, FleetEvent, FleetSummary, Selection
+from byod.fleet import DEFAULT_CONCURRENCY, FleetEvent, FleetOptions, FleetSummary, Selection
 from byod.workspace import Workspace
 
 
@@ -166,13 +166,7 @@ def migrate(
         None if refs is None else commands.resolve_users(ws, refs), only_version, limit
     )
     if distributed:
-        run_id = commands.migrate_distributed(
-            ws, options=options, selection=selection, to_version=to, per_host=per_host
-        )
-        if detach:
-            _print_started(run_id, json_out)
-            return
-        _follow(ws, run_id, json_out, stop_on_interrupt=True)
+        _migrate_distributed(ws, options, selection, to, per_host, detach, json_out)
         return
     _fleet_run(
         lambda on_event: commands.migrate_fleet(
@@ -180,6 +174,25 @@ def migrate(
         ),
         json_out,
     )
+
+
+def _migrate_distributed(
+    ws: Workspace,
+    options: FleetOptions,
+    selection: Selection,
+    to: int | None,
+    per_host: int | None,
+    detach: bool,
+    json_out: bool,
+) -> None:
+    """Start a run on the task-queue workers; follow it here unless ``detach``."""
+    run_id = commands.migrate_distributed(
+        ws, options=options, selection=selection, to_version=to, per_host=per_host
+    )
+    if detach:
+        _print_started(run_id, json_out)
+    else:
+        _follow(ws, run_id, json_out, stop_on_interrupt=True)
 
 
 def _print_started(run_id: str, json_out: bool) -> None:
