@@ -1,4 +1,6 @@
-"""Users, their BYOD configs and the leases on them.
+"""Users, their BYOD configs and the leases on them: the one writer of ``users`` and
+``byod_configs`` (:func:`config_at_version` is the statement the ledger runs with a
+step's "completed" row, so the two never disagree).
 
 A lease is a time-limited claim on one user's config: claiming it is one conditional
 UPDATE ... RETURNING (never read-then-write), so two runners can never both hold it, and
@@ -7,6 +9,7 @@ a runner that dies leaves a lease that simply expires.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -25,7 +28,7 @@ from byod.errors import (
 )
 from byod.text import MAX_CLERK_ID, clerk_id_problem, has_control
 
-__all__ = ["Config", "Directory", "User"]
+__all__ = ["Config", "Directory", "User", "config_at_version"]
 
 
 @dataclass(frozen=True)
@@ -283,3 +286,24 @@ class Directory:
                 .where(configs.c.user_id == user_id, configs.c.lease_owner == owner)
                 .values(lease_owner=None, lease_expires_at=None)
             )
+
+
+@functools.cache
+def config_at_version(release: bool) -> sa.Update:
+    """The config moved to version ``b_version`` (connected, no error) and, with
+    ``release``, the lease owner ``b_owner`` holds given back. The ledger runs it in the
+    same statement or transaction as a step's "completed" row, so the two never disagree.
+    """
+    now = sa.bindparam("b_now", type_=sa.DateTime)
+    values: dict[str, object] = {
+        "schema_version": sa.bindparam("b_version"),
+        "connection_status": "connected",
+        "last_error": None,
+        "updated_at": now,
+    }
+    if release:
+        mine = configs.c.lease_owner == sa.bindparam("b_owner")
+        values["lease_owner"] = sa.case((mine, None), else_=configs.c.lease_owner)
+        values["lease_expires_at"] = sa.case((mine, None), else_=configs.c.lease_expires_at)
+    user = sa.bindparam("b_user", type_=sa.Integer)
+    return configs.update().where(configs.c.user_id == user).values(**values)

@@ -34,6 +34,7 @@ import sqlalchemy as sa
 
 from byod.clock import utcnow
 from byod.controlplane._tx import reading, single, writing
+from byod.controlplane.directory import config_at_version
 from byod.controlplane.schema import configs, ledger
 from byod.errors import ControlPlaneError
 from byod.registry import Direction, Plan, Step
@@ -137,7 +138,7 @@ class Ledger:
                 raise ControlPlaneError(
                     f"user {user_id}: {step.migration.id} was not running: not recorded"
                 )
-            conn.execute(_config_update(release), params)
+            conn.execute(config_at_version(release), params)
             if start_next is None:
                 return None
             next_params = _step_params(user_id, start_next, now)
@@ -329,26 +330,10 @@ _FAILED = (
 
 
 @functools.cache
-def _config_update(release: bool) -> sa.Update:
-    """The config at its new version (and, with ``release``, the lease given back)."""
-    values: dict[str, object] = {
-        "schema_version": sa.bindparam("b_version"),
-        "connection_status": "connected",
-        "last_error": None,
-        "updated_at": _now,
-    }
-    if release:
-        mine = configs.c.lease_owner == sa.bindparam("b_owner")
-        values["lease_owner"] = sa.case((mine, None), else_=configs.c.lease_owner)
-        values["lease_expires_at"] = sa.case((mine, None), else_=configs.c.lease_expires_at)
-    return configs.update().where(configs.c.user_id == _u).values(**values)
-
-
-@functools.cache
 def _completion(start_next: bool, release: bool) -> sa.Update:
     """PostgreSQL: the whole success in one statement (data-modifying CTEs)."""
     done = _DONE.returning(ledger.c.id).cte("done")
-    statement = _config_update(release).where(sa.exists(sa.select(done.c.id)))
+    statement = config_at_version(release).where(sa.exists(sa.select(done.c.id)))
     if start_next:
         next_step = _START_NEXT.cte("next_step")
         return statement.returning(sa.select(next_step.c.attempts).scalar_subquery())
