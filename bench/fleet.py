@@ -484,22 +484,7 @@ def run_distributed(
         "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
     }
     per_worker = max(1, args.concurrency // workers)
-    logs, processes = [], []
-    for n in range(workers):
-        log = fleet.workdir / f"{config}-worker-{n}.log"
-        logs.append(log)
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "byod", "worker", "--concurrency", str(per_worker)],
-                env=env,
-                stdout=log.open("wb"),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        )
-    for log in logs:
-        while b"ready." not in log.read_bytes():
-            time.sleep(0.1)
+    processes = _start_workers(workers, per_worker, env, fleet.workdir / config)
     # the starter and its polling use the real port: the proxy counts the workers' trips
     ws = Workspace(Settings.load(env={**env, "BYOD_DATABASE_URL": setup_cp}), broker=celery_broker)
     store = RunStore(ws.engine)
@@ -519,16 +504,9 @@ def run_distributed(
                 sa.text("SELECT seconds FROM byod_run_tasks WHERE run_id = :r"), {"r": run_id}
             ).scalars()
         )
-    for process in processes:
-        process.terminate()
-    for process in processes:
-        process.wait(60)
+    _stop_workers(processes, env["BYOD_QUEUE"])
     ws.engine.dispose()
     broker_proxy.stop()
-    import redis
-
-    queue = env["BYOD_QUEUE"]
-    redis.Redis().delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
     line: dict[str, Any] = {
         "config": config,
         "backend": args.backend,
@@ -551,6 +529,38 @@ def run_distributed(
     if args.backend == "sqlite":
         shutil.rmtree(fleet.workdir / config)
     return line
+
+
+def _start_workers(
+    workers: int, per_worker: int, env: dict[str, str], logs: Path
+) -> list[subprocess.Popen[bytes]]:
+    """``workers`` real ``byod worker`` processes, returned once each says it is ready."""
+    paths = [Path(f"{logs}-worker-{n}.log") for n in range(workers)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "byod", "worker", "--concurrency", str(per_worker)],
+            env=env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for log in paths
+    ]
+    for log in paths:  # started together, each ready before the clock starts
+        while b"ready." not in log.read_bytes():
+            time.sleep(0.1)
+    return processes
+
+
+def _stop_workers(processes: list[subprocess.Popen[bytes]], queue: str) -> None:
+    """Stop the workers and remove their queue from Redis."""
+    import redis
+
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.wait(60)
+    redis.Redis().delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
 
 
 def at_head(args: argparse.Namespace, workdir: Path) -> None:
