@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import sqlalchemy as sa
-
 from byod.clock import utcnow
 from byod.commands.runs import refuse_user_ahead
 from byod.controlplane import (
@@ -19,7 +17,7 @@ from byod.controlplane import (
     fleet_status,
     history,
 )
-from byod.controlplane.schema import configs, control_plane_id
+from byod.controlplane.schema import control_plane_id
 from byod.credentials import open_instance, unseal_config
 from byod.errors import ByodError
 from byod.registry import Migration
@@ -149,9 +147,7 @@ def verify(ws: Workspace, user_ref: str | None) -> list[VerifyReport]:
     if user_ref is not None:
         users = [directory.find_user(user_ref)]
     else:
-        with ws.engine.connect() as conn:
-            ids = conn.execute(sa.select(configs.c.user_id).order_by(configs.c.user_id)).scalars()
-            users = [directory.get_user(int(user_id)) for user_id in ids]  # ids, not refs
+        users = [directory.get_user(user_id) for user_id in directory.configured_user_ids()]
     return [_verify_one(ws, user) for user in users]
 
 

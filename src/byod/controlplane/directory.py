@@ -173,6 +173,12 @@ class Directory:
             raise UnknownUserError(missing)
         return User(**row._asdict())
 
+    def configured_user_ids(self) -> list[int]:
+        """The byod ids of every user with a config, in order."""
+        query = sa.select(configs.c.user_id).order_by(configs.c.user_id)
+        with reading(self.engine, "list configured users") as conn:
+            return [int(user_id) for user_id in conn.execute(query).scalars()]
+
     def list_users(self) -> list[User]:
         """Every user, by id."""
         with reading(self.engine, "list users") as conn:
