@@ -216,8 +216,9 @@ def _byod_control_plane(setup_url: str, urls: list[str], version: int) -> None:
 
 
 def child_byod(spec: dict[str, Any]) -> list[float]:
-    from byod.fleet import FleetOptions, UserFinished, migrate_fleet
+    from byod.fleet import UserFinished, migrate_fleet
     from byod.settings import Settings
+    from byod.spec import FleetOptions
     from byod.workspace import Workspace
 
     settings = Settings.load(database_url=spec["control_plane"], env={"BYOD_ENCRYPTION_KEY": KEY})
@@ -465,8 +466,8 @@ def run_distributed(
     from byod.cli import celery_broker
     from byod.commands import migrate_distributed
     from byod.controlplane import RunStore
-    from byod.fleet import FleetOptions
     from byod.settings import Settings
+    from byod.spec import FleetOptions
     from byod.workspace import Workspace
 
     config = f"distributed-w{workers}"

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from byod import commands
 from byod.controlplane import RunStore
-from byod.fleet import FleetOptions, Selection
+from byod.spec import FleetOptions, Selection
 from tests.conftest import ServerDatabases, execute
 from tests.distributed_kit import (
     BYOD,

@@ -19,14 +19,8 @@ from sqlalchemy import event
 from byod.controlplane import RunStore, history
 from byod.controlplane.schema import ledger
 from byod.errors import CredentialsError, InputError, IrreversibleError
-from byod.fleet import (
-    FleetEvent,
-    FleetOptions,
-    Selection,
-    UserFinished,
-    migrate_fleet,
-    rollback_run,
-)
+from byod.fleet import FleetEvent, UserFinished, migrate_fleet, rollback_run
+from byod.spec import FleetOptions, Selection
 from byod.workspace import Workspace
 from tests.conftest import (
     OTHER_KEY,

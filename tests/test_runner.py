@@ -448,7 +448,8 @@ def test_no_secret_in_messages_logs_or_ledger(
 def test_many_users_one_failing_does_not_stop_the_others(
     cws: Workspace, new_instance: InstanceFactory
 ) -> None:
-    from byod.fleet import FleetOptions, migrate_fleet
+    from byod.fleet import migrate_fleet
+    from byod.spec import FleetOptions
 
     urls = [new_instance() for _ in range(6)]
     ids = [add_connected(cws, url, f"user_{n}") for n, url in enumerate(urls)]

@@ -124,7 +124,10 @@ class IrreversibleError(InputError):
 
 
 class PlanError(InputError):
-    """The requested target version makes no plan (unknown, or on the wrong side)."""
+    """The requested target version makes no plan (unknown, or on the wrong side): pick a
+    version between 0 and head, above the user's for migrate, below it for rollback."""
+
+    hint = "Pick a version between 0 and head (`byod pending USER`, `byod plan USER`)."
 
 
 class CredentialsError(ByodError):
@@ -149,7 +152,8 @@ class BrokerError(ByodError):
 
 
 class AccessError(ByodError):
-    """The HTTP service refused the caller; the status code says why."""
+    """The HTTP service refused the caller (the status code says why): fix the request or
+    the token, as the detail says."""
 
 
 class AuthError(AccessError):
@@ -157,15 +161,16 @@ class AuthError(AccessError):
 
 
 class ForbiddenError(AccessError):
-    """The caller may not do this (operators only)."""
+    """The caller may not do this (operators only): use an operator's token."""
 
 
 class NotFoundError(AccessError):
-    """No such resource, or not the caller's."""
+    """No such resource, or not the caller's: check the id in the path."""
 
 
 class UnavailableError(ByodError):
-    """This server is not set up for that (e.g. distributed runs without a broker)."""
+    """This server is not set up for that (e.g. distributed runs without a broker): ask
+    its operator, or try again later."""
 
 
 class KeysUnavailableError(UnavailableError):
@@ -173,7 +178,8 @@ class KeysUnavailableError(UnavailableError):
 
 
 class InstanceError(ByodError):
-    """Something went wrong on a user's own database instance."""
+    """Something went wrong on a user's own database instance: its subclass says what,
+    and ``byod history USER`` shows it."""
 
 
 class UnreachableError(InstanceError):

@@ -41,8 +41,7 @@ from byod.registry import Direction, MigrationContext, Plan, Registry, Step
 from byod.results import StepResult, UserResult, check_stamp
 from byod.targets import StampEntry, Target
 
-# the results are byod.results'; re-exported as the runner's own vocabulary
-__all__ = ["Runner", "StepResult", "UserResult", "check_stamp"]
+__all__ = ["Runner"]
 
 log = logging.getLogger("byod.runner")
 

@@ -18,18 +18,28 @@ from byod.errors import InputError
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
+    "DEFAULT_IN_FLIGHT",
     "ELIGIBLE_STATUSES",
     "OUTCOMES",
     "FleetOptions",
     "RunCounts",
     "RunSpec",
     "Selection",
+    "default_concurrency",
 ]
 
 #: Connection statuses a fleet run takes (an instance that was unreachable is retried).
 ELIGIBLE_STATUSES = ("connected", "error")
 #: Instances are mostly waited on (network, disk), so a few per core.
 DEFAULT_CONCURRENCY = min(32, 4 * (os.cpu_count() or 2))
+#: A distributed run's cap on tasks in flight: enough queued that no worker waits.
+DEFAULT_IN_FLIGHT = 256
+
+
+def default_concurrency(distributed: bool) -> int:
+    """``--concurrency`` when none is given: users at once in this process, or a
+    distributed run's cap on tasks in flight."""
+    return DEFAULT_IN_FLIGHT if distributed else DEFAULT_CONCURRENCY
 
 
 @dataclass(frozen=True)

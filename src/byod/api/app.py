@@ -39,7 +39,7 @@ from byod.errors import (
     SettingsError,
     UnavailableError,
 )
-from byod.fleet import FleetOptions, Selection
+from byod.spec import FleetOptions, Selection, default_concurrency
 from byod.workspace import Workspace
 
 __all__ = ["create_app"]
@@ -165,7 +165,7 @@ def fleet(ws: Ws, principal: Operator) -> FleetStatusOut:
 def start_fleet_run(request: Request, principal: Operator, body: FleetRunRequest) -> RunStarted:
     """Start a fleet run with these options (``distributed``: on task-queue workers)."""
     options = FleetOptions(
-        concurrency=body.concurrency,
+        concurrency=body.concurrency or default_concurrency(body.distributed),
         retries=body.retries,
         timeout=body.timeout,
         canary=body.canary,

@@ -7,7 +7,8 @@ import threading
 from byod import commands
 from byod.controlplane import User
 from byod.errors import BusyError, ByodError
-from byod.fleet import FleetEvent, FleetOptions, FleetStarted, FleetSummary, Selection
+from byod.fleet import FleetEvent, FleetStarted, FleetSummary
+from byod.spec import FleetOptions, Selection
 from byod.workspace import Workspace
 
 __all__ = ["BackgroundRuns"]

@@ -164,7 +164,8 @@ class FleetRunRequest(BaseModel):
         },
     )
 
-    concurrency: int = Field(default=8, ge=1, le=256)
+    #: default: the CLI's (users at once; a distributed run's cap on tasks in flight)
+    concurrency: int | None = Field(default=None, ge=1, le=256)
     retries: int = Field(default=2, ge=0, le=10)
     timeout: float | None = Field(default=None, gt=0, le=86400)
     canary: int = Field(default=0, ge=0, le=_MAX_INT)

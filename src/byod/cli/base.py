@@ -16,8 +16,8 @@ from rich.logging import RichHandler
 
 from byod.distributed import Broker
 from byod.errors import InputError, SettingsError
-from byod.fleet import DEFAULT_CONCURRENCY, FleetOptions
 from byod.settings import Settings
+from byod.spec import DEFAULT_CONCURRENCY, FleetOptions
 from byod.workspace import Workspace
 
 

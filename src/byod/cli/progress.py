@@ -23,7 +23,7 @@ from byod.cli import render
 from byod.distributed import RunProgress
 from byod.errors import ByodError
 from byod.fleet import FleetEvent, FleetStarted, FleetSummary, UserFinished
-from byod.runner import UserResult
+from byod.results import UserResult
 
 __all__ = ["finish_user", "print_error", "print_summary", "run_fleet"]
 

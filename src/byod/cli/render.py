@@ -13,7 +13,7 @@ from rich.table import Table
 
 from byod.commands import RunDetails, UserPlan, VerifyReport
 from byod.controlplane import FleetStatus, LedgerRow, RunRecord
-from byod.runner import UserResult
+from byod.results import UserResult
 from byod.text import printable
 
 __all__ = [

@@ -37,9 +37,16 @@ from byod.cli.base import (
     user_list,
     workspace_for,
 )
-from byod.distributed.run import DEFAULT_IN_FLIGHT, RunProgress
+from byod.distributed import RunProgress
 from byod.errors import InputError
-from byod.fleet import DEFAULT_CONCURRENCY, FleetEvent, FleetOptions, FleetSummary, Selection
+from byod.fleet import FleetEvent, FleetSummary
+from byod.spec import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_IN_FLIGHT,
+    FleetOptions,
+    Selection,
+    default_concurrency,
+)
 from byod.workspace import Workspace
 
 
@@ -151,7 +158,7 @@ def migrate(
         progress.finish_user(out, err, result, json_out, "migrated")
         return
     if concurrency is None:
-        concurrency = DEFAULT_IN_FLIGHT if distributed else DEFAULT_CONCURRENCY
+        concurrency = default_concurrency(distributed)
     options = fleet_options(
         concurrency=concurrency,
         retries=retries,

@@ -16,7 +16,8 @@ from byod.commands.setup import InitResult, init
 from byod.controlplane import FleetStatus, LedgerRow, fleet_status, history
 from byod.credentials import connect_user
 from byod.errors import InputError, UnknownUserError
-from byod.fleet import FleetEvent, FleetOptions, FleetSummary, migrate_fleet
+from byod.fleet import FleetEvent, FleetSummary, migrate_fleet
+from byod.spec import FleetOptions
 from byod.workspace import Workspace
 
 __all__ = ["DemoResult", "run_demo"]

@@ -21,7 +21,7 @@ from byod.controlplane.schema import control_plane_id
 from byod.credentials import open_instance, unseal_config
 from byod.errors import ByodError
 from byod.registry import Migration
-from byod.runner import check_stamp
+from byod.results import check_stamp
 from byod.workspace import Workspace
 
 

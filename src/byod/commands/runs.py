@@ -21,9 +21,11 @@ from byod.distributed import (
     start_distributed,
 )
 from byod.errors import DriftError, InputError
-from byod.fleet import ELIGIBLE_STATUSES, FleetEvent, FleetOptions, FleetSummary, Selection, attempt
+from byod.fleet import FleetEvent, FleetSummary, attempt
 from byod.registry import Plan
-from byod.runner import Runner, UserResult
+from byod.results import UserResult
+from byod.runner import Runner
+from byod.spec import ELIGIBLE_STATUSES, FleetOptions, Selection
 from byod.workspace import Workspace
 
 

@@ -1,4 +1,5 @@
-"""The ledger: the control plane's record of every migration attempt for every user.
+"""The ledger: the control plane's record of every migration attempt for every user; this
+module is the one writer of ``byod_migrations``.
 
 One row per planned step of one run; rows are never overwritten by a later run, so a
 user's history keeps every earlier attempt. What each status means:
@@ -63,7 +64,8 @@ class LedgerRow:
 
 
 class Ledger:
-    """The one writer of ``byod_migrations`` (and of ``schema_version`` on success).
+    """Writes ``byod_migrations``; a step's "completed" row also runs the directory's
+    :func:`~byod.controlplane.directory.config_at_version` in the same statement.
 
     Rows are addressed by (user, migration, direction) and status: while a runner holds
     the user's lease, at most one row per step is open. Every write is one statement in

@@ -18,7 +18,6 @@ __all__ = [
     "OutdatedConfig",
     "count_ahead",
     "count_not_eligible",
-    "count_outdated",
     "count_outdated_by_key",
     "fleet_status",
     "history",
@@ -128,15 +127,6 @@ def fleet_status(engine: sa.Engine, head: int, *, failures: int = 10) -> FleetSt
         outdated_in_error=behind.get("error", 0),
         recent_failures=[FailureRow(**row._asdict()) for row in failed],
     )
-
-
-def count_outdated(
-    engine: sa.Engine, below: int, *, statuses: tuple[str, ...], only_version: int | None = None
-) -> int:
-    """How many configs in ``statuses`` are below version ``below`` (one index range count)."""
-    return count_outdated_by_key(
-        engine, below, statuses=statuses, only_version=only_version, key_id=""
-    )[0]
 
 
 def count_outdated_by_key(

@@ -22,27 +22,23 @@ from byod.controlplane import FinishedTask, RunStore, TaskStore
 from byod.distributed.dispatch import Dispatcher, registry_digest
 from byod.errors import BrokerError, ByodError, InputError
 from byod.fleet import (
-    ELIGIBLE_STATUSES,
-    FleetError,
     FleetEvent,
-    FleetOptions,
+    FleetFailure,
     FleetStarted,
     FleetSummary,
-    Selection,
     UserFinished,
     size_selection,
 )
-from byod.runner import Runner, StepResult, UserResult
-from byod.spec import RunCounts, RunSpec
+from byod.results import StepResult, UserResult
+from byod.runner import Runner
+from byod.spec import ELIGIBLE_STATUSES, FleetOptions, RunCounts, RunSpec, Selection
 
-__all__ = ["DEFAULT_IN_FLIGHT", "RunProgress", "follow_run", "start_distributed", "summary_of"]
+__all__ = ["RunProgress", "follow_run", "start_distributed", "summary_of"]
 
 log = logging.getLogger("byod.distributed")
 
 #: Finished tasks are read again this far back, in case one committed late.
 _WINDOW = timedelta(seconds=5)
-#: The default cap on a distributed run's tasks in flight: enough for a large worker pool.
-DEFAULT_IN_FLIGHT = 256
 #: A watcher sends again the tasks queued longer than this (lost by a broker).
 RESEND_AFTER_SECONDS = 300.0
 
@@ -202,10 +198,10 @@ def summary_of(engine: sa.Engine, run_id: str, *, errors_limit: int = 1000) -> F
         for task in TaskStore(engine).failed(run_id, errors_limit):
             steps = json.loads(task.steps)
             failed_step = next((s["migration_id"] for s in steps if s["status"] == "failed"), None)
-            summary.errors.append(FleetError(task.clerk_id, failed_step, task.error or ""))
+            summary.errors.append(FleetFailure(task.clerk_id, failed_step, task.error or ""))
     else:
         summary.errors = [
-            FleetError(clerk_id, migration, error or "")
+            FleetFailure(clerk_id, migration, error or "")
             for _user_id, clerk_id, migration, error in RunStore(engine).failures(run_id)
         ]
     return summary

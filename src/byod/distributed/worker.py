@@ -22,7 +22,7 @@ from byod.controlplane.slots import server_slot
 from byod.credentials import unseal_config
 from byod.distributed.dispatch import Dispatcher, registry_digest
 from byod.errors import BusyError, ByodError, ControlPlaneError
-from byod.fleet import FleetError, Settled, settle
+from byod.fleet import FleetFailure, Settled, settle
 from byod.runner import Runner
 
 __all__ = ["TaskHandler", "worker_name"]
@@ -69,7 +69,7 @@ class TaskHandler:
             )
             log.error(message)
             self.dispatcher.finish(
-                run_id, Settled(user, "failed", None, 0, FleetError(user.clerk_id, None, message))
+                run_id, Settled(user, "failed", None, 0, FleetFailure(user.clerk_id, None, message))
             )
             return None
         with self._host_slot(user_id, claim) as free:

@@ -8,21 +8,16 @@ process, recorded as one run.
 * :mod:`~byod.fleet.run` the run itself; :mod:`~byod.fleet.summary` its events and summary.
 """
 
-from byod.fleet.outcome import FleetError, Settled, attempt, settle
+from byod.fleet.outcome import FleetFailure, Settled, attempt, settle
 from byod.fleet.run import migrate_fleet, rollback_run
 from byod.fleet.selection import SelectionSize, size_selection
 from byod.fleet.summary import FleetEvent, FleetStarted, FleetSummary, UserFinished
-from byod.spec import DEFAULT_CONCURRENCY, ELIGIBLE_STATUSES, FleetOptions, Selection
 
 __all__ = [
-    "DEFAULT_CONCURRENCY",
-    "ELIGIBLE_STATUSES",
-    "FleetError",
     "FleetEvent",
-    "FleetOptions",
+    "FleetFailure",
     "FleetStarted",
     "FleetSummary",
-    "Selection",
     "SelectionSize",
     "Settled",
     "UserFinished",

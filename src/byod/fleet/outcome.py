@@ -19,16 +19,17 @@ from byod.errors import (
     NotConnectedError,
     UnknownUserError,
 )
-from byod.runner import Runner, UserResult
+from byod.results import UserResult
+from byod.runner import Runner
 from byod.spec import FleetOptions
 
-__all__ = ["FleetError", "Settled", "attempt", "control_plane_patience", "settle"]
+__all__ = ["FleetFailure", "Settled", "attempt", "control_plane_patience", "settle"]
 
 log = logging.getLogger("byod.fleet")
 
 
 @dataclass(frozen=True)
-class FleetError:
+class FleetFailure:
     """A user the run could not bring to its target, and why."""
 
     user: str
@@ -46,7 +47,7 @@ class Settled:
     outcome: str
     result: UserResult | None
     tries: int
-    error: FleetError | None = None
+    error: FleetFailure | None = None
 
 
 def attempt(
@@ -154,7 +155,7 @@ def _settle_once(
         return Settled(user, "busy", result, tries)
     if isinstance(result.error, NotConnectedError):  # disconnected meanwhile
         return Settled(user, "not_eligible", result, tries)
-    error = FleetError(result.clerk_id, result.failed_migration, result.error.message)
+    error = FleetFailure(result.clerk_id, result.failed_migration, result.error.message)
     return Settled(user, "failed", result, tries, error)
 
 
@@ -163,7 +164,7 @@ def _failure(runner: Runner, user: User, exc: Exception, tries: int) -> Settled:
     that stayed away): still one result, so it still gets its line."""
     text = exc.message if isinstance(exc, ByodError) else f"internal error: {exc!r}"
     result = _no_result(runner, user, exc)
-    return Settled(user, "failed", result, tries, FleetError(user.clerk_id, None, text))
+    return Settled(user, "failed", result, tries, FleetFailure(user.clerk_id, None, text))
 
 
 def _no_result(runner: Runner, user: User, exc: Exception) -> UserResult:

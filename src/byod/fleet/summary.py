@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from byod.fleet.outcome import FleetError
-from byod.runner import UserResult
+from byod.fleet.outcome import FleetFailure
+from byod.results import UserResult
 from byod.spec import RunCounts
 
 __all__ = ["FleetEvent", "FleetStarted", "FleetSummary", "UserFinished"]
@@ -47,7 +47,7 @@ class FleetSummary(RunCounts):
     run_id: str = ""
     state: str = "running"
     halt_reason: str | None = None
-    errors: list[FleetError] = field(default_factory=list)
+    errors: list[FleetFailure] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:

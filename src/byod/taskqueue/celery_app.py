@@ -38,7 +38,7 @@ __all__ = [
     "serve_worker",
 ]
 
-log = logging.getLogger("byod.distributed")
+log = logging.getLogger("byod.taskqueue")
 
 TASK_NAME = "byod.migrate_user"
 _SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
