@@ -36,6 +36,8 @@ from byod.commands.runs import (
     rollback_fleet_run,
     rollback_user,
     stop_run,
+    task_handler,
+    warm_up,
 )
 from byod.commands.setup import (
     InitResult,
@@ -78,6 +80,8 @@ __all__ = [
     "show_run",
     "status",
     "stop_run",
+    "task_handler",
     "user_history",
     "verify",
+    "warm_up",
 ]

@@ -13,14 +13,17 @@ from byod.controlplane import (
     count_ahead,
     iter_outdated,
 )
+from byod.controlplane.schema import control_plane_id
 from byod.distributed import (
     Dispatcher,
+    Publisher,
     RunProgress,
+    TaskHandler,
     follow_run,
     require_server_control_plane,
     start_distributed,
 )
-from byod.errors import DriftError, InputError
+from byod.errors import ControlPlaneError, DriftError, InputError
 from byod.fleet import FleetEvent, FleetSummary, attempt
 from byod.registry import Plan
 from byod.results import UserResult
@@ -230,3 +233,19 @@ def repair(ws: Workspace, user_ref: str) -> list[str]:
     """Clear a user's dirty markers after a hand repair (MySQL/MariaDB instances)."""
     ws.require_tables()
     return ws.runner().repair(ws.directory.find_user(user_ref).id)
+
+
+def task_handler(ws: Workspace, publish: Publisher) -> TaskHandler:
+    """What a task-queue worker process runs each task with: its runner and the run's
+    bookkeeping, sending further tasks through ``publish``."""
+    runner = ws.runner()
+    return TaskHandler(runner, Dispatcher(runner.engine, publish))
+
+
+def warm_up(handler: TaskHandler) -> None:
+    """Open a control-plane connection and import Alembic ahead of a worker process's
+    first task (:class:`ControlPlaneError` when it cannot be reached)."""
+    import alembic.operations  # noqa: F401 - what every migration body needs
+
+    if control_plane_id(handler.runner.engine) is None:  # one short read, one connection
+        raise ControlPlaneError("the control plane cannot be read: run `byod init`")

@@ -79,6 +79,7 @@ def check_worker(ws: Workspace) -> None:
     ws.require_tables()
     ws.registry  # noqa: B018 - a broken migrations folder fails here, not in every task
     ws.sealer  # noqa: B018 - so does a missing key
+    ws.engine.dispose()  # worker processes are forked: each opens its own connections
 
 
 _TEMPLATE = '''"""{title}"""

@@ -7,6 +7,7 @@ the adapter (:mod:`byod.taskqueue`) supplies. The control plane must be PostgreS
 from byod.distributed.dispatch import (
     Broker,
     Dispatcher,
+    Publisher,
     TaskMessage,
     require_server_control_plane,
 )
@@ -16,6 +17,7 @@ from byod.distributed.worker import TaskHandler
 __all__ = [
     "Broker",
     "Dispatcher",
+    "Publisher",
     "RunProgress",
     "TaskHandler",
     "TaskMessage",

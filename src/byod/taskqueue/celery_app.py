@@ -21,7 +21,7 @@ from celery.signals import worker_process_init
 from kombu.exceptions import OperationalError
 
 from byod import commands
-from byod.distributed.dispatch import Dispatcher, Publisher, TaskMessage
+from byod.distributed.dispatch import Publisher, TaskMessage
 from byod.distributed.worker import TaskHandler
 from byod.errors import BrokerError, ControlPlaneError, SettingsError
 from byod.settings import Settings
@@ -106,10 +106,7 @@ def _warm_up(**_: object) -> None:
     if not _apps:
         return
     try:
-        handler = _handler(_apps[-1])
-        import alembic.operations  # noqa: F401 - what every migration body needs
-
-        handler.runner.engine.connect().close()
+        commands.warm_up(_handler(_apps[-1]))
     except Exception as exc:  # the first task reports any real problem
         log.warning("worker process warm-up failed: %s", exc)
 
@@ -133,9 +130,7 @@ def _handler(app: Celery) -> TaskHandler:
     pid = os.getpid()
     handler = _handlers.get(pid)
     if handler is None:
-        workspace = Workspace(app.byod_settings)
-        runner = workspace.runner()
-        handler = TaskHandler(runner, Dispatcher(runner.engine, publisher(app)))
+        handler = commands.task_handler(Workspace(app.byod_settings), publisher(app))
         _handlers[pid] = handler
     return handler
 
@@ -208,7 +203,6 @@ def serve_worker(ws: Workspace, *, concurrency: int, queues: Sequence[str], logl
     broker = CeleryBroker(ws.settings)
     commands.check_worker(ws)
     broker.check()
-    ws.engine.dispose()  # worker processes are forked: they open their own connections
     run_worker(
         broker.app,
         concurrency=concurrency,
