@@ -394,3 +394,10 @@ def test_mysql_tls_modes_are_byods_own(ws: Workspace, mysql: ServerDatabases) ->
     assert plain.status == "connected", plain.error
     _, strict = commands.connect(ws, "strict", url + "?ssl_mode=VERIFY_IDENTITY", timeout=3)
     assert strict.status == "error"
+
+
+def test_every_supported_instance_kind_has_its_dialect() -> None:
+    from byod.instance_url import SUPPORTED_KINDS
+    from byod.targets.dialects import DIALECTS
+
+    assert set(DIALECTS) == set(SUPPORTED_KINDS)  # the policy's list is the one list

@@ -3,13 +3,14 @@ instance's stamp compares with the registry."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 
 from byod.errors import ByodError
 from byod.registry import Registry
 from byod.targets import StampEntry
 
-__all__ = ["StepResult", "UserResult", "check_stamp"]
+__all__ = ["StepResult", "UserResult", "check_stamp", "steps_from_json", "steps_to_json"]
 
 
 @dataclass(frozen=True)
@@ -71,3 +72,13 @@ def check_stamp(registry: Registry, stamp: list[StampEntry]) -> list[str]:
         elif entry.version != position:
             problems.append(f"{entry.id} is applied out of order (stamp position {position})")
     return problems
+
+
+def steps_to_json(steps: tuple[StepResult, ...]) -> str:
+    """Step results as stored with a distributed task's end."""
+    return json.dumps([asdict(step) for step in steps])
+
+
+def steps_from_json(text: str | None) -> tuple[StepResult, ...]:
+    """Step results as :func:`steps_to_json` stored them."""
+    return tuple(StepResult(**step) for step in json.loads(text or "[]"))

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import sqlalchemy as sa
 
@@ -217,7 +215,7 @@ class Runner:
             return self._gave_up(user, version, exc)
         lease = _Lease()
         try:
-            with self._lease_kept(user.id):
+            with self.directory.keep_lease(user.id, self.owner, self.lease_seconds):
                 return self._run_leased(user, config, make_plan, lease, deadline)
         finally:
             if not lease.released:
@@ -496,25 +494,3 @@ class Runner:
                 f"user {user.id} ({user.clerk_id}): cannot roll back to version "
                 f"{plan.to_version}: {', '.join(blocked)} has no down; nothing was changed"
             )
-
-    @contextmanager
-    def _lease_kept(self, user_id: int) -> Iterator[None]:
-        """Renew the lease every third of its life while a long run holds it."""
-        stop = threading.Event()
-
-        def renew() -> None:
-            while not stop.wait(self.lease_seconds / 3):
-                try:
-                    if not self.directory.renew_lease(user_id, self.owner, self.lease_seconds):
-                        log.error("user %s: lease lost to another runner", user_id)
-                        return
-                except ByodError as exc:
-                    log.warning("user %s: lease renewal failed: %s", user_id, exc.message)
-
-        keeper = threading.Thread(target=renew, name=f"byod-lease-{user_id}", daemon=True)
-        keeper.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            keeper.join()

@@ -162,7 +162,9 @@ def fleet(ws: Ws, principal: Operator) -> FleetStatusOut:
 
 
 @router.post("/v1/fleet/runs", status_code=202, tags=["operators"])
-def start_fleet_run(request: Request, principal: Operator, body: FleetRunRequest) -> RunStarted:
+def start_fleet_run(
+    request: Request, ws: Ws, principal: Operator, body: FleetRunRequest
+) -> RunStarted:
     """Start a fleet run with these options (``distributed``: on task-queue workers)."""
     options = FleetOptions(
         concurrency=body.concurrency or default_concurrency(body.distributed),
@@ -175,7 +177,7 @@ def start_fleet_run(request: Request, principal: Operator, body: FleetRunRequest
     if body.distributed:
         try:
             run_id = commands.migrate_distributed(
-                request.app.state.ws,
+                ws,
                 options=options,
                 selection=selection,
                 per_host=body.per_host,
@@ -213,7 +215,7 @@ def create_app(ws: Workspace, auth: AuthSettings, http: HttpSettings | None = No
     forwarded-header handling off.
     """
     http = HttpSettings() if http is None else http
-    ws.require_tables()
+    commands.check_service(ws)
     authenticator = Authenticator(auth)
     app = FastAPI(
         title="byod",

@@ -235,11 +235,10 @@ def demo(
     migrations: Migrations = None,
 ) -> None:
     """Build a local fleet of SQLite instances at version 1 and migrate them all to head."""
-    from byod.commands.demo import run_demo
 
     ws = workspace_for(database_url, migrations, create_key=True)
     result = progress.run_fleet(
-        out, err, lambda on_event: run_demo(ws, tenants=tenants, on_event=on_event), False
+        out, err, lambda on_event: commands.run_demo(ws, tenants=tenants, on_event=on_event), False
     )
     progress.print_summary(out, err, result.summary, False)
     render.fleet_status_tables(result.status, out)

@@ -102,12 +102,7 @@ def print_summary(out: Console, err: Console, summary: FleetSummary, json_out: b
     if json_out:
         out.print(render.dump({"summary": summary.as_dict()}))
         return
-    out.print(
-        f"run {summary.run_id} {summary.state}: total {summary.total}: "
-        f"{summary.succeeded} succeeded, {summary.failed} failed, {summary.busy} busy, "
-        f"{summary.up_to_date} up to date, {summary.not_started} not started "
-        f"({summary.not_eligible} users not eligible)"
-    )
+    out.print(f"run {summary.run_id} {summary.state}: {render.counts_line(summary)}")
     if summary.halt_reason:
         err.print(f"[yellow]halted:[/] {escape(summary.halt_reason)}")
     for error in summary.errors:

@@ -14,9 +14,11 @@ from rich.table import Table
 from byod.commands import RunDetails, UserPlan, VerifyReport
 from byod.controlplane import FleetStatus, LedgerRow, RunRecord
 from byod.results import UserResult
+from byod.spec import OUTCOMES, RunCounts
 from byod.text import printable
 
 __all__ = [
+    "counts_line",
     "dump",
     "fleet_status_data",
     "fleet_status_tables",
@@ -52,6 +54,12 @@ def dump(data: object) -> str:
 
 def _when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value else ""
+
+
+def counts_line(counts: RunCounts) -> str:
+    """``total T: N succeeded, N failed, …``: every counter of :data:`OUTCOMES`, in order."""
+    parts = ", ".join(f"{getattr(counts, name)} {name.replace('_', ' ')}" for name in OUTCOMES)
+    return f"total {counts.total}: {parts}"
 
 
 def history_data(rows: list[LedgerRow]) -> list[dict[str, Any]]:
@@ -223,11 +231,7 @@ def run_details(details: RunDetails, console: Console) -> None:
     console.print(
         f"started {_when(run.started_at)} by {plain(run.started_by)}; ended {_when(run.ended_at)}"
     )
-    console.print(
-        f"total {c.total}: {c.succeeded} succeeded, {c.failed} failed, {c.busy} busy, "
-        f"{c.up_to_date} up to date, {c.not_started} not started, "
-        f"{c.not_eligible} not eligible"
-    )
+    console.print(counts_line(c))
     console.print("options: " + ", ".join(f"{k}={v}" for k, v in sorted(run.spec.flat().items())))
     if details.failures:
         table = Table(title="failures")

@@ -6,6 +6,7 @@ data; every front end (the command line, the HTTP service and its dashboard, the
 queue's worker) calls these and only renders what they return.
 """
 
+from byod.commands.demo import DemoResult, run_demo
 from byod.commands.reports import (
     InstanceView,
     RunDetails,
@@ -42,6 +43,7 @@ from byod.commands.runs import (
 from byod.commands.setup import (
     InitResult,
     add_user,
+    check_service,
     check_worker,
     connect,
     init,
@@ -49,6 +51,7 @@ from byod.commands.setup import (
 )
 
 __all__ = [
+    "DemoResult",
     "InitResult",
     "InstanceView",
     "RunDetails",
@@ -56,6 +59,7 @@ __all__ = [
     "VerifyReport",
     "add_user",
     "caller",
+    "check_service",
     "check_worker",
     "connect",
     "follow",
@@ -77,6 +81,7 @@ __all__ = [
     "resolve_users",
     "rollback_fleet_run",
     "rollback_user",
+    "run_demo",
     "show_run",
     "status",
     "stop_run",

@@ -72,6 +72,12 @@ def connect(
     )
 
 
+def check_service(ws: Workspace) -> None:
+    """What the HTTP service needs before it answers: a control plane made by
+    ``byod init`` (:class:`ControlPlaneError` otherwise)."""
+    ws.require_tables()
+
+
 def check_worker(ws: Workspace) -> None:
     """What a task-queue worker needs, checked before it takes a task: a shared
     (PostgreSQL) control plane made by ``byod init``, the migrations, the key."""

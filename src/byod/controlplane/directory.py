@@ -9,19 +9,23 @@ a runner that dies leaves a lease that simply expires.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 
 from byod.clock import utcnow
 from byod.controlplane._tx import reading, single, writing
 from byod.controlplane.schema import configs, ledger, users
 from byod.errors import (
     BusyError,
-    ControlPlaneError,
+    ByodError,
     InputError,
     NotConnectedError,
     UnknownUserError,
@@ -29,6 +33,8 @@ from byod.errors import (
 from byod.text import MAX_CLERK_ID, clerk_id_problem, has_control
 
 __all__ = ["Config", "Directory", "User", "config_at_version"]
+
+log = logging.getLogger("byod.runner")
 
 
 @dataclass(frozen=True)
@@ -126,18 +132,14 @@ class Directory:
         if problem is not None:
             raise InputError(f"{problem}: {clerk_id!r} was not added")
         now = utcnow()
-        try:
-            with self.engine.begin() as conn:
+        with writing(self.engine, "add the user") as conn:
+            try:
                 result = conn.execute(
                     users.insert().values(clerk_id=clerk_id, email=email, created_at=now)
                 )
-                user_id = result.inserted_primary_key[0]  # type: ignore[index]
-        except IntegrityError as exc:
-            raise InputError(f"a user with clerk id {clerk_id!r} already exists") from exc
-        except SQLAlchemyError as exc:
-            raise ControlPlaneError(
-                f"control plane: cannot add the user ({type(exc).__name__})"
-            ) from exc
+            except IntegrityError as exc:
+                raise InputError(f"a user with clerk id {clerk_id!r} already exists") from exc
+            user_id = result.inserted_primary_key[0]  # type: ignore[index]
         return User(int(user_id), clerk_id, email, now)
 
     def find_user(self, ref: str) -> User:
@@ -283,6 +285,29 @@ class Directory:
                 .values(lease_expires_at=utcnow() + timedelta(seconds=seconds))
             ).rowcount
         return renewed == 1
+
+    @contextlib.contextmanager
+    def keep_lease(self, user_id: int, owner: str, seconds: float) -> Iterator[None]:
+        """Renew the lease every third of its life while the block runs (a long run keeps
+        it; a dead runner's lease lapses within ``seconds``)."""
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(seconds / 3):
+                try:
+                    if not self.renew_lease(user_id, owner, seconds):
+                        log.error("user %s: lease lost to another runner", user_id)
+                        return
+                except ByodError as exc:
+                    log.warning("user %s: lease renewal failed: %s", user_id, exc.message)
+
+        keeper = threading.Thread(target=renew, name=f"byod-lease-{user_id}", daemon=True)
+        keeper.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            keeper.join()
 
     def release_lease(self, user_id: int, owner: str) -> None:
         """Give the lease back (only if this owner still holds it)."""

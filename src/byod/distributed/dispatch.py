@@ -12,7 +12,6 @@ PostgreSQL only: workers on many machines cannot share a SQLite file.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from byod.errors import ByodError, ControlPlaneError, SettingsError
 from byod.fleet import Settled
 from byod.fleet.halt import halt_reason
 from byod.registry import Registry
+from byod.results import steps_to_json
 from byod.settings import safe_url
 
 __all__ = [
@@ -127,7 +127,7 @@ class Dispatcher:
             error_type=None
             if result is None or result.error is None
             else type(result.error).__name__,
-            steps=None if result is None else json.dumps([s.__dict__ for s in result.steps]),
+            steps=None if result is None else steps_to_json(result.steps),
             tries=settled.tries,
             seconds=None if result is None else result.seconds,
         )

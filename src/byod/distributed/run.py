@@ -8,7 +8,6 @@ that started it may go away (``--detach``) and anyone may watch.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from byod.fleet import (
     UserFinished,
     size_selection,
 )
-from byod.results import StepResult, UserResult
+from byod.results import UserResult, steps_from_json
 from byod.runner import Runner
 from byod.spec import ELIGIBLE_STATUSES, FleetOptions, RunCounts, RunSpec, Selection
 
@@ -173,7 +172,7 @@ def _result(row: FinishedTask) -> UserResult:
     if row.error is not None:
         kind = getattr(errors, str(row.error_type), None) if row.error_type else None
         error = (kind if isinstance(kind, type) else ByodError)(str(row.error))
-    steps = tuple(StepResult(**step) for step in json.loads(row.steps))
+    steps = steps_from_json(row.steps)
     return UserResult(
         user_id=row.user_id,
         clerk_id=row.clerk_id,
@@ -196,8 +195,7 @@ def summary_of(engine: sa.Engine, run_id: str, *, errors_limit: int = 1000) -> F
     )
     if record.distributed:
         for task in TaskStore(engine).failed(run_id, errors_limit):
-            steps = json.loads(task.steps)
-            failed_step = next((s["migration_id"] for s in steps if s["status"] == "failed"), None)
+            failed_step = _result(task).failed_migration
             summary.errors.append(FleetFailure(task.clerk_id, failed_step, task.error or ""))
     else:
         summary.errors = [
