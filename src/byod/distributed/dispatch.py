@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from byod.controlplane import Claim, DispatchRow, RunStore, TaskEnd, TaskStore
 from byod.errors import ByodError, ControlPlaneError, SettingsError
 from byod.fleet import Settled
-from byod.fleet.halt import halt_reason
+from byod.fleet.halt import canary_over, canary_room, halt_reason
 from byod.registry import Registry
 from byod.results import steps_to_json
 from byod.settings import safe_url
@@ -158,14 +158,13 @@ def _decide(run: DispatchRow) -> tuple[str | None, int]:
 
 
 def _halt(run: DispatchRow) -> str | None:
-    canary = run.spec.options.canary
-    wave_ended = run.dispatched == canary or (run.exhausted and run.dispatched < canary)
+    options = run.spec.options
     return halt_reason(
-        run.spec.options,
+        options,
         succeeded=run.succeeded,
         failed=run.failed,
         started=run.dispatched,
-        canary_over=wave_ended and not run.in_flight,
+        canary_over=canary_over(options, run.dispatched, run.in_flight, run.exhausted),
     )
 
 
@@ -182,13 +181,11 @@ def _top_up_due(run: DispatchRow) -> bool:
 def _room(run: DispatchRow) -> int:
     """How many users to hand out now."""
     options = run.spec.options
-    cap, canary = options.concurrency, options.canary
-    in_flight, dispatched = run.in_flight, run.dispatched
+    cap, in_flight, dispatched = options.concurrency, run.in_flight, run.dispatched
     room = cap - in_flight
-    if canary and dispatched < canary:
-        return min(room, canary - dispatched)
-    if canary and dispatched == canary and in_flight:
-        return 0  # the canary wave must end before the rest starts
+    wave = canary_room(options, dispatched, in_flight)
+    if wave is not None:
+        return min(room, wave)
     limit = run.spec.selection.limit
     if limit is not None:
         room = min(room, limit - dispatched)

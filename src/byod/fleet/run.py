@@ -26,7 +26,7 @@ from concurrent.futures import (
 
 from byod.controlplane import RunStore, User
 from byod.errors import ByodError, ControlPlaneError, InputError, IrreversibleError
-from byod.fleet.halt import halt_reason
+from byod.fleet.halt import canary_over, canary_room, halt_reason
 from byod.fleet.outcome import Settled, settle
 from byod.fleet.pools import ProcessPool, WorkerSetup, in_worker
 from byod.fleet.selection import Item, limited, outdated, require_key, size_selection
@@ -233,12 +233,12 @@ class _FleetRun:
         return ProcessPool(self.options.processes, setup)
 
     def _feed(self, pool: Executor, remaining: Iterator[Item]) -> None:
-        summary, canary = self.summary, self.options.canary
+        summary, options = self.summary, self.options
         submitted = 0
         for item in remaining:
             self.waiting = item  # taken from the selection, not submitted yet
-            if canary and submitted == canary and summary.state == "running":
-                self._collect(ALL_COMPLETED)
+            if canary_room(options, submitted, len(self.in_flight)) == 0:
+                self._collect(ALL_COMPLETED)  # the canary wave ends before anyone else starts
                 self._check_halt(started=submitted, canary_over=True)
             while summary.state == "running" and len(self.in_flight) >= self.workers:
                 self._collect(FIRST_COMPLETED)
@@ -262,7 +262,8 @@ class _FleetRun:
             self.waiting = None
             submitted += 1
         self._collect(ALL_COMPLETED)
-        self._check_halt(started=submitted, canary_over=submitted <= canary)
+        over = canary_over(options, submitted, 0, exhausted=True)
+        self._check_halt(started=submitted, canary_over=over)
 
     def _collect(self, return_when: str) -> None:
         done, _ = wait(self.in_flight, return_when=return_when)
