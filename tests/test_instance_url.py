@@ -397,7 +397,8 @@ def test_mysql_tls_modes_are_byods_own(ws: Workspace, mysql: ServerDatabases) ->
 
 
 def test_every_supported_instance_kind_has_its_dialect() -> None:
-    from byod.instance_url import SUPPORTED_KINDS
+    from byod.instance_url import ALLOWED_OPTIONS, SUPPORTED_KINDS
     from byod.targets.dialects import DIALECTS
 
     assert set(DIALECTS) == set(SUPPORTED_KINDS)  # the policy's list is the one list
+    assert set(ALLOWED_OPTIONS) == set(SUPPORTED_KINDS)

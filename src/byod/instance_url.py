@@ -41,8 +41,14 @@ MYSQL_SSL_MODES = ("disabled", "preferred", "required", "verify_ca", "verify_ide
 _PG_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _TIMEOUT = re.compile(r"[0-9]{1,6}")
 
-#: Per dialect: the query options an instance URL may carry, each with its check.
-#: ``connect_timeout`` is accepted for old URLs but byod's own ``--timeout`` wins.
+_MYSQL_OPTIONS: Mapping[str, re.Pattern[str] | tuple[str, ...]] = {
+    "ssl_mode": MYSQL_SSL_MODES + tuple(mode.upper() for mode in MYSQL_SSL_MODES),
+    "charset": re.compile(r"[A-Za-z0-9_]{1,32}"),
+    "connect_timeout": _TIMEOUT,
+}
+#: Per supported kind (the keys are :data:`SUPPORTED_KINDS`): the query options an
+#: instance URL may carry, each with its check. ``connect_timeout`` is accepted for old
+#: URLs but byod's own ``--timeout`` wins.
 ALLOWED_OPTIONS: Mapping[str, Mapping[str, re.Pattern[str] | tuple[str, ...]]] = {
     "sqlite": {},
     "postgresql": {
@@ -59,11 +65,8 @@ ALLOWED_OPTIONS: Mapping[str, Mapping[str, re.Pattern[str] | tuple[str, ...]]] =
         ),
         "connect_timeout": _TIMEOUT,
     },
-    "mysql": {
-        "ssl_mode": MYSQL_SSL_MODES + tuple(mode.upper() for mode in MYSQL_SSL_MODES),
-        "charset": re.compile(r"[A-Za-z0-9_]{1,32}"),
-        "connect_timeout": _TIMEOUT,
-    },
+    "mysql": _MYSQL_OPTIONS,
+    "mariadb": _MYSQL_OPTIONS,
 }
 
 _FILES = "reads a file of the byod machine (a CA file comes from BYOD_INSTANCE_SSL_CA)"
@@ -147,7 +150,7 @@ def check_instance_url(url: URL, policy: InstancePolicy) -> None:
             )
     else:
         _check_host(url, kind)
-    allowed = ALLOWED_OPTIONS["mysql" if kind == "mariadb" else kind]
+    allowed = ALLOWED_OPTIONS[kind]
     for name, value in url.query.items():
         _check_option(kind, allowed, name, value)
 
