@@ -229,7 +229,7 @@ def create_app(ws: Workspace, auth: AuthSettings, http: HttpSettings | None = No
     app.state.runs = BackgroundRuns(ws)
     problems.install(app)
     app.include_router(router)
-    install_dashboard(app, ws, authenticator)
+    install_dashboard(app)
     app.add_middleware(
         Guard,
         authenticator=authenticator,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from html import escape
 from urllib.parse import parse_qs, quote
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -157,86 +157,110 @@ def _cross_site(request: Request) -> bool:
     return request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none")
 
 
-def install_dashboard(app: FastAPI, ws: Workspace, authenticator: Authenticator) -> None:
-    """Add the /dashboard pages (not part of the OpenAPI document)."""
-    rule = authenticator.operator_rule
+router = APIRouter(include_in_schema=False)
 
-    def sign_in(message: str = "", status_code: int = 200) -> Response:
-        return HTMLResponse(_sign_in(message, rule), status_code=status_code)
 
-    def refused(request: Request) -> Response | None:
-        """None when an operator's cookie came with the request, else the page to show."""
-        token = request.cookies.get(COOKIE)
-        if not token:
-            return sign_in()
-        try:
-            principal = authenticator.verify(token)
-        except AuthError:
-            return sign_in()
-        except KeysUnavailableError as exc:
-            return sign_in(f"cannot check tokens now: {exc.message}", 503)
-        request.state.principal = principal  # for the access log
-        return None if principal.admin else sign_in()
+def install_dashboard(app: FastAPI) -> None:
+    """Add the /dashboard pages (not part of the OpenAPI document); they use the app's
+    workspace and authenticator (``app.state``)."""
+    app.include_router(router)
 
-    @app.get("/dashboard", include_in_schema=False)
-    def dashboard(request: Request) -> Response:
-        if (page := refused(request)) is not None:
-            return page
-        return HTMLResponse(_overview(commands.status(ws), commands.list_runs(ws, limit=10)))
 
-    @app.post("/dashboard/login", include_in_schema=False)
-    async def login(request: Request) -> Response:
-        if _cross_site(request):
-            return sign_in("cross-site sign-in refused", 403)
-        body = await request.body()  # at most BYOD_API_MAX_BODY: the Guard read it
-        if len(body) > _MAX_TOKEN:
-            return sign_in(f"a token is at most {_MAX_TOKEN} bytes", 413)
-        token = (parse_qs(body.decode(errors="replace")).get("token") or [""])[0].strip()
-        try:
-            principal = await run_in_threadpool(authenticator.verify, token)
-        except AuthError as exc:
-            return sign_in(exc.message, 401)
-        except KeysUnavailableError as exc:
-            return sign_in(f"cannot check tokens now: {exc.message}", 503)
-        request.state.principal = principal
-        if not principal.admin:
-            return sign_in(f"operators only ({rule})", 403)
-        response = RedirectResponse("/dashboard", status_code=303)
-        response.set_cookie(
-            COOKIE,
-            token,
-            httponly=True,
-            samesite="strict",
-            path="/dashboard",
-            secure=request.url.scheme == "https",
-        )
-        return response
+def _ws(request: Request) -> Workspace:
+    ws: Workspace = request.app.state.ws
+    return ws
 
-    @app.post("/dashboard/logout", include_in_schema=False)
-    def logout(request: Request) -> Response:
-        if _cross_site(request):
-            return HTMLResponse(_page("byod", "<p>cross-site sign-out refused</p>"), 403)
-        response = RedirectResponse("/dashboard", status_code=303)
-        response.delete_cookie(
-            COOKIE,
-            path="/dashboard",
-            httponly=True,
-            samesite="strict",
-            secure=request.url.scheme == "https",
-        )
-        return response
 
-    @app.get("/dashboard/users", include_in_schema=False)
-    def find_user(user: str = "") -> Response:
-        # matched exactly, as everywhere: never trimmed; any character, "/" too
-        return RedirectResponse(f"/dashboard/users/{quote(user or '-', safe='')}", 303)
+def _authenticator(request: Request) -> Authenticator:
+    authenticator: Authenticator = request.app.state.authenticator
+    return authenticator
 
-    @app.get("/dashboard/users/{user:path}", include_in_schema=False)
-    def user_page(request: Request, user: str) -> Response:
-        if (page := refused(request)) is not None:
-            return page
-        try:
-            found, rows = commands.user_history(ws, user, limit=200)
-        except ByodError as exc:
-            return HTMLResponse(_page("byod", f"<p>{escape(exc.message)}</p>"), status_code=404)
-        return HTMLResponse(_history(f"{found.id} ({found.clerk_id})", rows))
+
+def _sign_in_page(request: Request, message: str = "", status_code: int = 200) -> Response:
+    rule = _authenticator(request).operator_rule
+    return HTMLResponse(_sign_in(message, rule), status_code=status_code)
+
+
+def _refused(request: Request) -> Response | None:
+    """None when an operator's cookie came with the request, else the page to show."""
+    token = request.cookies.get(COOKIE)
+    if not token:
+        return _sign_in_page(request)
+    try:
+        principal = _authenticator(request).verify(token)
+    except AuthError:
+        return _sign_in_page(request)
+    except KeysUnavailableError as exc:
+        return _sign_in_page(request, f"cannot check tokens now: {exc.message}", 503)
+    request.state.principal = principal  # for the access log
+    return None if principal.admin else _sign_in_page(request)
+
+
+@router.get("/dashboard")
+def dashboard(request: Request) -> Response:
+    if (page := _refused(request)) is not None:
+        return page
+    ws = _ws(request)
+    return HTMLResponse(_overview(commands.status(ws), commands.list_runs(ws, limit=10)))
+
+
+@router.post("/dashboard/login")
+async def login(request: Request) -> Response:
+    if _cross_site(request):
+        return _sign_in_page(request, "cross-site sign-in refused", 403)
+    body = await request.body()  # at most BYOD_API_MAX_BODY: the Guard read it
+    if len(body) > _MAX_TOKEN:
+        return _sign_in_page(request, f"a token is at most {_MAX_TOKEN} bytes", 413)
+    token = (parse_qs(body.decode(errors="replace")).get("token") or [""])[0].strip()
+    authenticator = _authenticator(request)
+    try:
+        principal = await run_in_threadpool(authenticator.verify, token)
+    except AuthError as exc:
+        return _sign_in_page(request, exc.message, 401)
+    except KeysUnavailableError as exc:
+        return _sign_in_page(request, f"cannot check tokens now: {exc.message}", 503)
+    request.state.principal = principal
+    if not principal.admin:
+        return _sign_in_page(request, f"operators only ({authenticator.operator_rule})", 403)
+    response = RedirectResponse("/dashboard", status_code=303)
+    response.set_cookie(
+        COOKIE,
+        token,
+        httponly=True,
+        samesite="strict",
+        path="/dashboard",
+        secure=request.url.scheme == "https",
+    )
+    return response
+
+
+@router.post("/dashboard/logout")
+def logout(request: Request) -> Response:
+    if _cross_site(request):
+        return HTMLResponse(_page("byod", "<p>cross-site sign-out refused</p>"), 403)
+    response = RedirectResponse("/dashboard", status_code=303)
+    response.delete_cookie(
+        COOKIE,
+        path="/dashboard",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+    return response
+
+
+@router.get("/dashboard/users")
+def find_user(user: str = "") -> Response:
+    # matched exactly, as everywhere: never trimmed; any character, "/" too
+    return RedirectResponse(f"/dashboard/users/{quote(user or '-', safe='')}", 303)
+
+
+@router.get("/dashboard/users/{user:path}")
+def user_page(request: Request, user: str) -> Response:
+    if (page := _refused(request)) is not None:
+        return page
+    try:
+        found, rows = commands.user_history(_ws(request), user, limit=200)
+    except ByodError as exc:
+        return HTMLResponse(_page("byod", f"<p>{escape(exc.message)}</p>"), status_code=404)
+    return HTMLResponse(_history(f"{found.id} ({found.clerk_id})", rows))
