@@ -5,19 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cached_property
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
-from byod.controlplane import Directory, open_engine
-from byod.controlplane.schema import metadata
+from byod.controlplane import Directory, open_engine, require_tables
 from byod.crypto import KeySource, Sealer, load_sealer
-from byod.errors import ControlPlaneError, SettingsError
+from byod.errors import SettingsError
 from byod.notify import load_notifier
 from byod.registry import Registry
 from byod.runner import Runner
-from byod.settings import Settings, normalize_url, safe_url
+from byod.settings import Settings
 
 if TYPE_CHECKING:  # the distributed core is imported only by what runs it
     from byod.distributed import Broker
@@ -45,6 +43,7 @@ class Workspace:
         self.settings = settings
         self._create_key = create_key
         self._broker_factory = broker
+        self._tables_checked = False
         self.key_source: KeySource | None = None
 
     @cached_property
@@ -89,17 +88,8 @@ class Workspace:
         )
 
     def require_tables(self) -> None:
-        """Raise :class:`ControlPlaneError` unless ``byod init`` has run on this control plane."""
-        url = normalize_url(self.settings.database_url)
-        where = safe_url(url)
-        if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
-            raise ControlPlaneError(f"no control plane at {where}: run `byod init` first")
-        try:
-            present = set(sa.inspect(self.engine).get_table_names())
-        except sa.exc.SQLAlchemyError as exc:
-            raise ControlPlaneError(f"cannot reach the control plane {where}") from exc
-        missing = sorted(set(metadata.tables) - present)
-        if missing:
-            raise ControlPlaneError(
-                f"the control plane {where} lacks {', '.join(missing)}: run `byod init`"
-            )
+        """Raise :class:`ControlPlaneError` unless ``byod init`` has run on this control
+        plane (checked once per workspace: a long-lived service does not ask again)."""
+        if not self._tables_checked:
+            require_tables(self.engine)
+            self._tables_checked = True

@@ -23,7 +23,7 @@ from byod.controlplane.run_records import (
     TaskEnd,
 )
 from byod.controlplane.runs import RunStore, TaskStore
-from byod.controlplane.schema import create_tables, open_engine
+from byod.controlplane.schema import create_tables, open_engine, require_tables
 
 __all__ = [
     "Claim",
@@ -51,4 +51,5 @@ __all__ = [
     "iter_outdated",
     "open_engine",
     "outdated_query",
+    "require_tables",
 ]

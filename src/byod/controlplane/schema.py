@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import secrets
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -210,6 +211,23 @@ def _sqlite_pragmas(dbapi_connection: sqlite3.Connection, _record: object) -> No
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def require_tables(engine: sa.Engine) -> None:
+    """Raise :class:`ControlPlaneError` unless ``byod init`` has made every table here."""
+    url = engine.url
+    where = safe_url(url)
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        raise ControlPlaneError(f"no control plane at {where}: run `byod init` first")
+    try:
+        present = set(sa.inspect(engine).get_table_names())
+    except SQLAlchemyError as exc:
+        raise ControlPlaneError(f"cannot reach the control plane {where}") from exc
+    missing = sorted(set(metadata.tables) - present)
+    if missing:
+        raise ControlPlaneError(
+            f"the control plane {where} lacks {', '.join(missing)}: run `byod init`"
+        )
 
 
 def create_tables(engine: sa.Engine) -> None:
