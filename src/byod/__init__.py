@@ -4,7 +4,7 @@ The public surface is re-exported here; everything else is an implementation det
 """
 
 from byod.errors import ByodError
-from byod.registry import Migration, MigrationContext, Plan, Registry, Step
+from byod.registry import Backfill, Migration, MigrationContext, Plan, Registry, Step
 
-__all__ = ["ByodError", "Migration", "MigrationContext", "Plan", "Registry", "Step"]
+__all__ = ["Backfill", "ByodError", "Migration", "MigrationContext", "Plan", "Registry", "Step"]
 __version__ = "0.1.0"

@@ -12,10 +12,10 @@ import importlib.util
 import logging
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from byod.errors import PlanError, RegistryError
 
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
 
 __all__ = [
+    "Backfill",
+    "BatchFn",
     "Direction",
     "Migration",
     "MigrationContext",
@@ -56,12 +58,39 @@ class MigrationContext:
 MigrationFn = Callable[[MigrationContext], None]
 
 
+#: What a backfill does with one batch: the batch's rows (key first, then ``columns``),
+#: inside the batch's own instance transaction (``ctx.conn``).
+BatchFn = Callable[[MigrationContext, Sequence[Any]], None]
+
+
+@dataclass(frozen=True)
+class Backfill:
+    """A data change over a whole table, in batches: rows are walked in ``key`` order,
+    ``batch_size`` at a time, and ``apply`` is called for each batch inside its own short
+    instance transaction, which also records the batch's cursor (last key, rows done) in
+    the instance. A batch is therefore applied exactly once, and a step interrupted
+    between batches resumes after the last one committed."""
+
+    table: str
+    key: str
+    apply: BatchFn
+    columns: tuple[str, ...] = ()
+    batch_size: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise RegistryError(f"backfill of {self.table}: batch_size must be at least 1")
+
+
 @dataclass(frozen=True)
 class Migration:
     """One versioned step of the app's BYOD schema.
 
-    ``up`` moves an instance from ``version - 1`` to ``version``; ``down``, when given,
-    undoes it. ``checksum`` is filled in by the loader from the file's bytes.
+    ``up`` moves an instance from ``version - 1`` to ``version`` (the schema change, one
+    transaction); ``backfills`` then change its data in batches (many short
+    transactions), and ``finalize`` (one transaction) ends the step, with its stamp.
+    ``down``, when given, undoes it. ``checksum`` is filled in by the loader from the
+    file's bytes.
     """
 
     id: str
@@ -70,12 +99,22 @@ class Migration:
     description: str
     up: MigrationFn
     down: MigrationFn | None = None
+    backfills: tuple[Backfill, ...] = ()
+    finalize: MigrationFn | None = None
     checksum: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "backfills", tuple(self.backfills))  # a list is fine too
 
     @property
     def reversible(self) -> bool:
         """Whether this migration can be rolled back."""
         return self.down is not None
+
+    @property
+    def phased(self) -> bool:
+        """Whether going up takes several transactions (backfills, or a finalize)."""
+        return bool(self.backfills) or self.finalize is not None
 
 
 @dataclass(frozen=True)
@@ -245,6 +284,10 @@ def _load_file(path: Path) -> Migration:
         raise RegistryError(f"{path}: `up` must be a function taking ctx")
     if migration.down is not None and not callable(migration.down):
         raise RegistryError(f"{path}: `down` must be a function taking ctx, or None")
+    if migration.finalize is not None and not callable(migration.finalize):
+        raise RegistryError(f"{path}: `finalize` must be a function taking ctx, or None")
+    if not all(isinstance(b, Backfill) and callable(b.apply) for b in migration.backfills):
+        raise RegistryError(f"{path}: `backfills` must be Backfill(...) entries")
     return replace(migration, checksum=hashlib.sha256(source).hexdigest())
 
 

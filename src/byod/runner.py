@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 
+from byod.context import Bodies
 from byod.controlplane import Config, Directory, Ledger, User
 from byod.controlplane.schema import control_plane_id
 from byod.credentials import Credentials, open_instance, unseal_config
@@ -28,14 +29,14 @@ from byod.errors import (
     DriftError,
     InstanceError,
     IrreversibleError,
-    MigrationFailedError,
     NotConnectedError,
     SettingsError,
     UnreachableError,
 )
 from byod.instance_url import InstancePolicy
 from byod.notify import Notice, Notifier, log_notice, safe_notify
-from byod.registry import Direction, MigrationContext, Plan, Registry, Step
+from byod.phased import Batching, PhaseBodies, run_phased
+from byod.registry import Direction, Plan, Registry, Step
 from byod.results import StepResult, UserResult, check_stamp
 from byod.targets import StampEntry, Target
 
@@ -77,6 +78,7 @@ class Runner:
         owner: str | None = None,
         opener: TargetOpener = _default_opener,
         policy: InstancePolicy | None = None,
+        batching: Batching = Batching(),
     ) -> None:
         self.engine = engine
         self.registry = registry
@@ -92,6 +94,7 @@ class Runner:
         self._opener = opener
         #: what instance URLs may ask (checked again each time one is unsealed)
         self.policy = policy or InstancePolicy()
+        self.batching = batching
 
     def configured(
         self,
@@ -100,9 +103,10 @@ class Runner:
         timeout: float | None,
         lease_seconds: float,
         owner: str | None = None,
+        batching: Batching | None = None,
     ) -> Runner:
         """A runner like this one for one fleet run: its id, timeout and lease length
-        (and, given one, the name its leases are held under)."""
+        (and, given them, the name its leases are held under and how backfills go)."""
         return Runner(
             self.engine,
             self.registry,
@@ -115,6 +119,7 @@ class Runner:
             owner=owner or self.owner,
             opener=self._opener,
             policy=self.policy,
+            batching=batching or self.batching,
         )
 
     # -- public --------------------------------------------------------------------------
@@ -335,7 +340,7 @@ class Runner:
             )
             started = time.perf_counter()
             try:
-                applied = target.apply(step, self._body(user, step), deadline)
+                applied = self._apply(user, step, target, deadline)
             except ByodError as exc:
                 seconds = time.perf_counter() - started
                 failure = self._step_failed(user, plan, index, exc, credentials, attempt, seconds)
@@ -407,37 +412,22 @@ class Runner:
         )
         return UserResult(user.id, user.clerk_id, 0, 0, tuple(steps), failure)
 
-    def _body(self, user: User, step: Step) -> Callable[[sa.Connection], None]:
-        function = step.migration.up if step.direction == "up" else step.migration.down
-        assert function is not None  # irreversible plans are refused before this
-        logger = logging.LoggerAdapter(
-            logging.getLogger("byod.migration"),
-            {"user_id": user.id, "migration_id": step.migration.id},
+    def _apply(self, user: User, step: Step, target: Target, deadline: float | None) -> bool:
+        """One step: in one transaction, or phased (backfills), each phase bounded on its
+        own by the timeout."""
+        bodies = Bodies(self.engine, user)
+        migration = step.migration
+        if step.direction == "down" or not migration.phased:
+            return target.apply(step, bodies.step(step), deadline)
+        finalize = migration.finalize
+        phases = PhaseBodies(
+            schema=bodies.step(step),
+            batch=lambda index: bodies.batch(step, index),
+            finalize=bodies.step(step, finalize) if finalize else (lambda conn: None),
         )
-
-        def body(conn: sa.Connection) -> None:
-            # imported here: a run with nothing to migrate never pays for Alembic's import
-            from alembic.operations import Operations
-            from alembic.runtime.migration import MigrationContext as AlembicContext
-
-            operations = Operations(AlembicContext.configure(connection=conn))
-            context = MigrationContext(
-                conn=conn,
-                op=operations,
-                main=self.engine,
-                user_id=user.id,
-                clerk_id=user.clerk_id,
-                log=logger,
-            )
-            try:
-                function(context)
-            except SystemExit as exc:  # never the end of the process: the step's failure
-                raise MigrationFailedError(
-                    f"{step.migration.id} called sys.exit({exc.code!r}); a migration must "
-                    "return or raise"
-                ) from exc
-
-        return body
+        return run_phased(
+            target, step, phases, timeout=self.timeout, batching=self.batching, user_id=user.id
+        )
 
     # -- helpers -------------------------------------------------------------------------
 

@@ -59,6 +59,9 @@ class FleetOptions:
     #: >1: that many worker processes, one user each at a time, instead of threads
     #: (for CPU-bound fleets such as local SQLite files: Python threads share one core)
     processes: int = 1
+    #: rows per backfill batch (None: each backfill's own), and seconds between batches
+    batch_size: int | None = None
+    batch_pause: float = 0.0
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -73,6 +76,10 @@ class FleetOptions:
             raise InputError("--timeout must be positive")
         if self.lease_seconds <= 0:
             raise InputError("--lease-seconds must be positive")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise InputError("--batch-size must be at least 1")
+        if self.batch_pause < 0:
+            raise InputError("--batch-pause cannot be negative")
 
     def backoff(self, attempt: int) -> float:
         """Seconds before retry ``attempt`` (0-based): exponential, capped, half jittered."""

@@ -226,12 +226,40 @@ def fleet_options(**given: float | None) -> FleetOptions:
 
 
 def single_options(
-    retries: int | None, timeout: float | None, lease_seconds: float | None
+    retries: int | None,
+    timeout: float | None,
+    lease_seconds: float | None,
+    **batching: float | None,
 ) -> FleetOptions:
     """One USER: no retries unless asked (an operator is watching), the rest as a fleet."""
     return fleet_options(
-        retries=0 if retries is None else retries, timeout=timeout, lease_seconds=lease_seconds
+        retries=0 if retries is None else retries,
+        timeout=timeout,
+        lease_seconds=lease_seconds,
+        **batching,
     )
+
+
+BatchSize = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size",
+        metavar="ROWS",
+        min=1,
+        max=1_000_000,
+        help="Rows per backfill batch [default: each backfill's own].",
+    ),
+]
+BatchPause = Annotated[
+    float | None,
+    typer.Option(
+        "--batch-pause",
+        metavar="SECONDS",
+        min=0,
+        max=3600,
+        help="Pause between backfill batches on one instance (a throttle).",
+    ),
+]
 
 
 def refuse_fleet_only(**given: object) -> None:

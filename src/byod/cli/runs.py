@@ -14,6 +14,8 @@ from byod.cli import progress, render
 from byod.cli.base import (
     MAX_INT,
     All,
+    BatchPause,
+    BatchSize,
     Canary,
     Concurrency,
     DatabaseUrl,
@@ -91,6 +93,8 @@ def migrate(
     canary: Canary = None,
     max_failure_ratio: MaxFailureRatio = None,
     processes: Processes = None,
+    batch_size: BatchSize = None,
+    batch_pause: BatchPause = None,
     users: Annotated[
         str | None,
         typer.Option(
@@ -153,7 +157,9 @@ def migrate(
             only_version=only_version,
             limit=limit,
         )
-        single = single_options(retries, timeout, lease_seconds)
+        single = single_options(
+            retries, timeout, lease_seconds, batch_size=batch_size, batch_pause=batch_pause
+        )
         result = commands.migrate_user(ws, target, to_version=to, options=single)
         progress.finish_user(out, err, result, json_out, "migrated")
         return
@@ -167,6 +173,8 @@ def migrate(
         canary=canary,
         max_failure_ratio=max_failure_ratio,
         processes=processes,
+        batch_size=batch_size,
+        batch_pause=batch_pause,
     )
     refs = user_list(users)
     selection = Selection(

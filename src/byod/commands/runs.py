@@ -25,6 +25,7 @@ from byod.distributed import (
 )
 from byod.errors import ControlPlaneError, DriftError, InputError
 from byod.fleet import FleetEvent, FleetSummary, attempt
+from byod.phased import Batching
 from byod.registry import Plan
 from byod.results import UserResult
 from byod.runner import Runner
@@ -101,7 +102,10 @@ def migrate_user(
 
 def _single_runner(ws: Workspace, options: FleetOptions) -> Runner:
     return ws.runner().configured(
-        run_id=None, timeout=options.timeout, lease_seconds=options.lease_seconds
+        run_id=None,
+        timeout=options.timeout,
+        lease_seconds=options.lease_seconds,
+        batching=Batching.of(options),
     )
 
 

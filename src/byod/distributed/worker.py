@@ -23,6 +23,7 @@ from byod.credentials import unseal_config
 from byod.distributed.dispatch import Dispatcher, registry_digest
 from byod.errors import BusyError, ByodError, ControlPlaneError
 from byod.fleet import FleetFailure, Settled, settle
+from byod.phased import Batching
 from byod.runner import Runner
 
 __all__ = ["TaskHandler", "worker_name"]
@@ -91,6 +92,7 @@ class TaskHandler:
             timeout=options.timeout,
             lease_seconds=options.lease_seconds,
             owner=f"{run_id}:{self.name}"[:64],
+            batching=Batching.of(options),
         )
         # a control plane out of reach is not the user's failure: the task waits for it
         return settle(

@@ -18,6 +18,7 @@ from pathlib import Path
 from byod.controlplane import User
 from byod.fleet.outcome import Settled, settle
 from byod.instance_url import InstancePolicy
+from byod.phased import Batching
 from byod.runner import Runner
 from byod.spec import FleetOptions
 
@@ -64,6 +65,7 @@ def _start_worker(setup: WorkerSetup) -> None:
         run_id=setup.run_id,
         owner=f"{setup.owner}-{os.getpid()}",
         policy=setup.policy,
+        batching=Batching.of(setup.options),
     )
     _worker = (runner, setup.options)
 

@@ -32,6 +32,7 @@ from byod.fleet.pools import ProcessPool, WorkerSetup, in_worker
 from byod.fleet.selection import Item, limited, outdated, require_key, size_selection
 from byod.fleet.summary import FleetEvent, FleetStarted, FleetSummary, UserFinished
 from byod.notify import log_notice
+from byod.phased import Batching
 from byod.runner import Runner
 from byod.spec import FleetOptions, RunSpec, Selection
 
@@ -129,7 +130,10 @@ def _execute(
     summary.run_id = store.start(action, spec, started_by=started_by)
     options = spec.options
     runner = base.configured(
-        run_id=summary.run_id, timeout=options.timeout, lease_seconds=options.lease_seconds
+        run_id=summary.run_id,
+        timeout=options.timeout,
+        lease_seconds=options.lease_seconds,
+        batching=Batching.of(options),
     )
     store.progress(summary.run_id, summary.counts(), planned=total + summary.total)
     on_event(FleetStarted(summary.run_id, total + summary.total))

@@ -7,16 +7,19 @@ lock. It translates driver errors into byod's errors at this boundary.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import sqlalchemy as sa
 
-from byod.registry import Step
+from byod.registry import Backfill, Step
 
-__all__ = ["CONTROL_PLANE_TABLE", "StampEntry", "StepBody", "Target"]
+if TYPE_CHECKING:
+    from byod.targets.backfill import Batch, Progress
+
+__all__ = ["CONTROL_PLANE_TABLE", "BatchBody", "Phase", "StampEntry", "StepBody", "Target"]
 
 #: The table whose one row names a byod control plane (written by ``byod init``); a
 #: database that holds it with the control plane's id is never migrated as an instance.
@@ -24,6 +27,12 @@ CONTROL_PLANE_TABLE = "byod_control_plane"
 
 #: The work of one step, run inside the instance transaction (``up`` or ``down``).
 StepBody = Callable[[sa.Connection], None]
+#: The work of one backfill batch: the connection, and the batch's rows.
+BatchBody = Callable[[sa.Connection, Sequence[Any]], None]
+#: Which part of a step one transaction does: the whole step with its stamp; a phased
+#: step's schema change (its backfills' progress starts, no stamp yet); or its finalize
+#: (the progress ends, the stamp is written).
+Phase = Literal["whole", "schema", "finalize"]
 
 
 @dataclass(frozen=True)
@@ -43,8 +52,11 @@ class Target(Protocol):
         """What the instance says is applied, oldest first."""
         ...
 
-    def apply(self, step: Step, body: StepBody, deadline: float | None = None) -> bool:
-        """Run ``body`` and record ``step`` in the stamp, in one locked transaction.
+    def apply(
+        self, step: Step, body: StepBody, deadline: float | None = None, phase: Phase = "whole"
+    ) -> bool:
+        """Run ``body`` and record ``step`` in the stamp, in one locked transaction (for a
+        phased step's ``schema`` phase: start its progress instead of the stamp).
 
         ``deadline`` (a ``time.monotonic()`` value) bounds the work; past it the
         transaction is stopped and rolled back with ``InstanceTimeoutError``.
@@ -54,6 +66,23 @@ class Target(Protocol):
         instance lock, ``MigrationFailedError`` when ``body`` raises (everything rolled
         back), ``UnreachableError`` when the connection drops.
         """
+        ...
+
+    def read_progress(self, step: Step) -> Progress | None:
+        """Where a phased step in progress stands (None: its schema change is not done)."""
+        ...
+
+    def apply_batch(
+        self,
+        step: Step,
+        index: int,
+        work: Backfill,
+        batch_size: int,
+        body: BatchBody,
+        deadline: float | None = None,
+    ) -> Batch:
+        """Apply the next batch of backfill ``index`` and move its cursor, in one locked
+        transaction (``MigrationFailedError`` names the batch's keys)."""
         ...
 
     def clear_dirty(self) -> list[str]:

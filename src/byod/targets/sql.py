@@ -14,6 +14,7 @@ import functools
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -34,9 +35,10 @@ from byod.errors import (
     UnreachableError,
 )
 from byod.instance_url import SUPPORTED_KINDS
-from byod.registry import Step
+from byod.registry import Backfill, Step
 from byod.settings import safe_url
-from byod.targets.base import CONTROL_PLANE_TABLE, StampEntry, StepBody
+from byod.targets import backfill
+from byod.targets.base import CONTROL_PLANE_TABLE, BatchBody, Phase, StampEntry, StepBody
 from byod.targets.dialects import DIALECTS, STAMP_TABLE, Dialect, table_exists, timed_out
 
 __all__ = ["STAMP_TABLE", "SqlTarget", "describe_error", "open_target"]
@@ -224,26 +226,95 @@ class SqlTarget:
             )
         return stamp
 
-    def apply(self, step: Step, body: StepBody, deadline: float | None = None) -> bool:
+    def apply(
+        self,
+        step: Step,
+        body: StepBody,
+        deadline: float | None = None,
+        phase: Phase = "whole",
+    ) -> bool:
         """See :meth:`byod.targets.base.Target.apply`."""
-        timeout_ms = None
-        if deadline is not None:
-            timeout_ms = int((deadline - time.monotonic()) * 1000)
-            if timeout_ms <= 0:
-                raise InstanceTimeoutError(f"the timeout ran out before {step.migration.id}")
-        # the step's own bound: its deadline (and a grace for the server's timeout to
+        timeout_ms = self._timeout_ms(step, deadline)
+        with self._bounded(timeout_ms):
+            return self._apply(step, body, deadline, timeout_ms, phase)
+
+    def read_progress(self, step: Step) -> backfill.Progress | None:
+        """See :meth:`byod.targets.base.Target.read_progress`."""
+        try:
+            with self._dialect.reading(self._conn):
+                exists = self._conn.execute(table_exists(self._dialect, backfill.PROGRESS_TABLE))
+                return backfill.read(self._conn, step, bool(exists.scalar()))
+        except SQLAlchemyError as exc:
+            raise self._lost("reading the step's progress", exc) from exc
+
+    def apply_batch(
+        self,
+        step: Step,
+        index: int,
+        work: Backfill,
+        batch_size: int,
+        body: BatchBody,
+        deadline: float | None = None,
+    ) -> backfill.Batch:
+        """See :meth:`byod.targets.base.Target.apply_batch`."""
+        timeout_ms = self._timeout_ms(step, deadline)
+        with self._bounded(timeout_ms):
+            try:
+                transaction = self._conn.begin()
+            except SQLAlchemyError as exc:
+                raise self._busy_or_lost(exc) from exc
+            try:
+                self._dialect.lock(self._conn, timeout_ms)
+                done = backfill.run_batch(
+                    self._conn,
+                    step,
+                    index,
+                    work,
+                    batch_size,
+                    lambda conn, rows: self._run_body(step, lambda c: body(c, rows)),
+                )
+            except DBAPIError as exc:
+                self._rollback_quietly(transaction)
+                if timed_out(exc):
+                    raise _timeout(step, exc) from exc
+                raise self._busy_or_lost(exc) from exc
+            except BaseException:
+                self._rollback_quietly(transaction)
+                raise
+            try:
+                transaction.commit()
+            except SQLAlchemyError as exc:
+                raise self._lost(f"committing a batch of {step.migration.id}", exc) from exc
+            return done
+
+    def _timeout_ms(self, step: Step, deadline: float | None) -> int | None:
+        if deadline is None:
+            return None
+        timeout_ms = int((deadline - time.monotonic()) * 1000)
+        if timeout_ms <= 0:
+            raise InstanceTimeoutError(f"the timeout ran out before {step.migration.id}")
+        return timeout_ms
+
+    @contextlib.contextmanager
+    def _bounded(self, timeout_ms: int | None) -> Iterator[None]:
+        # the transaction's own bound: its deadline (and a grace for the server's timeout to
         # speak first), or none at all; a long migration is never cut by the connect timeout
         step_io = None if timeout_ms is None else timeout_ms / 1000 + _DEADLINE_GRACE
         self._dialect.io_timeout(self._conn, step_io)
         try:
-            return self._apply(step, body, deadline, timeout_ms)
+            yield
         finally:
             self._dialect.io_timeout(self._conn, self._io_timeout)
             # after the commit or rollback: a session lock (MySQL) outlives transactions
             self._dialect.lock_cleanup(self._conn)
 
     def _apply(
-        self, step: Step, body: StepBody, deadline: float | None, timeout_ms: int | None
+        self,
+        step: Step,
+        body: StepBody,
+        deadline: float | None,
+        timeout_ms: int | None,
+        phase: Phase,
     ) -> bool:
         guarded = self._dialect.non_transactional_ddl
         try:
@@ -254,7 +325,9 @@ class SqlTarget:
             self._dialect.lock(self._conn, timeout_ms)
             if not self._stamp_ready:
                 self._conn.exec_driver_sql(_create_sql(_CREATE_STAMP, self._engine.dialect))
-            if not self._check_position(step, self._select_stamp(known_to_exist=True)):
+            if not self._check_position(step, self._select_stamp(known_to_exist=True)) or (
+                phase == "schema" and self._in_progress(step)
+            ):
                 transaction.rollback()
                 return False
             if guarded:  # committed by the body's first DDL, if it has any
@@ -267,7 +340,12 @@ class SqlTarget:
             self._run_body(step, body)
             if deadline is not None and time.monotonic() > deadline:
                 raise InstanceTimeoutError(f"{step.migration.id} ran past the timeout")
-            self._write_stamp(step)
+            if phase == "schema":
+                backfill.start(self._conn, step)  # the stamp waits for the finalize
+            else:
+                if phase == "finalize":
+                    backfill.finish(self._conn, step)
+                self._write_stamp(step)
             if guarded:
                 self._conn.execute(_dirty.delete().where(_dirty.c.id == step.migration.id))
         except DBAPIError as exc:
@@ -287,6 +365,10 @@ class SqlTarget:
             raise self._lost(f"committing {step.migration.id} (outcome unknown)", exc) from exc
         self._stamp_ready = True
         return True
+
+    def _in_progress(self, step: Step) -> bool:
+        exists = self._conn.execute(table_exists(self._dialect, backfill.PROGRESS_TABLE))
+        return backfill.read(self._conn, step, bool(exists.scalar())) is not None
 
     def _run_body(self, step: Step, body: StepBody) -> None:
         """The migration's own code, its errors told apart: a lost connection, the

@@ -1,0 +1,75 @@
+"""What a migration's functions get: their context (the transaction's connection,
+Alembic's ``Operations`` on it, the user), inside the transaction a target opens."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from byod.controlplane import User
+from byod.errors import MigrationFailedError
+from byod.registry import MigrationContext, MigrationFn, Step
+from byod.targets.base import BatchBody, StepBody
+
+__all__ = ["Bodies"]
+
+
+class Bodies:
+    """The work of one user's steps, as the target runs it in its transactions."""
+
+    def __init__(self, engine: sa.Engine, user: User) -> None:
+        self.engine = engine
+        self.user = user
+
+    def step(self, step: Step, function: MigrationFn | None = None) -> StepBody:
+        """A step's work (``up`` or ``down``, or ``function``) for its transaction."""
+        if function is None:
+            function = step.migration.up if step.direction == "up" else step.migration.down
+        assert function is not None  # irreversible plans are refused before this
+        call = function
+
+        def body(conn: sa.Connection) -> None:
+            context = self._context(step, conn)
+            _guarded(step, lambda: call(context))
+
+        return body
+
+    def batch(self, step: Step, index: int) -> BatchBody:
+        """A backfill batch's work, given its rows, for the batch's transaction."""
+        work = step.migration.backfills[index]
+
+        def body(conn: sa.Connection, rows: Sequence[Any]) -> None:
+            context = self._context(step, conn)
+            _guarded(step, lambda: work.apply(context, rows))
+
+        return body
+
+    def _context(self, step: Step, conn: sa.Connection) -> MigrationContext:
+        # imported here: a run with nothing to migrate never pays for Alembic's import
+        from alembic.operations import Operations
+        from alembic.runtime.migration import MigrationContext as AlembicContext
+
+        logger = logging.LoggerAdapter(
+            logging.getLogger("byod.migration"),
+            {"user_id": self.user.id, "migration_id": step.migration.id},
+        )
+        return MigrationContext(
+            conn=conn,
+            op=Operations(AlembicContext.configure(connection=conn)),
+            main=self.engine,
+            user_id=self.user.id,
+            clerk_id=self.user.clerk_id,
+            log=logger,
+        )
+
+
+def _guarded(step: Step, call: Callable[[], None]) -> None:
+    try:
+        call()
+    except SystemExit as exc:  # never the end of the process: the step's failure
+        raise MigrationFailedError(
+            f"{step.migration.id} called sys.exit({exc.code!r}); a migration must return or raise"
+        ) from exc

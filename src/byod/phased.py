@@ -1,0 +1,89 @@
+"""A phased step: its schema change, then each backfill batch by batch, then its finalize.
+
+Each is its own instance transaction, bounded on its own by the run's timeout (so a
+backfill of any size never times out as a whole). A step found in progress (its schema
+change done, the stamp not written yet) resumes at its recorded cursor: never from the
+start, never refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from byod.registry import Step
+from byod.spec import FleetOptions
+from byod.targets import Target
+from byod.targets.base import BatchBody, StepBody
+
+__all__ = ["Batching", "PhaseBodies", "run_phased"]
+
+log = logging.getLogger("byod.runner")
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How backfills go: ``size`` overrides each backfill's batch size; ``pause``
+    seconds between batches on one instance (a throttle for the user's own app)."""
+
+    size: int | None = None
+    pause: float = 0.0
+
+    @classmethod
+    def of(cls, options: FleetOptions) -> Batching:
+        """A run's batching, from its options (``--batch-size``, ``--batch-pause``)."""
+        return cls(options.batch_size, options.batch_pause)
+
+
+@dataclass(frozen=True)
+class PhaseBodies:
+    """The work of each phase, run inside its transaction."""
+
+    schema: StepBody
+    batch: Callable[[int], BatchBody]
+    finalize: StepBody
+
+
+def run_phased(
+    target: Target,
+    step: Step,
+    bodies: PhaseBodies,
+    *,
+    timeout: float | None,
+    batching: Batching,
+    user_id: int,
+) -> bool:
+    """Bring a phased step to its end (resuming it if it is in progress); False when the
+    instance's stamp shows it done already."""
+    migration = step.migration
+    progress = target.read_progress(step)
+    if progress is None:
+        if not target.apply(step, bodies.schema, _deadline(timeout), phase="schema"):
+            return False
+        start, rows_done = 0, 0
+    else:
+        start, rows_done = progress.backfill, progress.rows_done
+        log.info("user %s: %s resumes at backfill %d", user_id, migration.id, start + 1)
+    for index in range(start, len(migration.backfills)):
+        work = migration.backfills[index]
+        size = batching.size or work.batch_size
+        while True:
+            batch = target.apply_batch(
+                step, index, work, size, bodies.batch(index), _deadline(timeout)
+            )
+            rows_done += batch.rows
+            if batch.finished:
+                break
+            if batching.pause:
+                time.sleep(batching.pause)
+        log.info("user %s: %s backfill of %s done", user_id, migration.id, work.table)
+    target.apply(step, bodies.finalize, _deadline(timeout), phase="finalize")
+    log.info("user %s: %s finalized after %d rows", user_id, migration.id, rows_done)
+    return True
+
+
+def _deadline(timeout: float | None) -> float | None:
+    """Each transaction's own deadline."""
+    return None if timeout is None else time.monotonic() + timeout

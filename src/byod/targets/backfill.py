@@ -1,0 +1,134 @@
+"""A step in progress, as the instance records it: its backfills' cursor.
+
+A phased step (a migration with backfills or a finalize) runs its schema change, then
+each backfill in batches, then its finalize; until the finalize writes the stamp, the
+instance holds one row in ``byod_schema_progress`` for the step: which backfill it is at,
+the last key done and how many rows are done. Each batch moves that row in the batch's own
+transaction, so a batch is applied exactly once and a step resumes where it stopped.
+Written only here, in the instance transactions the SQL target opens.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from byod.clock import utcnow
+from byod.errors import DriftError, MigrationFailedError
+from byod.registry import Backfill, Step
+
+__all__ = ["PROGRESS_TABLE", "Batch", "Progress", "finish", "read", "run_batch", "start"]
+
+PROGRESS_TABLE = "byod_schema_progress"
+_metadata = sa.MetaData()
+_progress = sa.Table(
+    PROGRESS_TABLE,
+    _metadata,
+    sa.Column("id", sa.String(255), primary_key=True),
+    sa.Column("backfill", sa.Integer, nullable=False),
+    sa.Column("last_key", sa.Text, nullable=True),
+    sa.Column("rows_done", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a step in progress stands: at backfill ``backfill`` (``len(backfills)``:
+    every backfill done, the finalize is next), after ``last_key``."""
+
+    backfill: int
+    last_key: Any
+    rows_done: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch done: how many rows, their first and last key, and whether it was the
+    backfill's last."""
+
+    rows: int
+    first_key: Any
+    last_key: Any
+    finished: bool
+
+
+@functools.cache
+def _create_sql(dialect: sa.Dialect) -> str:
+    return str(sa.schema.CreateTable(_progress, if_not_exists=True).compile(dialect=dialect))
+
+
+def read(conn: sa.Connection, step: Step, exists: bool) -> Progress | None:
+    """The step's progress row (``exists``: whether the table is there), or None."""
+    if not exists:
+        return None
+    row = conn.execute(sa.select(_progress).where(_progress.c.id == step.migration.id)).first()
+    if row is None:
+        return None
+    last_key = None if row.last_key is None else json.loads(row.last_key)
+    return Progress(int(row.backfill), last_key, int(row.rows_done))
+
+
+def start(conn: sa.Connection, step: Step) -> None:
+    """Record, with the step's schema change, that its backfills start."""
+    conn.exec_driver_sql(_create_sql(conn.dialect))
+    conn.execute(
+        _progress.insert().values(
+            id=step.migration.id, backfill=0, last_key=None, rows_done=0, updated_at=utcnow()
+        )
+    )
+
+
+def finish(conn: sa.Connection, step: Step) -> None:
+    """Forget the step's progress, with its finalize and stamp; it must be at the end."""
+    found = read(conn, step, exists=True)
+    if found is None or found.backfill != len(step.migration.backfills):
+        raise DriftError(f"{step.migration.id}: its backfills are not done; cannot finalize")
+    conn.execute(_progress.delete().where(_progress.c.id == step.migration.id))
+
+
+def run_batch(
+    conn: sa.Connection,
+    step: Step,
+    index: int,
+    backfill: Backfill,
+    batch_size: int,
+    body: Callable[[sa.Connection, Sequence[Any]], None],
+) -> Batch:
+    """Apply the next batch of backfill ``index`` and move the cursor past it, inside the
+    caller's transaction. The rows are the table's next ``batch_size`` by key."""
+    found = read(conn, step, exists=True)
+    if found is None or found.backfill != index:
+        raise DriftError(f"{step.migration.id}: its progress changed under this run")
+    table = sa.table(backfill.table, sa.column(backfill.key), *map(sa.column, backfill.columns))
+    key = table.c[backfill.key]
+    query = sa.select(key, *(table.c[c] for c in backfill.columns)).order_by(key)
+    if found.last_key is not None:
+        query = query.where(key > found.last_key)
+    rows = conn.execute(query.limit(batch_size)).all()
+    if rows:
+        try:
+            body(conn, rows)
+        except MigrationFailedError as exc:
+            raise MigrationFailedError(
+                f"backfill of {backfill.table}: the batch of keys {rows[0][0]!r} to "
+                f"{rows[-1][0]!r} failed (the cursor stays before it): {exc.message}"
+            ) from exc
+    finished = len(rows) < batch_size
+    last = rows[-1][0] if rows else found.last_key
+    conn.execute(
+        _progress.update()
+        .where(_progress.c.id == step.migration.id)
+        .values(
+            backfill=index + 1 if finished else index,
+            last_key=None if finished else json.dumps(last),
+            rows_done=found.rows_done + len(rows),
+            updated_at=utcnow(),
+        )
+    )
+    return Batch(len(rows), rows[0][0] if rows else None, last, finished)

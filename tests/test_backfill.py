@@ -1,0 +1,228 @@
+"""Backfills: a data change in batches, each with its cursor in its own instance
+transaction, resumed from that cursor after an interruption or a failed batch."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from byod.credentials import Credentials, open_instance
+from byod.errors import MigrationFailedError, UnreachableError
+from byod.registry import Registry
+from byod.runner import Runner
+from byod.targets import Target
+from byod.workspace import Workspace
+from tests.conftest import (
+    InstanceFactory,
+    ServerDatabases,
+    execute,
+    make_workspace,
+    write_migrations,
+)
+from tests.helpers import add_connected, stamp_ids, statuses
+
+ROWS = 5_000
+
+BACKFILL_SET = {
+    "001_items.py": f"""
+        import sqlalchemy as sa
+        from byod import Migration
+
+        def up(ctx):
+            ctx.op.create_table(
+                "items",
+                sa.Column("id", sa.Integer, primary_key=True),
+                sa.Column("n", sa.Integer, nullable=False),
+                sa.Column("bad", sa.Integer, nullable=False),
+            )
+            ctx.conn.execute(
+                sa.text("INSERT INTO items (id, n, bad) VALUES (:id, 0, 0)"),
+                [{{"id": i}} for i in range(1, {ROWS} + 1)],
+            )
+
+        migration = Migration(id="001_items", version=1, name="Items", description="", up=up)
+    """,
+    "002_bump.py": """
+        import os
+        import time
+
+        import sqlalchemy as sa
+        from byod import Backfill, Migration
+
+        def up(ctx):
+            ctx.op.add_column("items", sa.Column("seen", sa.Integer, nullable=True))
+
+        def bump(ctx, rows):
+            if any(row.bad for row in rows):
+                raise RuntimeError("a bad row")
+            time.sleep(float(os.environ.get("BYOD_TEST_BATCH_SLEEP", "0")))
+            ids = [row.id for row in rows]
+            statement = sa.text("UPDATE items SET n = n + 1, seen = 1 WHERE id IN :ids")
+            ctx.conn.execute(statement.bindparams(sa.bindparam("ids", expanding=True)),
+                             {"ids": ids})
+
+        def finalize(ctx):
+            ctx.op.create_index("ix_items_seen", "items", ["seen"])
+
+        def down(ctx):
+            ctx.op.drop_index("ix_items_seen", table_name="items")
+            ctx.op.drop_column("items", "seen")
+
+        migration = Migration(
+            id="002_bump", version=2, name="Bump", description="", up=up, down=down,
+            backfills=[Backfill(table="items", key="id", columns=("bad",), apply=bump,
+                                batch_size=500)],
+            finalize=finalize,
+        )
+    """,
+}
+
+
+@pytest.fixture
+def bws(control_plane_url: str, tmp_path: Path) -> Iterator[Workspace]:
+    workspace = make_workspace(control_plane_url, write_migrations(tmp_path / "m", BACKFILL_SET))
+    yield workspace
+    workspace.engine.dispose()
+
+
+def counts(url: str) -> dict[int, int]:
+    """How often each value of ``n`` occurs."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT n, count(*) FROM items GROUP BY n")).all()
+            return {int(n): int(c) for n, c in rows}
+    finally:
+        engine.dispose()
+
+
+def progress_rows(url: str) -> list[Any]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            if not sa.inspect(conn).has_table("byod_schema_progress"):
+                return []
+            return list(conn.execute(sa.text("SELECT * FROM byod_schema_progress")).all())
+    finally:
+        engine.dispose()
+
+
+class CutAfter:
+    """A real target whose connection is cut after ``batches`` backfill batches."""
+
+    def __init__(self, target: Target, batches: int) -> None:
+        self.target, self.left = target, batches
+
+    def apply_batch(self, *args: Any, **kwargs: Any) -> Any:
+        if self.left == 0:
+            raise UnreachableError("connection cut by the test")
+        self.left -= 1
+        return self.target.apply_batch(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.target, name)
+
+
+def cutting_runner(ws: Workspace, batches: int) -> Runner:
+    def opener(credentials: Credentials, timeout: float) -> Any:
+        return CutAfter(open_instance(credentials, timeout=timeout), batches)
+
+    return Runner(ws.engine, ws.registry, ws.sealer, opener=opener)
+
+
+def test_a_backfill_changes_every_row_once_in_batches(
+    bws: Workspace, new_instance: InstanceFactory
+) -> None:
+    url = new_instance()
+    uid = add_connected(bws, url)
+    result = bws.runner().migrate(uid)
+    assert result.ok, result.error
+    assert counts(url) == {1: ROWS}
+    assert stamp_ids(url) == ["001_items", "002_bump"]
+    assert progress_rows(url) == []  # the finalize ended the step
+    assert statuses(bws, uid)[-1] == ("002_bump", "up", "completed", 1)
+    assert bws.runner().migrate(uid).steps == ()  # nothing to do again
+
+
+def test_an_interrupted_backfill_resumes_at_its_cursor(
+    bws: Workspace, new_instance: InstanceFactory
+) -> None:
+    url = new_instance()
+    uid = add_connected(bws, url)
+    cut = cutting_runner(bws, batches=3).migrate(uid)
+    assert isinstance(cut.error, UnreachableError)
+    assert counts(url) == {1: 1_500, 0: ROWS - 1_500}  # three batches committed, no more
+    [progress] = progress_rows(url)
+    assert (progress.backfill, progress.rows_done) == (0, 1_500)
+    assert stamp_ids(url) == ["001_items"]  # in progress: no stamp yet
+    resumed = bws.runner().migrate(uid)
+    assert resumed.ok, resumed.error
+    assert counts(url) == {1: ROWS}  # every row changed exactly once
+    assert stamp_ids(url) == ["001_items", "002_bump"] and progress_rows(url) == []
+    assert [s for s in statuses(bws, uid) if s[0] == "002_bump"] == [
+        ("002_bump", "up", "failed", 1),
+        ("002_bump", "up", "completed", 2),
+    ]
+
+
+def test_a_failed_batch_names_its_keys_and_the_fixed_data_resumes_there(
+    bws: Workspace, new_instance: InstanceFactory
+) -> None:
+    url = new_instance()
+    uid = add_connected(bws, url)
+    assert bws.runner().migrate(uid, to_version=1).ok
+    execute(url, "UPDATE items SET bad = 1 WHERE id = 2345")
+    failed = bws.runner().migrate(uid)
+    assert isinstance(failed.error, MigrationFailedError)
+    assert "batch of keys 2001 to 2500" in failed.error.message
+    assert counts(url) == {1: 2_000, 0: ROWS - 2_000}  # the cursor stays before the batch
+    execute(url, "UPDATE items SET bad = 0")
+    fixed = bws.runner().migrate(uid)
+    assert fixed.ok, fixed.error
+    assert counts(url) == {1: ROWS}
+
+
+def test_the_timeout_bounds_each_batch_not_the_whole_backfill(
+    bws: Workspace, new_instance: InstanceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = new_instance()
+    uid = add_connected(bws, url)
+    assert bws.runner().migrate(uid, to_version=1).ok
+    monkeypatch.setenv("BYOD_TEST_BATCH_SLEEP", "0.1")  # ten batches: about a second
+    runner = bws.runner().configured(run_id=None, timeout=0.6, lease_seconds=30)
+    started = time.monotonic()
+    result = runner.migrate(uid)
+    assert result.ok, result.error
+    assert time.monotonic() - started > 0.6  # longer than the timeout, as a whole
+    assert counts(url) == {1: ROWS}
+
+
+def test_a_phased_step_rolls_back_with_its_down(
+    bws: Workspace, new_instance: InstanceFactory
+) -> None:
+    url = new_instance()
+    uid = add_connected(bws, url)
+    assert bws.runner().migrate(uid).ok
+    rolled = bws.runner().rollback(uid, 1)
+    assert rolled.ok, rolled.error
+    assert stamp_ids(url) == ["001_items"]
+    assert Registry.load(bws.settings.migrations_dir).head == 2
+
+
+def test_mariadb_backfill_batches_are_transactional_and_resume(
+    bws: Workspace, mysql: ServerDatabases
+) -> None:
+    url = mysql.create()
+    uid = add_connected(bws, url)
+    cut = cutting_runner(bws, batches=2).migrate(uid)
+    assert isinstance(cut.error, UnreachableError)  # not dirty: batches are InnoDB's
+    assert counts(url) == {1: 1_000, 0: ROWS - 1_000}
+    resumed = bws.runner().migrate(uid)
+    assert resumed.ok, resumed.error
+    assert counts(url) == {1: ROWS}
+    assert stamp_ids(url) == ["001_items", "002_bump"] and progress_rows(url) == []
