@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from byod.controlplane import history
 from byod.credentials import Credentials, open_instance
 from byod.errors import MigrationFailedError, UnreachableError
 from byod.registry import Registry
@@ -146,6 +147,8 @@ def test_a_backfill_changes_every_row_once_in_batches(
     assert stamp_ids(url) == ["001_items", "002_bump"]
     assert progress_rows(url) == []  # the finalize ended the step
     assert statuses(bws, uid)[-1] == ("002_bump", "up", "completed", 1)
+    assert result.steps[-1].rows == ROWS  # in the result (and the JSON lines)
+    assert history(bws.engine, uid)[0].rows_done == ROWS  # and in the ledger
     assert bws.runner().migrate(uid).steps == ()  # nothing to do again
 
 
@@ -163,6 +166,7 @@ def test_an_interrupted_backfill_resumes_at_its_cursor(
     resumed = bws.runner().migrate(uid)
     assert resumed.ok, resumed.error
     assert counts(url) == {1: ROWS}  # every row changed exactly once
+    assert resumed.steps[-1].rows == ROWS  # the step's rows, the resumed attempt's too
     assert stamp_ids(url) == ["001_items", "002_bump"] and progress_rows(url) == []
     assert [s for s in statuses(bws, uid) if s[0] == "002_bump"] == [
         ("002_bump", "up", "failed", 1),

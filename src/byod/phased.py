@@ -54,14 +54,16 @@ def run_phased(
     timeout: float | None,
     batching: Batching,
     user_id: int,
-) -> bool:
-    """Bring a phased step to its end (resuming it if it is in progress); False when the
-    instance's stamp shows it done already."""
+    on_rows: Callable[[int], None] = lambda rows: None,
+) -> int | None:
+    """Bring a phased step to its end (resuming it if it is in progress); returns the
+    rows its backfills did in all, or None when the instance's stamp shows it done
+    already. ``on_rows`` hears the rows done after each batch."""
     migration = step.migration
     progress = target.read_progress(step)
     if progress is None:
         if not target.apply(step, bodies.schema, _deadline(timeout), phase="schema"):
-            return False
+            return None
         start, rows_done = 0, 0
     else:
         start, rows_done = progress.backfill, progress.rows_done
@@ -74,6 +76,7 @@ def run_phased(
                 step, index, work, size, bodies.batch(index), _deadline(timeout)
             )
             rows_done += batch.rows
+            on_rows(rows_done)
             if batch.finished:
                 break
             if batching.pause:
@@ -81,7 +84,7 @@ def run_phased(
         log.info("user %s: %s backfill of %s done", user_id, migration.id, work.table)
     target.apply(step, bodies.finalize, _deadline(timeout), phase="finalize")
     log.info("user %s: %s finalized after %d rows", user_id, migration.id, rows_done)
-    return True
+    return rows_done
 
 
 def _deadline(timeout: float | None) -> float | None:

@@ -23,6 +23,8 @@ class StepResult:
     status: str  # completed | failed | skipped | already-applied | recovered
     seconds: float = 0.0
     error: str | None = None
+    #: a phased step's rows done by its backfills (None: the step has none)
+    rows: int | None = None
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,8 @@ from byod.targets import StampEntry, Target
 __all__ = ["Runner"]
 
 log = logging.getLogger("byod.runner")
+#: How often a phased step's rows done are written to the ledger while it runs.
+ROWS_REPORT_SECONDS = 3.0
 
 TargetOpener = Callable[[Credentials, float], Target]
 
@@ -340,7 +342,7 @@ class Runner:
             )
             started = time.perf_counter()
             try:
-                applied = self._apply(user, step, target, deadline)
+                applied, rows = self._apply(user, step, target, deadline)
             except ByodError as exc:
                 seconds = time.perf_counter() - started
                 failure = self._step_failed(user, plan, index, exc, credentials, attempt, seconds)
@@ -368,7 +370,9 @@ class Runner:
                 attempt,
                 seconds,
             )
-            results.append(StepResult(mig.id, mig.version, step.direction, status, seconds))
+            results.append(
+                StepResult(mig.id, mig.version, step.direction, status, seconds, rows=rows)
+            )
             attempt = next_attempt or 0
         return UserResult(user.id, user.clerk_id, from_version, version, tuple(results))
 
@@ -412,22 +416,41 @@ class Runner:
         )
         return UserResult(user.id, user.clerk_id, 0, 0, tuple(steps), failure)
 
-    def _apply(self, user: User, step: Step, target: Target, deadline: float | None) -> bool:
+    def _apply(
+        self, user: User, step: Step, target: Target, deadline: float | None
+    ) -> tuple[bool, int | None]:
         """One step: in one transaction, or phased (backfills), each phase bounded on its
-        own by the timeout."""
+        own by the timeout. Whether it was applied now, and a phased step's rows."""
         bodies = Bodies(self.engine, user)
         migration = step.migration
         if step.direction == "down" or not migration.phased:
-            return target.apply(step, bodies.step(step), deadline)
+            return target.apply(step, bodies.step(step), deadline), None
         finalize = migration.finalize
         phases = PhaseBodies(
             schema=bodies.step(step),
             batch=lambda index: bodies.batch(step, index),
             finalize=bodies.step(step, finalize) if finalize else (lambda conn: None),
         )
-        return run_phased(
-            target, step, phases, timeout=self.timeout, batching=self.batching, user_id=user.id
+        reported = [time.monotonic()]
+
+        def on_rows(rows: int) -> None:  # every few seconds, not every batch
+            if time.monotonic() - reported[0] >= ROWS_REPORT_SECONDS:
+                self.ledger.record_rows(user.id, step, rows)
+                reported[0] = time.monotonic()
+
+        rows = run_phased(
+            target,
+            step,
+            phases,
+            timeout=self.timeout,
+            batching=self.batching,
+            user_id=user.id,
+            on_rows=on_rows,
         )
+        if rows is None:
+            return False, None
+        self.ledger.record_rows(user.id, step, rows)
+        return True, rows
 
     # -- helpers -------------------------------------------------------------------------
 

@@ -70,7 +70,7 @@ def history_data(rows: list[LedgerRow]) -> list[dict[str, Any]]:
 def history_table(title: str, rows: list[LedgerRow]) -> Table:
     """Ledger rows, newest first."""
     table = Table(title=plain(title))
-    for column in ("when", "migration", "dir", "status", "attempt", "run", "error"):
+    for column in ("when", "migration", "dir", "status", "attempt", "rows", "run", "error"):
         table.add_column(column, overflow="fold")
     colours = {"completed": "green", "failed": "red", "skipped": "yellow", "running": "cyan"}
     for row in rows:
@@ -81,6 +81,7 @@ def history_table(title: str, rows: list[LedgerRow]) -> Table:
             row.direction,
             f"[{colour}]{row.status}[/]" if colour else row.status,
             str(row.attempts or ""),
+            "" if row.rows_done is None else f"{row.rows_done:,}",
             row.run_id or "",
             plain(row.error or ""),
         )

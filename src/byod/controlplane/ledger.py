@@ -61,6 +61,8 @@ class LedgerRow:
     started_at: datetime | None
     completed_at: datetime | None
     created_at: datetime
+    #: a phased step's rows done by its backfills
+    rows_done: int | None = None
 
 
 class Ledger:
@@ -145,6 +147,12 @@ class Ledger:
                 return None
             next_params = _step_params(user_id, start_next, now)
             return _scalar_int(conn.execute(_START, next_params).scalar())
+
+    def record_rows(self, user_id: int, step: Step, rows_done: int) -> None:
+        """How many rows a running phased step's backfills have done so far."""
+        params = _step_params(user_id, step, utcnow()) | {"b_rows": rows_done}
+        with single(self.engine, "record the rows done") as conn:
+            conn.execute(_ROWS, params)
 
     def record_failed(self, user_id: int, step: Step, error: str) -> None:
         """Mark the step's ``running`` row ``failed`` with a descriptive error."""
@@ -323,6 +331,11 @@ _DONE = (
     ledger.update()
     .where(*_THIS_STEP, ledger.c.status == "running")
     .values(status="completed", completed_at=_now, error=None)
+)
+_ROWS = (
+    ledger.update()
+    .where(*_THIS_STEP, ledger.c.status == "running")
+    .values(rows_done=sa.bindparam("b_rows"))
 )
 _FAILED = (
     ledger.update()

@@ -99,6 +99,8 @@ ledger = sa.Table(
     sa.Column("started_at", sa.DateTime, nullable=True),
     sa.Column("completed_at", sa.DateTime, nullable=True),
     sa.Column("created_at", sa.DateTime, nullable=False),
+    #: a phased step's rows done by its backfills (recorded every few seconds and at the end)
+    sa.Column("rows_done", sa.BigInteger, nullable=True),
     _one_of("status", LEDGER_STATUSES, "ck_byod_migrations_status"),
     _one_of("direction", ("up", "down"), "ck_byod_migrations_direction"),
     sa.Index("ix_byod_migrations_user", "user_id", "id"),
