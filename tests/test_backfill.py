@@ -3,6 +3,12 @@ transaction, resumed from that cursor after an interruption or a failed batch.""
 
 from __future__ import annotations
 
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,12 +19,14 @@ import sqlalchemy as sa
 
 from byod.controlplane import history
 from byod.credentials import Credentials, open_instance
-from byod.errors import MigrationFailedError, UnreachableError
+from byod.errors import MigrationFailedError, StoppedError, UnreachableError
+from byod.phased import Batching
 from byod.registry import Registry
 from byod.runner import Runner
 from byod.targets import Target
 from byod.workspace import Workspace
 from tests.conftest import (
+    TEST_KEY,
     InstanceFactory,
     ServerDatabases,
     execute,
@@ -31,6 +39,8 @@ ROWS = 5_000
 
 BACKFILL_SET = {
     "001_items.py": f"""
+        import os
+
         import sqlalchemy as sa
         from byod import Migration
 
@@ -41,9 +51,10 @@ BACKFILL_SET = {
                 sa.Column("n", sa.Integer, nullable=False),
                 sa.Column("bad", sa.Integer, nullable=False),
             )
+            rows = int(os.environ.get("BYOD_TEST_ROWS", "{ROWS}"))
             ctx.conn.execute(
                 sa.text("INSERT INTO items (id, n, bad) VALUES (:id, 0, 0)"),
-                [{{"id": i}} for i in range(1, {ROWS} + 1)],
+                [{{"id": i}} for i in range(1, rows + 1)],
             )
 
         migration = Migration(id="001_items", version=1, name="Items", description="", up=up)
@@ -61,6 +72,9 @@ BACKFILL_SET = {
         def bump(ctx, rows):
             if any(row.bad for row in rows):
                 raise RuntimeError("a bad row")
+            marks = os.environ.get("BYOD_TEST_BATCH_DIR")
+            if marks:  # a test kills the process while it waits here, inside a batch
+                open(os.path.join(marks, f"batch-{rows[0].id}"), "w").close()
             time.sleep(float(os.environ.get("BYOD_TEST_BATCH_SLEEP", "0")))
             ids = [row.id for row in rows]
             statement = sa.text("UPDATE items SET n = n + 1, seen = 1 WHERE id IN :ids")
@@ -230,3 +244,154 @@ def test_mariadb_backfill_batches_are_transactional_and_resume(
     assert resumed.ok, resumed.error
     assert counts(url) == {1: ROWS}
     assert stamp_ids(url) == ["001_items", "002_bump"] and progress_rows(url) == []
+
+
+class StopAfter(CutAfter):
+    """A real target whose run is stopped (as by Ctrl-C) after ``batches`` batches."""
+
+    def __init__(self, target: Target, batches: int, stop: threading.Event) -> None:
+        super().__init__(target, batches)
+        self.stop = stop
+
+    def apply_batch(self, *args: Any, **kwargs: Any) -> Any:
+        done = self.target.apply_batch(*args, **kwargs)
+        self.left -= 1
+        if self.left == 0:
+            self.stop.set()
+        return done
+
+
+def test_a_stopped_run_ends_after_the_current_batch_with_its_cursor(
+    bws: Workspace, new_instance: InstanceFactory
+) -> None:
+    url = new_instance()
+    uid = add_connected(bws, url)
+    stop = threading.Event()
+
+    def opener(credentials: Credentials, timeout: float) -> Any:
+        return StopAfter(open_instance(credentials, timeout=timeout), 2, stop)
+
+    runner = Runner(
+        bws.engine, bws.registry, bws.sealer, opener=opener, batching=Batching(stop=stop)
+    )
+    stopped = runner.migrate(uid)
+    assert isinstance(stopped.error, StoppedError)
+    assert counts(url) == {1: 1_000, 0: ROWS - 1_000}  # two whole batches, kept
+    assert bws.runner().migrate(uid).ok
+    assert counts(url) == {1: ROWS}
+
+
+def test_kill_9_mid_backfill_then_rerun_changes_every_row_once(
+    bws: Workspace, new_instance: InstanceFactory, tmp_path: Path
+) -> None:
+    big = 50_000
+    url = new_instance()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BYOD_")}
+    env |= {
+        "BYOD_ENCRYPTION_KEY": TEST_KEY,
+        "BYOD_DATABASE_URL": bws.settings.database_url,
+        "BYOD_MIGRATIONS": str(bws.settings.migrations_dir),
+        "BYOD_TEST_ROWS": str(big),
+    }
+    os.environ["BYOD_TEST_ROWS"] = str(big)  # this process's runner reads the same set
+    try:
+        uid = add_connected(bws, url)
+        assert bws.runner().migrate(uid, to_version=1).ok
+        marks = tmp_path / "marks"
+        marks.mkdir()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "byod",
+                "migrate",
+                str(uid),
+                "--batch-size",
+                "1000",
+                "--lease-seconds",
+                "2",
+            ],
+            env=env | {"BYOD_TEST_BATCH_DIR": str(marks), "BYOD_TEST_BATCH_SLEEP": "0.05"},
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while len(list(marks.iterdir())) < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)  # inside the sixth batch's transaction
+        proc.wait(10)
+        done = counts(url).get(1, 0)
+        assert 0 < done < big and done % 1000 == 0  # whole batches only
+        time.sleep(2.5)  # the dead runner's lease lapses
+        resumed = bws.runner().migrate(uid)
+        assert resumed.ok, resumed.error
+        assert counts(url) == {1: big}  # every row changed exactly once
+        rows = [(s, a) for m, _, s, a in statuses(bws, uid) if m == "002_bump"]
+        assert rows == [("failed", 1), ("completed", 2)]  # the lost attempt, the resumed one
+        assert history(bws.engine, uid)[0].rows_done == big
+        assert progress_rows(url) == []
+    finally:
+        os.environ.pop("BYOD_TEST_ROWS", None)
+
+
+class Writer(threading.Thread):
+    """The user's own app: updates a random existing row every 10 ms, timing each."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.engine = sa.create_engine(url, connect_args=_wait_args(url))
+        self.done = threading.Event()
+        self.longest = 0.0
+
+    def run(self) -> None:
+        rng = random.Random(7)
+        with self.engine.connect() as conn:
+            while not self.done.is_set():
+                started = time.monotonic()
+                with conn.begin():
+                    conn.execute(
+                        sa.text("UPDATE items SET bad = 0 WHERE id = :id"),
+                        {"id": rng.randint(1, ROWS)},
+                    )
+                self.longest = max(self.longest, time.monotonic() - started)
+                time.sleep(0.01)
+
+    def stop(self) -> float:
+        self.done.set()
+        self.join(30)
+        self.engine.dispose()
+        return self.longest
+
+
+def _wait_args(url: str) -> dict[str, Any]:
+    return {"timeout": 30} if url.startswith("sqlite") else {}
+
+
+def test_batches_hold_the_instance_only_a_batch_at_a_time(
+    bws: Workspace, new_instance: InstanceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = new_instance()
+    uid = add_connected(bws, url)
+    assert bws.runner().migrate(uid, to_version=1).ok
+    monkeypatch.setenv("BYOD_TEST_BATCH_SLEEP", "0.05")  # each batch holds its locks 50 ms
+    writer = Writer(url)
+    writer.start()
+    runner = bws.runner().configured(
+        run_id=None, timeout=None, lease_seconds=30, batching=Batching(pause=0.05)
+    )
+    assert runner.migrate(uid).ok
+    batched = writer.stop()
+    # the same change as one transaction holding its locks as long as the ten batches
+    execute(url, "UPDATE items SET n = 0")
+    writer = Writer(url)
+    writer.start()
+    time.sleep(0.1)
+    engine = sa.create_engine(url, connect_args=_wait_args(url))
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE items SET n = n + 1"))
+        time.sleep(0.5)
+    engine.dispose()
+    single = writer.stop()
+    assert batched < 0.3, batched  # about a batch or two, never the whole backfill
+    assert single > 0.4, single  # blocked for the whole UPDATE

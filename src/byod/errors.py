@@ -30,6 +30,7 @@ once, at its edge.
     + MigrationFailedError
     + DriftError
     + DirtyInstanceError
+    + StoppedError
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ __all__ = [
     "PlanError",
     "RegistryError",
     "SettingsError",
+    "StoppedError",
     "UnavailableError",
     "UnknownUserError",
     "UnreachableError",
@@ -225,3 +227,10 @@ class DirtyInstanceError(InstanceError):
         "Undo the half-applied change on the instance by hand, then run `byod repair USER` "
         "and migrate again."
     )
+
+
+class StoppedError(InstanceError):
+    """The run was stopped (Ctrl-C) between two batches of a backfill: each batch done is
+    kept with its cursor; the next run resumes the step there."""
+
+    hint = "Run `byod migrate` again: the step resumes at its cursor."

@@ -9,10 +9,12 @@ start, never refused.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from byod.errors import StoppedError
 from byod.registry import Step
 from byod.spec import FleetOptions
 from byod.targets import Target
@@ -30,11 +32,13 @@ class Batching:
 
     size: int | None = None
     pause: float = 0.0
+    #: set when the run is stopped (Ctrl-C): a step stops after its current batch
+    stop: threading.Event | None = field(default=None, compare=False)
 
     @classmethod
-    def of(cls, options: FleetOptions) -> Batching:
+    def of(cls, options: FleetOptions, stop: threading.Event | None = None) -> Batching:
         """A run's batching, from its options (``--batch-size``, ``--batch-pause``)."""
-        return cls(options.batch_size, options.batch_pause)
+        return cls(options.batch_size, options.batch_pause, stop)
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,11 @@ def run_phased(
             on_rows(rows_done)
             if batch.finished:
                 break
+            if batching.stop is not None and batching.stop.is_set():
+                raise StoppedError(
+                    f"{migration.id}: the run was stopped after {rows_done} rows; the step "
+                    "resumes at its cursor on the next run"
+                )
             if batching.pause:
                 time.sleep(batching.pause)
         log.info("user %s: %s backfill of %s done", user_id, migration.id, work.table)

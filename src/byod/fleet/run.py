@@ -129,15 +129,17 @@ def _execute(
     store = RunStore(base.engine)
     summary.run_id = store.start(action, spec, started_by=started_by)
     options = spec.options
+    stop = threading.Event()  # Ctrl-C: no new users, no new retries, no new batches
     runner = base.configured(
         run_id=summary.run_id,
         timeout=options.timeout,
         lease_seconds=options.lease_seconds,
-        batching=Batching.of(options),
+        batching=Batching.of(options, stop),
     )
     store.progress(summary.run_id, summary.counts(), planned=total + summary.total)
     on_event(FleetStarted(summary.run_id, total + summary.total))
-    return _FleetRun(runner, store, summary, options, on_event, action).run(iter(items))
+    fleet_run = _FleetRun(runner, store, summary, options, on_event, action, stop)
+    return fleet_run.run(iter(items))
 
 
 class _FleetRun:
@@ -151,6 +153,7 @@ class _FleetRun:
         options: FleetOptions,
         on_event: Callable[[FleetEvent], None],
         action: str,
+        stop: threading.Event,
     ) -> None:
         self.runner = runner
         self.store = store
@@ -158,7 +161,7 @@ class _FleetRun:
         self.options = options
         self.on_event = on_event
         self.action = action
-        self.stop = threading.Event()  # no new retries, no new users
+        self.stop = stop
         self.in_flight: dict[Future[Settled], Item] = {}
         self.waiting: Item | None = None
         # threads in one process, or single-user worker processes
