@@ -62,8 +62,10 @@ class _Lease:
 class Runner:
     """Migrates or rolls back one user at a time; safe to share between threads.
 
-    ``timeout`` bounds the whole run of one user (connect, every step); on PostgreSQL it
-    is also set as the server's statement and lock timeout, so the server stops the work.
+    ``timeout`` bounds each instance transaction (a step, a backfill batch, a finalize)
+    and the connect, never a whole user: a backfill of any size never times out as a
+    whole. On PostgreSQL it is also set as the server's statement and lock timeout, and on
+    MariaDB as ``max_statement_time``, so the server stops the work.
     """
 
     def __init__(
@@ -275,7 +277,7 @@ class Runner:
                 if isinstance(exc, InstanceError):  # unreachable, drift, dirty, timeout
                     return self._refused(user, config, make_plan, exc)
                 return self._gave_up(user, config.schema_version, exc)
-            return self._execute(user, plan, target, credentials, lease, deadline, recovered)
+            return self._execute(user, plan, target, credentials, lease, recovered)
         finally:
             target.close()
 
@@ -323,7 +325,6 @@ class Runner:
         target: Target,
         credentials: Credentials,
         lease: _Lease,
-        deadline: float | None,
         recovered: tuple[StepResult, ...] = (),
     ) -> UserResult:
         from_version = plan.from_version
@@ -342,7 +343,7 @@ class Runner:
             )
             started = time.perf_counter()
             try:
-                applied, rows = self._apply(user, step, target, deadline)
+                applied, rows = self._apply(user, step, target, self._deadline())
             except ByodError as exc:
                 seconds = time.perf_counter() - started
                 failure = self._step_failed(user, plan, index, exc, credentials, attempt, seconds)
@@ -415,6 +416,11 @@ class Runner:
             hint=exc.hint,
         )
         return UserResult(user.id, user.clerk_id, 0, 0, tuple(steps), failure)
+
+    def _deadline(self) -> float | None:
+        """One instance transaction's deadline: ``--timeout`` bounds each transaction (a
+        step, a backfill batch, a finalize) and each connect, never a whole user."""
+        return None if self.timeout is None else time.monotonic() + self.timeout
 
     def _apply(
         self, user: User, step: Step, target: Target, deadline: float | None
