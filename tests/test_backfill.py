@@ -17,12 +17,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from byod import commands
 from byod.controlplane import history
 from byod.credentials import Credentials, open_instance
 from byod.errors import MigrationFailedError, StoppedError, UnreachableError
 from byod.phased import Batching
 from byod.registry import Registry
 from byod.runner import Runner
+from byod.spec import FleetOptions
 from byod.targets import Target
 from byod.workspace import Workspace
 from tests.conftest import (
@@ -395,3 +397,14 @@ def test_batches_hold_the_instance_only_a_batch_at_a_time(
     single = writer.stop()
     assert batched < 0.3, batched  # about a batch or two, never the whole backfill
     assert single > 0.4, single  # blocked for the whole UPDATE
+
+
+def test_a_fleet_run_reports_the_rows_its_backfills_did(
+    bws: Workspace, new_instance: InstanceFactory
+) -> None:
+    for name in ("a", "b"):
+        add_connected(bws, new_instance(), name)
+    summary = commands.migrate_fleet(bws, options=FleetOptions(batch_size=2_000))
+    assert (summary.succeeded, summary.failed) == (2, 0)
+    details = commands.show_run(bws, summary.run_id)
+    assert details.rows_done == 2 * ROWS

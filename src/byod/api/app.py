@@ -31,7 +31,7 @@ from byod.api.models import (
     RunOut,
     RunStarted,
 )
-from byod.controlplane import RunRecord, User
+from byod.controlplane import User
 from byod.errors import (
     ForbiddenError,
     InputError,
@@ -149,10 +149,10 @@ def run_mine(request: Request, ws: Ws, principal: Caller) -> RunStarted:
 def my_run(ws: Ws, principal: Caller, run_id: str) -> RunOut:
     """A run the caller started for their own database."""
     user = _me(ws, principal)
-    run = _run_or_404(ws, run_id)
-    if run.spec.selection.users != (user.id,):
+    details = _run_or_404(ws, run_id)
+    if details.run.spec.selection.users != (user.id,):
         raise NotFoundError(f"no run {run_id!r} of yours")
-    return RunOut.of(run)
+    return RunOut.of(details.run, details.rows_done)
 
 
 @router.get("/v1/fleet/status", tags=["operators"])
@@ -195,7 +195,8 @@ def start_fleet_run(
 @router.get("/v1/fleet/runs/{run_id}", tags=["operators"])
 def fleet_run(ws: Ws, principal: Operator, run_id: str) -> RunOut:
     """A fleet run's progress: done, failed, remaining."""
-    return RunOut.of(_run_or_404(ws, run_id))
+    details = _run_or_404(ws, run_id)
+    return RunOut.of(details.run, details.rows_done)
 
 
 @router.get("/v1/users/{user:path}/migrations", tags=["operators"])
@@ -267,8 +268,8 @@ def _started_by(principal: Principal) -> str:
     return f"{principal.clerk_id} (token)"
 
 
-def _run_or_404(ws: Workspace, run_id: str) -> RunRecord:
+def _run_or_404(ws: Workspace, run_id: str) -> commands.RunDetails:
     try:
-        return commands.get_run(ws, run_id)
+        return commands.show_run(ws, run_id)
     except InputError as exc:
         raise NotFoundError(f"no run {run_id!r}") from exc

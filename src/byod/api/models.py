@@ -100,9 +100,11 @@ class RunOut(BaseModel):
     #: run on task-queue workers; ``in_flight``: its users handed out, not finished yet
     distributed: StrictBool = False
     in_flight: int = 0
+    #: rows its users' backfills have done so far
+    rows_done: int = 0
 
     @classmethod
-    def of(cls, run: RunRecord) -> RunOut:
+    def of(cls, run: RunRecord, rows_done: int = 0) -> RunOut:
         c = run.counts
         return cls(
             id=run.id,
@@ -125,6 +127,7 @@ class RunOut(BaseModel):
             halt_reason=run.halt_reason,
             distributed=run.distributed,
             in_flight=run.in_flight,
+            rows_done=rows_done,
         )
 
 

@@ -233,6 +233,8 @@ def run_details(details: RunDetails, console: Console) -> None:
         f"started {_when(run.started_at)} by {plain(run.started_by)}; ended {_when(run.ended_at)}"
     )
     console.print(counts_line(c))
+    if details.rows_done:
+        console.print(f"rows done by backfills: {details.rows_done:,}")
     console.print("options: " + ", ".join(f"{k}={v}" for k, v in sorted(run.spec.flat().items())))
     if details.failures:
         table = Table(title="failures")

@@ -323,6 +323,7 @@ def runs_show(
     details = commands.show_run(ws, run)
     if json_out:
         data = render.run_data(details.run)
+        data["rows_done"] = details.rows_done
         data["failures"] = [
             {"user_id": u, "clerk_id": c, "migration": m, "error": e}
             for u, c, m, e in details.failures

@@ -39,17 +39,18 @@ def list_runs(ws: Workspace, *, limit: int = 20) -> list[RunRecord]:
 
 @dataclass(frozen=True)
 class RunDetails:
-    """One run with its failures."""
+    """One run with its failures, and the rows its backfills have done."""
 
     run: RunRecord
     failures: list[tuple[int, str, str, str | None]]
+    rows_done: int = 0
 
 
 def show_run(ws: Workspace, run_id: str) -> RunDetails:
     """One fleet run and the steps that failed in it."""
     ws.require_tables()
     store = RunStore(ws.engine)
-    return RunDetails(store.get(run_id), store.failures(run_id))
+    return RunDetails(store.get(run_id), store.failures(run_id), store.rows_done(run_id))
 
 
 def user_history(
