@@ -92,6 +92,18 @@ def finish(conn: sa.Connection, step: Step) -> None:
     conn.execute(_progress.delete().where(_progress.c.id == step.migration.id))
 
 
+@functools.lru_cache(maxsize=256)
+def _page(table_name: str, key_name: str, columns: tuple[str, ...], first: bool) -> sa.Select[Any]:
+    """A backfill's next page, built once (values bound): the first page, or the one after
+    ``:last``, ``:n`` rows in key order."""
+    table = sa.table(table_name, sa.column(key_name), *map(sa.column, columns))
+    key = table.c[key_name]
+    query = sa.select(key, *(table.c[c] for c in columns)).order_by(key)
+    if not first:
+        query = query.where(key > sa.bindparam("last"))
+    return query.limit(sa.bindparam("n", type_=sa.Integer))
+
+
 def run_batch(
     conn: sa.Connection,
     step: Step,
@@ -105,12 +117,10 @@ def run_batch(
     found = read(conn, step, exists=True)
     if found is None or found.backfill != index:
         raise DriftError(f"{step.migration.id}: its progress changed under this run")
-    table = sa.table(backfill.table, sa.column(backfill.key), *map(sa.column, backfill.columns))
-    key = table.c[backfill.key]
-    query = sa.select(key, *(table.c[c] for c in backfill.columns)).order_by(key)
-    if found.last_key is not None:
-        query = query.where(key > found.last_key)
-    rows = conn.execute(query.limit(batch_size)).all()
+    first = found.last_key is None
+    query = _page(backfill.table, backfill.key, backfill.columns, first)
+    params = {"n": batch_size} if first else {"n": batch_size, "last": found.last_key}
+    rows = conn.execute(query, params).all()
     if rows:
         try:
             body(conn, rows)
