@@ -408,3 +408,40 @@ def test_a_fleet_run_reports_the_rows_its_backfills_did(
     assert (summary.succeeded, summary.failed) == (2, 0)
     details = commands.show_run(bws, summary.run_id)
     assert details.rows_done == 2 * ROWS
+
+
+def test_a_backfill_on_a_key_that_cannot_be_a_cursor_fails_clearly(
+    ws: Workspace, tmp_path: Path, new_instance: InstanceFactory, instance_kind: str
+) -> None:
+    folder = write_migrations(
+        tmp_path / "dated",
+        {
+            "001_dated.py": """
+                import datetime as dt
+                import sqlalchemy as sa
+                from byod import Backfill, Migration
+
+                def up(ctx):
+                    ctx.op.create_table("events", sa.Column("at", sa.DateTime, primary_key=True))
+                    start = dt.datetime(2026, 1, 1)
+                    ctx.conn.execute(sa.text("INSERT INTO events (at) VALUES (:at)"),
+                                     [{"at": start + dt.timedelta(minutes=i)} for i in range(5)])
+
+                def touch(ctx, rows):
+                    pass
+
+                migration = Migration(
+                    id="001_dated", version=1, name="Dated", description="", up=up,
+                    backfills=[Backfill(table="events", key="at", apply=touch, batch_size=2)],
+                )
+            """
+        },
+    )
+    url = new_instance()
+    uid = add_connected(ws, url)
+    result = Runner(ws.engine, Registry.load(folder), ws.sealer).migrate(uid)
+    if instance_kind == "sqlite":  # SQLite keeps a datetime as ISO text: a fine cursor
+        assert result.ok, result.error
+        return
+    assert isinstance(result.error, MigrationFailedError)
+    assert "must be an integer or text column" in result.error.message

@@ -78,6 +78,9 @@ class Backfill:
     batch_size: int = 1000
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "columns", tuple(self.columns))  # a list is fine too
+        if not self.table or not self.key:
+            raise RegistryError("a backfill needs a table and a key column")
         if self.batch_size < 1:
             raise RegistryError(f"backfill of {self.table}: batch_size must be at least 1")
 

@@ -131,6 +131,11 @@ def run_batch(
             ) from exc
     finished = len(rows) < batch_size
     last = rows[-1][0] if rows else found.last_key
+    if not finished and not isinstance(last, int | str):
+        raise MigrationFailedError(
+            f"backfill of {backfill.table}: its key {backfill.key} must be an integer or "
+            f"text column (the cursor is kept as JSON), not {type(last).__name__}"
+        )
     conn.execute(
         _progress.update()
         .where(_progress.c.id == step.migration.id)
