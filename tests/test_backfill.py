@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from byod import commands
 from byod.controlplane import history
 from byod.credentials import Credentials, open_instance
-from byod.errors import MigrationFailedError, StoppedError, UnreachableError
+from byod.errors import IrreversibleError, MigrationFailedError, StoppedError, UnreachableError
 from byod.phased import Batching
 from byod.registry import Registry
 from byod.runner import Runner
@@ -59,7 +59,11 @@ BACKFILL_SET = {
                 [{{"id": i}} for i in range(1, rows + 1)],
             )
 
-        migration = Migration(id="001_items", version=1, name="Items", description="", up=up)
+        def down(ctx):
+            ctx.op.drop_table("items")
+
+        migration = Migration(id="001_items", version=1, name="Items", description="", up=up,
+                              down=down)
     """,
     "002_bump.py": """
         import os
@@ -445,3 +449,15 @@ def test_a_backfill_on_a_key_that_cannot_be_a_cursor_fails_clearly(
         return
     assert isinstance(result.error, MigrationFailedError)
     assert "must be an integer or text column" in result.error.message
+
+
+def test_a_rollback_below_a_step_in_progress_is_refused(
+    bws: Workspace, new_instance: InstanceFactory
+) -> None:
+    url = new_instance()
+    uid = add_connected(bws, url)
+    assert isinstance(cutting_runner(bws, batches=1).migrate(uid).error, UnreachableError)
+    with pytest.raises(IrreversibleError, match="002_bump is in progress"):
+        bws.runner().rollback(uid, 0)
+    assert counts(url) == {1: 500, 0: ROWS - 500}  # nothing touched
+    assert bws.runner().migrate(uid).ok  # finishing it first works

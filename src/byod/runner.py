@@ -36,6 +36,7 @@ from byod.errors import (
 from byod.instance_url import InstancePolicy
 from byod.notify import Notice, Notifier, log_notice, safe_notify
 from byod.phased import Batching, PhaseBodies, run_phased
+from byod.refusals import refuse_disconnected, refuse_in_progress, refuse_irreversible
 from byod.registry import Direction, Plan, Registry, Step
 from byod.results import StepResult, UserResult, check_stamp
 from byod.targets import StampEntry, Target
@@ -141,7 +142,7 @@ class Runner:
         """The user, checked to be connected: :class:`UnknownUserError` or
         :class:`NotConnectedError` (bad input) before anything is touched."""
         user = self.directory.get_user(user_id)
-        self._refuse_disconnected(user, self.directory.get_config(user.id))
+        refuse_disconnected(user, self.directory.get_config(user.id))
         return user
 
     def refuse_foreign_key(self, user: User) -> UserResult | None:
@@ -172,7 +173,7 @@ class Runner:
         view: :class:`PlanError` or :class:`IrreversibleError` before anything is touched."""
         user = self.prepare(user_id)
         config = self.directory.get_config(user.id)
-        self._refuse_irreversible(user, self.registry.plan_down(config.schema_version, to_version))
+        refuse_irreversible(user, self.registry.plan_down(config.schema_version, to_version))
         return user
 
     def rollback_user(self, user: User, to_version: int) -> UserResult:
@@ -180,7 +181,7 @@ class Runner:
 
         def plan(current: int) -> Plan:
             down = self.registry.plan_down(current, to_version)
-            self._refuse_irreversible(user, down)
+            refuse_irreversible(user, down)
             return down
 
         return self._run(user, plan)
@@ -268,6 +269,8 @@ class Runner:
             try:
                 current, recovered = self._reconcile(user, config, target.read_stamp())
                 plan = make_plan(current)
+                if plan.direction == "down" and not plan.empty:
+                    refuse_in_progress(self.registry, user, current, target)
             except (IrreversibleError, ControlPlaneError):
                 raise
             except ByodError as exc:
@@ -499,17 +502,3 @@ class Runner:
     def _unreachable(self, user: User, exc: ByodError) -> None:
         self.directory.set_status(user.id, "error", error=exc.message)
         safe_notify(self.notify, Notice("unreachable", user.id, user.clerk_id, exc.message))
-
-    def _refuse_disconnected(self, user: User, config: Config) -> None:
-        if config.connection_status == "disconnected":
-            raise NotConnectedError(
-                f"user {user.id} ({user.clerk_id}) is disconnected: reconnect with `byod connect`"
-            )
-
-    def _refuse_irreversible(self, user: User, plan: Plan) -> None:
-        blocked = [s.migration.id for s in plan.steps if not s.migration.reversible]
-        if blocked:
-            raise IrreversibleError(
-                f"user {user.id} ({user.clerk_id}): cannot roll back to version "
-                f"{plan.to_version}: {', '.join(blocked)} has no down; nothing was changed"
-            )
