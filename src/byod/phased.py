@@ -58,20 +58,21 @@ def run_phased(
     timeout: float | None,
     batching: Batching,
     user_id: int,
-    on_rows: Callable[[int], None] = lambda rows: None,
+    on_rows: Callable[[int, int | None], None] = lambda rows, total: None,
 ) -> int | None:
     """Bring a phased step to its end (resuming it if it is in progress); returns the
     rows its backfills did in all, or None when the instance's stamp shows it done
-    already. ``on_rows`` hears the rows done after each batch."""
+    already. ``on_rows`` hears the rows done after each batch, and the estimated total."""
     migration = step.migration
     progress = target.read_progress(step)
     if progress is None:
         if not target.apply(step, bodies.schema, _deadline(timeout), phase="schema"):
             return None
-        start, rows_done = 0, 0
+        progress = target.read_progress(step)  # with the rows counted for the estimate
     else:
-        start, rows_done = progress.backfill, progress.rows_done
-        log.info("user %s: %s resumes at backfill %d", user_id, migration.id, start + 1)
+        log.info("user %s: %s resumes at backfill %d", user_id, migration.id, progress.backfill)
+    start, rows_done = (0, 0) if progress is None else (progress.backfill, progress.rows_done)
+    total = None if progress is None else progress.rows_total
     for index in range(start, len(migration.backfills)):
         work = migration.backfills[index]
         size = batching.size or work.batch_size
@@ -80,7 +81,7 @@ def run_phased(
                 step, index, work, size, bodies.batch(index), _deadline(timeout)
             )
             rows_done += batch.rows
-            on_rows(rows_done)
+            on_rows(rows_done, total)
             if batch.finished:
                 break
             if batching.stop is not None and batching.stop.is_set():

@@ -442,9 +442,12 @@ class Runner:
         )
         reported = [time.monotonic()]
 
-        def on_rows(rows: int) -> None:  # every few seconds, not every batch
+        estimate: list[int | None] = [None]
+
+        def on_rows(rows: int, total: int | None) -> None:  # every few seconds
+            estimate[0] = total
             if time.monotonic() - reported[0] >= ROWS_REPORT_SECONDS:
-                self.ledger.record_rows(user.id, step, rows)
+                self.ledger.record_rows(user.id, step, rows, total)
                 reported[0] = time.monotonic()
 
         rows = run_phased(
@@ -458,7 +461,7 @@ class Runner:
         )
         if rows is None:
             return False, None
-        self.ledger.record_rows(user.id, step, rows)
+        self.ledger.record_rows(user.id, step, rows, estimate[0])
         return True, rows
 
     # -- helpers -------------------------------------------------------------------------

@@ -152,7 +152,7 @@ def my_run(ws: Ws, principal: Caller, run_id: str) -> RunOut:
     details = _run_or_404(ws, run_id)
     if details.run.spec.selection.users != (user.id,):
         raise NotFoundError(f"no run {run_id!r} of yours")
-    return RunOut.of(details.run, details.rows_done)
+    return RunOut.of(details.run, details.rows_done, details.rows_total)
 
 
 @router.get("/v1/fleet/status", tags=["operators"])
@@ -196,7 +196,7 @@ def start_fleet_run(
 def fleet_run(ws: Ws, principal: Operator, run_id: str) -> RunOut:
     """A fleet run's progress: done, failed, remaining."""
     details = _run_or_404(ws, run_id)
-    return RunOut.of(details.run, details.rows_done)
+    return RunOut.of(details.run, details.rows_done, details.rows_total)
 
 
 @router.get("/v1/users/{user:path}/migrations", tags=["operators"])

@@ -100,11 +100,12 @@ class RunOut(BaseModel):
     #: run on task-queue workers; ``in_flight``: its users handed out, not finished yet
     distributed: StrictBool = False
     in_flight: int = 0
-    #: rows its users' backfills have done so far
+    #: rows its users' backfills have done so far, and the estimated total of those users
     rows_done: int = 0
+    rows_total: int = 0
 
     @classmethod
-    def of(cls, run: RunRecord, rows_done: int = 0) -> RunOut:
+    def of(cls, run: RunRecord, rows_done: int = 0, rows_total: int = 0) -> RunOut:
         c = run.counts
         return cls(
             id=run.id,
@@ -128,6 +129,7 @@ class RunOut(BaseModel):
             distributed=run.distributed,
             in_flight=run.in_flight,
             rows_done=rows_done,
+            rows_total=rows_total,
         )
 
 

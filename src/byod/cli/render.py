@@ -56,6 +56,12 @@ def _when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value else ""
 
 
+def _rows(done: int | None, total: int | None) -> str:
+    if done is None:
+        return ""
+    return f"{done:,}" if total is None else f"{done:,}/{total:,}"
+
+
 def counts_line(counts: RunCounts) -> str:
     """``total T: N succeeded, N failed, …``: every counter of :data:`OUTCOMES`, in order."""
     parts = ", ".join(f"{getattr(counts, name)} {name.replace('_', ' ')}" for name in OUTCOMES)
@@ -81,7 +87,7 @@ def history_table(title: str, rows: list[LedgerRow]) -> Table:
             row.direction,
             f"[{colour}]{row.status}[/]" if colour else row.status,
             str(row.attempts or ""),
-            "" if row.rows_done is None else f"{row.rows_done:,}",
+            _rows(row.rows_done, row.rows_total),
             row.run_id or "",
             plain(row.error or ""),
         )
@@ -234,7 +240,10 @@ def run_details(details: RunDetails, console: Console) -> None:
     )
     console.print(counts_line(c))
     if details.rows_done:
-        console.print(f"rows done by backfills: {details.rows_done:,}")
+        console.print(
+            f"rows done by backfills: {details.rows_done:,} "
+            f"of about {details.rows_total:,} (the users reached so far)"
+        )
     console.print("options: " + ", ".join(f"{k}={v}" for k, v in sorted(run.spec.flat().items())))
     if details.failures:
         table = Table(title="failures")

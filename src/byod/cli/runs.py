@@ -324,6 +324,7 @@ def runs_show(
     if json_out:
         data = render.run_data(details.run)
         data["rows_done"] = details.rows_done
+        data["rows_total"] = details.rows_total
         data["failures"] = [
             {"user_id": u, "clerk_id": c, "migration": m, "error": e}
             for u, c, m, e in details.failures

@@ -44,13 +44,15 @@ class RunDetails:
     run: RunRecord
     failures: list[tuple[int, str, str, str | None]]
     rows_done: int = 0
+    #: the estimated total of the rows of the users the run has reached
+    rows_total: int = 0
 
 
 def show_run(ws: Workspace, run_id: str) -> RunDetails:
     """One fleet run and the steps that failed in it."""
     ws.require_tables()
     store = RunStore(ws.engine)
-    return RunDetails(store.get(run_id), store.failures(run_id), store.rows_done(run_id))
+    return RunDetails(store.get(run_id), store.failures(run_id), *store.rows_done(run_id))
 
 
 def user_history(

@@ -61,8 +61,9 @@ class LedgerRow:
     started_at: datetime | None
     completed_at: datetime | None
     created_at: datetime
-    #: a phased step's rows done by its backfills
+    #: a phased step's rows done by its backfills, and their estimated total
     rows_done: int | None = None
+    rows_total: int | None = None
 
 
 class Ledger:
@@ -148,9 +149,13 @@ class Ledger:
             next_params = _step_params(user_id, start_next, now)
             return _scalar_int(conn.execute(_START, next_params).scalar())
 
-    def record_rows(self, user_id: int, step: Step, rows_done: int) -> None:
-        """How many rows a running phased step's backfills have done so far."""
-        params = _step_params(user_id, step, utcnow()) | {"b_rows": rows_done}
+    def record_rows(
+        self, user_id: int, step: Step, rows_done: int, rows_total: int | None = None
+    ) -> None:
+        """How many rows a running phased step's backfills have done so far (and, when
+        known, the estimated total)."""
+        params = _step_params(user_id, step, utcnow())
+        params |= {"b_rows": rows_done, "b_total": rows_total}
         with single(self.engine, "record the rows done") as conn:
             conn.execute(_ROWS, params)
 
@@ -335,7 +340,12 @@ _DONE = (
 _ROWS = (
     ledger.update()
     .where(*_THIS_STEP, ledger.c.status == "running")
-    .values(rows_done=sa.bindparam("b_rows"))
+    .values(
+        rows_done=sa.bindparam("b_rows"),
+        rows_total=sa.func.coalesce(
+            sa.bindparam("b_total", type_=sa.BigInteger), ledger.c.rows_total
+        ),
+    )
 )
 _FAILED = (
     ledger.update()

@@ -135,13 +135,16 @@ class RunStore:
         with reading(self.engine, "read the run's failures") as conn:
             return [(int(r[0]), str(r[1]), str(r[2]), r[3]) for r in conn.execute(query)]
 
-    def rows_done(self, run_id: str) -> int:
-        """Rows the run's backfills have done so far, over all its users."""
-        query = sa.select(sa.func.coalesce(sa.func.sum(ledger.c.rows_done), 0)).where(
-            ledger.c.run_id == run_id
-        )
+    def rows_done(self, run_id: str) -> tuple[int, int]:
+        """Rows the run's backfills have done so far over all its users, and the estimated
+        total of those the run has reached."""
+        query = sa.select(
+            sa.func.coalesce(sa.func.sum(ledger.c.rows_done), 0),
+            sa.func.coalesce(sa.func.sum(ledger.c.rows_total), 0),
+        ).where(ledger.c.run_id == run_id)
         with reading(self.engine, "read the run's rows done") as conn:
-            return int(conn.execute(query).scalar_one())
+            done, total = conn.execute(query).one()
+        return int(done), int(total)
 
     def moved_users(self, run_id: str) -> list[MovedUser]:
         """Users the run brought up at least one step, with the version each had before."""

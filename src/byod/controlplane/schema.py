@@ -101,6 +101,8 @@ ledger = sa.Table(
     sa.Column("created_at", sa.DateTime, nullable=False),
     #: a phased step's rows done by its backfills (recorded every few seconds and at the end)
     sa.Column("rows_done", sa.BigInteger, nullable=True),
+    #: its estimate of the rows in all (counted when its schema change was done)
+    sa.Column("rows_total", sa.BigInteger, nullable=True),
     _one_of("status", LEDGER_STATUSES, "ck_byod_migrations_status"),
     _one_of("direction", ("up", "down"), "ck_byod_migrations_direction"),
     sa.Index("ix_byod_migrations_user", "user_id", "id"),

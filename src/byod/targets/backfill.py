@@ -33,6 +33,8 @@ _progress = sa.Table(
     sa.Column("backfill", sa.Integer, nullable=False),
     sa.Column("last_key", sa.Text, nullable=True),
     sa.Column("rows_done", sa.BigInteger, nullable=False),
+    #: the backfills' tables' rows when the schema change was done: an estimate
+    sa.Column("rows_total", sa.BigInteger, nullable=True),
     sa.Column("updated_at", sa.DateTime, nullable=False),
 )
 
@@ -45,6 +47,7 @@ class Progress:
     backfill: int
     last_key: Any
     rows_done: int
+    rows_total: int | None = None
 
 
 @dataclass(frozen=True)
@@ -71,17 +74,29 @@ def read(conn: sa.Connection, step: Step, exists: bool) -> Progress | None:
     if row is None:
         return None
     last_key = None if row.last_key is None else json.loads(row.last_key)
-    return Progress(int(row.backfill), last_key, int(row.rows_done))
+    total = None if row.rows_total is None else int(row.rows_total)
+    return Progress(int(row.backfill), last_key, int(row.rows_done), total)
 
 
-def start(conn: sa.Connection, step: Step) -> None:
-    """Record, with the step's schema change, that its backfills start."""
+def start(conn: sa.Connection, step: Step) -> int:
+    """Record, with the step's schema change, that its backfills start; returns the rows
+    they will walk, counted now (an estimate: the user's app may add some meanwhile)."""
+    total = 0
+    for work in step.migration.backfills:
+        table = sa.table(work.table)
+        total += int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one())
     conn.exec_driver_sql(_create_sql(conn.dialect))
     conn.execute(
         _progress.insert().values(
-            id=step.migration.id, backfill=0, last_key=None, rows_done=0, updated_at=utcnow()
+            id=step.migration.id,
+            backfill=0,
+            last_key=None,
+            rows_done=0,
+            rows_total=total,
+            updated_at=utcnow(),
         )
     )
+    return total
 
 
 def finish(conn: sa.Connection, step: Step) -> None:
