@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from fastapi.testclient import TestClient
 
 from byod import commands
+from byod.api import AuthSettings, create_app
 from byod.controlplane import history
 from byod.credentials import Credentials, open_instance
 from byod.errors import IrreversibleError, MigrationFailedError, StoppedError, UnreachableError
@@ -36,6 +38,7 @@ from tests.conftest import (
     write_migrations,
 )
 from tests.helpers import add_connected, stamp_ids, statuses
+from tests.test_api import SECRET, token
 
 ROWS = 5_000
 
@@ -413,6 +416,10 @@ def test_a_fleet_run_reports_the_rows_its_backfills_did(
     assert (summary.succeeded, summary.failed) == (2, 0)
     details = commands.show_run(bws, summary.run_id)
     assert (details.rows_done, details.rows_total) == (2 * ROWS, 2 * ROWS)
+    app = create_app(bws, AuthSettings(secret=SECRET))
+    with TestClient(app) as client:
+        page = client.get("/dashboard", cookies={"byod_token": token("ops", admin=True)})
+    assert page.status_code == 200 and "10,000/10,000" in page.text  # the runs table
 
 
 def test_a_backfill_on_a_key_that_cannot_be_a_cursor_fails_clearly(

@@ -87,8 +87,9 @@ def _chart(status: FleetStatus) -> str:
     return "".join(parts)
 
 
-def _run_row(run: RunRecord) -> str:
+def _run_row(run: RunRecord, rows: tuple[int, int] | None) -> str:
     c = run.counts
+    backfilled = "" if rows is None else f"{rows[0]:,}/{rows[1]:,}"
     progress = ""
     if run.planned:
         done = c.done
@@ -97,11 +98,11 @@ def _run_row(run: RunRecord) -> str:
         f'<tr class="run" data-run="{escape(run.id)}"><td>{escape(run.id)}</td>'
         f"<td>{escape(run.kind)}</td><td>{escape(run.shown_state)}</td><td>{progress}</td>"
         f"<td>{c.succeeded}</td><td class='bad'>{c.failed}</td><td>{c.busy + c.up_to_date}</td>"
-        f"<td>{c.not_started}</td></tr>"
+        f"<td>{c.not_started}</td><td>{backfilled}</td></tr>"
     )
 
 
-def _overview(status: FleetStatus, runs: list[RunRecord]) -> str:
+def _overview(status: FleetStatus, runs: list[RunRecord], rows: dict[str, tuple[int, int]]) -> str:
     cards = "".join(
         f'<span class="card" data-status="{escape(state)}">{escape(state)}: <b>{count}</b></span>'
         for state, count in sorted(status.by_connection.items())
@@ -128,8 +129,8 @@ def _overview(status: FleetStatus, runs: list[RunRecord]) -> str:
         f"<th>error</th><th>when (UTC)</th></tr>{failures}</table>"
         "<h2>Fleet runs</h2><table id='runs'><tr><th>run</th><th>kind</th><th>state</th>"
         "<th>progress</th><th>ok</th><th>failed</th><th>busy or up to date</th>"
-        "<th>not started</th></tr>"
-        f"{''.join(_run_row(r) for r in runs)}</table>"
+        "<th>not started</th><th>rows (backfills)</th></tr>"
+        f"{''.join(_run_row(r, rows.get(r.id)) for r in runs)}</table>"
         "<h2>A user's history</h2><form method='get' action='/dashboard/users'>"
         "<input name='user' placeholder='user id or clerk id'><button>Show</button></form>",
         refresh=running,
@@ -201,7 +202,8 @@ def dashboard(request: Request) -> Response:
     if (page := _refused(request)) is not None:
         return page
     ws = _ws(request)
-    return HTMLResponse(_overview(commands.status(ws), commands.list_runs(ws, limit=10)))
+    runs = commands.list_runs(ws, limit=10)
+    return HTMLResponse(_overview(commands.status(ws), runs, commands.runs_rows(ws, runs)))
 
 
 @router.post("/dashboard/login")

@@ -48,6 +48,12 @@ class RunDetails:
     rows_total: int = 0
 
 
+def runs_rows(ws: Workspace, runs: list[RunRecord]) -> dict[str, tuple[int, int]]:
+    """Rows the runs' backfills have done, and their estimated total, by run id (runs
+    without backfills are left out)."""
+    return RunStore(ws.engine).rows_by_run([run.id for run in runs])
+
+
 def show_run(ws: Workspace, run_id: str) -> RunDetails:
     """One fleet run and the steps that failed in it."""
     ws.require_tables()

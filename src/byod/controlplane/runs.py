@@ -135,6 +135,20 @@ class RunStore:
         with reading(self.engine, "read the run's failures") as conn:
             return [(int(r[0]), str(r[1]), str(r[2]), r[3]) for r in conn.execute(query)]
 
+    def rows_by_run(self, run_ids: list[str]) -> dict[str, tuple[int, int]]:
+        """Rows done and their estimated total, for each of these runs that has any."""
+        if not run_ids:
+            return {}
+        query = (
+            sa.select(
+                ledger.c.run_id, sa.func.sum(ledger.c.rows_done), sa.func.sum(ledger.c.rows_total)
+            )
+            .where(ledger.c.run_id.in_(run_ids), ledger.c.rows_done.is_not(None))
+            .group_by(ledger.c.run_id)
+        )
+        with reading(self.engine, "read the runs' rows done") as conn:
+            return {str(r[0]): (int(r[1] or 0), int(r[2] or 0)) for r in conn.execute(query)}
+
     def rows_done(self, run_id: str) -> tuple[int, int]:
         """Rows the run's backfills have done so far over all its users, and the estimated
         total of those the run has reached."""
