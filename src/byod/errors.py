@@ -199,10 +199,11 @@ class BusyError(InstanceError):
 
 
 class InstanceTimeoutError(InstanceError):
-    """The user's run took longer than its timeout: the step was rolled back; retry later."""
+    """An instance transaction (a step, a backfill batch) or a connect took longer than its
+    timeout: that transaction was rolled back; retry later."""
 
     transient = True
-    hint = "Raise --timeout, or split the migration into smaller steps."
+    hint = "Raise --timeout, or move a large data change into a backfill (batches)."
 
 
 class MigrationFailedError(InstanceError):

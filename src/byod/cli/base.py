@@ -174,7 +174,8 @@ Timeout = Annotated[
         metavar="SECONDS",
         min=0.1,
         max=MAX_SECONDS,
-        help="Seconds allowed per user (one USER too).",
+        help="Seconds allowed per instance transaction (a step, a backfill batch) and per "
+        "connect; one USER too.",
     ),
 ]
 LeaseSeconds = Annotated[

@@ -152,13 +152,7 @@ class RunStore:
     def rows_done(self, run_id: str) -> tuple[int, int]:
         """Rows the run's backfills have done so far over all its users, and the estimated
         total of those the run has reached."""
-        query = sa.select(
-            sa.func.coalesce(sa.func.sum(ledger.c.rows_done), 0),
-            sa.func.coalesce(sa.func.sum(ledger.c.rows_total), 0),
-        ).where(ledger.c.run_id == run_id)
-        with reading(self.engine, "read the run's rows done") as conn:
-            done, total = conn.execute(query).one()
-        return int(done), int(total)
+        return self.rows_by_run([run_id]).get(run_id, (0, 0))
 
     def moved_users(self, run_id: str) -> list[MovedUser]:
         """Users the run brought up at least one step, with the version each had before."""
