@@ -469,3 +469,31 @@ def test_a_rollback_below_a_step_in_progress_is_refused(
         bws.runner().rollback(uid, 0)
     assert counts(url) == {1: 500, 0: ROWS - 500}  # nothing touched
     assert bws.runner().migrate(uid).ok  # finishing it first works
+
+
+def test_a_backfill_of_a_missing_table_fails_the_step_and_touches_nothing(
+    ws: Workspace, tmp_path: Path, new_instance: InstanceFactory
+) -> None:
+    folder = write_migrations(
+        tmp_path / "typo",
+        {
+            "001_typo.py": """
+                import sqlalchemy as sa
+                from byod import Backfill, Migration
+
+                def up(ctx):
+                    ctx.op.create_table("notes", sa.Column("id", sa.Integer, primary_key=True))
+
+                migration = Migration(
+                    id="001_typo", version=1, name="Typo", description="", up=up,
+                    backfills=[Backfill(table="nots", key="id", apply=lambda ctx, rows: None)],
+                )
+            """
+        },
+    )
+    url = new_instance()
+    uid = add_connected(ws, url)
+    result = Runner(ws.engine, Registry.load(folder), ws.sealer).migrate(uid)
+    assert isinstance(result.error, MigrationFailedError)  # the migration's mistake
+    assert "backfill of nots (key id): cannot count its rows" in result.error.message
+    assert stamp_ids(url) == [] and progress_rows(url) == []

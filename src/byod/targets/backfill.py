@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError
 
 from byod.clock import utcnow
 from byod.errors import DriftError, MigrationFailedError
@@ -83,8 +84,8 @@ def start(conn: sa.Connection, step: Step) -> int:
     they will walk, counted now (an estimate: the user's app may add some meanwhile)."""
     total = 0
     for work in step.migration.backfills:
-        table = sa.table(work.table)
-        total += int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one())
+        count = sa.select(sa.func.count()).select_from(sa.table(work.table))
+        total += int(_backfill_query(conn, work, "cannot count its rows", count).scalar_one())
     conn.exec_driver_sql(_create_sql(conn.dialect))
     conn.execute(
         _progress.insert().values(
@@ -105,6 +106,27 @@ def finish(conn: sa.Connection, step: Step) -> None:
     if found is None or found.backfill != len(step.migration.backfills):
         raise DriftError(f"{step.migration.id}: its backfills are not done; cannot finalize")
     conn.execute(_progress.delete().where(_progress.c.id == step.migration.id))
+
+
+def _backfill_query(
+    conn: sa.Connection,
+    work: Backfill,
+    what: str,
+    query: sa.Executable,
+    params: dict[str, Any] | None = None,
+) -> sa.CursorResult[Any]:
+    """A query on a backfill's table: a table or column that is not there is the
+    migration's mistake (``MigrationFailedError``), not a lost connection."""
+    try:
+        return conn.execute(query, params or {})
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise
+        cause = exc.orig if exc.orig is not None else exc
+        text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        raise MigrationFailedError(
+            f"backfill of {work.table} (key {work.key}): {what}: {type(cause).__name__}: {text}"
+        ) from exc
 
 
 @functools.lru_cache(maxsize=256)
@@ -135,7 +157,7 @@ def run_batch(
     first = found.last_key is None
     query = _page(backfill.table, backfill.key, backfill.columns, first)
     params = {"n": batch_size} if first else {"n": batch_size, "last": found.last_key}
-    rows = conn.execute(query, params).all()
+    rows = _backfill_query(conn, backfill, "cannot read its next rows", query, params).all()
     if rows:
         try:
             body(conn, rows)
