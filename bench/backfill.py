@@ -5,8 +5,9 @@
   written in its transaction), with the bare driver;
 * ``byod``: a migration with a ``Backfill``, run by byod's runner.
 
-Prints one JSON line per way (seconds, rows/s, the longest transaction, which is the
-longest the table is held) and the ratios. Not part of the test suite::
+Prints one JSON line per way (the median seconds of ``--repeat`` interleaved rounds, rows/s,
+the longest transaction, which is the longest the table is held) and the ratios. Not part
+of the test suite::
 
     .venv/bin/python bench/backfill.py                       # SQLite, 1,000,000 rows
     .venv/bin/python bench/backfill.py --backend postgres    # PostgreSQL, 1,000,000 rows
@@ -18,6 +19,7 @@ import argparse
 import base64
 import json
 import sqlite3
+import statistics
 import tempfile
 import textwrap
 import time
@@ -210,8 +212,11 @@ def main() -> None:
     parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="rounds of the three ways, interleaved (median)"
+    )
     args = parser.parse_args()
-    lines: dict[str, dict[str, float]] = {}
+    runs: dict[str, list[dict[str, float]]] = {"single": [], "bare": [], "byod": []}
     with tempfile.TemporaryDirectory() as folder:
         workdir = Path(folder)
         ways: dict[str, Callable[[Instance], dict[str, float]]] = {
@@ -219,24 +224,31 @@ def main() -> None:
             "bare": lambda inst: bare(inst, args.batch),
             "byod": lambda inst: byod(inst, args.batch, workdir),
         }
-        for name, run in ways.items():
-            instance = Instance(args.backend, args.rows, workdir)
-            try:
-                figures = run(instance)
-                check(instance, 1)
-            finally:
-                instance.drop()
-            line = {
-                "way": name,
-                "backend": args.backend,
-                "rows": args.rows,
-                "batch": args.batch,
-                "seconds": round(figures["seconds"], 3),
-                "rows_per_s": round(args.rows / figures["seconds"]),
-                "longest_tx_ms": round(figures["longest_tx_ms"], 1),
-            }
-            lines[name] = figures
-            print(json.dumps(line), flush=True)
+        for _round in range(args.repeat):
+            for name, run in ways.items():
+                instance = Instance(args.backend, args.rows, workdir)
+                try:
+                    runs[name].append(run(instance))
+                    check(instance, 1)
+                finally:
+                    instance.drop()
+    lines: dict[str, dict[str, float]] = {}
+    for name, figures in runs.items():
+        seconds = statistics.median(f["seconds"] for f in figures)
+        longest = max(f["longest_tx_ms"] for f in figures)
+        lines[name] = {"seconds": seconds, "longest_tx_ms": longest}
+        line = {
+            "way": name,
+            "backend": args.backend,
+            "rows": args.rows,
+            "batch": args.batch,
+            "seconds": round(seconds, 3),
+            "all_seconds": [round(f["seconds"], 3) for f in figures],
+            "rows_per_s": round(args.rows / seconds),
+            "longest_tx_ms": round(longest, 1),
+            "longest_tx_ms_each": [round(f["longest_tx_ms"], 1) for f in figures],
+        }
+        print(json.dumps(line), flush=True)
     ratios = {
         "byod_vs_single": round(lines["byod"]["seconds"] / lines["single"]["seconds"], 2),
         "byod_vs_bare": round(lines["byod"]["seconds"] / lines["bare"]["seconds"], 2),

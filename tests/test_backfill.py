@@ -22,12 +22,20 @@ from byod import commands
 from byod.api import AuthSettings, create_app
 from byod.controlplane import history
 from byod.credentials import Credentials, open_instance
-from byod.errors import IrreversibleError, MigrationFailedError, StoppedError, UnreachableError
+from byod.errors import (
+    DriftError,
+    IrreversibleError,
+    MigrationFailedError,
+    StoppedError,
+    UnreachableError,
+)
+from byod.fleet import RowsProgress
 from byod.phased import Batching
-from byod.registry import Registry
+from byod.registry import Registry, Step
 from byod.runner import Runner
 from byod.spec import FleetOptions
 from byod.targets import Target
+from byod.targets.backfill import Progress
 from byod.workspace import Workspace
 from tests.conftest import (
     TEST_KEY,
@@ -79,13 +87,13 @@ BACKFILL_SET = {
             ctx.op.add_column("items", sa.Column("seen", sa.Integer, nullable=True))
 
         def bump(ctx, rows):
-            if any(row.bad for row in rows):
+            if any(bad for _key, bad in rows):
                 raise RuntimeError("a bad row")
             marks = os.environ.get("BYOD_TEST_BATCH_DIR")
             if marks:  # a test kills the process while it waits here, inside a batch
-                open(os.path.join(marks, f"batch-{rows[0].id}"), "w").close()
+                open(os.path.join(marks, f"batch-{rows[0][0]}"), "w").close()
             time.sleep(float(os.environ.get("BYOD_TEST_BATCH_SLEEP", "0")))
-            ids = [row.id for row in rows]
+            ids = [key for key, _bad in rows]
             statement = sa.text("UPDATE items SET n = n + 1, seen = 1 WHERE id IN :ids")
             ctx.conn.execute(statement.bindparams(sa.bindparam("ids", expanding=True)),
                              {"ids": ids})
@@ -412,14 +420,104 @@ def test_a_fleet_run_reports_the_rows_its_backfills_did(
 ) -> None:
     for name in ("a", "b"):
         add_connected(bws, new_instance(), name)
-    summary = commands.migrate_fleet(bws, options=FleetOptions(batch_size=2_000))
+    heard: list[RowsProgress] = []
+    summary = commands.migrate_fleet(
+        bws,
+        options=FleetOptions(batch_size=2_000),
+        on_event=lambda e: heard.append(e) if isinstance(e, RowsProgress) else None,
+    )
     assert (summary.succeeded, summary.failed) == (2, 0)
+    for user in {e.user_id for e in heard}:  # each batch told, as it is done
+        seen = [(e.rows_done, e.rows_total) for e in heard if e.user_id == user]
+        assert seen == [(2_000, ROWS), (4_000, ROWS), (ROWS, ROWS)]
+    assert len({e.user_id for e in heard}) == 2
     details = commands.show_run(bws, summary.run_id)
     assert (details.rows_done, details.rows_total) == (2 * ROWS, 2 * ROWS)
     app = create_app(bws, AuthSettings(secret=SECRET))
     with TestClient(app) as client:
         page = client.get("/dashboard", cookies={"byod_token": token("ops", admin=True)})
     assert page.status_code == 200 and "10,000/10,000" in page.text  # the runs table
+
+
+def test_a_batch_whose_cursor_moved_under_it_rolls_back(
+    bws: Workspace, new_instance: InstanceFactory
+) -> None:
+    url = new_instance()
+    uid = add_connected(bws, url)
+    assert isinstance(cutting_runner(bws, batches=2).migrate(uid).error, UnreachableError)
+    step = Step(bws.registry.get("002_bump"), "up")  # type: ignore[arg-type]
+    migration = step.migration
+    target = open_instance(Credentials(url=sa.engine.make_url(url)), timeout=10)
+    try:
+        stale = Progress(0, None, 0)  # where another runner found it, two batches ago
+        with pytest.raises(DriftError, match="progress changed"):
+            target.apply_batch(
+                step,
+                stale,
+                migration.backfills[0],
+                500,
+                lambda conn, rows: conn.execute(sa.text("UPDATE items SET n = n + 100")),
+            )
+    finally:
+        target.close()
+    assert counts(url) == {1: 1_000, 0: ROWS - 1_000}  # the batch's change rolled back
+    assert bws.runner().migrate(uid).ok
+    assert counts(url) == {1: ROWS}
+
+
+def test_postgres_batches_commit_without_waiting_for_the_disk_and_finalize_durably(
+    ws: Workspace, tmp_path: Path, pg: ServerDatabases
+) -> None:
+    folder = write_migrations(
+        tmp_path / "sync",
+        {
+            "001_seen.py": """
+                import sqlalchemy as sa
+                from byod import Backfill, Migration
+
+                SEEN = "INSERT INTO seen VALUES (:phase, current_setting('synchronous_commit'))"
+
+                def up(ctx):
+                    ctx.op.create_table("seen", sa.Column("phase", sa.Text),
+                                        sa.Column("sync", sa.Text))
+                    ctx.op.create_table("things", sa.Column("id", sa.Integer, primary_key=True))
+                    ctx.conn.execute(sa.text("INSERT INTO things SELECT generate_series(1, 5)"))
+                    ctx.conn.execute(sa.text(SEEN), {"phase": "schema"})
+
+                def batch(ctx, rows):
+                    ctx.conn.execute(sa.text(SEEN), {"phase": "batch"})
+
+                def finalize(ctx):
+                    ctx.conn.execute(sa.text(SEEN), {"phase": "finalize"})
+
+                migration = Migration(
+                    id="001_seen", version=1, name="Seen", description="", up=up,
+                    backfills=[Backfill(table="things", key="id", apply=batch, batch_size=2)],
+                    finalize=finalize,
+                )
+            """
+        },
+    )
+    sws = make_workspace(ws.settings.database_url, folder)
+    try:
+        url = pg.create()
+        uid = add_connected(sws, url)
+        assert sws.runner().configured(run_id=None, timeout=5, lease_seconds=30).migrate(uid).ok
+    finally:
+        sws.engine.dispose()
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        with engine.connect() as conn:
+            seen = conn.execute(sa.text("SELECT phase, sync FROM seen")).all()
+    finally:
+        engine.dispose()
+    assert seen == [
+        ("schema", "on"),
+        ("batch", "off"),
+        ("batch", "off"),
+        ("batch", "off"),
+        ("finalize", "on"),
+    ]
 
 
 def test_a_backfill_on_a_key_that_cannot_be_a_cursor_fails_clearly(

@@ -116,27 +116,30 @@ def test_the_main_flow_from_a_fresh_folder(cli: Cli, tmp_path: Path) -> None:
     url = sqlite_instance(tmp_path, "one")
     connected = cli("connect", "clerk_1", "--url", url)
     assert connected.code == 0 and "connected" in connected.out, connected.err
-    assert cli("pending", "clerk_1").out.strip() == "2"
+    assert cli("pending", "clerk_1").out.strip() == "3"
     plan = cli("plan", "1", "--json").json()
     assert plan[0]["steps"] == [  # type: ignore[index]
         {"migration": "001_initial", "version": 1, "direction": "up"},
         {"migration": "002_add_tags", "version": 2, "direction": "up"},
+        {"migration": "003_word_counts", "version": 3, "direction": "up"},
     ]
     migrated = cli("migrate", "clerk_1")
-    assert migrated.code == 0 and "from version 0 to 2" in migrated.out
+    assert migrated.code == 0 and "from version 0 to 3" in migrated.out
     assert cli("pending", "1", "--json").json() == {"pending": 0}
     history = cli("history", "clerk_1", "--json").json()
     assert [(h["migration_id"], h["status"]) for h in history] == [  # type: ignore[index, union-attr]
+        ("003_word_counts", "completed"),
         ("002_add_tags", "completed"),
         ("001_initial", "completed"),
     ]
     status = cli("status", "--json").json()
-    assert status["by_version"] == {"2": 1} and status["by_connection"] == {"connected": 1}  # type: ignore[index]
+    assert status["by_version"] == {"3": 1} and status["by_connection"] == {"connected": 1}  # type: ignore[index]
     assert cli("verify", "--all").code == 0
     again = cli("migrate", "clerk_1")
     assert again.code == 0 and "nothing to do" in again.out
     rolled = cli("rollback", "clerk_1", "--to", "1")
-    assert rolled.code == 0 and "002_add_tags down" in rolled.out
+    assert rolled.code == 0 and "003_word_counts down" in rolled.out
+    assert "002_add_tags down" in rolled.out
     refused = cli("rollback", "clerk_1", "--to", "0")
     assert refused.code == 2 and "001_initial has no down" in refused.err
 
@@ -288,9 +291,10 @@ def test_new_in_a_fresh_folder_starts_the_apps_own_migrations(tmp_path: Path) ->
     assert sorted(p.name for p in folder.glob("*.py")) == [
         "001_initial.py",
         "002_add_tags.py",
-        "003_add_archived.py",
+        "003_word_counts.py",
+        "004_add_archived.py",
     ]
-    assert cli("init").out.splitlines()[-1] == "migrations head version: 3"
+    assert cli("init").out.splitlines()[-1] == "migrations head version: 4"
 
 
 def test_demo_builds_a_fleet_and_is_safe_to_run_twice(tmp_path: Path) -> None:
@@ -301,10 +305,21 @@ def test_demo_builds_a_fleet_and_is_safe_to_run_twice(tmp_path: Path) -> None:
     assert "history of demo-tenant-001" in first.out
     second = cli("demo", "--tenants", "3")
     assert second.code == 0 and "0 succeeded" in second.out
+    assert "50,003/50,003" in first.out  # the large tenant's backfill, in its history
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'byod-demo' / 'tenant-002.db'}")
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM tags")).scalar_one() == 4
     engine.dispose()
+    large = sa.create_engine(f"sqlite:///{tmp_path / 'byod-demo' / 'tenant-001.db'}")
+    with large.connect() as conn:
+        counted = conn.execute(
+            sa.text("SELECT count(*), sum(words) FROM documents WHERE words IS NOT NULL")
+        ).one()
+        # every document counted: 3 samples (7 + 5 + 9 words) and 50,000 of 7 words each
+        assert tuple(counted) == (50_003, 21 + 50_000 * 7)
+        column = next(c for c in sa.inspect(conn).get_columns("documents") if c["name"] == "words")
+        assert column["nullable"] is False  # finalized
+    large.dispose()
 
 
 def test_a_real_process_reports_bad_usage_and_unknown_users_with_exit_2(tmp_path: Path) -> None:

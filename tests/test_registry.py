@@ -31,12 +31,14 @@ def source(mid: str, version: int, *, down: bool = True, extra: str = "") -> str
 
 def test_bundled_example_loads_with_head_derived_from_files() -> None:
     registry = Registry.load(bundled_migrations_dir())
-    assert [m.id for m in registry] == ["001_initial", "002_add_tags"]
-    assert registry.head == 2
+    assert [m.id for m in registry] == ["001_initial", "002_add_tags", "003_word_counts"]
+    assert registry.head == 3
     assert registry.get("002_add_tags") is not None
-    assert registry.get("003_nope") is None
-    assert [m.id for m in registry.after(1)] == ["002_add_tags"]
-    assert registry.after(2) == []
+    assert registry.get("004_nope") is None
+    assert [m.id for m in registry.after(1)] == ["002_add_tags", "003_word_counts"]
+    assert registry.after(3) == []
+    words = registry.get("003_word_counts")
+    assert words is not None and words.phased and words.reversible
     assert all(len(m.checksum) == 64 for m in registry)
     assert not registry.get("001_initial").reversible  # type: ignore[union-attr]
 

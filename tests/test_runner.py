@@ -230,7 +230,39 @@ def test_hashtags_move_once_even_after_a_crash(
     assert ws.runner().migrate(uid).ok
     assert count_rows(url, "tags") == 2  # ideas, todo
     assert count_rows(url, "document_tags") == 3  # a: ideas, todo; b: todo
-    assert schema_version(ws, uid) == 2
+    assert schema_version(ws, uid) == 3
+
+
+def test_the_example_apps_word_counts_are_filled_then_rolled_back(
+    ws: Workspace, new_instance: InstanceFactory
+) -> None:
+    url = new_instance()
+    uid = add_connected(ws, url)
+    assert ws.runner().migrate(uid, to_version=2).ok
+    execute(
+        url,
+        "INSERT INTO documents (title, body) VALUES ('a', 'see #Ideas and #todo, not a#b')",
+        "INSERT INTO documents (title, body) VALUES ('b', '#todo twice #todo')",
+        "INSERT INTO documents (title, body) VALUES ('c', '')",
+    )
+    result = ws.runner().migrate(uid)
+    assert result.ok, result.error
+    assert result.steps[-1].migration_id == "003_word_counts" and result.steps[-1].rows == 3
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        with engine.connect() as conn:
+            words = conn.execute(sa.text("SELECT title, words FROM documents ORDER BY id"))
+            assert words.all() == [("a", 6), ("b", 3), ("c", 0)]
+            column = [c for c in sa.inspect(conn).get_columns("documents") if c["name"] == "words"]
+            assert column[0]["nullable"] is False  # the finalize made it NOT NULL
+        back = ws.runner().rollback(uid, 1)
+        assert back.ok, back.error
+        with engine.connect() as conn:
+            names = {c["name"] for c in sa.inspect(conn).get_columns("documents")}
+            assert "words" not in names and not sa.inspect(conn).has_table("tags")
+            assert conn.execute(sa.text("SELECT count(*) FROM documents")).scalar_one() == 3
+    finally:
+        engine.dispose()
 
 
 def test_rollback_runs_down_newest_first(cws: Workspace, new_instance: InstanceFactory) -> None:

@@ -40,9 +40,12 @@ class Bodies:
     def batch(self, step: Step, index: int) -> BatchBody:
         """A backfill batch's work, given its rows, for the batch's transaction."""
         work = step.migration.backfills[index]
+        made: dict[int, MigrationContext] = {}  # one context per connection, not per batch
 
         def body(conn: sa.Connection, rows: Sequence[Any]) -> None:
-            context = self._context(step, conn)
+            context = made.get(id(conn))
+            if context is None or context.conn is not conn:
+                context = made[id(conn)] = self._context(step, conn)
             _guarded(step, lambda: work.apply(context, rows))
 
         return body

@@ -18,6 +18,7 @@ from byod.errors import StoppedError
 from byod.registry import Step
 from byod.spec import FleetOptions
 from byod.targets import Target
+from byod.targets.backfill import Progress
 from byod.targets.base import BatchBody, StepBody
 
 __all__ = ["Batching", "PhaseBodies", "run_phased"]
@@ -71,30 +72,29 @@ def run_phased(
         progress = target.read_progress(step)  # with the rows counted for the estimate
     else:
         log.info("user %s: %s resumes at backfill %d", user_id, migration.id, progress.backfill)
-    start, rows_done = (0, 0) if progress is None else (progress.backfill, progress.rows_done)
-    total = None if progress is None else progress.rows_total
-    for index in range(start, len(migration.backfills)):
+    if progress is None:  # the schema phase writes it: its loss shows at the first batch
+        progress = Progress(0, None, 0)
+    for index in range(progress.backfill, len(migration.backfills)):
         work = migration.backfills[index]
         size = batching.size or work.batch_size
+        body = bodies.batch(index)
         while True:
-            batch = target.apply_batch(
-                step, index, work, size, bodies.batch(index), _deadline(timeout)
-            )
-            rows_done += batch.rows
-            on_rows(rows_done, total)
+            batch = target.apply_batch(step, progress, work, size, body, _deadline(timeout))
+            progress = batch.progress
+            on_rows(progress.rows_done, progress.rows_total)
             if batch.finished:
                 break
             if batching.stop is not None and batching.stop.is_set():
                 raise StoppedError(
-                    f"{migration.id}: the run was stopped after {rows_done} rows; the step "
-                    "resumes at its cursor on the next run"
+                    f"{migration.id}: the run was stopped after {progress.rows_done} rows; "
+                    "the step resumes at its cursor on the next run"
                 )
             if batching.pause:
                 time.sleep(batching.pause)
         log.info("user %s: %s backfill of %s done", user_id, migration.id, work.table)
     target.apply(step, bodies.finalize, _deadline(timeout), phase="finalize")
-    log.info("user %s: %s finalized after %d rows", user_id, migration.id, rows_done)
-    return rows_done
+    log.info("user %s: %s finalized after %d rows", user_id, migration.id, progress.rows_done)
+    return progress.rows_done
 
 
 def _deadline(timeout: float | None) -> float | None:

@@ -58,7 +58,7 @@ class MigrationContext:
 MigrationFn = Callable[[MigrationContext], None]
 
 
-#: What a backfill does with one batch: the batch's rows (key first, then ``columns``),
+#: What a backfill does with one batch: its rows as plain tuples (key first, then ``columns``),
 #: inside the batch's own instance transaction (``ctx.conn``).
 BatchFn = Callable[[MigrationContext, Sequence[Any]], None]
 
@@ -102,7 +102,7 @@ class Migration:
     description: str
     up: MigrationFn
     down: MigrationFn | None = None
-    backfills: tuple[Backfill, ...] = ()
+    backfills: Sequence[Backfill] = ()
     finalize: MigrationFn | None = None
     checksum: str = field(default="", compare=False)
 

@@ -10,7 +10,14 @@ from byod.errors import ByodError
 from byod.registry import Registry
 from byod.targets import StampEntry
 
-__all__ = ["StepResult", "UserResult", "check_stamp", "steps_from_json", "steps_to_json"]
+__all__ = [
+    "RowsProgress",
+    "StepResult",
+    "UserResult",
+    "check_stamp",
+    "steps_from_json",
+    "steps_to_json",
+]
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,17 @@ class StepResult:
     error: str | None = None
     #: a phased step's rows done by its backfills (None: the step has none)
     rows: int | None = None
+
+
+@dataclass(frozen=True)
+class RowsProgress:
+    """A backfill batch done on one user's instance: the step's rows done so far, and
+    the estimated total (counted with its schema change)."""
+
+    user_id: int
+    migration_id: str
+    rows_done: int
+    rows_total: int | None
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from byod.notify import Notice, Notifier, log_notice, safe_notify
 from byod.phased import Batching, PhaseBodies, run_phased
 from byod.refusals import refuse_disconnected, refuse_in_progress, refuse_irreversible
 from byod.registry import Direction, Plan, Registry, Step
-from byod.results import StepResult, UserResult, check_stamp
+from byod.results import RowsProgress, StepResult, UserResult, check_stamp
 from byod.targets import StampEntry, Target
 
 __all__ = ["Runner"]
@@ -84,6 +84,7 @@ class Runner:
         opener: TargetOpener = _default_opener,
         policy: InstancePolicy | None = None,
         batching: Batching = Batching(),
+        on_rows: Callable[[RowsProgress], None] | None = None,
     ) -> None:
         self.engine = engine
         self.registry = registry
@@ -100,6 +101,8 @@ class Runner:
         #: what instance URLs may ask (checked again each time one is unsealed)
         self.policy = policy or InstancePolicy()
         self.batching = batching
+        #: hears each backfill batch done (from the thread that ran it)
+        self.on_rows = on_rows
 
     def configured(
         self,
@@ -109,9 +112,11 @@ class Runner:
         lease_seconds: float,
         owner: str | None = None,
         batching: Batching | None = None,
+        on_rows: Callable[[RowsProgress], None] | None = None,
     ) -> Runner:
         """A runner like this one for one fleet run: its id, timeout and lease length
-        (and, given them, the name its leases are held under and how backfills go)."""
+        (and, given them, the name its leases are held under, how backfills go and who
+        hears their batches)."""
         return Runner(
             self.engine,
             self.registry,
@@ -125,6 +130,7 @@ class Runner:
             opener=self._opener,
             policy=self.policy,
             batching=batching or self.batching,
+            on_rows=on_rows or self.on_rows,
         )
 
     # -- public --------------------------------------------------------------------------
@@ -444,8 +450,10 @@ class Runner:
 
         estimate: list[int | None] = [None]
 
-        def on_rows(rows: int, total: int | None) -> None:  # every few seconds
+        def on_rows(rows: int, total: int | None) -> None:  # the ledger every few seconds
             estimate[0] = total
+            if self.on_rows is not None:
+                self.on_rows(RowsProgress(user.id, migration.id, rows, total))
             if time.monotonic() - reported[0] >= ROWS_REPORT_SECONDS:
                 self.ledger.record_rows(user.id, step, rows, total)
                 reported[0] = time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -14,6 +15,7 @@ from rich.progress import (
     Progress,
     ProgressColumn,
     Task,
+    TaskID,
     TextColumn,
     TimeRemainingColumn,
 )
@@ -22,7 +24,7 @@ from rich.text import Text
 from byod.cli import render
 from byod.distributed import RunProgress
 from byod.errors import ByodError
-from byod.fleet import FleetEvent, FleetStarted, FleetSummary, UserFinished
+from byod.fleet import FleetEvent, FleetStarted, FleetSummary, RowsProgress, UserFinished
 from byod.results import UserResult
 
 __all__ = ["finish_user", "print_error", "print_summary", "run_fleet"]
@@ -65,17 +67,18 @@ def run_fleet(
 
         return work(emit)
     progress = Progress(
-        TextColumn("migrating"),
+        TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("[red]{task.fields[failed]} failed"),
+        _FailedColumn(),
         _RateColumn(),
         TimeRemainingColumn(),
         console=err,
         disable=not err.is_terminal,
     )
-    task = progress.add_task("fleet", total=None, failed=0)
+    task = progress.add_task("migrating", total=None, failed=0, unit="users")
     failed = 0
+    backfills = _BackfillBars(progress)
 
     def show(event: FleetEvent | RunProgress) -> None:
         nonlocal failed
@@ -83,7 +86,10 @@ def run_fleet(
             progress.update(task, total=event.total)
         elif isinstance(event, RunProgress):
             progress.update(task, completed=event.done, failed=event.failed, total=event.total)
+        elif isinstance(event, RowsProgress):
+            backfills.show(event)
         elif isinstance(event, UserFinished):
+            backfills.forget(event.result.user_id)
             failed += event.outcome == "failed"
             progress.update(task, advance=1, failed=failed)
 
@@ -91,11 +97,48 @@ def run_fleet(
         return work(show)
 
 
-class _RateColumn(ProgressColumn):
-    """Users per second."""
+class _BackfillBars:
+    """A bar per backfill in progress (rows done of the estimated total), moved by each
+    batch; a user's bars go when the user is done. Fed from the runner's threads."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[tuple[int, str], TaskID] = {}
+        self.lock = threading.Lock()
+
+    def show(self, event: RowsProgress) -> None:
+        key = (event.user_id, event.migration_id)
+        total = max(event.rows_total or 0, event.rows_done) or None
+        with self.lock:
+            task = self.tasks.get(key)
+            if task is None:
+                task = self.tasks[key] = self.progress.add_task(
+                    f"  user {event.user_id} {event.migration_id}", total=total, unit="rows"
+                )
+        self.progress.update(task, completed=event.rows_done, total=total)
+
+    def forget(self, user_id: int) -> None:
+        with self.lock:
+            done = [key for key in self.tasks if key[0] == user_id]
+            for key in done:
+                self.progress.remove_task(self.tasks.pop(key))
+
+
+class _FailedColumn(ProgressColumn):
+    """How many users failed (on the fleet's bar only)."""
 
     def render(self, task: Task) -> Text:
-        return Text(f"{task.speed:.1f} users/s" if task.speed else "")
+        if "failed" not in task.fields:
+            return Text("")
+        return Text.from_markup(f"[red]{task.fields['failed']} failed")
+
+
+class _RateColumn(ProgressColumn):
+    """Users (or a backfill's rows) per second."""
+
+    def render(self, task: Task) -> Text:
+        unit = task.fields.get("unit", "users")
+        return Text(f"{task.speed:.1f} {unit}/s" if task.speed else "")
 
 
 def print_summary(out: Console, err: Console, summary: FleetSummary, json_out: bool) -> None:

@@ -1,7 +1,9 @@
 """The embedded demo: a local fleet of SQLite instances, at version 1, then to head.
 
-Safe to run again: users and instance files that exist are kept, and the rollout is a
-no-op once every instance is at head.
+The first tenant is a large one (``LARGE_TENANT_DOCUMENTS`` documents), so the example
+app's backfill (``003_word_counts``) walks it in many batches. Safe to run again: users
+and instance files that exist are kept, and the rollout is a no-op once every instance
+is at head.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ _DOCUMENTS = (
     ("Groceries", "Milk, bread, coffee. #todo #home"),
     ("Plan", "Ship the #byod demo; review #ideas with the team."),
 )
+#: The first tenant's documents besides the three above: a large instance
+LARGE_TENANT_DOCUMENTS = 50_000
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ def run_demo(
             policy=ws.settings.instance_policy,
         )
         runner.migrate(user.id, to_version=min(1, ws.registry.head))
-        _seed(path)
+        _seed(path, LARGE_TENANT_DOCUMENTS if number == 1 else 0)
         created += 1
     summary = migrate_fleet(runner, options=FleetOptions(concurrency=4), on_event=on_event)
     sample = ws.directory.find_user("demo-tenant-001")
@@ -90,7 +94,8 @@ def run_demo(
     )
 
 
-def _seed(path: Path) -> None:
+def _seed(path: Path, more: int) -> None:
+    """The sample documents, and ``more`` generated ones (in one statement)."""
     engine = sa.create_engine(f"sqlite:///{path}")
     try:
         with engine.begin() as conn:
@@ -98,5 +103,15 @@ def _seed(path: Path) -> None:
                 return
             documents = sa.table("documents", sa.column("title"), sa.column("body"))
             conn.execute(documents.insert(), [{"title": t, "body": b} for t, b in _DOCUMENTS])
+            if more:
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO documents (title, body) "
+                        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n "
+                        "WHERE i < :more) "
+                        "SELECT 'Note ' || i, 'Note number ' || i || ' of a busy user' FROM n"
+                    ),
+                    {"more": more},
+                )
     finally:
         engine.dispose()

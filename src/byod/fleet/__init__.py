@@ -11,13 +11,20 @@ process, recorded as one run.
 from byod.fleet.outcome import FleetFailure, Settled, attempt, settle
 from byod.fleet.run import migrate_fleet, rollback_run
 from byod.fleet.selection import SelectionSize, size_selection
-from byod.fleet.summary import FleetEvent, FleetStarted, FleetSummary, UserFinished
+from byod.fleet.summary import (
+    FleetEvent,
+    FleetStarted,
+    FleetSummary,
+    RowsProgress,
+    UserFinished,
+)
 
 __all__ = [
     "FleetEvent",
     "FleetFailure",
     "FleetStarted",
     "FleetSummary",
+    "RowsProgress",
     "SelectionSize",
     "Settled",
     "UserFinished",

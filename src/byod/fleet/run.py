@@ -135,6 +135,7 @@ def _execute(
         timeout=options.timeout,
         lease_seconds=options.lease_seconds,
         batching=Batching.of(options, stop),
+        on_rows=on_event,
     )
     store.progress(summary.run_id, summary.counts(), planned=total + summary.total)
     on_event(FleetStarted(summary.run_id, total + summary.total))

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from byod.fleet.outcome import FleetFailure
-from byod.results import UserResult
+from byod.results import RowsProgress, UserResult
 from byod.spec import RunCounts
 
-__all__ = ["FleetEvent", "FleetStarted", "FleetSummary", "UserFinished"]
+__all__ = ["FleetEvent", "FleetStarted", "FleetSummary", "RowsProgress", "UserFinished"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,9 @@ class UserFinished:
     tries: int
 
 
-FleetEvent = FleetStarted | UserFinished
+#: What a fleet run tells as it goes; a backfill's batches (:class:`RowsProgress`) come
+#: from the threads that run them, and only where users run in this process's threads
+FleetEvent = FleetStarted | UserFinished | RowsProgress
 
 
 @dataclass

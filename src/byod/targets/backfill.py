@@ -10,6 +10,7 @@ Written only here, in the instance transactions the SQL target opens.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from sqlalchemy.exc import DBAPIError
 from byod.clock import utcnow
 from byod.errors import DriftError, MigrationFailedError
 from byod.registry import Backfill, Step
+from byod.targets.dialects import timed_out
 
 __all__ = ["PROGRESS_TABLE", "Batch", "Progress", "finish", "read", "run_batch", "start"]
 
@@ -60,6 +62,25 @@ class Batch:
     first_key: Any
     last_key: Any
     finished: bool
+    #: where the step stands after it
+    progress: Progress
+
+
+#: the cursor's move: only from where the run found it
+_MOVE = (
+    _progress.update()
+    .where(
+        _progress.c.id == sa.bindparam("step_id", type_=_progress.c.id.type),
+        _progress.c.backfill == sa.bindparam("was_backfill", type_=_progress.c.backfill.type),
+        _progress.c.rows_done == sa.bindparam("was_rows", type_=_progress.c.rows_done.type),
+    )
+    .values(
+        backfill=sa.bindparam("to_backfill", type_=_progress.c.backfill.type),
+        last_key=sa.bindparam("to_key", type_=_progress.c.last_key.type),
+        rows_done=sa.bindparam("to_rows", type_=_progress.c.rows_done.type),
+        updated_at=sa.bindparam("at_time", type_=_progress.c.updated_at.type),
+    )
+)
 
 
 @functools.cache
@@ -113,51 +134,85 @@ def _backfill_query(
     work: Backfill,
     what: str,
     query: sa.Executable,
-    params: dict[str, Any] | None = None,
 ) -> sa.CursorResult[Any]:
     """A query on a backfill's table: a table or column that is not there is the
     migration's mistake (``MigrationFailedError``), not a lost connection."""
     try:
-        return conn.execute(query, params or {})
+        return conn.execute(query)
     except DBAPIError as exc:
-        if exc.connection_invalidated:
+        if exc.connection_invalidated or timed_out(exc):
             raise
-        cause = exc.orig if exc.orig is not None else exc
-        text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-        raise MigrationFailedError(
-            f"backfill of {work.table} (key {work.key}): {what}: {type(cause).__name__}: {text}"
-        ) from exc
+        raise _not_there(work, what, exc) from exc
+
+
+def _not_there(work: Backfill, what: str, exc: sa.exc.StatementError) -> MigrationFailedError:
+    cause = exc.orig if exc.orig is not None else exc
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return MigrationFailedError(
+        f"backfill of {work.table} (key {work.key}): {what}: {type(cause).__name__}: {text}"
+    )
 
 
 @functools.lru_cache(maxsize=256)
-def _page(table_name: str, key_name: str, columns: tuple[str, ...], first: bool) -> sa.Select[Any]:
-    """A backfill's next page, built once (values bound): the first page, or the one after
-    ``:last``, ``:n`` rows in key order."""
+def _page_sql(
+    dialect: sa.Dialect, table_name: str, key_name: str, columns: tuple[str, ...], first: bool
+) -> sa.engine.Compiled:
+    """A backfill's next page, compiled once for the driver: the first page, or the one
+    after ``last``, ``n`` rows in key order."""
     table = sa.table(table_name, sa.column(key_name), *map(sa.column, columns))
     key = table.c[key_name]
     query = sa.select(key, *(table.c[c] for c in columns)).order_by(key)
     if not first:
         query = query.where(key > sa.bindparam("last"))
-    return query.limit(sa.bindparam("n", type_=sa.Integer))
+    return query.limit(sa.bindparam("n", type_=sa.Integer)).compile(dialect=dialect)
+
+
+def _read_page(
+    conn: sa.Connection, work: Backfill, at: Progress, size: int
+) -> list[tuple[Any, ...]]:
+    """The rows of the next batch, as the driver gives them (plain tuples: key first,
+    then ``work.columns``), on the transaction's own connection. Read below
+    SQLAlchemy's result layer, which costs a batch as much as the read itself."""
+    first = at.last_key is None
+    compiled = _page_sql(conn.dialect, work.table, work.key, work.columns, first)
+    sql = compiled.string
+    values = {"n": size} if first else {"n": size, "last": at.last_key}
+    named = compiled.construct_params(values) or values
+    order = getattr(compiled, "positiontup", None)
+    params: Any = tuple(named[name] for name in order) if order else named
+    pooled = conn.connection
+    cursor = pooled.cursor()
+    try:
+        cursor.execute(sql, params)
+        return list(cursor.fetchall())
+    except conn.dialect.loaded_dbapi.Error as exc:
+        lost = conn.dialect.is_disconnect(exc, pooled.dbapi_connection, cursor)
+        if lost:
+            conn.invalidate(exc)
+        wrapped = DBAPIError.instance(
+            sql, params, exc, conn.dialect.loaded_dbapi.Error, connection_invalidated=lost
+        )
+        if lost or (isinstance(wrapped, DBAPIError) and timed_out(wrapped)):
+            raise wrapped from exc
+        raise _not_there(work, "cannot read its next rows", wrapped) from exc
+    finally:
+        with contextlib.suppress(Exception):
+            cursor.close()
 
 
 def run_batch(
     conn: sa.Connection,
     step: Step,
-    index: int,
+    at: Progress,
     backfill: Backfill,
     batch_size: int,
     body: Callable[[sa.Connection, Sequence[Any]], None],
 ) -> Batch:
-    """Apply the next batch of backfill ``index`` and move the cursor past it, inside the
-    caller's transaction. The rows are the table's next ``batch_size`` by key."""
-    found = read(conn, step, exists=True)
-    if found is None or found.backfill != index:
-        raise DriftError(f"{step.migration.id}: its progress changed under this run")
-    first = found.last_key is None
-    query = _page(backfill.table, backfill.key, backfill.columns, first)
-    params = {"n": batch_size} if first else {"n": batch_size, "last": found.last_key}
-    rows = _backfill_query(conn, backfill, "cannot read its next rows", query, params).all()
+    """Apply the next batch of the backfill the step is ``at`` and move the cursor past
+    it, inside the caller's transaction. The rows are the table's next ``batch_size`` by
+    key. The cursor moves only from where ``at`` says it is (a compare-and-set on the
+    progress row), so a batch is applied once even if two runners ever raced for it."""
+    rows = _read_page(conn, backfill, at, batch_size)
     if rows:
         try:
             body(conn, rows)
@@ -167,20 +222,27 @@ def run_batch(
                 f"{rows[-1][0]!r} failed (the cursor stays before it): {exc.message}"
             ) from exc
     finished = len(rows) < batch_size
-    last = rows[-1][0] if rows else found.last_key
+    last = rows[-1][0] if rows else at.last_key
     if not finished and not isinstance(last, int | str):
         raise MigrationFailedError(
             f"backfill of {backfill.table}: its key {backfill.key} must be an integer or "
             f"text column (the cursor is kept as JSON), not {type(last).__name__}"
         )
-    conn.execute(
-        _progress.update()
-        .where(_progress.c.id == step.migration.id)
-        .values(
-            backfill=index + 1 if finished else index,
-            last_key=None if finished else json.dumps(last),
-            rows_done=found.rows_done + len(rows),
-            updated_at=utcnow(),
-        )
+    moved = Progress(
+        at.backfill + 1 if finished else at.backfill,
+        None if finished else last,
+        at.rows_done + len(rows),
+        at.rows_total,
     )
-    return Batch(len(rows), rows[0][0] if rows else None, last, finished)
+    values = {
+        "step_id": step.migration.id,
+        "was_backfill": at.backfill,
+        "was_rows": at.rows_done,
+        "to_backfill": moved.backfill,
+        "to_key": None if moved.last_key is None else json.dumps(moved.last_key),
+        "to_rows": moved.rows_done,
+        "at_time": utcnow(),
+    }
+    if conn.execute(_MOVE, values).rowcount != 1:
+        raise DriftError(f"{step.migration.id}: its progress changed under this run")
+    return Batch(len(rows), rows[0][0] if rows else None, last, finished, moved)

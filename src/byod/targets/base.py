@@ -75,14 +75,15 @@ class Target(Protocol):
     def apply_batch(
         self,
         step: Step,
-        index: int,
+        at: Progress,
         work: Backfill,
         batch_size: int,
         body: BatchBody,
         deadline: float | None = None,
     ) -> Batch:
-        """Apply the next batch of backfill ``index`` and move its cursor, in one locked
-        transaction (``MigrationFailedError`` names the batch's keys)."""
+        """Apply the next batch of ``work`` after where the step is ``at`` and move its
+        cursor, in one transaction (``MigrationFailedError`` names the batch's keys;
+        ``DriftError`` when the cursor is not where ``at`` says)."""
         ...
 
     def clear_dirty(self) -> list[str]:

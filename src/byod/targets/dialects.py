@@ -8,6 +8,7 @@ guarded by a "dirty" marker (see :mod:`byod.targets.sql`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
 import ssl
@@ -42,7 +43,10 @@ class Dialect:
 
     #: (URL, timeout, operator's CA) -> the URL the engine uses and its options
     engine_options: Callable[[URL, float, str | None], tuple[URL, dict[str, Any]]]
-    lock: Callable[[sa.Connection, int | None], None]
+    #: Take the instance's migration lock for this transaction, bound it by the timeout
+    #: (ms); ``durable=False``: its commit need not wait for the disk (a backfill batch,
+    #: whose cursor commits or is lost with its rows)
+    lock: Callable[[sa.Connection, int | None, bool], None]
     #: one row (truthy) when the table named ``:name`` exists in the instance
     table_exists_sql: str
     reading: Callable[[sa.Connection], AbstractContextManager[None]]
@@ -56,6 +60,10 @@ class Dialect:
     #: One engine for every instance of the kind; not where the dialect learns the
     #: "default schema" from its first connection (MySQL: the database itself)
     shared_engine: bool = True
+    #: Where set, a backfill's batches take no lock of their own (the compare-and-set of
+    #: their cursor keeps each batch once) and this puts, once per connection and inside
+    #: a batch's transaction, the session's settings for them (the timeout in ms)
+    batch_settings: Callable[[sa.Connection, int | None], None] | None = None
     #: Where a read outside a transaction may simply fail: tells, by the server's error
     #: code, that it failed for want of the table (then the stamp is read in one round
     #: trip, without asking first whether its table exists)
@@ -115,7 +123,7 @@ def _postgres_reading(conn: sa.Connection) -> Iterator[None]:
         conn.execution_options(isolation_level=conn.dialect.default_isolation_level)
 
 
-def _sqlite_lock(conn: sa.Connection, timeout_ms: int | None) -> None:
+def _sqlite_lock(conn: sa.Connection, timeout_ms: int | None, durable: bool = True) -> None:
     """BEGIN IMMEDIATE already holds the write lock; a deadline interrupts the work."""
     dbapi = conn.connection.dbapi_connection
     assert isinstance(dbapi, sqlite3.Connection)
@@ -144,21 +152,40 @@ def _postgres_options(url: URL, timeout: float, ssl_ca: str | None) -> tuple[URL
     return url, {"connect_args": args}
 
 
-def _postgres_lock(conn: sa.Connection, timeout_ms: int | None) -> None:
-    # one round trip: the server's own timeouts for this transaction, and the lock
-    if timeout_ms is None:
-        query = "SELECT pg_try_advisory_xact_lock(:key)"
-        params: dict[str, object] = {"key": _PG_LOCK_KEY}
-    else:
-        query = (
-            "SELECT pg_try_advisory_xact_lock(:key) "
-            "FROM (SELECT set_config('statement_timeout', :ms, true), "
-            "set_config('lock_timeout', :ms, true)) AS timeouts"
-        )
-        params = {"key": _PG_LOCK_KEY, "ms": str(timeout_ms)}
-    taken = conn.execute(sa.text(query), params).scalar_one()
+def _postgres_lock(conn: sa.Connection, timeout_ms: int | None, durable: bool = True) -> None:
+    # one round trip: the server's own settings for this transaction, and the lock
+    settings = [] if timeout_ms is None else ["statement_timeout", "lock_timeout"]
+    query = _pg_lock_sql(tuple(settings), durable)
+    params: dict[str, object] = {"key": _PG_LOCK_KEY, "ms": str(timeout_ms)}
+    taken = conn.execute(query, params).scalar_one()
     if not taken:
         raise BusyError("another runner holds this instance's migration lock")
+
+
+@functools.cache
+def _pg_lock_sql(timeouts: tuple[str, ...], durable: bool) -> sa.TextClause:
+    """The lock, with ``set_config`` of the transaction's timeouts (``:ms``) and of its
+    commit: durable, whatever the batches before it set (see _postgres_batch_settings)."""
+    configs = [f"set_config('{name}', :ms, true)" for name in timeouts]
+    configs.append(f"set_config('synchronous_commit', '{'on' if durable else 'off'}', true)")
+    return sa.text(
+        f"SELECT pg_try_advisory_xact_lock(:key) FROM (SELECT {', '.join(configs)}) AS settings"
+    )
+
+
+def _postgres_batch_settings(conn: sa.Connection, timeout_ms: int | None) -> None:
+    """The session's timeouts for a run of batches (0: none), and commits that need
+    not wait for the disk: a crash of the server may then lose the last batches'
+    commits, each with its own cursor (so a re-run redoes exactly those), and the
+    step's finalize commits durably, flushing every batch before it."""
+    conn.execute(
+        sa.text(
+            "SELECT set_config('statement_timeout', :ms, false), "
+            "set_config('lock_timeout', :ms, false), "
+            "set_config('synchronous_commit', 'off', false)"
+        ),
+        {"ms": str(timeout_ms or 0)},
+    )
 
 
 def _sqlite_unlock(conn: sa.Connection) -> None:
@@ -220,7 +247,7 @@ def _mysql_io_timeout(conn: sa.Connection, seconds: float | None) -> None:
         dbapi._write_timeout = seconds  # type: ignore[union-attr]
 
 
-def _mysql_lock(conn: sa.Connection, timeout_ms: int | None) -> None:
+def _mysql_lock(conn: sa.Connection, timeout_ms: int | None, durable: bool = True) -> None:
     name = f"{_MYSQL_LOCK}:{conn.engine.url.database}"
     # GET_LOCK is a session lock, not a transaction lock: released by _mysql_unlock
     taken = conn.execute(sa.text("SELECT GET_LOCK(:name, 0)"), {"name": name}).scalar()
@@ -265,6 +292,7 @@ DIALECTS: dict[str, Dialect] = {
         _postgres_lock,
         "SELECT to_regclass(:name) IS NOT NULL",
         _postgres_reading,
+        batch_settings=_postgres_batch_settings,
         missing_table=lambda exc: getattr(exc.orig, "sqlstate", None) == _PG_UNDEFINED_TABLE,
     ),
     "mysql": Dialect(

@@ -185,6 +185,7 @@ class SqlTarget:
         self._dialect = dialect
         self.where = where
         self._stamp_ready = False
+        self._batch_settings_set = False
         self._io_timeout = io_timeout
 
     def holds_control_plane(self, control_plane_id: str) -> bool:
@@ -250,7 +251,7 @@ class SqlTarget:
     def apply_batch(
         self,
         step: Step,
-        index: int,
+        at: backfill.Progress,
         work: Backfill,
         batch_size: int,
         body: BatchBody,
@@ -264,28 +265,40 @@ class SqlTarget:
             except SQLAlchemyError as exc:
                 raise self._busy_or_lost(exc) from exc
             try:
-                self._dialect.lock(self._conn, timeout_ms)
+                self._batch_lock(timeout_ms)
                 done = backfill.run_batch(
                     self._conn,
                     step,
-                    index,
+                    at,
                     work,
                     batch_size,
                     lambda conn, rows: self._run_body(step, lambda c: body(c, rows)),
                 )
             except DBAPIError as exc:
-                self._rollback_quietly(transaction)
+                self._rollback_batch(transaction)
                 if timed_out(exc):
                     raise _timeout(step, exc) from exc
                 raise self._busy_or_lost(exc) from exc
             except BaseException:
-                self._rollback_quietly(transaction)
+                self._rollback_batch(transaction)
                 raise
             try:
                 transaction.commit()
             except SQLAlchemyError as exc:
                 raise self._lost(f"committing a batch of {step.migration.id}", exc) from exc
             return done
+
+    def _batch_lock(self, timeout_ms: int | None) -> None:
+        settings = self._dialect.batch_settings
+        if settings is None:
+            self._dialect.lock(self._conn, timeout_ms, False)
+        elif not self._batch_settings_set:
+            settings(self._conn, timeout_ms)
+            self._batch_settings_set = True
+
+    def _rollback_batch(self, transaction: sa.RootTransaction) -> None:
+        self._rollback_quietly(transaction)
+        self._batch_settings_set = False  # a rollback takes them back
 
     def _timeout_ms(self, step: Step, deadline: float | None) -> int | None:
         if deadline is None:
@@ -322,7 +335,7 @@ class SqlTarget:
         except SQLAlchemyError as exc:
             raise self._busy_or_lost(exc) from exc
         try:
-            self._dialect.lock(self._conn, timeout_ms)
+            self._dialect.lock(self._conn, timeout_ms, True)
             if not self._stamp_ready:
                 self._conn.exec_driver_sql(_create_sql(_CREATE_STAMP, self._engine.dialect))
             if not self._check_position(step, self._select_stamp(known_to_exist=True)) or (
