@@ -12,6 +12,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# Convex's own client and JS test backend, for the Convex tests (from the lock file)
+NODE_STAMP := node_modules/.installed
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund
+	touch $(NODE_STAMP)
+
 demo: $(STAMP)  ## the main job on the embedded default (SQLite in this folder)
 	$(BIN)/byod demo
 
@@ -26,7 +32,7 @@ chromium:  ## Debian's Chromium for the dashboard's browser test (installed as r
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "install Debian's chromium (apt-get install chromium) for the browser test"; }
 
-unit: $(STAMP) chromium
+unit: $(STAMP) $(NODE_STAMP) chromium
 	$(BIN)/pytest -n 2
 
 test: lint unit  ## the whole suite: lint, types, tests against real databases
@@ -35,4 +41,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/fleet.py
 
 clean:
-	rm -rf $(VENV) byod.db byod.db-wal byod.db-shm byod.key byod-demo
+	rm -rf $(VENV) node_modules byod.db byod.db-wal byod.db-shm byod.key byod-demo
