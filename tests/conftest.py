@@ -23,7 +23,7 @@ from byod.distributed import Broker
 from byod.settings import Settings
 from byod.workspace import Workspace
 
-pytest_plugins = ["tests.distributed_kit"]
+pytest_plugins = ["tests.distributed_kit", "tests.convex_backend"]
 
 PG_SERVER = os.environ.get("BYOD_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 TEST_KEY = base64.b64encode(b"k" * 32).decode()

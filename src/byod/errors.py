@@ -27,6 +27,7 @@ once, at its edge.
     + UnreachableError      (transient)
     + BusyError             (transient)
     + InstanceTimeoutError  (transient)
+    + InstanceAuthError
     + MigrationFailedError
     + DriftError
     + DirtyInstanceError
@@ -49,6 +50,7 @@ __all__ = [
     "DriftError",
     "ForbiddenError",
     "InputError",
+    "InstanceAuthError",
     "InstanceError",
     "InstanceTimeoutError",
     "IrreversibleError",
@@ -204,6 +206,16 @@ class InstanceTimeoutError(InstanceError):
 
     transient = True
     hint = "Raise --timeout, or move a large data change into a backfill (batches)."
+
+
+class InstanceAuthError(InstanceError):
+    """The instance refused byod's credentials (a Convex deployment answered 401 or 403 to
+    the deploy key): the key is wrong, revoked, or for another deployment. Nothing ran."""
+
+    hint = (
+        "Create a deploy key for this deployment (Convex dashboard, Settings) and connect "
+        "the user again with it."
+    )
 
 
 class MigrationFailedError(InstanceError):

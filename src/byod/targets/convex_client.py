@@ -1,0 +1,474 @@
+"""A Convex deployment's functions over HTTP, called as Convex's own ``ConvexHttpClient``
+calls them, with the deployment's deploy key (admin access, internal functions too).
+
+Each call is one ``POST`` of ``{"path", "format": "convex_encoded_json", "args"}`` to
+``{base}/api/query``, ``/api/mutation`` or ``/api/action`` (``args`` a one-item list), or
+of ``{"componentPath"?, "path", "format", "args"}`` to ``{base}/api/function`` (``args``
+the object itself; any kind of function, internal ones included). The headers are
+``Content-Type: application/json``, ``Authorization: Convex <deploy key>`` and
+``Convex-Client: byod-<version>``: Convex reads that header as ``{client}-{semver}`` and
+refuses a request whose header it cannot parse, so the version sent is always three
+numbers. byod's contract tests compare these requests with ``ConvexHttpClient``'s.
+
+What goes wrong becomes byod's errors, none of which ever holds the deploy key:
+
+* the function threw (HTTP 560): :class:`MigrationFailedError` with its ``errorMessage``;
+  another 4xx answered by Convex (``{code, message}``) is the call's mistake too;
+* 401 or 403: :class:`InstanceAuthError` (the deployment refused the key);
+* no connection (refused, DNS, the connect timeout), a 5xx, a redirect, or an answer that
+  is not Convex's: :class:`UnreachableError`;
+* no answer within the read (or write) timeout: :class:`InstanceTimeoutError` (a mutation
+  or action may still finish on the deployment);
+* 429: retried here, waiting what ``Retry-After`` asks or an exponential backoff with
+  jitter, at most ``retries`` times and ``max_wait`` seconds each, then :class:`BusyError`.
+  Nothing else is retried: a mutation that may have run is never sent twice.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import json
+import logging
+import random
+import re
+import ssl
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from importlib import metadata
+from types import TracebackType
+from typing import Any, NoReturn
+from urllib.parse import SplitResult, urlsplit
+
+import httpx
+
+from byod.errors import (
+    BusyError,
+    InstanceAuthError,
+    InstanceTimeoutError,
+    MigrationFailedError,
+    SettingsError,
+    UnreachableError,
+)
+from byod.targets.convex_values import ConvexValueError, Value, decode, encode
+from byod.text import has_control, printable
+
+__all__ = ["ConvexClient", "deployment_base"]
+
+log = logging.getLogger(__name__)
+
+#: Status of a function that threw (``STATUS_CODE_UDF_FAILED`` of ``ConvexHttpClient``).
+FUNCTION_FAILED = 560
+_CLOUD = ".convex.cloud"
+_SITE = ".convex.site"
+_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_PATH = re.compile(r"(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)*")
+_KEY = re.compile(r"[!-~]{1,4096}")
+_FUNCTION_PATH = re.compile(r"[!-~]{1,1024}")
+#: How much of an answer that is not Convex's is shown in a message.
+_SHOWN = 200
+_LONGEST_MESSAGE = 4000
+
+
+def _semver() -> str:
+    try:
+        found = re.match(r"[0-9]+\.[0-9]+\.[0-9]+", metadata.version("byod"))
+    except metadata.PackageNotFoundError:
+        found = None
+    return found.group(0) if found else "0.0.0"
+
+
+#: The ``Convex-Client`` header byod sends.
+CLIENT_VERSION = f"byod-{_semver()}"
+
+
+def _refuse(problem: str) -> NoReturn:
+    raise SettingsError(f"the Convex deployment URL {problem}")
+
+
+def deployment_base(url: str) -> str:
+    """The base URL byod posts ``/api/...`` under, from a Convex deployment URL as a user
+    gives it, or a :class:`SettingsError` saying what is wrong with it.
+
+    Accepted: ``https://NAME.convex.cloud`` (Convex's cloud, where functions are served;
+    ``.convex.site`` serves HTTP actions and is refused), and ``convex+https://HOST[:PORT]
+    [/PATH]`` or ``convex+http://HOST[:PORT][/PATH]`` for a self-hosted or local backend,
+    whose path prefix is kept. ``convex+http`` sends the deploy key unencrypted: meant for
+    a backend on the same machine or network. Never accepted: a user or password in the
+    URL (the deploy key is a separate secret), a query or fragment, spaces or control
+    characters. The result is lower-cased in scheme and host, without a default port or
+    a trailing slash, so equal deployments give equal bases.
+    """
+    if not url:
+        _refuse("is empty")
+    if has_control(url) or any(char.isspace() for char in url):
+        _refuse("holds spaces or control characters")
+    if not url.isascii():
+        _refuse("holds non-ASCII characters (write an international host in its xn-- form)")
+    if "?" in url or "#" in url:
+        _refuse("must not have a query (?...) or fragment (#...)")
+    scheme, separator, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not separator or scheme not in ("https", "convex+https", "convex+http"):
+        _refuse(
+            "must be https://NAME.convex.cloud, or convex+https://HOST[:PORT][/PATH] "
+            "(convex+http:// on a local network) for a self-hosted deployment"
+        )
+    cloud = scheme == "https"
+    real = scheme.removeprefix("convex+")
+    try:
+        parts = urlsplit(f"{real}://{rest}")
+    except ValueError:
+        _refuse("has a malformed IPv6 address")
+    if "@" in parts.netloc:
+        _refuse("must not hold a user or password: the deploy key is given separately")
+    host = _host(parts)
+    port = _port(parts)
+    path = parts.path.rstrip("/")
+    if not _PATH.fullmatch(path) or any(seg in (".", "..") for seg in path.split("/")):
+        _refuse("has a path with characters or segments a base URL cannot have")
+    if cloud:
+        if host.endswith(_SITE):
+            _refuse(f"ends with {_SITE}, which serves HTTP actions: functions are on {_CLOUD}")
+        if not host.endswith(_CLOUD) or host == _CLOUD[1:]:
+            _refuse(
+                f"is not NAME{_CLOUD}: for a self-hosted deployment write "
+                "convex+https://HOST[:PORT][/PATH]"
+            )
+        if path or port is not None:
+            _refuse(f"of a {_CLOUD} deployment has no port or path")
+    netloc = host if port is None else f"{host}:{port}"
+    return f"{real}://{netloc}{path}"
+
+
+def _host(parts: SplitResult) -> str:
+    host = parts.hostname or ""
+    if parts.netloc.startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            _refuse("has a malformed IPv6 address")
+        return f"[{host}]"
+    labels = host.split(".")
+    if not host or len(host) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        _refuse("has no valid host name")
+    return host
+
+
+def _port(parts: SplitResult) -> int | None:
+    try:
+        port = parts.port
+    except ValueError:
+        _refuse("has a malformed port")
+    if port == 0:
+        _refuse("has port 0")
+    default = {"https": 443, "http": 80}[parts.scheme]
+    return None if port in (None, default) else port
+
+
+def _retry_after(header: str | None) -> float | None:
+    """Seconds a ``Retry-After`` header asks to wait (seconds or an HTTP date), or None."""
+    if header is None:
+        return None
+    text = header.strip()
+    if text.isascii() and text.isdigit():
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+class ConvexClient:
+    """Calls one Convex deployment's functions with its deploy key, on a pool of kept-alive
+    connections (thread-safe; close it, or use it as a context manager).
+
+    ``url`` is a deployment URL as :func:`deployment_base` accepts it. ``timeout`` bounds
+    each read and write (how long a function may take to answer), ``connect_timeout``
+    each connect and each wait for a free connection of the pool. A 429 is retried at
+    most ``retries`` times; each wait is ``Retry-After`` (plus up to ``backoff`` seconds of
+    jitter) when the deployment sends one, else ``backoff * 2**n`` halved by jitter; a
+    deployment that asks for more than ``max_wait`` seconds gets a :class:`BusyError` at
+    once. ``ssl_ca`` is a CA file to verify the deployment's certificate with instead of
+    the system's (a self-hosted deployment with its own CA). Proxy variables and
+    ``.netrc`` of the environment are ignored. ``transport`` replaces httpx's (tests).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        deploy_key: str,
+        *,
+        timeout: float = 60.0,
+        connect_timeout: float = 10.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        max_wait: float = 30.0,
+        max_connections: int = 10,
+        ssl_ca: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base = deployment_base(url)
+        if not _KEY.fullmatch(deploy_key):
+            raise SettingsError(
+                "the Convex deploy key must be printable ASCII without spaces "
+                "(copy it again from the Convex dashboard)"
+            )
+        if retries < 0 or backoff < 0 or max_wait < 0:
+            raise ValueError("retries, backoff and max_wait must not be negative")
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.max_wait = max_wait
+        verify: ssl.SSLContext | bool = True
+        if ssl_ca:
+            try:
+                verify = ssl.create_default_context(cafile=ssl_ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise SettingsError(
+                    f"the CA file {ssl_ca} cannot be used: {type(exc).__name__}"
+                ) from None
+        _, _, token = deploy_key.partition("|")
+        self._secrets = tuple(
+            secret for secret in (deploy_key, token) if len(secret) >= 8 or secret == deploy_key
+        )
+        self._http = httpx.Client(
+            base_url=self.base,
+            headers={
+                "Content-Type": "application/json",
+                "Convex-Client": CLIENT_VERSION,
+                "Authorization": f"Convex {deploy_key}",
+                "User-Agent": f"byod/{CLIENT_VERSION.removeprefix('byod-')}",
+            },
+            timeout=httpx.Timeout(
+                connect=connect_timeout, read=timeout, write=timeout, pool=connect_timeout
+            ),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            follow_redirects=False,
+            trust_env=False,
+            verify=verify,
+            transport=transport,
+        )
+
+    def __repr__(self) -> str:
+        return f"ConvexClient({self.base!r})"
+
+    def __enter__(self) -> ConvexClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the pooled connections; the client cannot be used afterwards."""
+        self._http.close()
+
+    def query(self, path: str, args: Mapping[str, Value] | None = None) -> Value:
+        """Run public query ``path`` (``"module:name"``) with ``args``; its decoded result."""
+        return self._udf("query", path, args)
+
+    def mutation(self, path: str, args: Mapping[str, Value] | None = None) -> Value:
+        """Run public mutation ``path`` with ``args`` (one transaction); its decoded result."""
+        return self._udf("mutation", path, args)
+
+    def action(self, path: str, args: Mapping[str, Value] | None = None) -> Value:
+        """Run public action ``path`` with ``args``; its decoded result."""
+        return self._udf("action", path, args)
+
+    def function(
+        self,
+        path: str,
+        args: Mapping[str, Value] | None = None,
+        component_path: str | None = None,
+    ) -> Value:
+        """Run function ``path`` of any kind, internal ones too (what ``npx convex run``
+        does), in component ``component_path`` (None: the app itself); its decoded result."""
+        body: dict[str, object] = {}
+        if component_path is not None:
+            body["componentPath"] = _checked_path(component_path, "component path")
+        body.update(
+            path=_checked_path(path, "function path"),
+            format="convex_encoded_json",
+            args=_encoded_args(args),
+        )
+        return self._call("function", path, "/api/function", body)
+
+    def _udf(self, kind: str, path: str, args: Mapping[str, Value] | None) -> Value:
+        body: dict[str, object] = {
+            "path": _checked_path(path, "function path"),
+            "format": "convex_encoded_json",
+            "args": [_encoded_args(args)],
+        }
+        return self._call(kind, path, f"/api/{kind}", body)
+
+    def _call(self, kind: str, path: str, endpoint: str, body: dict[str, object]) -> Value:
+        content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        response = self._post(kind, path, endpoint, content.encode("utf-8"))
+        return self._result(kind, path, response)
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "[deploy key]")
+        return text[:_LONGEST_MESSAGE]
+
+    def _where(self, kind: str, path: str) -> str:
+        return f"Convex {kind} {path} on {self.base}"
+
+    def _post(self, kind: str, path: str, endpoint: str, content: bytes) -> httpx.Response:
+        where = self._where(kind, path)
+        for attempt in range(self.retries + 1):
+            try:
+                response = self._http.post(endpoint, content=content)
+            except httpx.ConnectTimeout as exc:
+                raise UnreachableError(
+                    f"{where}: no connection within {self.connect_timeout:g} s"
+                ) from exc
+            except httpx.PoolTimeout as exc:
+                raise BusyError(
+                    f"{where}: no free connection within {self.connect_timeout:g} s "
+                    "(every connection of this client is busy)"
+                ) from exc
+            except httpx.TimeoutException as exc:
+                raise InstanceTimeoutError(
+                    f"{where}: no answer within {self.timeout:g} s; the deployment may "
+                    "still finish the call"
+                ) from exc
+            except httpx.RequestError as exc:
+                raise UnreachableError(f"{where}: {self._describe(exc)}") from exc
+            if response.status_code != httpx.codes.TOO_MANY_REQUESTS:
+                return response
+            delay = self._delay(response, attempt)
+            if attempt == self.retries or delay is None:
+                raise BusyError(
+                    f"{where}: the deployment is rate limiting byod (HTTP 429)"
+                    + (
+                        f" and asks to wait longer than {self.max_wait:g} s"
+                        if delay is None
+                        else f" after {self.retries} retries"
+                    ),
+                    hint="Wait, then run again; fewer runs at once on this deployment help.",
+                )
+            log.warning(
+                "%s: rate limited (HTTP 429), retry %d of %d in %.2f s",
+                where,
+                attempt + 1,
+                self.retries,
+                delay,
+            )
+            time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _describe(self, exc: Exception) -> str:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return self._scrub(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+    def _delay(self, response: httpx.Response, attempt: int) -> float | None:
+        asked = _retry_after(response.headers.get("Retry-After"))
+        if asked is not None:
+            if asked > self.max_wait:
+                return None
+            return asked + random.uniform(0.0, self.backoff)
+        ceiling = min(self.max_wait, self.backoff * 2.0**attempt)
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    def _result(self, kind: str, path: str, response: httpx.Response) -> Value:
+        where = self._where(kind, path)
+        status = response.status_code
+        if status in (httpx.codes.UNAUTHORIZED, httpx.codes.FORBIDDEN):
+            raise InstanceAuthError(
+                f"{where}: the deployment refused the deploy key (HTTP {status}"
+                f"{self._error_detail(response)})"
+            )
+        if not (response.is_success or status == FUNCTION_FAILED):
+            self._failed(where, response)
+        answer = self._json(where, response)
+        if not isinstance(answer, dict):
+            self._not_convex(where, response)
+        for line in answer.get("logLines") or []:
+            log.debug("%s: %s", where, printable(self._scrub(str(line))))
+        if answer.get("status") == "success" and "value" in answer:
+            try:
+                return decode(answer["value"])
+            except ConvexValueError as exc:
+                raise UnreachableError(
+                    f"{where}: the answer is not a Convex value: {self._scrub(str(exc))}"
+                ) from None
+        if answer.get("status") == "error":
+            message = answer.get("errorMessage")
+            raise MigrationFailedError(
+                f"{where} failed: "
+                + self._scrub(message if isinstance(message, str) else "(no error message)")
+            )
+        self._not_convex(where, response)
+
+    def _failed(self, where: str, response: httpx.Response) -> NoReturn:
+        status = response.status_code
+        detail = self._error_detail(response)
+        if response.is_redirect:
+            location = self._scrub(response.headers.get("Location", ""))[:_SHOWN]
+            raise UnreachableError(
+                f"{where}: answered HTTP {status}, a redirect to {location!r}: "
+                "connect the user with that deployment URL"
+            )
+        if status >= 500:
+            raise UnreachableError(f"{where}: the deployment failed (HTTP {status}{detail})")
+        if detail:
+            raise MigrationFailedError(f"{where}: refused (HTTP {status}{detail})")
+        self._not_convex(where, response)
+
+    def _error_detail(self, response: httpx.Response) -> str:
+        """``: code: message`` of Convex's error body, or "" when it is not one."""
+        try:
+            body = json.loads(response.content)
+        except (ValueError, RecursionError):
+            return ""
+        if not isinstance(body, dict):
+            return ""
+        code, message = body.get("code"), body.get("message")
+        shown = ": ".join(str(part) for part in (code, message) if isinstance(part, str))
+        return f": {self._scrub(shown)}" if shown else ""
+
+    def _json(self, where: str, response: httpx.Response) -> Any:
+        try:
+            return json.loads(response.content, parse_constant=_no_constant)
+        except (ValueError, RecursionError):
+            self._not_convex(where, response)
+
+    def _not_convex(self, where: str, response: httpx.Response) -> NoReturn:
+        shown = self._scrub(response.text)[:_SHOWN]
+        raise UnreachableError(
+            f"{where}: the answer (HTTP {response.status_code}) is not a Convex deployment's: "
+            f"{shown!r}; check the URL"
+        )
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _checked_path(path: str, what: str) -> str:
+    if not isinstance(path, str) or not _FUNCTION_PATH.fullmatch(path):
+        raise ValueError(f"a Convex {what} must be 1 to 1024 printable ASCII characters")
+    return path
+
+
+def _encoded_args(args: Mapping[str, Value] | None) -> Any:
+    if args is None:
+        return {}
+    if not isinstance(args, Mapping):
+        raise ConvexValueError(
+            f"the arguments of a Convex function must be a dict, not {type(args).__name__}"
+        )
+    return encode(dict(args))
