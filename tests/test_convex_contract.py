@@ -794,14 +794,22 @@ def test_the_deploy_key_never_shows(
     headers as received, so a deployment that echoes the key in a header (the redirect
     case) has it there; the request's headers, the key's own way out, never are."""
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="byod")
+    # the CLI's own logging (set up by other tests in this process) stops byod's records
+    # from reaching the root logger: hear them where they are logged
+    byod_log = logging.getLogger("byod")
+    byod_log.addHandler(caplog.handler)
     server = serve(*replies)
     shown: list[str] = []
-    with client_for(server) as client:
-        shown.append(repr(client))
-        try:
-            client.mutation("m:m")
-        except ByodError as exc:
-            shown += [str(exc), repr(exc), exc.hint, "".join(traceback.format_exception(exc))]
+    try:
+        with client_for(server) as client:
+            shown.append(repr(client))
+            try:
+                client.mutation("m:m")
+            except ByodError as exc:
+                shown += [str(exc), repr(exc), exc.hint, "".join(traceback.format_exception(exc))]
+    finally:
+        byod_log.removeHandler(caplog.handler)
     echoed_in_headers = any(reply.headers for reply in replies)
     shown += [
         record.getMessage()
