@@ -41,6 +41,7 @@ from tests.conftest import (
     TEST_KEY,
     InstanceFactory,
     ServerDatabases,
+    count_rows,
     execute,
     make_workspace,
     write_migrations,
@@ -555,6 +556,50 @@ def test_a_backfill_on_a_key_that_cannot_be_a_cursor_fails_clearly(
         return
     assert isinstance(result.error, MigrationFailedError)
     assert "must be an integer or text column" in result.error.message
+
+
+@pytest.mark.parametrize(
+    ("values", "flaw"),
+    [
+        ("SELECT i % 7, 0 FROM s", "is not unique (993 rows repeat another row's key)"),
+        ("SELECT CASE WHEN i <= 10 THEN NULL ELSE i END, 0 FROM s", "is NULL in 10 rows"),
+    ],
+    ids=["duplicates", "nulls"],
+)
+def test_a_backfill_key_that_would_skip_rows_fails_the_step_before_any_batch(
+    ws: Workspace, tmp_path: Path, new_instance: InstanceFactory, values: str, flaw: str
+) -> None:
+    folder = write_migrations(
+        tmp_path / "keys",
+        {
+            "001_groups.py": f"""
+                import sqlalchemy as sa
+                from byod import Backfill, Migration
+
+                def up(ctx):
+                    ctx.op.create_table("rows_", sa.Column("grp", sa.Integer, nullable=True),
+                                        sa.Column("n", sa.Integer, nullable=False))
+                    ctx.conn.execute(sa.text(
+                        "INSERT INTO rows_ (grp, n) WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL "
+                        "SELECT i + 1 FROM s WHERE i < 1000) {values}"))
+
+                def bump(ctx, rows):
+                    ctx.conn.execute(sa.text("UPDATE rows_ SET n = n + 1"))
+
+                migration = Migration(
+                    id="001_groups", version=1, name="Groups", description="", up=up,
+                    backfills=[Backfill(table="rows_", key="grp", apply=bump, batch_size=100)],
+                )
+            """
+        },
+    )
+    url = new_instance()
+    uid = add_connected(ws, url)
+    result = Runner(ws.engine, Registry.load(folder), ws.sealer).migrate(uid)
+    assert isinstance(result.error, MigrationFailedError)
+    assert f"its key grp {flaw}" in result.error.message
+    assert count_rows(url, "rows_") == -1  # the schema change rolled back with it
+    assert stamp_ids(url) == []
 
 
 def test_a_rollback_below_a_step_in_progress_is_refused(

@@ -102,11 +102,29 @@ def read(conn: sa.Connection, step: Step, exists: bool) -> Progress | None:
 
 def start(conn: sa.Connection, step: Step) -> int:
     """Record, with the step's schema change, that its backfills start; returns the rows
-    they will walk, counted now (an estimate: the user's app may add some meanwhile)."""
+    they will walk, counted now (an estimate: the user's app may add some meanwhile).
+
+    A key that is NULL or shared by several rows fails the step (``MigrationFailedError``,
+    the schema change rolled back): walking by it would skip rows."""
     total = 0
     for work in step.migration.backfills:
-        count = sa.select(sa.func.count()).select_from(sa.table(work.table))
-        total += int(_backfill_query(conn, work, "cannot count its rows", count).scalar_one())
+        key: sa.ColumnClause[Any] = sa.column(work.key)
+        counts = sa.select(
+            sa.func.count(), sa.func.count(key), sa.func.count(sa.distinct(key))
+        ).select_from(sa.table(work.table))
+        found = _backfill_query(conn, work, "cannot count its rows", counts).one()
+        rows, keyed, distinct = (int(n) for n in found)
+        if keyed < rows or distinct < keyed:
+            flaw = (
+                f"is NULL in {rows - keyed} rows"
+                if keyed < rows
+                else f"is not unique ({keyed - distinct} rows repeat another row's key)"
+            )
+            raise MigrationFailedError(
+                f"backfill of {work.table}: its key {work.key} {flaw}; a backfill walks the "
+                "table by a unique, NOT NULL key (its primary key, say), or it would skip rows"
+            )
+        total += rows
     conn.exec_driver_sql(_create_sql(conn.dialect))
     conn.execute(
         _progress.insert().values(
@@ -223,6 +241,11 @@ def run_batch(
             ) from exc
     finished = len(rows) < batch_size
     last = rows[-1][0] if rows else at.last_key
+    if not finished and last is None:
+        raise MigrationFailedError(
+            f"backfill of {backfill.table}: its key {backfill.key} is NULL in a row written "
+            "since the step started; a backfill needs a unique, NOT NULL key"
+        )
     if not finished and not isinstance(last, int | str):
         raise MigrationFailedError(
             f"backfill of {backfill.table}: its key {backfill.key} must be an integer or "
