@@ -26,6 +26,7 @@ from byod.errors import (
     DriftError,
     IrreversibleError,
     MigrationFailedError,
+    RegistryError,
     StoppedError,
     UnreachableError,
 )
@@ -430,7 +431,7 @@ def test_a_fleet_run_reports_the_rows_its_backfills_did(
     assert (summary.succeeded, summary.failed) == (2, 0)
     for user in {e.user_id for e in heard}:  # each batch told, as it is done
         seen = [(e.rows_done, e.rows_total) for e in heard if e.user_id == user]
-        assert seen == [(2_000, ROWS), (4_000, ROWS), (ROWS, ROWS)]
+        assert seen == [(0, ROWS), (2_000, ROWS), (4_000, ROWS), (ROWS, ROWS)]
     assert len({e.user_id for e in heard}) == 2
     details = commands.show_run(bws, summary.run_id)
     assert (details.rows_done, details.rows_total) == (2 * ROWS, 2 * ROWS)
@@ -640,3 +641,169 @@ def test_a_backfill_of_a_missing_table_fails_the_step_and_touches_nothing(
     assert isinstance(result.error, MigrationFailedError)  # the migration's mistake
     assert "backfill of nots (key id): cannot count its rows" in result.error.message
     assert stamp_ids(url) == [] and progress_rows(url) == []
+
+
+def test_ctrl_c_on_one_user_stops_after_the_current_batch_without_a_traceback(
+    bws: Workspace, tmp_path: Path
+) -> None:
+    (tmp_path / "one.db").touch()  # the signal handling is the same whatever the instance
+    url = f"sqlite:///{tmp_path / 'one.db'}"
+    uid = add_connected(bws, url)
+    assert bws.runner().migrate(uid, to_version=1).ok
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BYOD_")}
+    env |= {
+        "BYOD_ENCRYPTION_KEY": TEST_KEY,
+        "BYOD_DATABASE_URL": bws.settings.database_url,
+        "BYOD_MIGRATIONS": str(bws.settings.migrations_dir),
+        "BYOD_TEST_BATCH_SLEEP": "0.05",
+    }
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "byod", "migrate", str(uid), "--batch-size", "250"],
+        env=env | {"BYOD_TEST_BATCH_DIR": str(marks)},
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while len(list(marks.iterdir())) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, (out, err)
+    assert "StoppedError" in err and "Traceback" not in err
+    done = counts(url).get(1, 0)
+    assert 0 < done < ROWS and done % 250 == 0  # whole batches: the current one finished
+    row = history(bws.engine, uid)[0]
+    assert (row.status, row.rows_done) == ("failed", done)  # the stopped attempt's rows
+    assert bws.runner().migrate(uid).ok
+    assert counts(url) == {1: ROWS}
+
+
+def test_a_failed_finalize_is_named_and_runs_alone_next_time(
+    ws: Workspace, tmp_path: Path, new_instance: InstanceFactory
+) -> None:
+    folder = write_migrations(
+        tmp_path / "fin",
+        {
+            "001_fin.py": """
+                import os
+                import sqlalchemy as sa
+                from byod import Backfill, Migration
+
+                def up(ctx):
+                    ctx.op.create_table("t", sa.Column("id", sa.Integer, primary_key=True),
+                                        sa.Column("n", sa.Integer, nullable=False))
+                    ctx.conn.execute(sa.text("INSERT INTO t (id, n) VALUES (1, 0), (2, 0)"))
+
+                def bump(ctx, rows):
+                    ctx.conn.execute(sa.text("UPDATE t SET n = n + 1"))
+
+                def finalize(ctx):
+                    if os.path.exists(os.environ["BYOD_TEST_FINALIZE_FAILS"]):
+                        raise RuntimeError("finalize boom")
+
+                migration = Migration(
+                    id="001_fin", version=1, name="Fin", description="", up=up,
+                    backfills=[Backfill(table="t", key="id", apply=bump, batch_size=10)],
+                    finalize=finalize,
+                )
+            """
+        },
+    )
+    flag = tmp_path / "fail"
+    flag.touch()
+    os.environ["BYOD_TEST_FINALIZE_FAILS"] = str(flag)
+    try:
+        url = new_instance()
+        uid = add_connected(ws, url)
+        runner = Runner(ws.engine, Registry.load(folder), ws.sealer)
+        failed = runner.migrate(uid)
+        assert isinstance(failed.error, MigrationFailedError)
+        assert "001_fin: its finalize failed" in failed.error.message
+        assert "finalize boom" in failed.error.message
+        assert history(ws.engine, uid)[0].rows_done == 2  # the failed attempt's rows
+        flag.unlink()
+        assert runner.migrate(uid).ok
+    finally:
+        del os.environ["BYOD_TEST_FINALIZE_FAILS"]
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        with engine.connect() as conn:  # the backfill ran once: the finalize alone again
+            assert conn.execute(sa.text("SELECT sum(n) FROM t")).scalar_one() == 2
+    finally:
+        engine.dispose()
+
+
+def test_a_step_left_in_progress_is_reported_and_guarded(
+    bws: Workspace, new_instance: InstanceFactory, tmp_path: Path
+) -> None:
+    url = new_instance()
+    uid = add_connected(bws, url)
+    assert isinstance(cutting_runner(bws, batches=2).migrate(uid).error, UnreachableError)
+    [report] = commands.verify(bws, str(uid))
+    assert not report.ok
+    assert any("002_bump is in progress" in p for p in report.problems), report.problems
+    # the folder's 002 replaced by another phased step halfway: drift, nothing run
+    replaced = write_migrations(
+        tmp_path / "replaced",
+        {
+            "001_items.py": (bws.settings.migrations_dir / "001_items.py").read_text(),
+            "002_other.py": """
+                import sqlalchemy as sa
+                from byod import Backfill, Migration
+
+                def up(ctx):
+                    ctx.op.add_column("items", sa.Column("other", sa.Integer, nullable=True))
+
+                def touch(ctx, rows):
+                    pass
+
+                migration = Migration(
+                    id="002_other", version=2, name="Other", description="", up=up,
+                    backfills=[Backfill(table="items", key="id", apply=touch)],
+                )
+            """,
+        },
+    )
+    other = Runner(bws.engine, Registry.load(replaced), bws.sealer).migrate(uid)
+    assert isinstance(other.error, DriftError)
+    assert "002_bump is in progress on this instance" in other.error.message
+    assert counts(url) == {1: 1_000, 0: ROWS - 1_000}  # nothing moved
+    assert bws.runner().migrate(uid).ok  # the right folder finishes it
+    assert commands.verify(bws, str(uid))[0].ok
+
+
+@pytest.mark.parametrize(
+    ("declaration", "message"),
+    [
+        ('Backfill(table="t", key="id", apply=f, columns="body")', "columns must be a tuple"),
+        ('Backfill(table="t", key="id", apply=None)', "apply must be a function"),
+        ('Backfill(table="t", key="id", apply=f, batch_size="100")', "must be a whole number"),
+        ('[Backfill(table="t", key="id", apply=f)][0]', "backfills must be a list"),
+    ],
+    ids=["columns string", "apply None", "batch size text", "not a list"],
+)
+def test_a_mistaken_backfill_declaration_is_refused_when_the_folder_loads(
+    tmp_path: Path, declaration: str, message: str
+) -> None:
+    folder = write_migrations(
+        tmp_path / "bad",
+        {
+            "001_bad.py": f"""
+                from byod import Backfill, Migration
+
+                def f(ctx, rows):
+                    pass
+
+                migration = Migration(
+                    id="001_bad", version=1, name="Bad", description="", up=lambda ctx: None,
+                    backfills={declaration},
+                )
+            """
+        },
+    )
+    with pytest.raises(RegistryError, match=message):
+        Registry.load(folder)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from byod.errors import StoppedError
+from byod.errors import MigrationFailedError, StoppedError
 from byod.registry import Step
 from byod.spec import FleetOptions
 from byod.targets import Target
@@ -63,7 +63,8 @@ def run_phased(
 ) -> int | None:
     """Bring a phased step to its end (resuming it if it is in progress); returns the
     rows its backfills did in all, or None when the instance's stamp shows it done
-    already. ``on_rows`` hears the rows done after each batch, and the estimated total."""
+    already. ``on_rows`` hears the rows done (when the step starts or resumes, and after
+    each batch), and the estimated total."""
     migration = step.migration
     progress = target.read_progress(step)
     if progress is None:
@@ -74,6 +75,7 @@ def run_phased(
         log.info("user %s: %s resumes at backfill %d", user_id, migration.id, progress.backfill)
     if progress is None:  # the schema phase writes it: its loss shows at the first batch
         progress = Progress(0, None, 0)
+    on_rows(progress.rows_done, progress.rows_total)
     for index in range(progress.backfill, len(migration.backfills)):
         work = migration.backfills[index]
         size = batching.size or work.batch_size
@@ -86,13 +88,19 @@ def run_phased(
                 break
             if batching.stop is not None and batching.stop.is_set():
                 raise StoppedError(
-                    f"{migration.id}: the run was stopped after {progress.rows_done} rows; "
-                    "the step resumes at its cursor on the next run"
+                    f"{migration.id}: the run was stopped with {progress.rows_done} of the "
+                    "step's rows done; the step resumes at its cursor on the next run"
                 )
             if batching.pause:
                 time.sleep(batching.pause)
         log.info("user %s: %s backfill of %s done", user_id, migration.id, work.table)
-    target.apply(step, bodies.finalize, _deadline(timeout), phase="finalize")
+    try:
+        target.apply(step, bodies.finalize, _deadline(timeout), phase="finalize")
+    except MigrationFailedError as exc:
+        raise MigrationFailedError(
+            f"{migration.id}: its finalize failed (its backfills are done and kept; the next "
+            f"run runs the finalize alone): {exc.message}"
+        ) from exc
     log.info("user %s: %s finalized after %d rows", user_id, migration.id, progress.rows_done)
     return progress.rows_done
 

@@ -78,9 +78,20 @@ class Backfill:
     batch_size: int = 1000
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "columns", tuple(self.columns))  # a list is fine too
+        if not isinstance(self.table, str) or not isinstance(self.key, str):
+            raise RegistryError("a backfill's table and key are names (text)")
         if not self.table or not self.key:
             raise RegistryError("a backfill needs a table and a key column")
+        if isinstance(self.columns, str) or not all(isinstance(c, str) for c in self.columns):
+            raise RegistryError(
+                f"backfill of {self.table}: columns must be a tuple of names, e.g. "
+                f'("body",) (a bare string is not)'
+            )
+        object.__setattr__(self, "columns", tuple(self.columns))  # a list is fine too
+        if not callable(self.apply):
+            raise RegistryError(f"backfill of {self.table}: apply must be a function(ctx, rows)")
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool):
+            raise RegistryError(f"backfill of {self.table}: batch_size must be a whole number")
         if self.batch_size < 1:
             raise RegistryError(f"backfill of {self.table}: batch_size must be at least 1")
 
@@ -107,6 +118,8 @@ class Migration:
     checksum: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.backfills, Backfill):
+            raise RegistryError(f"{self.id}: backfills must be a list: [Backfill(...)]")
         object.__setattr__(self, "backfills", tuple(self.backfills))  # a list is fine too
 
     @property

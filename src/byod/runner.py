@@ -8,6 +8,7 @@ the two never applies a step twice: the next run finds it in the stamp.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -275,7 +276,7 @@ class Runner:
             try:
                 current, recovered = self._reconcile(user, config, target.read_stamp())
                 plan = make_plan(current)
-                if plan.direction == "down" and not plan.empty:
+                if plan.direction == "down":  # an empty one too: it would say "nothing to do"
                     refuse_in_progress(self.registry, user, current, target)
             except (IrreversibleError, ControlPlaneError):
                 raise
@@ -447,29 +448,34 @@ class Runner:
             finalize=bodies.step(step, finalize) if finalize else (lambda conn: None),
         )
         reported = [time.monotonic()]
-
-        estimate: list[int | None] = [None]
+        latest: list[tuple[int, int | None] | None] = [None]  # rows done, estimated total
 
         def on_rows(rows: int, total: int | None) -> None:  # the ledger every few seconds
-            estimate[0] = total
+            latest[0] = (rows, total)
             if self.on_rows is not None:
                 self.on_rows(RowsProgress(user.id, migration.id, rows, total))
             if time.monotonic() - reported[0] >= ROWS_REPORT_SECONDS:
                 self.ledger.record_rows(user.id, step, rows, total)
                 reported[0] = time.monotonic()
 
-        rows = run_phased(
-            target,
-            step,
-            phases,
-            timeout=self.timeout,
-            batching=self.batching,
-            user_id=user.id,
-            on_rows=on_rows,
-        )
+        try:
+            rows = run_phased(
+                target,
+                step,
+                phases,
+                timeout=self.timeout,
+                batching=self.batching,
+                user_id=user.id,
+                on_rows=on_rows,
+            )
+        except ByodError:
+            if latest[0] is not None:  # a failed or stopped attempt shows what it reached
+                with contextlib.suppress(ControlPlaneError):  # the step's error comes first
+                    self.ledger.record_rows(user.id, step, *latest[0])
+            raise
         if rows is None:
             return False, None
-        self.ledger.record_rows(user.id, step, rows, estimate[0])
+        self.ledger.record_rows(user.id, step, rows, latest[0][1] if latest[0] else None)
         return True, rows
 
     # -- helpers -------------------------------------------------------------------------

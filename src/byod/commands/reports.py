@@ -171,10 +171,21 @@ def _verify_one(ws: Workspace, user: User) -> VerifyReport:
         )
         with open_instance(credentials, timeout=10.0) as target:
             stamp = target.read_stamp()
+            in_progress = target.in_progress()
     except ByodError as exc:
         problem = f"cannot read the instance's stamp: {exc.message}"
         return VerifyReport(user.id, user.clerk_id, config.schema_version, None, (problem,))
     problems = check_stamp(ws.registry, stamp)
+    for step_id in in_progress:
+        if ws.registry.get(step_id) is None:
+            problems.append(
+                f"{step_id} is in progress on the instance, and the registry has no such "
+                "migration (renamed or removed halfway): restore its file and migrate"
+            )
+        else:
+            problems.append(
+                f"{step_id} is in progress (its backfills not finished): `byod migrate` finishes it"
+            )
     instance_version = stamp[-1].version if stamp else 0
     if instance_version != config.schema_version:
         problems.append(

@@ -3,8 +3,11 @@ process or on task-queue workers."""
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from byod import fleet
 from byod.controlplane import (
@@ -31,6 +34,9 @@ from byod.results import UserResult
 from byod.runner import Runner
 from byod.spec import ELIGIBLE_STATUSES, FleetOptions, Selection
 from byod.workspace import Workspace
+
+T = TypeVar("T")
+log = logging.getLogger("byod.runner")
 
 
 @dataclass(frozen=True)
@@ -91,22 +97,61 @@ def migrate_user(
     options: FleetOptions = FleetOptions(),
 ) -> UserResult:
     """Migrate one user (to head, or ``to_version``); of ``options`` it honours
-    ``timeout``, ``retries`` (transient failures, with backoff) and ``lease_seconds``."""
+    ``timeout``, ``retries`` (transient failures, with backoff), ``lease_seconds`` and
+    the batching of backfills.
+
+    Ctrl-C (in the calling thread) stops a backfill after its current batch, as in a
+    fleet run: the step ends ``failed`` with ``StoppedError``, its cursor kept; a second
+    Ctrl-C abandons the work where it is (its transaction rolled back)."""
     ws.require_tables()
-    runner = _single_runner(ws, options)
+    stop = threading.Event()
+    runner = _single_runner(ws, options, stop)
     user = runner.prepare(ws.directory.find_user(user_ref).id)
     target = ws.registry.head if to_version is None else to_version
     refused = runner.refuse_foreign_key(user)
-    return refused or attempt(runner, "migrate", user, target, options, None)[0]
+    if refused is not None:
+        return refused
+    return _stoppable(lambda: attempt(runner, "migrate", user, target, options, stop)[0], stop)
 
 
-def _single_runner(ws: Workspace, options: FleetOptions) -> Runner:
+def _single_runner(
+    ws: Workspace, options: FleetOptions, stop: threading.Event | None = None
+) -> Runner:
     return ws.runner().configured(
         run_id=None,
         timeout=options.timeout,
         lease_seconds=options.lease_seconds,
-        batching=Batching.of(options),
+        batching=Batching.of(options, stop),
     )
+
+
+def _stoppable(work: Callable[[], T], stop: threading.Event) -> T:
+    """``work`` in a thread of its own, so that the first Ctrl-C here only sets ``stop``
+    (the work ends at its next stopping point) and the second one ends the wait."""
+    box: list[T] = []
+    failed: list[BaseException] = []
+    done = threading.Event()  # not Thread.join: a Ctrl-C inside join spoils its state
+
+    def run() -> None:
+        try:
+            box.append(work())
+        except BaseException as exc:  # handed to the waiting thread, raised there
+            failed.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="byod-user", daemon=True).start()
+    while not done.is_set():
+        try:
+            done.wait()
+        except KeyboardInterrupt:
+            if stop.is_set():
+                raise
+            stop.set()
+            log.warning("stopping after the current batch (Ctrl-C again to abandon it)")
+    if failed:
+        raise failed[0]
+    return box[0]
 
 
 def migrate_fleet(

@@ -25,7 +25,16 @@ from byod.errors import DriftError, MigrationFailedError
 from byod.registry import Backfill, Step
 from byod.targets.dialects import timed_out
 
-__all__ = ["PROGRESS_TABLE", "Batch", "Progress", "finish", "read", "run_batch", "start"]
+__all__ = [
+    "PROGRESS_TABLE",
+    "Batch",
+    "Progress",
+    "finish",
+    "ids",
+    "read",
+    "run_batch",
+    "start",
+]
 
 PROGRESS_TABLE = "byod_schema_progress"
 _metadata = sa.MetaData()
@@ -98,6 +107,13 @@ def read(conn: sa.Connection, step: Step, exists: bool) -> Progress | None:
     last_key = None if row.last_key is None else json.loads(row.last_key)
     total = None if row.rows_total is None else int(row.rows_total)
     return Progress(int(row.backfill), last_key, int(row.rows_done), total)
+
+
+def ids(conn: sa.Connection, exists: bool) -> list[str]:
+    """The steps in progress on the instance (``exists``: whether the table is there)."""
+    if not exists:
+        return []
+    return [str(i) for i in conn.scalars(sa.select(_progress.c.id).order_by(_progress.c.id))]
 
 
 def start(conn: sa.Connection, step: Step) -> int:

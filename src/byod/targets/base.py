@@ -72,6 +72,11 @@ class Target(Protocol):
         """Where a phased step in progress stands (None: its schema change is not done)."""
         ...
 
+    def in_progress(self) -> list[str]:
+        """The ids of the phased steps in progress on the instance (schema change done,
+        stamp not yet written)."""
+        ...
+
     def apply_batch(
         self,
         step: Step,

@@ -189,6 +189,8 @@ def _postgres_batch_settings(conn: sa.Connection, timeout_ms: int | None) -> Non
 
 
 def _sqlite_unlock(conn: sa.Connection) -> None:
+    if conn.closed or conn.invalidated:
+        return  # touching it would reconnect: a lost connection has no handler to clear
     with contextlib.suppress(SQLAlchemyError, AttributeError):
         _sqlite_lock(conn, None)
 

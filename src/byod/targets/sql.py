@@ -99,7 +99,10 @@ _engines_lock = threading.Lock()
 def _use_target_args(
     _dialect: sa.Dialect, _record: object, cargs: list[Any], cparams: dict[str, Any]
 ) -> None:
-    args, params = _target_args.get()
+    found = _target_args.get(None)
+    if found is None:  # a lost connection is never silently reopened mid-step
+        raise UnreachableError("the connection to the instance was lost")
+    args, params = found
     cargs[:] = args
     cparams.clear()
     cparams.update(params)
@@ -339,7 +342,7 @@ class SqlTarget:
             if not self._stamp_ready:
                 self._conn.exec_driver_sql(_create_sql(_CREATE_STAMP, self._engine.dialect))
             if not self._check_position(step, self._select_stamp(known_to_exist=True)) or (
-                phase == "schema" and self._in_progress(step)
+                phase == "schema" and self._started(step)
             ):
                 transaction.rollback()
                 return False
@@ -379,9 +382,30 @@ class SqlTarget:
         self._stamp_ready = True
         return True
 
-    def _in_progress(self, step: Step) -> bool:
+    def _progress_ids(self) -> list[str]:
         exists = self._conn.execute(table_exists(self._dialect, backfill.PROGRESS_TABLE))
-        return backfill.read(self._conn, step, bool(exists.scalar())) is not None
+        return backfill.ids(self._conn, bool(exists.scalar()))
+
+    def _started(self, step: Step) -> bool:
+        """Whether the phased step's schema change is done already; ``DriftError`` when
+        another step is in progress (a migration renamed or replaced halfway)."""
+        found = self._progress_ids()
+        others = [i for i in found if i != step.migration.id]
+        if others:
+            raise DriftError(
+                f"{', '.join(others)} is in progress on this instance (its schema change done, "
+                f"its backfills not), so {step.migration.id} cannot start: restore that "
+                "migration file and migrate to finish it"
+            )
+        return step.migration.id in found
+
+    def in_progress(self) -> list[str]:
+        """See :meth:`byod.targets.base.Target.in_progress`."""
+        try:
+            with self._dialect.reading(self._conn):
+                return self._progress_ids()
+        except SQLAlchemyError as exc:
+            raise self._lost("reading the steps in progress", exc) from exc
 
     def _run_body(self, step: Step, body: StepBody) -> None:
         """The migration's own code, its errors told apart: a lost connection, the
