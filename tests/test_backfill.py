@@ -746,6 +746,19 @@ def test_a_step_left_in_progress_is_reported_and_guarded(
     [report] = commands.verify(bws, str(uid))
     assert not report.ok
     assert any("002_bump is in progress" in p for p in report.problems), report.problems
+    # the step's own file edited halfway: drift, nothing run
+    source = bws.settings.migrations_dir
+    edited = write_migrations(
+        tmp_path / "edited",
+        {
+            "001_items.py": (source / "001_items.py").read_text(),
+            "002_bump.py": (source / "002_bump.py").read_text() + "\n# edited\n",
+        },
+    )
+    changed = Runner(bws.engine, Registry.load(edited), bws.sealer).migrate(uid)
+    assert isinstance(changed.error, DriftError)
+    assert "002_bump changed since its schema change ran" in changed.error.message
+    assert counts(url) == {1: 1_000, 0: ROWS - 1_000}
     # the folder's 002 replaced by another phased step halfway: drift, nothing run
     replaced = write_migrations(
         tmp_path / "replaced",

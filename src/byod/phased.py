@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from byod.errors import MigrationFailedError, StoppedError
+from byod.errors import DriftError, MigrationFailedError, StoppedError
 from byod.registry import Step
 from byod.spec import FleetOptions
 from byod.targets import Target
@@ -72,6 +72,12 @@ def run_phased(
             return None
         progress = target.read_progress(step)  # with the rows counted for the estimate
     else:
+        if progress.checksum and migration.checksum and progress.checksum != migration.checksum:
+            raise DriftError(
+                f"{migration.id} changed since its schema change ran (the step is in "
+                "progress): restore the file as it was, let `byod migrate` finish the step, "
+                "then add a new migration"
+            )
         log.info("user %s: %s resumes at backfill %d", user_id, migration.id, progress.backfill)
     if progress is None:  # the schema phase writes it: its loss shows at the first batch
         progress = Progress(0, None, 0)

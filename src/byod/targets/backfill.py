@@ -48,6 +48,8 @@ _progress = sa.Table(
     #: the backfills' tables' rows when the schema change was done: an estimate
     sa.Column("rows_total", sa.BigInteger, nullable=True),
     sa.Column("updated_at", sa.DateTime, nullable=False),
+    #: the migration file's checksum when its schema change ran
+    sa.Column("checksum", sa.String(64), nullable=True),
 )
 
 
@@ -60,6 +62,8 @@ class Progress:
     last_key: Any
     rows_done: int
     rows_total: int | None = None
+    #: the migration file's checksum when the step's schema change ran
+    checksum: str | None = None
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,7 @@ def read(conn: sa.Connection, step: Step, exists: bool) -> Progress | None:
         return None
     last_key = None if row.last_key is None else json.loads(row.last_key)
     total = None if row.rows_total is None else int(row.rows_total)
-    return Progress(int(row.backfill), last_key, int(row.rows_done), total)
+    return Progress(int(row.backfill), last_key, int(row.rows_done), total, row.checksum)
 
 
 def ids(conn: sa.Connection, exists: bool) -> list[str]:
@@ -150,6 +154,7 @@ def start(conn: sa.Connection, step: Step) -> int:
             rows_done=0,
             rows_total=total,
             updated_at=utcnow(),
+            checksum=step.migration.checksum or None,
         )
     )
     return total
@@ -272,6 +277,7 @@ def run_batch(
         None if finished else last,
         at.rows_done + len(rows),
         at.rows_total,
+        at.checksum,
     )
     values = {
         "step_id": step.migration.id,
