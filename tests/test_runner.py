@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -158,11 +159,8 @@ class CrashAfterCommit:
             raise Crash
         return done
 
-    def clear_dirty(self) -> list[str]:
-        return self.inner.clear_dirty()
-
-    def close(self) -> None:
-        self.inner.close()
+    def __getattr__(self, name: str) -> Any:  # the rest of the Target protocol
+        return getattr(self.inner, name)
 
 
 def crashing_runner(ws: Workspace, crash_on: str, run_id: str | None = None) -> Runner:

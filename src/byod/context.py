@@ -1,18 +1,19 @@
-"""What a migration's functions get: their context (the transaction's connection,
-Alembic's ``Operations`` on it, the user), inside the transaction a target opens."""
+"""What a migration's functions get: their context (the transaction's connection and
+Alembic's ``Operations`` on it, or a Convex deployment's functions; the user), inside
+the transaction a target opens."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 
 from byod.controlplane import User
 from byod.errors import MigrationFailedError
-from byod.registry import MigrationContext, MigrationFn, Step
-from byod.targets.base import BatchBody, StepBody
+from byod.registry import Kind, MigrationContext, MigrationFn, Step
+from byod.targets.base import BatchBody, Session, StepBody
 
 __all__ = ["Bodies"]
 
@@ -20,9 +21,10 @@ __all__ = ["Bodies"]
 class Bodies:
     """The work of one user's steps, as the target runs it in its transactions."""
 
-    def __init__(self, engine: sa.Engine, user: User) -> None:
+    def __init__(self, engine: sa.Engine, user: User, kind: str) -> None:
         self.engine = engine
         self.user = user
+        self.kind = kind
 
     def step(self, step: Step, function: MigrationFn | None = None) -> StepBody:
         """A step's work (``up`` or ``down``, or ``function``) for its transaction."""
@@ -31,8 +33,8 @@ class Bodies:
         assert function is not None  # irreversible plans are refused before this
         call = function
 
-        def body(conn: sa.Connection) -> None:
-            context = self._context(step, conn)
+        def body(session: Session) -> None:
+            context = self._context(step, session)
             _guarded(step, lambda: call(context))
 
         return body
@@ -40,28 +42,33 @@ class Bodies:
     def batch(self, step: Step, index: int) -> BatchBody:
         """A backfill batch's work, given its rows, for the batch's transaction."""
         work = step.migration.backfills[index]
+        apply = work.apply
+        if apply is None:
+            raise MigrationFailedError(
+                f"{step.migration.id}: the backfill of {work.table} names a Convex page "
+                f"mutation ({work.page}), but this instance is {self.kind}: a SQL backfill "
+                "gives key= and apply="
+            )
         made: dict[int, MigrationContext] = {}  # one context per connection, not per batch
 
         def body(conn: sa.Connection, rows: Sequence[Any]) -> None:
             context = made.get(id(conn))
             if context is None or context.conn is not conn:
                 context = made[id(conn)] = self._context(step, conn)
-            _guarded(step, lambda: work.apply(context, rows))
+            _guarded(step, lambda: apply(context, rows))
 
         return body
 
-    def _context(self, step: Step, conn: sa.Connection) -> MigrationContext:
-        # imported here: a run with nothing to migrate never pays for Alembic's import
-        from alembic.operations import Operations
-        from alembic.runtime.migration import MigrationContext as AlembicContext
-
+    def _context(self, step: Step, session: Session) -> MigrationContext:
         logger = logging.LoggerAdapter(
             logging.getLogger("byod.migration"),
             {"user_id": self.user.id, "migration_id": step.migration.id},
         )
+        conn, convex = (session, None) if isinstance(session, sa.Connection) else (None, session)
         return MigrationContext(
+            kind=cast(Kind, self.kind),
             conn=conn,
-            op=Operations(AlembicContext.configure(connection=conn)),
+            convex=convex,
             main=self.engine,
             user_id=self.user.id,
             clerk_id=self.user.clerk_id,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, urlsplit
 
 from sqlalchemy.engine import URL
 
@@ -20,7 +20,10 @@ from byod.crypto import Sealer
 from byod.errors import ByodError, InputError, SettingsError
 from byod.instance_url import InstancePolicy, check_instance_url
 from byod.settings import is_secret_option, normalize_url, safe_url
-from byod.targets import open_target
+from byod.targets import Target, open_target
+from byod.targets.convex import ConvexTarget, open_convex
+from byod.targets.convex_client import deployment_base
+from byod.targets.convex_deploy import DEFAULT_COMMAND, Deploy
 from byod.targets.sql import SqlTarget
 
 __all__ = ["Credentials", "ReachResult", "connect_user", "open_instance", "unseal_config"]
@@ -45,6 +48,15 @@ class Credentials:
     ssl_ca: str | None = None
     #: the whole URL text as the user gave it, when it holds a secret
     url_text: str | None = field(repr=False, default=None)
+    #: a Convex deployment's deploy key (SQL instances keep their password in ``url``)
+    secret: str | None = field(repr=False, default=None)
+    #: what the instance policy allows beyond URLs (private addresses, the deploy step)
+    policy: InstancePolicy = field(repr=False, default_factory=InstancePolicy)
+
+    @property
+    def kind(self) -> str:
+        """The instance's kind: ``sqlite``, ``postgresql``, ``mysql``, ``mariadb``, ``convex``."""
+        return self.url.get_backend_name()
 
     @property
     def where(self) -> str:
@@ -72,6 +84,8 @@ def _credentials(
     policy: InstancePolicy,
     control_plane: str | None = None,
 ) -> Credentials:
+    if _is_convex(url_text):
+        return _convex_credentials(url_text, secret, policy, control_plane)
     url = normalize_url(url_text)
     check_instance_url(url, policy)
     if secret:
@@ -83,16 +97,66 @@ def _credentials(
         if is_secret_option(name)
         for one in ((value,) if isinstance(value, str) else value)
     ]
+    return Credentials(
+        url,
+        _variants(found),
+        control_plane=control_plane,
+        ssl_ca=policy.ssl_ca,
+        url_text=url_text if any(found) else None,
+        policy=policy,
+    )
+
+
+def _is_convex(url_text: str) -> bool:
+    scheme = url_text.partition("://")[0].strip().lower()
+    return scheme in ("http", "https") or scheme.startswith("convex+")
+
+
+def _convex_credentials(
+    url_text: str, secret: str | None, policy: InstancePolicy, control_plane: str | None
+) -> Credentials:
+    """A Convex deployment: its URL (as ``convex+https://HOST[:PORT][/PATH]``) and its
+    deploy key, which is required."""
+    parts = urlsplit(deployment_base(url_text))
+    url = URL.create(
+        f"convex+{parts.scheme}",
+        host=parts.hostname,
+        port=parts.port,
+        database=parts.path.lstrip("/") or None,
+    )
+    check_instance_url(url, policy)
+    if not secret:
+        raise SettingsError(
+            "a Convex deployment needs its deploy key: give it with --secret (or "
+            "--secret-stdin); it is sealed like a password, never stored in the URL",
+            hint="Create a deploy key in the Convex dashboard (Settings, Deploy keys).",
+        )
+    _, _, token = secret.partition("|")
+    return Credentials(
+        url,
+        _variants([secret, token if len(token) >= 8 else None]),
+        control_plane=control_plane,
+        ssl_ca=policy.ssl_ca,
+        secret=secret,
+        policy=policy,
+    )
+
+
+def _variants(found: list[str | None]) -> tuple[str, ...]:
+    """Each secret as given and as it appears percent-encoded in a URL."""
     secrets: list[str] = []
     for plain in (s for s in found if isinstance(s, str) and s):
         secrets += [plain, quote_plus(plain), quote(plain, safe="")]
-    return Credentials(
-        url,
-        tuple(dict.fromkeys(secrets)),
-        control_plane=control_plane,
-        ssl_ca=policy.ssl_ca,
-        url_text=url_text if secrets else None,
-    )
+    return tuple(dict.fromkeys(secrets))
+
+
+def convex_base(url: URL) -> str:
+    """A Convex instance URL as the base its API is under (``https://HOST/PATH``)."""
+    netloc = f"[{url.host}]" if url.host and ":" in url.host else (url.host or "")
+    if url.port is not None:
+        netloc += f":{url.port}"
+    path = f"/{url.database}" if url.database else ""
+    return f"{url.get_driver_name()}://{netloc}{path}"
 
 
 def unseal_config(
@@ -115,14 +179,31 @@ def unseal_config(
     return _credentials(url_text, secret, policy or InstancePolicy(), control_plane)
 
 
-def open_instance(credentials: Credentials, *, timeout: float) -> SqlTarget:
+def open_instance(
+    credentials: Credentials, *, timeout: float, hold_seconds: float = 30.0
+) -> Target:
     """Connect to the instance; ``UnreachableError`` messages are scrubbed of secrets.
 
-    Raises :class:`SettingsError`, nothing touched, when the instance is byod's own
-    control plane.
+    ``hold_seconds``: how long a Convex deployment's lock is held before it is renewed
+    (a runner that vanished frees it after that long). Raises :class:`SettingsError`,
+    nothing touched, when the instance is byod's own control plane.
     """
+    target: SqlTarget | ConvexTarget
     try:
-        target = open_target(credentials.url, timeout=timeout, ssl_ca=credentials.ssl_ca)
+        if credentials.kind == "convex":
+            assert credentials.secret is not None  # required when it was parsed
+            policy = credentials.policy
+            target = open_convex(
+                convex_base(credentials.url),
+                credentials.secret,
+                timeout=timeout,
+                hold_seconds=hold_seconds,
+                allow_private=policy.allow_private,
+                ssl_ca=credentials.ssl_ca,
+                deploy=Deploy(policy.convex_app, policy.convex_deploy or DEFAULT_COMMAND),
+            )
+        else:
+            target = open_target(credentials.url, timeout=timeout, ssl_ca=credentials.ssl_ca)
     except ByodError as exc:
         exc.message = credentials.scrub(exc.message)
         raise
@@ -183,15 +264,18 @@ def connect_user(
     # the user's config as it was; an unreachable one is stored with status ``error``
     error = error_type = None
     try:
-        with open_instance(credentials, timeout=timeout) as target:
+        target = open_instance(credentials, timeout=timeout)
+        try:
             stamp = target.read_stamp()
+        finally:
+            target.close()
     except InputError:
         raise
     except ByodError as exc:
         error, error_type = credentials.scrub(exc.message), type(exc).__name__
     directory.save_config(
         user_id,
-        target_kind=credentials.url.get_backend_name(),
+        target_kind=credentials.kind,
         sealed_url=sealer.seal(url, user_id=user_id, field_name="url"),
         sealed_secret=sealer.seal(secret, user_id=user_id, field_name="secret") if secret else None,
         key_id=sealer.key_id,

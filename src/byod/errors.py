@@ -46,6 +46,7 @@ __all__ = [
     "ByodError",
     "ControlPlaneError",
     "CredentialsError",
+    "DeployError",
     "DirtyInstanceError",
     "DriftError",
     "ForbiddenError",
@@ -215,6 +216,16 @@ class InstanceAuthError(InstanceError):
     hint = (
         "Create a deploy key for this deployment (Convex dashboard, Settings) and connect "
         "the user again with it."
+    )
+
+
+class DeployError(InstanceError):
+    """The app's schema and functions did not reach the user's Convex deployment (its
+    deploy command failed, or byod's module is missing there): no migration ran on it."""
+
+    hint = (
+        "Read the deploy command's output in `byod history USER`, fix the app or the "
+        "command (BYOD_CONVEX_DEPLOY), then run `byod migrate` again."
     )
 
 

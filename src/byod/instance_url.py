@@ -16,6 +16,7 @@ for a run (a config stored by an older byod may hold a URL refused today).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,9 +31,10 @@ __all__ = [
     "SUPPORTED_KINDS",
     "InstancePolicy",
     "check_instance_url",
+    "private_address",
 ]
 
-SUPPORTED_KINDS = ("sqlite", "postgresql", "mysql", "mariadb")
+SUPPORTED_KINDS = ("sqlite", "postgresql", "mysql", "mariadb", "convex")
 
 #: PyMySQL has no TLS mode of its own: byod reads this one (the MySQL client's names)
 #: and builds the TLS context itself (see :mod:`byod.targets.dialects`).
@@ -67,6 +69,7 @@ ALLOWED_OPTIONS: Mapping[str, Mapping[str, re.Pattern[str] | tuple[str, ...]]] =
     },
     "mysql": _MYSQL_OPTIONS,
     "mariadb": _MYSQL_OPTIONS,
+    "convex": {},
 }
 
 _FILES = "reads a file of the byod machine (a CA file comes from BYOD_INSTANCE_SSL_CA)"
@@ -108,27 +111,43 @@ _HOST = re.compile(r"[A-Za-z0-9._:\[\]-]+")
 
 @dataclass(frozen=True)
 class InstancePolicy:
-    """The operator's side of the policy (``BYOD_ALLOW_SQLITE_INSTANCES``,
-    ``BYOD_INSTANCE_SSL_CA``).
+    """The operator's side of the policy, and the operator's settings for instances
+    (``BYOD_ALLOW_SQLITE_INSTANCES``, ``BYOD_ALLOW_PRIVATE_INSTANCES``,
+    ``BYOD_INSTANCE_SSL_CA``, ``BYOD_CONVEX_APP``, ``BYOD_CONVEX_DEPLOY``).
 
     ``allow_sqlite``: a ``sqlite`` instance is a file on the byod machine, fine for the
-    embedded demo, refused where instances are remote. ``ssl_ca``: the CA file (or
-    ``system``, the system's store) that verifies instances' TLS certificates.
+    embedded demo, refused where instances are remote. ``allow_private``: a Convex
+    deployment URL may use plain ``http`` and name a loopback, private or link-local
+    address (a local or self-hosted backend); off by default, so a tenant's URL never
+    sends a deploy key to an internal address. ``ssl_ca``: the CA file (or ``system``,
+    the system's store) that verifies instances' TLS certificates. ``convex_app``: the
+    Convex app's project folder (the one holding ``convex/``); ``convex_deploy``: the
+    command that deploys it to one user's deployment (default ``npx convex deploy --yes``).
     """
 
     allow_sqlite: bool = True
     ssl_ca: str | None = None
+    allow_private: bool = False
+    convex_app: str | None = None
+    convex_deploy: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> InstancePolicy:
         """The policy the ``BYOD_*`` variables ask for."""
-        text = env.get("BYOD_ALLOW_SQLITE_INSTANCES", "").strip().lower()
-        if text not in ("", "0", "1", "true", "false", "yes", "no"):
-            raise SettingsError(f"BYOD_ALLOW_SQLITE_INSTANCES must be 1 or 0, not {text!r}")
         return cls(
-            allow_sqlite=text not in ("0", "false", "no"),
+            allow_sqlite=_flag(env, "BYOD_ALLOW_SQLITE_INSTANCES", default=True),
             ssl_ca=env.get("BYOD_INSTANCE_SSL_CA") or None,
+            allow_private=_flag(env, "BYOD_ALLOW_PRIVATE_INSTANCES", default=False),
+            convex_app=env.get("BYOD_CONVEX_APP") or None,
+            convex_deploy=env.get("BYOD_CONVEX_DEPLOY") or None,
         )
+
+
+def _flag(env: Mapping[str, str], name: str, *, default: bool) -> bool:
+    text = env.get(name, "").strip().lower()
+    if text not in ("", "0", "1", "true", "false", "yes", "no"):
+        raise SettingsError(f"{name} must be 1 or 0, not {text!r}")
+    return default if not text else text in ("1", "true", "yes")
 
 
 def check_instance_url(url: URL, policy: InstancePolicy) -> None:
@@ -141,7 +160,9 @@ def check_instance_url(url: URL, policy: InstancePolicy) -> None:
         raise SettingsError(
             f"instances of kind {kind!r} are not supported (use {', '.join(SUPPORTED_KINDS)})"
         )
-    if kind == "sqlite":
+    if kind == "convex":
+        _check_convex(url, policy)
+    elif kind == "sqlite":
         if not policy.allow_sqlite:
             raise SettingsError(
                 "sqlite instances are refused here (BYOD_ALLOW_SQLITE_INSTANCES=0): "
@@ -153,6 +174,43 @@ def check_instance_url(url: URL, policy: InstancePolicy) -> None:
     allowed = ALLOWED_OPTIONS[kind]
     for name, value in url.query.items():
         _check_option(kind, allowed, name, value)
+
+
+def private_address(host: str) -> bool:
+    """Whether ``host`` (a name or an IP address) is one a tenant's URL may not reach
+    unless the operator allows it: loopback, private, link-local, or otherwise not a
+    public address (``localhost`` and ``*.localhost`` count as loopback)."""
+    name = host.strip("[]").lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return not address.is_global or address.is_multicast
+
+
+def _check_convex(url: URL, policy: InstancePolicy) -> None:
+    if url.username or url.password:
+        raise SettingsError(
+            "a Convex deployment URL holds no user or password: give the deploy key with --secret"
+        )
+    if policy.allow_private:
+        return
+    if url.get_driver_name() != "https":
+        raise SettingsError(
+            "a Convex deployment URL must use https (convex+http:// sends the deploy key "
+            "unencrypted): refused here",
+            hint="An operator can allow local backends with BYOD_ALLOW_PRIVATE_INSTANCES=1.",
+        )
+    if private_address(url.host or ""):
+        raise SettingsError(
+            "the Convex deployment URL names a loopback or private address: refused here, "
+            "so a deploy key never goes to an internal address",
+            hint="An operator can allow local backends with BYOD_ALLOW_PRIVATE_INSTANCES=1.",
+        )
 
 
 def _check_host(url: URL, kind: str) -> None:

@@ -12,12 +12,12 @@ import importlib.util
 import logging
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from byod.errors import PlanError, RegistryError
+from byod.errors import MigrationFailedError, PlanError, RegistryError
 
 if TYPE_CHECKING:
     from alembic.operations import Operations
@@ -27,6 +27,8 @@ __all__ = [
     "Backfill",
     "BatchFn",
     "Direction",
+    "FunctionCalls",
+    "Kind",
     "Migration",
     "MigrationContext",
     "Plan",
@@ -38,21 +40,90 @@ Direction = Literal["up", "down"]
 _FILE_NAME = re.compile(r"^(\d{3,})_([a-z0-9_]+)\.py$")
 
 
-@dataclass(frozen=True)
-class MigrationContext:
-    """What a migration's ``up``/``down`` gets.
+#: The kinds of instance a migration can run on (``ctx.kind``).
+Kind = Literal["sqlite", "postgresql", "mysql", "mariadb", "convex"]
 
-    ``conn`` is the instance connection inside the migration's own transaction; ``op`` is
-    Alembic's ``Operations`` bound to it (portable DDL); ``main`` is the app's control-plane
-    engine, for reads; ``log`` is a logger that names the user and migration.
+
+class FunctionCalls(Protocol):
+    """A Convex deployment's functions, as a migration calls them (``ctx.convex``): each
+    call is one request, bounded by the run's ``--timeout``; arguments and results are
+    Convex values (``int`` for int64, ``float`` for numbers, ``bytes``, lists, dicts)."""
+
+    def query(self, path: str, args: Mapping[str, Any] | None = None) -> Any:
+        """Run query ``path`` (``"module:name"``; internal ones too) and return its result."""
+        ...
+
+    def mutation(self, path: str, args: Mapping[str, Any] | None = None) -> Any:
+        """Run mutation ``path`` (one Convex transaction) and return its result."""
+        ...
+
+    def action(self, path: str, args: Mapping[str, Any] | None = None) -> Any:
+        """Run action ``path`` and return its result."""
+        ...
+
+
+class MigrationContext:
+    """What a migration's ``up``/``down`` (and a backfill's ``apply``) gets.
+
+    ``kind`` is the instance's kind (``"sqlite"``, ``"postgresql"``, ``"mysql"``,
+    ``"mariadb"`` or ``"convex"``). On a SQL instance, ``conn`` is the connection inside
+    the migration's own transaction and ``op`` Alembic's ``Operations`` bound to it
+    (portable DDL, built the first time it is used); on a Convex deployment,
+    ``convex`` calls the user's deployment's functions. Using the other kind's attribute
+    fails the step with a message saying which to use. ``main`` is the app's
+    control-plane engine, for reads; ``log`` a logger that names the user and migration.
     """
 
-    conn: Connection
-    op: Operations
-    main: Engine
-    user_id: int
-    clerk_id: str
-    log: logging.LoggerAdapter[logging.Logger]
+    def __init__(
+        self,
+        *,
+        kind: Kind,
+        main: Engine,
+        user_id: int,
+        clerk_id: str,
+        log: logging.LoggerAdapter[logging.Logger],
+        conn: Connection | None = None,
+        convex: FunctionCalls | None = None,
+    ) -> None:
+        self.kind = kind
+        self.main = main
+        self.user_id = user_id
+        self.clerk_id = clerk_id
+        self.log = log
+        self._conn = conn
+        self._convex = convex
+        self._op: Operations | None = None
+
+    @property
+    def conn(self) -> Connection:
+        """The SQL instance's connection, inside the step's transaction."""
+        if self._conn is None:
+            raise MigrationFailedError(
+                f"ctx.conn: this instance is a {self.kind} deployment, not a SQL database: "
+                "call its functions with ctx.convex.query/mutation/action"
+            )
+        return self._conn
+
+    @property
+    def op(self) -> Operations:
+        """Alembic's ``Operations`` on :attr:`conn` (SQL instances)."""
+        if self._op is None:
+            # imported here: a run whose migrations never use ctx.op never pays for it
+            from alembic.operations import Operations
+            from alembic.runtime.migration import MigrationContext as AlembicContext
+
+            self._op = Operations(AlembicContext.configure(connection=self.conn))
+        return self._op
+
+    @property
+    def convex(self) -> FunctionCalls:
+        """The user's Convex deployment's functions (Convex instances)."""
+        if self._convex is None:
+            raise MigrationFailedError(
+                f"ctx.convex: this instance is a {self.kind} database, not a Convex "
+                "deployment: use ctx.conn (SQL) or ctx.op (Alembic operations)"
+            )
+        return self._convex
 
 
 MigrationFn = Callable[[MigrationContext], None]
@@ -63,25 +134,65 @@ MigrationFn = Callable[[MigrationContext], None]
 BatchFn = Callable[[MigrationContext, Sequence[Any]], None]
 
 
+#: A Convex page function's path: ``module:function`` (the app's, never one of byod's).
+_PAGE_PATH = re.compile(r"[A-Za-z0-9_][\w/.-]*:[A-Za-z_$][\w$]*")
+
+
 @dataclass(frozen=True)
 class Backfill:
-    """A data change over a whole table, in batches: rows are walked in ``key`` order,
-    ``batch_size`` at a time, and ``apply`` is called for each batch inside its own short
-    instance transaction, which also records the batch's cursor (last key, rows done) in
-    the instance. A batch is therefore applied exactly once, and a step interrupted
-    between batches resumes after the last one committed."""
+    """A data change over a whole table, in batches, each batch applied exactly once.
+
+    On a SQL instance: rows are walked in ``key`` order, ``batch_size`` at a time, and
+    ``apply`` is called for each batch inside its own short instance transaction, which
+    also records the batch's cursor (last key, rows done) in the instance.
+
+    On a Convex deployment: ``page`` names the app's internal mutation that does the work
+    on one page of ``table`` (it takes ``{cursor, numItems}``, paginates, and returns
+    ``{continueCursor, isDone, rows}``); byod's module runs it and moves the cursor in ONE
+    Convex transaction (``byod:runBatch``), ``batch_size`` documents a page.
+
+    Either way, a step interrupted between batches resumes after the last one committed.
+    """
 
     table: str
-    key: str
-    apply: BatchFn
+    key: str = ""
+    apply: BatchFn | None = None
     columns: tuple[str, ...] = ()
     batch_size: int = 1000
+    page: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.table, str) or not isinstance(self.key, str):
-            raise RegistryError("a backfill's table and key are names (text)")
-        if not self.table or not self.key:
-            raise RegistryError("a backfill needs a table and a key column")
+        if not isinstance(self.table, str) or not self.table:
+            raise RegistryError("a backfill needs a table (its name, as text)")
+        if self.page is not None:
+            self._check_page()
+        else:
+            self._check_sql()
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool):
+            raise RegistryError(f"backfill of {self.table}: batch_size must be a whole number")
+        if self.batch_size < 1:
+            raise RegistryError(f"backfill of {self.table}: batch_size must be at least 1")
+
+    def _check_page(self) -> None:
+        page = self.page
+        if not isinstance(page, str) or not _PAGE_PATH.fullmatch(page):
+            raise RegistryError(
+                f"backfill of {self.table}: page must name the app's page mutation as "
+                '"module:function", e.g. "documents:tagPage"'
+            )
+        if page.startswith("byod:"):
+            raise RegistryError(f"backfill of {self.table}: page cannot be one of byod's functions")
+        if self.apply is not None or self.key or self.columns:
+            raise RegistryError(
+                f"backfill of {self.table}: a Convex backfill (page=...) does its work in the "
+                "page mutation: give no apply, key or columns"
+            )
+
+    def _check_sql(self) -> None:
+        if not isinstance(self.key, str) or not self.key:
+            raise RegistryError(
+                f"backfill of {self.table}: give a key column (SQL) or a page mutation (Convex)"
+            )
         if isinstance(self.columns, str) or not all(isinstance(c, str) for c in self.columns):
             raise RegistryError(
                 f"backfill of {self.table}: columns must be a tuple of names, e.g. "
@@ -90,10 +201,6 @@ class Backfill:
         object.__setattr__(self, "columns", tuple(self.columns))  # a list is fine too
         if not callable(self.apply):
             raise RegistryError(f"backfill of {self.table}: apply must be a function(ctx, rows)")
-        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool):
-            raise RegistryError(f"backfill of {self.table}: batch_size must be a whole number")
-        if self.batch_size < 1:
-            raise RegistryError(f"backfill of {self.table}: batch_size must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -302,7 +409,7 @@ def _load_file(path: Path) -> Migration:
         raise RegistryError(f"{path}: `down` must be a function taking ctx, or None")
     if migration.finalize is not None and not callable(migration.finalize):
         raise RegistryError(f"{path}: `finalize` must be a function taking ctx, or None")
-    if not all(isinstance(b, Backfill) and callable(b.apply) for b in migration.backfills):
+    if not all(isinstance(b, Backfill) for b in migration.backfills):
         raise RegistryError(f"{path}: `backfills` must be Backfill(...) entries")
     return replace(migration, checksum=hashlib.sha256(source).hexdigest())
 

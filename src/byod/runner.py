@@ -51,10 +51,6 @@ ROWS_REPORT_SECONDS = 3.0
 TargetOpener = Callable[[Credentials, float], Target]
 
 
-def _default_opener(credentials: Credentials, timeout: float) -> Target:
-    return open_instance(credentials, timeout=timeout)
-
-
 class _Lease:
     """Whether this run's lease was already given back by its last ledger write."""
 
@@ -82,7 +78,7 @@ class Runner:
         timeout: float | None = None,
         run_id: str | None = None,
         owner: str | None = None,
-        opener: TargetOpener = _default_opener,
+        opener: TargetOpener | None = None,
         policy: InstancePolicy | None = None,
         batching: Batching = Batching(),
         on_rows: Callable[[RowsProgress], None] | None = None,
@@ -98,7 +94,8 @@ class Runner:
         self.timeout = timeout
         self.run_id = run_id
         self.owner = owner or f"runner-{uuid.uuid4().hex[:12]}"
-        self._opener = opener
+        self._given_opener = opener
+        self._opener: TargetOpener = opener or self._open
         #: what instance URLs may ask (checked again each time one is unsealed)
         self.policy = policy or InstancePolicy()
         self.batching = batching
@@ -128,7 +125,7 @@ class Runner:
             timeout=timeout,
             run_id=run_id,
             owner=owner or self.owner,
-            opener=self._opener,
+            opener=self._given_opener,
             policy=self.policy,
             batching=batching or self.batching,
             on_rows=on_rows or self.on_rows,
@@ -353,6 +350,8 @@ class Runner:
             )
             started = time.perf_counter()
             try:
+                if index == 0:
+                    target.prepare()  # a Convex deployment: the app deployed first
                 applied, rows = self._apply(user, step, target, self._deadline())
             except ByodError as exc:
                 seconds = time.perf_counter() - started
@@ -437,7 +436,7 @@ class Runner:
     ) -> tuple[bool, int | None]:
         """One step: in one transaction, or phased (backfills), each phase bounded on its
         own by the timeout. Whether it was applied now, and a phased step's rows."""
-        bodies = Bodies(self.engine, user)
+        bodies = Bodies(self.engine, user, target.kind)
         migration = step.migration
         if step.direction == "down" or not migration.phased:
             return target.apply(step, bodies.step(step), deadline), None
@@ -479,6 +478,10 @@ class Runner:
         return True, rows
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _open(self, credentials: Credentials, timeout: float) -> Target:
+        """The default opener: a Convex deployment's lock lasts as long as a lease."""
+        return open_instance(credentials, timeout=timeout, hold_seconds=self.lease_seconds)
 
     def _unseal(self, config: Config) -> Credentials:
         """A config's credentials, checked against the instance URL policy."""

@@ -7,6 +7,7 @@ edge and passed down.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -151,8 +152,19 @@ class Settings:
             broker_url=env.get("BYOD_BROKER_URL") or None,
             broker_visibility_timeout=_positive(env, "BYOD_BROKER_VISIBILITY_TIMEOUT", 600.0),
             default_queue=env.get("BYOD_QUEUE") or "byod",
-            instance_policy=InstancePolicy.from_env(env),
+            instance_policy=_with_convex_app(InstancePolicy.from_env(env), folder),
         )
+
+
+def _with_convex_app(policy: InstancePolicy, migrations: Path) -> InstancePolicy:
+    """The Convex app's folder, when not configured: the one that holds both the
+    migrations folder and a ``convex/`` folder (an app's usual layout)."""
+    if policy.convex_app is not None:
+        return policy
+    app = migrations.resolve().parent
+    if not (app / "convex").is_dir():
+        return policy
+    return dataclasses.replace(policy, convex_app=str(app))
 
 
 def _positive(env: Mapping[str, str], name: str, default: float) -> float:

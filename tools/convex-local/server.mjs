@@ -43,6 +43,9 @@
  *   DELETE /_admin/deployments/<name>
  *   POST   /_admin/deployments/<name>/deploy {"appDir"?}  the stand-in for `npx convex
  *          deploy`: load the folder's current schema and functions, KEEPING the data
+ *   POST   <base>/_deploy {"appDir"}  the same deploy, authorized by the deployment's deploy
+ *          key (`Authorization: Convex <key>`) as `npx convex deploy` is; what
+ *          tools/convex-local/deploy.mjs, byod's stand-in deploy command, calls
  *   POST   /_admin/deployments/<name>/throttle {"requests": N, "retryAfterSeconds"?}
  *          answer the deployment's next N API requests with 429
  *   POST   /_admin/deployments/<name>/latency  {"ms": N}  wait N ms before answering
@@ -738,6 +741,31 @@ async function handleDeploymentRequest(host, req, res, name, endpoint) {
   send(res, answer.status, answer.body);
 }
 
+/** `POST <base>/_deploy {"appDir"}` with `Authorization: Convex <deploy key>`: what
+ * `npx convex deploy` does with a deploy key, here (tools/convex-local/deploy.mjs). */
+async function handleKeyDeploy(host, req, res, name) {
+  const deployment = host.deployments.get(name);
+  if (deployment === undefined) {
+    throw new HttpError(404, "DeploymentNotFound", `No deployment named ${JSON.stringify(name)}`);
+  }
+  if (req.method !== "POST") throw new HttpError(405, "MethodNotAllowed", "POST");
+  const body = parseJson(await readBody(req));
+  if (!authenticate(deployment, req.headers.authorization)) {
+    throw new HttpError(401, "MissingAccessToken", "Deploying needs the deploy key");
+  }
+  const appDir = appDirFrom(body.appDir);
+  await deployment.serialized(async () => {
+    if (deployment.deleted) throw new HttpError(404, "DeploymentNotFound", "deleted meanwhile");
+    try {
+      await host.deploy(deployment, appDir);
+    } catch (error) {
+      throw deployFailure(error);
+    }
+  });
+  log(`deployed ${deployment.name} from ${appDir} with its deploy key (deploy ${deployment.deploys})`);
+  return send(res, 200, deployment.describe(host.baseUrl));
+}
+
 function requireAdmin(host, req) {
   const header = req.headers.authorization ?? "";
   const token = header.startsWith("Bearer ") ? header.slice("Bearer ".length) : "";
@@ -872,6 +900,9 @@ async function handle(host, req, res) {
   if (parts[0] === "_admin") return await handleAdminRequest(host, req, res, parts.slice(1));
   if (parts[0] === "d" && parts.length === 4 && parts[2] === "api") {
     return await handleDeploymentRequest(host, req, res, parts[1], parts[3]);
+  }
+  if (parts[0] === "d" && parts.length === 3 && parts[2] === "_deploy") {
+    return await handleKeyDeploy(host, req, res, parts[1]);
   }
   if (parts[0] === "d" && parts.length >= 2 && !host.deployments.has(parts[1])) {
     throw new HttpError(

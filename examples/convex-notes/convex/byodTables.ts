@@ -17,7 +17,8 @@
  *   its hold expires, in ms since the epoch).
  * - `byod_schema_progress`: one row per phased step in progress: which backfill it is
  *   at, the page cursor after the last batch (null: the backfill starts from its
- *   beginning), the rows done so far and the rows the step expected (null: unknown).
+ *   beginning), the rows done so far, the rows the step expected (null: unknown) and
+ *   the migration file's checksum when its step started.
  */
 import { defineTable } from "convex/server";
 import { v } from "convex/values";
@@ -41,5 +42,6 @@ export const byodTables = {
     cursor: v.union(v.string(), v.null()),
     rowsDone: v.number(),
     rowsTotal: v.union(v.number(), v.null()),
+    checksum: v.optional(v.string()),
   }).index("by_migration", ["migration"]),
 };

@@ -37,6 +37,7 @@ type Progress = {
   cursor: string | null;
   rowsDone: number;
   rowsTotal: number | null;
+  checksum?: string;
 };
 
 type PageResult = { continueCursor: string; isDone: boolean; rows: number };
@@ -47,6 +48,7 @@ const progressValidator = v.object({
   cursor: v.union(v.string(), v.null()),
   rowsDone: v.number(),
   rowsTotal: v.union(v.number(), v.null()),
+  checksum: v.optional(v.string()),
 });
 
 const stampValidator = v.object({
@@ -64,13 +66,17 @@ function refuse(code: string, message: string, extra: Record<string, unknown> = 
 }
 
 function publicProgress(row: Progress): Progress {
-  return {
+  const progress: Progress = {
     migration: row.migration,
     backfill: row.backfill,
     cursor: row.cursor,
     rowsDone: row.rowsDone,
     rowsTotal: row.rowsTotal,
   };
+  if (row.checksum !== undefined) {
+    progress.checksum = row.checksum;
+  }
+  return progress;
 }
 
 async function findProgress(ctx: any, migration: string) {
@@ -222,12 +228,24 @@ export const readProgress = internalQuery({
   },
 });
 
-/** Start a phased step's progress at its first backfill's start; when it was already
- * started, change nothing and return where it stands. */
+/** Every phased step in progress (at most one, unless a migration was replaced). */
+export const listProgress = internalQuery({
+  args: {},
+  returns: v.array(progressValidator),
+  handler: async (ctx: any) => {
+    const rows = await ctx.db.query("byod_schema_progress").collect();
+    return rows.map(publicProgress);
+  },
+});
+
+/** Start a phased step's progress at its first backfill's start (with the migration
+ * file's `checksum`, when given); when it was already started, change nothing and return
+ * where it stands. */
 export const startProgress = internalMutation({
   args: {
     migration: v.string(),
     rowsTotal: v.union(v.number(), v.null()),
+    checksum: v.optional(v.string()),
     owner: v.optional(v.string()),
   },
   returns: progressValidator,
@@ -244,6 +262,9 @@ export const startProgress = internalMutation({
       rowsDone: 0,
       rowsTotal: args.rowsTotal,
     };
+    if (args.checksum !== undefined) {
+      row.checksum = args.checksum;
+    }
     await ctx.db.insert("byod_schema_progress", row);
     return row;
   },
@@ -365,13 +386,12 @@ export const runBatch = internalMutation({
       );
     }
 
-    const moved: Progress = {
-      migration: found.migration,
+    const moved: Progress = publicProgress({
+      ...found,
       backfill: result.isDone ? found.backfill + 1 : found.backfill,
       cursor: result.isDone ? null : result.continueCursor,
       rowsDone: found.rowsDone + result.rows,
-      rowsTotal: found.rowsTotal,
-    };
+    });
     await ctx.db.patch(found._id, {
       backfill: moved.backfill,
       cursor: moved.cursor,

@@ -14,19 +14,32 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import sqlalchemy as sa
 
-from byod.registry import Backfill, Step
+from byod.errors import DriftError
+from byod.registry import Backfill, FunctionCalls, Step
 
 if TYPE_CHECKING:
     from byod.targets.backfill import Batch, Progress
 
-__all__ = ["CONTROL_PLANE_TABLE", "BatchBody", "Phase", "StampEntry", "StepBody", "Target"]
+__all__ = [
+    "CONTROL_PLANE_TABLE",
+    "BatchBody",
+    "Phase",
+    "Session",
+    "StampEntry",
+    "StepBody",
+    "Target",
+    "check_position",
+]
 
 #: The table whose one row names a byod control plane (written by ``byod init``); a
 #: database that holds it with the control plane's id is never migrated as an instance.
 CONTROL_PLANE_TABLE = "byod_control_plane"
 
+#: What a step's work runs on: a SQL instance's connection inside the step's transaction,
+#: or a Convex deployment's functions.
+Session = sa.Connection | FunctionCalls
 #: The work of one step, run inside the instance transaction (``up`` or ``down``).
-StepBody = Callable[[sa.Connection], None]
+StepBody = Callable[[Session], None]
 #: The work of one backfill batch: the connection, and the batch's rows.
 BatchBody = Callable[[sa.Connection, Sequence[Any]], None]
 #: Which part of a step one transaction does: the whole step with its stamp; a phased
@@ -47,6 +60,15 @@ class StampEntry:
 
 class Target(Protocol):
     """An open connection to one user's instance."""
+
+    #: the instance's kind: ``sqlite``, ``postgresql``, ``mysql``, ``mariadb``, ``convex``
+    kind: str
+
+    def prepare(self) -> None:
+        """Make the instance ready for this run's steps, once, before the first of them
+        (a Convex deployment: the app's deploy command; SQL: nothing). Raises
+        ``DeployError`` when it cannot be made ready: no step may run then."""
+        ...
 
     def read_stamp(self) -> list[StampEntry]:
         """What the instance says is applied, oldest first."""
@@ -98,3 +120,34 @@ class Target(Protocol):
     def close(self) -> None:
         """Close the connection."""
         ...
+
+    def __enter__(self) -> Target:
+        """The target itself; closed on leaving the ``with`` block."""
+        ...
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Close it."""
+        ...
+
+
+def check_position(step: Step, stamp: list[StampEntry]) -> bool:
+    """Whether ``step`` is still to do on an instance whose stamp is ``stamp`` (False:
+    done already); :class:`DriftError` when the instance is not at the version the step
+    starts from (it changed under this run)."""
+    migration = step.migration
+    applied = {entry.id for entry in stamp}
+    current = stamp[-1].version if stamp else 0
+    if step.direction == "up":
+        if migration.id in applied:
+            return False
+        expected = migration.version - 1
+    else:
+        if migration.id not in applied:
+            return False
+        expected = migration.version
+    if current != expected:
+        raise DriftError(
+            f"instance is at version {current} but {migration.id} ({step.direction}) "
+            f"needs it at version {expected}: it changed under this run"
+        )
+    return True

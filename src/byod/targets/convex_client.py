@@ -54,7 +54,7 @@ from byod.errors import (
 from byod.targets.convex_values import ConvexValueError, Value, decode, encode
 from byod.text import has_control, printable
 
-__all__ = ["ConvexClient", "deployment_base"]
+__all__ = ["ConvexClient", "FunctionError", "deployment_base"]
 
 log = logging.getLogger(__name__)
 
@@ -275,26 +275,36 @@ class ConvexClient:
         """Close the pooled connections; the client cannot be used afterwards."""
         self._http.close()
 
-    def query(self, path: str, args: Mapping[str, Value] | None = None) -> Value:
+    def query(
+        self, path: str, args: Mapping[str, Value] | None = None, *, timeout: float | None = None
+    ) -> Value:
         """Run public query ``path`` (``"module:name"``) with ``args``; its decoded result."""
-        return self._udf("query", path, args)
+        return self._udf("query", path, args, timeout)
 
-    def mutation(self, path: str, args: Mapping[str, Value] | None = None) -> Value:
+    def mutation(
+        self, path: str, args: Mapping[str, Value] | None = None, *, timeout: float | None = None
+    ) -> Value:
         """Run public mutation ``path`` with ``args`` (one transaction); its decoded result."""
-        return self._udf("mutation", path, args)
+        return self._udf("mutation", path, args, timeout)
 
-    def action(self, path: str, args: Mapping[str, Value] | None = None) -> Value:
+    def action(
+        self, path: str, args: Mapping[str, Value] | None = None, *, timeout: float | None = None
+    ) -> Value:
         """Run public action ``path`` with ``args``; its decoded result."""
-        return self._udf("action", path, args)
+        return self._udf("action", path, args, timeout)
 
     def function(
         self,
         path: str,
         args: Mapping[str, Value] | None = None,
         component_path: str | None = None,
+        *,
+        timeout: float | None = None,
     ) -> Value:
         """Run function ``path`` of any kind, internal ones too (what ``npx convex run``
-        does), in component ``component_path`` (None: the app itself); its decoded result."""
+        does), in component ``component_path`` (None: the app itself); its decoded result.
+
+        ``timeout``, given, bounds this call's read and write instead of the client's."""
         body: dict[str, object] = {}
         if component_path is not None:
             body["componentPath"] = _checked_path(component_path, "component path")
@@ -303,22 +313,32 @@ class ConvexClient:
             format="convex_encoded_json",
             args=_encoded_args(args),
         )
-        return self._call("function", path, "/api/function", body)
+        return self._call("function", path, "/api/function", body, timeout)
 
-    def _udf(self, kind: str, path: str, args: Mapping[str, Value] | None) -> Value:
+    def _udf(
+        self, kind: str, path: str, args: Mapping[str, Value] | None, timeout: float | None
+    ) -> Value:
         body: dict[str, object] = {
             "path": _checked_path(path, "function path"),
             "format": "convex_encoded_json",
             "args": [_encoded_args(args)],
         }
-        return self._call(kind, path, f"/api/{kind}", body)
+        return self._call(kind, path, f"/api/{kind}", body, timeout)
 
-    def _call(self, kind: str, path: str, endpoint: str, body: dict[str, object]) -> Value:
+    def _call(
+        self,
+        kind: str,
+        path: str,
+        endpoint: str,
+        body: dict[str, object],
+        timeout: float | None = None,
+    ) -> Value:
         content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-        response = self._post(kind, path, endpoint, content.encode("utf-8"))
+        response = self._post(kind, path, endpoint, content.encode("utf-8"), timeout)
         return self._result(kind, path, response)
 
-    def _scrub(self, text: str) -> str:
+    def scrub(self, text: str) -> str:
+        """``text`` with the deploy key (and its token part) replaced, and cut short."""
         for secret in self._secrets:
             text = text.replace(secret, "[deploy key]")
         return text[:_LONGEST_MESSAGE]
@@ -326,11 +346,17 @@ class ConvexClient:
     def _where(self, kind: str, path: str) -> str:
         return f"Convex {kind} {path} on {self.base}"
 
-    def _post(self, kind: str, path: str, endpoint: str, content: bytes) -> httpx.Response:
+    def _post(
+        self, kind: str, path: str, endpoint: str, content: bytes, timeout: float | None
+    ) -> httpx.Response:
         where = self._where(kind, path)
+        waited = self.timeout if timeout is None else timeout
+        bound = httpx.Timeout(
+            connect=self.connect_timeout, read=waited, write=waited, pool=self.connect_timeout
+        )
         for attempt in range(self.retries + 1):
             try:
-                response = self._http.post(endpoint, content=content)
+                response = self._http.post(endpoint, content=content, timeout=bound)
             except httpx.ConnectTimeout as exc:
                 raise UnreachableError(
                     f"{where}: no connection within {self.connect_timeout:g} s"
@@ -342,7 +368,7 @@ class ConvexClient:
                 ) from exc
             except httpx.TimeoutException as exc:
                 raise InstanceTimeoutError(
-                    f"{where}: no answer within {self.timeout:g} s; the deployment may "
+                    f"{where}: no answer within {waited:g} s; the deployment may "
                     "still finish the call"
                 ) from exc
             except httpx.RequestError as exc:
@@ -372,7 +398,7 @@ class ConvexClient:
 
     def _describe(self, exc: Exception) -> str:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return self._scrub(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+        return self.scrub(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
 
     def _delay(self, response: httpx.Response, attempt: int) -> float | None:
         asked = _retry_after(response.headers.get("Retry-After"))
@@ -397,19 +423,24 @@ class ConvexClient:
         if not isinstance(answer, dict):
             self._not_convex(where, response)
         for line in answer.get("logLines") or []:
-            log.debug("%s: %s", where, printable(self._scrub(str(line))))
+            log.debug("%s: %s", where, printable(self.scrub(str(line))))
         if answer.get("status") == "success" and "value" in answer:
             try:
                 return decode(answer["value"])
             except ConvexValueError as exc:
                 raise UnreachableError(
-                    f"{where}: the answer is not a Convex value: {self._scrub(str(exc))}"
+                    f"{where}: the answer is not a Convex value: {self.scrub(str(exc))}"
                 ) from None
         if answer.get("status") == "error":
             message = answer.get("errorMessage")
-            raise MigrationFailedError(
+            try:
+                data = decode(answer["errorData"]) if "errorData" in answer else None
+            except ConvexValueError:
+                data = None
+            raise FunctionError(
                 f"{where} failed: "
-                + self._scrub(message if isinstance(message, str) else "(no error message)")
+                + self.scrub(message if isinstance(message, str) else "(no error message)"),
+                data=data,
             )
         self._not_convex(where, response)
 
@@ -417,7 +448,7 @@ class ConvexClient:
         status = response.status_code
         detail = self._error_detail(response)
         if response.is_redirect:
-            location = self._scrub(response.headers.get("Location", ""))[:_SHOWN]
+            location = self.scrub(response.headers.get("Location", ""))[:_SHOWN]
             raise UnreachableError(
                 f"{where}: answered HTTP {status}, a redirect to {location!r}: "
                 "connect the user with that deployment URL"
@@ -438,7 +469,7 @@ class ConvexClient:
             return ""
         code, message = body.get("code"), body.get("message")
         shown = ": ".join(str(part) for part in (code, message) if isinstance(part, str))
-        return f": {self._scrub(shown)}" if shown else ""
+        return f": {self.scrub(shown)}" if shown else ""
 
     def _json(self, where: str, response: httpx.Response) -> Any:
         try:
@@ -447,11 +478,27 @@ class ConvexClient:
             self._not_convex(where, response)
 
     def _not_convex(self, where: str, response: httpx.Response) -> NoReturn:
-        shown = self._scrub(response.text)[:_SHOWN]
+        shown = self.scrub(response.text)[:_SHOWN]
         raise UnreachableError(
             f"{where}: the answer (HTTP {response.status_code}) is not a Convex deployment's: "
             f"{shown!r}; check the URL"
         )
+
+
+class FunctionError(MigrationFailedError):
+    """A Convex function threw (HTTP 560): its message, and its ``ConvexError`` data
+    (``data``; None when it threw a plain ``Error``)."""
+
+    def __init__(self, message: str, *, data: Value = None) -> None:
+        super().__init__(message)
+        self.data = data
+
+    @property
+    def code(self) -> str | None:
+        """The ``code`` of a ``ConvexError`` whose data is an object that has one."""
+        if isinstance(self.data, dict) and isinstance(self.data.get("code"), str):
+            return str(self.data["code"])
+        return None
 
 
 def _no_constant(name: str) -> NoReturn:

@@ -14,7 +14,7 @@ import functools
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -38,7 +38,14 @@ from byod.instance_url import SUPPORTED_KINDS
 from byod.registry import Backfill, Step
 from byod.settings import safe_url
 from byod.targets import backfill
-from byod.targets.base import CONTROL_PLANE_TABLE, BatchBody, Phase, StampEntry, StepBody
+from byod.targets.base import (
+    CONTROL_PLANE_TABLE,
+    BatchBody,
+    Phase,
+    StampEntry,
+    StepBody,
+    check_position,
+)
 from byod.targets.dialects import DIALECTS, STAMP_TABLE, Dialect, table_exists, timed_out
 
 __all__ = ["STAMP_TABLE", "SqlTarget", "describe_error", "open_target"]
@@ -164,7 +171,9 @@ def open_target(url: URL, *, timeout: float = 10.0, ssl_ca: str | None = None) -
         ) from exc
     finally:
         _target_args.reset(token)
-    return SqlTarget(engine, conn, dialect, where=safe_url(url), io_timeout=timeout)
+    return SqlTarget(
+        engine, conn, dialect, where=safe_url(url), io_timeout=timeout, kind=url.get_backend_name()
+    )
 
 
 #: How long past a step's deadline the client still waits for the server's own
@@ -182,7 +191,9 @@ class SqlTarget:
         dialect: Dialect,
         where: str,
         io_timeout: float | None = None,
+        kind: str = "sqlite",
     ):
+        self.kind = kind
         self._engine = engine
         self._conn = conn
         self._dialect = dialect
@@ -190,6 +201,9 @@ class SqlTarget:
         self._stamp_ready = False
         self._batch_settings_set = False
         self._io_timeout = io_timeout
+
+    def prepare(self) -> None:
+        """Nothing to do: a SQL instance's schema is what its migrations make it."""
 
     def holds_control_plane(self, control_plane_id: str) -> bool:
         """Whether this database is the byod control plane whose id is given."""
@@ -341,7 +355,7 @@ class SqlTarget:
             self._dialect.lock(self._conn, timeout_ms, True)
             if not self._stamp_ready:
                 self._conn.exec_driver_sql(_create_sql(_CREATE_STAMP, self._engine.dialect))
-            if not self._check_position(step, self._select_stamp(known_to_exist=True)) or (
+            if not check_position(step, self._select_stamp(known_to_exist=True)) or (
                 phase == "schema" and self._started(step)
             ):
                 transaction.rollback()
@@ -407,7 +421,7 @@ class SqlTarget:
         except SQLAlchemyError as exc:
             raise self._lost("reading the steps in progress", exc) from exc
 
-    def _run_body(self, step: Step, body: StepBody) -> None:
+    def _run_body(self, step: Step, body: Callable[[sa.Connection], None]) -> None:
         """The migration's own code, its errors told apart: a lost connection, the
         server's timeout, or the migration's failure."""
         try:
@@ -486,25 +500,6 @@ class SqlTarget:
             self._stamp_ready = True  # no need to create it before each step
         rows = self._conn.execute(_SELECT_STAMP)
         return [StampEntry(**row._asdict()) for row in rows]
-
-    def _check_position(self, step: Step, stamp: list[StampEntry]) -> bool:
-        migration = step.migration
-        applied = {entry.id for entry in stamp}
-        current = stamp[-1].version if stamp else 0
-        if step.direction == "up":
-            if migration.id in applied:
-                return False
-            expected = migration.version - 1
-        else:
-            if migration.id not in applied:
-                return False
-            expected = migration.version
-        if current != expected:
-            raise DriftError(
-                f"instance is at version {current} but {migration.id} ({step.direction}) "
-                f"needs it at version {expected}: it changed under this run"
-            )
-        return True
 
     def _write_stamp(self, step: Step) -> None:
         migration = step.migration

@@ -1,0 +1,403 @@
+"""Convex deployments: a user's deployment reached over Convex's HTTP API with its deploy
+key, through byod's module in the app (``convex/byod.ts``).
+
+The deployment keeps its own record, as a SQL instance does: the stamp
+(``byod_schema_stamp``), the lock (``byod_lock``, an owner and an expiry, taken in a
+Convex mutation: a real lock) and a phased step's progress (``byod_schema_progress``).
+What is different, and what this target promises instead:
+
+* A step's ``up`` is the migration's calls to the deployment's functions
+  (``ctx.convex``), each its own Convex transaction, not one transaction for the step: the
+  stamp is written only after the whole ``up`` returned, so a step that stopped halfway is
+  run again whole on the next run (write ``up`` so that running it twice is harmless).
+* A backfill batch is ONE Convex mutation (``byod:runBatch``) that runs the app's page
+  mutation and moves the cursor: each batch is applied exactly once, whatever happens
+  to byod between two batches.
+* Every write of byod's module names the lock's owner; a runner whose hold expired is
+  refused there (``BYOD_LOCK_LOST``) and reports busy, never writes over another runner.
+  The hold lasts ``hold_seconds`` and is renewed before any call once half of it is gone.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+from byod.errors import (
+    BusyError,
+    ByodError,
+    DeployError,
+    DriftError,
+    InstanceTimeoutError,
+    MigrationFailedError,
+    SettingsError,
+    UnreachableError,
+)
+from byod.instance_url import private_address
+from byod.registry import Backfill, Step
+from byod.targets.backfill import Batch, Progress
+from byod.targets.base import BatchBody, Phase, StampEntry, StepBody, check_position
+from byod.targets.convex_client import ConvexClient, FunctionError
+from byod.targets.convex_deploy import Deploy
+
+__all__ = ["ConvexTarget", "open_convex"]
+
+_MODULE = "byod"
+_NOT_FOUND = "Could not find"
+
+
+def open_convex(
+    base_url: str,
+    deploy_key: str,
+    *,
+    timeout: float,
+    hold_seconds: float = 30.0,
+    allow_private: bool = False,
+    ssl_ca: str | None = None,
+    deploy: Deploy | None = None,
+) -> ConvexTarget:
+    """A target for the deployment at ``base_url`` (checked by the instance URL policy).
+
+    Unless ``allow_private``, the host's addresses are resolved first and a host that
+    resolves to a loopback, private or link-local address is refused
+    (:class:`SettingsError`), so a tenant's public-looking name cannot send the deploy key
+    inside the operator's network. Nothing is called yet: the first call (reading the
+    stamp) shows whether the deployment answers.
+    """
+    if not allow_private:
+        _refuse_private(base_url, timeout)
+    client = ConvexClient(
+        base_url,
+        deploy_key,
+        timeout=max(timeout, 1.0),
+        connect_timeout=timeout,
+        ssl_ca=None if ssl_ca == "system" else ssl_ca,
+    )
+    return ConvexTarget(client, deploy_key, hold_seconds=hold_seconds, deploy=deploy)
+
+
+def _refuse_private(base_url: str, timeout: float) -> None:
+    host = base_url.split("://", 1)[1].split("/", 1)[0]
+    host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if private_address(host):
+        raise SettingsError("the Convex deployment URL names a loopback or private address")
+    previous = socket.getdefaulttimeout()
+    try:
+        socket.setdefaulttimeout(timeout)
+        found = socket.getaddrinfo(host.strip("[]"), 443, proto=socket.IPPROTO_TCP)
+    except OSError as exc:
+        raise UnreachableError(
+            f"the Convex deployment {base_url} is unreachable: its host does not resolve "
+            f"({type(exc).__name__})"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+    if any(private_address(str(info[4][0])) for info in found):
+        raise SettingsError(
+            f"the Convex deployment {base_url} resolves to a loopback or private address: "
+            "refused, so a deploy key never goes to an internal address",
+            hint="An operator can allow local backends with BYOD_ALLOW_PRIVATE_INSTANCES=1.",
+        )
+
+
+class _Calls:
+    """``ctx.convex``: the deployment's functions for a migration, each call bounded by
+    what is left of the step's deadline and made under the target's lock."""
+
+    def __init__(self, target: ConvexTarget, deadline: float | None) -> None:
+        self._target = target
+        self._deadline = deadline
+
+    def query(self, path: str, args: Mapping[str, Any] | None = None) -> Any:
+        """See :class:`byod.registry.FunctionCalls`."""
+        return self._call(path, args)
+
+    def mutation(self, path: str, args: Mapping[str, Any] | None = None) -> Any:
+        """See :class:`byod.registry.FunctionCalls`."""
+        return self._call(path, args)
+
+    def action(self, path: str, args: Mapping[str, Any] | None = None) -> Any:
+        """See :class:`byod.registry.FunctionCalls`."""
+        return self._call(path, args)
+
+    def _call(self, path: str, args: Mapping[str, Any] | None) -> Any:
+        if not isinstance(path, str) or path.startswith(f"{_MODULE}:"):
+            raise MigrationFailedError(
+                f"a migration calls the app's functions, not byod's own ({path!r})"
+            )
+        self._target.hold()
+        timeout = self._target.remaining(self._deadline)
+        # /api/function runs any kind, internal functions too, as `npx convex run` does
+        return self._target.client.function(path, dict(args or {}), timeout=timeout)
+
+
+class ConvexTarget:
+    """One user's Convex deployment; see :class:`byod.targets.base.Target`."""
+
+    kind = "convex"
+
+    def __init__(
+        self,
+        client: ConvexClient,
+        deploy_key: str,
+        *,
+        hold_seconds: float = 30.0,
+        deploy: Deploy | None = None,
+        owner: str | None = None,
+    ) -> None:
+        self.client = client
+        self.where = client.base
+        self._deploy_key = deploy_key
+        self._deploy = deploy
+        self.hold_seconds = max(hold_seconds, 2.0)
+        self.owner = owner or f"byod-{uuid.uuid4().hex[:16]}"
+        self._held_until = 0.0  # time.monotonic() until which the lock is ours
+
+    def __enter__(self) -> ConvexTarget:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- what the runner asks ----------------------------------------------------------
+
+    def holds_control_plane(self, control_plane_id: str) -> bool:
+        """Never: byod's control plane is a SQL database."""
+        return False
+
+    def prepare(self) -> None:
+        """Run the app's deploy command for this deployment (:class:`DeployError` when it
+        fails), then check byod's module answers there."""
+        deploy = self._deploy or Deploy(app_dir=None)
+        deploy.run(self.where, self._deploy_key, self.client.scrub, where=self.where)
+        self.read_stamp()
+
+    def read_stamp(self) -> list[StampEntry]:
+        """See :meth:`byod.targets.base.Target.read_stamp`."""
+        rows = self._byod("readStamp", {})
+        try:
+            return [
+                StampEntry(
+                    id=str(row["id"]),
+                    version=int(row["version"]),
+                    checksum=str(row["checksum"]),
+                    applied_at=datetime.fromtimestamp(row["appliedAt"] / 1000, UTC).replace(
+                        tzinfo=None
+                    ),
+                )
+                for row in rows
+            ]
+        except (TypeError, KeyError, ValueError) as exc:
+            raise DriftError(
+                f"the stamp of {self.where} is not byod's (byod:readStamp answered "
+                f"{type(exc).__name__}): check the app's convex/byod.ts is byod's module"
+            ) from None
+
+    def apply(
+        self, step: Step, body: StepBody, deadline: float | None = None, phase: Phase = "whole"
+    ) -> bool:
+        """See :meth:`byod.targets.base.Target.apply`: the lock is held, the stamp
+        re-read, ``body`` run, and only then the stamp (or the progress) written."""
+        migration = step.migration
+        self.hold()
+        if not check_position(step, self.read_stamp()):
+            return False
+        if phase == "schema" and self._started(step):
+            return False
+        self._run_body(step, body, deadline)
+        if deadline is not None and time.monotonic() > deadline:
+            raise InstanceTimeoutError(f"{migration.id} ran past the timeout")
+        self.hold()
+        owner = {"owner": self.owner}
+        if phase == "schema":
+            self._byod(
+                "startProgress",
+                {"migration": migration.id, "rowsTotal": None, "checksum": migration.checksum}
+                | owner,
+            )
+        elif phase == "finalize":
+            stamp = {"version": migration.version, "checksum": migration.checksum}
+            self._byod(
+                "finishProgress",
+                {"migration": migration.id, "backfills": len(migration.backfills), "stamp": stamp}
+                | owner,
+            )
+        elif step.direction == "up":
+            self._byod(
+                "recordStep",
+                {"id": migration.id, "version": migration.version, "checksum": migration.checksum}
+                | owner,
+            )
+        elif not self._byod("removeStamp", {"id": migration.id} | owner):
+            raise DriftError(f"the stamp of {migration.id} vanished while it was rolled back")
+        return True
+
+    def read_progress(self, step: Step) -> Progress | None:
+        """See :meth:`byod.targets.base.Target.read_progress`."""
+        row = self._byod("readProgress", {"migration": step.migration.id})
+        return None if row is None else _progress(row)
+
+    def in_progress(self) -> list[str]:
+        """See :meth:`byod.targets.base.Target.in_progress`."""
+        return [str(row["migration"]) for row in self._byod("listProgress", {})]
+
+    def apply_batch(
+        self,
+        step: Step,
+        at: Progress,
+        work: Backfill,
+        batch_size: int,
+        body: BatchBody,
+        deadline: float | None = None,
+    ) -> Batch:
+        """See :meth:`byod.targets.base.Target.apply_batch`: one ``byod:runBatch``
+        mutation runs the backfill's page mutation and moves the cursor together."""
+        if work.page is None:
+            raise MigrationFailedError(
+                f"{step.migration.id}: the backfill of {work.table} is a SQL one (key= and "
+                "apply=), but this instance is a Convex deployment: give page= (the app's "
+                "page mutation) instead"
+            )
+        self.hold()
+        answer = self._byod(
+            "runBatch",
+            {
+                "migration": step.migration.id,
+                "backfill": at.backfill,
+                "page": work.page,
+                "cursor": at.last_key,
+                "expectedRowsDone": at.rows_done,
+                "numItems": batch_size,
+                "owner": self.owner,
+            },
+            timeout=self.remaining(deadline),
+        )
+        progress = _progress(answer["progress"])
+        return Batch(
+            rows=int(answer["rows"]),
+            first_key=at.last_key,
+            last_key=progress.last_key,
+            finished=bool(answer["isDone"]),
+            progress=progress,
+        )
+
+    def clear_dirty(self) -> list[str]:
+        """Nothing to clear: a Convex step never leaves a dirty marker (a step that
+        stopped halfway is run again whole)."""
+        return []
+
+    def close(self) -> None:
+        """Give the lock back (when held) and close the connections."""
+        try:
+            if self._held_until:
+                self._byod("releaseLock", {"owner": self.owner}, timeout=5.0)
+        except ByodError:
+            pass  # it expires on its own
+        finally:
+            self._held_until = 0.0
+            self.client.close()
+
+    # -- the lock --------------------------------------------------------------------
+
+    def hold(self) -> None:
+        """Take the deployment's lock, or renew it once half of its hold is gone;
+        :class:`BusyError` when another runner holds it."""
+        now = time.monotonic()
+        if self._held_until - now > self.hold_seconds / 2:
+            return
+        ttl_ms = int(self.hold_seconds * 1000)
+        if self._byod("takeLock", {"owner": self.owner, "ttlMs": ttl_ms}):
+            self._held_until = now + self.hold_seconds
+            return
+        lost = self._held_until > 0
+        self._held_until = 0.0
+        holder = self._byod("readLock", {})
+        left = ""
+        if isinstance(holder, dict) and isinstance(holder.get("expiresAt"), int | float):
+            left = f" for {max(0.0, holder['expiresAt'] / 1000 - time.time()):.0f} s more"
+        raise BusyError(
+            f"the deployment {self.where} is locked by another runner{left}"
+            + (": this run's hold expired and was taken over" if lost else "")
+        )
+
+    def remaining(self, deadline: float | None) -> float | None:
+        """Seconds left before ``deadline`` (None: no deadline), or
+        :class:`InstanceTimeoutError` when it has passed."""
+        if deadline is None:
+            return None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise InstanceTimeoutError(f"the deployment {self.where}: the step's time is up")
+        return left
+
+    # -- calls -----------------------------------------------------------------------
+
+    def _started(self, step: Step) -> bool:
+        found = self.in_progress()
+        others = [i for i in found if i != step.migration.id]
+        if others:
+            raise DriftError(
+                f"{', '.join(others)} is in progress on this deployment, so "
+                f"{step.migration.id} cannot start: restore that migration file and migrate "
+                "to finish it"
+            )
+        return step.migration.id in found
+
+    def _run_body(self, step: Step, body: StepBody, deadline: float | None) -> None:
+        try:
+            body(_Calls(self, deadline))
+        except FunctionError as exc:  # the app's function threw: the step failed
+            raise MigrationFailedError(exc.message) from None
+        except ByodError:
+            raise
+        except Exception as exc:
+            text = str(exc).strip()
+            raise MigrationFailedError(
+                self.client.scrub(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+            ) from exc
+
+    def _byod(self, name: str, args: dict[str, Any], *, timeout: float | None = None) -> Any:
+        """Call byod's own function ``name``; its refusals become byod's errors."""
+        try:
+            return self.client.function(f"{_MODULE}:{name}", args, timeout=timeout)
+        except FunctionError as exc:
+            self._refused(name, exc)
+
+    def _refused(self, name: str, exc: FunctionError) -> NoReturn:
+        code = exc.code
+        message = exc.message
+        if isinstance(exc.data, dict) and isinstance(exc.data.get("message"), str):
+            message = self.client.scrub(str(exc.data["message"])).removeprefix("byod: ")
+        if code == "BYOD_DRIFT":
+            raise DriftError(f"{self.where}: {message}") from None
+        if code == "BYOD_LOCK_LOST":
+            self._held_until = 0.0
+            raise BusyError(
+                f"{self.where}: this run's hold of the deployment's lock expired and another "
+                "runner took it; nothing more was written"
+            ) from None
+        if code in ("BYOD_PAGE_FAILED", "BYOD_BAD_PAGE", "BYOD_BAD_ARGUMENT"):
+            raise MigrationFailedError(message) from None
+        if _NOT_FOUND in exc.message:
+            raise DeployError(
+                f"{self.where}: byod's module is not deployed there (byod:{name} is missing): "
+                "add it to the app with `byod convex init`, then deploy",
+                hint="Run `byod convex init APP_DIR`, add byodTables to schema.ts, deploy.",
+            ) from None
+        raise MigrationFailedError(f"byod:{name}: {exc.message}") from None
+
+
+def _progress(row: Mapping[str, Any]) -> Progress:
+    total = row.get("rowsTotal")
+    checksum = row.get("checksum")
+    return Progress(
+        backfill=int(row["backfill"]),
+        last_key=row.get("cursor"),
+        rows_done=int(row["rowsDone"]),
+        rows_total=None if total is None else int(total),
+        checksum=checksum if isinstance(checksum, str) and checksum else None,
+    )

@@ -1,0 +1,136 @@
+"""The deploy step of a Convex deployment: the app's schema and functions pushed to one
+user's deployment by the app's own deploy command, before any migration runs there.
+
+The command (default ``npx convex deploy --yes``) runs in the app's project folder, as a
+child process without a shell. The deployment's URL and deploy key reach it only in its
+environment (``CONVEX_DEPLOY_KEY`` for a ``.convex.cloud`` deployment;
+``CONVEX_SELF_HOSTED_URL`` and ``CONVEX_SELF_HOSTED_ADMIN_KEY`` for a self-hosted one),
+never in its arguments; byod's own ``BYOD_*`` settings (the encryption key, the control
+plane's URL) are left out of it. Its output is scrubbed of the key before it is logged or
+kept in an error. A failed deploy is tried again (the original plan's "schema mismatch:
+retry the deployment"), then reported as :class:`DeployError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from byod.errors import DeployError
+from byod.text import printable
+
+__all__ = ["DEFAULT_COMMAND", "Deploy", "deploy_environment"]
+
+log = logging.getLogger("byod.convex")
+
+DEFAULT_COMMAND = "npx convex deploy --yes"
+#: How many times a failing deploy is run before it is reported, and the waits between.
+ATTEMPTS = 3
+_WAITS = (1.0, 3.0)
+#: How much of a failed command's output (its last lines) the error keeps.
+_TAIL_LINES = 12
+_TAIL_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class Deploy:
+    """How the app reaches a deployment: ``command`` run in ``app_dir`` (None: not
+    configured, every deploy fails saying so), bounded by ``timeout`` seconds."""
+
+    app_dir: str | None
+    command: str = DEFAULT_COMMAND
+    timeout: float = 600.0
+
+    def run(
+        self,
+        base_url: str,
+        deploy_key: str,
+        scrub: Callable[[str], str],
+        *,
+        where: str,
+        waits: tuple[float, ...] = _WAITS,
+    ) -> None:
+        """Deploy to the deployment at ``base_url`` with ``deploy_key``; retried, then
+        :class:`DeployError` with the command's last output lines, scrubbed."""
+        argv = self._argv()
+        failure = ""
+        for attempt in range(1, ATTEMPTS + 1):
+            failure = self._once(argv, deploy_environment(base_url, deploy_key), scrub)
+            if not failure:
+                log.info("%s: deployed the app (%s)", where, argv[0])
+                return
+            log.warning("%s: deploy attempt %d of %d failed: %s", where, attempt, ATTEMPTS, failure)
+            if attempt < ATTEMPTS:
+                time.sleep(waits[min(attempt - 1, len(waits) - 1)])
+        raise DeployError(
+            f"{where}: the app did not deploy after {ATTEMPTS} attempts, so no migration "
+            f"ran there: {failure}"
+        )
+
+    def _argv(self) -> list[str]:
+        if self.app_dir is None:
+            raise DeployError(
+                "no Convex app folder is configured: set BYOD_CONVEX_APP to the folder that "
+                "holds the app's convex/ (or keep the migrations folder beside it)"
+            )
+        if not (Path(self.app_dir) / "convex").is_dir():
+            raise DeployError(f"the Convex app folder {self.app_dir} has no convex/ folder")
+        try:
+            argv = shlex.split(self.command)
+        except ValueError as exc:
+            raise DeployError(f"BYOD_CONVEX_DEPLOY does not parse: {exc}") from None
+        if not argv:
+            raise DeployError("BYOD_CONVEX_DEPLOY is empty")
+        return argv
+
+    def _once(self, argv: list[str], env: dict[str, str], scrub: Callable[[str], str]) -> str:
+        """Run the command once: "" when it succeeded, else what went wrong."""
+        try:
+            done = subprocess.run(
+                argv,
+                cwd=self.app_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=self.timeout,
+                check=False,
+            )
+        except FileNotFoundError:
+            return f"the deploy command {argv[0]!r} is not found (BYOD_CONVEX_DEPLOY)"
+        except PermissionError:
+            return f"the deploy command {argv[0]!r} cannot be run (permission denied)"
+        except subprocess.TimeoutExpired:
+            return f"the deploy command did not finish within {self.timeout:g} s"
+        output = scrub((done.stdout + done.stderr).decode("utf-8", "replace"))
+        for line in output.splitlines():
+            log.debug("deploy: %s", printable(line))
+        if done.returncode == 0:
+            return ""
+        lines = [line for line in output.strip().splitlines() if line.strip()]
+        tail = " | ".join(lines[-_TAIL_LINES:])[-_TAIL_CHARS:]
+        return f"the deploy command exited with {done.returncode}" + (f": {tail}" if tail else "")
+
+
+def deploy_environment(
+    base_url: str, deploy_key: str, env: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The deploy command's environment: byod's own minus its ``BYOD_*`` settings, plus
+    the deployment's URL and key under the names the ``convex`` CLI reads."""
+    source = os.environ if env is None else env
+    child = {
+        name: value
+        for name, value in source.items()
+        if not name.startswith(("BYOD_", "CONVEX_DEPLOY_KEY", "CONVEX_SELF_HOSTED_"))
+    }
+    if base_url.startswith("https://") and base_url.endswith(".convex.cloud"):
+        child["CONVEX_DEPLOY_KEY"] = deploy_key
+    else:
+        child["CONVEX_SELF_HOSTED_URL"] = base_url
+        child["CONVEX_SELF_HOSTED_ADMIN_KEY"] = deploy_key
+    return child
