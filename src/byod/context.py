@@ -42,16 +42,16 @@ class Bodies:
     def batch(self, step: Step, index: int) -> BatchBody:
         """A backfill batch's work, given its rows, for the batch's transaction."""
         work = step.migration.backfills[index]
-        apply = work.apply
-        if apply is None:
-            raise MigrationFailedError(
-                f"{step.migration.id}: the backfill of {work.table} names a Convex page "
-                f"mutation ({work.page}), but this instance is {self.kind}: a SQL backfill "
-                "gives key= and apply="
-            )
         made: dict[int, MigrationContext] = {}  # one context per connection, not per batch
 
         def body(conn: sa.Connection, rows: Sequence[Any]) -> None:
+            apply = work.apply
+            if apply is None:  # a Convex target runs the page mutation, never this
+                raise MigrationFailedError(
+                    f"{step.migration.id}: the backfill of {work.table} names a Convex page "
+                    f"mutation ({work.page}), but this instance is {self.kind}: a SQL "
+                    "backfill gives key= and apply="
+                )
             context = made.get(id(conn))
             if context is None or context.conn is not conn:
                 context = made[id(conn)] = self._context(step, conn)

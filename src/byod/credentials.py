@@ -151,12 +151,12 @@ def _variants(found: list[str | None]) -> tuple[str, ...]:
 
 
 def convex_base(url: URL) -> str:
-    """A Convex instance URL as the base its API is under (``https://HOST/PATH``)."""
+    """A Convex instance URL as text (``convex+https://HOST[:PORT][/PATH]``)."""
     netloc = f"[{url.host}]" if url.host and ":" in url.host else (url.host or "")
     if url.port is not None:
         netloc += f":{url.port}"
     path = f"/{url.database}" if url.database else ""
-    return f"{url.get_driver_name()}://{netloc}{path}"
+    return f"{url.drivername}://{netloc}{path}"
 
 
 def unseal_config(

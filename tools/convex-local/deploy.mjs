@@ -9,12 +9,18 @@
  * It reads the deployment and its key the way the convex CLI does (from the
  * environment: never from its arguments), prints what happened, and exits 1 when the
  * deploy is refused (a wrong key, a schema the existing documents do not match, a
- * function that does not build). `--fail` makes it fail without deploying (tests).
+ * function that does not build). `--fail` makes it fail without deploying, and so does
+ * a deployment named in CONVEX_LOCAL_FAIL_DEPLOY (comma-separated names; tests).
  */
 const url = process.env.CONVEX_SELF_HOSTED_URL;
 const key = process.env.CONVEX_SELF_HOSTED_ADMIN_KEY ?? process.env.CONVEX_DEPLOY_KEY;
 if (process.argv.includes("--fail")) {
   console.error("deploy.mjs: failing as asked (--fail): the schema was not pushed");
+  process.exit(1);
+}
+const failFor = (process.env.CONVEX_LOCAL_FAIL_DEPLOY ?? "").split(",").filter(Boolean);
+if (url && failFor.some((name) => url.endsWith(`/d/${name}`))) {
+  console.error(`deploy.mjs: failing as asked (CONVEX_LOCAL_FAIL_DEPLOY): schema not pushed`);
   process.exit(1);
 }
 if (!url || !key) {

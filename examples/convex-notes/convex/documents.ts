@@ -1,6 +1,7 @@
 /**
  * The notes app's documents: create, update, list and get them, list the tags
- * (`listTags`), and `tagPage`, the backfill page byod runs through `byod:runBatch`.
+ * (`listTags`), `tagPage`, the backfill page byod runs through `byod:runBatch`, and
+ * `untagPage` / `dropTagsPage`, which migration 002's `down` runs page by page.
  *
  * `tagPage` promises, for each document of the page it is given: its body's hashtags
  * (`#name`, not inside a word or after another `#`, lower-cased) each have one `tags`
@@ -30,6 +31,22 @@ export const create = mutation({
       throw new ConvexError({ code: "EMPTY_TITLE", message: "a document needs a title" });
     }
     return await ctx.db.insert("documents", { title, body });
+  },
+});
+
+/** Insert many documents at once (an import; the demo and tests seed deployments with
+ * it): at most 1000 a call, so one transaction stays within Convex's limits. */
+export const createMany = internalMutation({
+  args: { documents: v.array(v.object({ title: v.string(), body: v.string() })) },
+  returns: v.number(),
+  handler: async (ctx, { documents }) => {
+    if (documents.length > 1000) {
+      throw new ConvexError({ code: "TOO_MANY", message: "at most 1000 documents a call" });
+    }
+    for (const document of documents) {
+      await ctx.db.insert("documents", document);
+    }
+    return documents.length;
   },
 });
 
@@ -107,5 +124,39 @@ export const listTags = query({
         return { name: tag.name, documentIds: links.map((link) => link.documentId) };
       }),
     );
+  },
+});
+
+/** Undo `tagPage` on one page of documents: their `documentTags` rows go, `tagCount`
+ * is removed (`updates` is kept: it counts passes of the backfill). Idempotent. */
+export const untagPage = internalMutation({
+  args: { cursor: v.union(v.string(), v.null()), numItems: v.number() },
+  returns: v.object({ continueCursor: v.string(), isDone: v.boolean(), rows: v.number() }),
+  handler: async (ctx, { cursor, numItems }) => {
+    const page = await ctx.db.query("documents").paginate({ cursor, numItems });
+    for (const document of page.page) {
+      const links = await ctx.db
+        .query("documentTags")
+        .withIndex("by_document", (q) => q.eq("documentId", document._id))
+        .collect();
+      for (const link of links) {
+        await ctx.db.delete(link._id);
+      }
+      await ctx.db.patch(document._id, { tagCount: undefined });
+    }
+    return { continueCursor: page.continueCursor, isDone: page.isDone, rows: page.page.length };
+  },
+});
+
+/** Delete one page of tags (after `untagPage` went through every document). */
+export const dropTagsPage = internalMutation({
+  args: { numItems: v.number() },
+  returns: v.object({ isDone: v.boolean(), rows: v.number() }),
+  handler: async (ctx, { numItems }) => {
+    const tags = await ctx.db.query("tags").take(numItems);
+    for (const tag of tags) {
+      await ctx.db.delete(tag._id);
+    }
+    return { isDone: tags.length < numItems, rows: tags.length };
   },
 });

@@ -15,8 +15,8 @@ What goes wrong becomes byod's errors, none of which ever holds the deploy key:
 * the function threw (HTTP 560): :class:`MigrationFailedError` with its ``errorMessage``;
   another 4xx answered by Convex (``{code, message}``) is the call's mistake too;
 * 401 or 403: :class:`InstanceAuthError` (the deployment refused the key);
-* no connection (refused, DNS, the connect timeout), a 5xx, a redirect, or an answer that
-  is not Convex's: :class:`UnreachableError`;
+* no connection (refused, DNS, the connect timeout), a 404 of Convex's (no deployment there), a 5xx,
+  a redirect, or an answer that is not Convex's: :class:`UnreachableError`;
 * no answer within the read (or write) timeout: :class:`InstanceTimeoutError` (a mutation
   or action may still finish on the deployment);
 * 429: retried here, waiting what ``Retry-After`` asks or an exponential backoff with
@@ -455,6 +455,11 @@ class ConvexClient:
             )
         if status >= 500:
             raise UnreachableError(f"{where}: the deployment failed (HTTP {status}{detail})")
+        if status == httpx.codes.NOT_FOUND and detail:
+            raise UnreachableError(
+                f"{where}: no deployment answers at this URL (HTTP 404{detail}): it was "
+                "deleted, or the URL is wrong"
+            )
         if detail:
             raise MigrationFailedError(f"{where}: refused (HTTP {status}{detail})")
         self._not_convex(where, response)

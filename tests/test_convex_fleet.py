@@ -1,0 +1,498 @@
+"""Convex deployments migrated by byod: the example app's real functions (convex-test,
+behind the local HTTP server), byod's module in each deployment, the deploy step run by
+a stand-in command, and byod's runner, fleet runs and command line."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from byod.commands import connect, init
+from byod.controlplane import history
+from byod.controlplane.schema import ledger
+from byod.errors import SettingsError
+from byod.fleet import UserFinished, migrate_fleet
+from byod.settings import Settings
+from byod.spec import FleetOptions
+from byod.targets.convex_client import ConvexClient
+from byod.workspace import Workspace
+from tests.conftest import TEST_KEY, write_migrations
+from tests.convex_backend import EXAMPLE_APP, ROOT, ControlError, ConvexServer
+
+MIGRATIONS = EXAMPLE_APP / "migrations"
+DEPLOY = f"node {ROOT / 'tools' / 'convex-local' / 'deploy.mjs'}"
+BODIES = [
+    "plans for #Work and #home",
+    "no tags here",
+    "#work again, and #ideas",
+    "an email a#b is not a tag, #x-ray is",
+]
+
+
+def expected_tags(bodies: list[str]) -> dict[str, int]:
+    """Each tag's name and how many documents carry it, as the app's hashtag rule says."""
+    import re
+
+    rule = re.compile(r"(?<![\w#])#([A-Za-z][\w-]{0,63})")
+    found: dict[str, int] = {}
+    for body in bodies:
+        for name in {m.lower() for m in rule.findall(body)}:
+            found[name] = found.get(name, 0) + 1
+    return found
+
+
+@dataclass
+class Deployment:
+    """One test deployment: its name, base URL, deploy key, and an admin client."""
+
+    name: str
+    url: str
+    key: str
+    client: ConvexClient
+
+    def byod(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        return self.client.function(f"byod:{name}", args or {})
+
+    def stamp(self) -> list[str]:
+        return [row["id"] for row in self.byod("readStamp")]
+
+    def documents(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.client.query("documents:list")
+        return result
+
+    def tags(self) -> dict[str, int]:
+        return {t["name"]: len(t["documentIds"]) for t in self.client.query("documents:listTags")}
+
+
+DeploymentFactory = Callable[..., Deployment]
+
+
+@pytest.fixture
+def deployments(convex_server: ConvexServer, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """Makes deployments of the example app seeded with documents; deletes them after."""
+    made: list[Deployment] = []
+    prefix = f"t{abs(hash(request.node.nodeid)) % 10**8}"
+
+    def make(
+        bodies: list[str] = BODIES, *, key: str | None = None, latency_ms: float = 0
+    ) -> Deployment:
+        name = f"{prefix}-{len(made)}"
+        key = key or f"local:{name}|{os.urandom(12).hex()}"
+        url = "convex+" + convex_server.create(name, key, EXAMPLE_APP, latency_ms=latency_ms)
+        client = ConvexClient(url, key)
+        deployment = Deployment(name, url, key, client)
+        made.append(deployment)
+        docs = [{"title": f"doc {i}", "body": body} for i, body in enumerate(bodies)]
+        for start in range(0, len(docs), 1000):
+            client.function("documents:createMany", {"documents": docs[start : start + 1000]})
+        return deployment
+
+    yield make
+    for deployment in made:
+        deployment.client.close()
+        with contextlib.suppress(ControlError):  # a test may have deleted it already
+            convex_server.delete(deployment.name)
+
+
+def convex_env(**extra: str) -> dict[str, str]:
+    return {
+        "BYOD_ENCRYPTION_KEY": TEST_KEY,
+        "BYOD_MIGRATIONS": str(MIGRATIONS),
+        "BYOD_ALLOW_PRIVATE_INSTANCES": "1",
+        "BYOD_CONVEX_DEPLOY": DEPLOY,
+        **extra,
+    }
+
+
+def convex_workspace(database_url: str, **extra: str) -> Workspace:
+    """A workspace on ``database_url`` (``byod init`` done) with the Convex settings."""
+    ws = Workspace(Settings.load(database_url=database_url, env=convex_env(**extra)))
+    init(ws)
+    return ws
+
+
+@pytest.fixture
+def cvx(tmp_path: Path) -> Iterator[Workspace]:
+    """A SQLite control plane whose migrations are the Convex example app's."""
+    ws = convex_workspace(f"sqlite:///{tmp_path / 'byod.db'}")
+    yield ws
+    ws.engine.dispose()
+
+
+def add(ws: Workspace, deployment: Deployment, clerk_id: str | None = None) -> int:
+    clerk_id = clerk_id or f"user-{deployment.name}"
+    user = ws.directory.add_user(clerk_id)
+    _, reach = connect(ws, clerk_id, deployment.url, secret=deployment.key)
+    assert reach.status == "connected", reach.error
+    return user.id
+
+
+def ledger_rows(ws: Workspace, user_id: int) -> list[tuple[str, str, str | None]]:
+    with ws.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(ledger.c.migration_id, ledger.c.status, ledger.c.error)
+            .where(ledger.c.user_id == user_id)
+            .order_by(ledger.c.id)
+        )
+        return [(r.migration_id, r.status, r.error) for r in rows]
+
+
+def assert_at_head(deployment: Deployment, bodies: list[str] = BODIES) -> None:
+    assert deployment.stamp() == ["001_initial", "002_add_tags"]
+    assert deployment.tags() == expected_tags(bodies)
+    assert [d.get("updates") for d in deployment.documents()] == [1] * len(bodies)
+    assert deployment.byod("listProgress") == []
+    assert deployment.byod("readLock") is None, "the lock is given back"
+
+
+# -- the fleet --------------------------------------------------------------------------
+
+
+def test_a_convex_fleet_migrates_to_head_with_its_ledger_exact(
+    cvx: Workspace, deployments: DeploymentFactory, convex_server: ConvexServer
+) -> None:
+    fleet = [deployments() for _ in range(3)]
+    ids = [add(cvx, d) for d in fleet]
+    assert [cvx.directory.get_config(i).target_kind for i in ids] == ["convex"] * 3
+
+    summary = migrate_fleet(cvx.runner(), options=FleetOptions(concurrency=3))
+
+    assert summary.succeeded == 3 and summary.failed == 0
+    for user_id, deployment in zip(ids, fleet, strict=True):
+        assert_at_head(deployment)
+        assert ledger_rows(cvx, user_id) == [
+            ("001_initial", "completed", None),
+            ("002_add_tags", "completed", None),
+        ]
+        assert cvx.directory.get_config(user_id).schema_version == 2
+        described = {d["name"]: d for d in convex_server.deployments()}
+        assert described[deployment.name]["deploys"] == 2, "created, then deployed once by byod"
+    rows = [h for h in history(cvx.engine, ids[0]) if h.migration_id == "002_add_tags"]
+    assert rows[0].rows_done == len(BODIES)
+
+    again = migrate_fleet(cvx.runner())
+    assert again.total == 0, "a fleet at head has nothing to do (no deploy either)"
+    described = {d["name"]: d for d in convex_server.deployments()}
+    assert all(described[d.name]["deploys"] == 2 for d in fleet)
+
+
+def test_a_deploy_that_fails_is_a_deploy_error_and_no_migration_runs_there(
+    cvx: Workspace, deployments: DeploymentFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good, bad = deployments(), deployments()
+    good_id, bad_id = add(cvx, good), add(cvx, bad)
+    monkeypatch.setenv("CONVEX_LOCAL_FAIL_DEPLOY", bad.name)  # the stand-in fails there
+    ws = cvx
+
+    summary = migrate_fleet(ws.runner(), options=FleetOptions(concurrency=2))
+
+    assert summary.succeeded == 1 and summary.failed == 1
+    assert_at_head(good)
+    assert bad.stamp() == [], "nothing ran on a deployment whose schema did not deploy"
+    assert [d.get("updates") for d in bad.documents()] == [None] * len(BODIES)
+    rows = ledger_rows(ws, bad_id)
+    assert rows[0][:2] == ("001_initial", "failed")
+    assert rows[0][2] is not None
+    assert rows[0][2].startswith("DeployError: ")
+    assert "after 3 attempts" in rows[0][2] and "schema not pushed" in rows[0][2]
+    assert rows[1][:2] == ("002_add_tags", "skipped")
+    assert bad.key not in json.dumps(rows)
+    assert ledger_rows(ws, good_id)[-1][:2] == ("002_add_tags", "completed")
+
+
+def test_a_missing_deploy_command_or_app_folder_is_a_deploy_error(
+    cvx: Workspace, deployments: DeploymentFactory, tmp_path: Path
+) -> None:
+    deployment = deployments()
+    user_id = add(cvx, deployment)
+    for env, expected in (
+        ({"BYOD_CONVEX_DEPLOY": "no-such-deploy-command --yes"}, "is not found"),
+        ({"BYOD_CONVEX_APP": str(tmp_path)}, "has no convex/ folder"),
+    ):
+        ws = Workspace(Settings.load(database_url=cvx.settings.database_url, env=convex_env(**env)))
+        result = ws.runner().migrate(user_id)
+        assert result.error is not None
+        assert type(result.error).__name__ == "DeployError"
+        assert expected in result.error.message
+        assert deployment.stamp() == []
+
+
+def test_the_deploy_command_never_sees_byods_secrets_in_its_argv_or_environment(
+    tmp_path: Path,
+) -> None:
+    from byod.targets.convex_deploy import Deploy
+
+    app = tmp_path / "app"
+    (app / "convex").mkdir(parents=True)
+    seen = tmp_path / "seen.json"
+    script = (
+        "import json, os, sys; "
+        f"json.dump({{'argv': sys.argv, 'env': dict(os.environ)}}, open({str(seen)!r}, 'w'))"
+    )
+    os.environ["BYOD_ENCRYPTION_KEY_TEST_PROBE"] = "must-not-leak"
+    try:
+        Deploy(str(app), f"{sys.executable} -c {json.dumps(script)}").run(
+            "http://127.0.0.1:1/d/x", "local:x|secret-key-123", lambda t: t, where="x"
+        )
+    finally:
+        del os.environ["BYOD_ENCRYPTION_KEY_TEST_PROBE"]
+    found = json.loads(seen.read_text())
+    assert "secret-key-123" not in " ".join(found["argv"])
+    assert found["env"]["CONVEX_SELF_HOSTED_ADMIN_KEY"] == "local:x|secret-key-123"
+    assert found["env"]["CONVEX_SELF_HOSTED_URL"] == "http://127.0.0.1:1/d/x"
+    assert not [name for name in found["env"] if name.startswith("BYOD_")]
+
+
+# -- failures ---------------------------------------------------------------------------
+
+
+def test_unreachable_wrong_key_throwing_function_and_429_each_fail_alone(
+    cvx: Workspace,
+    deployments: DeploymentFactory,
+    convex_server: ConvexServer,
+    tmp_path: Path,
+) -> None:
+    folder = write_migrations(
+        tmp_path / "migrations",
+        {
+            "001_initial.py": (MIGRATIONS / "001_initial.py").read_text(),
+            "002_poison.py": POISON,
+        },
+    )
+    ok, throttled, poisoned, wrong_key, gone = (deployments() for _ in range(5))
+    poisoned.client.mutation("documents:create", {"title": "poison", "body": "x"})
+    ws = Workspace(
+        Settings.load(
+            database_url=cvx.settings.database_url,
+            env=convex_env(BYOD_MIGRATIONS=str(folder), BYOD_CONVEX_APP=str(EXAMPLE_APP)),
+        )
+    )
+    ids = {d.name: add(ws, d) for d in (ok, throttled, poisoned, wrong_key, gone)}
+    # a key that no longer opens the deployment, and a deployment that went away
+    ws.directory.add_user("user-wrong")
+    wrong = deployments(key="local:other|not-the-deployments-key")
+    connect(ws, "user-wrong", wrong_key.url, secret=wrong.key)
+    convex_server.delete(gone.name)
+    gone_id = ids[gone.name]
+    convex_server.throttle(throttled.name, 2)
+
+    events: list[Any] = []
+    migrate_fleet(
+        ws.runner(), options=FleetOptions(concurrency=3, retries=0), on_event=events.append
+    )
+
+    by_user = {e.result.user_id: e.result for e in events if isinstance(e, UserFinished)}
+    assert by_user[ids[ok.name]].error is None
+    assert by_user[ids[throttled.name]].error is None, "a 429 is answered by a retry"
+    assert ok.stamp() == throttled.stamp() == ["001_initial", "002_poison"]
+    poisoned_rows = ledger_rows(ws, ids[poisoned.name])
+    assert poisoned_rows[-1][:2] == ("002_poison", "failed")
+    assert "a document needs a title" in str(poisoned_rows[-1][2]), "errorMessage kept"
+    assert poisoned.stamp() == ["001_initial"]
+    wrong_user = ws.directory.find_user("user-wrong").id
+    assert type(by_user[wrong_user].error).__name__ == "InstanceAuthError"
+    assert type(by_user[gone_id].error).__name__ == "UnreachableError"
+    assert "no deployment answers at this URL" in by_user[gone_id].error.message
+    everything = json.dumps([ledger_rows(ws, i) for i in [*ids.values(), wrong_user]])
+    for deployment in (ok, throttled, poisoned, wrong_key, gone, wrong):
+        assert deployment.key not in everything
+        assert deployment.key.split("|")[1] not in everything
+
+
+POISON = """
+from byod import Migration
+
+
+def up(ctx):
+    for document in ctx.convex.query("documents:list"):
+        if document["title"] == "poison":
+            ctx.convex.mutation("documents:create", {"title": "", "body": "poisoned"})
+
+
+migration = Migration(
+    id="002_poison", version=2, name="poison", description="fails on a poisoned deployment",
+    up=up,
+)
+"""
+
+
+def test_an_unreachable_deployment_is_marked_and_its_url_policy_holds(cvx: Workspace) -> None:
+    cvx.directory.add_user("user-gone")
+    _, reach = connect(cvx, "user-gone", "convex+http://127.0.0.1:9/d/nobody", secret="k" * 12)
+    assert reach.status == "error" and reach.error_type == "UnreachableError"
+    result = cvx.runner().migrate(cvx.directory.find_user("user-gone").id)
+    assert type(result.error).__name__ == "UnreachableError"
+
+    strict = convex_workspace(cvx.settings.database_url, BYOD_ALLOW_PRIVATE_INSTANCES="0")
+    strict.directory.add_user("user-private")
+    for url in (
+        "convex+http://deploy.example.com/d/x",  # http: the key unencrypted
+        "convex+https://127.0.0.1:3210",  # loopback
+        "convex+https://10.1.2.3",  # private
+        "convex+https://[::1]:443",  # loopback, IPv6
+        "convex+https://169.254.169.254",  # link-local: a cloud's metadata service
+        "convex+https://localhost:3210",
+    ):
+        with pytest.raises(SettingsError):
+            connect(strict, "user-private", url, secret="k" * 12)
+    with pytest.raises(SettingsError, match="deploy key"):
+        connect(strict, "user-private", "https://happy-animal-123.convex.cloud")
+    with pytest.raises(SettingsError, match="user or password"):
+        connect(strict, "user-private", "https://me:pw@happy-animal-123.convex.cloud", secret="k")
+
+
+# -- locks, crashes, rollbacks -------------------------------------------------------------
+
+
+def test_a_deployment_locked_by_another_runner_is_busy_until_it_is_free(
+    cvx: Workspace, deployments: DeploymentFactory
+) -> None:
+    deployment = deployments()
+    user_id = add(cvx, deployment)
+    assert deployment.byod("takeLock", {"owner": "someone-else", "ttlMs": 60_000})
+
+    result = cvx.runner().migrate(user_id)
+
+    assert type(result.error).__name__ == "BusyError"
+    assert "locked by another runner" in result.error.message
+    assert [d.get("updates") for d in deployment.documents()] == [None] * len(BODIES)
+    assert deployment.byod("releaseLock", {"owner": "someone-else"})
+    assert cvx.runner().migrate(user_id).error is None
+    assert_at_head(deployment)
+
+
+def test_two_runs_at_once_on_one_deployment_apply_each_batch_once(
+    tmp_path: Path, deployments: DeploymentFactory
+) -> None:
+    """Two control planes (two byods) connected to the same deployment, started together:
+    the deployment's own lock lets one proceed at a time, the other reports busy."""
+    deployment = deployments([f"doc #t{i % 7}" for i in range(600)], latency_ms=15)
+    runners = []
+    for n in range(2):
+        ws = convex_workspace(f"sqlite:///{tmp_path / f'cp{n}.db'}")
+        runners.append((ws, add(ws, deployment, "same-user")))
+    results: list[Any] = [None, None]
+    gate = threading.Barrier(2)
+
+    def run(n: int) -> None:
+        ws, user_id = runners[n]
+        gate.wait()
+        results[n] = (
+            ws.runner()
+            .configured(run_id=None, timeout=None, lease_seconds=30, batching=None)
+            .migrate(user_id)
+        )
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+
+    errors = [type(r.error).__name__ if r.error else None for r in results]
+    assert errors.count(None) >= 1
+    assert set(errors) <= {None, "BusyError"}, errors
+    assert deployment.stamp() == ["001_initial", "002_add_tags"]
+    assert {d.get("updates") for d in deployment.documents()} == {1}, "each batch once"
+
+
+def test_kill_9_in_the_middle_of_a_backfill_then_a_rerun_tags_each_document_once(
+    cvx: Workspace, deployments: DeploymentFactory, tmp_path: Path
+) -> None:
+    bodies = [f"note {i} #t{i % 13} #all" for i in range(2000)]
+    deployment = deployments(bodies, latency_ms=20)
+    user_id = add(cvx, deployment)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BYOD_")}
+    env |= convex_env(BYOD_DATABASE_URL=cvx.settings.database_url)
+    args = [sys.executable, "-m", "byod", "migrate", "--all", "--lease-seconds", "4"]
+    args += ["--batch-size", "50"]
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 90
+    progress = None
+    while time.monotonic() < deadline:
+        progress = deployment.byod("readProgress", {"migration": "002_add_tags"})
+        if progress is not None and progress["rowsDone"] >= 300:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert progress is not None and 0 < progress["rowsDone"] < len(bodies), progress
+    with cvx.engine.connect() as conn:
+        running = conn.execute(
+            sa.select(sa.func.count()).where(ledger.c.status == "running")
+        ).scalar()
+    assert running == 1, "the killed run left its step running"
+
+    time.sleep(4.5)  # its lease, and so its hold of the deployment's lock, expire
+    rerun = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, timeout=240)
+
+    assert rerun.returncode == 0, rerun.stderr.decode()
+    assert deployment.stamp() == ["001_initial", "002_add_tags"]
+    assert {d.get("updates") for d in deployment.documents()} == {1}, "tagged exactly once"
+    assert deployment.tags() == expected_tags(bodies)
+    statuses = [status for _, status, _ in ledger_rows(cvx, user_id)]
+    assert "running" not in statuses and statuses[-1] == "completed"
+    assert deployment.key not in rerun.stdout.decode() + rerun.stderr.decode()
+
+
+def test_rollback_runs_down_and_migrate_brings_it_back(
+    cvx: Workspace, deployments: DeploymentFactory
+) -> None:
+    deployment = deployments()
+    user_id = add(cvx, deployment)
+    assert cvx.runner().migrate(user_id).error is None
+
+    result = cvx.runner().rollback(user_id, 1)
+
+    assert result.error is None and result.to_version == 1
+    assert deployment.stamp() == ["001_initial"]
+    assert deployment.tags() == {}
+    assert all("tagCount" not in d for d in deployment.documents())
+    assert cvx.runner().migrate(user_id).error is None
+    assert deployment.tags() == expected_tags(BODIES)
+    assert {d["updates"] for d in deployment.documents()} == {2}, "a second pass, once"
+
+
+def test_a_sql_migration_on_a_convex_deployment_fails_with_a_message_saying_so(
+    cvx: Workspace, deployments: DeploymentFactory, tmp_path: Path
+) -> None:
+    folder = write_migrations(
+        tmp_path / "migrations",
+        {"001_sql.py": SQL_ON_CONVEX},
+    )
+    ws = convex_workspace(
+        cvx.settings.database_url, BYOD_MIGRATIONS=str(folder), BYOD_CONVEX_APP=str(EXAMPLE_APP)
+    )
+    deployment = deployments()
+    user_id = add(ws, deployment)
+    result = ws.runner().migrate(user_id)
+    assert type(result.error).__name__ == "MigrationFailedError"
+    assert "ctx.conn" in result.error.message and "ctx.convex" in result.error.message
+    assert deployment.stamp() == []
+
+
+SQL_ON_CONVEX = """
+from byod import Migration
+
+
+def up(ctx):
+    ctx.conn.exec_driver_sql("CREATE TABLE notes (id INTEGER)")
+
+
+migration = Migration(id="001_sql", version=1, name="sql", description="SQL", up=up)
+"""
