@@ -498,3 +498,85 @@ def up(ctx):
 
 migration = Migration(id="001_sql", version=1, name="sql", description="SQL", up=up)
 """
+
+
+# -- the command line ---------------------------------------------------------------------
+
+
+def run_byod(
+    folder: Path, *args: str, env: dict[str, str], stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("BYOD_")} | env
+    return subprocess.run(
+        [sys.executable, "-m", "byod", *args],
+        cwd=folder,
+        env=full,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_the_command_line_connects_migrates_and_verifies_a_convex_user(
+    tmp_path: Path, deployments: DeploymentFactory
+) -> None:
+    deployment = deployments()
+    env = convex_env(BYOD_DATABASE_URL=f"sqlite:///{tmp_path / 'byod.db'}")
+    assert run_byod(tmp_path, "init", env=env).returncode == 0
+    assert run_byod(tmp_path, "users", "add", "--clerk-id", "ana", env=env).returncode == 0
+
+    no_key = run_byod(tmp_path, "connect", "ana", "--url", deployment.url, env=env)
+    assert no_key.returncode == 2 and "deploy key" in no_key.stderr
+    connected = run_byod(
+        tmp_path, "connect", "ana", "--url", deployment.url, "--secret", "-", env=env,
+        stdin=deployment.key + "\n",
+    )  # fmt: skip
+    assert connected.returncode == 0, connected.stderr
+    assert "instance at version 0" in connected.stdout
+
+    migrated = run_byod(tmp_path, "migrate", "ana", "--json", env=env)
+    assert migrated.returncode == 0, migrated.stderr
+    assert json.loads(migrated.stdout)["to_version"] == 2
+    assert_at_head(deployment)
+    verified = run_byod(tmp_path, "verify", "ana", env=env)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    history_out = run_byod(tmp_path, "history", "ana", "--json", env=env)
+    assert [row["status"] for row in json.loads(history_out.stdout)] == ["completed"] * 2
+    everything = "".join(
+        p.stdout + p.stderr for p in (no_key, connected, migrated, verified, history_out)
+    )
+    assert deployment.key not in everything
+
+
+def test_convex_init_adds_byods_module_to_an_app(tmp_path: Path) -> None:
+    app = tmp_path / "app"
+    (app / "convex").mkdir(parents=True)
+    done = run_byod(tmp_path, "convex", "init", str(app), env={})
+    assert done.returncode == 0, done.stderr
+    canonical = ROOT / "src" / "byod" / "convex_module"
+    assert (app / "convex" / "byod.ts").read_text() == (canonical / "byod.ts").read_text()
+    assert (app / "convex" / "byodTables.ts").read_text() == (canonical / "tables.ts").read_text()
+    assert "...byodTables" in done.stdout
+    (app / "convex" / "byod.ts").write_text("// the app's own file\n")
+    refused = run_byod(tmp_path, "convex", "init", str(app), env={})
+    assert refused.returncode == 2 and "--force" in refused.stderr
+    assert (app / "convex" / "byod.ts").read_text() == "// the app's own file\n"
+    forced = run_byod(tmp_path, "convex", "init", str(app), "--force", env={})
+    assert forced.returncode == 0
+    assert (app / "convex" / "byod.ts").read_text() == (canonical / "byod.ts").read_text()
+    missing = run_byod(tmp_path, "convex", "init", str(tmp_path / "nothing"), env={})
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_the_convex_demo_migrates_a_local_fleet_of_deployments(tmp_path: Path) -> None:
+    done = run_byod(tmp_path, "demo", "--convex", "--tenants", "2", env={})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "total 2: 2 succeeded, 0 failed" in done.stdout
+    assert "002_add_tags" in done.stdout and "1,003" in done.stdout
+    with sa.create_engine(f"sqlite:///{tmp_path / 'byod-convex-demo' / 'byod.db'}").connect() as c:
+        rows = c.execute(sa.select(ledger.c.migration_id, ledger.c.status)).all()
+    assert sorted(set(rows)) == [("001_initial", "completed"), ("002_add_tags", "completed")]
+    again = run_byod(tmp_path, "demo", "--convex", "--tenants", "1", env={})
+    assert again.returncode == 0, "a second run starts afresh"

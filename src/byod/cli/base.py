@@ -47,6 +47,8 @@ users_app = typer.Typer(help="Manage app users.", no_args_is_help=True)
 app.add_typer(users_app, name="users")
 runs_app = typer.Typer(help="Fleet runs and their outcome.")
 app.add_typer(runs_app, name="runs")
+convex_app = typer.Typer(help="Convex apps: add byod's module to an app.", no_args_is_help=True)
+app.add_typer(convex_app, name="convex")
 
 # Off a terminal (pipes, logs, CI) tables get room instead of 80 columns.
 _WIDTH = None if sys.stdout.isatty() else 160

@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 import typer.core
@@ -23,6 +25,7 @@ from byod.cli.base import (
     Migrations,
     UserArg,
     app,
+    convex_app,
     err,
     out,
     users_app,
@@ -82,8 +85,10 @@ def connect(
         typer.Option(
             "--url",
             metavar="URL",
-            help="SQLAlchemy URL of the user's database; '-' reads it from standard input "
-            "(a hidden prompt on a terminal), out of `ps` and shell history.",
+            help="The user's database: a SQLAlchemy URL, or a Convex deployment "
+            "(https://NAME.convex.cloud, convex+https://HOST for a self-hosted one); '-' "
+            "reads it from standard input (a hidden prompt on a terminal), out of `ps` and "
+            "shell history.",
         ),
     ],
     secret: Annotated[
@@ -91,8 +96,8 @@ def connect(
         typer.Option(
             "--secret",
             metavar="SECRET",
-            help="Password, if not in the URL; '-' reads it from standard input (after the "
-            "URL when both are '-').",
+            help="Password, if not in the URL, or a Convex deployment's deploy key "
+            "(required); '-' reads it from standard input (after the URL when both are '-').",
         ),
     ] = None,
     timeout: Annotated[
@@ -111,7 +116,7 @@ def connect(
     """Seal and store a user's database credentials and check it answers."""
     ws = workspace_for(database_url, None)
     url_text = from_stdin("database URL") if url == "-" else url
-    secret_text = from_stdin("password") if secret == "-" else secret
+    secret_text = from_stdin("password or deploy key") if secret == "-" else secret
     found, reach = commands.connect(
         ws, user, url_text, secret=secret_text, timeout=timeout, queue=queue
     )
@@ -128,6 +133,41 @@ def connect(
         "database is up, then run `byod connect` again"
     )
     raise typer.Exit(1)
+
+
+@convex_app.command("init")
+def convex_init(
+    app_dir: Annotated[
+        Path,
+        typer.Argument(
+            metavar="DIR",
+            help="The Convex app's project folder (the one holding convex/).",
+        ),
+    ],
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace byod's files there when they differ.")
+    ] = False,
+) -> None:
+    """Add byod's module (convex/byod.ts, convex/byodTables.ts) to a Convex app, and say
+    what to add to its schema.ts."""
+    from byod.commands.convex_app import SCHEMA_SNIPPET, TABLES, init_convex_app
+
+    result = init_convex_app(app_dir, force=force)
+    for name in result.written:
+        out.print(f"wrote {escape(str(result.folder / name))}")
+    for name in result.unchanged:
+        out.print(f"{escape(str(result.folder / name))} is up to date")
+    if result.schema_ready:
+        out.print("schema.ts already spreads byodTables")
+    else:
+        out.print(
+            f"add byod's tables ({', '.join(TABLES)}) to {escape(str(result.folder))}/schema.ts:"
+        )
+        out.print(escape(SCHEMA_SNIPPET), highlight=False)
+    out.print(
+        "then deploy the app (npx convex deploy), and point byod at it: BYOD_CONVEX_APP="
+        f"{escape(str(result.folder.parent))}"
+    )
 
 
 def from_stdin(what: str) -> str:
@@ -231,19 +271,46 @@ def serve(
 @app.command()
 def demo(
     tenants: Annotated[int, typer.Option("--tenants", metavar="N", min=1, max=100000)] = 5,
+    convex: Annotated[
+        bool,
+        typer.Option(
+            "--convex",
+            help="A fleet of local Convex test deployments instead (needs Node 20 and "
+            "byod's checkout with its npm packages: `make node_modules/.installed`).",
+        ),
+    ] = False,
     database_url: DatabaseUrl = None,
     migrations: Migrations = None,
 ) -> None:
-    """Build a local fleet of SQLite instances at version 1 and migrate them all to head."""
+    """Build a local fleet of SQLite instances (or, with --convex, of Convex test
+    deployments) at version 1 and migrate them all to head."""
 
     ws = workspace_for(database_url, migrations, create_key=True)
-    result = progress.run_fleet(
-        out, err, lambda on_event: commands.run_demo(ws, tenants=tenants, on_event=on_event), False
-    )
+    if convex:
+        if migrations is not None:
+            raise InputError("--convex runs the example Convex app's migrations: drop --migrations")
+        from byod.commands.convex_demo import run_convex_demo
+
+        def build(on_event: Callable[[Any], None]) -> commands.DemoResult:
+            return run_convex_demo(
+                ws.settings, tenants=tenants, own_database=database_url is None, on_event=on_event
+            )
+    else:
+
+        def build(on_event: Callable[[Any], None]) -> commands.DemoResult:
+            return commands.run_demo(ws, tenants=tenants, on_event=on_event)
+
+    result = progress.run_fleet(out, err, build, False)
     progress.print_summary(out, err, result.summary, False)
     render.fleet_status_tables(result.status, out)
     out.print(render.history_table(f"history of {result.sample_user}", result.sample_history))
-    out.print(f"instances: {escape(str(result.folder))} ({result.created} created this time)")
+    if convex:
+        out.print(
+            f"deployments: {result.created} local Convex test deployments (gone with the demo); "
+            f"control plane: {escape(result.database_url or '')}"
+        )
+    else:
+        out.print(f"instances: {escape(str(result.folder))} ({result.created} created this time)")
     if result.setup.key.created:
         out.print(f"created a local encryption key: {escape(result.setup.key.description)}")
     if not result.summary.ok:

@@ -44,6 +44,8 @@ class DemoResult:
     status: FleetStatus
     sample_user: str
     sample_history: list[LedgerRow]
+    #: the control plane the demo used, when it is not the configured one
+    database_url: str | None = None
 
 
 def run_demo(
