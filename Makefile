@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit bench clean chromium
+.PHONY: demo demo-convex test lint unit bench clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ $(NODE_STAMP): package.json package-lock.json
 
 demo: $(STAMP)  ## the main job on the embedded default (SQLite in this folder)
 	$(BIN)/byod demo
+
+demo-convex: $(STAMP) $(NODE_STAMP)  ## the demo on local Convex test deployments (needs Node 20)
+	$(BIN)/byod demo --convex
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
@@ -41,4 +44,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/fleet.py
 
 clean:
-	rm -rf $(VENV) node_modules byod.db byod.db-wal byod.db-shm byod.key byod-demo
+	rm -rf $(VENV) node_modules byod.db byod.db-wal byod.db-shm byod.key byod-demo byod-convex-demo

@@ -38,7 +38,8 @@
  *
  * Control API, `Authorization: Bearer <admin token>` (never a deploy key):
  *   POST   /_admin/deployments               {"name", "deployKey", "appDir", "latencyMs"?}
- *   GET    /_admin/deployments               (no keys in the answer)
+ *   GET    /_admin/deployments               (no keys in the answer; with each one's
+ *          `deploys` and `requests`, the API requests it received)
  *   GET    /_admin/deployments/<name>
  *   DELETE /_admin/deployments/<name>
  *   POST   /_admin/deployments/<name>/deploy {"appDir"?}  the stand-in for `npx convex
@@ -380,6 +381,7 @@ class Deployment {
     this.throttled = 0;
     this.retryAfterSeconds = null;
     this.deploys = 0;
+    this.requests = 0;
     this.deleted = false;
     this.t = null;
     this.state = null;
@@ -403,6 +405,7 @@ class Deployment {
       url: `${baseUrl}/d/${this.name}`,
       appDir: this.appDir,
       deploys: this.deploys,
+      requests: this.requests,
       latencyMs: this.latencyMs,
       throttled: this.throttled,
       functions: [...(this.build?.functions ?? new Map()).entries()]
@@ -716,6 +719,7 @@ async function handleDeploymentRequest(host, req, res, name, endpoint) {
     throw new HttpError(405, "MethodNotAllowed", `/api/${endpoint} takes POST`);
   }
   const text = await readBody(req);
+  deployment.requests += 1;
   if (deployment.latencyMs > 0) await sleep(deployment.latencyMs);
   if (deployment.throttled > 0) {
     deployment.throttled -= 1;
@@ -741,6 +745,18 @@ async function handleDeploymentRequest(host, req, res, name, endpoint) {
   send(res, answer.status, answer.body);
 }
 
+/** Deploy `appDir` to the deployment between two of its requests. */
+async function deploySerialized(host, deployment, appDir) {
+  await deployment.serialized(async () => {
+    if (deployment.deleted) throw new HttpError(404, "DeploymentNotFound", "deleted meanwhile");
+    try {
+      await host.deploy(deployment, appDir);
+    } catch (error) {
+      throw deployFailure(error);
+    }
+  });
+}
+
 /** `POST <base>/_deploy {"appDir"}` with `Authorization: Convex <deploy key>`: what
  * `npx convex deploy` does with a deploy key, here (tools/convex-local/deploy.mjs). */
 async function handleKeyDeploy(host, req, res, name) {
@@ -754,14 +770,7 @@ async function handleKeyDeploy(host, req, res, name) {
     throw new HttpError(401, "MissingAccessToken", "Deploying needs the deploy key");
   }
   const appDir = appDirFrom(body.appDir);
-  await deployment.serialized(async () => {
-    if (deployment.deleted) throw new HttpError(404, "DeploymentNotFound", "deleted meanwhile");
-    try {
-      await host.deploy(deployment, appDir);
-    } catch (error) {
-      throw deployFailure(error);
-    }
-  });
+  await deploySerialized(host, deployment, appDir);
   log(`deployed ${deployment.name} from ${appDir} with its deploy key (deploy ${deployment.deploys})`);
   return send(res, 200, deployment.describe(host.baseUrl));
 }
@@ -856,14 +865,7 @@ async function handleAdminRequest(host, req, res, parts) {
   if (req.method !== "POST") throw new HttpError(405, "MethodNotAllowed", "POST");
   if (action === "deploy") {
     const appDir = body.appDir === undefined ? deployment.appDir : appDirFrom(body.appDir);
-    await deployment.serialized(async () => {
-      if (deployment.deleted) throw new HttpError(404, "DeploymentNotFound", "deleted meanwhile");
-      try {
-        await host.deploy(deployment, appDir);
-      } catch (error) {
-        throw deployFailure(error);
-      }
-    });
+    await deploySerialized(host, deployment, appDir);
     log(`deployed ${deployment.name} from ${appDir} (deploy ${deployment.deploys})`);
     return send(res, 200, deployment.describe(host.baseUrl));
   }

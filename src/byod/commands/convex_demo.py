@@ -19,11 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from byod.commands import convex_local
-from byod.commands.demo import DemoResult
+from byod.commands.demo import DemoResult, demo_result, demo_user
 from byod.commands.setup import init
-from byod.controlplane import fleet_status, history
 from byod.credentials import connect_user
-from byod.errors import InputError, UnknownUserError
+from byod.errors import InputError
 from byod.fleet import FleetEvent, migrate_fleet
 from byod.settings import Settings
 from byod.spec import FleetOptions
@@ -87,10 +86,7 @@ def run_convex_demo(
         runner = ws.runner()
         for number in range(1, tenants + 1):
             clerk_id = f"demo-convex-{number:03d}"
-            try:
-                user = ws.directory.find_user(clerk_id)
-            except UnknownUserError:
-                user = ws.directory.add_user(clerk_id, f"{clerk_id}@example.com")
+            user = demo_user(ws, clerk_id)
             key = f"local:demo-{number:03d}|{secrets.token_hex(16)}"
             url = "convex+" + server.create(f"demo-{number:03d}", key)
             policy = ws.settings.instance_policy
@@ -98,16 +94,8 @@ def run_convex_demo(
             runner.migrate(user.id, to_version=min(1, ws.registry.head))
             _seed(url, key, LARGE_TENANT_DOCUMENTS if number == 1 else 0)
         summary = migrate_fleet(runner, options=FleetOptions(concurrency=4), on_event=on_event)
-    sample = ws.directory.find_user("demo-convex-001")
-    return DemoResult(
-        setup=setup,
-        folder=folder,
-        created=tenants,
-        summary=summary,
-        status=fleet_status(ws.engine, ws.registry.head),
-        sample_user=sample.clerk_id,
-        sample_history=history(ws.engine, sample.id),
-        database_url=ws.settings.database_url,
+    return demo_result(
+        ws, setup, folder, tenants, summary, "demo-convex-001", ws.settings.database_url
     )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from byod.commands.setup import InitResult, init
-from byod.controlplane import FleetStatus, LedgerRow, fleet_status, history
+from byod.controlplane import FleetStatus, LedgerRow, User, fleet_status, history
 from byod.credentials import connect_user
 from byod.errors import InputError, UnknownUserError
 from byod.fleet import FleetEvent, FleetSummary, migrate_fleet
@@ -66,10 +66,7 @@ def run_demo(
     for number in range(1, tenants + 1):
         clerk_id = f"demo-tenant-{number:03d}"
         path = folder / f"tenant-{number:03d}.db"
-        try:
-            user = ws.directory.find_user(clerk_id)
-        except UnknownUserError:
-            user = ws.directory.add_user(clerk_id, f"{clerk_id}@example.com")
+        user = demo_user(ws, clerk_id)
         if path.exists():
             continue
         path.touch()  # an empty file is an empty SQLite database
@@ -84,7 +81,28 @@ def run_demo(
         _seed(path, LARGE_TENANT_DOCUMENTS if number == 1 else 0)
         created += 1
     summary = migrate_fleet(runner, options=FleetOptions(concurrency=4), on_event=on_event)
-    sample = ws.directory.find_user("demo-tenant-001")
+    return demo_result(ws, setup, folder, created, summary, "demo-tenant-001")
+
+
+def demo_user(ws: Workspace, clerk_id: str) -> User:
+    """The demo's user ``clerk_id``, added the first time."""
+    try:
+        return ws.directory.find_user(clerk_id)
+    except UnknownUserError:
+        return ws.directory.add_user(clerk_id, f"{clerk_id}@example.com")
+
+
+def demo_result(
+    ws: Workspace,
+    setup: InitResult,
+    folder: Path,
+    created: int,
+    summary: FleetSummary,
+    sample_clerk_id: str,
+    database_url: str | None = None,
+) -> DemoResult:
+    """What a demo did, with the fleet's status and one sample user's history."""
+    sample = ws.directory.find_user(sample_clerk_id)
     return DemoResult(
         setup=setup,
         folder=folder,
@@ -93,6 +111,7 @@ def run_demo(
         status=fleet_status(ws.engine, ws.registry.head),
         sample_user=sample.clerk_id,
         sample_history=history(ws.engine, sample.id),
+        database_url=database_url,
     )
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "StepBody",
     "Target",
     "check_position",
+    "started",
 ]
 
 #: The table whose one row names a byod control plane (written by ``byod init``); a
@@ -151,3 +152,17 @@ def check_position(step: Step, stamp: list[StampEntry]) -> bool:
             f"needs it at version {expected}: it changed under this run"
         )
     return True
+
+
+def started(step: Step, in_progress: list[str]) -> bool:
+    """Whether the phased step's schema change is done already, given the steps in
+    progress on the instance; ``DriftError`` when another step is in progress there (a
+    migration renamed or replaced halfway)."""
+    others = [i for i in in_progress if i != step.migration.id]
+    if others:
+        raise DriftError(
+            f"{', '.join(others)} is in progress on this instance (its schema change done, "
+            f"its backfills not), so {step.migration.id} cannot start: restore that "
+            "migration file and migrate to finish it"
+        )
+    return step.migration.id in in_progress

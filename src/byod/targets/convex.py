@@ -40,7 +40,7 @@ from byod.errors import (
 from byod.instance_url import private_address
 from byod.registry import Backfill, Step
 from byod.targets.backfill import Batch, Progress
-from byod.targets.base import BatchBody, Phase, StampEntry, StepBody, check_position
+from byod.targets.base import BatchBody, Phase, StampEntry, StepBody, check_position, started
 from byod.targets.convex_client import ConvexClient, FunctionError
 from byod.targets.convex_deploy import Deploy
 
@@ -206,7 +206,7 @@ class ConvexTarget:
         self.hold()
         if not check_position(step, self.read_stamp()):
             return False
-        if phase == "schema" and self._started(step):
+        if phase == "schema" and started(step, self.in_progress()):
             return False
         self._run_body(step, body, deadline)
         if deadline is not None and time.monotonic() > deadline:
@@ -335,17 +335,6 @@ class ConvexTarget:
         return left
 
     # -- calls -----------------------------------------------------------------------
-
-    def _started(self, step: Step) -> bool:
-        found = self.in_progress()
-        others = [i for i in found if i != step.migration.id]
-        if others:
-            raise DriftError(
-                f"{', '.join(others)} is in progress on this deployment, so "
-                f"{step.migration.id} cannot start: restore that migration file and migrate "
-                "to finish it"
-            )
-        return step.migration.id in found
 
     def _run_body(self, step: Step, body: StepBody, deadline: float | None) -> None:
         try:

@@ -45,6 +45,7 @@ from byod.targets.base import (
     StampEntry,
     StepBody,
     check_position,
+    started,
 )
 from byod.targets.dialects import DIALECTS, STAMP_TABLE, Dialect, table_exists, timed_out
 
@@ -356,7 +357,7 @@ class SqlTarget:
             if not self._stamp_ready:
                 self._conn.exec_driver_sql(_create_sql(_CREATE_STAMP, self._engine.dialect))
             if not check_position(step, self._select_stamp(known_to_exist=True)) or (
-                phase == "schema" and self._started(step)
+                phase == "schema" and started(step, self._progress_ids())
             ):
                 transaction.rollback()
                 return False
@@ -399,19 +400,6 @@ class SqlTarget:
     def _progress_ids(self) -> list[str]:
         exists = self._conn.execute(table_exists(self._dialect, backfill.PROGRESS_TABLE))
         return backfill.ids(self._conn, bool(exists.scalar()))
-
-    def _started(self, step: Step) -> bool:
-        """Whether the phased step's schema change is done already; ``DriftError`` when
-        another step is in progress (a migration renamed or replaced halfway)."""
-        found = self._progress_ids()
-        others = [i for i in found if i != step.migration.id]
-        if others:
-            raise DriftError(
-                f"{', '.join(others)} is in progress on this instance (its schema change done, "
-                f"its backfills not), so {step.migration.id} cannot start: restore that "
-                "migration file and migrate to finish it"
-            )
-        return step.migration.id in found
 
     def in_progress(self) -> list[str]:
         """See :meth:`byod.targets.base.Target.in_progress`."""
