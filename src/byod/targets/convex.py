@@ -156,6 +156,11 @@ class ConvexTarget:
         self.hold_seconds = max(hold_seconds, 2.0)
         self.owner = owner or f"byod-{uuid.uuid4().hex[:16]}"
         self._held_until = 0.0  # time.monotonic() until which the lock is ours
+        #: the stamp as read while holding the lock, kept up to date by this target's
+        #: own writes (nobody else writes it while the lock is held); None: read it
+        self._locked_stamp: list[StampEntry] | None = None
+        #: the steps in progress, read and kept the same way
+        self._locked_progress: dict[str, Progress] | None = None
 
     def __enter__(self) -> ConvexTarget:
         return self
@@ -171,10 +176,9 @@ class ConvexTarget:
 
     def prepare(self) -> None:
         """Run the app's deploy command for this deployment (:class:`DeployError` when it
-        fails), then check byod's module answers there."""
+        fails); a module lost by the deploy shows at the next call (``DeployError`` too)."""
         deploy = self._deploy or Deploy(app_dir=None)
         deploy.run(self.where, self._deploy_key, self.client.scrub, where=self.where)
-        self.read_stamp()
 
     def read_stamp(self) -> list[StampEntry]:
         """See :meth:`byod.targets.base.Target.read_stamp`."""
@@ -204,9 +208,11 @@ class ConvexTarget:
         re-read, ``body`` run, and only then the stamp (or the progress) written."""
         migration = step.migration
         self.hold()
-        if not check_position(step, self.read_stamp()):
+        if self._locked_stamp is None:
+            self._locked_stamp = self.read_stamp()
+        if not check_position(step, self._locked_stamp):
             return False
-        if phase == "schema" and started(step, self.in_progress()):
+        if phase == "schema" and started(step, list(self._progress_under_lock())):
             return False
         self._run_body(step, body, deadline)
         if deadline is not None and time.monotonic() > deadline:
@@ -214,11 +220,12 @@ class ConvexTarget:
         self.hold()
         owner = {"owner": self.owner}
         if phase == "schema":
-            self._byod(
+            row = self._byod(
                 "startProgress",
                 {"migration": migration.id, "rowsTotal": None, "checksum": migration.checksum}
                 | owner,
             )
+            self._progress_under_lock()[migration.id] = _progress(row)
         elif phase == "finalize":
             stamp = {"version": migration.version, "checksum": migration.checksum}
             self._byod(
@@ -226,24 +233,47 @@ class ConvexTarget:
                 {"migration": migration.id, "backfills": len(migration.backfills), "stamp": stamp}
                 | owner,
             )
+            self._stamped(step)
+            self._progress_under_lock().pop(migration.id, None)
         elif step.direction == "up":
             self._byod(
                 "recordStep",
                 {"id": migration.id, "version": migration.version, "checksum": migration.checksum}
                 | owner,
             )
-        elif not self._byod("removeStamp", {"id": migration.id} | owner):
+            self._stamped(step)
+        elif self._byod("removeStamp", {"id": migration.id} | owner):
+            self._stamped(step)
+        else:
             raise DriftError(f"the stamp of {migration.id} vanished while it was rolled back")
         return True
 
+    def _stamped(self, step: Step) -> None:
+        """Keep the stamp read under the lock as this target's write left it."""
+        if self._locked_stamp is None:
+            return
+        migration = step.migration
+        kept = [entry for entry in self._locked_stamp if entry.id != migration.id]
+        if step.direction == "up":
+            now = datetime.now(UTC).replace(tzinfo=None)
+            kept.append(StampEntry(migration.id, migration.version, migration.checksum, now))
+        self._locked_stamp = sorted(kept, key=lambda entry: entry.version)
+
     def read_progress(self, step: Step) -> Progress | None:
-        """See :meth:`byod.targets.base.Target.read_progress`."""
-        row = self._byod("readProgress", {"migration": step.migration.id})
-        return None if row is None else _progress(row)
+        """See :meth:`byod.targets.base.Target.read_progress`; read under the lock (taken
+        here: the step's work follows), and kept as this target's writes move it."""
+        self.hold()
+        return self._progress_under_lock().get(step.migration.id)
 
     def in_progress(self) -> list[str]:
-        """See :meth:`byod.targets.base.Target.in_progress`."""
+        """See :meth:`byod.targets.base.Target.in_progress` (read without the lock)."""
         return [str(row["migration"]) for row in self._byod("listProgress", {})]
+
+    def _progress_under_lock(self) -> dict[str, Progress]:
+        if self._locked_progress is None:
+            rows = self._byod("listProgress", {})
+            self._locked_progress = {str(row["migration"]): _progress(row) for row in rows}
+        return self._locked_progress
 
     def apply_batch(
         self,
@@ -277,6 +307,7 @@ class ConvexTarget:
             timeout=self.remaining(deadline),
         )
         progress = _progress(answer["progress"])
+        self._progress_under_lock()[step.migration.id] = progress
         return Batch(
             rows=int(answer["rows"]),
             first_key=at.last_key,
@@ -309,12 +340,15 @@ class ConvexTarget:
         now = time.monotonic()
         if self._held_until - now > self.hold_seconds / 2:
             return
+        if self._held_until <= now:  # not held, or lapsed: another runner may have written
+            self._forget()
         ttl_ms = int(self.hold_seconds * 1000)
         if self._byod("takeLock", {"owner": self.owner, "ttlMs": ttl_ms}):
             self._held_until = now + self.hold_seconds
             return
         lost = self._held_until > 0
         self._held_until = 0.0
+        self._forget()
         holder = self._byod("readLock", {})
         left = ""
         if isinstance(holder, dict) and isinstance(holder.get("expiresAt"), int | float):
@@ -323,6 +357,11 @@ class ConvexTarget:
             f"the deployment {self.where} is locked by another runner{left}"
             + (": this run's hold expired and was taken over" if lost else "")
         )
+
+    def _forget(self) -> None:
+        """Drop what was read under a lock no longer held."""
+        self._locked_stamp = None
+        self._locked_progress = None
 
     def remaining(self, deadline: float | None) -> float | None:
         """Seconds left before ``deadline`` (None: no deadline), or
@@ -365,6 +404,7 @@ class ConvexTarget:
             raise DriftError(f"{self.where}: {message}") from None
         if code == "BYOD_LOCK_LOST":
             self._held_until = 0.0
+            self._forget()
             raise BusyError(
                 f"{self.where}: this run's hold of the deployment's lock expired and another "
                 "runner took it; nothing more was written"
