@@ -580,3 +580,34 @@ def test_the_convex_demo_migrates_a_local_fleet_of_deployments(tmp_path: Path) -
     assert sorted(set(rows)) == [("001_initial", "completed"), ("002_add_tags", "completed")]
     again = run_byod(tmp_path, "demo", "--convex", "--tenants", "1", env={})
     assert again.returncode == 0, "a second run starts afresh"
+
+
+def test_timeout_bounds_each_call_and_processes_carry_the_convex_settings(
+    tmp_path: Path, deployments: DeploymentFactory, convex_server: ConvexServer
+) -> None:
+    slow, fast = deployments(), deployments()
+    env = convex_env(BYOD_DATABASE_URL=f"sqlite:///{tmp_path / 'byod.db'}")
+    assert run_byod(tmp_path, "init", env=env).returncode == 0
+    for deployment in (slow, fast):
+        clerk = f"user-{deployment.name}"
+        assert run_byod(tmp_path, "users", "add", "--clerk-id", clerk, env=env).returncode == 0
+        done = run_byod(
+            tmp_path, "connect", clerk, "--url", deployment.url, "--secret", deployment.key,
+            env=env,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    convex_server.latency(slow.name, 1500)
+
+    ran = run_byod(
+        tmp_path, "migrate", "--all", "--processes", "2", "--timeout", "1", "--retries", "0",
+        "--json", env=env,
+    )  # fmt: skip
+
+    assert ran.returncode == 1, ran.stdout + ran.stderr
+    lines = [json.loads(line) for line in ran.stdout.splitlines()]
+    outcome = {line["clerk_id"]: line for line in lines if "clerk_id" in line}
+    assert outcome[f"user-{fast.name}"]["outcome"] == "succeeded"
+    assert outcome[f"user-{slow.name}"]["error_type"] == "InstanceTimeoutError"
+    assert_at_head(fast)
+    convex_server.latency(slow.name, 0)
+    assert slow.stamp() == [], "the step timed out before it wrote anything"
