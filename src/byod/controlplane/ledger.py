@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
+from sqlalchemy.sql.dml import ReturningInsert
 
 from byod.clock import utcnow
 from byod.controlplane._tx import reading, single, writing
@@ -86,27 +87,15 @@ class Ledger:
         """Write one row per step of ``plan``: the first ``running`` with its attempt
         number, the rest ``pending`` (one statement); returns the first's attempt."""
         now = utcnow()
-        first = plan.steps[0]
-        tried = _tries_before(
-            sa.literal(user_id), sa.literal(first.migration.id), sa.literal(first.direction)
-        )
-        rows = [
-            {
-                "user_id": user_id,
-                "migration_id": step.migration.id,
-                "version": step.migration.version,
-                "direction": step.direction,
-                "status": "running" if step is first else "pending",
-                "attempts": tried + 1 if step is first else 0,
-                "run_id": run_id,
-                "started_at": now if step is first else None,
-                "created_at": now,
+        params: dict[str, object] = {"user_id": user_id, "run_id": run_id, "now": now}
+        for index, step in enumerate(plan.steps):
+            params |= {
+                f"m{index}": step.migration.id,
+                f"v{index}": step.migration.version,
+                f"d{index}": step.direction,
             }
-            for step in plan.steps
-        ]
-        statement = ledger.insert().values(rows).returning(ledger.c.status, ledger.c.attempts)
         with single(self.engine, "record the plan") as conn:
-            written = conn.execute(statement).all()
+            written = conn.execute(_planned(len(plan.steps)), params).all()
         return next(int(attempts) for status, attempts in written if status == "running")
 
     def record_completed(
@@ -289,6 +278,55 @@ def _step_params(user_id: int, step: Step, now: datetime) -> dict[str, object]:
         "b_direction": step.direction,
         "b_now": now,
     }
+
+
+_PLANNED_COLUMNS = (
+    "user_id",
+    "migration_id",
+    "version",
+    "direction",
+    "status",
+    "attempts",
+    "run_id",
+    "started_at",
+    "created_at",
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _planned(steps: int) -> ReturningInsert[str, int]:
+    """The INSERT of a plan of ``steps`` steps (an ``INSERT … SELECT`` of one row per step,
+    every value bound, so SQLAlchemy compiles it once per plan length, not per user; a
+    multi-row ``VALUES`` is never cached): the first row ``running`` with its attempt
+    number, the rest ``pending``."""
+    user = sa.bindparam("user_id", type_=sa.Integer)
+    now = sa.bindparam("now", type_=sa.DateTime)
+    run_id = sa.bindparam("run_id", type_=sa.String)
+    selects = []
+    for index in range(steps):
+        first = index == 0
+        migration = sa.bindparam(f"m{index}", type_=sa.String)
+        direction = sa.bindparam(f"d{index}", type_=sa.String)
+        attempts = _tries_before(user, migration, direction) + 1 if first else sa.literal(0)
+        selects.append(
+            sa.select(
+                user,
+                migration,
+                sa.bindparam(f"v{index}", type_=sa.Integer),
+                direction,
+                sa.literal("running" if first else "pending"),
+                attempts,
+                run_id,
+                now if first else sa.null(),
+                now,
+            )
+        )
+    rows = sa.union_all(*selects) if steps > 1 else selects[0]
+    return (
+        ledger.insert()
+        .from_select(_PLANNED_COLUMNS, rows)
+        .returning(ledger.c.status, ledger.c.attempts)
+    )
 
 
 def _tries_before(
