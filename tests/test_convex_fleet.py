@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -611,3 +612,64 @@ def test_timeout_bounds_each_call_and_processes_carry_the_convex_settings(
     assert_at_head(fast)
     convex_server.latency(slow.name, 0)
     assert slow.stamp() == [], "the step timed out before it wrote anything"
+
+
+def test_an_app_deployed_without_byods_module_gets_it_from_the_deploy_step(
+    cvx: Workspace, convex_server: ConvexServer, tmp_path: Path
+) -> None:
+    bare = tmp_path / "bare-app"
+    shutil.copytree(EXAMPLE_APP / "convex", bare / "convex")
+    (bare / "convex" / "byod.ts").unlink()  # the app before `byod convex init`
+    key = f"local:bare|{os.urandom(12).hex()}"
+    name = f"bare-{os.urandom(3).hex()}"
+    url = "convex+" + convex_server.create(name, key, bare)
+    try:
+        cvx.directory.add_user("bare")
+        _, reach = connect(cvx, "bare", url, secret=key)
+        assert reach.status == "error" and reach.error_type == "DeployError"
+        assert "byod convex init" in str(reach.error)
+
+        result = cvx.runner().migrate(cvx.directory.find_user("bare").id)
+
+        assert result.error is None, result.error
+        with ConvexClient(url, key) as client:
+            assert [r["id"] for r in client.function("byod:readStamp", {})] == [
+                "001_initial",
+                "002_add_tags",
+            ]
+    finally:
+        convex_server.delete(name)
+
+
+def test_deploy_settings_that_cannot_work_stop_the_run_before_it_starts(
+    tmp_path: Path, deployments: DeploymentFactory
+) -> None:
+    deployment = deployments()
+    env = convex_env(BYOD_DATABASE_URL=f"sqlite:///{tmp_path / 'byod.db'}")
+    assert run_byod(tmp_path, "init", env=env).returncode == 0
+    assert run_byod(tmp_path, "users", "add", "--clerk-id", "ana", env=env).returncode == 0
+    done = run_byod(
+        tmp_path, "connect", "ana", "--url", deployment.url, "--secret", deployment.key, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    for bad, says in (
+        ({"BYOD_CONVEX_DEPLOY": "no-such-deploy-tool --yes"}, "is not found"),
+        ({"BYOD_CONVEX_APP": str(tmp_path)}, "has no convex/ folder"),
+        ({"BYOD_CONVEX_DEPLOY": "npx 'unclosed"}, "does not parse"),
+    ):
+        for args in (("migrate", "--all"), ("migrate", "ana")):
+            ran = run_byod(tmp_path, *args, env=env | bad)
+            assert ran.returncode == 2, ran.stdout + ran.stderr
+            assert "SettingsError" in ran.stderr and says in ran.stderr
+    assert deployment.stamp() == []
+    runs = run_byod(tmp_path, "runs", "--json", env=env)
+    assert json.loads(runs.stdout) == [], "no run was recorded"
+
+
+def test_a_convex_scheme_url_is_refused_cleanly(cvx: Workspace) -> None:
+    cvx.directory.add_user("odd")
+    for url in ("convex://x", "convex://x.convex.cloud", "http://x.convex.cloud"):
+        with pytest.raises(SettingsError):
+            connect(cvx, "odd", url, secret="k" * 12)
+        with pytest.raises(SettingsError):
+            connect(cvx, "odd", url)

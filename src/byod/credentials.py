@@ -23,7 +23,7 @@ from byod.settings import is_secret_option, normalize_url, safe_url
 from byod.targets import Target, open_target
 from byod.targets.convex import ConvexTarget, open_convex
 from byod.targets.convex_client import deployment_base
-from byod.targets.convex_deploy import DEFAULT_COMMAND, Deploy
+from byod.targets.convex_deploy import Deploy
 from byod.targets.sql import SqlTarget
 
 __all__ = ["Credentials", "ReachResult", "connect_user", "open_instance", "unseal_config"]
@@ -109,7 +109,7 @@ def _credentials(
 
 def _is_convex(url_text: str) -> bool:
     scheme = url_text.partition("://")[0].strip().lower()
-    return scheme in ("http", "https") or scheme.startswith("convex+")
+    return scheme in ("http", "https", "convex") or scheme.startswith("convex+")
 
 
 def _convex_credentials(
@@ -127,8 +127,8 @@ def _convex_credentials(
     check_instance_url(url, policy)
     if not secret:
         raise SettingsError(
-            "a Convex deployment needs its deploy key: give it with --secret (or "
-            "--secret-stdin); it is sealed like a password, never stored in the URL",
+            "a Convex deployment needs its deploy key: give it with --secret (`--secret -` "
+            "reads it from standard input); it is sealed like a password, never put in the URL",
             hint="Create a deploy key in the Convex dashboard (Settings, Deploy keys).",
         )
     _, _, token = secret.partition("|")
@@ -200,7 +200,7 @@ def open_instance(
                 hold_seconds=hold_seconds,
                 allow_private=policy.allow_private,
                 ssl_ca=credentials.ssl_ca,
-                deploy=Deploy(policy.convex_app, policy.convex_deploy or DEFAULT_COMMAND),
+                deploy=Deploy.of(policy),
             )
         else:
             target = open_target(credentials.url, timeout=timeout, ssl_ca=credentials.ssl_ca)

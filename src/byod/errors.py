@@ -224,7 +224,7 @@ class DeployError(InstanceError):
     deploy command failed, or byod's module is missing there): no migration ran on it."""
 
     hint = (
-        "Read the deploy command's output in `byod history USER`, fix the app or the "
+        "The message (also in `byod history USER`) says what failed: fix the app or the "
         "command (BYOD_CONVEX_DEPLOY), then run `byod migrate` again."
     )
 

@@ -27,6 +27,7 @@ from byod.errors import (
     ByodError,
     ControlPlaneError,
     CredentialsError,
+    DeployError,
     DriftError,
     InstanceError,
     IrreversibleError,
@@ -271,7 +272,7 @@ class Runner:
             return self._refused(user, config, make_plan, exc)
         try:
             try:
-                current, recovered = self._reconcile(user, config, target.read_stamp())
+                current, recovered = self._reconcile(user, config, self._read_stamp(target))
                 plan = make_plan(current)
                 if plan.direction == "down":  # an empty one too: it would say "nothing to do"
                     refuse_in_progress(self.registry, user, current, target)
@@ -287,6 +288,17 @@ class Runner:
             return self._execute(user, plan, target, credentials, lease, recovered)
         finally:
             target.close()
+
+    @staticmethod
+    def _read_stamp(target: Target) -> list[StampEntry]:
+        """The instance's stamp; where byod's own part of the instance is not there yet
+        (a Convex app deployed before it had byod's module), the deploy step puts it
+        there first."""
+        try:
+            return target.read_stamp()
+        except DeployError:
+            target.prepare()
+            return target.read_stamp()
 
     def _reconcile(
         self, user: User, config: Config, stamp: list[StampEntry]

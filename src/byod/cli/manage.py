@@ -16,7 +16,7 @@ import typer.core
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from byod import commands
+from byod import commands, errors
 from byod.cli import progress, render
 from byod.cli.base import (
     MAX_SECONDS,
@@ -126,11 +126,13 @@ def connect(
             f"instance at version {reach.schema_version}"
         )
         return
+    kind = reach.error_type or "UnreachableError"
+    error_class = getattr(errors, kind, None)
+    hint = getattr(error_class, "hint", "") or "Check the URL and that the instance is up."
     err.print(
-        f"[red]error:[/] {reach.error_type or 'UnreachableError'}: "
-        f"{render.plain(reach.error or '')}\n"
-        "[dim]hint:[/] the config is stored (status error); check the URL and that the "
-        "database is up, then run `byod connect` again"
+        f"[red]error:[/] {kind}: {render.plain(reach.error or '')}\n"
+        f"[dim]hint:[/] the config is stored (status error). {escape(hint)} "
+        "Then run `byod connect` again."
     )
     raise typer.Exit(1)
 
@@ -165,8 +167,9 @@ def convex_init(
         )
         out.print(escape(SCHEMA_SNIPPET), highlight=False)
     out.print(
-        "then deploy the app (npx convex deploy), and point byod at it: BYOD_CONVEX_APP="
-        f"{escape(str(result.folder.parent))}"
+        "then deploy the app (npx convex deploy) to each deployment once, or let byod's "
+        "deploy step do it; byod finds the app where the migrations folder sits beside "
+        f"convex/, else set BYOD_CONVEX_APP={escape(str(result.folder.parent.resolve()))}"
     )
 
 
@@ -305,9 +308,13 @@ def demo(
     render.fleet_status_tables(result.status, out)
     out.print(render.history_table(f"history of {result.sample_user}", result.sample_history))
     if convex:
+        from byod.commands.convex_local import EXAMPLE_APP
+
         out.print(
             f"deployments: {result.created} local Convex test deployments (gone with the demo); "
-            f"control plane: {escape(result.database_url or '')}"
+            f"their ledger stays in {escape(result.database_url or '')}: e.g. byod history "
+            f"{result.sample_user} --database-url {escape(result.database_url or '')} "
+            f"--migrations {escape(str(EXAMPLE_APP / 'migrations'))}"
         )
     else:
         out.print(f"instances: {escape(str(result.folder))} ({result.created} created this time)")

@@ -22,7 +22,7 @@ from byod.commands import convex_local
 from byod.commands.demo import DemoResult, demo_result, demo_user
 from byod.commands.setup import init
 from byod.credentials import connect_user
-from byod.errors import InputError
+from byod.errors import InputError, SettingsError
 from byod.fleet import FleetEvent, migrate_fleet
 from byod.settings import Settings
 from byod.spec import FleetOptions
@@ -74,6 +74,9 @@ def run_convex_demo(
         raise InputError("--tenants must be at least 1")
     if tenants > 50:
         raise InputError("--tenants: at most 50 Convex test deployments (each is a Node worker)")
+    why = convex_local.problem()
+    if why is not None:  # before any file is made
+        raise SettingsError(f"byod demo --convex cannot run here: {why}")
     folder = folder or Path.cwd() / "byod-convex-demo"
     folder.mkdir(parents=True, exist_ok=True)
     if own_database:

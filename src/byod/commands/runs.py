@@ -33,6 +33,7 @@ from byod.registry import Plan
 from byod.results import UserResult
 from byod.runner import Runner
 from byod.spec import ELIGIBLE_STATUSES, FleetOptions, Selection
+from byod.targets.convex_deploy import Deploy
 from byod.workspace import Workspace
 
 T = TypeVar("T")
@@ -107,11 +108,24 @@ def migrate_user(
     stop = threading.Event()
     runner = _single_runner(ws, options, stop)
     user = runner.prepare(ws.directory.find_user(user_ref).id)
+    check_deploy(ws, user.id)
     target = ws.registry.head if to_version is None else to_version
     refused = runner.refuse_foreign_key(user)
     if refused is not None:
         return refused
     return _stoppable(lambda: attempt(runner, "migrate", user, target, options, stop)[0], stop)
+
+
+def check_deploy(ws: Workspace, user_id: int | None = None) -> None:
+    """:class:`SettingsError` before a run starts when its users include Convex
+    deployments (``user_id``'s, or any) and the deploy step cannot work for any of them
+    (no app folder, a command that is not found): one clear error, not one per user."""
+    if user_id is None:
+        convex = ws.directory.has_kind("convex")
+    else:
+        convex = ws.directory.get_config(user_id).target_kind == "convex"
+    if convex:
+        Deploy.of(ws.settings.instance_policy).check()
 
 
 def _single_runner(
@@ -167,6 +181,7 @@ def migrate_fleet(
     ``started_by`` names who asked (default: this process's OS user)."""
     ws.require_tables()
     _refuse_fleet_ahead(ws)
+    check_deploy(ws)
     return fleet.migrate_fleet(
         ws.runner(),
         options=options,
@@ -192,6 +207,7 @@ def rollback_fleet_run(
 ) -> FleetSummary:
     """Return exactly the users one fleet run moved to their versions before it."""
     ws.require_tables()
+    check_deploy(ws)
     return fleet.rollback_run(ws.runner(), run_id, options=options, on_event=on_event)
 
 
@@ -274,6 +290,7 @@ def rollback_user(
     ws.require_tables()
     runner = _single_runner(ws, options)
     user = runner.prepare_rollback(ws.directory.find_user(user_ref).id, to_version)
+    check_deploy(ws, user.id)
     refused = runner.refuse_foreign_key(user)
     return refused or attempt(runner, "rollback", user, to_version, options, None)[0]
 

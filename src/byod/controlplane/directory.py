@@ -181,6 +181,12 @@ class Directory:
         with reading(self.engine, "list configured users") as conn:
             return [int(user_id) for user_id in conn.execute(query).scalars()]
 
+    def has_kind(self, kind: str) -> bool:
+        """Whether any user's instance is of this kind (``convex``, ``postgresql``...)."""
+        query = sa.select(configs.c.user_id).where(configs.c.target_kind == kind).limit(1)
+        with reading(self.engine, "look for instances of a kind") as conn:
+            return conn.execute(query).first() is not None
+
     def list_users(self) -> list[User]:
         """Every user, by id."""
         with reading(self.engine, "list users") as conn:

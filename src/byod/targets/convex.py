@@ -156,6 +156,7 @@ class ConvexTarget:
         self.hold_seconds = max(hold_seconds, 2.0)
         self.owner = owner or f"byod-{uuid.uuid4().hex[:16]}"
         self._held_until = 0.0  # time.monotonic() until which the lock is ours
+        self._deployed = False
         #: the stamp as read while holding the lock, kept up to date by this target's
         #: own writes (nobody else writes it while the lock is held); None: read it
         self._locked_stamp: list[StampEntry] | None = None
@@ -175,10 +176,14 @@ class ConvexTarget:
         return False
 
     def prepare(self) -> None:
-        """Run the app's deploy command for this deployment (:class:`DeployError` when it
-        fails); a module lost by the deploy shows at the next call (``DeployError`` too)."""
+        """Run the app's deploy command for this deployment, once for this target
+        (:class:`DeployError` when it fails); a module lost by the deploy shows at the next
+        call (``DeployError`` too)."""
+        if self._deployed:
+            return
         deploy = self._deploy or Deploy(app_dir=None)
         deploy.run(self.where, self._deploy_key, self.client.scrub, where=self.where)
+        self._deployed = True
 
     def read_stamp(self) -> list[StampEntry]:
         """See :meth:`byod.targets.base.Target.read_stamp`."""

@@ -16,13 +16,15 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from byod.errors import DeployError
+from byod.errors import DeployError, SettingsError
+from byod.instance_url import InstancePolicy
 from byod.text import printable
 
 __all__ = ["DEFAULT_COMMAND", "Deploy", "deploy_environment"]
@@ -30,6 +32,10 @@ __all__ = ["DEFAULT_COMMAND", "Deploy", "deploy_environment"]
 log = logging.getLogger("byod.convex")
 
 DEFAULT_COMMAND = "npx convex deploy --yes"
+_SETTINGS_HINT = (
+    "Set BYOD_CONVEX_APP to the app's folder (the one holding convex/) and BYOD_CONVEX_DEPLOY "
+    "to a command that deploys it; see Convex deployments in the README."
+)
 #: How many times a failing deploy is run before it is reported, and the waits between.
 ATTEMPTS = 3
 _WAITS = (1.0, 3.0)
@@ -47,6 +53,11 @@ class Deploy:
     command: str = DEFAULT_COMMAND
     timeout: float = 600.0
 
+    @classmethod
+    def of(cls, policy: InstancePolicy) -> Deploy:
+        """The deploy step the operator's settings ask for."""
+        return cls(policy.convex_app, policy.convex_deploy or DEFAULT_COMMAND)
+
     def run(
         self,
         base_url: str,
@@ -61,10 +72,12 @@ class Deploy:
         argv = self._argv()
         failure = ""
         for attempt in range(1, ATTEMPTS + 1):
-            failure = self._once(argv, deploy_environment(base_url, deploy_key), scrub)
+            failure, final = self._once(argv, deploy_environment(base_url, deploy_key), scrub)
             if not failure:
                 log.info("%s: deployed the app (%s)", where, argv[0])
                 return
+            if final:
+                raise DeployError(f"{where}: no migration ran there: {failure}")
             log.warning("%s: deploy attempt %d of %d failed: %s", where, attempt, ATTEMPTS, failure)
             if attempt < ATTEMPTS:
                 time.sleep(waits[min(attempt - 1, len(waits) - 1)])
@@ -72,6 +85,20 @@ class Deploy:
             f"{where}: the app did not deploy after {ATTEMPTS} attempts, so no migration "
             f"ran there: {failure}"
         )
+
+    def check(self) -> None:
+        """:class:`SettingsError` (before a run starts) when the deploy step cannot work
+        for any user: no app folder, no ``convex/`` in it, a command that does not parse
+        or is not found."""
+        try:
+            argv = self._argv()
+        except DeployError as exc:
+            raise SettingsError(exc.message, hint=_SETTINGS_HINT) from None
+        if shutil.which(argv[0], path=os.environ.get("PATH")) is None:
+            raise SettingsError(
+                f"the Convex deploy command {argv[0]!r} is not found (BYOD_CONVEX_DEPLOY)",
+                hint=_SETTINGS_HINT,
+            )
 
     def _argv(self) -> list[str]:
         if self.app_dir is None:
@@ -89,8 +116,11 @@ class Deploy:
             raise DeployError("BYOD_CONVEX_DEPLOY is empty")
         return argv
 
-    def _once(self, argv: list[str], env: dict[str, str], scrub: Callable[[str], str]) -> str:
-        """Run the command once: "" when it succeeded, else what went wrong."""
+    def _once(
+        self, argv: list[str], env: dict[str, str], scrub: Callable[[str], str]
+    ) -> tuple[str, bool]:
+        """Run the command once: "" when it succeeded, else what went wrong, and whether
+        trying again is pointless (the command cannot be run at all)."""
         try:
             done = subprocess.run(
                 argv,
@@ -102,19 +132,20 @@ class Deploy:
                 check=False,
             )
         except FileNotFoundError:
-            return f"the deploy command {argv[0]!r} is not found (BYOD_CONVEX_DEPLOY)"
+            return f"the deploy command {argv[0]!r} is not found (BYOD_CONVEX_DEPLOY)", True
         except PermissionError:
-            return f"the deploy command {argv[0]!r} cannot be run (permission denied)"
+            return f"the deploy command {argv[0]!r} cannot be run (permission denied)", True
         except subprocess.TimeoutExpired:
-            return f"the deploy command did not finish within {self.timeout:g} s"
+            return f"the deploy command did not finish within {self.timeout:g} s", False
         output = scrub((done.stdout + done.stderr).decode("utf-8", "replace"))
         for line in output.splitlines():
             log.debug("deploy: %s", printable(line))
         if done.returncode == 0:
-            return ""
+            return "", False
         lines = [line for line in output.strip().splitlines() if line.strip()]
         tail = " | ".join(lines[-_TAIL_LINES:])[-_TAIL_CHARS:]
-        return f"the deploy command exited with {done.returncode}" + (f": {tail}" if tail else "")
+        exited = f"the deploy command exited with {done.returncode}"
+        return exited + (f": {tail}" if tail else ""), False
 
 
 def deploy_environment(
