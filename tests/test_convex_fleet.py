@@ -30,8 +30,9 @@ from byod.settings import Settings
 from byod.spec import FleetOptions
 from byod.targets.convex_client import ConvexClient
 from byod.workspace import Workspace
-from tests.conftest import TEST_KEY, write_migrations
+from tests.conftest import TEST_KEY, ServerDatabases, write_migrations
 from tests.convex_backend import EXAMPLE_APP, ROOT, ControlError, ConvexServer
+from tests.distributed_kit import BYOD, _delete_redis_queues
 
 MIGRATIONS = EXAMPLE_APP / "migrations"
 DEPLOY = f"node {ROOT / 'tools' / 'convex-local' / 'deploy.mjs'}"
@@ -673,3 +674,91 @@ def test_a_convex_scheme_url_is_refused_cleanly(cvx: Workspace) -> None:
             connect(cvx, "odd", url, secret="k" * 12)
         with pytest.raises(SettingsError):
             connect(cvx, "odd", url)
+
+
+def test_task_queue_workers_migrate_a_convex_fleet(
+    pg: ServerDatabases, redis_broker: str, tmp_path: Path, deployments: DeploymentFactory
+) -> None:
+    """A distributed run: `byod worker` processes (Redis broker, PostgreSQL control plane)
+    migrate Convex deployments as the in-process runner does, deploy step included."""
+    control = pg.create()
+    queue = f"byod-test-{os.urandom(5).hex()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BYOD_") and k != "CI"}
+    env |= convex_env(BYOD_DATABASE_URL=control, BYOD_BROKER_URL=redis_broker, BYOD_QUEUE=queue)
+    ws = convex_workspace(control, BYOD_BROKER_URL=redis_broker, BYOD_QUEUE=queue)
+    fleet = [deployments() for _ in range(3)]
+    for deployment in fleet:
+        add(ws, deployment)
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen(
+        [BYOD, "worker", "--concurrency", "2", "--queues", queue],
+        env=env, cwd=tmp_path, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while b"ready." not in log.read_bytes():
+            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        done = subprocess.run(
+            [BYOD, "migrate", "--all", "--distributed", "--json"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        summary = json.loads(done.stdout.splitlines()[-1])["summary"]
+        assert summary["succeeded"] == 3 and summary["failed"] == 0
+        for deployment in fleet:
+            assert_at_head(deployment)
+        everything = done.stdout + done.stderr + log.read_text()
+        assert not any(d.key in everything for d in fleet)
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+        _delete_redis_queues(redis_broker, {queue})
+        ws.engine.dispose()
+
+
+def test_the_http_api_runs_and_shows_a_convex_users_migrations(
+    cvx: Workspace, deployments: DeploymentFactory
+) -> None:
+    """The original plan's settings page: a signed-in user's status, pending count, and a
+    self-service run, on a Convex deployment; the operators' fleet view."""
+    import jwt
+    from fastapi.testclient import TestClient
+
+    from byod.api import AuthSettings, create_app
+
+    secret = "test-secret-that-is-long-enough-for-hs256"
+
+    def headers(sub: str, admin: bool = False) -> dict[str, str]:
+        claims = {"sub": sub, "exp": int(time.time()) + 600}
+        if admin:
+            claims["byod_role"] = "admin"
+        return {"Authorization": f"Bearer {jwt.encode(claims, secret, algorithm='HS256')}"}
+
+    deployment = deployments()
+    user_id = add(cvx, deployment, "convex_user")
+    cvx.directory.add_user("ops")
+    with TestClient(create_app(cvx, AuthSettings(secret=secret))) as client:
+        me = client.get("/v1/me/instance", headers=headers("convex_user")).json()
+        assert (me["user_id"], me["schema_version"], me["pending"]) == (user_id, 0, 2)
+        started = client.post("/v1/me/migrations/run", headers=headers("convex_user"))
+        assert started.status_code == 202, started.text
+        run_path = f"/v1/runs/{started.json()['run_id']}"
+        deadline = time.monotonic() + 60
+        while (run := client.get(run_path, headers=headers("convex_user")).json())["state"] == (
+            "running"
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert (run["state"], run["succeeded"], run["failed"]) == ("completed", 1, 0)
+        me = client.get("/v1/me/instance", headers=headers("convex_user")).json()
+        assert (me["schema_version"], me["pending"]) == (2, 0)
+        history_page = client.get("/v1/me/migrations", headers=headers("convex_user")).json()
+        assert [row["migration_id"] for row in history_page["items"]] == [
+            "002_add_tags",
+            "001_initial",
+        ]
+        fleet = client.get("/v1/fleet/status", headers=headers("ops", admin=True))
+        assert fleet.status_code == 200 and deployment.key not in fleet.text
+    assert_at_head(deployment)
