@@ -7,18 +7,20 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 import typer.core
 from rich.console import Console
 from rich.logging import RichHandler
 
-from byod.distributed import Broker
 from byod.errors import InputError, SettingsError
-from byod.settings import Settings
 from byod.spec import DEFAULT_CONCURRENCY, FleetOptions
-from byod.workspace import Workspace
+
+if TYPE_CHECKING:
+    from byod.distributed import Broker
+    from byod.settings import Settings
+    from byod.workspace import Workspace
 
 
 def _usage_name(argument: typer.core.TyperArgument) -> str:
@@ -86,6 +88,10 @@ All = Annotated[bool, typer.Option("--all", help="Every eligible user.")]
 def workspace_for(
     database_url: str | None, migrations: Path | None, *, create_key: bool = False
 ) -> Workspace:
+    # imported here: `byod --help` never loads SQLAlchemy
+    from byod.settings import Settings
+    from byod.workspace import Workspace
+
     settings = Settings.load(database_url=database_url, migrations=migrations)
     return Workspace(settings, create_key=create_key, broker=celery_broker)
 

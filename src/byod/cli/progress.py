@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -22,10 +20,16 @@ from rich.progress import (
 from rich.text import Text
 
 from byod.cli import render
-from byod.distributed import RunProgress
-from byod.errors import ByodError
-from byod.fleet import FleetEvent, FleetStarted, FleetSummary, RowsProgress, UserFinished
-from byod.results import UserResult
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from rich.console import Console
+
+    from byod.distributed import RunProgress
+    from byod.errors import ByodError
+    from byod.fleet import FleetEvent, FleetSummary, RowsProgress
+    from byod.results import UserResult
 
 __all__ = ["finish_user", "print_error", "print_summary", "run_fleet"]
 
@@ -58,6 +62,10 @@ def run_fleet(
     json_out: bool,
 ) -> T:
     """Run a fleet job, showing progress: JSON lines, or a bar on a terminal."""
+    # imported here: `byod --help` and the reports never load the fleet machinery
+    from byod.distributed import RunProgress
+    from byod.fleet import FleetStarted, RowsProgress, UserFinished
+
     if json_out:
 
         def emit(event: FleetEvent | RunProgress) -> None:

@@ -5,17 +5,20 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from byod.commands import RunDetails, UserPlan, VerifyReport
-from byod.controlplane import FleetStatus, LedgerRow, RunRecord
-from byod.results import UserResult
 from byod.spec import OUTCOMES, RunCounts
 from byod.text import printable
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from byod.commands import RunDetails, UserPlan, VerifyReport
+    from byod.controlplane import FleetStatus, LedgerRow, RunRecord
+    from byod.results import UserResult
 
 __all__ = [
     "counts_line",

@@ -3,8 +3,7 @@ the record of fleet runs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 import typer.core
@@ -39,9 +38,7 @@ from byod.cli.base import (
     user_list,
     workspace_for,
 )
-from byod.distributed import RunProgress
 from byod.errors import InputError
-from byod.fleet import FleetEvent, FleetSummary
 from byod.spec import (
     DEFAULT_CONCURRENCY,
     DEFAULT_IN_FLIGHT,
@@ -49,7 +46,13 @@ from byod.spec import (
     Selection,
     default_concurrency,
 )
-from byod.workspace import Workspace
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from byod.distributed import RunProgress
+    from byod.fleet import FleetEvent, FleetSummary
+    from byod.workspace import Workspace
 
 
 @app.command()

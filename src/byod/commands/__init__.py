@@ -4,52 +4,114 @@
 Each opens what it needs, calls the core (runner, fleet, control plane) and returns plain
 data; every front end (the command line, the HTTP service and its dashboard, the task
 queue's worker) calls these and only renders what they return.
+
+Each command's module is imported the first time one of its names is used (PEP 562), so a
+front end that runs one command never pays for importing the others (the fleet, Alembic,
+the HTTP client for Convex).
 """
 
-from byod.commands.demo import DemoResult, run_demo
-from byod.commands.reports import (
-    InstanceView,
-    RunDetails,
-    VerifyReport,
-    caller,
-    get_run,
-    history_of,
-    instance,
-    instance_busy,
-    list_runs,
-    list_users,
-    pending,
-    pending_migrations,
-    runs_rows,
-    show_run,
-    status,
-    user_history,
-    verify,
-)
-from byod.commands.runs import (
-    UserPlan,
-    follow,
-    migrate_distributed,
-    migrate_fleet,
-    migrate_user,
-    plan,
-    repair,
-    resolve_users,
-    rollback_fleet_run,
-    rollback_user,
-    stop_run,
-    task_handler,
-    warm_up,
-)
-from byod.commands.setup import (
-    InitResult,
-    add_user,
-    check_service,
-    check_worker,
-    connect,
-    init,
-    new_migration,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from byod.commands.demo import DemoResult, run_demo
+    from byod.commands.reports import (
+        InstanceView,
+        RunDetails,
+        VerifyReport,
+        caller,
+        get_run,
+        history_of,
+        instance,
+        instance_busy,
+        list_runs,
+        list_users,
+        pending,
+        pending_migrations,
+        runs_rows,
+        show_run,
+        status,
+        user_history,
+        verify,
+    )
+    from byod.commands.runs import (
+        UserPlan,
+        follow,
+        migrate_distributed,
+        migrate_fleet,
+        migrate_user,
+        plan,
+        repair,
+        resolve_users,
+        rollback_fleet_run,
+        rollback_user,
+        stop_run,
+        task_handler,
+        warm_up,
+    )
+    from byod.commands.setup import (
+        InitResult,
+        add_user,
+        check_service,
+        check_worker,
+        connect,
+        init,
+        new_migration,
+    )
+
+_EXPORTS = {
+    "DemoResult": "byod.commands.demo",
+    "InitResult": "byod.commands.setup",
+    "InstanceView": "byod.commands.reports",
+    "RunDetails": "byod.commands.reports",
+    "UserPlan": "byod.commands.runs",
+    "VerifyReport": "byod.commands.reports",
+    "add_user": "byod.commands.setup",
+    "caller": "byod.commands.reports",
+    "check_service": "byod.commands.setup",
+    "check_worker": "byod.commands.setup",
+    "connect": "byod.commands.setup",
+    "follow": "byod.commands.runs",
+    "get_run": "byod.commands.reports",
+    "history_of": "byod.commands.reports",
+    "init": "byod.commands.setup",
+    "instance": "byod.commands.reports",
+    "instance_busy": "byod.commands.reports",
+    "list_runs": "byod.commands.reports",
+    "list_users": "byod.commands.reports",
+    "migrate_distributed": "byod.commands.runs",
+    "migrate_fleet": "byod.commands.runs",
+    "migrate_user": "byod.commands.runs",
+    "new_migration": "byod.commands.setup",
+    "pending": "byod.commands.reports",
+    "pending_migrations": "byod.commands.reports",
+    "plan": "byod.commands.runs",
+    "repair": "byod.commands.runs",
+    "resolve_users": "byod.commands.runs",
+    "rollback_fleet_run": "byod.commands.runs",
+    "rollback_user": "byod.commands.runs",
+    "run_demo": "byod.commands.demo",
+    "runs_rows": "byod.commands.reports",
+    "show_run": "byod.commands.reports",
+    "status": "byod.commands.reports",
+    "stop_run": "byod.commands.runs",
+    "task_handler": "byod.commands.runs",
+    "user_history": "byod.commands.reports",
+    "verify": "byod.commands.reports",
+    "warm_up": "byod.commands.runs",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next use is a plain lookup
+    return value
+
 
 __all__ = [
     "DemoResult",

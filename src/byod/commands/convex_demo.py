@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from byod.commands import convex_local
 from byod.commands.demo import DemoResult, demo_result, demo_user
@@ -24,10 +24,14 @@ from byod.commands.setup import init
 from byod.credentials import connect_user
 from byod.errors import InputError, SettingsError
 from byod.fleet import FleetEvent, migrate_fleet
-from byod.settings import Settings
 from byod.spec import FleetOptions
 from byod.targets.convex_client import ConvexClient
 from byod.workspace import Workspace
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from byod.settings import Settings
 
 __all__ = ["LARGE_TENANT_DOCUMENTS", "run_convex_demo"]
 

@@ -18,12 +18,14 @@ import select
 import shutil
 import subprocess
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from byod.errors import SettingsError
+
+if TYPE_CHECKING:
+    from types import TracebackType
 
 __all__ = ["CHECKOUT", "DEPLOY_COMMAND", "EXAMPLE_APP", "LocalConvex", "problem", "start"]
 

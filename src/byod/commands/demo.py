@@ -8,9 +8,9 @@ is at head.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
@@ -20,7 +20,11 @@ from byod.credentials import connect_user
 from byod.errors import InputError, UnknownUserError
 from byod.fleet import FleetEvent, FleetSummary, migrate_fleet
 from byod.spec import FleetOptions
-from byod.workspace import Workspace
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from byod.workspace import Workspace
 
 __all__ = ["DemoResult", "run_demo"]
 

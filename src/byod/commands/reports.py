@@ -4,6 +4,7 @@ migrations, runs, and verification against each instance's stamp."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from byod.clock import utcnow
 from byod.commands.runs import refuse_user_ahead
@@ -20,9 +21,11 @@ from byod.controlplane import (
 from byod.controlplane.schema import control_plane_id
 from byod.credentials import open_instance, unseal_config
 from byod.errors import ByodError
-from byod.registry import Migration
 from byod.results import check_stamp
-from byod.workspace import Workspace
+
+if TYPE_CHECKING:
+    from byod.registry import Migration
+    from byod.workspace import Workspace
 
 
 def status(ws: Workspace) -> FleetStatus:

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from byod import fleet
 from byod.controlplane import (
@@ -29,12 +28,16 @@ from byod.distributed import (
 from byod.errors import ControlPlaneError, DriftError, InputError
 from byod.fleet import FleetEvent, FleetSummary, attempt
 from byod.phased import Batching
-from byod.registry import Plan
-from byod.results import UserResult
-from byod.runner import Runner
 from byod.spec import ELIGIBLE_STATUSES, FleetOptions, Selection
 from byod.targets.convex_deploy import Deploy
-from byod.workspace import Workspace
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from byod.registry import Plan
+    from byod.results import UserResult
+    from byod.runner import Runner
+    from byod.workspace import Workspace
 
 T = TypeVar("T")
 log = logging.getLogger("byod.runner")

@@ -6,13 +6,13 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from byod.controlplane import (
     User,
     create_tables,
 )
 from byod.credentials import ReachResult, connect_user
-from byod.crypto import KeySource
 from byod.distributed import (
     require_server_control_plane,
 )
@@ -20,7 +20,10 @@ from byod.errors import InputError
 from byod.registry import Registry
 from byod.settings import LOCAL_MIGRATIONS, bundled_migrations_dir, normalize_url, safe_url
 from byod.text import has_control
-from byod.workspace import Workspace
+
+if TYPE_CHECKING:
+    from byod.crypto import KeySource
+    from byod.workspace import Workspace
 
 
 @dataclass(frozen=True)
