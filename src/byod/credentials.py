@@ -21,10 +21,7 @@ from byod.errors import ByodError, InputError, SettingsError
 from byod.instance_url import InstancePolicy, check_instance_url
 from byod.settings import is_secret_option, normalize_url, safe_url
 from byod.targets import Target, open_target
-from byod.targets.convex import ConvexTarget, open_convex
-from byod.targets.convex_client import deployment_base
 from byod.targets.convex_deploy import Deploy
-from byod.targets.sql import SqlTarget
 
 __all__ = ["Credentials", "ReachResult", "connect_user", "open_instance", "unseal_config"]
 
@@ -117,6 +114,8 @@ def _convex_credentials(
 ) -> Credentials:
     """A Convex deployment: its URL (as ``convex+https://HOST[:PORT][/PATH]``) and its
     deploy key, which is required."""
+    from byod.targets.convex_client import deployment_base  # httpx: only for Convex users
+
     parts = urlsplit(deployment_base(url_text))
     url = URL.create(
         f"convex+{parts.scheme}",
@@ -188,9 +187,11 @@ def open_instance(
     (a runner that vanished frees it after that long). Raises :class:`SettingsError`,
     nothing touched, when the instance is byod's own control plane.
     """
-    target: SqlTarget | ConvexTarget
+    target: Target
     try:
         if credentials.kind == "convex":
+            from byod.targets.convex import open_convex  # httpx: only for Convex users
+
             assert credentials.secret is not None  # required when it was parsed
             policy = credentials.policy
             target = open_convex(

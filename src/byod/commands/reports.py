@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from byod.clock import utcnow
-from byod.commands.runs import refuse_user_ahead
 from byod.controlplane import (
     Config,
     FleetStatus,
@@ -119,6 +118,8 @@ def instance_busy(ws: Workspace, user_id: int) -> bool:
 def pending_migrations(ws: Workspace, user: User) -> list[Migration]:
     """The migrations the user's database still needs, oldest first."""
     config = ws.directory.get_config(user.id)
+    from byod.commands.runs import refuse_user_ahead  # the fleet, only where it is needed
+
     refuse_user_ahead(ws, user, config.schema_version)
     return ws.registry.after(config.schema_version)
 
@@ -133,6 +134,8 @@ def pending(ws: Workspace, user_ref: str) -> int:
     """How many migrations the user's instance still needs (control plane's view)."""
     user = ws.directory.find_user(user_ref)
     config = ws.directory.get_config(user.id)
+    from byod.commands.runs import refuse_user_ahead  # the fleet, only where it is needed
+
     refuse_user_ahead(ws, user, config.schema_version)
     return ws.registry.pending_count(config.schema_version)
 

@@ -18,7 +18,6 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL
@@ -198,7 +197,9 @@ def _sqlite_unlock(conn: sa.Connection) -> None:
 def timed_out(exc: DBAPIError) -> bool:
     """The server (or SQLite's progress handler) stopped the work for a timeout."""
     orig = exc.orig
-    if isinstance(orig, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable):
+    # PostgreSQL's query_canceled and lock_not_available (psycopg's QueryCanceled and
+    # LockNotAvailable), by SQLSTATE: psycopg itself is imported only by a PostgreSQL run
+    if getattr(orig, "sqlstate", None) in ("57014", "55P03"):
         return True
     if getattr(orig, "sqlite_errorcode", None) == sqlite3.SQLITE_INTERRUPT:
         return True
