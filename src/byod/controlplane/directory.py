@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -21,11 +20,11 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from byod.clock import utcnow
+from byod.controlplane._leases import LeaseKeeper
 from byod.controlplane._tx import reading, single, writing
 from byod.controlplane.schema import configs, ledger, users
 from byod.errors import (
     BusyError,
-    ByodError,
     InputError,
     NotConnectedError,
     UnknownUserError,
@@ -118,6 +117,7 @@ class Directory:
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
+        self._keeper = LeaseKeeper(self.renew_lease)
 
     # -- users ---------------------------------------------------------------------------
 
@@ -295,25 +295,13 @@ class Directory:
     @contextlib.contextmanager
     def keep_lease(self, user_id: int, owner: str, seconds: float) -> Iterator[None]:
         """Renew the lease every third of its life while the block runs (a long run keeps
-        it; a dead runner's lease lapses within ``seconds``)."""
-        stop = threading.Event()
-
-        def renew() -> None:
-            while not stop.wait(seconds / 3):
-                try:
-                    if not self.renew_lease(user_id, owner, seconds):
-                        log.error("user %s: lease lost to another runner", user_id)
-                        return
-                except ByodError as exc:
-                    log.warning("user %s: lease renewal failed: %s", user_id, exc.message)
-
-        keeper = threading.Thread(target=renew, name=f"byod-lease-{user_id}", daemon=True)
-        keeper.start()
+        it; a dead runner's lease lapses within ``seconds``). One thread renews every
+        lease of this directory."""
+        self._keeper.add(user_id, owner, seconds)
         try:
             yield
         finally:
-            stop.set()
-            keeper.join()
+            self._keeper.remove(user_id, owner)
 
     def release_lease(self, user_id: int, owner: str) -> None:
         """Give the lease back (only if this owner still holds it)."""

@@ -75,6 +75,9 @@ _control_plane = sa.Table(
     CONTROL_PLANE_TABLE, _stamp_metadata, sa.Column("id", sa.String(64), nullable=False)
 )
 _SELECT_STAMP = sa.select(_stamp).order_by(_stamp.c.version)
+#: the stamp's writes, every value bound: compiled once per dialect
+_INSERT_STAMP = _stamp.insert()
+_DELETE_STAMP = _stamp.delete().where(_stamp.c.id == sa.bindparam("id"))
 
 
 def describe_error(exc: BaseException) -> str:
@@ -494,15 +497,16 @@ class SqlTarget:
         if step.direction == "up":
             # the primary key and the unique version refuse a second row for this step
             self._conn.execute(
-                _stamp.insert().values(
-                    id=migration.id,
-                    version=migration.version,
-                    checksum=migration.checksum,
-                    applied_at=utcnow(),
-                )
+                _INSERT_STAMP,
+                {
+                    "id": migration.id,
+                    "version": migration.version,
+                    "checksum": migration.checksum,
+                    "applied_at": utcnow(),
+                },
             )
             return
-        deleted = self._conn.execute(_stamp.delete().where(_stamp.c.id == migration.id)).rowcount
+        deleted = self._conn.execute(_DELETE_STAMP, {"id": migration.id}).rowcount
         if deleted != 1:
             raise DriftError(f"stamp removal for {migration.id} matched {deleted} rows, not 1")
 

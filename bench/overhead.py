@@ -1,0 +1,140 @@
+"""byod's own cost per instance, one SQLite instance at a time, against the bare floor.
+
+Builds ``--instances`` SQLite instances with the example app at version 2 (a few
+documents each), then times one raw-SQL migration ``003`` (one ``CREATE TABLE`` and one
+``INSERT … SELECT``) applied to each, one after another:
+
+- **floor**: ``sqlite3`` itself: ``BEGIN IMMEDIATE``, the two statements, a stamp row,
+  ``COMMIT``, per instance (its connect included);
+- **byod**: the library's ``Runner.migrate_user`` in a loop (lease, unseal, connect,
+  stamp, lock, the step, the ledger), on a SQLite control plane.
+
+Prints one JSON line per way (ms per instance) and the ratio. ``--profile`` prints the top
+lines of a cProfile of byod's loop (cumulative time). Run from the repository root:
+
+    .venv/bin/python bench/overhead.py                 # 300 instances
+    .venv/bin/python bench/overhead.py --profile 25
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import cProfile
+import io
+import json
+import pstats
+import shutil
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from byod.commands.setup import init  # noqa: E402
+from byod.credentials import connect_user  # noqa: E402
+from byod.settings import Settings, bundled_migrations_dir  # noqa: E402
+from byod.workspace import Workspace  # noqa: E402
+
+KEY = base64.b64encode(b"o" * 32).decode()
+CREATE = "CREATE TABLE body_lengths (document_id INTEGER PRIMARY KEY, length INTEGER NOT NULL)"
+FILL = "INSERT INTO body_lengths (document_id, length) SELECT id, length(body) FROM documents"
+MIGRATION = f'''"""Body lengths: one table, filled by one INSERT … SELECT (raw SQL)."""
+
+from byod import Migration
+
+
+def up(ctx):
+    ctx.conn.exec_driver_sql("{CREATE}")
+    ctx.conn.exec_driver_sql("{FILL}")
+
+
+migration = Migration(
+    id="003_body_lengths", version=3, name="body lengths", description="raw SQL", up=up
+)
+'''
+
+
+def build(folder: Path, count: int) -> tuple[Workspace, list[Path]]:
+    migrations = folder / "migrations"
+    migrations.mkdir()
+    for name in ("001_initial.py", "002_add_tags.py"):
+        shutil.copy(bundled_migrations_dir() / name, migrations)
+    (migrations / "003_body_lengths.py").write_text(MIGRATION)
+    env = {"BYOD_ENCRYPTION_KEY": KEY, "BYOD_MIGRATIONS": str(migrations)}
+    ws = Workspace(Settings.load(database_url=f"sqlite:///{folder / 'byod.db'}", env=env))
+    init(ws)
+    runner = ws.runner()
+    paths = []
+    for n in range(count):
+        path = folder / f"i{n:04d}.db"
+        path.touch()
+        user = ws.directory.add_user(f"u{n:04d}")
+        connect_user(ws.directory, ws.sealer, user.id, f"sqlite:///{path}")
+        runner.migrate(user.id, to_version=1)
+        with sqlite3.connect(path) as conn:
+            conn.executemany(
+                "INSERT INTO documents (title, body) VALUES (?, ?)",
+                [(f"t{i}", f"body {i} #tag{i % 3}") for i in range(20)],
+            )
+        runner.migrate(user.id, to_version=2)
+        paths.append(path)
+    return ws, paths
+
+
+def floor(paths: list[Path]) -> float:
+    started = time.perf_counter()
+    for path in paths:
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(CREATE)
+        conn.execute(FILL)
+        conn.execute(
+            "INSERT INTO byod_schema_stamp (id, version, checksum, applied_at) "
+            "VALUES ('003_body_lengths', 3, 'x', '2026-01-01 00:00:00')"
+        )
+        conn.execute("COMMIT")
+        conn.close()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--instances", type=int, default=300)
+    parser.add_argument("--profile", type=int, default=0, metavar="LINES")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="byod-bench-overhead-") as tmp:
+        floor_dir, byod_dir = Path(tmp, "floor"), Path(tmp, "byod")
+        floor_dir.mkdir()
+        byod_dir.mkdir()
+        _, floor_paths = build(floor_dir, args.instances)
+        ws, _ = build(byod_dir, args.instances)
+        floor_s = floor(floor_paths)
+        runner = ws.runner()
+        users = [ws.directory.find_user(f"u{n:04d}") for n in range(args.instances)]
+        profiler = cProfile.Profile() if args.profile else None
+        started = time.perf_counter()
+        if profiler:
+            profiler.enable()
+        for user in users:
+            result = runner.migrate_user(user)
+            assert result.error is None, result.error
+        if profiler:
+            profiler.disable()
+        byod_s = time.perf_counter() - started
+    per = {"floor": floor_s, "byod": byod_s}
+    for name, seconds in per.items():
+        ms = round(seconds / args.instances * 1000, 3)
+        print(json.dumps({"way": name, "instances": args.instances, "ms_per_instance": ms}))
+    print(json.dumps({"byod_over_floor": round(byod_s / floor_s, 2)}))
+    if profiler:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(args.profile)
+        print(text.getvalue())
+
+
+if __name__ == "__main__":
+    main()
