@@ -10,10 +10,15 @@ documents each), then times one raw-SQL migration ``003`` (one ``CREATE TABLE`` 
   stamp, lock, the step, the ledger), on a SQLite control plane.
 
 Prints one JSON line per way (ms per instance) and the ratio. ``--profile`` prints the top
-lines of a cProfile of byod's loop (cumulative time). Run from the repository root:
+lines of a cProfile of byod's loop (cumulative time).
 
-    .venv/bin/python bench/overhead.py                 # 300 instances
+``--command`` times the whole ``byod migrate --all`` command instead (its start-up
+included, default options) against the floor in 2 processes (their start included), and
+prints instances/s for each. Run from the repository root:
+
+    .venv/bin/python bench/overhead.py                 # 300 instances, one at a time
     .venv/bin/python bench/overhead.py --profile 25
+    .venv/bin/python bench/overhead.py --command --instances 2000
 """
 
 from __future__ import annotations
@@ -23,9 +28,12 @@ import base64
 import cProfile
 import io
 import json
+import multiprocessing
+import os
 import pstats
 import shutil
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -101,11 +109,54 @@ def floor(paths: list[Path]) -> float:
     return time.perf_counter() - started
 
 
+def floor_processes(paths: list[Path], processes: int = 2) -> float:
+    """The floor in ``processes`` worker processes, their start included."""
+    started = time.perf_counter()
+    chunks = [paths[n::processes] for n in range(processes)]
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        pool.map(floor, chunks)
+    return time.perf_counter() - started
+
+
+def command(folder: Path, ws: Workspace, extra: list[str]) -> float:
+    """``byod migrate --all`` as a user runs it, default options, start-up included."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BYOD_")}
+    env |= {
+        "BYOD_ENCRYPTION_KEY": KEY,
+        "BYOD_MIGRATIONS": str(ws.settings.migrations_dir),
+        "BYOD_DATABASE_URL": ws.settings.database_url,
+    }
+    byod = str(Path(sys.executable).with_name("byod"))
+    started = time.perf_counter()
+    done = subprocess.run(
+        [byod, "migrate", "--all", *extra], cwd=folder, env=env, capture_output=True, check=False
+    )
+    seconds = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr.decode()
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=300)
     parser.add_argument("--profile", type=int, default=0, metavar="LINES")
+    parser.add_argument("--command", action="store_true")
+    parser.add_argument("--byod-args", default="", help="extra flags for the command")
     args = parser.parse_args()
+    if args.command:
+        with tempfile.TemporaryDirectory(prefix="byod-bench-overhead-") as tmp:
+            floor_dir, byod_dir = Path(tmp, "floor"), Path(tmp, "byod")
+            floor_dir.mkdir()
+            byod_dir.mkdir()
+            _, floor_paths = build(floor_dir, args.instances)
+            ws, _ = build(byod_dir, args.instances)
+            floor_s = floor_processes(floor_paths)
+            byod_s = command(byod_dir, ws, args.byod_args.split())
+        for name, seconds in (("floor-2-processes", floor_s), ("byod migrate --all", byod_s)):
+            rate = round(args.instances / seconds, 1)
+            print(json.dumps({"way": name, "instances": args.instances, "per_s": rate}))
+        print(json.dumps({"byod_of_floor": round(floor_s / byod_s, 2)}))
+        return
     with tempfile.TemporaryDirectory(prefix="byod-bench-overhead-") as tmp:
         floor_dir, byod_dir = Path(tmp, "floor"), Path(tmp, "byod")
         floor_dir.mkdir()

@@ -8,6 +8,7 @@ a log, the ledger or the operator. Every URL is checked against the instance URL
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from urllib.parse import quote, quote_plus, urlsplit
@@ -15,7 +16,7 @@ from urllib.parse import quote, quote_plus, urlsplit
 from sqlalchemy.engine import URL
 
 from byod.controlplane import Config, Directory
-from byod.controlplane.schema import control_plane_id
+from byod.controlplane.schema import control_plane_file, control_plane_id
 from byod.crypto import Sealer
 from byod.errors import ByodError, InputError, SettingsError
 from byod.instance_url import InstancePolicy, check_instance_url
@@ -211,7 +212,7 @@ def open_instance(
     if credentials.control_plane is None:
         return target
     try:
-        refused = target.holds_control_plane(credentials.control_plane)
+        refused = _is_control_plane(target, credentials)
     except ByodError as exc:
         target.close()
         exc.message = credentials.scrub(exc.message)
@@ -224,6 +225,22 @@ def open_instance(
             hint="Connect the user's own database, never BYOD_DATABASE_URL's.",
         )
     return target
+
+
+def _is_control_plane(target: Target, credentials: Credentials) -> bool:
+    """Whether the instance is this control plane: for a SQLite file, when the control
+    plane is a SQLite file too and it is the same file (no query); else by its id."""
+    assert credentials.control_plane is not None
+    own = control_plane_file(credentials.control_plane)
+    if credentials.kind == "sqlite" and own is not None:
+        instance = credentials.url.database or ""
+        if not own or not instance or instance == ":memory:":
+            return False
+        try:
+            return os.path.samefile(instance, own)
+        except OSError:
+            return False  # a missing instance file is reported as unreachable
+    return target.holds_control_plane(credentials.control_plane)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ __all__ = [
     "TASK_STATES",
     "configs",
     "control_plane",
+    "control_plane_file",
     "control_plane_id",
     "create_tables",
     "ledger",
@@ -292,6 +293,17 @@ def control_plane_id(engine: sa.Engine) -> str | None:
         return None
 
 
+#: control plane id -> its SQLite file ("" for a server or in-memory one), for each control
+#: plane whose id this process has read
+_FILES: dict[str, str] = {}
+
+
+def control_plane_file(control_plane: str) -> str | None:
+    """The SQLite file of the control plane with this id ("": it is not a SQLite file; None:
+    this process has not read that control plane's id)."""
+    return _FILES.get(control_plane)
+
+
 @functools.lru_cache(maxsize=64)
 def _known_id(engine: sa.Engine) -> str:
     # an id never changes once written: read once per engine (an absent one is not cached)
@@ -302,4 +314,7 @@ def _known_id(engine: sa.Engine) -> str:
         raise LookupError(CONTROL_PLANE_TABLE) from exc
     if found is None:
         raise LookupError(CONTROL_PLANE_TABLE)
+    database = engine.url.database or ""
+    sqlite_file = engine.dialect.name == "sqlite" and database not in ("", ":memory:")
+    _FILES[str(found)] = database if sqlite_file else ""
     return str(found)

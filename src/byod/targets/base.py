@@ -65,6 +65,10 @@ class Target(Protocol):
     #: the instance's kind: ``sqlite``, ``postgresql``, ``mysql``, ``mariadb``, ``convex``
     kind: str
 
+    def holds_control_plane(self, control_plane_id: str) -> bool:
+        """Whether this instance is the byod control plane whose id is given."""
+        ...
+
     def prepare(self) -> None:
         """Make the instance ready for this run's steps, once, before the first of them
         (a Convex deployment: the app's deploy command; SQL: nothing). Raises
