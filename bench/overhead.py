@@ -93,6 +93,15 @@ def build(folder: Path, count: int) -> tuple[Workspace, list[Path]]:
     return ws, paths
 
 
+def twin_fleets(folder: Path, count: int) -> tuple[Workspace, list[Path]]:
+    """Two identical fleets: byod's (its workspace) and the floor's (its files)."""
+    (folder / "floor").mkdir()
+    (folder / "byod").mkdir()
+    _, floor_paths = build(folder / "floor", count)
+    ws, _ = build(folder / "byod", count)
+    return ws, floor_paths
+
+
 def floor(paths: list[Path]) -> float:
     started = time.perf_counter()
     for path in paths:
@@ -145,24 +154,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.command:
         with tempfile.TemporaryDirectory(prefix="byod-bench-overhead-") as tmp:
-            floor_dir, byod_dir = Path(tmp, "floor"), Path(tmp, "byod")
-            floor_dir.mkdir()
-            byod_dir.mkdir()
-            _, floor_paths = build(floor_dir, args.instances)
-            ws, _ = build(byod_dir, args.instances)
+            ws, floor_paths = twin_fleets(Path(tmp), args.instances)
             floor_s = floor_processes(floor_paths)
-            byod_s = command(byod_dir, ws, args.byod_args.split())
+            byod_s = command(Path(tmp, "byod"), ws, args.byod_args.split())
         for name, seconds in (("floor-2-processes", floor_s), ("byod migrate --all", byod_s)):
             rate = round(args.instances / seconds, 1)
             print(json.dumps({"way": name, "instances": args.instances, "per_s": rate}))
         print(json.dumps({"byod_of_floor": round(floor_s / byod_s, 2)}))
         return
     with tempfile.TemporaryDirectory(prefix="byod-bench-overhead-") as tmp:
-        floor_dir, byod_dir = Path(tmp, "floor"), Path(tmp, "byod")
-        floor_dir.mkdir()
-        byod_dir.mkdir()
-        _, floor_paths = build(floor_dir, args.instances)
-        ws, _ = build(byod_dir, args.instances)
+        ws, floor_paths = twin_fleets(Path(tmp), args.instances)
         floor_s = floor(floor_paths)
         runner = ws.runner()
         users = [ws.directory.find_user(f"u{n:04d}") for n in range(args.instances)]
