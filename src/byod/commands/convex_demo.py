@@ -83,8 +83,9 @@ def run_convex_demo(
         raise SettingsError(f"byod demo --convex cannot run here: {why}")
     folder = folder or Path.cwd() / "byod-convex-demo"
     folder.mkdir(parents=True, exist_ok=True)
-    if own_database:
-        (folder / "byod.db").unlink(missing_ok=True)  # its deployments did not outlive it
+    if own_database:  # its deployments did not outlive it: neither does its ledger
+        for name in ("byod.db", "byod.db-wal", "byod.db-shm"):
+            (folder / name).unlink(missing_ok=True)
     ws = Workspace(
         convex_demo_settings(settings, folder, own_database=own_database), create_key=create_key
     )
