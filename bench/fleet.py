@@ -230,7 +230,8 @@ def child_byod(spec: dict[str, Any]) -> list[float]:
             times.append(event.result.seconds)
 
     options = FleetOptions(concurrency=spec["concurrency"], processes=spec.get("processes", 1))
-    summary = migrate_fleet(ws.runner(), options=options, on_event=seen)
+    # to 002, as the floor and Alembic go (the example app's head has grown since: 003)
+    summary = migrate_fleet(ws.runner(), options=options, on_event=seen, to_version=2)
     assert summary.succeeded == len(spec["urls"]), summary.as_dict()
     return times
 
