@@ -403,3 +403,22 @@ def test_every_supported_instance_kind_has_its_dialect() -> None:
     # the policy's list is the one list: each SQL kind has a dialect, and Convex its target
     assert set(DIALECTS) | {"convex"} == set(SUPPORTED_KINDS)
     assert set(ALLOWED_OPTIONS) == set(SUPPORTED_KINDS)
+
+
+def test_the_control_plane_file_is_refused_under_any_other_path(
+    ws: Workspace, tmp_path: Path
+) -> None:
+    """A SQLite instance is compared with a SQLite control plane by the file itself: a
+    symlink, a `..` or a relative path to it is the control plane too."""
+    ws.directory.add_user("sneaky")
+    if ws.engine.dialect.name == "sqlite":
+        own = Path(ws.engine.url.database or "").resolve()
+        link = tmp_path / "innocent.db"
+        link.symlink_to(own)
+        for path in (str(link), f"{own.parent}/../{own.parent.name}/{own.name}"):
+            with pytest.raises(SettingsError, match="control plane"):
+                commands.connect(ws, "sneaky", f"sqlite:///{path}")
+    other = tmp_path / "other.db"
+    other.touch()
+    _, reach = commands.connect(ws, "sneaky", f"sqlite:///{other}")
+    assert reach.status == "connected"
