@@ -11,18 +11,21 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import quote, quote_plus, urlsplit
 
 from sqlalchemy.engine import URL
 
 from byod.controlplane import Config, Directory
 from byod.controlplane.schema import control_plane_file, control_plane_id
-from byod.crypto import Sealer
 from byod.errors import ByodError, InputError, SettingsError
 from byod.instance_url import InstancePolicy, check_instance_url
 from byod.settings import is_secret_option, normalize_url, safe_url
 from byod.targets import Target, open_target
 from byod.targets.convex_deploy import Deploy
+
+if TYPE_CHECKING:
+    from byod.crypto import Sealer
 
 __all__ = ["Credentials", "ReachResult", "connect_user", "open_instance", "unseal_config"]
 

@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
@@ -21,7 +22,6 @@ from byod.context import Bodies
 from byod.controlplane import Config, Directory, Ledger, User
 from byod.controlplane.schema import control_plane_id
 from byod.credentials import Credentials, open_instance, unseal_config
-from byod.crypto import Sealer
 from byod.errors import (
     BusyError,
     ByodError,
@@ -42,6 +42,9 @@ from byod.refusals import refuse_disconnected, refuse_in_progress, refuse_irreve
 from byod.registry import Direction, Plan, Registry, Step
 from byod.results import RowsProgress, StepResult, UserResult, check_stamp
 from byod.targets import StampEntry, Target
+
+if TYPE_CHECKING:
+    from byod.crypto import Sealer
 
 __all__ = ["Runner"]
 

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 
 from byod.controlplane import Directory, open_engine, require_tables
-from byod.crypto import KeySource, Sealer, load_sealer
 from byod.errors import SettingsError
 from byod.notify import load_notifier
 from byod.registry import Registry
@@ -18,6 +17,7 @@ from byod.runner import Runner
 from byod.settings import Settings
 
 if TYPE_CHECKING:  # the distributed core is imported only by what runs it
+    from byod.crypto import KeySource, Sealer
     from byod.distributed import Broker
 
 __all__ = ["BrokerFactory", "Workspace"]
@@ -66,6 +66,8 @@ class Workspace:
     @cached_property
     def sealer(self) -> Sealer:
         """The sealer for the configured encryption key."""
+        from byod.crypto import load_sealer  # cryptography: only for commands that unseal
+
         sealer, self.key_source = load_sealer(self.settings, create=self._create_key)
         return sealer
 
