@@ -231,10 +231,13 @@ def open_instance(
 
 
 def _is_control_plane(target: Target, credentials: Credentials) -> bool:
-    """Whether the instance is this control plane: for a SQLite file, when the control
-    plane is a SQLite file too and it is the same file (no query); else by its id."""
+    """Whether the instance is this control plane: never when one is a SQLite file and
+    the other a server; for two SQLite files, whether they are the same file (no query
+    either way); for two servers, by the id the instance holds, if any."""
     assert credentials.control_plane is not None
     own = control_plane_file(credentials.control_plane)
+    if own is not None and bool(own) != (credentials.kind == "sqlite"):
+        return False  # a file and a server are never one database
     if credentials.kind == "sqlite" and own is not None:
         instance = credentials.url.database or ""
         if not own or not instance or instance == ":memory:":
