@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -762,3 +763,50 @@ def test_the_http_api_runs_and_shows_a_convex_users_migrations(
         fleet = client.get("/v1/fleet/status", headers=headers("ops", admin=True))
         assert fleet.status_code == 200 and deployment.key not in fleet.text
     assert_at_head(deployment)
+
+
+FROM_APP = """
+from byod import Migration
+
+
+def up(ctx):
+    answer = ctx.app.query("functions:ping")
+    ctx.conn.exec_driver_sql("CREATE TABLE from_app (app TEXT)")
+    ctx.conn.exec_driver_sql("INSERT INTO from_app VALUES ('" + answer["app"] + "')")
+
+
+migration = Migration(id="001_from_app", version=1, name="a", description="ctx.app", up=up)
+"""
+
+
+def test_ctx_app_calls_the_apps_own_deployment_where_one_is_configured(
+    tmp_path: Path, deployments: DeploymentFactory
+) -> None:
+    """The original plan's main deployment: a migration of a user's SQL instance reads
+    from the app's own Convex deployment through ctx.app; unconfigured, a clear error."""
+    app = deployments()
+    folder = write_migrations(tmp_path / "migrations", {"001_from_app.py": FROM_APP})
+    instance = tmp_path / "instance.db"
+    for n, extra in enumerate(
+        ({"BYOD_APP_CONVEX_URL": app.url, "BYOD_APP_CONVEX_KEY": app.key}, {})
+    ):
+        ws = convex_workspace(
+            f"sqlite:///{tmp_path / f'cp{n}.db'}", BYOD_MIGRATIONS=str(folder), **extra
+        )
+        instance.unlink(missing_ok=True)
+        instance.touch()
+        user_id = ws.directory.add_user(f"u{n}").id
+        connect(ws, f"u{n}", f"sqlite:///{instance}")
+        result = ws.runner().migrate(user_id)
+        with sqlite3.connect(instance) as conn:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+            rows = conn.execute("SELECT app FROM from_app").fetchall() if extra else []
+        if extra:
+            assert result.error is None, result.error
+            assert rows == [("convex-notes",)]
+        else:
+            assert type(result.error).__name__ == "MigrationFailedError"
+            assert "BYOD_APP_CONVEX_URL" in result.error.message
+            assert "from_app" not in tables, "the step rolled back"
+        assert app.key not in json.dumps(ledger_rows(ws, user_id))
+        ws.engine.dispose()

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from byod.controlplane import User
 from byod.errors import MigrationFailedError
-from byod.registry import Kind, MigrationContext, MigrationFn, Step
+from byod.registry import FunctionCalls, Kind, MigrationContext, MigrationFn, Step
 from byod.targets.base import BatchBody, Session, StepBody
 
 __all__ = ["Bodies"]
@@ -21,10 +21,13 @@ __all__ = ["Bodies"]
 class Bodies:
     """The work of one user's steps, as the target runs it in its transactions."""
 
-    def __init__(self, engine: sa.Engine, user: User, kind: str) -> None:
+    def __init__(
+        self, engine: sa.Engine, user: User, kind: str, app: FunctionCalls | None = None
+    ) -> None:
         self.engine = engine
         self.user = user
         self.kind = kind
+        self.app = app
 
     def step(self, step: Step, function: MigrationFn | None = None) -> StepBody:
         """A step's work (``up`` or ``down``, or ``function``) for its transaction."""
@@ -69,6 +72,7 @@ class Bodies:
             kind=cast(Kind, self.kind),
             conn=conn,
             convex=convex,
+            app=self.app,
             main=self.engine,
             user_id=self.user.id,
             clerk_id=self.user.clerk_id,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.engine import URL
 
@@ -123,6 +123,8 @@ class InstancePolicy:
     the system's store) that verifies instances' TLS certificates. ``convex_app``: the
     Convex app's project folder (the one holding ``convex/``); ``convex_deploy``: the
     command that deploys it to one user's deployment (default ``npx convex deploy --yes``).
+    ``app_convex_url`` and ``app_convex_key``: the app's own Convex deployment, which
+    migrations reach as ``ctx.app`` (the operator's, so its URL is trusted as given).
     """
 
     allow_sqlite: bool = True
@@ -130,6 +132,9 @@ class InstancePolicy:
     allow_private: bool = False
     convex_app: str | None = None
     convex_deploy: str | None = None
+    #: the app's own Convex deployment (``ctx.app``): its URL and deploy key
+    app_convex_url: str | None = None
+    app_convex_key: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> InstancePolicy:
@@ -140,6 +145,8 @@ class InstancePolicy:
             allow_private=_flag(env, "BYOD_ALLOW_PRIVATE_INSTANCES", default=False),
             convex_app=env.get("BYOD_CONVEX_APP") or None,
             convex_deploy=env.get("BYOD_CONVEX_DEPLOY") or None,
+            app_convex_url=env.get("BYOD_APP_CONVEX_URL") or None,
+            app_convex_key=env.get("BYOD_APP_CONVEX_KEY") or None,
         )
 
 

@@ -71,7 +71,8 @@ class MigrationContext:
     (portable DDL, built the first time it is used); on a Convex deployment,
     ``convex`` calls the user's deployment's functions. Using the other kind's attribute
     fails the step with a message saying which to use. ``main`` is the app's
-    control-plane engine, for reads; ``log`` a logger that names the user and migration.
+    control-plane engine, for reads; ``app`` the app's own Convex deployment, where one is
+    configured; ``log`` a logger that names the user and migration.
     """
 
     def __init__(
@@ -84,8 +85,10 @@ class MigrationContext:
         log: logging.LoggerAdapter[logging.Logger],
         conn: Connection | None = None,
         convex: FunctionCalls | None = None,
+        app: FunctionCalls | None = None,
     ) -> None:
         self.kind = kind
+        self._app = app
         self.main = main
         self.user_id = user_id
         self.clerk_id = clerk_id
@@ -114,6 +117,17 @@ class MigrationContext:
 
             self._op = Operations(AlembicContext.configure(connection=self.conn))
         return self._op
+
+    @property
+    def app(self) -> FunctionCalls:
+        """The app's own Convex deployment (the original plan's main deployment), where
+        the operator configured one (``BYOD_APP_CONVEX_URL`` and ``BYOD_APP_CONVEX_KEY``)."""
+        if self._app is None:
+            raise MigrationFailedError(
+                "ctx.app: no app deployment is configured: set BYOD_APP_CONVEX_URL and "
+                "BYOD_APP_CONVEX_KEY (ctx.main is the control plane's database)"
+            )
+        return self._app
 
     @property
     def convex(self) -> FunctionCalls:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -39,7 +40,7 @@ from byod.instance_url import InstancePolicy
 from byod.notify import Notice, Notifier, log_notice, safe_notify
 from byod.phased import Batching, PhaseBodies, run_phased
 from byod.refusals import refuse_disconnected, refuse_in_progress, refuse_irreversible
-from byod.registry import Direction, Plan, Registry, Step
+from byod.registry import Direction, FunctionCalls, Plan, Registry, Step
 from byod.results import RowsProgress, StepResult, UserResult, check_stamp
 from byod.targets import StampEntry, Target
 
@@ -105,6 +106,8 @@ class Runner:
         self.batching = batching
         #: hears each backfill batch done (from the thread that ran it)
         self.on_rows = on_rows
+        self._app: FunctionCalls | None = None
+        self._app_lock = threading.Lock()
 
     def configured(
         self,
@@ -451,7 +454,7 @@ class Runner:
     ) -> tuple[bool, int | None]:
         """One step: in one transaction, or phased (backfills), each phase bounded on its
         own by the timeout. Whether it was applied now, and a phased step's rows."""
-        bodies = Bodies(self.engine, user, target.kind)
+        bodies = Bodies(self.engine, user, target.kind, app=self._app_deployment())
         migration = step.migration
         if step.direction == "down" or not migration.phased:
             return target.apply(step, bodies.step(step), deadline), None
@@ -493,6 +496,23 @@ class Runner:
         return True, rows
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _app_deployment(self) -> FunctionCalls | None:
+        """``ctx.app``: the app's own Convex deployment, where the operator configured one
+        (one client for this runner, made on first use)."""
+        policy = self.policy
+        if policy.app_convex_url is None or policy.app_convex_key is None:
+            return None
+        with self._app_lock:
+            if self._app is None:
+                from byod.targets.convex import DeploymentCalls
+                from byod.targets.convex_client import ConvexClient
+
+                client = ConvexClient(
+                    policy.app_convex_url, policy.app_convex_key, ssl_ca=policy.ssl_ca
+                )
+                self._app = DeploymentCalls(client)
+            return self._app
 
     def _open(self, credentials: Credentials, timeout: float) -> Target:
         """The default opener: a Convex deployment's lock lasts as long as a lease."""

@@ -44,7 +44,7 @@ from byod.targets.base import BatchBody, Phase, StampEntry, StepBody, check_posi
 from byod.targets.convex_client import ConvexClient, FunctionError
 from byod.targets.convex_deploy import Deploy
 
-__all__ = ["ConvexTarget", "open_convex"]
+__all__ = ["ConvexTarget", "DeploymentCalls", "open_convex"]
 
 _MODULE = "byod"
 _NOT_FOUND = "Could not find"
@@ -133,6 +133,32 @@ class _Calls:
         timeout = self._target.remaining(self._deadline)
         # /api/function runs any kind, internal functions too, as `npx convex run` does
         return self._target.client.function(path, dict(args or {}), timeout=timeout)
+
+
+class DeploymentCalls:
+    """A Convex deployment's functions for migrations (``ctx.app``: the app's own
+    deployment), called with its deploy key; a function that throws fails the step."""
+
+    def __init__(self, client: ConvexClient) -> None:
+        self.client = client
+
+    def query(self, path: str, args: Mapping[str, Any] | None = None) -> Any:
+        """See :class:`byod.registry.FunctionCalls`."""
+        return self._call(path, args)
+
+    def mutation(self, path: str, args: Mapping[str, Any] | None = None) -> Any:
+        """See :class:`byod.registry.FunctionCalls`."""
+        return self._call(path, args)
+
+    def action(self, path: str, args: Mapping[str, Any] | None = None) -> Any:
+        """See :class:`byod.registry.FunctionCalls`."""
+        return self._call(path, args)
+
+    def _call(self, path: str, args: Mapping[str, Any] | None) -> Any:
+        try:
+            return self.client.function(path, dict(args or {}))
+        except FunctionError as exc:
+            raise MigrationFailedError(exc.message) from None
 
 
 class ConvexTarget:
