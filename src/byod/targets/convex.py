@@ -104,40 +104,11 @@ def _refuse_private(base_url: str, timeout: float) -> None:
         )
 
 
-class _Calls:
-    """``ctx.convex``: the deployment's functions for a migration, each call bounded by
-    what is left of the step's deadline and made under the target's lock."""
-
-    def __init__(self, target: ConvexTarget, deadline: float | None) -> None:
-        self._target = target
-        self._deadline = deadline
-
-    def query(self, path: str, args: Mapping[str, Any] | None = None) -> Any:
-        """See :class:`byod.registry.FunctionCalls`."""
-        return self._call(path, args)
-
-    def mutation(self, path: str, args: Mapping[str, Any] | None = None) -> Any:
-        """See :class:`byod.registry.FunctionCalls`."""
-        return self._call(path, args)
-
-    def action(self, path: str, args: Mapping[str, Any] | None = None) -> Any:
-        """See :class:`byod.registry.FunctionCalls`."""
-        return self._call(path, args)
-
-    def _call(self, path: str, args: Mapping[str, Any] | None) -> Any:
-        if not isinstance(path, str) or path.startswith(f"{_MODULE}:"):
-            raise MigrationFailedError(
-                f"a migration calls the app's functions, not byod's own ({path!r})"
-            )
-        self._target.hold()
-        timeout = self._target.remaining(self._deadline)
-        # /api/function runs any kind, internal functions too, as `npx convex run` does
-        return self._target.client.function(path, dict(args or {}), timeout=timeout)
-
-
 class DeploymentCalls:
     """A Convex deployment's functions for migrations (``ctx.app``: the app's own
-    deployment), called with its deploy key; a function that throws fails the step."""
+    deployment), called with its deploy key through ``/api/function`` (any kind of
+    function, internal ones too, as ``npx convex run`` does); a function that throws
+    fails the step."""
 
     def __init__(self, client: ConvexClient) -> None:
         self.client = client
@@ -156,9 +127,33 @@ class DeploymentCalls:
 
     def _call(self, path: str, args: Mapping[str, Any] | None) -> Any:
         try:
-            return self.client.function(path, dict(args or {}))
+            return self.client.function(path, dict(args or {}), timeout=self._timeout())
         except FunctionError as exc:
             raise MigrationFailedError(exc.message) from None
+
+    def _timeout(self) -> float | None:
+        return None
+
+
+class _Calls(DeploymentCalls):
+    """``ctx.convex``: the user's deployment's functions for a migration, each call
+    bounded by what is left of the step's deadline and made under the target's lock."""
+
+    def __init__(self, target: ConvexTarget, deadline: float | None) -> None:
+        super().__init__(target.client)
+        self._target = target
+        self._deadline = deadline
+
+    def _call(self, path: str, args: Mapping[str, Any] | None) -> Any:
+        if not isinstance(path, str) or path.startswith(f"{_MODULE}:"):
+            raise MigrationFailedError(
+                f"a migration calls the app's functions, not byod's own ({path!r})"
+            )
+        self._target.hold()
+        return super()._call(path, args)
+
+    def _timeout(self) -> float | None:
+        return self._target.remaining(self._deadline)
 
 
 class ConvexTarget:
