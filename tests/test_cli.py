@@ -238,7 +238,7 @@ def test_unreachable_instance_on_connect_and_migrate(cli: Cli, tmp_path: Path) -
     missing = f"sqlite:///{tmp_path / 'missing.db'}"
     connected = cli("connect", "u", "--url", missing)
     assert connected.code == 1 and "error: UnreachableError: " in connected.err
-    assert "the config is stored" in connected.err
+    assert "The config is stored" in connected.err
     assert not (tmp_path / "missing.db").exists()  # never created by accident
     run = cli("migrate", "u")
     assert run.code == 1 and "unreachable" in run.err and "hint:" in run.err

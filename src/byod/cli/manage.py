@@ -131,8 +131,8 @@ def connect(
     hint = getattr(error_class, "hint", "") or "Check the URL and that the instance is up."
     err.print(
         f"[red]error:[/] {kind}: {render.plain(reach.error or '')}\n"
-        f"[dim]hint:[/] the config is stored (status error). {escape(hint)} "
-        "Then run `byod connect` again."
+        f"[dim]hint:[/] {escape(hint)} The config is stored (status error); "
+        "`byod connect` again replaces it."
     )
     raise typer.Exit(1)
 
