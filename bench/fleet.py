@@ -230,8 +230,18 @@ def child_byod(spec: dict[str, Any]) -> list[float]:
             times.append(event.result.seconds)
 
     options = FleetOptions(concurrency=spec["concurrency"], processes=spec.get("processes", 1))
+    sample_to = os.environ.get("BYOD_BENCH_SAMPLE")  # a per-thread profile, to this file
+    sampler = None
+    if sample_to:
+        from _sampler import Sampler
+
+        sampler = Sampler()
+        sampler.start()
     # to 002, as the floor and Alembic go (the example app's head has grown since: 003)
     summary = migrate_fleet(ws.runner(), options=options, on_event=seen, to_version=2)
+    if sampler is not None:
+        sampler.stop()
+        Path(sample_to).write_text(json.dumps(sampler.top(20), indent=1))
     assert summary.succeeded == len(spec["urls"]), summary.as_dict()
     return times
 
