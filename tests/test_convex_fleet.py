@@ -522,13 +522,21 @@ def run_byod(
     )
 
 
+def cli_control_plane(folder: Path, *clerk_ids: str) -> dict[str, str]:
+    """`byod init` and `byod users add` for each clerk id, on a SQLite control plane in
+    ``folder``; the environment that reaches it."""
+    env = convex_env(BYOD_DATABASE_URL=f"sqlite:///{folder / 'byod.db'}")
+    assert run_byod(folder, "init", env=env).returncode == 0
+    for clerk_id in clerk_ids:
+        assert run_byod(folder, "users", "add", "--clerk-id", clerk_id, env=env).returncode == 0
+    return env
+
+
 def test_the_command_line_connects_migrates_and_verifies_a_convex_user(
     tmp_path: Path, deployments: DeploymentFactory
 ) -> None:
     deployment = deployments()
-    env = convex_env(BYOD_DATABASE_URL=f"sqlite:///{tmp_path / 'byod.db'}")
-    assert run_byod(tmp_path, "init", env=env).returncode == 0
-    assert run_byod(tmp_path, "users", "add", "--clerk-id", "ana", env=env).returncode == 0
+    env = cli_control_plane(tmp_path, "ana")
 
     no_key = run_byod(tmp_path, "connect", "ana", "--url", deployment.url, env=env)
     assert no_key.returncode == 2 and "deploy key" in no_key.stderr
@@ -589,11 +597,9 @@ def test_timeout_bounds_each_call_and_processes_carry_the_convex_settings(
     tmp_path: Path, deployments: DeploymentFactory, convex_server: ConvexServer
 ) -> None:
     slow, fast = deployments(), deployments()
-    env = convex_env(BYOD_DATABASE_URL=f"sqlite:///{tmp_path / 'byod.db'}")
-    assert run_byod(tmp_path, "init", env=env).returncode == 0
+    env = cli_control_plane(tmp_path, *(f"user-{d.name}" for d in (slow, fast)))
     for deployment in (slow, fast):
         clerk = f"user-{deployment.name}"
-        assert run_byod(tmp_path, "users", "add", "--clerk-id", clerk, env=env).returncode == 0
         done = run_byod(
             tmp_path, "connect", clerk, "--url", deployment.url, "--secret", deployment.key,
             env=env,
@@ -647,9 +653,7 @@ def test_deploy_settings_that_cannot_work_stop_the_run_before_it_starts(
     tmp_path: Path, deployments: DeploymentFactory
 ) -> None:
     deployment = deployments()
-    env = convex_env(BYOD_DATABASE_URL=f"sqlite:///{tmp_path / 'byod.db'}")
-    assert run_byod(tmp_path, "init", env=env).returncode == 0
-    assert run_byod(tmp_path, "users", "add", "--clerk-id", "ana", env=env).returncode == 0
+    env = cli_control_plane(tmp_path, "ana")
     done = run_byod(
         tmp_path, "connect", "ana", "--url", deployment.url, "--secret", deployment.key, env=env
     )

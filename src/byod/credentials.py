@@ -288,11 +288,8 @@ def connect_user(
     # the user's config as it was; an unreachable one is stored with status ``error``
     error = error_type = None
     try:
-        target = open_instance(credentials, timeout=timeout)
-        try:
+        with open_instance(credentials, timeout=timeout) as target:
             stamp = target.read_stamp()
-        finally:
-            target.close()
     except InputError:
         raise
     except ByodError as exc:

@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 from byod.errors import (
     BusyError,
@@ -69,7 +70,7 @@ def open_convex(
     stamp) shows whether the deployment answers.
     """
     if not allow_private:
-        _refuse_private(base_url, timeout)
+        _refuse_private(base_url)
     client = ConvexClient(
         base_url,
         deploy_key,
@@ -80,22 +81,17 @@ def open_convex(
     return ConvexTarget(client, deploy_key, hold_seconds=hold_seconds, deploy=deploy)
 
 
-def _refuse_private(base_url: str, timeout: float) -> None:
-    host = base_url.split("://", 1)[1].split("/", 1)[0]
-    host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+def _refuse_private(base_url: str) -> None:
+    host = urlsplit(base_url.removeprefix("convex+")).hostname or ""
     if private_address(host):
         raise SettingsError("the Convex deployment URL names a loopback or private address")
-    previous = socket.getdefaulttimeout()
     try:
-        socket.setdefaulttimeout(timeout)
-        found = socket.getaddrinfo(host.strip("[]"), 443, proto=socket.IPPROTO_TCP)
+        found = socket.getaddrinfo(host, 443, proto=socket.IPPROTO_TCP)
     except OSError as exc:
         raise UnreachableError(
             f"the Convex deployment {base_url} is unreachable: its host does not resolve "
             f"({type(exc).__name__})"
         ) from None
-    finally:
-        socket.setdefaulttimeout(previous)
     if any(private_address(str(info[4][0])) for info in found):
         raise SettingsError(
             f"the Convex deployment {base_url} resolves to a loopback or private address: "
