@@ -22,6 +22,7 @@ from byod.errors import ByodError, InputError, SettingsError
 from byod.instance_url import InstancePolicy, check_instance_url
 from byod.settings import is_secret_option, normalize_url, safe_url
 from byod.targets import Target, open_target
+from byod.targets.base import control_plane_refusal
 from byod.targets.convex_deploy import Deploy
 
 if TYPE_CHECKING:
@@ -189,7 +190,8 @@ def open_instance(
 
     ``hold_seconds``: how long a Convex deployment's lock is held before it is renewed
     (a runner that vanished frees it after that long). Raises :class:`SettingsError`,
-    nothing touched, when the instance is byod's own control plane.
+    nothing touched, when the instance is byod's own control plane: here, or, where the
+    target asks in its first round trip (a server), from that first use.
     """
     target: Target
     try:
@@ -222,18 +224,15 @@ def open_instance(
         raise
     if refused:
         target.close()
-        raise SettingsError(
-            f"the instance {credentials.where} is byod's own control plane: refused, "
-            "nothing was touched",
-            hint="Connect the user's own database, never BYOD_DATABASE_URL's.",
-        )
+        raise control_plane_refusal(credentials.where)
     return target
 
 
 def _is_control_plane(target: Target, credentials: Credentials) -> bool:
     """Whether the instance is this control plane: never when one is a SQLite file and
     the other a server; for two SQLite files, whether they are the same file (no query
-    either way); for two servers, by the id the instance holds, if any."""
+    either way); for two servers, by the id the instance holds, if any (False here when
+    the target asks that itself, before anything else)."""
     assert credentials.control_plane is not None
     own = control_plane_file(credentials.control_plane)
     if own is not None and bool(own) != (credentials.kind == "sqlite"):
@@ -246,6 +245,8 @@ def _is_control_plane(target: Target, credentials: Credentials) -> bool:
             return os.path.samefile(instance, own)
         except OSError:
             return False  # a missing instance file is reported as unreachable
+    if target.defer_control_plane_check(credentials.control_plane):
+        return False  # asked by the target itself, before it does anything else
     return target.holds_control_plane(credentials.control_plane)
 
 

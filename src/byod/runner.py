@@ -284,6 +284,9 @@ class Runner:
                     refuse_in_progress(self.registry, user, current, target)
             except (IrreversibleError, ControlPlaneError):
                 raise
+            except SettingsError as exc:  # the instance is the control plane: untouched
+                self.directory.set_status(user.id, "error", error=exc.message)
+                return self._refused(user, config, make_plan, exc)
             except ByodError as exc:
                 exc.message = credentials.scrub(exc.message)
                 if isinstance(exc, UnreachableError):
@@ -295,16 +298,16 @@ class Runner:
         finally:
             target.close()
 
-    @staticmethod
-    def _read_stamp(target: Target) -> list[StampEntry]:
-        """The instance's stamp; where byod's own part of the instance is not there yet
+    def _read_stamp(self, target: Target) -> list[StampEntry]:
+        """The instance's stamp, read where the first step will run (see
+        :meth:`Target.begin`); where byod's own part of the instance is not there yet
         (a Convex app deployed before it had byod's module), the deploy step puts it
         there first."""
         try:
-            return target.read_stamp()
+            return target.begin(self._deadline())
         except DeployError:
             target.prepare()
-            return target.read_stamp()
+            return target.begin(self._deadline())
 
     def _reconcile(
         self, user: User, config: Config, stamp: list[StampEntry]

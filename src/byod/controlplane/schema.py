@@ -193,11 +193,21 @@ control_plane = sa.Table(
 )
 
 
+#: Most connections one byod process keeps to the control plane.
+POOL_SIZE = 32
+
+
 def open_engine(url: str) -> sa.Engine:
-    """An engine on the control plane; SQLite gets WAL and a busy timeout for many workers."""
+    """An engine on the control plane; SQLite gets WAL and a busy timeout for many workers.
+
+    Its pool holds at most :data:`POOL_SIZE` connections, opened as needed and kept: a
+    worker holds one only for a statement or two, so beyond that many workers wait their
+    turn (milliseconds) rather than open and close a connection each time (a new
+    connection costs several round trips; a server has a connection budget).
+    """
     parsed = normalize_url(url)
     # no pre-ping: it would cost a round trip per checkout; stale connections are recycled
-    kwargs: dict[str, Any] = {"pool_recycle": 600, "pool_size": 8, "max_overflow": 24}
+    kwargs: dict[str, Any] = {"pool_recycle": 600, "pool_size": POOL_SIZE, "max_overflow": 0}
     if parsed.get_backend_name() == "sqlite":
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
     try:

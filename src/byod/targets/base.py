@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import sqlalchemy as sa
 
-from byod.errors import DriftError
+from byod.errors import DriftError, SettingsError
 from byod.registry import Backfill, FunctionCalls, Step
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ __all__ = [
     "StepBody",
     "Target",
     "check_position",
+    "control_plane_refusal",
     "started",
 ]
 
@@ -69,6 +70,13 @@ class Target(Protocol):
         """Whether this instance is the byod control plane whose id is given."""
         ...
 
+    def defer_control_plane_check(self, control_plane_id: str) -> bool:
+        """Ask whether this instance is the control plane whose id is given later, in
+        the round trip of :meth:`begin` or before whatever else is asked of it first
+        (which then raises :func:`control_plane_refusal`, nothing touched). False where
+        the target cannot: then ask :meth:`holds_control_plane` now."""
+        ...
+
     def prepare(self) -> None:
         """Make the instance ready for this run's steps, once, before the first of them
         (a Convex deployment: the app's deploy command; SQL: nothing). Raises
@@ -77,6 +85,14 @@ class Target(Protocol):
 
     def read_stamp(self) -> list[StampEntry]:
         """What the instance says is applied, oldest first."""
+        ...
+
+    def begin(self, deadline: float | None = None) -> list[StampEntry]:
+        """:meth:`read_stamp` for a run that may apply steps next: where the instance
+        allows, read in the transaction the first step will use, its lock already
+        taken (bounded by ``deadline``), so the step neither locks nor reads the stamp
+        again. That transaction is given up (rolled back) by any other write and by
+        :meth:`close`. Raises ``BusyError`` when another runner holds the lock."""
         ...
 
     def apply(
@@ -133,6 +149,14 @@ class Target(Protocol):
     def __exit__(self, *exc_info: object) -> None:
         """Close it."""
         ...
+
+
+def control_plane_refusal(where: str) -> SettingsError:
+    """The error for an instance that is byod's own control plane (nothing touched)."""
+    return SettingsError(
+        f"the instance {where} is byod's own control plane: refused, nothing was touched",
+        hint="Connect the user's own database, never BYOD_DATABASE_URL's.",
+    )
 
 
 def check_position(step: Step, stamp: list[StampEntry]) -> bool:

@@ -192,6 +192,10 @@ class ConvexTarget:
         """Never: byod's control plane is a SQL database."""
         return False
 
+    def defer_control_plane_check(self, control_plane_id: str) -> bool:
+        """Nothing to defer: :meth:`holds_control_plane` asks nothing."""
+        return False
+
     def prepare(self) -> None:
         """Run the app's deploy command for this deployment, once for this target
         (:class:`DeployError` when it fails); a module lost by the deploy shows at the next
@@ -222,6 +226,11 @@ class ConvexTarget:
                 f"the stamp of {self.where} is not byod's (byod:readStamp answered "
                 f"{type(exc).__name__}): check the app's convex/byod.ts is byod's module"
             ) from None
+
+    def begin(self, deadline: float | None = None) -> list[StampEntry]:
+        """See :meth:`byod.targets.base.Target.begin`: the stamp, read without the lock
+        (taken by the first step, which reads the stamp once under it)."""
+        return self.read_stamp()
 
     def apply(
         self, step: Step, body: StepBody, deadline: float | None = None, phase: Phase = "whole"

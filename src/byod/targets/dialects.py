@@ -67,6 +67,13 @@ class Dialect:
     #: code, that it failed for want of the table (then the stamp is read in one round
     #: trip, without asking first whether its table exists)
     missing_table: Callable[[DBAPIError], bool] | None = None
+    #: Where set (DDL is transactional), a run's first step shares its transaction with
+    #: the read of the stamp: this takes the lock like ``lock`` and tells which of the
+    #: tables named exist, in one round trip where the server allows
+    lock_and_look: Callable[[sa.Connection, int | None, tuple[str, ...]], set[str]] | None = None
+    #: Bound a transaction taken by ``lock_and_look`` by a later deadline (ms), where
+    #: that costs no round trip (SQLite's progress handler); elsewhere nothing
+    rebound: Callable[[sa.Connection, int | None], None] = lambda conn, timeout_ms: None
 
 
 def table_exists(dialect: Dialect, name: str) -> sa.TextClause:
@@ -122,6 +129,18 @@ def _postgres_reading(conn: sa.Connection) -> Iterator[None]:
         conn.execution_options(isolation_level=conn.dialect.default_isolation_level)
 
 
+_SQLITE_TABLES = sa.text(
+    "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN :names"
+).bindparams(sa.bindparam("names", expanding=True))
+
+
+def _sqlite_lock_and_look(
+    conn: sa.Connection, timeout_ms: int | None, names: tuple[str, ...]
+) -> set[str]:
+    """BEGIN IMMEDIATE holds the lock; the deadline is set by ``rebound`` for the step."""
+    return set(conn.execute(_SQLITE_TABLES, {"names": list(names)}).scalars())
+
+
 def _sqlite_lock(conn: sa.Connection, timeout_ms: int | None, durable: bool = True) -> None:
     """BEGIN IMMEDIATE already holds the write lock; a deadline interrupts the work."""
     dbapi = conn.connection.dbapi_connection
@@ -161,14 +180,31 @@ def _postgres_lock(conn: sa.Connection, timeout_ms: int | None, durable: bool = 
         raise BusyError("another runner holds this instance's migration lock")
 
 
+def _postgres_lock_and_look(
+    conn: sa.Connection, timeout_ms: int | None, names: tuple[str, ...]
+) -> set[str]:
+    # one round trip: the settings and the lock as in _postgres_lock, and the tables
+    settings = () if timeout_ms is None else ("statement_timeout", "lock_timeout")
+    query = _pg_lock_sql(settings, True, len(names))
+    params: dict[str, object] = {"key": _PG_LOCK_KEY, "ms": str(timeout_ms)}
+    params |= {f"t{n}": name for n, name in enumerate(names)}
+    taken, *present = conn.execute(query, params).one()
+    if not taken:
+        raise BusyError("another runner holds this instance's migration lock")
+    return {name for name, there in zip(names, present, strict=True) if there}
+
+
 @functools.cache
-def _pg_lock_sql(timeouts: tuple[str, ...], durable: bool) -> sa.TextClause:
+def _pg_lock_sql(timeouts: tuple[str, ...], durable: bool, tables: int = 0) -> sa.TextClause:
     """The lock, with ``set_config`` of the transaction's timeouts (``:ms``) and of its
-    commit: durable, whatever the batches before it set (see _postgres_batch_settings)."""
+    commit: durable, whatever the batches before it set (see _postgres_batch_settings);
+    and whether each table ``:t0``, ``:t1``, … exists."""
     configs = [f"set_config('{name}', :ms, true)" for name in timeouts]
     configs.append(f"set_config('synchronous_commit', '{'on' if durable else 'off'}', true)")
+    looks = "".join(f", to_regclass(:t{n}) IS NOT NULL" for n in range(tables))
     return sa.text(
-        f"SELECT pg_try_advisory_xact_lock(:key) FROM (SELECT {', '.join(configs)}) AS settings"
+        f"SELECT pg_try_advisory_xact_lock(:key){looks} "
+        f"FROM (SELECT {', '.join(configs)}) AS settings"
     )
 
 
@@ -289,6 +325,8 @@ DIALECTS: dict[str, Dialect] = {
         _sqlite_reading,
         _sqlite_transactional_ddl,
         lock_cleanup=_sqlite_unlock,
+        lock_and_look=_sqlite_lock_and_look,
+        rebound=_sqlite_lock,
     ),
     "postgresql": Dialect(
         _postgres_options,
@@ -297,6 +335,7 @@ DIALECTS: dict[str, Dialect] = {
         _postgres_reading,
         batch_settings=_postgres_batch_settings,
         missing_table=lambda exc: getattr(exc.orig, "sqlstate", None) == _PG_UNDEFINED_TABLE,
+        lock_and_look=_postgres_lock_and_look,
     ),
     "mysql": Dialect(
         _mysql_options,

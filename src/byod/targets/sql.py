@@ -9,19 +9,14 @@ transaction as the migration.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
-from sqlalchemy.pool import NullPool
 
 from byod.clock import utcnow
 from byod.errors import (
@@ -38,6 +33,7 @@ from byod.instance_url import SUPPORTED_KINDS
 from byod.registry import Backfill, Step
 from byod.settings import safe_url
 from byod.targets import backfill
+from byod.targets._connect import connect, describe_error
 from byod.targets.base import (
     CONTROL_PLANE_TABLE,
     BatchBody,
@@ -45,6 +41,7 @@ from byod.targets.base import (
     StampEntry,
     StepBody,
     check_position,
+    control_plane_refusal,
     started,
 )
 from byod.targets.dialects import DIALECTS, STAMP_TABLE, Dialect, table_exists, timed_out
@@ -80,13 +77,6 @@ _INSERT_STAMP = _stamp.insert()
 _DELETE_STAMP = _stamp.delete().where(_stamp.c.id == sa.bindparam("id"))
 
 
-def describe_error(exc: BaseException) -> str:
-    """``ErrorClass: message`` of the driver's own error, without SQLAlchemy's extras."""
-    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
-
-
 def _timeout(step: Step, exc: DBAPIError) -> InstanceTimeoutError:
     return InstanceTimeoutError(
         f"{step.migration.id} {step.direction} was stopped by the timeout: {describe_error(exc)}"
@@ -97,50 +87,6 @@ def _timeout(step: Step, exc: DBAPIError) -> InstanceTimeoutError:
 def _create_sql(ddl: sa.schema.CreateTable, dialect: sa.Dialect) -> str:
     # DDL is never in SQLAlchemy's statement cache: compile it once per dialect
     return str(ddl.compile(dialect=dialect))
-
-
-#: What the next connection of a shared engine connects to (set around ``connect()``).
-_target_args: contextvars.ContextVar[tuple[list[Any], dict[str, Any]]] = contextvars.ContextVar(
-    "byod_target_args"
-)
-_engines: dict[tuple[object, ...], sa.Engine] = {}
-_engines_lock = threading.Lock()
-
-
-def _use_target_args(
-    _dialect: sa.Dialect, _record: object, cargs: list[Any], cparams: dict[str, Any]
-) -> None:
-    found = _target_args.get(None)
-    if found is None:  # a lost connection is never silently reopened mid-step
-        raise UnreachableError("the connection to the instance was lost")
-    args, params = found
-    cargs[:] = args
-    cparams.clear()
-    cparams.update(params)
-
-
-def _new_engine(
-    engine_url: URL, options: dict[str, Any], dialect: Dialect, timeout: float
-) -> sa.Engine:
-    engine = sa.create_engine(engine_url, poolclass=NullPool, **options)
-    dialect.prepare(engine, timeout)
-    event.listen(engine, "do_connect", _use_target_args)
-    return engine
-
-
-def _engine_for(
-    engine_url: URL, options: dict[str, Any], dialect: Dialect, timeout: float
-) -> sa.Engine:
-    """One engine per kind of instance (not per instance) where the dialect allows:
-    creating an engine and initialising its dialect costs queries; connections still
-    go to each instance."""
-    if not dialect.shared_engine:
-        return _new_engine(engine_url, options, dialect, timeout)
-    key = (engine_url.drivername, tuple(sorted(engine_url.query.items())), timeout)
-    with _engines_lock:
-        if key not in _engines:
-            _engines[key] = _new_engine(engine_url, options, dialect, timeout)
-        return _engines[key]
 
 
 def open_target(url: URL, *, timeout: float = 10.0, ssl_ca: str | None = None) -> SqlTarget:
@@ -160,21 +106,7 @@ def open_target(url: URL, *, timeout: float = 10.0, ssl_ca: str | None = None) -
         raise SettingsError(
             f"instances of kind {url.get_backend_name()!r} are not supported (use {supported})"
         )
-    engine_url, options = dialect.engine_options(url, timeout, ssl_ca)
-    try:
-        engine = _engine_for(engine_url, options, dialect, timeout)
-        cargs, cparams = engine.dialect.create_connect_args(engine_url)
-    except (SQLAlchemyError, ImportError) as exc:
-        raise SettingsError(f"cannot use the instance URL {safe_url(url)}") from exc
-    token = _target_args.set((list(cargs), {**cparams, **options.get("connect_args", {})}))
-    try:
-        conn = engine.connect()
-    except SQLAlchemyError as exc:
-        raise UnreachableError(
-            f"instance {safe_url(url)} is unreachable: {describe_error(exc)}"
-        ) from exc
-    finally:
-        _target_args.reset(token)
+    engine, conn = connect(url, dialect, timeout, ssl_ca)
     return SqlTarget(
         engine, conn, dialect, where=safe_url(url), io_timeout=timeout, kind=url.get_backend_name()
     )
@@ -205,6 +137,10 @@ class SqlTarget:
         self._stamp_ready = False
         self._batch_settings_set = False
         self._io_timeout = io_timeout
+        #: the transaction :meth:`begin` left open for the first step, and its stamp
+        self._held: tuple[sa.RootTransaction, list[StampEntry]] | None = None
+        #: the control plane's id, when whether this is it is still to be asked
+        self._unchecked_control_plane: str | None = None
 
     def prepare(self) -> None:
         """Nothing to do: a SQL instance's schema is what its migrations make it."""
@@ -213,15 +149,79 @@ class SqlTarget:
         """Whether this database is the byod control plane whose id is given."""
         exists = table_exists(self._dialect, CONTROL_PLANE_TABLE)
         try:
-            with self._dialect.reading(self._conn):
+            with self._reading():
                 if not self._conn.execute(exists).scalar():
                     return False
-                found = self._conn.execute(
-                    sa.select(_control_plane.c.id).where(_control_plane.c.id == control_plane_id)
-                ).first()
+                return self._holds_id(control_plane_id)
         except SQLAlchemyError as exc:
             raise self._lost("checking it is not the control plane", exc) from exc
-        return found is not None
+
+    def _holds_id(self, control_plane_id: str) -> bool:
+        query = sa.select(_control_plane.c.id).where(_control_plane.c.id == control_plane_id)
+        return self._conn.execute(query).first() is not None
+
+    def defer_control_plane_check(self, control_plane_id: str) -> bool:
+        """See :meth:`byod.targets.base.Target.defer_control_plane_check`: asked in
+        :meth:`begin`'s round trip where the dialect reads the stamp there."""
+        if self._dialect.lock_and_look is None:
+            return False
+        self._unchecked_control_plane = control_plane_id
+        return True
+
+    def _check_control_plane(self) -> None:
+        """Ask the deferred question before anything else is done here."""
+        control_plane_id, self._unchecked_control_plane = self._unchecked_control_plane, None
+        if control_plane_id is not None and self.holds_control_plane(control_plane_id):
+            raise control_plane_refusal(self.where)
+
+    def begin(self, deadline: float | None = None) -> list[StampEntry]:
+        """See :meth:`byod.targets.base.Target.begin`."""
+        look = self._dialect.lock_and_look
+        if look is None:  # DDL commits on its own: each step locks in its own transaction
+            return self.read_stamp()
+        self._give_up_held()
+        control_plane_id, self._unchecked_control_plane = self._unchecked_control_plane, None
+        names = (STAMP_TABLE,) if control_plane_id is None else (STAMP_TABLE, CONTROL_PLANE_TABLE)
+        timeout_ms = None if deadline is None else max(1, int((deadline - time.monotonic()) * 1000))
+        try:
+            transaction = self._conn.begin()
+        except SQLAlchemyError as exc:
+            raise self._busy_or_lost(exc) from exc
+        try:
+            present = look(self._conn, timeout_ms, names)
+            if CONTROL_PLANE_TABLE in present and self._holds_id(str(control_plane_id)):
+                raise control_plane_refusal(self.where)
+            stamp = self._select_stamp(known_to_exist=True) if STAMP_TABLE in present else []
+        except DBAPIError as exc:
+            self._rollback_quietly(transaction)
+            if timed_out(exc):
+                raise InstanceTimeoutError(
+                    f"instance {self.where}: reading the stamp was stopped by the timeout: "
+                    f"{describe_error(exc)}"
+                ) from exc
+            raise self._lost("reading the stamp", exc) from exc
+        except BaseException:
+            self._rollback_quietly(transaction)
+            raise
+        self._stamp_ready = STAMP_TABLE in present
+        self._held = (transaction, stamp)
+        return stamp
+
+    def _take_held(self) -> tuple[sa.RootTransaction, list[StampEntry]] | None:
+        held, self._held = self._held, None
+        return held if held is not None and held[0].is_active else None
+
+    def _give_up_held(self) -> None:
+        """Roll back the transaction :meth:`begin` left open (it wrote nothing)."""
+        held = self._take_held()
+        if held is not None:
+            self._rollback_quietly(held[0])
+
+    def _reading(self) -> contextlib.AbstractContextManager[None]:
+        """Reads: inside the transaction :meth:`begin` holds, else the dialect's way."""
+        if self._held is not None and self._held[0].is_active:
+            return contextlib.nullcontext()
+        return self._dialect.reading(self._conn)
 
     def __enter__(self) -> SqlTarget:
         return self
@@ -235,8 +235,9 @@ class SqlTarget:
         Raises :class:`DirtyInstanceError` when a step failed halfway on a database
         whose DDL is not transactional and nobody has repaired it since.
         """
+        self._check_control_plane()
         try:
-            with self._dialect.reading(self._conn):
+            with self._reading():
                 dirty = self._select_dirty() if self._dialect.non_transactional_ddl else []
                 stamp = self._select_stamp()
         except SQLAlchemyError as exc:
@@ -256,14 +257,16 @@ class SqlTarget:
         phase: Phase = "whole",
     ) -> bool:
         """See :meth:`byod.targets.base.Target.apply`."""
+        self._check_control_plane()
         timeout_ms = self._timeout_ms(step, deadline)
         with self._bounded(timeout_ms):
             return self._apply(step, body, deadline, timeout_ms, phase)
 
     def read_progress(self, step: Step) -> backfill.Progress | None:
         """See :meth:`byod.targets.base.Target.read_progress`."""
+        self._check_control_plane()
         try:
-            with self._dialect.reading(self._conn):
+            with self._reading():
                 exists = self._conn.execute(table_exists(self._dialect, backfill.PROGRESS_TABLE))
                 return backfill.read(self._conn, step, bool(exists.scalar()))
         except SQLAlchemyError as exc:
@@ -279,6 +282,8 @@ class SqlTarget:
         deadline: float | None = None,
     ) -> backfill.Batch:
         """See :meth:`byod.targets.base.Target.apply_batch`."""
+        self._check_control_plane()
+        self._give_up_held()
         timeout_ms = self._timeout_ms(step, deadline)
         with self._bounded(timeout_ms):
             try:
@@ -351,15 +356,18 @@ class SqlTarget:
         phase: Phase,
     ) -> bool:
         guarded = self._dialect.non_transactional_ddl
+        held = self._take_held()
+        held_stamp = None
+        if held is not None:  # begin's: locked, the stamp read in it
+            transaction, held_stamp = held
+        else:
+            try:
+                transaction = self._conn.begin()
+            except SQLAlchemyError as exc:
+                raise self._busy_or_lost(exc) from exc
         try:
-            transaction = self._conn.begin()
-        except SQLAlchemyError as exc:
-            raise self._busy_or_lost(exc) from exc
-        try:
-            self._dialect.lock(self._conn, timeout_ms, True)
-            if not self._stamp_ready:
-                self._conn.exec_driver_sql(_create_sql(_CREATE_STAMP, self._engine.dialect))
-            if not check_position(step, self._select_stamp(known_to_exist=True)) or (
+            stamp = self._locked_stamp(held_stamp, timeout_ms)
+            if not check_position(step, stamp) or (
                 phase == "schema" and started(step, self._progress_ids())
             ):
                 transaction.rollback()
@@ -400,14 +408,28 @@ class SqlTarget:
         self._stamp_ready = True
         return True
 
+    def _locked_stamp(
+        self, held: list[StampEntry] | None, timeout_ms: int | None
+    ) -> list[StampEntry]:
+        """In the step's transaction: the lock (or, in :meth:`begin`'s, its new bound), the
+        stamp table where it is missing, and the stamp (``held``: already read under it)."""
+        if held is None:
+            self._dialect.lock(self._conn, timeout_ms, True)
+        else:
+            self._dialect.rebound(self._conn, timeout_ms)
+        if not self._stamp_ready:
+            self._conn.exec_driver_sql(_create_sql(_CREATE_STAMP, self._engine.dialect))
+        return self._select_stamp(known_to_exist=True) if held is None else held
+
     def _progress_ids(self) -> list[str]:
         exists = self._conn.execute(table_exists(self._dialect, backfill.PROGRESS_TABLE))
         return backfill.ids(self._conn, bool(exists.scalar()))
 
     def in_progress(self) -> list[str]:
         """See :meth:`byod.targets.base.Target.in_progress`."""
+        self._check_control_plane()
         try:
-            with self._dialect.reading(self._conn):
+            with self._reading():
                 return self._progress_ids()
         except SQLAlchemyError as exc:
             raise self._lost("reading the steps in progress", exc) from exc
@@ -432,6 +454,7 @@ class SqlTarget:
         """Forget the dirty markers (after an operator repaired the instance by hand)."""
         if not self._dialect.non_transactional_ddl:
             return []
+        self._check_control_plane()
         with self._conn.begin():
             markers = self._select_dirty()
             self._conn.execute(_dirty.delete())
@@ -447,7 +470,7 @@ class SqlTarget:
         if not self._dialect.non_transactional_ddl:
             return
         try:
-            with self._dialect.reading(self._conn):
+            with self._reading():
                 dirty = step.migration.id in self._select_dirty()
         except SQLAlchemyError:
             dirty = True  # cannot tell: assume the worst
@@ -461,6 +484,7 @@ class SqlTarget:
     def close(self) -> None:
         """Close the connection (and the engine, unless it is shared by every instance
         of its kind)."""
+        self._give_up_held()
         self._conn.close()
         if not self._dialect.shared_engine:
             self._engine.dispose()

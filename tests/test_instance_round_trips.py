@@ -1,0 +1,98 @@
+"""What a run asks of each instance: its stamp read once, in the transaction of the first
+step, with the lock (and, on a server, the control-plane check) in one statement."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+
+from byod.workspace import Workspace
+from tests.conftest import InstanceFactory
+from tests.test_fleet import fleet_of
+
+
+class InstanceStatements:
+    """Every statement byod sends to an instance (any engine but the control plane's)."""
+
+    def __init__(self, control_plane: sa.Engine) -> None:
+        self.control_plane = control_plane
+        self.sent: list[str] = []
+        self.transactions = 0
+
+    def statement(self, conn: sa.Connection, _cursor: object, text: str, *_: object) -> None:
+        if conn.engine.url != self.control_plane.url:
+            self.sent.append(" ".join(text.split()))
+
+    def begin(self, conn: sa.Connection) -> None:
+        if conn.engine.url != self.control_plane.url:
+            self.transactions += 1
+
+    def byods(self) -> list[str]:
+        """byod's own statements, by what they do (the migration's are left out)."""
+        kinds = []
+        for text in self.sent:
+            if text.startswith("BEGIN"):
+                kinds.append("begin")
+            elif "pg_try_advisory_xact_lock" in text or "sqlite_master" in text:
+                kinds.append("lock and look")
+            elif "to_regclass" in text or "byod_control_plane" in text:
+                kinds.append("control-plane check")
+            elif text.startswith("SELECT") and "byod_schema_stamp" in text:
+                kinds.append("stamp read")
+            elif "byod_schema_stamp" in text:
+                kinds.append("stamp write")
+        return kinds
+
+
+@pytest.fixture
+def statements(ws: Workspace) -> Iterator[InstanceStatements]:
+    seen = InstanceStatements(ws.engine)
+    event.listen(sa.engine.Engine, "before_cursor_execute", seen.statement)
+    event.listen(sa.engine.Engine, "begin", seen.begin)
+    try:
+        yield seen
+    finally:
+        event.remove(sa.engine.Engine, "before_cursor_execute", seen.statement)
+        event.remove(sa.engine.Engine, "begin", seen.begin)
+
+
+def test_a_step_reads_the_stamp_once_in_its_own_locked_transaction(
+    ws: Workspace, new_instance: InstanceFactory, statements: InstanceStatements
+) -> None:
+    (uid,), (url,) = fleet_of(ws, new_instance, 1)
+    runner = ws.runner()
+    assert runner.migrate(uid, to_version=1).ok
+    statements.sent.clear()
+    statements.transactions = 0
+    result = runner.migrate(uid, to_version=2)
+    assert result.ok and [s.status for s in result.steps] == ["completed"]
+    # one transaction: the lock and the stamp read, then the step and its stamp row
+    assert statements.transactions == 1
+    expected = ["lock and look", "stamp read", "stamp write"]
+    if url.startswith("sqlite"):
+        expected.insert(0, "begin")  # BEGIN IMMEDIATE, in-process
+    assert statements.byods() == expected, statements.sent
+    lock = next(
+        s for s in statements.sent if "pg_try_advisory_xact_lock" in s or "sqlite_master" in s
+    )
+    servers = url.startswith("postgresql") and ws.engine.dialect.name == "postgresql"
+    # two servers: whether the instance is the control plane is asked in the same statement
+    assert ("%(t1)s" in lock) is servers, lock
+
+
+def test_an_instance_at_head_is_read_and_let_go(
+    ws: Workspace, new_instance: InstanceFactory, statements: InstanceStatements
+) -> None:
+    (uid,), _ = fleet_of(ws, new_instance, 1)
+    runner = ws.runner()
+    assert runner.migrate(uid).ok
+    statements.sent.clear()
+    again = runner.migrate(uid)
+    assert again.ok and again.steps == ()
+    assert "stamp write" not in statements.byods()
+    assert statements.byods().count("stamp read") == 1
+    # the lock was given back: another runner takes it at once
+    assert runner.migrate(uid).ok
