@@ -239,8 +239,8 @@ class RoundTrips:
     """Counts control-plane round trips.
 
     PostgreSQL: every statement, plus BEGIN and COMMIT of a real transaction. SQLite is
-    in-process, so its unit of cost is a transaction: each autocommit statement, and
-    each real transaction as one.
+    in-process, so its unit of cost is one use of a connection (a read, a single-statement
+    write, or a transaction of several), each one "begin" of SQLAlchemy's.
     """
 
     def __init__(self, engine: sa.Engine) -> None:
@@ -255,15 +255,15 @@ class RoundTrips:
         return conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
 
     def _statement(self, conn: sa.Connection, *args: object) -> None:
-        if self.network or self._autocommit(conn):
+        if self.network:
             self.count += 1
 
     def _begin(self, conn: sa.Connection) -> None:
-        if self.network and not self._autocommit(conn):
+        if not self.network or not self._autocommit(conn):
             self.count += 1
 
     def _commit(self, conn: sa.Connection) -> None:
-        if not self._autocommit(conn):
+        if self.network and not self._autocommit(conn):
             self.count += 1
 
 

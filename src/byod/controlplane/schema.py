@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import secrets
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,8 @@ def open_engine(url: str) -> sa.Engine:
     kwargs: dict[str, Any] = {"pool_recycle": 600, "pool_size": POOL_SIZE, "max_overflow": 0}
     if parsed.get_backend_name() == "sqlite":
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+    if parsed.get_backend_name() == "postgresql":
+        kwargs["use_native_hstore"] = False  # no type lookup at the first connect
     try:
         engine = sa.create_engine(parsed, **kwargs)
     except (SQLAlchemyError, ImportError) as exc:
@@ -298,9 +301,13 @@ def control_plane_id(engine: sa.Engine) -> str | None:
     """This control plane's id, or None before ``byod init`` gave it one (or when it
     cannot be read: the tables' absence is reported by whoever needs them)."""
     try:
-        return _known_id(engine)
+        with _ID_LOCK:  # the first workers of a run would all ask at once
+            return _known_id(engine)
     except LookupError:
         return None
+
+
+_ID_LOCK = threading.Lock()
 
 
 #: control plane id -> its SQLite file ("" for a server or in-memory one), for each control

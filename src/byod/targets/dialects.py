@@ -167,7 +167,10 @@ def _postgres_options(url: URL, timeout: float, ssl_ca: str | None) -> tuple[URL
         args["password"] = ""
     if ssl_ca and url.query.get("sslmode") in ("verify-ca", "verify-full"):
         args["sslrootcert"] = ssl_ca  # the operator's, never the URL's
-    return url, {"connect_args": args}
+    # no hstore lookup at the first connect (four round trips while every other worker
+    # waits): the engine is shared by every instance, and an OID found in the first
+    # instance's database would be wrong in the next; HSTORE columns still work
+    return url, {"connect_args": args, "use_native_hstore": False}
 
 
 def _postgres_lock(conn: sa.Connection, timeout_ms: int | None, durable: bool = True) -> None:
