@@ -578,8 +578,12 @@ def _stop_workers(processes: list[subprocess.Popen[bytes]], queue: str) -> None:
 def at_head(args: argparse.Namespace, workdir: Path) -> None:
     """A fleet already at head: `byod migrate --all` must touch no instance at all."""
     url = f"sqlite:///{workdir / 'control-at-head.db'}"
+    from byod.registry import Registry
+    from byod.settings import bundled_migrations_dir
+
+    head = Registry.load(bundled_migrations_dir()).head  # the migrations the command uses
     missing = [f"sqlite:///{workdir / 'nowhere' / f'{n}.db'}" for n in range(args.at_head)]
-    _byod_control_plane(url, missing, 2)  # instances that do not even exist
+    _byod_control_plane(url, missing, head)  # instances that do not even exist
     env = {**os.environ, "BYOD_DATABASE_URL": url, "BYOD_ENCRYPTION_KEY": KEY}
     started = time.perf_counter()
     done = subprocess.run(

@@ -3,14 +3,21 @@ step, with the lock (and, on a server, the control-plane check) in one statement
 
 from __future__ import annotations
 
+import threading
+import uuid
 from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.pool import NullPool
 
+from byod.controlplane import history
+from byod.fleet import FleetEvent, UserFinished, migrate_fleet
+from byod.spec import FleetOptions
 from byod.workspace import Workspace
-from tests.conftest import InstanceFactory
+from tests.conftest import InstanceFactory, ServerDatabases
+from tests.helpers import add_connected, schema_version
 from tests.test_fleet import fleet_of
 
 
@@ -96,3 +103,53 @@ def test_an_instance_at_head_is_read_and_let_go(
     assert statements.byods().count("stamp read") == 1
     # the lock was given back: another runner takes it at once
     assert runner.migrate(uid).ok
+
+
+@pytest.fixture
+def one_slot_role(pg: ServerDatabases) -> Iterator[tuple[str, sa.Engine]]:
+    """A database owned by a role allowed one connection at a time; its URL as that role,
+    and the server's admin engine."""
+    url = sa.make_url(pg.create())
+    role = f"byod_slots_{uuid.uuid4().hex[:8]}"
+    with pg.admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 1'))
+        conn.execute(sa.text(f'ALTER DATABASE "{url.database}" OWNER TO "{role}"'))
+    try:
+        yield url.set(username=role).render_as_string(hide_password=False), pg.admin
+    finally:
+        with pg.admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
+            conn.execute(sa.text(f'DROP ROLE IF EXISTS "{role}"'))
+
+
+def test_a_server_out_of_connection_slots_is_retried_never_a_failed_user(
+    cws: Workspace, one_slot_role: tuple[str, sa.Engine]
+) -> None:
+    url, _ = one_slot_role
+    uid = add_connected(cws, url, "crowded")
+    holder = sa.create_engine(
+        url.replace("postgresql://", "postgresql+psycopg://"), poolclass=NullPool
+    )
+    held = holder.connect()  # the role's only slot
+    events: list[FleetEvent] = []
+    timer = threading.Timer(1.5, held.close)  # a slot frees up while the run retries
+    timer.start()
+    try:
+        options = FleetOptions(retries=6, retry_base_seconds=0.3, retry_cap_seconds=1.0)
+        summary = migrate_fleet(cws.runner(), options=options, on_event=events.append)
+    finally:
+        timer.cancel()
+        held.close()
+        holder.dispose()
+    assert (summary.succeeded, summary.failed) == (1, 0), summary.errors
+    finished = [e for e in events if isinstance(e, UserFinished)]
+    assert finished[0].tries > 1  # refused for want of a slot first, then retried
+    assert schema_version(cws, uid) == cws.runner().registry.head
+    rows = history(cws.engine, uid)  # newest first
+    refused = [row for row in rows if row.status == "failed"]
+    # the refusal left a trace where operators look (one row, updated by each retry),
+    # as a busy instance, never marking the instance unreachable
+    assert len(refused) == 1 and "no connection slot free" in (refused[0].error or "")
+    assert (refused[0].error or "").startswith("BusyError")
+    assert all(row.status == "completed" for row in rows if row is not refused[0])
+    assert cws.directory.get_config(uid).connection_status == "connected"

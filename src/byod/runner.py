@@ -276,6 +276,8 @@ class Runner:
         except SettingsError as exc:  # the instance is the control plane: nothing touched
             self.directory.set_status(user.id, "error", error=exc.message)
             return self._refused(user, config, make_plan, exc)
+        except BusyError as exc:  # no connection slot free: the server is there, and full
+            return self._refused(user, config, make_plan, exc)
         try:
             try:
                 current, recovered = self._reconcile(user, config, self._read_stamp(target))

@@ -14,11 +14,29 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
-from byod.errors import SettingsError, UnreachableError
+from byod.errors import BusyError, SettingsError, UnreachableError
 from byod.settings import safe_url
 from byod.targets.dialects import Dialect
 
 __all__ = ["connect", "describe_error"]
+
+#: The server refused a connection for want of a free slot: PostgreSQL's SQLSTATE
+#: too_many_connections (server, database or role limit); MySQL's and MariaDB's
+#: ER_CON_COUNT_ERROR and ER_TOO_MANY_USER_CONNECTIONS
+_PG_NO_SLOT = "53300"
+_MYSQL_NO_SLOT = (1040, 1203)
+
+
+def _no_slot_free(exc: SQLAlchemyError) -> bool:
+    orig = getattr(exc, "orig", None)
+    if orig is None:
+        return False
+    if getattr(orig, "sqlstate", None) == _PG_NO_SLOT:
+        return True
+    if "too many connections" in str(orig).lower():  # libpq's refusal before a SQLSTATE
+        return True
+    code = orig.args[0] if orig.args else None
+    return code in _MYSQL_NO_SLOT
 
 
 def describe_error(exc: BaseException) -> str:
@@ -88,6 +106,11 @@ def connect(
     try:
         return engine, engine.connect()
     except SQLAlchemyError as exc:
+        if _no_slot_free(exc):
+            raise BusyError(
+                f"instance {safe_url(url)} has no connection slot free (its server's "
+                f"connection limit): {describe_error(exc)}"
+            ) from exc
         raise UnreachableError(
             f"instance {safe_url(url)} is unreachable: {describe_error(exc)}"
         ) from exc
