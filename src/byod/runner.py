@@ -37,6 +37,7 @@ from byod.errors import (
     UnreachableError,
 )
 from byod.instance_url import InstancePolicy
+from byod.logs import fields
 from byod.notify import Notice, Notifier, log_notice, safe_notify
 from byod.phased import Batching, PhaseBodies, run_phased
 from byod.refusals import refuse_disconnected, refuse_in_progress, refuse_irreversible
@@ -369,7 +370,12 @@ class Runner:
         for index, step in enumerate(plan.steps):
             mig = step.migration
             log.info(
-                "user %s: %s %s started (attempt %d)", user.id, mig.id, step.direction, attempt
+                "user %s: %s %s started (attempt %d)",
+                user.id,
+                mig.id,
+                step.direction,
+                attempt,
+                extra=self._fields(user, step, attempt=attempt, outcome="started"),
             )
             started = time.perf_counter()
             try:
@@ -402,6 +408,7 @@ class Runner:
                 status,
                 attempt,
                 seconds,
+                extra=self._fields(user, step, attempt=attempt, seconds=seconds, outcome=status),
             )
             results.append(
                 StepResult(mig.id, mig.version, step.direction, status, seconds, rows=rows)
@@ -435,6 +442,9 @@ class Runner:
             attempt,
             seconds,
             text,
+            extra=self._fields(
+                user, step, attempt=attempt, seconds=seconds, outcome="failed", error=exc
+            ),
         )
         if isinstance(exc, UnreachableError):
             self._unreachable(user, exc)
@@ -555,9 +565,47 @@ class Runner:
     def _gave_up(
         self, user: User, version: int, exc: ByodError, *, steps: tuple[StepResult, ...] = ()
     ) -> UserResult:
-        log.error("user %s: %s: %s", user.id, type(exc).__name__, exc.message)
+        first = steps[0] if steps else None
+        log.error(
+            "user %s: %s: %s",
+            user.id,
+            type(exc).__name__,
+            exc.message,
+            extra=fields(
+                run_id=self.run_id,
+                user_id=user.id,
+                clerk_id=user.clerk_id,
+                migration=first.migration_id if first else None,
+                direction=first.direction if first else None,
+                outcome="refused",
+                error=type(exc).__name__,
+            ),
+        )
         failure = type(exc)(f"user {user.id} ({user.clerk_id}): {exc.message}", hint=exc.hint)
         return UserResult(user.id, user.clerk_id, version, version, steps, failure)
+
+    def _fields(
+        self,
+        user: User,
+        step: Step,
+        *,
+        attempt: int,
+        outcome: str,
+        seconds: float | None = None,
+        error: ByodError | None = None,
+    ) -> dict[str, object]:
+        """The event fields of one step's log record (``--log-format json``)."""
+        return fields(
+            run_id=self.run_id,
+            user_id=user.id,
+            clerk_id=user.clerk_id,
+            migration=step.migration.id,
+            direction=step.direction,
+            attempt=attempt,
+            duration_ms=None if seconds is None else round(seconds * 1000, 1),
+            outcome=outcome,
+            error=None if error is None else type(error).__name__,
+        )
 
     def _unreachable(self, user: User, exc: ByodError) -> None:
         self.directory.set_status(user.id, "error", error=exc.message)

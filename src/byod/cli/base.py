@@ -13,6 +13,7 @@ import typer
 import typer.core
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.text import Text
 
 from byod.errors import InputError, SettingsError
 from byod.spec import DEFAULT_CONCURRENCY, FleetOptions
@@ -85,6 +86,18 @@ Version = Annotated[
 All = Annotated[bool, typer.Option("--all", help="Every eligible user.")]
 
 
+def say(text: str, *, level: int = logging.INFO, error: str | None = None) -> None:
+    """A message for the operator on stderr (Rich markup); with ``--log-format json``,
+    a log record instead, so stderr stays one JSON object per line."""
+    from byod.logs import fields, json_on_stderr
+
+    if json_on_stderr():
+        plain = Text.from_markup(text).plain
+        logging.getLogger("byod.cli").log(level, "%s", plain, extra=fields(error=error))
+        return
+    err.print(text)
+
+
 def workspace_for(
     database_url: str | None, migrations: Path | None, *, create_key: bool = False
 ) -> Workspace:
@@ -123,15 +136,40 @@ def _root(
             help="Append every step's log here [env: BYOD_LOG_FILE].",
         ),
     ] = None,
+    log_format: Annotated[
+        str | None,
+        typer.Option(
+            "--log-format",
+            metavar="text|json",
+            help="json: one JSON object per event on stderr (and in --log-file), every "
+            "step at INFO [env: BYOD_LOG_FORMAT; default: text].",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Logging: off on stderr unless -v or BYOD_LOG_LEVEL (errors are printed anyway);
-    a log file, when named, gets every step at INFO."""
+    a log file, when named, gets every step at INFO. ``--log-format json``: every event
+    on stderr as JSON, and nothing else there."""
+    from byod.logs import LOG_FORMATS, JsonFormatter
+
+    chosen = (log_format or os.environ.get("BYOD_LOG_FORMAT") or "text").strip().lower()
+    if chosen not in LOG_FORMATS:
+        raise SettingsError(
+            f"unknown log format {chosen!r}: use {' or '.join(LOG_FORMATS)} "
+            "(--log-format or BYOD_LOG_FORMAT)"
+        )
+    as_json = chosen == "json"
     logger = logging.getLogger("byod")
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.INFO)
     level_name = "INFO" if verbose else os.environ.get("BYOD_LOG_LEVEL", "").upper()
-    if level_name:
+    if as_json:
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(JsonFormatter())
+        stream.setLevel(getattr(logging, level_name or "INFO", logging.INFO))
+        logger.addHandler(stream)
+    elif level_name:
         handler = RichHandler(console=err, show_path=False, markup=False, rich_tracebacks=False)
         handler.setLevel(getattr(logging, level_name, logging.INFO))
         logger.addHandler(handler)
@@ -144,7 +182,9 @@ def _root(
                 f"cannot write the log file {file_name}: {exc.strerror or exc}"
             ) from exc
         file_handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s %(threadName)s: %(message)s")
+            JsonFormatter()
+            if as_json
+            else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(threadName)s: %(message)s")
         )
         logger.addHandler(file_handler)
     if not logger.handlers:

@@ -28,6 +28,7 @@ from byod.cli.base import (
     convex_app,
     err,
     out,
+    say,
     users_app,
     workspace_for,
 )
@@ -129,10 +130,12 @@ def connect(
     kind = reach.error_type or "UnreachableError"
     error_class = getattr(errors, kind, None)
     hint = getattr(error_class, "hint", "") or "Check the URL and that the instance is up."
-    err.print(
+    say(
         f"[red]error:[/] {kind}: {render.plain(reach.error or '')}\n"
         f"[dim]hint:[/] {escape(hint)} The config is stored (status error); "
-        "`byod connect` again replaces it."
+        "`byod connect` again replaces it.",
+        level=logging.ERROR,
+        error=kind,
     )
     raise typer.Exit(1)
 
@@ -258,7 +261,7 @@ def serve(
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
         access.addHandler(handler)
-    err.print(f"byod serving on http://{host}:{port} (dashboard: /dashboard)")
+    say(f"byod serving on http://{host}:{port} (dashboard: /dashboard)")
     # forwarded headers are the app's decision (BYOD_FORWARDED_ALLOW_IPS), and so is the
     # access log (uvicorn's would print query strings)
     uvicorn.run(

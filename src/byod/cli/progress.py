@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import TYPE_CHECKING, TypeVar
 
@@ -20,6 +21,7 @@ from rich.progress import (
 from rich.text import Text
 
 from byod.cli import render
+from byod.logs import fields, json_on_stderr
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
 __all__ = ["finish_user", "print_error", "print_summary", "run_fleet"]
 
 T = TypeVar("T")
+
+_cli_log = logging.getLogger("byod.cli")
 
 
 def finish_user(out: Console, err: Console, result: UserResult, json_out: bool, verb: str) -> None:
@@ -82,7 +86,7 @@ def run_fleet(
         _RateColumn(),
         TimeRemainingColumn(),
         console=err,
-        disable=not err.is_terminal,
+        disable=not err.is_terminal or json_on_stderr(),
     )
     task = progress.add_task("migrating", total=None, failed=0, unit="users")
     failed = 0
@@ -152,8 +156,13 @@ class _RateColumn(ProgressColumn):
 def print_summary(out: Console, err: Console, summary: FleetSummary, json_out: bool) -> None:
     if json_out:
         out.print(render.dump({"summary": summary.as_dict()}))
+    else:
+        out.print(f"run {summary.run_id} {summary.state}: {render.counts_line(summary)}")
+    if json_on_stderr():  # each failure is in the log already, one record per user
+        _log_run_end(summary)
         return
-    out.print(f"run {summary.run_id} {summary.state}: {render.counts_line(summary)}")
+    if json_out:
+        return
     if summary.halt_reason:
         err.print(f"[yellow]halted:[/] {escape(summary.halt_reason)}")
     for error in summary.errors:
@@ -161,9 +170,27 @@ def print_summary(out: Console, err: Console, summary: FleetSummary, json_out: b
         err.print(f"[red]failed:[/] {render.plain(error.user)}{where}: {render.plain(error.error)}")
 
 
+def _log_run_end(summary: FleetSummary) -> None:
+    level = logging.INFO if summary.state == "completed" and not summary.failed else logging.WARNING
+    reason = f" ({summary.halt_reason})" if summary.halt_reason else ""
+    _cli_log.log(
+        level,
+        "run %s %s%s: %s",
+        summary.run_id,
+        summary.state,
+        reason,
+        render.counts_line(summary),
+        extra=fields(run_id=summary.run_id, outcome=summary.state),
+    )
+
+
 def print_error(err: Console, error: ByodError) -> None:
     """``error: ErrorClass: message`` (the class is what the README's error table lists),
-    then the hint."""
+    then the hint; with ``--log-format json``, one JSON record instead."""
+    if json_on_stderr():
+        hint = f" (hint: {error.hint})" if error.hint else ""
+        _cli_log.error("%s%s", error.message, hint, extra=fields(error=type(error).__name__))
+        return
     err.print(f"[red]error:[/] {type(error).__name__}: {render.plain(error.message)}")
     if error.hint:
         err.print(f"[dim]hint:[/] {render.plain(error.hint)}")

@@ -34,6 +34,7 @@ from byod.cli.base import (
     out,
     refuse_fleet_only,
     runs_app,
+    say,
     single_options,
     user_list,
     workspace_for,
@@ -218,7 +219,7 @@ def _print_started(run_id: str, json_out: bool) -> None:
         out.print(render.dump({"run_id": run_id}))
     else:
         out.print(run_id)
-        err.print(f"run {run_id} started; watch it with `byod runs show {run_id} --follow`")
+        say(f"run {run_id} started; watch it with `byod runs show {run_id} --follow`")
 
 
 def _follow(ws: Workspace, run_id: str, json_out: bool, *, stop_on_interrupt: bool) -> None:
@@ -320,7 +321,7 @@ def runs_show(
         try:
             _follow(ws, run, json_out, stop_on_interrupt=False)
         except KeyboardInterrupt:
-            err.print(f"stopped watching; run {run} goes on")
+            say(f"stopped watching; run {run} goes on")
             raise typer.Exit(130) from None
         return
     details = commands.show_run(ws, run)

@@ -31,6 +31,7 @@ from byod.fleet.outcome import Settled, settle
 from byod.fleet.pools import ProcessPool, WorkerSetup, in_worker
 from byod.fleet.selection import Item, limited, outdated, require_key, size_selection
 from byod.fleet.summary import FleetEvent, FleetStarted, FleetSummary, UserFinished
+from byod.logs import fields
 from byod.notify import log_notice
 from byod.phased import Batching
 from byod.runner import Runner
@@ -287,6 +288,7 @@ class _FleetRun:
         setattr(summary, settled.outcome, getattr(summary, settled.outcome) + 1)
         if settled.error is not None:
             summary.errors.append(settled.error)
+        _log_outcome(summary.run_id, settled)
         if settled.result is not None:
             self.on_event(UserFinished(settled.result, settled.outcome, settled.tries))
 
@@ -303,6 +305,30 @@ class _FleetRun:
             log.warning("fleet run %s halted: %s", summary.run_id, reason)
             summary.state, summary.halt_reason = "halted", reason
             self.stop.set()
+
+
+def _log_outcome(run_id: str, settled: Settled) -> None:
+    """One record per user of the run: how it ended, after how many tries."""
+    result, user = settled.result, settled.user
+    error = None if result is None or result.error is None else result.error
+    log.log(
+        logging.INFO if settled.outcome in ("succeeded", "up_to_date") else logging.WARNING,
+        "user %s (%s): %s after %d tries",
+        user.id,
+        user.clerk_id,
+        settled.outcome,
+        settled.tries,
+        extra=fields(
+            run_id=run_id,
+            user_id=user.id,
+            clerk_id=user.clerk_id,
+            migration=None if result is None else result.failed_migration,
+            attempt=settled.tries,
+            duration_ms=None if result is None else round(result.seconds * 1000, 1),
+            outcome=settled.outcome,
+            error=None if error is None else type(error).__name__,
+        ),
+    )
 
 
 def _hook_spec(notify: Callable[..., None]) -> str | None:

@@ -1,0 +1,67 @@
+"""Log records as one JSON object per line (``--log-format json``), for operators' log
+pipelines; and the fields byod's own records carry for it.
+
+A record's fields come from ``extra=`` (see :func:`fields`); the message itself is the
+plain-text line, already scrubbed of secrets by whoever wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+
+__all__ = ["FIELDS", "LOG_FORMATS", "JsonFormatter", "fields", "json_on_stderr"]
+
+#: The event fields a record may carry, in the order they are written.
+FIELDS = (
+    "run_id",
+    "user_id",
+    "clerk_id",
+    "migration",
+    "direction",
+    "attempt",
+    "duration_ms",
+    "outcome",
+    "error",
+)
+LOG_FORMATS = ("text", "json")
+
+
+def fields(**values: object) -> dict[str, object]:
+    """``extra=`` for a log call: the event fields given, Nones left out."""
+    unknown = set(values) - set(FIELDS)
+    assert not unknown, unknown
+    return {name: value for name, value in values.items() if value is not None}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ``ts`` (RFC 3339, UTC), ``level``, ``logger``,
+    ``message`` and whichever of :data:`FIELDS` the record carries; an exception's
+    class as ``error`` (never its traceback, which may hold values)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        event: dict[str, object] = {
+            "ts": stamp.replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                event[name] = value
+        if record.exc_info and record.exc_info[0] is not None and "error" not in event:
+            event["error"] = record.exc_info[0].__name__
+        return json.dumps(event, ensure_ascii=False, default=str)
+
+
+def json_on_stderr() -> bool:
+    """Whether byod's log goes to stderr as JSON (then stderr carries nothing else)."""
+    return any(
+        isinstance(handler.formatter, JsonFormatter)
+        and getattr(handler, "stream", None) is sys.stderr
+        for handler in logging.getLogger("byod").handlers
+    )
