@@ -71,13 +71,22 @@ class Cluster:
         queues: list[str] | None = None,
         extra_env: dict[str, str] | None = None,
         name: str | None = None,
+        args: tuple[str, ...] = (),
     ) -> subprocess.Popen[bytes]:
         """A ``byod worker`` process in its own process group; returns once it is ready."""
         names = queues or [self.queue]
         self.queues.update(names)
         log = self.folder.parent / f"worker-{name or len(self.workers)}.log"
         process = subprocess.Popen(
-            [BYOD, "worker", "--concurrency", str(concurrency), "--queues", ",".join(names)],
+            [
+                BYOD,
+                "worker",
+                "--concurrency",
+                str(concurrency),
+                "--queues",
+                ",".join(names),
+                *args,
+            ],
             env={**self.env, **(extra_env or {})},
             cwd=self.folder.parent,
             stdout=log.open("wb"),

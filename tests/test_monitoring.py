@@ -1,16 +1,30 @@
-"""Operating byod like a service: structured logs (``--log-format json``)."""
+"""Operating byod like a service: structured logs (``--log-format json``) and Prometheus
+metrics (``byod serve``'s ``/metrics``, ``byod worker --metrics-port``)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 
-from tests.conftest import TEST_KEY, execute
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+import byod
+from tests.conftest import TEST_KEY, execute, make_workspace
+from tests.distributed_kit import BYOD, Cluster, sqlite_fleet, wait_for
+from tests.helpers import add_connected
+from tests.migration_sets import counter_migrations
+from tests.test_api import SECRET, bearer, token
+from tests.test_api_server import _free_port as free_port
+from tests.test_api_server import serve
 from tests.test_cli import Cli, counter_fleet
 from tests.test_instance_url import closed_port
 
-SECRET = "pw-s3cret-77"
+PASSWORD = "pw-s3cret-77"
+ROOT = Path(__file__).resolve().parent.parent  # the migrations import tests.gates
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
@@ -21,7 +35,7 @@ def fleet_with_failures(tmp_path: Path) -> tuple[Cli, dict[str, str]]:
     env = counter_fleet(cli, tmp_path)
     execute(f"sqlite:///{tmp_path / 'b.db'}", "CREATE TABLE bumped (id INTEGER)")
     assert cli("users", "add", "--clerk-id", "d").code == 0
-    url = f"postgresql://app:{SECRET}@127.0.0.1:{closed_port()}/d"
+    url = f"postgresql://app:{PASSWORD}@127.0.0.1:{closed_port()}/d"
     assert cli("connect", "d", "--url", url, "--timeout", "2").code == 1  # stored, status error
     return Cli(tmp_path, real_process=True, BYOD_ENCRYPTION_KEY=TEST_KEY), env
 
@@ -44,7 +58,7 @@ def test_json_logs_of_a_run_with_failures_are_one_object_per_line_with_its_field
     summary = json.loads(run.out.splitlines()[-1])["summary"]  # stdout stays --json's
     assert (summary["succeeded"], summary["failed"]) == (2, 2)
     logged = records(run.err)
-    assert SECRET not in run.err and SECRET not in run.out
+    assert PASSWORD not in run.err and PASSWORD not in run.out
     for record in logged:
         assert RFC3339_UTC.match(str(record["ts"])), record
         assert record["level"] in ("debug", "info", "warning", "error", "critical")
@@ -92,3 +106,146 @@ def test_the_log_format_comes_from_the_environment_and_a_bad_one_is_refused(
     assert "Traceback" not in bad.err
     text = cli("migrate", "c", **env)  # text stays the default: nothing logged on stderr
     assert text.code == 0 and text.err == ""
+
+
+# -- Prometheus metrics ----------------------------------------------------------------
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(url: str, headers: dict[str, str] | None = None) -> Samples:
+    """Every sample of a /metrics page, parsed by prometheus-client's own parser."""
+    answer = httpx.get(url, headers=headers or {}, timeout=10)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith("text/plain")
+    found: Samples = {}
+    for family in text_string_to_metric_families(answer.text):
+        for sample in family.samples:
+            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return found
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels`` (0 if none)."""
+    wanted = set(labels.items())
+    return sum(v for (n, have), v in samples.items() if n == name and wanted <= have)
+
+
+def held_fleet(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """Users a, b, c, d on the counter migrations (d's data breaks 003), whose 002 waits
+    two seconds inside its transaction (after touching a file in the hold folder)."""
+    migrations = counter_migrations(tmp_path / "migrations")
+    control = f"sqlite:///{tmp_path / 'control.db'}"
+    ws = make_workspace(control, migrations)
+    for name in "abcd":
+        (tmp_path / f"{name}.db").touch()
+        add_connected(ws, f"sqlite:///{tmp_path / f'{name}.db'}", name)
+    execute(f"sqlite:///{tmp_path / 'd.db'}", "CREATE TABLE break_me (id INTEGER)")
+    ws.directory.add_user("ops")
+    ws.engine.dispose()
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BYOD_")}
+    here = str(Path(byod.__file__).resolve().parents[1])
+    env = clean | {
+        "PYTHONPATH": os.pathsep.join([here, str(ROOT), *filter(None, [clean.get("PYTHONPATH")])]),
+        "BYOD_DATABASE_URL": control,
+        "BYOD_MIGRATIONS": str(migrations),
+        "BYOD_ENCRYPTION_KEY": TEST_KEY,
+        "BYOD_JWT_SECRET": SECRET,
+        "BYOD_TEST_HOLD_DIR": str(hold),
+        "BYOD_TEST_HOLD_SECONDS": "2",
+    }
+    return env, hold
+
+
+def test_serve_metrics_rise_during_a_run_and_equal_its_summary_after(tmp_path: Path) -> None:
+    env, hold = held_fleet(tmp_path)
+    ops = bearer(token("ops", admin=True))
+    with serve(env, tmp_path) as served:
+        metrics_url = f"{served.url}/metrics"
+        assert httpx.get(metrics_url, timeout=10).status_code == 401  # operators only
+        user_token = bearer(token("a"))
+        assert httpx.get(metrics_url, headers=user_token, timeout=10).status_code == 403
+        before = scrape(metrics_url, ops)
+        assert value(before, "byod_fleet_users", version="0") == 4
+        assert value(before, "byod_fleet_users_below_head") == 4
+        started = httpx.post(
+            f"{served.url}/v1/fleet/runs", headers=ops, json={"concurrency": 2}, timeout=30
+        )
+        assert started.status_code == 202, started.text
+        run_id = started.json()["run_id"]
+        wait_for(lambda: len(list(hold.iterdir())) >= 2, 30, "two users inside 002")
+        during = scrape(metrics_url, ops)
+        assert value(during, "byod_users_in_flight") == 2
+        assert value(during, "byod_runs_running") == 1
+        assert value(during, "byod_steps_total", migration="001_create", outcome="completed") >= 2
+        assert value(during, "byod_users_total") < 4  # still rising
+
+        def ended() -> bool:
+            shown = httpx.get(f"{served.url}/v1/fleet/runs/{run_id}", headers=ops, timeout=10)
+            return shown.json()["state"] != "running"
+
+        wait_for(ended, 60, "the run to end")
+        run = httpx.get(f"{served.url}/v1/fleet/runs/{run_id}", headers=ops, timeout=10).json()
+        after = scrape(metrics_url, ops)
+    assert (run["succeeded"], run["failed"]) == (3, 1)
+    assert value(after, "byod_users_total", outcome="succeeded", target_kind="sqlite") == 3
+    assert value(after, "byod_users_total", outcome="failed", target_kind="sqlite") == 1
+    assert value(after, "byod_users_total") == run["succeeded"] + run["failed"]
+    completed = {"outcome": "completed", "direction": "up", "target_kind": "sqlite"}
+    assert value(after, "byod_steps_total", migration="001_create", **completed) == 4
+    assert value(after, "byod_steps_total", migration="002_bump", **completed) == 4
+    assert value(after, "byod_steps_total", migration="003_fragile", **completed) == 3
+    assert value(after, "byod_steps_total", migration="003_fragile", outcome="failed") == 1
+    held = {"migration": "002_bump", "target_kind": "sqlite"}
+    assert value(after, "byod_step_duration_seconds_count", **held) == 4
+    assert value(after, "byod_step_duration_seconds_sum", **held) >= 8  # 2 s each
+    assert value(after, "byod_users_in_flight") == 0
+    assert value(after, "byod_runs_running") == 0
+    assert value(after, "byod_runs_started_total", kind="fleet") == 1
+    assert value(after, "byod_fleet_users", version="3") == 3
+    assert value(after, "byod_fleet_users", version="2") == 1
+    labels = {label for (_, have) in after for label, _ in have}
+    assert not labels & {"user", "user_id", "clerk_id", "run_id", "run"}
+
+
+def test_a_worker_serves_its_pool_processes_metrics_added_up(redis_cluster: Cluster) -> None:
+    cluster = redis_cluster
+    sqlite_fleet(cluster, 4)
+    execute(f"sqlite:///{cluster.folder.parent / 'u3.db'}", "CREATE TABLE break_me (id INTEGER)")
+    hold = cluster.folder.parent / "hold"
+    hold.mkdir()
+    port = free_port()
+    cluster.start_worker(
+        concurrency=2,
+        args=("--metrics-port", str(port)),
+        extra_env={"BYOD_TEST_HOLD_DIR": str(hold), "BYOD_TEST_HOLD_SECONDS": "2"},
+    )
+    metrics_url = f"http://127.0.0.1:{port}/metrics"
+    started = subprocess.Popen(
+        [BYOD, "migrate", "--all", "--distributed", "--retries", "0", "--json"],
+        env=cluster.env,
+        cwd=cluster.folder.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: len(list(hold.iterdir())) >= 2, 60, "two users inside 002")
+        during = scrape(metrics_url)
+        # two pool processes, each holding a user: the gauge adds them up
+        assert value(during, "byod_users_in_flight") == 2
+        out, err = started.communicate(timeout=120)
+    finally:
+        if started.poll() is None:
+            started.kill()
+    summary = json.loads(out.splitlines()[-1])["summary"]
+    assert (summary["succeeded"], summary["failed"]) == (3, 1), err
+    after = scrape(metrics_url)
+    assert value(after, "byod_users_total", outcome="succeeded") == summary["succeeded"]
+    assert value(after, "byod_users_total", outcome="failed") == summary["failed"]
+    assert value(after, "byod_steps_total", migration="002_bump", outcome="completed") == 4
+    assert value(after, "byod_steps_total", migration="003_fragile", outcome="failed") == 1
+    assert value(after, "byod_step_duration_seconds_count", migration="002_bump") == 4
+    assert value(after, "byod_users_in_flight") == 0

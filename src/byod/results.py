@@ -56,6 +56,8 @@ class UserResult:
     steps: tuple[StepResult, ...] = ()
     error: ByodError | None = field(default=None, compare=False)
     seconds: float = field(default=0.0, compare=False)
+    #: the kind of the user's instance, where the control plane says (for metrics)
+    target_kind: str | None = field(default=None, compare=False)
 
     @property
     def ok(self) -> bool:

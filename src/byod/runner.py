@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
+from byod import metrics
 from byod.context import Bodies
 from byod.controlplane import Config, Directory, Ledger, User
 from byod.controlplane.schema import control_plane_id
@@ -230,15 +231,18 @@ class Runner:
         try:
             config = self.directory.claim_lease(user.id, self.owner, self.lease_seconds)
         except BusyError as exc:
+            kind = None
             try:  # what the control plane says, for the user's line
-                version = self.directory.get_config(user.id).schema_version
+                held = self.directory.get_config(user.id)
+                version, kind = held.schema_version, held.target_kind
             except ByodError:
                 version = 0
-            return self._gave_up(user, version, exc)
+            return dataclasses.replace(self._gave_up(user, version, exc), target_kind=kind)
         lease = _Lease()
         try:
             with self.directory.keep_lease(user.id, self.owner, self.lease_seconds):
-                return self._run_leased(user, config, make_plan, lease, deadline)
+                result = self._run_leased(user, config, make_plan, lease, deadline)
+                return dataclasses.replace(result, target_kind=config.target_kind)
         finally:
             if not lease.released:
                 try:
@@ -330,6 +334,7 @@ class Runner:
         if config.open_rows:
             settled = self.ledger.settle_orphans(user.id, applied)
             log.warning("user %s: settled %d rows left by a lost runner", user.id, len(settled))
+            metrics.LEASE_TAKEOVERS.inc()
             for row in settled:
                 migration = self.registry.get(row.migration_id)
                 mine = row.run_id is not None and row.run_id == self.run_id
@@ -385,6 +390,12 @@ class Runner:
             except ByodError as exc:
                 seconds = time.perf_counter() - started
                 failure = self._step_failed(user, plan, index, exc, credentials, attempt, seconds)
+                for failed in failure.steps:
+                    outcome = metrics.STEPS.labels(
+                        failed.migration_id, failed.direction, target.kind, failed.status
+                    )
+                    outcome.inc()
+                metrics.STEP_SECONDS.labels(mig.id, target.kind).observe(seconds)
                 results.extend(failure.steps)
                 return dataclasses.replace(
                     failure, from_version=from_version, to_version=version, steps=tuple(results)
@@ -410,6 +421,8 @@ class Runner:
                 seconds,
                 extra=self._fields(user, step, attempt=attempt, seconds=seconds, outcome=status),
             )
+            metrics.STEPS.labels(mig.id, step.direction, target.kind, status).inc()
+            metrics.STEP_SECONDS.labels(mig.id, target.kind).observe(seconds)
             results.append(
                 StepResult(mig.id, mig.version, step.direction, status, seconds, rows=rows)
             )
@@ -482,7 +495,12 @@ class Runner:
         reported = [time.monotonic()]
         latest: list[tuple[int, int | None] | None] = [None]  # rows done, estimated total
 
+        counted = metrics.BACKFILL_ROWS.labels(migration.id, target.kind)
+
         def on_rows(rows: int, total: int | None) -> None:  # the ledger every few seconds
+            # the first call says where the step starts (or resumes): nothing done yet
+            done_before = latest[0][0] if latest[0] is not None else rows
+            counted.inc(max(0, rows - done_before))
             latest[0] = (rows, total)
             if self.on_rows is not None:
                 self.on_rows(RowsProgress(user.id, migration.id, rows, total))

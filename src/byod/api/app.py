@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from byod import commands
+from byod import commands, metrics
 from byod.api import problems
 from byod.api.auth import Authenticator, AuthSettings, Principal
 from byod.api.background import BackgroundRuns
@@ -31,6 +31,7 @@ from byod.api.models import (
     RunOut,
     RunStarted,
 )
+from byod.api.monitoring import CONTENT_TYPE, exposition
 from byod.controlplane import User
 from byod.errors import (
     ForbiddenError,
@@ -185,6 +186,7 @@ def start_fleet_run(
             )
         except SettingsError as exc:  # the server's set-up, not the caller's request
             raise UnavailableError(exc.message) from exc
+        metrics.RUNS_STARTED.labels("distributed").inc()
         return RunStarted(run_id=run_id)
     runs: BackgroundRuns = request.app.state.runs
     return RunStarted(
@@ -197,6 +199,12 @@ def fleet_run(ws: Ws, principal: Operator, run_id: str) -> RunOut:
     """A fleet run's progress: done, failed, remaining."""
     details = _run_or_404(ws, run_id)
     return RunOut.of(details.run, details.rows_done, details.rows_total)
+
+
+@router.get("/metrics", tags=["operators"], include_in_schema=False)
+def prometheus_metrics(ws: Ws, principal: Operator) -> Response:
+    """Prometheus metrics (an operator's token, as for every operator route)."""
+    return Response(exposition(ws), media_type=CONTENT_TYPE)
 
 
 @router.get("/v1/users/{user:path}/migrations", tags=["operators"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from byod import commands
+from byod import commands, metrics
 from byod.controlplane import User
 from byod.errors import BusyError, ByodError
 from byod.fleet import FleetEvent, FleetStarted, FleetSummary
@@ -75,6 +75,7 @@ class BackgroundRuns:
                         self._users_running.discard(user_id)
 
         threading.Thread(target=work, name="byod-api-run", daemon=True).start()
+        metrics.RUNS_STARTED.labels("fleet" if user_id is None else "user").inc()
         started.wait(30)
         error = box.get("error")
         if isinstance(error, ByodError):

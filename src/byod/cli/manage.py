@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -210,6 +211,20 @@ def worker(
     loglevel: Annotated[
         str, typer.Option("--loglevel", metavar="LEVEL", help="Celery's log level.")
     ] = "INFO",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            metavar="PORT",
+            min=1,
+            max=65535,
+            help="Serve Prometheus metrics of this worker and its pool processes on "
+            "http://HOST:PORT/metrics (no token: bind it where only Prometheus reaches).",
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option("--metrics-host", metavar="HOST", help="Address for --metrics-port.")
+    ] = "127.0.0.1",
     database_url: DatabaseUrl = None,
     migrations: Migrations = None,
 ) -> None:
@@ -218,6 +233,17 @@ def worker(
     names = [q.strip() for q in (queues or "").split(",") if q.strip()]
     if queues is not None and not names:
         raise InputError("--queues names no queue")
+    if metrics_port is not None:
+        # before prometheus-client is first imported: the pool processes' metrics are
+        # written to files there and added up at each scrape
+        folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(
+            prefix="byod-metrics-"
+        )
+        os.makedirs(folder, exist_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+        from byod.metrics import serve_metrics
+
+        serve_metrics(metrics_host, metrics_port)
     from byod.taskqueue import serve_worker
 
     serve_worker(

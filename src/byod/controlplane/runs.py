@@ -113,6 +113,12 @@ class RunStore:
             raise InputError(f"no fleet run {run_id!r} (see `byod runs`)")
         return _record(row)
 
+    def running(self) -> int:
+        """How many runs are under way (state ``running``)."""
+        with reading(self.engine, "count the running runs") as conn:
+            query = sa.select(sa.func.count()).select_from(runs).where(runs.c.state == "running")
+            return int(conn.execute(query).scalar_one())
+
     def recent(self, limit: int = 20) -> list[RunRecord]:
         """The newest runs first."""
         query = (

@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from byod import metrics
 from byod.controlplane import User
 from byod.errors import (
     BusyError,
@@ -103,6 +104,28 @@ def settle(
     attempt applied is found in the stamp and counted as this run's). Errors of the
     ``reraise`` kinds are raised instead (e.g. ``ControlPlaneError``, for a caller that
     waits on its own: a distributed task)."""
+    metrics.USERS_IN_FLIGHT.inc()
+    try:
+        settled = _settle_waiting(runner, action, user, to_version, options, stop, reraise)
+    finally:
+        metrics.USERS_IN_FLIGHT.dec()
+    kind = (settled.result.target_kind if settled.result else None) or "unknown"
+    metrics.USERS.labels(kind, settled.outcome).inc()
+    if settled.tries > 1:
+        metrics.RETRIES.labels(kind).inc(settled.tries - 1)
+    return settled
+
+
+def _settle_waiting(
+    runner: Runner,
+    action: str,
+    user: User,
+    to_version: int,
+    options: FleetOptions,
+    stop: threading.Event | None,
+    reraise: tuple[type[ByodError], ...],
+) -> Settled:
+    """:func:`settle`, waiting out a control plane out of reach."""
     waited_since: float | None = None
     delay = 0.1
     while True:

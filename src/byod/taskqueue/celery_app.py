@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from celery import Celery, Task
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 from kombu.exceptions import OperationalError
 
 from byod import commands
@@ -112,6 +112,17 @@ def _warm_up(**_: object) -> None:
 
 
 worker_process_init.connect(_warm_up, weak=False)
+
+
+def _metrics_gone(**_: object) -> None:
+    """A pool process that ends takes its in-flight gauge out of the worker's metrics."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+
+worker_process_shutdown.connect(_metrics_gone, weak=False)
 
 
 def _migrate_user(task: Task, run_id: str, user_id: int) -> None:
