@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import uvicorn
-from playwright.sync_api import sync_playwright
+from playwright.sync_api import Page, sync_playwright
 
 from byod.api import AuthSettings, create_app
+from byod.controlplane import RunStore
 from byod.workspace import Workspace
+from tests import gates
 from tests.conftest import execute
 from tests.helpers import add_connected
 from tests.test_api import SECRET, token
@@ -99,3 +104,113 @@ def test_dashboard_shows_the_seeded_fleet(served_fleet: str, tmp_path: Path) -> 
         assert not [text for text in refused if "Content Security Policy" in text], refused
         browser.close()
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+
+
+@pytest.fixture
+def held_run_fleet(cws: Workspace, tmp_path: Path) -> Iterator[tuple[str, Workspace]]:
+    """Four users whose 002 waits on the test's gate (tenant_3's data breaks 003), and an
+    operator; the dashboard served in this process."""
+    gates.reset()
+    for n in range(4):
+        path = tmp_path / f"r{n}.db"
+        path.touch()
+        add_connected(cws, f"sqlite:///{path}", f"tenant_{n}")
+        execute(f"sqlite:///{path}", "CREATE TABLE hold_me (id INTEGER)")
+        if n == 3:
+            execute(f"sqlite:///{path}", "CREATE TABLE break_me (id INTEGER)")
+    cws.directory.add_user("ops")
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(cws, AuthSettings(secret=SECRET)), port=port, log_level="error")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}", cws
+    finally:
+        gates.release.set()
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_a_runs_page_during_and_after_the_run_on_a_phone_sized_screen(
+    held_run_fleet: tuple[str, Workspace], tmp_path: Path
+) -> None:
+    if not CHROMIUM.exists():
+        pytest.fail("Debian's chromium is not installed: run `make test` (it installs it)")
+    url, ws = held_run_fleet
+    ops = token("ops", admin=True)
+    started = httpx.post(
+        f"{url}/v1/fleet/runs",
+        headers={"Authorization": f"Bearer {ops}"},
+        json={"concurrency": 2},
+        timeout=30,
+    )
+    assert started.status_code == 202, started.text
+    run_id = started.json()["run_id"]
+    assert gates.entered.wait(30)  # two users are inside 002, held
+    shots = [tmp_path / "run-running.png", tmp_path / "run-ended.png"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        page = browser.new_page(viewport={"width": 390, "height": 844})
+        page.goto(f"{url}/dashboard")
+        page.fill("#token", ops)
+        page.click("#sign-in")
+        page.wait_for_selector("#runs")
+        page.click(f"#runs tr[data-run='{run_id}'] a")  # the fleet page links the run
+        page.wait_for_selector("#progress-chart")
+        assert page.inner_text("#state") == "running"
+        assert page.query_selector("meta[http-equiv='refresh']") is not None
+        assert page.inner_text("#started-by") == "ops (token)"
+        assert "concurrency" in page.inner_text("#options")
+        assert _no_sideways_scroll(page)
+        page.screenshot(path=str(shots[0]), full_page=True)
+        gates.release.set()
+        store = RunStore(ws.engine)
+        deadline = time.monotonic() + 60
+        while store.get(run_id).ended_at is None:
+            assert time.monotonic() < deadline, "the run did not end"
+            time.sleep(0.2)
+        page.goto(f"{url}/dashboard/runs/{run_id}")
+        assert page.inner_text("#state") == "completed"
+        assert (page.inner_text("#succeeded"), page.inner_text("#failed")) == ("3", "1")
+        assert page.inner_text("#eta") == "ended"
+        assert page.query_selector("meta[http-equiv='refresh']") is None
+        chart = page.query_selector("#progress-chart")
+        assert chart is not None and chart.get_attribute("data-users") == "4"
+        steps = {
+            row.get_attribute("data-migration"): row.inner_text()
+            for row in page.query_selector_all("#steps tr.migration")
+        }
+        assert set(steps) == {"001_create", "002_bump", "003_fragile"}
+        assert _no_sideways_scroll(page)
+        page.screenshot(path=str(shots[1]), full_page=True)
+        failure = page.query_selector("#failures a")
+        assert failure is not None and "tenant_3" in failure.inner_text()
+        failure.click()
+        page.wait_for_selector("#history")
+        assert "data breaks 003" in page.inner_text("#history")
+        page.goto(f"{url}/dashboard")  # the rollout's shape: after the run, three at head
+        segments = {
+            (s.get_attribute("data-version"), s.get_attribute("data-users"))
+            for s in page.query_selector_all(f"#versions-over-time rect[data-run='{run_id}']")
+        }
+        assert segments == {("3", "3"), ("2", "1")}
+        assert _no_sideways_scroll(page)
+        browser.close()
+    assert all(shot.stat().st_size > 10_000 for shot in shots)
+    keep = os.environ.get("BYOD_TEST_SCREENSHOTS")  # where the README's picture comes from
+    if keep:
+        shutil.copy(shots[1], Path(keep) / "dashboard-run.png")
+
+
+def _no_sideways_scroll(page: Page) -> bool:
+    width = page.evaluate("document.documentElement.scrollWidth")
+    return bool(width <= 390)

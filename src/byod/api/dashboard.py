@@ -4,8 +4,9 @@ Sign in with an operator's token (kept in an HttpOnly, SameSite=Strict cookie sc
 /dashboard, ``Secure`` when the request came over HTTPS). Signing in and out are POSTs
 (a cross-site POST is refused by ``Sec-Fetch-Site``); the pages carry no script, so the
 CSP (see :mod:`byod.api.guard`) allows only the inline style below, by its hash.
-Pages: the fleet (users per version, connection statuses, latest failures, runs with
-live progress) and one user's history.
+Pages: the fleet (users per version, and after each of the last runs; connection
+statuses, latest failures, runs with live progress), one run's own page and one user's
+history.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from starlette.concurrency import run_in_threadpool
 
 from byod import commands
 from byod.api.auth import Authenticator
+from byod.api.pages import STYLE
+from byod.api.pages import page as _page
+from byod.api.run_page import render_run, versions_over_runs
+from byod.clock import utcnow
 from byod.controlplane import FleetStatus, LedgerRow, RunRecord
 from byod.errors import (
     AuthError,
@@ -31,23 +36,6 @@ __all__ = ["COOKIE", "STYLE", "install_dashboard"]
 
 COOKIE = "byod_token"
 _MAX_TOKEN = 16 * 1024  # a JWT with custom claims is a few KiB at most
-STYLE = """
-body{font:14px/1.4 system-ui,sans-serif;margin:2rem;color:#1d2330;background:#f7f8fa}
-h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:2rem}
-table{border-collapse:collapse;background:#fff}td,th{border:1px solid #d5d9e0;padding:4px 8px}
-th{background:#eef1f5;text-align:left}.bad{color:#b3261e}.ok{color:#1e6b35}
-.card{display:inline-block;background:#fff;border:1px solid #d5d9e0;padding:8px 14px;
-margin-right:8px}
-form.inline{display:inline}
-"""
-
-
-def _page(title: str, body: str, *, refresh: bool = False) -> str:
-    meta = '<meta http-equiv="refresh" content="2">' if refresh else ""
-    return (
-        f'<!doctype html><html lang="en"><head><meta charset="utf-8">{meta}'
-        f"<title>{escape(title)}</title><style>{STYLE}</style></head><body>{body}</body></html>"
-    )
 
 
 def _sign_in(message: str = "", rule: str = "byod_role: admin") -> str:
@@ -68,7 +56,8 @@ def _chart(status: FleetStatus) -> str:
     top = max([status.by_version.get(v, 0) for v in versions] + [1])
     width, height, bar, pad = 80 * len(versions) + 40, 200, 48, 24
     parts = [
-        f'<svg id="versions-chart" width="{width}" height="{height + pad + 30}" role="img" '
+        f'<svg id="versions-chart" viewBox="0 0 {width} {height + pad + 30}" width="{width}" '
+        f'height="{height + pad + 30}" role="img" '
         f'aria-label="users per schema version">'
     ]
     for index, version in enumerate(versions):
@@ -95,14 +84,20 @@ def _run_row(run: RunRecord, rows: tuple[int, int] | None) -> str:
         done = c.done
         progress = f'<progress max="{run.planned}" value="{done}"></progress> {done}/{run.planned}'
     return (
-        f'<tr class="run" data-run="{escape(run.id)}"><td>{escape(run.id)}</td>'
+        f'<tr class="run" data-run="{escape(run.id)}"><td>'
+        f'<a href="/dashboard/runs/{quote(run.id, safe="")}">{escape(run.id)}</a></td>'
         f"<td>{escape(run.kind)}</td><td>{escape(run.shown_state)}</td><td>{progress}</td>"
         f"<td>{c.succeeded}</td><td class='bad'>{c.failed}</td><td>{c.busy + c.up_to_date}</td>"
         f"<td>{c.not_started}</td><td>{backfilled}</td></tr>"
     )
 
 
-def _overview(status: FleetStatus, runs: list[RunRecord], rows: dict[str, tuple[int, int]]) -> str:
+def _overview(
+    status: FleetStatus,
+    runs: list[RunRecord],
+    rows: dict[str, tuple[int, int]],
+    over_time: str,
+) -> str:
     cards = "".join(
         f'<span class="card" data-status="{escape(state)}">{escape(state)}: <b>{count}</b></span>'
         for state, count in sorted(status.by_connection.items())
@@ -124,6 +119,8 @@ def _overview(status: FleetStatus, runs: list[RunRecord], rows: dict[str, tuple[
         "connected below head. <form method='post' action='/dashboard/logout' class='inline'>"
         "<button type='submit' id='sign-out'>sign out</button></form></p>"
         f"<h2>Users per schema version</h2>{_chart(status)}"
+        "<h2>Users per version after each of the last runs</h2>"
+        f"{over_time}"
         f"<h2>Connection status</h2><div id='connection'>{cards}</div>"
         "<h2>Latest failures</h2><table id='failures'><tr><th>user</th><th>migration</th>"
         f"<th>error</th><th>when (UTC)</th></tr>{failures}</table>"
@@ -203,7 +200,23 @@ def dashboard(request: Request) -> Response:
         return page
     ws = _ws(request)
     runs = commands.list_runs(ws, limit=10)
-    return HTMLResponse(_overview(commands.status(ws), runs, commands.runs_rows(ws, runs)))
+    status = commands.status(ws)
+    oldest_first = list(reversed(runs))
+    over_time = versions_over_runs(
+        oldest_first, commands.fleet_over_runs(ws, oldest_first), status.head
+    )
+    return HTMLResponse(_overview(status, runs, commands.runs_rows(ws, runs), over_time))
+
+
+@router.get("/dashboard/runs/{run_id}")
+def run_page(request: Request, run_id: str) -> Response:
+    if (page := _refused(request)) is not None:
+        return page
+    try:
+        timeline = commands.run_timeline(_ws(request), run_id)
+    except ByodError as exc:
+        return HTMLResponse(_page("byod", f"<p>{escape(exc.message)}</p>"), status_code=404)
+    return HTMLResponse(render_run(timeline, utcnow()))
 
 
 @router.post("/dashboard/login")

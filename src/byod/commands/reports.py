@@ -4,6 +4,7 @@ migrations, runs, and verification against each instance's stamp."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from byod.clock import utcnow
@@ -17,6 +18,7 @@ from byod.controlplane import (
     fleet_status,
     history,
 )
+from byod.controlplane.run_history import StepCount, step_counts, users_finished_at, versions_at
 from byod.controlplane.schema import control_plane_id
 from byod.credentials import open_instance, unseal_config
 from byod.errors import ByodError
@@ -61,6 +63,30 @@ def show_run(ws: Workspace, run_id: str) -> RunDetails:
     ws.require_tables()
     store = RunStore(ws.engine)
     return RunDetails(store.get(run_id), store.failures(run_id), *store.rows_done(run_id))
+
+
+@dataclass(frozen=True)
+class RunTimeline:
+    """A run for its own page: its details, when each of its users finished, and its
+    ledger rows counted by step and status."""
+
+    details: RunDetails
+    finished_at: list[datetime]
+    steps: list[StepCount]
+
+
+def run_timeline(ws: Workspace, run_id: str) -> RunTimeline:
+    """One run with its timeline (:class:`InputError` for an unknown run id)."""
+    details = show_run(ws, run_id)
+    return RunTimeline(
+        details, users_finished_at(ws.engine, run_id), step_counts(ws.engine, run_id)
+    )
+
+
+def fleet_over_runs(ws: Workspace, runs: list[RunRecord]) -> list[dict[int, int]]:
+    """Users per schema version at the end of each run (now, for one still running)."""
+    now = utcnow()
+    return versions_at(ws.engine, [run.ended_at or now for run in runs])
 
 
 def user_history(
