@@ -4,11 +4,13 @@ step, with the lock (and, on a server, the control-plane check) in one statement
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+from prometheus_client import REGISTRY
 from sqlalchemy import event
 from sqlalchemy.pool import NullPool
 
@@ -122,6 +124,19 @@ def one_slot_role(pg: ServerDatabases) -> Iterator[tuple[str, sa.Engine]]:
             conn.execute(sa.text(f'DROP ROLE IF EXISTS "{role}"'))
 
 
+def take_the_slot(engine: sa.Engine) -> sa.Connection:
+    """A connection as the one-slot role, once the server has let go of the last one (a
+    backend ends a moment after its client hangs up)."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return engine.connect()
+        except sa.exc.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def test_a_server_out_of_connection_slots_is_retried_never_a_failed_user(
     cws: Workspace, one_slot_role: tuple[str, sa.Engine]
 ) -> None:
@@ -130,8 +145,9 @@ def test_a_server_out_of_connection_slots_is_retried_never_a_failed_user(
     holder = sa.create_engine(
         url.replace("postgresql://", "postgresql+psycopg://"), poolclass=NullPool
     )
-    held = holder.connect()  # the role's only slot
+    held = take_the_slot(holder)  # the role's only slot
     events: list[FleetEvent] = []
+    retries = REGISTRY.get_sample_value("byod_retries_total", {"target_kind": "postgresql"}) or 0
     timer = threading.Timer(1.5, held.close)  # a slot frees up while the run retries
     timer.start()
     try:
@@ -144,6 +160,8 @@ def test_a_server_out_of_connection_slots_is_retried_never_a_failed_user(
     assert (summary.succeeded, summary.failed) == (1, 0), summary.errors
     finished = [e for e in events if isinstance(e, UserFinished)]
     assert finished[0].tries > 1  # refused for want of a slot first, then retried
+    counted = REGISTRY.get_sample_value("byod_retries_total", {"target_kind": "postgresql"})
+    assert counted == retries + finished[0].tries - 1  # and counted as retries
     assert schema_version(cws, uid) == cws.runner().registry.head
     rows = history(cws.engine, uid)  # newest first
     refused = [row for row in rows if row.status == "failed"]

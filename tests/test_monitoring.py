@@ -10,9 +10,12 @@ import subprocess
 from pathlib import Path
 
 import httpx
+import pytest
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 import byod
+from byod.workspace import Workspace
 from tests.conftest import TEST_KEY, execute, make_workspace
 from tests.distributed_kit import BYOD, Cluster, sqlite_fleet, wait_for
 from tests.helpers import add_connected
@@ -22,6 +25,7 @@ from tests.test_api_server import _free_port as free_port
 from tests.test_api_server import serve
 from tests.test_cli import Cli, counter_fleet
 from tests.test_instance_url import closed_port
+from tests.test_runner import Crash, crashing_runner
 
 PASSWORD = "pw-s3cret-77"
 ROOT = Path(__file__).resolve().parent.parent  # the migrations import tests.gates
@@ -249,3 +253,36 @@ def test_a_worker_serves_its_pool_processes_metrics_added_up(redis_cluster: Clus
     assert value(after, "byod_steps_total", migration="003_fragile", outcome="failed") == 1
     assert value(after, "byod_step_duration_seconds_count", migration="002_bump") == 4
     assert value(after, "byod_users_in_flight") == 0
+
+
+def counted(name: str, **labels: str) -> float:
+    """This process's own value of a byod metric (0 before its first count)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_a_user_taken_over_from_a_lost_runner_is_counted(cws: Workspace, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'lost.db'}"
+    (tmp_path / "lost.db").touch()
+    uid = add_connected(cws, url)
+    takeovers = counted("byod_lease_takeovers_total")
+    with pytest.raises(Crash):  # its runner dies after the instance committed 002
+        crashing_runner(cws, "002_bump").migrate(uid)
+    assert counted("byod_lease_takeovers_total") == takeovers
+    assert cws.runner().migrate(uid).ok  # the next runner settles what the lost one left
+    assert counted("byod_lease_takeovers_total") == takeovers + 1
+
+
+def test_backfill_rows_are_counted_once_each(ws: Workspace, tmp_path: Path) -> None:
+    """The example app's 003 counts words in batches: every document's row is counted."""
+    path = tmp_path / "docs.db"
+    path.touch()
+    docs = add_connected(ws, f"sqlite:///{path}", "writer")
+    assert ws.runner().migrate(docs, to_version=2).ok
+    for n in range(2_500):
+        execute(
+            f"sqlite:///{path}", f"INSERT INTO documents (title, body) VALUES ('t{n}', 'a b c')"
+        )
+    labels = {"migration": "003_word_counts", "target_kind": "sqlite"}
+    before = counted("byod_backfill_rows_total", **labels)
+    assert ws.runner().migrate(docs).ok
+    assert counted("byod_backfill_rows_total", **labels) - before == 2_500
