@@ -166,7 +166,7 @@ def held_fleet(tmp_path: Path) -> tuple[dict[str, str], Path]:
 def test_serve_metrics_rise_during_a_run_and_equal_its_summary_after(tmp_path: Path) -> None:
     env, hold = held_fleet(tmp_path)
     ops = bearer(token("ops", admin=True))
-    with serve(env, tmp_path) as served:
+    with serve(env | {"BYOD_LOG_FORMAT": "json"}, tmp_path) as served:
         metrics_url = f"{served.url}/metrics"
         assert httpx.get(metrics_url, timeout=10).status_code == 401  # operators only
         user_token = bearer(token("a"))
@@ -193,6 +193,9 @@ def test_serve_metrics_rise_during_a_run_and_equal_its_summary_after(tmp_path: P
         wait_for(ended, 60, "the run to end")
         run = httpx.get(f"{served.url}/v1/fleet/runs/{run_id}", headers=ops, timeout=10).json()
         after = scrape(metrics_url, ops)
+    logged = records(served.log.read_text())  # the access log too: once, as JSON
+    scraped = [r for r in logged if str(r["message"]).startswith("GET /metrics 200")]
+    assert len(scraped) == 3 and all("sub=ops" in str(r["message"]) for r in scraped)
     assert (run["succeeded"], run["failed"]) == (3, 1)
     assert value(after, "byod_users_total", outcome="succeeded", target_kind="sqlite") == 3
     assert value(after, "byod_users_total", outcome="failed", target_kind="sqlite") == 1

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from byod.errors import SettingsError
+from byod.logs import fields
 
 __all__ = ["Notice", "Notifier", "load_notifier", "log_notice", "safe_notify"]
 
@@ -35,7 +36,12 @@ Notifier = Callable[[Notice], None]
 def log_notice(notice: Notice) -> None:
     """The default hook: a warning in the log."""
     log.warning(
-        "notify user %s (%s): %s: %s", notice.user_id, notice.clerk_id, notice.kind, notice.message
+        "notify user %s (%s): %s: %s",
+        notice.user_id,
+        notice.clerk_id,
+        notice.kind,
+        notice.message,
+        extra=fields(user_id=notice.user_id, clerk_id=notice.clerk_id, outcome=notice.kind),
     )
 
 

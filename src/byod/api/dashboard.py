@@ -116,7 +116,8 @@ def _overview(
         "byod: fleet",
         f"<h1>byod fleet</h1><p>head version <b id='head'>{status.head}</b>, "
         f"<b id='users'>{status.users}</b> users, <b id='outdated'>{status.outdated}</b> "
-        "connected below head. <form method='post' action='/dashboard/logout' class='inline'>"
+        "below head that a run would take. "
+        "<form method='post' action='/dashboard/logout' class='inline'>"
         "<button type='submit' id='sign-out'>sign out</button></form></p>"
         f"<h2>Users per schema version</h2>{_chart(status)}"
         "<h2>Users per version after each of the last runs</h2>"
@@ -215,8 +216,13 @@ def run_page(request: Request, run_id: str) -> Response:
     try:
         timeline = commands.run_timeline(_ws(request), run_id)
     except ByodError as exc:
-        return HTMLResponse(_page("byod", f"<p>{escape(exc.message)}</p>"), status_code=404)
+        return _not_found(exc)
     return HTMLResponse(render_run(timeline, utcnow()))
+
+
+def _not_found(exc: ByodError) -> Response:
+    body = f"<p><a href='/dashboard'>&larr; fleet</a></p><p>{escape(exc.message)}</p>"
+    return HTMLResponse(_page("byod: not found", body), status_code=404)
 
 
 @router.post("/dashboard/login")
@@ -277,5 +283,5 @@ def user_page(request: Request, user: str) -> Response:
     try:
         found, rows = commands.user_history(_ws(request), user, limit=200)
     except ByodError as exc:
-        return HTMLResponse(_page("byod", f"<p>{escape(exc.message)}</p>"), status_code=404)
+        return _not_found(exc)
     return HTMLResponse(_history(f"{found.id} ({found.clerk_id})", rows))

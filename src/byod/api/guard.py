@@ -38,6 +38,7 @@ __all__ = ["DEFAULT_MAX_BODY", "Guard", "HttpSettings", "content_security_policy
 access_log = logging.getLogger("byod.api.access")
 DEFAULT_MAX_BODY = 64 * 1024
 _API_PREFIX = "/v1/"
+_METRICS = "/metrics"  # authenticated like the API: an operator's token
 _DOCS = ("/docs", "/redoc")
 
 
@@ -165,7 +166,8 @@ class Guard:
 
     async def _admit(self, scope: Scope, state: dict[str, object]) -> _Problem | None:
         """Authenticate an API call from its header alone (no body has been read)."""
-        if not scope["path"].startswith(_API_PREFIX):
+        path = scope["path"]
+        if not path.startswith(_API_PREFIX) and path != _METRICS:
             return None
         authorization = _header(scope, b"authorization")
         try:

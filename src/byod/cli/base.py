@@ -86,13 +86,16 @@ Version = Annotated[
 All = Annotated[bool, typer.Option("--all", help="Every eligible user.")]
 
 
-def say(text: str, *, level: int = logging.INFO, error: str | None = None) -> None:
+def say(
+    text: str, *, level: int = logging.INFO, error: str | None = None, plain: str | None = None
+) -> None:
     """A message for the operator on stderr (Rich markup); with ``--log-format json``,
-    a log record instead, so stderr stays one JSON object per line."""
+    a log record instead (``plain``, or the text without its markup), so stderr stays
+    one JSON object per line."""
     from byod.logs import fields, json_on_stderr
 
     if json_on_stderr():
-        plain = Text.from_markup(text).plain
+        plain = plain or Text.from_markup(text).plain
         logging.getLogger("byod.cli").log(level, "%s", plain, extra=fields(error=error))
         return
     err.print(text)
@@ -121,6 +124,9 @@ def one_target(user: str | None, every: bool) -> str | None:
     if (user is None) == (not every):
         raise InputError("give either a USER or --all (not both)")
     return user
+
+
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @app.callback()
@@ -163,7 +169,14 @@ def _root(
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.INFO)
-    level_name = "INFO" if verbose else os.environ.get("BYOD_LOG_LEVEL", "").upper()
+    level_name = "INFO" if verbose else os.environ.get("BYOD_LOG_LEVEL", "").strip().upper()
+    if level_name and level_name not in _LEVELS:
+        raise SettingsError(
+            f"unknown log level {level_name.lower()!r} in BYOD_LOG_LEVEL: use one of "
+            f"{', '.join(name.lower() for name in _LEVELS)}"
+        )
+    if level_name == "DEBUG":
+        logger.setLevel(logging.DEBUG)
     if as_json:
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(JsonFormatter())

@@ -34,6 +34,7 @@ from byod.cli.base import (
     workspace_for,
 )
 from byod.errors import InputError
+from byod.logs import json_on_stderr
 
 
 @app.command()
@@ -137,6 +138,8 @@ def connect(
         "`byod connect` again replaces it.",
         level=logging.ERROR,
         error=kind,
+        plain=f"{reach.error or ''} (hint: {hint} The config is stored (status error); "
+        "`byod connect` again replaces it.)",
     )
     raise typer.Exit(1)
 
@@ -283,7 +286,8 @@ def serve(
         workspace_for(database_url, migrations), AuthSettings.from_env(), HttpSettings.from_env()
     )
     access = logging.getLogger("byod.api.access")  # always on: who called what (no tokens)
-    if not any(isinstance(h, RichHandler) for h in logging.getLogger("byod").handlers):
+    handlers = logging.getLogger("byod").handlers
+    if not json_on_stderr() and not any(isinstance(h, RichHandler) for h in handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
         access.addHandler(handler)

@@ -20,6 +20,7 @@ from byod.errors import (
     NotConnectedError,
     UnknownUserError,
 )
+from byod.logs import fields
 from byod.results import UserResult
 from byod.runner import Runner
 from byod.spec import FleetOptions
@@ -72,7 +73,20 @@ def attempt(
         if error is None or not error.transient or tries > options.retries:
             return result, tries
         delay = options.backoff(tries - 1)
-        log.info("user %s: %s; retry %d in %.2fs", user.id, error.message, tries, delay)
+        log.info(
+            "%s; retry %d in %.2fs",  # the message names the user already
+            error.message,
+            tries,
+            delay,
+            extra=fields(
+                run_id=runner.run_id,
+                user_id=user.id,
+                clerk_id=user.clerk_id,
+                attempt=tries,
+                outcome="retry",
+                error=type(error).__name__,
+            ),
+        )
         if stop is None:
             time.sleep(delay)
         elif stop.wait(delay):
