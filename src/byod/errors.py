@@ -61,6 +61,7 @@ __all__ = [
     "NotFoundError",
     "PlanError",
     "RegistryError",
+    "RehearsalError",
     "SettingsError",
     "StoppedError",
     "UnavailableError",
@@ -96,6 +97,13 @@ class InputError(ByodError):
 
     exit_code = 2
     hint = "Fix the input the message names (`byod COMMAND --help` lists the options)."
+
+
+class RehearsalError(InputError):
+    """A rehearsal was asked of instances that cannot roll a migration back (MySQL and
+    MariaDB, whose DDL commits on its own; Convex deployments): nothing was touched."""
+
+    hint = "Rehearse only SQLite and PostgreSQL users (select them with --users)."
 
 
 class SettingsError(InputError):

@@ -141,6 +141,14 @@ def migrate(
             help="With --distributed: at most N at once per DB server.",
         ),
     ] = None,
+    rehearse: Annotated[
+        bool,
+        typer.Option(
+            "--rehearse",
+            help="Run every pending step in one instance transaction, then roll it all "
+            "back: nothing committed, the ledger untouched (one USER; SQLite, PostgreSQL).",
+        ),
+    ] = False,
     json_out: Json = False,
     database_url: DatabaseUrl = None,
     migrations: Migrations = None,
@@ -148,6 +156,8 @@ def migrate(
     """Apply pending migrations to one user, or to every eligible user (--all)."""
     ws = workspace_for(database_url, migrations)
     target = one_target(user, every or users is not None)
+    if rehearse and target is None:
+        raise InputError("--rehearse takes one USER for now (fleet rehearsals are not built)")
     if (detach or per_host is not None) and not distributed:
         raise InputError("--detach and --per-host go with --distributed")
     if target is not None:
@@ -164,6 +174,12 @@ def migrate(
         single = single_options(
             retries, timeout, lease_seconds, batch_size=batch_size, batch_pause=batch_pause
         )
+        if rehearse:
+            if retries is not None:
+                raise InputError("--retries has no use with --rehearse: nothing is kept")
+            result = commands.rehearse_user(ws, target, to_version=to, options=single)
+            progress.finish_user(out, err, result, json_out, "rehearsed (rolled back)")
+            return
         result = commands.migrate_user(ws, target, to_version=to, options=single)
         progress.finish_user(out, err, result, json_out, "migrated")
         return

@@ -195,6 +195,25 @@ def migrate_fleet(
     )
 
 
+def rehearse_user(
+    ws: Workspace,
+    user_ref: str,
+    *,
+    to_version: int | None = None,
+    options: FleetOptions = FleetOptions(),
+) -> UserResult:
+    """Rehearse one user's pending steps and roll everything back (see
+    :meth:`Runner.rehearse_user`); of ``options`` it honours ``timeout``,
+    ``lease_seconds`` and the batching of backfills."""
+    ws.require_tables()
+    runner = _single_runner(ws, options, threading.Event())
+    user = runner.prepare(ws.directory.find_user(user_ref).id)
+    refused = runner.refuse_foreign_key(user)
+    if refused is not None:
+        return refused
+    return runner.rehearse_user(user, to_version=to_version)
+
+
 def resolve_users(ws: Workspace, refs: tuple[str, ...]) -> tuple[int, ...]:
     """``USER`` references (byod ids or clerk ids, by :meth:`Directory.find_user`'s rule)
     as byod ids, each resolved once; an unknown one is bad input."""

@@ -95,6 +95,13 @@ class Target(Protocol):
         :meth:`close`. Raises ``BusyError`` when another runner holds the lock."""
         ...
 
+    def rehearse(self, deadline: float | None = None) -> list[StampEntry]:
+        """:meth:`begin` for a rehearsal: the instance's lock and one transaction held
+        until :meth:`close`, which rolls it back; every step and batch applied meanwhile
+        runs inside it (a savepoint each), so nothing they do is ever committed. Raises
+        ``RehearsalError`` where that cannot be done (DDL that commits on its own)."""
+        ...
+
     def apply(
         self, step: Step, body: StepBody, deadline: float | None = None, phase: Phase = "whole"
     ) -> bool:

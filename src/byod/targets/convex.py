@@ -35,6 +35,7 @@ from byod.errors import (
     DriftError,
     InstanceTimeoutError,
     MigrationFailedError,
+    RehearsalError,
     SettingsError,
     UnreachableError,
 )
@@ -226,6 +227,12 @@ class ConvexTarget:
                 f"the stamp of {self.where} is not byod's (byod:readStamp answered "
                 f"{type(exc).__name__}): check the app's convex/byod.ts is byod's module"
             ) from None
+
+    def rehearse(self, deadline: float | None = None) -> list[StampEntry]:
+        """Never: a deployment's functions commit each call; nothing can be rolled back."""
+        raise RehearsalError(
+            "Convex deployments cannot be rehearsed: each function call commits on its own"
+        )
 
     def begin(self, deadline: float | None = None) -> list[StampEntry]:
         """See :meth:`byod.targets.base.Target.begin`: the stamp, read without the lock

@@ -26,6 +26,7 @@ from byod.errors import (
     DriftError,
     InstanceTimeoutError,
     MigrationFailedError,
+    RehearsalError,
     SettingsError,
     UnreachableError,
 )
@@ -141,6 +142,8 @@ class SqlTarget:
         self._held: tuple[sa.RootTransaction, list[StampEntry]] | None = None
         #: the control plane's id, when whether this is it is still to be asked
         self._unchecked_control_plane: str | None = None
+        #: a rehearsal's one transaction: every step and batch a savepoint in it
+        self._rehearsal: sa.RootTransaction | None = None
 
     def prepare(self) -> None:
         """Nothing to do: a SQL instance's schema is what its migrations make it."""
@@ -207,6 +210,26 @@ class SqlTarget:
         self._held = (transaction, stamp)
         return stamp
 
+    def rehearse(self, deadline: float | None = None) -> list[StampEntry]:
+        """See :meth:`byod.targets.base.Target.rehearse`."""
+        if self._dialect.lock_and_look is None:
+            raise RehearsalError(
+                f"{self.kind} instances cannot be rehearsed: their DDL commits on its own, "
+                "so it cannot be rolled back"
+            )
+        stamp = self.begin(deadline)
+        held = self._take_held()
+        assert held is not None
+        self._rehearsal = held[0]
+        return stamp
+
+    def _rehearsing(self) -> bool:
+        return self._rehearsal is not None and self._rehearsal.is_active
+
+    def _transaction(self) -> sa.Transaction:
+        """A step's or a batch's own transaction; in a rehearsal, a savepoint."""
+        return self._conn.begin_nested() if self._rehearsing() else self._conn.begin()
+
     def _take_held(self) -> tuple[sa.RootTransaction, list[StampEntry]] | None:
         held, self._held = self._held, None
         return held if held is not None and held[0].is_active else None
@@ -219,7 +242,7 @@ class SqlTarget:
 
     def _reading(self) -> contextlib.AbstractContextManager[None]:
         """Reads: inside the transaction :meth:`begin` holds, else the dialect's way."""
-        if self._held is not None and self._held[0].is_active:
+        if (self._held is not None and self._held[0].is_active) or self._rehearsing():
             return contextlib.nullcontext()
         return self._dialect.reading(self._conn)
 
@@ -287,7 +310,7 @@ class SqlTarget:
         timeout_ms = self._timeout_ms(step, deadline)
         with self._bounded(timeout_ms):
             try:
-                transaction = self._conn.begin()
+                transaction = self._transaction()
             except SQLAlchemyError as exc:
                 raise self._busy_or_lost(exc) from exc
             try:
@@ -322,7 +345,7 @@ class SqlTarget:
             settings(self._conn, timeout_ms)
             self._batch_settings_set = True
 
-    def _rollback_batch(self, transaction: sa.RootTransaction) -> None:
+    def _rollback_batch(self, transaction: sa.Transaction) -> None:
         self._rollback_quietly(transaction)
         self._batch_settings_set = False  # a rollback takes them back
 
@@ -358,11 +381,12 @@ class SqlTarget:
         guarded = self._dialect.non_transactional_ddl
         held = self._take_held()
         held_stamp = None
+        transaction: sa.Transaction
         if held is not None:  # begin's: locked, the stamp read in it
             transaction, held_stamp = held
         else:
             try:
-                transaction = self._conn.begin()
+                transaction = self._transaction()
             except SQLAlchemyError as exc:
                 raise self._busy_or_lost(exc) from exc
         try:
@@ -413,9 +437,9 @@ class SqlTarget:
     ) -> list[StampEntry]:
         """In the step's transaction: the lock (or, in :meth:`begin`'s, its new bound), the
         stamp table where it is missing, and the stamp (``held``: already read under it)."""
-        if held is None:
+        if held is None and not self._rehearsing():
             self._dialect.lock(self._conn, timeout_ms, True)
-        else:
+        else:  # locked already, by begin() or the rehearsal
             self._dialect.rebound(self._conn, timeout_ms)
         if not self._stamp_ready:
             self._conn.exec_driver_sql(_create_sql(_CREATE_STAMP, self._engine.dialect))
@@ -483,8 +507,11 @@ class SqlTarget:
 
     def close(self) -> None:
         """Close the connection (and the engine, unless it is shared by every instance
-        of its kind)."""
+        of its kind). A rehearsal's transaction is rolled back: nothing it did stays."""
         self._give_up_held()
+        if self._rehearsal is not None:
+            self._rollback_quietly(self._rehearsal)
+            self._rehearsal = None
         self._conn.close()
         if not self._dialect.shared_engine:
             self._engine.dispose()
@@ -492,7 +519,7 @@ class SqlTarget:
     # -- helpers -------------------------------------------------------------------------
 
     @staticmethod
-    def _rollback_quietly(transaction: sa.RootTransaction) -> None:
+    def _rollback_quietly(transaction: sa.Transaction) -> None:
         if transaction.is_active:
             # if the connection is gone, the server rolls back on its own
             with contextlib.suppress(SQLAlchemyError):

@@ -1,0 +1,147 @@
+"""Rehearsals (``byod migrate USER --rehearse``): every pending step, backfills included,
+in one instance transaction, then rolled back: nothing committed, the ledger untouched."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from byod import commands
+from byod.controlplane import history
+from byod.errors import RehearsalError
+from byod.spec import FleetOptions
+from byod.workspace import Workspace
+from tests.conftest import (
+    InstanceFactory,
+    ServerDatabases,
+    execute,
+    make_workspace,
+    write_migrations,
+)
+from tests.helpers import add_connected, stamp_ids
+
+#: 001 makes a table whose titles repeat for some users; 002 puts a UNIQUE index on them
+#: and fills a column in batches first (a backfill, rehearsed batch by batch)
+UNIQUE_SET = {
+    "001_notes.py": """
+        import sqlalchemy as sa
+        from byod import Migration
+
+        def up(ctx):
+            ctx.op.create_table(
+                "notes",
+                sa.Column("id", sa.Integer, primary_key=True),
+                sa.Column("title", sa.String(100), nullable=False),
+            )
+
+        migration = Migration(id="001_notes", version=1, name="notes", description="", up=up)
+    """,
+    "002_unique_titles.py": """
+        import sqlalchemy as sa
+        from byod import Backfill, Migration
+
+        def up(ctx):
+            ctx.op.add_column("notes", sa.Column("length", sa.Integer, nullable=True))
+
+        def fill(ctx, rows):
+            for key, title in rows:
+                ctx.conn.execute(
+                    sa.text("UPDATE notes SET length = :n WHERE id = :id"),
+                    {"n": len(title), "id": key},
+                )
+
+        def finalize(ctx):
+            ctx.op.create_index("ux_notes_title", "notes", ["title"], unique=True)
+
+        migration = Migration(
+            id="002_unique_titles", version=2, name="unique titles", description="",
+            up=up, finalize=finalize,
+            backfills=(Backfill(table="notes", key="id", columns=("title",), batch_size=7,
+                                apply=fill),),
+        )
+    """,
+}
+
+
+def fingerprint(url: str) -> object:
+    """What an instance holds: its file's bytes (SQLite), or its tables and rows."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return hashlib.sha256(Path(parsed.database or "").read_bytes()).hexdigest()
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        with engine.connect() as conn:
+            inspector = sa.inspect(conn)
+            shape = {}
+            for table in sorted(inspector.get_table_names()):
+                columns = [c["name"] for c in inspector.get_columns(table)]
+                indexes = sorted(i["name"] or "" for i in inspector.get_indexes(table))
+                rows = conn.execute(sa.text(f'SELECT * FROM "{table}" ORDER BY 1')).all()
+                shape[table] = (columns, indexes, [tuple(r) for r in rows])
+            return shape
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def rws(control_plane_url: str, tmp_path: Path) -> Workspace:
+    return make_workspace(control_plane_url, write_migrations(tmp_path / "m", UNIQUE_SET))
+
+
+def seeded(
+    ws: Workspace, new_instance: InstanceFactory, name: str, duplicate: bool
+) -> tuple[int, str]:
+    url = new_instance()
+    uid = add_connected(ws, url, name)
+    assert ws.runner().migrate(uid, to_version=1).ok
+    titles = [f"note {n}" for n in range(20)] + (["note 3"] if duplicate else [])
+    execute(url, *(f"INSERT INTO notes (title) VALUES ('{t}')" for t in titles))
+    return uid, url
+
+
+def test_a_rehearsal_finds_the_user_whose_data_breaks_the_index_and_keeps_nothing(
+    rws: Workspace, new_instance: InstanceFactory
+) -> None:
+    good, good_url = seeded(rws, new_instance, "good", duplicate=False)
+    bad, bad_url = seeded(rws, new_instance, "bad", duplicate=True)
+    before = {url: fingerprint(url) for url in (good_url, bad_url)}
+    ledgers = {uid: history(rws.engine, uid) for uid in (good, bad)}
+    configs = {uid: rws.directory.get_config(uid) for uid in (good, bad)}
+    passed = commands.rehearse_user(rws, "good")
+    assert passed.ok, passed.error
+    assert [(s.migration_id, s.status, s.rows) for s in passed.steps] == [
+        ("002_unique_titles", "rehearsed", 20)  # every batch of 7 ran
+    ]
+    failed = commands.rehearse_user(rws, "bad")
+    assert failed.error is not None
+    assert "002_unique_titles" in failed.error.message
+    assert "ux_notes_title" in failed.error.message or "UNIQUE" in failed.error.message.upper()
+    assert [s.status for s in failed.steps] == ["failed"]
+    for url in (good_url, bad_url):  # nothing committed: the same bytes, or the same rows
+        assert fingerprint(url) == before[url]
+        assert stamp_ids(url) == ["001_notes"]
+    for uid in (good, bad):  # the ledger and the config as they were; the lease given back
+        assert history(rws.engine, uid) == ledgers[uid]
+        after = rws.directory.get_config(uid)
+        assert (after.schema_version, after.connection_status) == (1, "connected")
+        assert after.lease_owner is None
+        assert after.schema_version == configs[uid].schema_version
+    # the real run then does what the rehearsal said
+    assert rws.runner().migrate(good).ok
+    assert rws.runner().migrate(bad).error is not None
+
+
+def test_instances_whose_ddl_commits_on_its_own_are_refused_untouched(
+    rws: Workspace, mysql: ServerDatabases
+) -> None:
+    url = mysql.create()
+    uid = add_connected(rws, url, "maria")
+    assert rws.runner().migrate(uid, to_version=1).ok
+    before = history(rws.engine, uid)
+    with pytest.raises(RehearsalError, match="cannot be rehearsed"):
+        commands.rehearse_user(rws, "maria", options=FleetOptions())
+    assert history(rws.engine, uid) == before
+    assert rws.directory.get_config(uid).lease_owner is None
