@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from byod import commands
 from byod.controlplane import history
-from byod.errors import RehearsalError
+from byod.errors import InputError, RehearsalError
 from byod.spec import FleetOptions
 from byod.workspace import Workspace
 from tests.conftest import (
@@ -145,3 +145,48 @@ def test_instances_whose_ddl_commits_on_its_own_are_refused_untouched(
         commands.rehearse_user(rws, "maria", options=FleetOptions())
     assert history(rws.engine, uid) == before
     assert rws.directory.get_config(uid).lease_owner is None
+
+
+def ledger_rows(ws: Workspace) -> list[tuple[object, ...]]:
+    with ws.engine.connect() as conn:
+        return [
+            tuple(r) for r in conn.execute(sa.text("SELECT * FROM byod_migrations ORDER BY id"))
+        ]
+
+
+def test_a_fleet_rehearsal_names_exactly_the_users_that_would_fail_and_changes_nothing(
+    rws: Workspace, new_instance: InstanceFactory
+) -> None:
+    fleet = {
+        f"user_{n:02d}": seeded(rws, new_instance, f"user_{n:02d}", duplicate=n in (2, 5, 9))
+        for n in range(12)
+    }
+    before = {url: fingerprint(url) for _, url in fleet.values()}
+    ledger_before = ledger_rows(rws)
+    summary = commands.rehearse_fleet(rws, options=FleetOptions(concurrency=4))
+    assert (summary.succeeded, summary.failed, summary.total) == (9, 3, 12)
+    details = commands.show_run(rws, summary.run_id)
+    assert details.run.kind == "rehearse"
+    failed = sorted((clerk, migration) for _, clerk, migration, _ in details.failures)
+    assert failed == [(f"user_{n:02d}", "002_unique_titles") for n in (2, 5, 9)]
+    assert all("unique" in (error or "").lower() for *_, error in details.failures)
+    assert {url: fingerprint(url) for _, url in fleet.values()} == before
+    assert ledger_rows(rws) == ledger_before  # not one row
+    assert {rws.directory.get_config(uid).schema_version for uid, _ in fleet.values()} == {1}
+    with pytest.raises(InputError, match="rehearsal"):
+        commands.rollback_fleet_run(rws, summary.run_id)
+    real = commands.migrate_fleet(rws)  # the real run meets what the rehearsal said
+    assert (real.succeeded, real.failed) == (9, 3)
+
+
+def test_a_fleet_rehearsal_refuses_users_it_cannot_rehearse_before_touching_anyone(
+    rws: Workspace, new_instance: InstanceFactory, mysql: ServerDatabases
+) -> None:
+    _, url = seeded(rws, new_instance, "fine", duplicate=False)
+    maria = add_connected(rws, mysql.create(), "maria")
+    assert rws.runner().migrate(maria, to_version=1).ok
+    before = fingerprint(url)
+    with pytest.raises(RehearsalError, match="maria"):
+        commands.rehearse_fleet(rws)
+    assert commands.list_runs(rws) == []  # no run recorded
+    assert fingerprint(url) == before

@@ -67,8 +67,9 @@ class UserResult:
     @property
     def changed(self) -> bool:
         """True when at least one step was applied (or, applied by this same run before
-        its runner was lost, found done and recorded: ``recovered``)."""
-        return any(step.status in ("completed", "recovered") for step in self.steps)
+        its runner was lost, found done and recorded: ``recovered``; or, in a rehearsal,
+        run and rolled back: ``rehearsed``)."""
+        return any(step.status in ("completed", "recovered", "rehearsed") for step in self.steps)
 
     @property
     def failed_migration(self) -> str | None:

@@ -145,8 +145,9 @@ def migrate(
         bool,
         typer.Option(
             "--rehearse",
-            help="Run every pending step in one instance transaction, then roll it all "
-            "back: nothing committed, the ledger untouched (one USER; SQLite, PostgreSQL).",
+            help="Rehearse: run every pending step in one instance transaction per user, "
+            "then roll it all back; nothing committed, the ledger untouched (SQLite, "
+            "PostgreSQL).",
         ),
     ] = False,
     json_out: Json = False,
@@ -156,8 +157,8 @@ def migrate(
     """Apply pending migrations to one user, or to every eligible user (--all)."""
     ws = workspace_for(database_url, migrations)
     target = one_target(user, every or users is not None)
-    if rehearse and target is None:
-        raise InputError("--rehearse takes one USER for now (fleet rehearsals are not built)")
+    if rehearse and distributed:
+        raise InputError("--rehearse runs here, not on workers: leave out --distributed")
     if (detach or per_host is not None) and not distributed:
         raise InputError("--detach and --per-host go with --distributed")
     if target is not None:
@@ -203,8 +204,9 @@ def migrate(
     if distributed:
         _migrate_distributed(ws, options, selection, to, per_host, detach, json_out)
         return
+    run = commands.rehearse_fleet if rehearse else commands.migrate_fleet
     _fleet_run(
-        lambda on_event: commands.migrate_fleet(
+        lambda on_event: run(
             ws, options=options, selection=selection, to_version=to, on_event=on_event
         ),
         json_out,

@@ -18,6 +18,7 @@ from byod.controlplane import (
     fleet_status,
     history,
 )
+from byod.controlplane.rehearsals import rehearsal_failures
 from byod.controlplane.run_history import StepCount, step_counts, users_finished_at, versions_at
 from byod.controlplane.schema import control_plane_id
 from byod.credentials import open_instance, unseal_config
@@ -62,7 +63,10 @@ def show_run(ws: Workspace, run_id: str) -> RunDetails:
     """One fleet run and the steps that failed in it."""
     ws.require_tables()
     store = RunStore(ws.engine)
-    return RunDetails(store.get(run_id), store.failures(run_id), *store.rows_done(run_id))
+    run = store.get(run_id)
+    if run.kind == "rehearse":  # its users' outcomes are kept apart from the ledger
+        return RunDetails(run, rehearsal_failures(ws.engine, run_id))
+    return RunDetails(run, store.failures(run_id), *store.rows_done(run_id))
 
 
 @dataclass(frozen=True)

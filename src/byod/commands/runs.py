@@ -15,6 +15,7 @@ from byod.controlplane import (
     count_ahead,
     iter_outdated,
 )
+from byod.controlplane.rehearsals import not_rehearsable
 from byod.controlplane.schema import control_plane_id
 from byod.distributed import (
     Dispatcher,
@@ -25,7 +26,7 @@ from byod.distributed import (
     require_server_control_plane,
     start_distributed,
 )
-from byod.errors import ControlPlaneError, DriftError, InputError
+from byod.errors import ControlPlaneError, DriftError, InputError, RehearsalError
 from byod.fleet import FleetEvent, FleetSummary, attempt
 from byod.phased import Batching
 from byod.spec import ELIGIBLE_STATUSES, FleetOptions, Selection
@@ -212,6 +213,46 @@ def rehearse_user(
     if refused is not None:
         return refused
     return runner.rehearse_user(user, to_version=to_version)
+
+
+def rehearse_fleet(
+    ws: Workspace,
+    *,
+    options: FleetOptions = FleetOptions(),
+    selection: Selection = Selection(),
+    to_version: int | None = None,
+    on_event: Callable[[FleetEvent], None] = lambda event: None,
+    started_by: str | None = None,
+) -> FleetSummary:
+    """Rehearse every user a fleet run with these options would take, as one recorded run
+    of kind ``rehearse`` (nothing committed in any instance, the ledger untouched).
+    :class:`RehearsalError`, before anything starts, when some of them are on instances
+    that cannot roll a migration back (it names them)."""
+    ws.require_tables()
+    _refuse_fleet_ahead(ws)
+    target = ws.registry.head if to_version is None else to_version
+    count, names = not_rehearsable(
+        ws.engine,
+        target,
+        ELIGIBLE_STATUSES,
+        only_version=selection.only_version,
+        user_ids=selection.users,
+    )
+    if count:
+        more = f" and {count - len(names)} more" if count > len(names) else ""
+        raise RehearsalError(
+            f"{count} of the selected users are on instances that cannot be rehearsed "
+            f"(MySQL/MariaDB or Convex): {', '.join(names)}{more}; nothing was touched"
+        )
+    return fleet.migrate_fleet(
+        ws.runner(),
+        options=options,
+        selection=selection,
+        to_version=to_version,
+        on_event=on_event,
+        started_by=started_by,
+        rehearse=True,
+    )
 
 
 def resolve_users(ws: Workspace, refs: tuple[str, ...]) -> tuple[int, ...]:

@@ -66,6 +66,8 @@ def attempt(
     while True:
         if action == "rollback":
             result = runner.rollback_user(user, to_version)
+        elif action == "rehearse":
+            result = runner.rehearse_user(user, to_version=to_version)
         else:
             result = runner.migrate_user(user, to_version=to_version)
         tries += 1

@@ -25,6 +25,7 @@ from concurrent.futures import (
 )
 
 from byod.controlplane import RunStore, User
+from byod.controlplane.rehearsals import record_rehearsed
 from byod.errors import ByodError, ControlPlaneError, InputError, IrreversibleError
 from byod.fleet.halt import canary_over, canary_room, halt_reason
 from byod.fleet.outcome import Settled, settle
@@ -55,8 +56,11 @@ def migrate_fleet(
     to_version: int | None = None,
     on_event: Callable[[FleetEvent], None] = lambda event: None,
     started_by: str | None = None,
+    rehearse: bool = False,
 ) -> FleetSummary:
-    """Migrate every eligible user below the target (default: head) and summarise.
+    """Migrate every eligible user below the target (default: head) and summarise;
+    ``rehearse``: rehearse each instead (see :meth:`Runner.rehearse_user`), a run of kind
+    ``rehearse`` whose users' outcomes are kept apart from the ledger.
 
     Eligible: a config whose connection is ``connected`` or ``error`` (an instance that
     was unreachable is tried again). One failing user never stops the others, unless a
@@ -76,7 +80,8 @@ def migrate_fleet(
     total = size.planned
     summary.total = summary.up_to_date
     spec = RunSpec(options=options, selection=selection, to_version=target)
-    return _execute(runner, chosen, "migrate", spec, summary, total, on_event, started_by)
+    action = "rehearse" if rehearse else "migrate"
+    return _execute(runner, chosen, action, spec, summary, total, on_event, started_by)
 
 
 def rollback_run(
@@ -92,7 +97,8 @@ def rollback_run(
     it would undo has no ``down``. Users the run did not move are never touched.
     """
     store = RunStore(runner.engine)
-    store.get(run_id)  # raises for an unknown run
+    if store.get(run_id).kind == "rehearse":  # raises for an unknown run
+        raise InputError(f"run {run_id} was a rehearsal: it changed nothing, so nothing to undo")
     moved = store.moved_users(run_id)
     blocked: dict[str, int] = {}
     sealed_here = 0
@@ -289,6 +295,8 @@ class _FleetRun:
         if settled.error is not None:
             summary.errors.append(settled.error)
         _log_outcome(summary.run_id, settled)
+        if self.action == "rehearse" and settled.result is not None:
+            _keep_rehearsal(self.runner, summary.run_id, settled)
         if settled.result is not None:
             self.on_event(UserFinished(settled.result, settled.outcome, settled.tries))
 
@@ -305,6 +313,27 @@ class _FleetRun:
             log.warning("fleet run %s halted: %s", summary.run_id, reason)
             summary.state, summary.halt_reason = "halted", reason
             self.stop.set()
+
+
+def _keep_rehearsal(runner: Runner, run_id: str, settled: Settled) -> None:
+    """A rehearsed user's outcome, where ``runs show`` finds it (never in the ledger)."""
+    result = settled.result
+    assert result is not None
+    error = result.error
+    try:
+        record_rehearsed(
+            runner.engine,
+            run_id,
+            result.user_id,
+            outcome=settled.outcome,
+            versions=(result.from_version, result.to_version),
+            steps=[(step.migration_id, step.status) for step in result.steps],
+            error=None if error is None else (type(error).__name__, error.message),
+            tries=settled.tries,
+            seconds=result.seconds,
+        )
+    except ControlPlaneError as exc:  # the run's counts still say it
+        log.warning("user %s: rehearsal outcome not kept: %s", result.user_id, exc.message)
 
 
 def _log_outcome(run_id: str, settled: Settled) -> None:
