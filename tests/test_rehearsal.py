@@ -4,24 +4,34 @@ in one instance transaction, then rolled back: nothing committed, the ledger unt
 from __future__ import annotations
 
 import hashlib
+import signal
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from byod import commands
-from byod.controlplane import history
+from byod.clock import utcnow
+from byod.controlplane import RunStore, history
+from byod.controlplane.schema import runs
 from byod.errors import InputError, RehearsalError
 from byod.spec import FleetOptions
 from byod.workspace import Workspace
 from tests.conftest import (
+    TEST_KEY,
     InstanceFactory,
     ServerDatabases,
     execute,
     make_workspace,
     write_migrations,
 )
-from tests.helpers import add_connected, stamp_ids
+from tests.helpers import add_connected, counter, stamp_ids
+from tests.test_cli import Cli
+from tests.test_fleet import byod, process_fleet, start_held
+
+__all__ = ["process_fleet"]  # the fixture, shared with the fleet's tests
 
 #: 001 makes a table whose titles repeat for some users; 002 puts a UNIQUE index on them
 #: and fills a column in batches first (a backfill, rehearsed batch by batch)
@@ -157,18 +167,15 @@ def ledger_rows(ws: Workspace) -> list[tuple[object, ...]]:
 def test_a_fleet_rehearsal_names_exactly_the_users_that_would_fail_and_changes_nothing(
     rws: Workspace, new_instance: InstanceFactory
 ) -> None:
-    fleet = {
-        f"user_{n:02d}": seeded(rws, new_instance, f"user_{n:02d}", duplicate=n in (2, 5, 9))
-        for n in range(12)
-    }
+    fleet = fifty(rws, new_instance)
     before = {url: fingerprint(url) for _, url in fleet.values()}
     ledger_before = ledger_rows(rws)
     summary = commands.rehearse_fleet(rws, options=FleetOptions(concurrency=4))
-    assert (summary.succeeded, summary.failed, summary.total) == (9, 3, 12)
+    assert (summary.succeeded, summary.failed, summary.total) == (47, 3, 50)
     details = commands.show_run(rws, summary.run_id)
     assert details.run.kind == "rehearse"
     failed = sorted((clerk, migration) for _, clerk, migration, _ in details.failures)
-    assert failed == [(f"user_{n:02d}", "002_unique_titles") for n in (2, 5, 9)]
+    assert failed == [(f"user_{n:02d}", "002_unique_titles") for n in BROKEN]
     assert all("unique" in (error or "").lower() for *_, error in details.failures)
     assert {url: fingerprint(url) for _, url in fleet.values()} == before
     assert ledger_rows(rws) == ledger_before  # not one row
@@ -176,7 +183,67 @@ def test_a_fleet_rehearsal_names_exactly_the_users_that_would_fail_and_changes_n
     with pytest.raises(InputError, match="rehearsal"):
         commands.rollback_fleet_run(rws, summary.run_id)
     real = commands.migrate_fleet(rws)  # the real run meets what the rehearsal said
-    assert (real.succeeded, real.failed) == (9, 3)
+    assert (real.succeeded, real.failed) == (47, 3)
+
+
+BROKEN = (2, 17, 41)
+
+
+def fifty(ws: Workspace, new_instance: InstanceFactory) -> dict[str, tuple[int, str]]:
+    """Fifty users at version 1; three have a duplicate title that breaks 002's index."""
+    return {
+        f"user_{n:02d}": seeded(ws, new_instance, f"user_{n:02d}", duplicate=n in BROKEN)
+        for n in range(50)
+    }
+
+
+def test_rehearse_first_touches_nothing_until_every_user_passes(
+    rws: Workspace, new_instance: InstanceFactory
+) -> None:
+    fleet = fifty(rws, new_instance)
+    before = {url: fingerprint(url) for _, url in fleet.values()}
+    ledger_before = ledger_rows(rws)
+    rehearsal, real = commands.rehearse_then_migrate(rws, options=FleetOptions(concurrency=4))
+    assert real is None and rehearsal.failed == 3  # stopped: nothing touched
+    assert {url: fingerprint(url) for _, url in fleet.values()} == before
+    assert ledger_rows(rws) == ledger_before
+    for n in BROKEN:  # the operator fixes the three users' data
+        execute(fleet[f"user_{n:02d}"][1], "DELETE FROM notes WHERE id = 21")
+    rehearsal, real = commands.rehearse_then_migrate(rws, options=FleetOptions(concurrency=4))
+    assert rehearsal.failed == 0 and real is not None
+    assert (real.succeeded, real.failed) == (50, 0)
+    assert {rws.directory.get_config(uid).schema_version for uid, _ in fleet.values()} == {2}
+
+
+def test_rehearse_first_with_a_failure_ratio_leaves_the_failing_users_out(
+    rws: Workspace, tmp_path: Path
+) -> None:
+    cli = Cli(tmp_path, BYOD_ENCRYPTION_KEY=TEST_KEY)
+    env = {
+        "BYOD_DATABASE_URL": rws.settings.database_url,
+        "BYOD_MIGRATIONS": str(rws.settings.migrations_dir),
+    }
+    counter_of = iter(range(100))
+    make = lambda: sqlite_url(tmp_path, next(counter_of))  # noqa: E731
+    users = {n: seeded(rws, make, f"u{n}", duplicate=n == 1) for n in range(4)}
+    stopped = cli("migrate", "--all", "--rehearse-first", **env)
+    assert stopped.code == 1 and "nothing was touched" in stopped.err
+    assert "u1" in stopped.err and "002_unique_titles" in stopped.err
+    went = cli("migrate", "--all", "--rehearse-first", "--max-failure-ratio", "0.3", **env)
+    assert went.code == 1  # one user left out, and said so
+    assert "1 failed (left out of the real run)" in went.err
+    versions = {n: rws.directory.get_config(uid).schema_version for n, (uid, _) in users.items()}
+    assert versions == {0: 2, 1: 1, 2: 2, 3: 2}
+    bad = cli("migrate", "u0", "--rehearse-first", **env)
+    assert bad.code == 2 and "use --all" in bad.err
+    both = cli("migrate", "--all", "--rehearse", "--rehearse-first", **env)
+    assert both.code == 2
+
+
+def sqlite_url(folder: Path, n: int) -> str:
+    path = folder / f"i{n}.db"
+    path.touch()
+    return f"sqlite:///{path}"
 
 
 def test_a_fleet_rehearsal_refuses_users_it_cannot_rehearse_before_touching_anyone(
@@ -190,3 +257,31 @@ def test_a_fleet_rehearsal_refuses_users_it_cannot_rehearse_before_touching_anyo
         commands.rehearse_fleet(rws)
     assert commands.list_runs(rws) == []  # no run recorded
     assert fingerprint(url) == before
+
+
+def test_kill_9_during_a_rehearsal_leaves_nothing_and_the_next_run_migrates(
+    process_fleet: tuple[Workspace, list[int], list[str], dict[str, str]], tmp_path: Path
+) -> None:
+    ws, ids, urls, env = process_fleet
+    proc, _ = start_held(
+        tmp_path, env, 3, "--rehearse", "--concurrency", "3", "--lease-seconds", "2"
+    )
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    (rehearsal,) = commands.list_runs(ws)
+    assert (rehearsal.kind, rehearsal.state) == ("rehearse", "running")
+    assert ledger_rows(ws) == []  # nothing recorded but the run
+    time.sleep(2.2)  # the dead rehearsal's leases expire
+    assert [stamp_ids(url) for url in urls] == [[]] * len(urls)  # nothing committed anywhere
+    real = byod(tmp_path, "migrate", "--all", "--json", env=env)
+    _, err = real.communicate(timeout=120)
+    assert real.returncode == 0, err
+    assert [counter(url) for url in urls] == [11] * len(urls)  # each step once, for real
+    with ws.engine.begin() as conn:  # a minute later, nobody has heard from it
+        conn.execute(
+            sa.update(runs)
+            .where(runs.c.id == rehearsal.id)
+            .values(updated_at=utcnow() - timedelta(minutes=2))
+        )
+    assert RunStore(ws.engine).get(rehearsal.id).shown_state == "interrupted"
+    assert len(ids) == 8

@@ -3,6 +3,7 @@ the record of fleet runs."""
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -150,6 +151,22 @@ def migrate(
             "PostgreSQL).",
         ),
     ] = False,
+    rehearse_first: Annotated[
+        bool,
+        typer.Option(
+            "--rehearse-first",
+            help="With --all: rehearse every user first; run for real only if all passed "
+            "(or at most --max-failure-ratio failed: those are left out and reported).",
+        ),
+    ] = False,
+    skip_unsupported: Annotated[
+        bool,
+        typer.Option(
+            "--rehearse-skip-unsupported",
+            help="With --rehearse(-first) --all: skip (and report) users on MySQL/MariaDB "
+            "or Convex instead of refusing the run.",
+        ),
+    ] = False,
     json_out: Json = False,
     database_url: DatabaseUrl = None,
     migrations: Migrations = None,
@@ -157,8 +174,14 @@ def migrate(
     """Apply pending migrations to one user, or to every eligible user (--all)."""
     ws = workspace_for(database_url, migrations)
     target = one_target(user, every or users is not None)
-    if rehearse and distributed:
-        raise InputError("--rehearse runs here, not on workers: leave out --distributed")
+    if (rehearse or rehearse_first) and distributed:
+        raise InputError("rehearsals run here, not on workers: leave out --distributed")
+    if rehearse and rehearse_first:
+        raise InputError("give --rehearse (only rehearse) or --rehearse-first, not both")
+    if skip_unsupported and not (rehearse or rehearse_first):
+        raise InputError("--rehearse-skip-unsupported goes with --rehearse or --rehearse-first")
+    if (rehearse_first or skip_unsupported) and target is not None:
+        raise InputError("--rehearse-first and --rehearse-skip-unsupported run a fleet: use --all")
     if (detach or per_host is not None) and not distributed:
         raise InputError("--detach and --per-host go with --distributed")
     if target is not None:
@@ -204,13 +227,71 @@ def migrate(
     if distributed:
         _migrate_distributed(ws, options, selection, to, per_host, detach, json_out)
         return
-    run = commands.rehearse_fleet if rehearse else commands.migrate_fleet
+    if rehearse_first:
+        _rehearse_first(ws, options, selection, to, skip_unsupported, json_out)
+        return
+    if rehearse:
+        _fleet_run(
+            lambda on_event: commands.rehearse_fleet(
+                ws,
+                options=options,
+                selection=selection,
+                to_version=to,
+                on_event=on_event,
+                skip_unsupported=skip_unsupported,
+            ),
+            json_out,
+        )
+        return
     _fleet_run(
-        lambda on_event: run(
+        lambda on_event: commands.migrate_fleet(
             ws, options=options, selection=selection, to_version=to, on_event=on_event
         ),
         json_out,
     )
+
+
+def _rehearse_first(
+    ws: Workspace,
+    options: FleetOptions,
+    selection: Selection,
+    to: int | None,
+    skip_unsupported: bool,
+    json_out: bool,
+) -> None:
+    """Rehearse, then (if it passed) migrate: the rehearsal's summary first, then the
+    real run's; exit 1, nothing touched, when the rehearsal stops the rollout."""
+    runs: list[FleetSummary] = []
+
+    def both(on_event: Callable[[FleetEvent | RunProgress], None]) -> FleetSummary:
+        rehearsal, real = commands.rehearse_then_migrate(
+            ws,
+            options=options,
+            selection=selection,
+            to_version=to,
+            on_event=on_event,
+            skip_unsupported=skip_unsupported,
+        )
+        runs.append(rehearsal)
+        return rehearsal if real is None else real
+
+    last = progress.run_fleet(out, err, both, json_out)
+    rehearsal = runs[0]
+    if last is rehearsal:
+        progress.print_summary(out, err, rehearsal, json_out)
+        say(
+            f"[red]not migrated:[/] the rehearsal ({rehearsal.run_id}) found {rehearsal.failed} "
+            "failing users; nothing was touched",
+            level=logging.ERROR,
+        )
+        raise typer.Exit(1)
+    say(
+        f"rehearsal {rehearsal.run_id}: {rehearsal.succeeded} passed, {rehearsal.failed} "
+        "failed (left out of the real run)"
+    )
+    progress.print_summary(out, err, last, json_out)
+    if not last.ok or rehearsal.failed:
+        raise typer.Exit(1)
 
 
 def _migrate_distributed(

@@ -3,6 +3,7 @@ process or on task-queue workers."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from byod.controlplane import (
     count_ahead,
     iter_outdated,
 )
-from byod.controlplane.rehearsals import not_rehearsable
+from byod.controlplane.rehearsals import not_rehearsable, rehearsed_users
 from byod.controlplane.schema import control_plane_id
 from byod.distributed import (
     Dispatcher,
@@ -223,20 +224,26 @@ def rehearse_fleet(
     to_version: int | None = None,
     on_event: Callable[[FleetEvent], None] = lambda event: None,
     started_by: str | None = None,
+    skip_unsupported: bool = False,
 ) -> FleetSummary:
     """Rehearse every user a fleet run with these options would take, as one recorded run
     of kind ``rehearse`` (nothing committed in any instance, the ledger untouched).
     :class:`RehearsalError`, before anything starts, when some of them are on instances
-    that cannot roll a migration back (it names them)."""
+    that cannot roll a migration back (it names them); ``skip_unsupported``: rehearse
+    the others, those counted ``not_eligible`` with the reason in the log."""
     ws.require_tables()
     _refuse_fleet_ahead(ws)
     target = ws.registry.head if to_version is None else to_version
-    count, names = not_rehearsable(
-        ws.engine,
-        target,
-        ELIGIBLE_STATUSES,
-        only_version=selection.only_version,
-        user_ids=selection.users,
+    count, names = (
+        (0, [])
+        if skip_unsupported
+        else not_rehearsable(
+            ws.engine,
+            target,
+            ELIGIBLE_STATUSES,
+            only_version=selection.only_version,
+            user_ids=selection.users,
+        )
     )
     if count:
         more = f" and {count - len(names)} more" if count > len(names) else ""
@@ -253,6 +260,47 @@ def rehearse_fleet(
         started_by=started_by,
         rehearse=True,
     )
+
+
+def rehearse_then_migrate(
+    ws: Workspace,
+    *,
+    options: FleetOptions = FleetOptions(),
+    selection: Selection = Selection(),
+    to_version: int | None = None,
+    on_event: Callable[[FleetEvent], None] = lambda event: None,
+    started_by: str | None = None,
+    skip_unsupported: bool = False,
+) -> tuple[FleetSummary, FleetSummary | None]:
+    """Rehearse the selection; then, only if every user passed (or the share that failed
+    is at most ``options.max_failure_ratio``), migrate the users that passed for real.
+    Returns the rehearsal's summary and the real run's (None: nothing was touched)."""
+    rehearsal = rehearse_fleet(
+        ws,
+        # the ratio is judged on the whole rehearsal, never a reason to stop it halfway
+        options=dataclasses.replace(options, max_failure_ratio=None),
+        selection=selection,
+        to_version=to_version,
+        on_event=on_event,
+        started_by=started_by,
+        skip_unsupported=skip_unsupported,
+    )
+    rehearsed = rehearsal.succeeded + rehearsal.failed
+    allowed = options.max_failure_ratio or 0.0
+    if rehearsal.state != "completed" or (rehearsed and rehearsal.failed / rehearsed > allowed):
+        return rehearsal, None
+    passed = rehearsed_users(ws.engine, rehearsal.run_id, "succeeded")
+    if not passed:
+        return rehearsal, None
+    real = migrate_fleet(
+        ws,
+        options=options,
+        selection=Selection(users=passed),
+        to_version=to_version,
+        on_event=on_event,
+        started_by=started_by,
+    )
+    return rehearsal, real
 
 
 def resolve_users(ws: Workspace, refs: tuple[str, ...]) -> tuple[int, ...]:

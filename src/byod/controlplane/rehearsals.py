@@ -12,7 +12,13 @@ from byod.clock import utcnow
 from byod.controlplane._tx import reading, single
 from byod.controlplane.schema import configs, run_tasks, users
 
-__all__ = ["REHEARSABLE_KINDS", "not_rehearsable", "record_rehearsed", "rehearsal_failures"]
+__all__ = [
+    "REHEARSABLE_KINDS",
+    "not_rehearsable",
+    "record_rehearsed",
+    "rehearsal_failures",
+    "rehearsed_users",
+]
 
 #: Instance kinds whose DDL a transaction can roll back.
 REHEARSABLE_KINDS = ("sqlite", "postgresql")
@@ -105,3 +111,14 @@ def not_rehearsable(
         return int(conn.execute(count).scalar_one()), [
             str(n) for n in conn.execute(names).scalars()
         ]
+
+
+def rehearsed_users(engine: sa.Engine, run_id: str, outcome: str) -> tuple[int, ...]:
+    """The ids of the users a rehearsal run ended with ``outcome`` (``succeeded``: passed)."""
+    query = (
+        sa.select(run_tasks.c.user_id)
+        .where(run_tasks.c.run_id == run_id, run_tasks.c.outcome == outcome)
+        .order_by(run_tasks.c.user_id)
+    )
+    with reading(engine, "read the rehearsal's users") as conn:
+        return tuple(int(u) for u in conn.execute(query).scalars())

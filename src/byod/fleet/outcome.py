@@ -18,6 +18,7 @@ from byod.errors import (
     ByodError,
     ControlPlaneError,
     NotConnectedError,
+    RehearsalError,
     UnknownUserError,
 )
 from byod.logs import fields
@@ -179,6 +180,9 @@ def _settle_once(
         raise
     except ControlPlaneError:
         raise
+    except RehearsalError as exc:  # an instance that cannot be rehearsed: skipped, said so
+        log.warning("fleet: user %s not rehearsed: %s", user.id, exc.message)
+        return Settled(user, "not_eligible", _no_result(runner, user, exc), 0)
     except (NotConnectedError, UnknownUserError) as exc:  # vanished meanwhile
         log.warning("fleet: user %s was not run: %s", user.id, exc.message)
         return Settled(user, "not_eligible", _no_result(runner, user, exc), 0)
