@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from fastapi.testclient import TestClient
 
 from byod import commands
+from byod.api import AuthSettings, create_app
 from byod.clock import utcnow
 from byod.controlplane import RunStore, history
 from byod.controlplane.schema import runs
@@ -28,6 +30,7 @@ from tests.conftest import (
     write_migrations,
 )
 from tests.helpers import add_connected, counter, stamp_ids
+from tests.test_api import SECRET, bearer, token
 from tests.test_cli import Cli
 from tests.test_fleet import byod, process_fleet, start_held
 
@@ -285,3 +288,37 @@ def test_kill_9_during_a_rehearsal_leaves_nothing_and_the_next_run_migrates(
         )
     assert RunStore(ws.engine).get(rehearsal.id).shown_state == "interrupted"
     assert len(ids) == 8
+
+
+def test_operators_start_a_rehearsal_over_http_and_the_dashboard_shows_it_apart(
+    rws: Workspace, new_instance: InstanceFactory
+) -> None:
+    good, good_url = seeded(rws, new_instance, "good", duplicate=False)
+    _, bad_url = seeded(rws, new_instance, "bad", duplicate=True)
+    rws.directory.add_user("ops")
+    before = {url: fingerprint(url) for url in (good_url, bad_url)}
+    client = TestClient(create_app(rws, AuthSettings(secret=SECRET)))
+    ops = bearer(token("ops", admin=True))
+    refused = client.post(
+        "/v1/fleet/runs", headers=ops, json={"rehearse": True, "distributed": True}
+    )
+    assert refused.status_code == 422
+    started = client.post("/v1/fleet/runs", headers=ops, json={"rehearse": True})
+    assert started.status_code == 202, started.text
+    run_id = started.json()["run_id"]
+    store = RunStore(rws.engine)
+    deadline = time.monotonic() + 30
+    while store.get(run_id).ended_at is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    shown = client.get(f"/v1/fleet/runs/{run_id}", headers=ops).json()
+    assert (shown["kind"], shown["succeeded"], shown["failed"]) == ("rehearse", 1, 1)
+    assert {url: fingerprint(url) for url in (good_url, bad_url)} == before
+    client.cookies.set("byod_token", token("ops", admin=True))
+    fleet_page = client.get("/dashboard").text
+    rehearsals = fleet_page.split("id='rehearsals'")[1]
+    assert run_id in rehearsals and run_id not in fleet_page.split("id='rehearsals'")[0]
+    run_page = client.get(f"/dashboard/runs/{run_id}").text
+    assert "/dashboard/users/" in run_page.split("id='failures'")[1]  # the failing user
+    assert "002_unique_titles" in run_page
+    assert rws.directory.get_config(good).schema_version == 1

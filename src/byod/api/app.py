@@ -190,7 +190,9 @@ def start_fleet_run(
         return RunStarted(run_id=run_id)
     runs: BackgroundRuns = request.app.state.runs
     return RunStarted(
-        run_id=runs.start_fleet(options, selection, started_by=_started_by(principal))
+        run_id=runs.start_fleet(
+            options, selection, started_by=_started_by(principal), rehearse=body.rehearse
+        )
     )
 
 

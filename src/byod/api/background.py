@@ -38,15 +38,28 @@ class BackgroundRuns:
                 self._users_running.discard(user.id)
             raise
 
-    def start_fleet(self, options: FleetOptions, selection: Selection, *, started_by: str) -> str:
-        """A fleet run with the given options; ``started_by``: the caller's subject."""
-        return self._start(options, selection, None, started_by)
+    def start_fleet(
+        self,
+        options: FleetOptions,
+        selection: Selection,
+        *,
+        started_by: str,
+        rehearse: bool = False,
+    ) -> str:
+        """A fleet run with the given options (``rehearse``: a rehearsal); ``started_by``:
+        the caller's subject."""
+        return self._start(options, selection, None, started_by, rehearse)
 
     def _lease_held(self, user_id: int) -> bool:
         return commands.instance_busy(self.ws, user_id)
 
     def _start(
-        self, options: FleetOptions, selection: Selection, user_id: int | None, started_by: str
+        self,
+        options: FleetOptions,
+        selection: Selection,
+        user_id: int | None,
+        started_by: str,
+        rehearse: bool = False,
     ) -> str:
         started = threading.Event()
         box: dict[str, object] = {}
@@ -58,7 +71,8 @@ class BackgroundRuns:
 
         def work() -> None:
             try:
-                summary: FleetSummary = commands.migrate_fleet(
+                run = commands.rehearse_fleet if rehearse else commands.migrate_fleet
+                summary: FleetSummary = run(
                     self.ws,
                     options=options,
                     selection=selection,
@@ -75,7 +89,8 @@ class BackgroundRuns:
                         self._users_running.discard(user_id)
 
         threading.Thread(target=work, name="byod-api-run", daemon=True).start()
-        metrics.RUNS_STARTED.labels("fleet" if user_id is None else "user").inc()
+        kind = "rehearsal" if rehearse else "fleet" if user_id is None else "user"
+        metrics.RUNS_STARTED.labels(kind).inc()
         started.wait(30)
         error = box.get("error")
         if isinstance(error, ByodError):

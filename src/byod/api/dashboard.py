@@ -92,6 +92,15 @@ def _run_row(run: RunRecord, rows: tuple[int, int] | None) -> str:
     )
 
 
+def _runs_table(table_id: str, runs: list[RunRecord], rows: dict[str, tuple[int, int]]) -> str:
+    return (
+        f"<table id='{table_id}'><tr><th>run</th><th>kind</th><th>state</th>"
+        "<th>progress</th><th>ok</th><th>failed</th><th>busy or up to date</th>"
+        "<th>not started</th><th>rows (backfills)</th></tr>"
+        f"{''.join(_run_row(r, rows.get(r.id)) for r in runs)}</table>"
+    )
+
+
 def _overview(
     status: FleetStatus,
     runs: list[RunRecord],
@@ -112,6 +121,8 @@ def _overview(
         for f in status.recent_failures
     )
     running = any(r.shown_state == "running" for r in runs)
+    real = [r for r in runs if r.kind != "rehearse"]
+    rehearsals = [r for r in runs if r.kind == "rehearse"]
     return _page(
         "byod: fleet",
         f"<h1>byod fleet</h1><p>head version <b id='head'>{status.head}</b>, "
@@ -125,10 +136,10 @@ def _overview(
         f"<h2>Connection status</h2><div id='connection'>{cards}</div>"
         "<h2>Latest failures</h2><table id='failures'><tr><th>user</th><th>migration</th>"
         f"<th>error</th><th>when (UTC)</th></tr>{failures}</table>"
-        "<h2>Fleet runs</h2><table id='runs'><tr><th>run</th><th>kind</th><th>state</th>"
-        "<th>progress</th><th>ok</th><th>failed</th><th>busy or up to date</th>"
-        "<th>not started</th><th>rows (backfills)</th></tr>"
-        f"{''.join(_run_row(r, rows.get(r.id)) for r in runs)}</table>"
+        f"<h2>Fleet runs</h2>{_runs_table('runs', real, rows)}"
+        "<h2>Rehearsals</h2><p>Runs that changed nothing: each user's steps rolled back; "
+        "<i>ok</i> passed, <i>failed</i> would fail.</p>"
+        f"{_runs_table('rehearsals', rehearsals, rows)}"
         "<h2>A user's history</h2><form method='get' action='/dashboard/users'>"
         "<input name='user' placeholder='user id or clerk id'><button>Show</button></form>",
         refresh=running,
@@ -202,7 +213,7 @@ def dashboard(request: Request) -> Response:
     ws = _ws(request)
     runs = commands.list_runs(ws, limit=10)
     status = commands.status(ws)
-    oldest_first = list(reversed(runs))
+    oldest_first = [run for run in reversed(runs) if run.kind != "rehearse"]  # moved users
     over_time = versions_over_runs(
         oldest_first, commands.fleet_over_runs(ws, oldest_first), status.head
     )

@@ -182,6 +182,10 @@ class FleetRunRequest(BaseModel):
     distributed: StrictBool = False
     #: with ``distributed``: at most this many users at once per database server
     per_host: int | None = Field(default=None, ge=1, le=1024)
+    #: rehearse instead of migrating: every user's steps in one instance transaction,
+    #: rolled back; a run of kind ``rehearse`` (SQLite and PostgreSQL users only; not
+    #: with ``distributed``)
+    rehearse: StrictBool = False
 
     @field_validator(
         "concurrency",
@@ -204,4 +208,6 @@ class FleetRunRequest(BaseModel):
     def _per_host_is_distributed(self) -> FleetRunRequest:
         if self.per_host is not None and not self.distributed:
             raise ValueError("per_host goes with distributed: true")
+        if self.rehearse and self.distributed:
+            raise ValueError("rehearse runs on the server, not on workers: not with distributed")
         return self

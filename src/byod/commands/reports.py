@@ -18,7 +18,7 @@ from byod.controlplane import (
     fleet_status,
     history,
 )
-from byod.controlplane.rehearsals import rehearsal_failures
+from byod.controlplane.rehearsals import rehearsal_failures, rehearsal_timeline
 from byod.controlplane.run_history import StepCount, step_counts, users_finished_at, versions_at
 from byod.controlplane.schema import control_plane_id
 from byod.credentials import open_instance, unseal_config
@@ -82,6 +82,10 @@ class RunTimeline:
 def run_timeline(ws: Workspace, run_id: str) -> RunTimeline:
     """One run with its timeline (:class:`InputError` for an unknown run id)."""
     details = show_run(ws, run_id)
+    if details.run.kind == "rehearse":
+        finished, counted = rehearsal_timeline(ws.engine, run_id)
+        steps = [StepCount(m, "up", status, n) for (m, status), n in sorted(counted.items())]
+        return RunTimeline(details, finished, steps)
     return RunTimeline(
         details, users_finished_at(ws.engine, run_id), step_counts(ws.engine, run_id)
     )

@@ -5,6 +5,7 @@ must refuse (their instances cannot roll a migration back)."""
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
 import sqlalchemy as sa
 
@@ -17,6 +18,7 @@ __all__ = [
     "not_rehearsable",
     "record_rehearsed",
     "rehearsal_failures",
+    "rehearsal_timeline",
     "rehearsed_users",
 ]
 
@@ -122,3 +124,23 @@ def rehearsed_users(engine: sa.Engine, run_id: str, outcome: str) -> tuple[int, 
     )
     with reading(engine, "read the rehearsal's users") as conn:
         return tuple(int(u) for u in conn.execute(query).scalars())
+
+
+def rehearsal_timeline(
+    engine: sa.Engine, run_id: str
+) -> tuple[list[datetime], dict[tuple[str, str], int]]:
+    """When each rehearsed user finished, oldest first, and ``(migration, status)`` counts
+    of their steps (a rehearsal's page, as the ledger gives a real run's)."""
+    query = sa.select(run_tasks.c.finished_at, run_tasks.c.steps).where(
+        run_tasks.c.run_id == run_id
+    )
+    finished: list[datetime] = []
+    steps: dict[tuple[str, str], int] = {}
+    with reading(engine, "read the rehearsal's timeline") as conn:
+        for at, recorded in conn.execute(query):
+            if at is not None:
+                finished.append(at)
+            for step in json.loads(recorded or "[]"):
+                key = (str(step["migration"]), str(step["status"]))
+                steps[key] = steps.get(key, 0) + 1
+    return sorted(finished), steps
