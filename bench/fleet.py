@@ -18,7 +18,8 @@ the broker round trips per user through a proxy in front of Redis.
 
 Configurations: ``floor`` (sqlite3/psycopg, one transaction per migration, a stamp row,
 two small ledger writes, nothing else), ``byod`` (at --concurrency), ``byod-1``
-(concurrency 1) and ``alembic`` (``alembic.command.upgrade`` once per instance, in a
+(concurrency 1), ``byod-rehearse`` (the same rollout rehearsed: each user's steps in one
+transaction, rolled back) and ``alembic`` (``alembic.command.upgrade`` once per instance, in a
 loop, as teams write it: Alembic's ``op`` is a process global, so it cannot be threaded).
 """
 
@@ -53,7 +54,14 @@ PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 KEY = base64.b64encode(b"b" * 32).decode()
 WORDS = ["alpha", "beta", "gamma", "delta", "notes", "plan", "idea", "todo", "home", "work"]
 #: byod-pN: N worker processes instead of threads (for CPU-bound SQLite fleets)
-CONFIGS = ("floor", "byod", f"byod-p{(os.cpu_count() or 2) + 1}", "byod-1", "alembic")
+CONFIGS = (
+    "floor",
+    "byod",
+    f"byod-p{(os.cpu_count() or 2) + 1}",
+    "byod-1",
+    "byod-rehearse",
+    "alembic",
+)
 
 
 # -- building the fleet ------------------------------------------------------------------
@@ -238,7 +246,9 @@ def child_byod(spec: dict[str, Any]) -> list[float]:
         sampler = Sampler()
         sampler.start()
     # to 002, as the floor and Alembic go (the example app's head has grown since: 003)
-    summary = migrate_fleet(ws.runner(), options=options, on_event=seen, to_version=2)
+    summary = migrate_fleet(
+        ws.runner(), options=options, on_event=seen, to_version=2, rehearse=spec["rehearse"]
+    )
     if sampler is not None:
         sampler.stop()
         Path(sample_to).write_text(json.dumps(sampler.top(20), indent=1))
@@ -436,6 +446,8 @@ def run_config(
         "control_plane": run_cp,
         "concurrency": 1 if config in ("byod-1", "alembic") else args.concurrency,
         "processes": int(config[6:]) if config.startswith("byod-p") else 1,
+        # the same rollout rehearsed: every step in one transaction, rolled back
+        "rehearse": config == "byod-rehearse",
         "alembic_scripts": str(_alembic_scripts(fleet.workdir / "alembic-scripts")),
     }
     spec_path = fleet.workdir / f"spec-{config}.json"
@@ -665,21 +677,30 @@ def main() -> None:
                         sa.text("SELECT datname FROM pg_database WHERE datname LIKE 'bench_%'")
                     ).scalars():
                         conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-        rate = {c: line["instances_per_s"] for c, line in lines.items()}
-        ratios: dict[str, Any] = {}
-        for config in (c for c in rate if c.startswith("byod")):
-            if "alembic" in rate:
-                ratios[f"{config}_vs_alembic"] = round(rate[config] / rate["alembic"], 2)
-            if "floor" in rate:
-                ratios[f"{config}_vs_floor"] = round(rate[config] / rate["floor"], 3)
-        if proxy and "byod" in lines:
-            trips = lines["byod"]["round_trips_per_instance"]
-            bound = args.concurrency / (trips * args.latency_ms / 1000)
-            ratios["byod_bound_instances_per_s"] = round(bound, 1)
-            ratios["byod_vs_bound"] = round(rate["byod"] / bound, 3)
-        print(json.dumps({"ratios": ratios}))
+        print(json.dumps({"ratios": _ratios(lines, args, proxy)}))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _ratios(
+    lines: dict[str, dict[str, Any]], args: argparse.Namespace, proxy: LatencyProxy | None
+) -> dict[str, Any]:
+    """byod against Alembic, the floor and its own bound; a rehearsal against the run."""
+    rate = {c: line["instances_per_s"] for c, line in lines.items()}
+    ratios: dict[str, Any] = {}
+    for config in (c for c in rate if c.startswith("byod")):
+        if "alembic" in rate:
+            ratios[f"{config}_vs_alembic"] = round(rate[config] / rate["alembic"], 2)
+        if "floor" in rate:
+            ratios[f"{config}_vs_floor"] = round(rate[config] / rate["floor"], 3)
+    if "byod-rehearse" in rate and "byod" in rate:  # how much longer a rehearsal takes
+        ratios["rehearse_seconds_vs_byod"] = round(rate["byod"] / rate["byod-rehearse"], 2)
+    if proxy and "byod" in lines:
+        trips = lines["byod"]["round_trips_per_instance"]
+        bound = args.concurrency / (trips * args.latency_ms / 1000)
+        ratios["byod_bound_instances_per_s"] = round(bound, 1)
+        ratios["byod_vs_bound"] = round(rate["byod"] / bound, 3)
+    return ratios
 
 
 if __name__ == "__main__":
