@@ -162,10 +162,25 @@ class FleetRunRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        # the document says it too: a ``per_host`` number needs ``distributed: true``
+        # the document says it too: a ``per_host`` number needs ``distributed: true``, and
+        # ``rehearse: true`` refuses it
         json_schema_extra={
-            "if": {"properties": {"per_host": {"type": "integer"}}, "required": ["per_host"]},
-            "then": {"properties": {"distributed": {"const": True}}, "required": ["distributed"]},
+            "allOf": [
+                {
+                    "if": {
+                        "properties": {"per_host": {"type": "integer"}},
+                        "required": ["per_host"],
+                    },
+                    "then": {
+                        "properties": {"distributed": {"const": True}},
+                        "required": ["distributed"],
+                    },
+                },
+                {
+                    "if": {"properties": {"rehearse": {"const": True}}, "required": ["rehearse"]},
+                    "then": {"properties": {"distributed": {"const": False}}},
+                },
+            ]
         },
     )
 
