@@ -4,6 +4,7 @@ in one instance transaction, then rolled back: nothing committed, the ledger unt
 from __future__ import annotations
 
 import hashlib
+import json
 import signal
 import time
 from datetime import timedelta
@@ -234,9 +235,15 @@ def test_rehearse_first_with_a_failure_ratio_leaves_the_failing_users_out(
     assert "u1" in stopped.err and "002_unique_titles" in stopped.err
     went = cli("migrate", "--all", "--rehearse-first", "--max-failure-ratio", "0.3", **env)
     assert went.code == 1  # one user left out, and said so
-    assert "1 failed (left out of the real run)" in went.err
+    assert "1 failed and left out" in went.err and "left out: u1 at 002_unique_titles" in went.err
     versions = {n: rws.directory.get_config(uid).schema_version for n, (uid, _) in users.items()}
     assert versions == {0: 2, 1: 1, 2: 2, 3: 2}
+    as_json = cli("migrate", "--all", "--rehearse-first", "--json", **env)  # u1 still fails
+    assert as_json.code == 1
+    last = json.loads(as_json.out.splitlines()[-1])
+    assert (last["rehearsal"]["failed"], last["rehearsal"]["succeeded"]) == (1, 0)
+    retried = cli("migrate", "u1", "--rehearse", "--retries", "1", **env)  # a plain failure
+    assert retried.code == 1 and "002_unique_titles" in retried.err
     bad = cli("migrate", "u0", "--rehearse-first", **env)
     assert bad.code == 2 and "use --all" in bad.err
     both = cli("migrate", "--all", "--rehearse", "--rehearse-first", **env)

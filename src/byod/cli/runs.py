@@ -199,8 +199,6 @@ def migrate(
             retries, timeout, lease_seconds, batch_size=batch_size, batch_pause=batch_pause
         )
         if rehearse:
-            if retries is not None:
-                raise InputError("--retries has no use with --rehearse: nothing is kept")
             result = commands.rehearse_user(ws, target, to_version=to, options=single)
             progress.finish_user(out, err, result, json_out, "rehearsed (rolled back)")
             return
@@ -271,24 +269,35 @@ def _rehearse_first(
             to_version=to,
             on_event=on_event,
             skip_unsupported=skip_unsupported,
+            on_rehearsed=rehearsed,
         )
         runs.append(rehearsal)
         return rehearsal if real is None else real
 
+    def rehearsed(summary: FleetSummary) -> None:  # between the two runs' lines
+        if json_out:
+            out.print(render.dump({"rehearsal": summary.as_dict()}))
+
     last = progress.run_fleet(out, err, both, json_out)
     rehearsal = runs[0]
     if last is rehearsal:
-        progress.print_summary(out, err, rehearsal, json_out)
+        if not json_out:  # its --json summary is printed already
+            progress.print_summary(out, err, rehearsal, json_out)
         say(
             f"[red]not migrated:[/] the rehearsal ({rehearsal.run_id}) found {rehearsal.failed} "
             "failing users; nothing was touched",
             level=logging.ERROR,
         )
         raise typer.Exit(1)
-    say(
-        f"rehearsal {rehearsal.run_id}: {rehearsal.succeeded} passed, {rehearsal.failed} "
-        "failed (left out of the real run)"
-    )
+    left_out = f", {rehearsal.failed} failed and left out" if rehearsal.failed else ""
+    say(f"rehearsal {rehearsal.run_id}: {rehearsal.succeeded} passed{left_out}")
+    for failure in rehearsal.errors:
+        where = f" at {failure.migration}" if failure.migration else ""
+        say(
+            f"[yellow]left out:[/] {render.plain(failure.user)}{where}: "
+            f"{render.plain(failure.error)}",
+            level=logging.WARNING,
+        )
     progress.print_summary(out, err, last, json_out)
     if not last.ok or rehearsal.failed:
         raise typer.Exit(1)

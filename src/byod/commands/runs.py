@@ -205,15 +205,17 @@ def rehearse_user(
     options: FleetOptions = FleetOptions(),
 ) -> UserResult:
     """Rehearse one user's pending steps and roll everything back (see
-    :meth:`Runner.rehearse_user`); of ``options`` it honours ``timeout``,
-    ``lease_seconds`` and the batching of backfills."""
+    :meth:`Runner.rehearse_user`); of ``options`` it honours ``timeout``, ``retries``
+    (a busy instance, with backoff), ``lease_seconds`` and the batching of backfills."""
     ws.require_tables()
-    runner = _single_runner(ws, options, threading.Event())
+    stop = threading.Event()
+    runner = _single_runner(ws, options, stop)
     user = runner.prepare(ws.directory.find_user(user_ref).id)
     refused = runner.refuse_foreign_key(user)
     if refused is not None:
         return refused
-    return runner.rehearse_user(user, to_version=to_version)
+    target = ws.registry.head if to_version is None else to_version
+    return _stoppable(lambda: attempt(runner, "rehearse", user, target, options, stop)[0], stop)
 
 
 def rehearse_fleet(
@@ -271,6 +273,7 @@ def rehearse_then_migrate(
     on_event: Callable[[FleetEvent], None] = lambda event: None,
     started_by: str | None = None,
     skip_unsupported: bool = False,
+    on_rehearsed: Callable[[FleetSummary], None] = lambda summary: None,
 ) -> tuple[FleetSummary, FleetSummary | None]:
     """Rehearse the selection; then, only if every user passed (or the share that failed
     is at most ``options.max_failure_ratio``), migrate the users that passed for real.
@@ -285,6 +288,7 @@ def rehearse_then_migrate(
         started_by=started_by,
         skip_unsupported=skip_unsupported,
     )
+    on_rehearsed(rehearsal)
     rehearsed = rehearsal.succeeded + rehearsal.failed
     allowed = options.max_failure_ratio or 0.0
     if rehearsal.state != "completed" or (rehearsed and rehearsal.failed / rehearsed > allowed):
