@@ -34,7 +34,6 @@ from byod.errors import (
     InstanceError,
     IrreversibleError,
     NotConnectedError,
-    RehearsalError,
     SettingsError,
     UnreachableError,
 )
@@ -199,70 +198,6 @@ class Runner:
             return down
 
         return self._run(user, plan)
-
-    def rehearse_user(self, user: User, *, to_version: int | None = None) -> UserResult:
-        """Rehearse the user's pending steps (schema changes, every backfill batch,
-        finalizes) in one instance transaction under the user's lease, then roll it all
-        back: nothing is committed in the instance, the ledger and the user's config are
-        untouched. The result's steps are ``rehearsed`` (or the one that ``failed``, and
-        ``skipped`` after it); its ``error`` says why. :class:`RehearsalError` (nothing
-        touched) for an instance that cannot roll its DDL back."""
-        self.registry.plan_up(0, to_version)  # an unknown target is bad input
-        started = time.monotonic()
-        try:
-            config = self.directory.claim_lease(user.id, self.owner, self.lease_seconds)
-        except BusyError as exc:
-            return self._gave_up(user, 0, exc)
-        try:
-            with self.directory.keep_lease(user.id, self.owner, self.lease_seconds):
-                credentials = self._unseal(config)
-                with self._opener(credentials, self.connect_timeout) as target:
-                    result = self._rehearse_on(user, target, to_version, started)
-        except RehearsalError:
-            raise
-        except ByodError as exc:
-            return self._gave_up(user, config.schema_version, exc)
-        finally:
-            with contextlib.suppress(ControlPlaneError):
-                self.directory.release_lease(user.id, self.owner)
-        return dataclasses.replace(result, target_kind=config.target_kind)
-
-    def _rehearse_on(
-        self, user: User, target: Target, to_version: int | None, started: float
-    ) -> UserResult:
-        stamp = target.rehearse(self._deadline())
-        problems = check_stamp(self.registry, stamp)
-        if problems:
-            raise DriftError(f"drift: {'; '.join(problems)}")
-        current = stamp[-1].version if stamp else 0
-        plan = self.registry.plan_up(current, to_version)
-        steps: list[StepResult] = []
-        for index, step in enumerate(plan.steps):
-            mig, began = step.migration, time.perf_counter()
-            try:
-                if index == 0:
-                    target.prepare()
-                _, rows = self._apply(user, step, target, self._deadline(), record=False)
-            except ByodError as exc:
-                seconds = time.perf_counter() - began
-                text = f"{type(exc).__name__}: {exc.message}"
-                steps.append(StepResult(mig.id, mig.version, "up", "failed", seconds, text))
-                steps += [
-                    StepResult(s.migration.id, s.migration.version, "up", "skipped")
-                    for s in plan.steps[index + 1 :]
-                ]
-                failure = type(exc)(
-                    f"user {user.id} ({user.clerk_id}): rehearsing {mig.id}: {exc.message}",
-                    hint=exc.hint,
-                )
-                return UserResult(user.id, user.clerk_id, current, current, tuple(steps), failure)
-            seconds = time.perf_counter() - began
-            steps.append(StepResult(mig.id, mig.version, "up", "rehearsed", seconds, rows=rows))
-        elapsed = time.monotonic() - started
-        target_version = plan.steps[-1].version_after if plan.steps else current
-        return UserResult(
-            user.id, user.clerk_id, current, target_version, tuple(steps), seconds=elapsed
-        )
 
     def repair(self, user_id: int) -> list[str]:
         """Forget the dirty markers of a user's instance once an operator has undone the

@@ -205,7 +205,7 @@ def rehearse_user(
     options: FleetOptions = FleetOptions(),
 ) -> UserResult:
     """Rehearse one user's pending steps and roll everything back (see
-    :meth:`Runner.rehearse_user`); of ``options`` it honours ``timeout``, ``retries``
+    :func:`byod.rehearsal.rehearse_user`); of ``options`` it honours ``timeout``, ``retries``
     (a busy instance, with backoff), ``lease_seconds`` and the batching of backfills."""
     ws.require_tables()
     stop = threading.Event()

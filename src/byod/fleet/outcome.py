@@ -22,6 +22,7 @@ from byod.errors import (
     UnknownUserError,
 )
 from byod.logs import fields
+from byod.rehearsal import rehearse_user
 from byod.results import UserResult
 from byod.runner import Runner
 from byod.spec import FleetOptions
@@ -68,7 +69,7 @@ def attempt(
         if action == "rollback":
             result = runner.rollback_user(user, to_version)
         elif action == "rehearse":
-            result = runner.rehearse_user(user, to_version=to_version)
+            result = rehearse_user(runner, user, to_version=to_version)
         else:
             result = runner.migrate_user(user, to_version=to_version)
         tries += 1

@@ -59,7 +59,7 @@ def migrate_fleet(
     rehearse: bool = False,
 ) -> FleetSummary:
     """Migrate every eligible user below the target (default: head) and summarise;
-    ``rehearse``: rehearse each instead (see :meth:`Runner.rehearse_user`), a run of kind
+    ``rehearse``: rehearse each instead (see :func:`byod.rehearsal.rehearse_user`), a run of kind
     ``rehearse`` whose users' outcomes are kept apart from the ledger.
 
     Eligible: a config whose connection is ``connected`` or ``error`` (an instance that
