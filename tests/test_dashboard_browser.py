@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -46,18 +47,27 @@ def served_fleet(cws: Workspace, tmp_path: Path) -> Iterator[str]:
             execute(f"sqlite:///{path}", "CREATE TABLE break_me (id INTEGER)")
         cws.runner().migrate(uid)
     cws.directory.add_user("ops")
+    with _served(cws) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _served(ws: Workspace) -> Iterator[str]:
+    """The app on ``ws``, served by uvicorn in a thread of this process."""
     port = _free_port()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(cws, AuthSettings(secret=SECRET)), port=port, log_level="error")
+        uvicorn.Config(create_app(ws, AuthSettings(secret=SECRET)), port=port, log_level="error")
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def test_dashboard_shows_the_seeded_fleet(served_fleet: str, tmp_path: Path) -> None:
@@ -119,21 +129,11 @@ def held_run_fleet(cws: Workspace, tmp_path: Path) -> Iterator[tuple[str, Worksp
         if n == 3:
             execute(f"sqlite:///{path}", "CREATE TABLE break_me (id INTEGER)")
     cws.directory.add_user("ops")
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(cws, AuthSettings(secret=SECRET)), port=port, log_level="error")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}", cws
-    finally:
-        gates.release.set()
-        server.should_exit = True
-        thread.join(10)
+    with _served(cws) as url:
+        try:
+            yield url, cws
+        finally:
+            gates.release.set()  # before the server stops: no run left waiting
 
 
 def test_a_runs_page_during_and_after_the_run_on_a_phone_sized_screen(

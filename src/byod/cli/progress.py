@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from byod.fleet import FleetEvent, FleetSummary, RowsProgress
     from byod.results import UserResult
 
-__all__ = ["finish_user", "print_error", "print_summary", "run_fleet"]
+__all__ = ["finish_user", "print_error", "print_failures", "print_summary", "run_fleet"]
 
 T = TypeVar("T")
 
@@ -165,9 +165,20 @@ def print_summary(out: Console, err: Console, summary: FleetSummary, json_out: b
         return
     if summary.halt_reason:
         err.print(f"[yellow]halted:[/] {escape(summary.halt_reason)}")
+    print_failures(summary)
+
+
+def print_failures(summary: FleetSummary, label: str = "[red]failed:[/]") -> None:
+    """A line on stderr per failed user of the run (a log record each with --log-format
+    json): ``label user at migration: error``."""
+    from byod.cli.base import say
+
     for error in summary.errors:
         where = f" at {error.migration}" if error.migration else ""
-        err.print(f"[red]failed:[/] {render.plain(error.user)}{where}: {render.plain(error.error)}")
+        say(
+            f"{label} {render.plain(error.user)}{where}: {render.plain(error.error)}",
+            level=logging.WARNING,
+        )
 
 
 def _log_run_end(summary: FleetSummary) -> None:

@@ -3,6 +3,7 @@ the record of fleet runs."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING, Annotated
 
@@ -228,21 +229,13 @@ def migrate(
     if rehearse_first:
         _rehearse_first(ws, options, selection, to, skip_unsupported, json_out)
         return
-    if rehearse:
-        _fleet_run(
-            lambda on_event: commands.rehearse_fleet(
-                ws,
-                options=options,
-                selection=selection,
-                to_version=to,
-                on_event=on_event,
-                skip_unsupported=skip_unsupported,
-            ),
-            json_out,
-        )
-        return
+    run = (
+        functools.partial(commands.rehearse_fleet, skip_unsupported=skip_unsupported)
+        if rehearse
+        else commands.migrate_fleet
+    )
     _fleet_run(
-        lambda on_event: commands.migrate_fleet(
+        lambda on_event: run(
             ws, options=options, selection=selection, to_version=to, on_event=on_event
         ),
         json_out,
@@ -291,13 +284,7 @@ def _rehearse_first(
         raise typer.Exit(1)
     left_out = f", {rehearsal.failed} failed and left out" if rehearsal.failed else ""
     say(f"rehearsal {rehearsal.run_id}: {rehearsal.succeeded} passed{left_out}")
-    for failure in rehearsal.errors:
-        where = f" at {failure.migration}" if failure.migration else ""
-        say(
-            f"[yellow]left out:[/] {render.plain(failure.user)}{where}: "
-            f"{render.plain(failure.error)}",
-            level=logging.WARNING,
-        )
+    progress.print_failures(rehearsal, "[yellow]left out:[/]")
     progress.print_summary(out, err, last, json_out)
     if not last.ok or rehearsal.failed:
         raise typer.Exit(1)

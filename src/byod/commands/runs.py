@@ -235,24 +235,8 @@ def rehearse_fleet(
     the others, those counted ``not_eligible`` with the reason in the log."""
     ws.require_tables()
     _refuse_fleet_ahead(ws)
-    target = ws.registry.head if to_version is None else to_version
-    count, names = (
-        (0, [])
-        if skip_unsupported
-        else not_rehearsable(
-            ws.engine,
-            target,
-            ELIGIBLE_STATUSES,
-            only_version=selection.only_version,
-            user_ids=selection.users,
-        )
-    )
-    if count:
-        more = f" and {count - len(names)} more" if count > len(names) else ""
-        raise RehearsalError(
-            f"{count} of the selected users are on instances that cannot be rehearsed "
-            f"(MySQL/MariaDB or Convex): {', '.join(names)}{more}; nothing was touched"
-        )
+    if not skip_unsupported:
+        _refuse_not_rehearsable(ws, selection, to_version)
     return fleet.migrate_fleet(
         ws.runner(),
         options=options,
@@ -262,6 +246,25 @@ def rehearse_fleet(
         started_by=started_by,
         rehearse=True,
     )
+
+
+def _refuse_not_rehearsable(ws: Workspace, selection: Selection, to_version: int | None) -> None:
+    """:class:`RehearsalError` naming the selected users whose instances cannot roll a
+    migration back."""
+    target = ws.registry.head if to_version is None else to_version
+    count, names = not_rehearsable(
+        ws.engine,
+        target,
+        ELIGIBLE_STATUSES,
+        only_version=selection.only_version,
+        user_ids=selection.users,
+    )
+    if count:
+        more = f" and {count - len(names)} more" if count > len(names) else ""
+        raise RehearsalError(
+            f"{count} of the selected users are on instances that cannot be rehearsed "
+            f"(MySQL/MariaDB or Convex): {', '.join(names)}{more}; nothing was touched"
+        )
 
 
 def rehearse_then_migrate(
