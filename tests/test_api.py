@@ -6,9 +6,11 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,8 @@ from tests.conftest import execute
 from tests.helpers import add_connected
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
+#: RFC 3339 in UTC with its offset, as every timestamp byod answers is
+RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
 
 def token(
@@ -180,6 +184,61 @@ def test_operator_endpoints(api: Api) -> None:
     assert api.get("/v1/users/nobody/migrations", "ops").status_code == 404
     assert api.get("/v1/fleet/runs/nope", "ops").status_code == 404
     assert api.post("/v1/fleet/runs", "ops", json={"concurrency": 0}).status_code == 422
+
+
+def timestamps(body: object, where: str = "") -> Iterator[tuple[str, str]]:
+    """Every ``(where, value)`` of a timestamp field (``…_at``, ``at``) in a JSON body."""
+    if isinstance(body, dict):
+        for key, value in body.items():
+            if (key == "at" or key.endswith("_at")) and value is not None:
+                yield f"{where}.{key}", value
+            else:
+                yield from timestamps(value, f"{where}.{key}")
+    elif isinstance(body, list):
+        for n, value in enumerate(body):
+            yield from timestamps(value, f"{where}[{n}]")
+
+
+def test_every_timestamp_is_rfc3339_utc_with_its_offset(api: Api) -> None:
+    """On this control-plane kind, every timestamp the API answers ends in ``Z`` and is
+    the real moment in UTC (not the server's local time written without an offset)."""
+    execute(api.url_b, "CREATE TABLE break_me (id INTEGER)")
+    before = datetime.now(UTC) - timedelta(seconds=5)
+    fleet_run = api.post("/v1/fleet/runs", "ops", json={"retries": 0}).json()["run_id"]
+    wait_for_run(api, f"/v1/fleet/runs/{fleet_run}", "ops")
+    own_run = api.post("/v1/me/migrations/run", "user_a").json()["run_id"]
+    wait_for_run(api, f"/v1/runs/{own_run}", "user_a")
+    after = datetime.now(UTC) + timedelta(seconds=5)
+    bodies = {
+        "fleet run": api.get(f"/v1/fleet/runs/{fleet_run}", "ops").json(),
+        "own run": api.get(f"/v1/runs/{own_run}", "user_a").json(),
+        "status": api.get("/v1/fleet/status", "ops").json(),
+        "my history": api.get("/v1/me/migrations", "user_a").json(),
+        "b's history": api.get("/v1/users/user_b/migrations", "ops").json(),
+    }
+    found = [
+        (name + where, value) for name, body in bodies.items() for where, value in timestamps(body)
+    ]
+    assert len(found) >= 12, found
+    for where, value in found:
+        assert RFC3339_UTC.match(value), (where, value)
+        assert before <= datetime.fromisoformat(value) <= after, (where, value)
+    assert bodies["fleet run"]["ended_at"] is not None
+    assert bodies["status"]["recent_failures"][0]["at"].endswith("Z")
+
+
+def test_a_self_service_run_at_head_counts_the_user_up_to_date(api: Api) -> None:
+    assert api.ws.runner().migrate(api.a).ok
+    started = api.post("/v1/me/migrations/run", "user_a")
+    assert started.status_code == 202
+    run = wait_for_run(api, f"/v1/runs/{started.json()['run_id']}", "user_a")
+    assert (run["state"], run["planned"], run["up_to_date"], run["succeeded"]) == (
+        "completed",
+        1,
+        1,
+        0,
+    )
+    assert (run["failed"], run["not_started"], run["remaining"]) == (0, 0, 0)
 
 
 @pytest.mark.parametrize(

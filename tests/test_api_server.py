@@ -5,31 +5,23 @@ and settings it must refuse at start with exit 2)."""
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-import byod
 from tests.conftest import TEST_KEY, make_workspace
 from tests.helpers import add_connected
 from tests.migration_sets import counter_migrations
+from tests.served import Served, free_port, serve, server_env
 from tests.test_api import SECRET, bearer, token
 from tests.test_cli import BYOD
 
 MIB = 1024 * 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _rss(pid: int) -> int:
@@ -38,20 +30,6 @@ def _rss(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
-
-
-@dataclass
-class Served:
-    url: str
-    port: int
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def raw(self, head: str, body: bytes = b"") -> socket.socket:
-        """A connection on which ``head`` (request line and headers) and ``body`` were sent."""
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-        sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
-        return sock
 
 
 @pytest.fixture
@@ -63,41 +41,12 @@ def env(tmp_path: Path) -> dict[str, str]:
     add_connected(ws, f"sqlite:///{tmp_path / 'a.db'}", "user_a")
     ws.directory.add_user("ops")
     ws.engine.dispose()
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("BYOD_")}
-    here = str(Path(byod.__file__).resolve().parents[1])  # the server runs this very code
-    return clean | {
-        "PYTHONPATH": os.pathsep.join([here, *filter(None, [clean.get("PYTHONPATH")])]),
-        "BYOD_DATABASE_URL": url,
-        "BYOD_MIGRATIONS": str(tmp_path / "migrations"),
-        "BYOD_ENCRYPTION_KEY": TEST_KEY,
-        "BYOD_JWT_SECRET": SECRET,
-    }
-
-
-@contextlib.contextmanager
-def serve(env: dict[str, str], folder: Path, **extra: str) -> Iterator[Served]:
-    port = _free_port()
-    log = folder / f"serve-{port}.log"
-    with log.open("wb") as stderr:
-        process = subprocess.Popen(
-            [*BYOD, "serve", "--port", str(port)],
-            cwd=folder,
-            env=env | extra,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, log.read_text()
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
-            assert time.monotonic() < deadline, "byod serve did not start"
-            time.sleep(0.1)
-        yield Served(f"http://127.0.0.1:{port}", port, process, log)
-    finally:
-        process.terminate()
-        process.wait(20)
+    return server_env(
+        BYOD_DATABASE_URL=url,
+        BYOD_MIGRATIONS=str(tmp_path / "migrations"),
+        BYOD_ENCRYPTION_KEY=TEST_KEY,
+        BYOD_JWT_SECRET=SECRET,
+    )
 
 
 @pytest.fixture
@@ -249,7 +198,7 @@ def test_a_bad_setting_stops_serve_with_exit_2_and_no_traceback(
     (tmp_path / "garbage.json").write_text("{not json")
     value = value.format(missing=tmp_path / "nope.json", garbage=tmp_path / "garbage.json")
     done = subprocess.run(
-        [*BYOD, "serve", "--port", str(_free_port())],
+        [*BYOD, "serve", "--port", str(free_port())],
         cwd=tmp_path,
         env=env | {setting: value},
         capture_output=True,

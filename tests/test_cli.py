@@ -9,6 +9,7 @@ import subprocess
 import sys
 import traceback
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import sqlalchemy as sa
 from byod.cli import main
 from tests.conftest import OTHER_KEY, TEST_KEY, execute, write_migrations
 from tests.migration_sets import counter_migrations
+from tests.test_api import RFC3339_UTC, timestamps
 
 BYOD = [sys.executable, "-m", "byod"]
 
@@ -410,3 +412,26 @@ def test_failures_before_the_chain_are_in_runs_show_status_and_history(
         ("003_fragile", "up", None),
     ]
     assert all(h["error"].startswith("UnreachableError: ") for h in rows[:3])  # type: ignore[index, union-attr]
+
+
+def test_every_json_timestamp_is_rfc3339_utc(control_plane_url: str, tmp_path: Path) -> None:
+    """`--json` output writes every moment as RFC 3339 in UTC with its offset, on each
+    control-plane kind, and the moment is the real one."""
+    cli = Cli(tmp_path, BYOD_ENCRYPTION_KEY=TEST_KEY, BYOD_DATABASE_URL=control_plane_url)
+    env = counter_fleet(cli, tmp_path)
+    execute(f"sqlite:///{tmp_path / 'b.db'}", "CREATE TABLE break_me (id INTEGER)")
+    before = datetime.now(UTC) - timedelta(seconds=5)
+    run = cli("migrate", "--all", "--json", "--retries", "0", **env)
+    run_id = json.loads(run.out.splitlines()[-1])["summary"]["run_id"]
+    after = datetime.now(UTC) + timedelta(seconds=5)
+    outputs = {
+        "runs": cli("runs", "--json").json(),
+        "runs show": cli("runs", "show", run_id, "--json").json(),
+        "status": cli("status", "--json", **env).json(),
+        "history": cli("history", "b", "--json").json(),
+    }
+    found = [(name + at, value) for name, out in outputs.items() for at, value in timestamps(out)]
+    assert {name.split(".")[0].split("[")[0] for name, _ in found} == set(outputs), found
+    for where, value in found:
+        assert RFC3339_UTC.match(value), (where, value)
+        assert before <= datetime.fromisoformat(value) <= after, (where, value)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -22,15 +21,10 @@ from byod.workspace import Workspace
 from tests import gates
 from tests.conftest import execute
 from tests.helpers import add_connected
+from tests.served import free_port
 from tests.test_api import SECRET, token
 
 CHROMIUM = Path("/usr/bin/chromium")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -54,7 +48,7 @@ def served_fleet(cws: Workspace, tmp_path: Path) -> Iterator[str]:
 @contextlib.contextmanager
 def _served(ws: Workspace) -> Iterator[str]:
     """The app on ``ws``, served by uvicorn in a thread of this process."""
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(ws, AuthSettings(secret=SECRET)), port=port, log_level="error")
     )

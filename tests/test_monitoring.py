@@ -20,9 +20,8 @@ from tests.conftest import TEST_KEY, execute, make_workspace
 from tests.distributed_kit import BYOD, Cluster, sqlite_fleet, wait_for
 from tests.helpers import add_connected
 from tests.migration_sets import counter_migrations
+from tests.served import free_port, serve
 from tests.test_api import SECRET, bearer, token
-from tests.test_api_server import _free_port as free_port
-from tests.test_api_server import serve
 from tests.test_cli import Cli, counter_fleet
 from tests.test_instance_url import closed_port
 from tests.test_runner import Crash, crashing_runner

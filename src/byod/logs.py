@@ -12,6 +12,8 @@ import logging
 import sys
 from datetime import UTC, datetime
 
+from byod.clock import rfc3339
+
 __all__ = ["FIELDS", "LOG_FORMATS", "JsonFormatter", "fields", "json_on_stderr"]
 
 #: The event fields a record may carry, in the order they are written.
@@ -42,9 +44,9 @@ class JsonFormatter(logging.Formatter):
     class as ``error`` (never its traceback, which may hold values)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        stamp = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        stamp = rfc3339(datetime.fromtimestamp(record.created, UTC), "milliseconds")
         event: dict[str, object] = {
-            "ts": stamp.replace("+00:00", "Z"),
+            "ts": stamp,
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),

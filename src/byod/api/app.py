@@ -48,18 +48,75 @@ __all__ = ["create_app"]
 _PROBLEM_CONTENT = {
     "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
 }
-_ERRORS: dict[int | str, dict[str, object]] = {
-    status: {"model": Problem, "description": text}
-    for status, text in [
-        (400, "bad input (e.g. a distributed run with no broker configured)"),
-        (401, "no valid token"),
-        (403, "operators only"),
-        (404, "not found"),
-        (409, "a run is already under way"),
-        (413, "the request body is larger than BYOD_API_MAX_BODY (any request's body)"),
-        (422, "invalid request"),
-        (503, "the control plane, the task-queue broker or the token keys are unavailable"),
-    ]
+_ERROR_TEXT = {
+    400: "a malformed request (e.g. a Content-Length that is not a number)",
+    401: "no valid token",
+    403: "operators only",
+    404: "not found: the caller (or the user, or the run) is unknown, or not connected",
+    409: "a run is already under way",
+    413: "the request body is larger than BYOD_API_MAX_BODY (any request's body)",
+    422: "invalid request: a parameter or the body is not what the document says",
+    503: "the control plane, the task-queue broker or the token keys are unavailable",
+}
+#: what any API call may answer: a bad header, no token, a body too large, a server
+#: without its control plane or keys
+_ANY = (400, 401, 413, 503)
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The problem responses of a route: those of any call and ``statuses``."""
+    return {
+        status: {"model": Problem, "description": _ERROR_TEXT[status]}
+        for status in sorted({*_ANY, *statuses})
+    }
+
+
+#: OpenAPI links: from an answer that names a run or a user to the operation that reads
+#: it (what a generated client, or a stateful checker, follows)
+_LINKS: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {
+    ("/v1/me/migrations/run", "post", "202"): {
+        "MyRun": {
+            "operationId": "my_run",
+            "parameters": {"run_id": "$response.body#/run_id"},
+            "description": "the run just started, as its caller follows it",
+        }
+    },
+    ("/v1/fleet/runs", "post", "202"): {
+        "FleetRun": {
+            "operationId": "fleet_run",
+            "parameters": {"run_id": "$response.body#/run_id"},
+            "description": "the fleet run just started, as an operator follows it",
+        }
+    },
+    ("/v1/me/instance", "get", "200"): {
+        "UserHistory": {
+            "operationId": "user_history",
+            "parameters": {"user": "$response.body#/clerk_id"},
+            "description": "this user's history, as an operator reads it",
+        }
+    },
+    ("/v1/fleet/status", "get", "200"): {
+        "FailedUserHistory": {
+            "operationId": "user_history",
+            "parameters": {"user": "$response.body#/recent_failures/0/clerk_id"},
+            "description": "the history of the user the latest failure hit",
+        }
+    },
+    ("/v1/users/{user}/migrations", "get", "200"): {
+        "EntryRun": {
+            "operationId": "fleet_run",
+            "parameters": {"run_id": "$response.body#/items/0/run_id"},
+            "description": "the run the newest entry was part of",
+        }
+    },
+    ("/v1/me/migrations", "get", "200"): {
+        "MyEntryRun": {
+            "operationId": "my_run",
+            "parameters": {"run_id": "$response.body#/items/0/run_id"},
+            "description": "the run the caller's newest entry was part of (404 unless the "
+            "caller started it)",
+        }
+    },
 }
 
 
@@ -105,29 +162,31 @@ def _me(ws: Workspace, principal: Principal) -> User:
     return commands.caller(ws, principal.clerk_id)
 
 
-@router.get("/v1/me/instance", tags=["me"])
+@router.get("/v1/me/instance", tags=["me"], responses=_errors(404))
 def my_instance(ws: Ws, principal: Caller) -> InstanceOut:
     """Where the caller's database stands."""
     view = commands.instance(ws, _me(ws, principal))
-    return InstanceOut(
-        user_id=view.user.id,
-        clerk_id=view.user.clerk_id,
-        connection_status=view.config.connection_status,
-        schema_version=view.config.schema_version,
-        head_version=view.head,
-        pending=view.pending,
-        last_error=view.config.last_error,
+    return InstanceOut.model_validate(
+        {
+            "user_id": view.user.id,
+            "clerk_id": view.user.clerk_id,
+            "connection_status": view.config.connection_status,
+            "schema_version": view.config.schema_version,
+            "head_version": view.head,
+            "pending": view.pending,
+            "last_error": view.config.last_error,
+        }
     )
 
 
-@router.get("/v1/me/migrations", tags=["me"])
+@router.get("/v1/me/migrations", tags=["me"], responses=_errors(404, 422))
 def my_history(ws: Ws, principal: Caller, limit: Limit = 50, offset: Offset = 0) -> HistoryPage:
     """The caller's migration history, newest first."""
     rows = commands.history_of(ws, _me(ws, principal).id, limit=limit, offset=offset)
-    return HistoryPage(items=rows, limit=limit, offset=offset)
+    return HistoryPage.of(rows, limit, offset)
 
 
-@router.get("/v1/me/migrations/pending", tags=["me"])
+@router.get("/v1/me/migrations/pending", tags=["me"], responses=_errors(404))
 def my_pending(ws: Ws, principal: Caller) -> PendingOut:
     """How many migrations the caller's database still needs, and which."""
     steps = [
@@ -137,7 +196,7 @@ def my_pending(ws: Ws, principal: Caller) -> PendingOut:
     return PendingOut(count=len(steps), migrations=steps)
 
 
-@router.post("/v1/me/migrations/run", status_code=202, tags=["me"])
+@router.post("/v1/me/migrations/run", status_code=202, tags=["me"], responses=_errors(404, 409))
 def run_mine(request: Request, ws: Ws, principal: Caller) -> RunStarted:
     """Start a run for the caller's own database (409 while one is under way)."""
     user = _me(ws, principal)
@@ -146,7 +205,7 @@ def run_mine(request: Request, ws: Ws, principal: Caller) -> RunStarted:
     return RunStarted(run_id=runs.start_for_user(user, started_by=_started_by(principal)))
 
 
-@router.get("/v1/runs/{run_id}", tags=["me"])
+@router.get("/v1/runs/{run_id}", tags=["me"], responses=_errors(404, 422))
 def my_run(ws: Ws, principal: Caller, run_id: str) -> RunOut:
     """A run the caller started for their own database."""
     user = _me(ws, principal)
@@ -156,13 +215,15 @@ def my_run(ws: Ws, principal: Caller, run_id: str) -> RunOut:
     return RunOut.of(details.run, details.rows_done, details.rows_total)
 
 
-@router.get("/v1/fleet/status", tags=["operators"])
+@router.get("/v1/fleet/status", tags=["operators"], responses=_errors(403))
 def fleet(ws: Ws, principal: Operator) -> FleetStatusOut:
     """Users per version and connection status, recent failures."""
     return FleetStatusOut.of(commands.status(ws))
 
 
-@router.post("/v1/fleet/runs", status_code=202, tags=["operators"])
+@router.post(
+    "/v1/fleet/runs", status_code=202, tags=["operators"], responses=_errors(403, 409, 422)
+)
 def start_fleet_run(
     request: Request, ws: Ws, principal: Operator, body: FleetRunRequest
 ) -> RunStarted:
@@ -196,7 +257,7 @@ def start_fleet_run(
     )
 
 
-@router.get("/v1/fleet/runs/{run_id}", tags=["operators"])
+@router.get("/v1/fleet/runs/{run_id}", tags=["operators"], responses=_errors(403, 404, 422))
 def fleet_run(ws: Ws, principal: Operator, run_id: str) -> RunOut:
     """A fleet run's progress: done, failed, remaining."""
     details = _run_or_404(ws, run_id)
@@ -209,13 +270,15 @@ def prometheus_metrics(ws: Ws, principal: Operator) -> Response:
     return Response(exposition(ws), media_type=CONTENT_TYPE)
 
 
-@router.get("/v1/users/{user:path}/migrations", tags=["operators"])
+@router.get(
+    "/v1/users/{user:path}/migrations", tags=["operators"], responses=_errors(403, 404, 422)
+)
 def user_history(
     ws: Ws, principal: Operator, user: str, limit: Limit = 50, offset: Offset = 0
 ) -> HistoryPage:
     """Any user's history (id or clerk id), newest first."""
     _, rows = commands.user_history(ws, user, limit=limit, offset=offset)
-    return HistoryPage(items=rows, limit=limit, offset=offset)
+    return HistoryPage.of(rows, limit, offset)
 
 
 def create_app(ws: Workspace, auth: AuthSettings, http: HttpSettings | None = None) -> FastAPI:
@@ -232,7 +295,7 @@ def create_app(ws: Workspace, auth: AuthSettings, http: HttpSettings | None = No
         title="byod",
         version="0.1.0",
         description="Schema migrations of users' own databases: status and runs.",
-        responses=_ERRORS,
+        generate_unique_id_function=lambda route: route.name,
     )
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.state.ws = ws
@@ -262,11 +325,11 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             routes=app.routes,
         )
         for operation in (op for path in schema["paths"].values() for op in path.values()):
-            for status in ("400", "401", "403", "404", "409", "413", "422", "503"):
-                operation.setdefault("responses", {})[status] = {
-                    "description": _ERRORS[int(status)]["description"],
-                    "content": _PROBLEM_CONTENT,
-                }
+            for status, response in operation["responses"].items():
+                if status[0] in "45":
+                    response["content"] = _PROBLEM_CONTENT
+        for (path, method, status), links in _LINKS.items():
+            schema["paths"][path][method]["responses"][status]["links"] = links
         schema["components"]["schemas"].pop("HTTPValidationError", None)
         schema["components"]["schemas"].pop("ValidationError", None)
         app.openapi_schema = schema

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from byod.api.auth import Authenticator, Principal
-from byod.api.problems import problem
+from byod.api.problems import ProblemKind, problem
 from byod.errors import (
     AuthError,
     KeysUnavailableError,
@@ -183,7 +183,7 @@ class Guard:
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | _Problem | None:
         """The whole body, at most ``max_body`` bytes; a 413 problem beyond that."""
         limit = self.settings.max_body
-        too_large = (
+        too_large: _Problem = (
             413,
             "too-large",
             "the request body is too large",
@@ -210,7 +210,7 @@ class Guard:
                 return b"".join(chunks)
 
 
-_Problem = tuple[int, str, str, str]
+_Problem = tuple[int, ProblemKind, str, str]
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

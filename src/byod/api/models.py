@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
 
-from byod.controlplane import FailureRow, FleetStatus, LedgerRow, RunRecord
+from byod.api.problems import PROBLEM_TYPES
+from byod.clock import as_utc
+from byod.controlplane import FleetStatus, LedgerRow, RunRecord
+from byod.controlplane.schema import ConnectionStatus, Direction, LedgerStatus, RunKind, RunState
 
 __all__ = [
     "FleetRunRequest",
     "FleetStatusOut",
+    "HistoryEntry",
     "HistoryPage",
     "InstanceOut",
     "PendingOut",
     "PendingStep",
     "Problem",
+    "RecentFailure",
     "RunOut",
     "RunStarted",
 ]
@@ -25,36 +39,77 @@ __all__ = [
 _MAX_INT = 2**31 - 1
 
 
-class Problem(BaseModel):
-    """An RFC 9457 problem document."""
+#: A moment, always answered in UTC with its offset (``2026-11-28T23:10:46.485731Z``):
+#: the control plane's naive UTC made aware, which pydantic writes with ``Z``.
+Timestamp = Annotated[datetime, AfterValidator(as_utc)]
 
-    type: str
+
+class _Answer(BaseModel):
+    """A response body: every field is always present (``null`` where it says so), so the
+    document marks them all required and a generated client needs no optional checks."""
+
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
+
+class Problem(_Answer):
+    """An RFC 9457 problem document; ``type`` says which error it is."""
+
+    type: str = Field(json_schema_extra={"enum": list(PROBLEM_TYPES)})
     title: str
-    status: int
+    status: int = Field(ge=400, le=599)
     detail: str
 
 
-class InstanceOut(BaseModel):
+class InstanceOut(_Answer):
     """The caller's database: where it stands."""
 
     user_id: int
     clerk_id: str
-    connection_status: str
+    connection_status: ConnectionStatus
     schema_version: int
     head_version: int
     pending: int
     last_error: str | None
 
 
-class HistoryPage(BaseModel):
+class HistoryEntry(_Answer):
+    """One attempt of one step on one user's database (a ledger row)."""
+
+    id: int
+    user_id: int
+    migration_id: str
+    version: int
+    direction: Direction
+    status: LedgerStatus
+    error: str | None
+    attempts: int
+    #: the run it was part of (``null``: applied on its own)
+    run_id: str | None
+    started_at: Timestamp | None
+    completed_at: Timestamp | None
+    created_at: Timestamp
+    #: a phased step's rows done by its backfills, and their estimated total
+    rows_done: int | None
+    rows_total: int | None
+
+    @classmethod
+    def of(cls, row: LedgerRow) -> HistoryEntry:
+        return cls.model_validate(row, from_attributes=True)
+
+
+class HistoryPage(_Answer):
     """A page of history, newest first."""
 
-    items: list[LedgerRow]
+    items: list[HistoryEntry]
     limit: int
     offset: int
 
+    @classmethod
+    def of(cls, rows: list[LedgerRow], limit: int, offset: int) -> HistoryPage:
+        return cls(items=[HistoryEntry.of(row) for row in rows], limit=limit, offset=offset)
 
-class PendingStep(BaseModel):
+
+class PendingStep(_Answer):
     """A migration the instance still needs."""
 
     id: str
@@ -63,28 +118,28 @@ class PendingStep(BaseModel):
     description: str
 
 
-class PendingOut(BaseModel):
+class PendingOut(_Answer):
     """What is pending for the caller."""
 
     count: int
     migrations: list[PendingStep]
 
 
-class RunStarted(BaseModel):
+class RunStarted(_Answer):
     """A run was started."""
 
     run_id: str
 
 
-class RunOut(BaseModel):
+class RunOut(_Answer):
     """A fleet run and its progress."""
 
     id: str
-    kind: str
-    state: str
+    kind: RunKind
+    state: RunState
     started_by: str
-    started_at: datetime
-    ended_at: datetime | None
+    started_at: Timestamp
+    ended_at: Timestamp | None
     target_version: int | None
     undoes: str | None
     planned: int | None
@@ -107,51 +162,70 @@ class RunOut(BaseModel):
     @classmethod
     def of(cls, run: RunRecord, rows_done: int = 0, rows_total: int = 0) -> RunOut:
         c = run.counts
-        return cls(
-            id=run.id,
-            kind=run.kind,
-            state=run.shown_state,
-            started_by=run.started_by,
-            started_at=run.started_at,
-            ended_at=run.ended_at,
-            target_version=run.target_version,
-            undoes=run.undoes,
-            planned=run.planned,
-            succeeded=c.succeeded,
-            failed=c.failed,
-            busy=c.busy,
-            up_to_date=c.up_to_date,
-            not_started=c.not_started,
-            not_eligible=c.not_eligible,
-            done=c.done,
-            remaining=run.remaining,
-            halt_reason=run.halt_reason,
-            distributed=run.distributed,
-            in_flight=run.in_flight,
-            rows_done=rows_done,
-            rows_total=rows_total,
-        )
+        fields: dict[str, Any] = {
+            "id": run.id,
+            "kind": run.kind,
+            "state": run.shown_state,
+            "started_by": run.started_by,
+            "started_at": run.started_at,
+            "ended_at": run.ended_at,
+            "target_version": run.target_version,
+            "undoes": run.undoes,
+            "planned": run.planned,
+            "succeeded": c.succeeded,
+            "failed": c.failed,
+            "busy": c.busy,
+            "up_to_date": c.up_to_date,
+            "not_started": c.not_started,
+            "not_eligible": c.not_eligible,
+            "done": c.done,
+            "remaining": run.remaining,
+            "halt_reason": run.halt_reason,
+            "distributed": run.distributed,
+            "in_flight": run.in_flight,
+            "rows_done": rows_done,
+            "rows_total": rows_total,
+        }
+        return cls.model_validate(fields)
 
 
-class FleetStatusOut(BaseModel):
-    """The fleet at a glance."""
+class RecentFailure(_Answer):
+    """A recent failed attempt, and whom it hit."""
+
+    user_id: int
+    clerk_id: str
+    migration_id: str
+    direction: Direction
+    error: str | None
+    at: Timestamp | None
+
+
+class FleetStatusOut(_Answer):
+    """The fleet at a glance (``by_version``: users per schema version, the version as a
+    string key; ``by_connection``: users per connection status, ``not configured`` for
+    users registered without a database yet)."""
 
     head: int
     users: int
     by_version: dict[str, int]
-    by_connection: dict[str, int]
+    by_connection: dict[ConnectionStatus | Literal["not configured"], int]
     outdated: int
-    recent_failures: list[FailureRow]
+    recent_failures: list[RecentFailure]
 
     @classmethod
     def of(cls, status: FleetStatus) -> FleetStatusOut:
-        return cls(
-            head=status.head,
-            users=status.users,
-            by_version={str(k): v for k, v in status.by_version.items()},
-            by_connection=status.by_connection,
-            outdated=status.outdated,
-            recent_failures=status.recent_failures,
+        return cls.model_validate(
+            {
+                "head": status.head,
+                "users": status.users,
+                "by_version": {str(k): v for k, v in status.by_version.items()},
+                "by_connection": status.by_connection,
+                "outdated": status.outdated,
+                "recent_failures": [
+                    RecentFailure.model_validate(row, from_attributes=True)
+                    for row in status.recent_failures
+                ],
+            }
         )
 
 

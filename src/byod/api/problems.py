@@ -7,6 +7,8 @@ secret: an unexpected error answers 500 with a generic detail (and is logged).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Literal, get_args
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,13 +30,37 @@ from byod.errors import (
     UnknownUserError,
 )
 
-__all__ = ["install", "problem"]
+__all__ = ["PROBLEM_TYPES", "ProblemKind", "install", "problem"]
 
 log = logging.getLogger("byod.api")
 PROBLEM = "application/problem+json"
 
+#: Every kind of problem byod answers; a document's ``type`` is ``urn:byod:problem:KIND``.
+ProblemKind = Literal[
+    "unauthorized",
+    "keys-unavailable",
+    "forbidden",
+    "not-found",
+    "unknown-user",
+    "not-connected",
+    "busy",
+    "bad-input",
+    "bad-request",
+    "too-large",
+    "invalid-request",
+    "method-not-allowed",
+    "control-plane-unavailable",
+    "broker-unavailable",
+    "unavailable",
+    "failed",
+    "internal",
+]
+_URN = "urn:byod:problem:"
+#: the ``type`` values of problem documents (what the OpenAPI document enumerates)
+PROBLEM_TYPES: tuple[str, ...] = tuple(_URN + kind for kind in get_args(ProblemKind))
 
-_STATUS: list[tuple[type[ByodError], int, str]] = [
+
+_STATUS: list[tuple[type[ByodError], int, ProblemKind]] = [
     (AuthError, 401, "unauthorized"),
     (KeysUnavailableError, 503, "keys-unavailable"),
     (ForbiddenError, 403, "forbidden"),
@@ -50,11 +76,19 @@ _STATUS: list[tuple[type[ByodError], int, str]] = [
 ]
 
 
-def problem(status: int, kind: str, title: str, detail: str) -> JSONResponse:
-    """A problem document."""
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+def problem(
+    status: int,
+    kind: ProblemKind,
+    title: str,
+    detail: str,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """A problem document (with ``headers``, e.g. a 405's ``Allow``)."""
+    headers = dict(headers or {})
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(
-        {"type": f"urn:byod:problem:{kind}", "title": title, "status": status, "detail": detail},
+        {"type": _URN + kind, "title": title, "status": status, "detail": detail},
         status_code=status,
         media_type=PROBLEM,
         headers=headers,
@@ -73,7 +107,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return problem(exc.status_code, "http", str(exc.detail), str(exc.detail))
+        kind: ProblemKind = "method-not-allowed" if exc.status_code == 405 else "not-found"
+        if exc.status_code not in (404, 405):  # pragma: no cover - the router raises no other
+            kind = "bad-request"
+        return problem(exc.status_code, kind, str(exc.detail), str(exc.detail), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:

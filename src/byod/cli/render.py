@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from rich.markup import escape
 from rich.table import Table
 
+from byod.clock import rfc3339
 from byod.spec import OUTCOMES, RunCounts
 from byod.text import printable
 
@@ -40,7 +41,7 @@ __all__ = [
 
 def _default(value: object) -> Any:
     if isinstance(value, datetime):
-        return value.isoformat(timespec="seconds") + "Z"
+        return rfc3339(value)
     raise TypeError(type(value).__name__)
 
 

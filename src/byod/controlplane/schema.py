@@ -15,7 +15,7 @@ import secrets
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -29,9 +29,16 @@ from byod.targets.base import CONTROL_PLANE_TABLE
 __all__ = [
     "CONNECTION_STATUSES",
     "CONTROL_PLANE_TABLE",
+    "DIRECTIONS",
     "LEDGER_STATUSES",
+    "RUN_KINDS",
     "RUN_STATES",
     "TASK_STATES",
+    "ConnectionStatus",
+    "Direction",
+    "LedgerStatus",
+    "RunKind",
+    "RunState",
     "configs",
     "control_plane",
     "control_plane_file",
@@ -52,8 +59,14 @@ def _one_of(column: str, values: tuple[str, ...], name: str) -> sa.CheckConstrai
     return sa.CheckConstraint(f"{column} IN ({', '.join(repr(v) for v in values)})", name=name)
 
 
-CONNECTION_STATUSES = ("pending", "connected", "error", "disconnected")
-LEDGER_STATUSES = ("pending", "running", "completed", "failed", "skipped")
+#: Each value list is a ``Literal`` (what the HTTP API's document enumerates) and its
+#: tuple (what the tables' CHECK constraints hold): one list.
+ConnectionStatus = Literal["pending", "connected", "error", "disconnected"]
+CONNECTION_STATUSES: tuple[ConnectionStatus, ...] = get_args(ConnectionStatus)
+LedgerStatus = Literal["pending", "running", "completed", "failed", "skipped"]
+LEDGER_STATUSES: tuple[LedgerStatus, ...] = get_args(LedgerStatus)
+Direction = Literal["up", "down"]
+DIRECTIONS: tuple[Direction, ...] = get_args(Direction)
 
 metadata = sa.MetaData()
 
@@ -106,7 +119,7 @@ ledger = sa.Table(
     #: its estimate of the rows in all (counted when its schema change was done)
     sa.Column("rows_total", sa.BigInteger, nullable=True),
     _one_of("status", LEDGER_STATUSES, "ck_byod_migrations_status"),
-    _one_of("direction", ("up", "down"), "ck_byod_migrations_direction"),
+    _one_of("direction", DIRECTIONS, "ck_byod_migrations_direction"),
     sa.Index("ix_byod_migrations_user", "user_id", "id"),
     sa.Index("ix_byod_migrations_migration", "migration_id"),
     sa.Index("ix_byod_migrations_user_migration", "user_id", "migration_id"),
@@ -115,7 +128,11 @@ ledger = sa.Table(
 )
 
 
-RUN_STATES = ("running", "completed", "halted", "interrupted")
+RunState = Literal["running", "completed", "halted", "interrupted"]
+RUN_STATES: tuple[RunState, ...] = get_args(RunState)
+#: what a run does (no CHECK: older control planes hold these three already)
+RunKind = Literal["migrate", "rollback", "rehearse"]
+RUN_KINDS: tuple[RunKind, ...] = get_args(RunKind)
 
 runs = sa.Table(
     "byod_runs",
