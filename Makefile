@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-convex test lint unit bench clean chromium
+.PHONY: demo demo-convex test lint unit bench clean chromium client
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,14 @@ NODE_STAMP := node_modules/.installed
 $(NODE_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund
 	touch $(NODE_STAMP)
+
+# The TypeScript client's packages (openapi-fetch; openapi-typescript and tsc to build and
+# test it), from its own lock file
+CLIENT := clients/typescript
+CLIENT_STAMP := $(CLIENT)/node_modules/.installed
+$(CLIENT_STAMP): $(CLIENT)/package.json $(CLIENT)/package-lock.json
+	cd $(CLIENT) && npm ci --no-audit --no-fund
+	touch $(CLIENT_STAMP)
 
 demo: $(STAMP)  ## the main job on the embedded default (SQLite in this folder)
 	$(BIN)/byod demo
@@ -35,13 +43,17 @@ chromium:  ## Debian's Chromium for the dashboard's browser test (installed as r
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "install Debian's chromium (apt-get install chromium) for the browser test"; }
 
-unit: $(STAMP) $(NODE_STAMP) chromium
+unit: $(STAMP) $(NODE_STAMP) $(CLIENT_STAMP) chromium
 	$(BIN)/pytest -n 2
 
 test: lint unit  ## the whole suite: lint, types, tests against real databases
+
+client: $(STAMP) $(CLIENT_STAMP)  ## after changing the HTTP API: its document and the client's types anew
+	$(BIN)/python -m byod.api.document > $(CLIENT)/openapi.json
+	cd $(CLIENT) && npm run --silent generate
 
 bench: $(STAMP)
 	$(BIN)/python bench/fleet.py
 
 clean:
-	rm -rf $(VENV) node_modules byod.db byod.db-wal byod.db-shm byod.key byod-demo byod-convex-demo
+	rm -rf $(VENV) node_modules $(CLIENT)/node_modules $(CLIENT)/dist byod.db byod.db-wal byod.db-shm byod.key byod-demo byod-convex-demo

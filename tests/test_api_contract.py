@@ -47,6 +47,7 @@ def test_schemathesis_finds_nothing_fuzzing_and_stateful(who: str, tmp_path: Pat
                 "fuzzing,stateful",
             ],
             env=os.environ | {"BYOD_TOKEN": bearer},
+            cwd=tmp_path,  # its cache of failures to replay (.schemathesis/) stays there
             capture_output=True,
             text=True,
             timeout=900,

@@ -3,8 +3,8 @@
 The core never imports this package.
 """
 
-from byod.api.app import create_app
+from byod.api.app import create_app, openapi_document
 from byod.api.auth import AuthSettings
 from byod.api.guard import HttpSettings
 
-__all__ = ["AuthSettings", "HttpSettings", "create_app"]
+__all__ = ["AuthSettings", "HttpSettings", "create_app", "openapi_document"]

@@ -43,7 +43,7 @@ from byod.errors import (
 from byod.spec import FleetOptions, Selection, default_concurrency
 from byod.workspace import Workspace
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "openapi_document"]
 
 _PROBLEM_CONTENT = {
     "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
@@ -291,19 +291,11 @@ def create_app(ws: Workspace, auth: AuthSettings, http: HttpSettings | None = No
     http = HttpSettings() if http is None else http
     commands.check_service(ws)
     authenticator = Authenticator(auth)
-    app = FastAPI(
-        title="byod",
-        version="0.1.0",
-        description="Schema migrations of users' own databases: status and runs.",
-        generate_unique_id_function=lambda route: route.name,
-    )
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app = _routes()
     app.state.ws = ws
     app.state.authenticator = authenticator
     app.state.runs = BackgroundRuns(ws)
     problems.install(app)
-    app.include_router(router)
-    install_dashboard(app)
     app.add_middleware(
         Guard,
         authenticator=authenticator,
@@ -312,6 +304,26 @@ def create_app(ws: Workspace, auth: AuthSettings, http: HttpSettings | None = No
     )
     if http.forwarded_allow_ips:  # outermost: the Guard sees the real scheme and client
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(http.forwarded_allow_ips))
+    return app
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI document ``create_app``'s app serves at ``/openapi.json`` (no workspace
+    needed: what a client generator reads)."""
+    return _routes().openapi()
+
+
+def _routes() -> FastAPI:
+    """The app's routes and document, without a workspace, keys or middleware."""
+    app = FastAPI(
+        title="byod",
+        version="0.1.0",
+        description="Schema migrations of users' own databases: status and runs.",
+        generate_unique_id_function=lambda route: route.name,
+    )
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.include_router(router)
+    install_dashboard(app)
     return app
 
 
