@@ -72,11 +72,15 @@ class Cluster:
         extra_env: dict[str, str] | None = None,
         name: str | None = None,
         args: tuple[str, ...] = (),
+        stderr_apart: bool = False,
     ) -> subprocess.Popen[bytes]:
-        """A ``byod worker`` process in its own process group; returns once it is ready."""
+        """A ``byod worker`` process in its own process group; returns once it is ready.
+        Its output goes to ``worker-NAME.log`` (with ``stderr_apart``, its stderr to
+        ``worker-NAME.err`` and only its stdout there)."""
         names = queues or [self.queue]
         self.queues.update(names)
         log = self.folder.parent / f"worker-{name or len(self.workers)}.log"
+        errors = log.with_suffix(".err") if stderr_apart else None
         process = subprocess.Popen(
             [
                 BYOD,
@@ -90,12 +94,12 @@ class Cluster:
             env={**self.env, **(extra_env or {})},
             cwd=self.folder.parent,
             stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.STDOUT if errors is None else errors.open("wb"),
             start_new_session=True,
         )
         self.workers.append(process)
         deadline = time.monotonic() + 60
-        while b"ready." not in log.read_bytes():
+        while b"ready." not in (errors or log).read_bytes():
             if process.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"worker did not start:\n{log.read_text()}")
             time.sleep(0.1)

@@ -21,7 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from fastapi.testclient import TestClient
 
 from byod.api import AuthSettings, create_app
+from byod.commands import migrate_fleet
 from byod.controlplane import RunStore
+from byod.spec import Selection
 from byod.workspace import Workspace
 from tests import gates
 from tests.conftest import execute
@@ -148,6 +150,24 @@ def test_user_a_can_never_reach_user_b(api: Api) -> None:
     assert api.get("/v1/me/instance", "user_a").json()["schema_version"] == 0
 
 
+def test_a_user_reads_only_the_runs_they_started_themselves(api: Api) -> None:
+    """A run of only user_a's database started by an operator is not theirs to read (it
+    names the operator's account): 404, worded as for a run that does not exist."""
+    by_operator = migrate_fleet(
+        api.ws, selection=Selection(users=(api.a,)), started_by="root@ops-host"
+    ).run_id
+    assert by_operator is not None
+    theirs = api.get(f"/v1/runs/{by_operator}", "user_a")
+    nothing = api.get("/v1/runs/20261129-000000-000000", "user_a")
+    assert (theirs.status_code, nothing.status_code) == (404, 404)
+    assert "root@ops-host" not in theirs.text
+    assert theirs.json()["detail"].replace(by_operator, "ID") == nothing.json()["detail"].replace(
+        "20261129-000000-000000", "ID"
+    )
+    own = api.post("/v1/me/migrations/run", "user_a").json()["run_id"]
+    assert wait_for_run(api, f"/v1/runs/{own}", "user_a")["started_by"] == "user_a (token)"
+
+
 @pytest.mark.parametrize(
     ("method", "path"),
     [
@@ -250,6 +270,10 @@ def test_a_self_service_run_at_head_counts_the_user_up_to_date(api: Api) -> None
         {"canary": True},
         {"per_host": 1},  # goes with distributed
         {"limit": 2**40},
+        {"concurrency": "2"},  # a number is a JSON number, as the document says
+        {"timeout": "5"},
+        {"max_failure_ratio": "0.5"},
+        {"rehearse": "true"},
     ],
 )
 def test_a_fleet_run_request_with_an_unknown_or_wrong_field_is_422(
@@ -358,6 +382,12 @@ def test_errors_are_problem_documents_without_internals(api: Api) -> None:
     body = response.json()
     assert set(body) == {"type", "title", "status", "detail"}
     assert "no database connected" in body["detail"]
+    assert (body["type"], body["title"]) == (
+        "urn:byod:problem:not-connected",
+        "no database connected",
+    )
+    unavailable = api.post("/v1/fleet/runs", "ops", json={"distributed": True}).json()
+    assert unavailable["title"] == "this server is not set up for that"  # one short line
     unknown = api.get("/v1/me/instance", "stranger")
     assert unknown.status_code == 404 and "stranger" in unknown.json()["detail"]
     assert api.client.get("/openapi.json").json()["paths"]["/v1/me/instance"]

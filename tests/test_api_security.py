@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
 
-from byod.api import AuthSettings, create_app
+from byod.api import AuthSettings, HttpSettings, create_app
 from byod.api.dashboard import STYLE
 from byod.errors import SettingsError
 from byod.workspace import Workspace
@@ -275,3 +275,52 @@ def test_an_unreachable_or_untrusted_jwks_url_is_503_and_never_accepts(
         AuthSettings.from_env({"BYOD_JWT_JWKS": "http://127.0.0.1/jwks.json"})
     with pytest.raises(SettingsError, match="BYOD_JWT_JWKS_CA"):
         create_app(cws, AuthSettings(jwks_url=endpoint.url, jwks_ca_file=tmp_path / "none"))
+
+
+APP_ORIGIN = "https://app.example.com"
+
+
+def test_cors_lets_the_configured_origin_call_the_api_and_nothing_else(api: Api) -> None:
+    """With BYOD_CORS_ORIGINS, a browser page of that origin gets its preflight answered
+    (no token asked for) and may read the API's answers, errors too; another origin gets
+    nothing; the dashboard never takes part."""
+    app = create_app(api.ws, AuthSettings(secret=SECRET), HttpSettings(cors_origins=(APP_ORIGIN,)))
+    with TestClient(app) as client:
+        preflight = {
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization",
+        }
+        allowed = client.options("/v1/me/instance", headers={"Origin": APP_ORIGIN, **preflight})
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == APP_ORIGIN
+        assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+        assert "access-control-allow-credentials" not in allowed.headers
+        other = client.options(
+            "/v1/me/instance", headers={"Origin": "https://evil.example", **preflight}
+        )
+        assert other.status_code == 400
+        assert "access-control-allow-origin" not in other.headers
+        answer = client.get(
+            "/v1/me/instance", headers={"Origin": APP_ORIGIN, **bearer(token("user_a"))}
+        )
+        assert answer.status_code == 200
+        assert answer.headers["access-control-allow-origin"] == APP_ORIGIN
+        refused = client.get("/v1/fleet/status", headers={"Origin": APP_ORIGIN})
+        assert refused.status_code == 401  # readable by the page, so it can say why
+        assert refused.headers["access-control-allow-origin"] == APP_ORIGIN
+        page = client.get("/dashboard", headers={"Origin": APP_ORIGIN})
+        assert "access-control-allow-origin" not in page.headers
+    with TestClient(create_app(api.ws, AuthSettings(secret=SECRET))) as plain:
+        unset = plain.options("/v1/me/instance", headers={"Origin": APP_ORIGIN, **preflight})
+        assert "access-control-allow-origin" not in unset.headers
+
+
+@pytest.mark.parametrize(
+    "value", ["app.example.com", "https://app.example.com/path", "ftp://x", "https://a b"]
+)
+def test_a_cors_origin_that_is_not_an_origin_is_a_settings_error(value: str) -> None:
+    with pytest.raises(SettingsError, match="BYOD_CORS_ORIGINS"):
+        HttpSettings.from_env({"BYOD_CORS_ORIGINS": f"https://ok.example, {value}"})
+    assert HttpSettings.from_env({"BYOD_CORS_ORIGINS": "https://a.example/, http://b:3000"}) == (
+        HttpSettings(cors_origins=("https://a.example", "http://b:3000"))
+    )

@@ -5,6 +5,7 @@ and settings it must refuse at start with exit 2)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import time
@@ -190,6 +191,7 @@ def test_access_log_names_the_caller_and_never_the_token(served: Served) -> None
         ("BYOD_JWT_JWKS", "{garbage}", "is not JSON"),
         ("BYOD_JWT_JWKS", "http://127.0.0.1:1/jwks.json", "https:// URL"),
         ("BYOD_API_MAX_BODY", "lots", "BYOD_API_MAX_BODY"),
+        ("BYOD_CORS_ORIGINS", "app.example.com", "BYOD_CORS_ORIGINS"),
     ],
 )
 def test_a_bad_setting_stops_serve_with_exit_2_and_no_traceback(
@@ -209,6 +211,42 @@ def test_a_bad_setting_stops_serve_with_exit_2_and_no_traceback(
     assert done.returncode == 2, done.stderr
     assert message in " ".join(done.stderr.split()), done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_port_in_use_is_a_clear_error_before_any_banner(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [*BYOD, "--log-format", "json", "serve", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 2, done.stderr
+    records = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [(r["level"], r["error"]) for r in records] == [("error", "InputError")], records
+    assert f"cannot listen on 127.0.0.1:{port}" in records[0]["message"]
+
+
+def test_in_json_mode_uvicorn_s_own_lines_are_json_too(env: dict[str, str], tmp_path: Path) -> None:
+    with serve(env, tmp_path, BYOD_LOG_FORMAT="json") as server:
+        sock = server.raw("GARBAGE\n")  # not HTTP: uvicorn warns of it
+        assert _response(sock).startswith(b"HTTP/1.1 400")
+        assert httpx.get(f"{server.url}/v1/me/instance", timeout=10).status_code == 401
+        deadline = time.monotonic() + 10
+        while "Invalid HTTP request" not in server.log.read_text():
+            assert time.monotonic() < deadline, server.log.read_text()
+            time.sleep(0.1)
+    records = [json.loads(line) for line in server.log.read_text().splitlines()]
+    assert {r["logger"] for r in records} >= {"byod.cli", "uvicorn.error", "byod.api.access"}
+    assert all(str(r["ts"]).endswith("Z") for r in records)
 
 
 def test_access_log_escapes_what_comes_from_outside(served: Served) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import threading
 import time
 from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -15,7 +17,7 @@ import pytest
 import uvicorn
 from playwright.sync_api import Page, sync_playwright
 
-from byod.api import AuthSettings, create_app
+from byod.api import AuthSettings, HttpSettings, create_app
 from byod.controlplane import RunStore
 from byod.workspace import Workspace
 from tests import gates
@@ -46,12 +48,11 @@ def served_fleet(cws: Workspace, tmp_path: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _served(ws: Workspace) -> Iterator[str]:
+def _served(ws: Workspace, http: HttpSettings | None = None) -> Iterator[str]:
     """The app on ``ws``, served by uvicorn in a thread of this process."""
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(ws, AuthSettings(secret=SECRET)), port=port, log_level="error")
-    )
+    app = create_app(ws, AuthSettings(secret=SECRET), http)
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -208,3 +209,58 @@ def test_a_runs_page_during_and_after_the_run_on_a_phone_sized_screen(
 def _no_sideways_scroll(page: Page) -> bool:
     width = page.evaluate("document.documentElement.scrollWidth")
     return bool(width <= 390)
+
+
+@contextlib.contextmanager
+def _static_page(folder: Path, html: str) -> Iterator[str]:
+    """``html`` served as ``/`` by a plain HTTP server of its own (its own origin)."""
+    folder.mkdir()
+    (folder / "index.html").write_text(html)
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(folder))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        thread.join(10)
+
+
+def test_an_app_page_of_a_listed_origin_reads_the_api_from_the_browser(
+    cws: Workspace, tmp_path: Path
+) -> None:
+    """What the README's React example does, in a real browser: a page of the app's origin
+    (in BYOD_CORS_ORIGINS) calls /v1/me/instance with the user's token and reads the
+    answer; a page of another origin is blocked by the browser."""
+    if not CHROMIUM.exists():
+        pytest.fail("Debian's chromium is not installed: run `make test` (it installs it)")
+    (tmp_path / "t.db").touch()
+    add_connected(cws, f"sqlite:///{tmp_path / 't.db'}", "tenant_cors")
+    page_html = (
+        "<!doctype html><body><script>"
+        "fetch(API + '/v1/me/instance', {headers: {Authorization: 'Bearer ' + TOKEN}})"
+        ".then(r => r.json()).then(j => { document.body.dataset.result = j.clerk_id; })"
+        ".catch(() => { document.body.dataset.result = 'blocked'; });"
+        "</script></body>"
+    )
+    with (
+        _static_page(tmp_path / "app", page_html) as app_origin,
+        _static_page(tmp_path / "other", page_html) as other_origin,
+        _served(cws, HttpSettings(cors_origins=(app_origin,))) as api,
+        sync_playwright() as playwright,
+    ):
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        results = {}
+        for origin in (app_origin, other_origin):
+            page = browser.new_page()
+            page.add_init_script(f"window.API = {api!r}; window.TOKEN = {token('tenant_cors')!r};")
+            page.goto(origin)
+            page.wait_for_function("document.body && document.body.dataset.result", timeout=15000)
+            results[origin] = page.evaluate("document.body.dataset.result")
+        browser.close()
+    assert results == {app_origin: "tenant_cors", other_origin: "blocked"}

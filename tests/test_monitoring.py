@@ -257,6 +257,31 @@ def test_a_worker_serves_its_pool_processes_metrics_added_up(redis_cluster: Clus
     assert value(after, "byod_users_in_flight") == 0
 
 
+def test_a_json_worker_writes_nothing_but_json_lines(redis_cluster: Cluster) -> None:
+    """`byod worker` in JSON mode: Celery's own records (ready, task received, a warning
+    about running as root) and byod's are one JSON object per line of stderr, with RFC
+    3339 UTC times; no banner, no text lines."""
+    cluster = redis_cluster
+    sqlite_fleet(cluster, 2)
+    execute(f"sqlite:///{cluster.folder.parent / 'u1.db'}", "CREATE TABLE break_me (id INTEGER)")
+    worker = cluster.start_worker(
+        concurrency=1, extra_env={"BYOD_LOG_FORMAT": "json"}, name="j", stderr_apart=True
+    )
+    done = cluster.byod("migrate", "--all", "--distributed", "--retries", "0", "--json")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert cluster.summary(done)["failed"] == 1, done.stderr
+    worker.terminate()
+    worker.wait(30)
+    lines = (cluster.folder.parent / "worker-j.err").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    assert len(records) == len([line for line in lines if line.strip()])
+    assert all(RFC3339_UTC.match(str(record["ts"])) for record in records), records
+    loggers = {str(record["logger"]) for record in records}
+    assert any(name.startswith("celery") for name in loggers), loggers
+    assert any(name.startswith("byod") for name in loggers), loggers
+    assert any(record.get("error") == "MigrationFailedError" for record in records), records
+
+
 def counted(name: str, **labels: str) -> float:
     """This process's own value of a byod metric (0 before its first count)."""
     return REGISTRY.get_sample_value(name, labels) or 0.0

@@ -14,7 +14,14 @@ from datetime import UTC, datetime
 
 from byod.clock import rfc3339
 
-__all__ = ["FIELDS", "LOG_FORMATS", "JsonFormatter", "fields", "json_on_stderr"]
+__all__ = [
+    "FIELDS",
+    "LOG_FORMATS",
+    "JsonFormatter",
+    "fields",
+    "json_on_stderr",
+    "libraries_log_json",
+]
 
 #: The event fields a record may carry, in the order they are written.
 FIELDS = (
@@ -60,10 +67,33 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(event, ensure_ascii=False, default=str)
 
 
+def _json_stderr_handler() -> logging.Handler | None:
+    return next(
+        (
+            handler
+            for handler in logging.getLogger("byod").handlers
+            if isinstance(handler.formatter, JsonFormatter)
+            and getattr(handler, "stream", None) is sys.stderr
+        ),
+        None,
+    )
+
+
 def json_on_stderr() -> bool:
     """Whether byod's log goes to stderr as JSON (then stderr carries nothing else)."""
-    return any(
-        isinstance(handler.formatter, JsonFormatter)
-        and getattr(handler, "stream", None) is sys.stderr
-        for handler in logging.getLogger("byod").handlers
-    )
+    return _json_stderr_handler() is not None
+
+
+def libraries_log_json(levels: dict[str, int]) -> bool:
+    """With byod's log on stderr as JSON, send these loggers' records (a library's:
+    uvicorn's, Celery's, ``""`` for the root) through the same handler at these levels,
+    so stderr stays one JSON object per line; True if it did (False in text mode)."""
+    handler = _json_stderr_handler()
+    if handler is None:
+        return False
+    for name, level in levels.items():
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.propagate = False
+        logger.setLevel(level)
+    return True

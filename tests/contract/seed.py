@@ -47,6 +47,8 @@ class SeededFleet:
 
 def seed(folder: Path) -> SeededFleet:
     """Build the fleet in ``folder`` (which must be empty or absent)."""
+    if folder.exists() and any(folder.iterdir()):
+        raise SystemExit(f"{folder} is not empty: seed a new folder (or remove this one)")
     folder.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{folder / 'control.db'}"
     migrations = counter_migrations(folder / "migrations")

@@ -93,7 +93,9 @@ export interface paths {
         };
         /**
          * My Run
-         * @description A run the caller started for their own database.
+         * @description A run the caller started for their own database (``POST /v1/me/migrations/run``
+         *     with this token's subject); any other run, even one of their database started by an
+         *     operator, is 404.
          */
         get: operations["my_run"];
         put?: never;
@@ -191,8 +193,8 @@ export interface components {
         /**
          * FleetRunRequest
          * @description Options of a fleet run started over HTTP. An unknown or misspelt field, a value of
-         *     the wrong type (``true`` for a number) or ``per_host`` without ``distributed`` is a
-         *     422: a safety limit is never silently dropped.
+         *     the wrong type (``true`` or ``"2"`` for a number) or ``per_host`` without
+         *     ``distributed`` is a 422: a safety limit is never silently dropped.
          */
         FleetRunRequest: {
             /** Concurrency */

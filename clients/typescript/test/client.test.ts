@@ -10,7 +10,14 @@ import assert from "node:assert/strict";
 import { createHmac } from "node:crypto";
 import { describe, test } from "node:test";
 
-import { ByodError, createByodClient, type ByodClient, type FleetRunOptions } from "../src/index.js";
+import {
+  ByodError,
+  createByodClient,
+  runEnded,
+  type ByodClient,
+  type FleetRunOptions,
+  type Run,
+} from "../src/index.js";
 
 interface Fleet {
   atHead: string;
@@ -152,6 +159,21 @@ describe("a signed-in user", () => {
     controller.abort(new Error("left the page"));
     await assert.rejects(as(fleet.atHead).followMyRun("any", { signal: controller.signal }), /left the page/);
   });
+});
+
+test("a run is over once it has ended, or stopped with nobody still in flight", () => {
+  const base: Run = {
+    id: "r", kind: "migrate", state: "running", started_by: "ops (token)",
+    started_at: "2026-11-29T10:00:00Z", ended_at: null, target_version: null, undoes: null,
+    planned: 3, succeeded: 0, failed: 0, busy: 0, up_to_date: 0, not_started: 0,
+    not_eligible: 0, done: 0, remaining: 3, halt_reason: null, distributed: true,
+    in_flight: 1, rows_done: 0, rows_total: 0,
+  };
+  assert.equal(runEnded(base), false);
+  // a stopped distributed run: interrupted while the user it handed out finishes
+  assert.equal(runEnded({ ...base, state: "interrupted" }), false);
+  assert.equal(runEnded({ ...base, state: "interrupted", in_flight: 0 }), true); // lost
+  assert.equal(runEnded({ ...base, state: "completed", ended_at: "2026-11-29T10:01:00Z" }), true);
 });
 
 describe("an operator", () => {

@@ -18,6 +18,7 @@ from byod import commands, metrics
 from byod.api import problems
 from byod.api.auth import Authenticator, AuthSettings, Principal
 from byod.api.background import BackgroundRuns
+from byod.api.cors import ApiCors
 from byod.api.dashboard import STYLE, install_dashboard
 from byod.api.guard import Guard, HttpSettings, content_security_policy
 from byod.api.models import (
@@ -100,21 +101,6 @@ _LINKS: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {
             "operationId": "user_history",
             "parameters": {"user": "$response.body#/recent_failures/0/clerk_id"},
             "description": "the history of the user the latest failure hit",
-        }
-    },
-    ("/v1/users/{user}/migrations", "get", "200"): {
-        "EntryRun": {
-            "operationId": "fleet_run",
-            "parameters": {"run_id": "$response.body#/items/0/run_id"},
-            "description": "the run the newest entry was part of",
-        }
-    },
-    ("/v1/me/migrations", "get", "200"): {
-        "MyEntryRun": {
-            "operationId": "my_run",
-            "parameters": {"run_id": "$response.body#/items/0/run_id"},
-            "description": "the run the caller's newest entry was part of (404 unless the "
-            "caller started it)",
         }
     },
 }
@@ -207,12 +193,19 @@ def run_mine(request: Request, ws: Ws, principal: Caller) -> RunStarted:
 
 @router.get("/v1/runs/{run_id}", tags=["me"], responses=_errors(404, 422))
 def my_run(ws: Ws, principal: Caller, run_id: str) -> RunOut:
-    """A run the caller started for their own database."""
+    """A run the caller started for their own database (``POST /v1/me/migrations/run``
+    with this token's subject); any other run, even one of their database started by an
+    operator, is 404."""
     user = _me(ws, principal)
-    details = _run_or_404(ws, run_id)
-    if details.run.spec.selection.users != (user.id,):
-        raise NotFoundError(f"no run {run_id!r} of yours")
-    return RunOut.of(details.run, details.rows_done, details.rows_total)
+    mine = NotFoundError(f"no run {run_id!r} of yours")  # the same whether it exists or not
+    try:
+        details = commands.show_run(ws, run_id)
+    except InputError as exc:
+        raise mine from exc
+    run = details.run
+    if run.spec.selection.users != (user.id,) or run.started_by != _started_by(principal):
+        raise mine
+    return RunOut.of(run, details.rows_done, details.rows_total)
 
 
 @router.get("/v1/fleet/status", tags=["operators"], responses=_errors(403))
@@ -302,6 +295,8 @@ def create_app(ws: Workspace, auth: AuthSettings, http: HttpSettings | None = No
         settings=http,
         dashboard_csp=content_security_policy(STYLE),
     )
+    if http.cors_origins:  # outside the Guard: a preflight carries no token
+        app.add_middleware(ApiCors, origins=http.cors_origins)
     if http.forwarded_allow_ips:  # outermost: the Guard sees the real scheme and client
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(http.forwarded_allow_ips))
     return app

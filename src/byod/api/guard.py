@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from byod.api.auth import Authenticator, Principal
+from byod.api.cors import parse_origins
 from byod.api.problems import ProblemKind, problem
 from byod.errors import (
     AuthError,
@@ -51,6 +52,9 @@ class HttpSettings:
     #: Proxies whose ``X-Forwarded-Proto``/``-For`` are believed (IPs, CIDRs or ``*``);
     #: none by default, so a client cannot claim HTTPS or another address.
     forwarded_allow_ips: tuple[str, ...] = ()
+    #: Origins whose browser pages may call ``/v1/`` (``BYOD_CORS_ORIGINS``); none by
+    #: default: an app calls byod from its own server or from byod's origin.
+    cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_body < 1024:
@@ -58,7 +62,8 @@ class HttpSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> HttpSettings:
-        """Read ``BYOD_API_MAX_BODY`` and ``BYOD_FORWARDED_ALLOW_IPS``."""
+        """Read ``BYOD_API_MAX_BODY``, ``BYOD_FORWARDED_ALLOW_IPS`` and
+        ``BYOD_CORS_ORIGINS``."""
         env = os.environ if env is None else env
         raw = env.get("BYOD_API_MAX_BODY") or str(DEFAULT_MAX_BODY)
         try:
@@ -72,7 +77,11 @@ class HttpSettings:
             for part in env.get("BYOD_FORWARDED_ALLOW_IPS", "").split(",")
             if part.strip()
         )
-        return cls(max_body=max_body, forwarded_allow_ips=proxies)
+        return cls(
+            max_body=max_body,
+            forwarded_allow_ips=proxies,
+            cors_origins=parse_origins(env.get("BYOD_CORS_ORIGINS", "")),
+        )
 
 
 def content_security_policy(style: str) -> str:
@@ -175,24 +184,19 @@ class Guard:
                 self.authenticator.authenticate, authorization
             )
         except AuthError as exc:
-            return 401, "unauthorized", AuthError.__doc__ or "unauthorized", exc.message
+            return 401, "unauthorized", exc.message
         except KeysUnavailableError as exc:
-            return 503, "keys-unavailable", KeysUnavailableError.__doc__ or "", exc.message
+            return 503, "keys-unavailable", exc.message
         return None
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | _Problem | None:
         """The whole body, at most ``max_body`` bytes; a 413 problem beyond that."""
         limit = self.settings.max_body
-        too_large: _Problem = (
-            413,
-            "too-large",
-            "the request body is too large",
-            f"request bodies are limited to {limit} bytes",
-        )
+        too_large: _Problem = (413, "too-large", f"request bodies are limited to {limit} bytes")
         declared = _header(scope, b"content-length")
         if declared is not None:
             if not declared.strip().isdigit():
-                return 400, "bad-request", "bad Content-Length", "Content-Length is not a number"
+                return 400, "bad-request", "Content-Length is not a number"
             if int(declared) > limit:
                 return too_large
         chunks: list[bytes] = []
@@ -210,7 +214,7 @@ class Guard:
                 return b"".join(chunks)
 
 
-_Problem = tuple[int, ProblemKind, str, str]
+_Problem = tuple[int, ProblemKind, str]
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -231,8 +231,8 @@ class FleetStatusOut(_Answer):
 
 class FleetRunRequest(BaseModel):
     """Options of a fleet run started over HTTP. An unknown or misspelt field, a value of
-    the wrong type (``true`` for a number) or ``per_host`` without ``distributed`` is a
-    422: a safety limit is never silently dropped."""
+    the wrong type (``true`` or ``"2"`` for a number) or ``per_host`` without
+    ``distributed`` is a 422: a safety limit is never silently dropped."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -288,9 +288,11 @@ class FleetRunRequest(BaseModel):
         mode="before",
     )
     @classmethod
-    def _not_a_boolean(cls, value: object) -> object:
-        if isinstance(value, bool):
-            raise ValueError("a number, not true or false")
+    def _a_json_number(cls, value: object) -> object:
+        # what JSON Schema calls a number (``2.0`` is an integer, as the document says),
+        # never a string or a boolean
+        if isinstance(value, bool | str):
+            raise ValueError("a number, not a string or true/false")
         return value
 
     @model_validator(mode="after")

@@ -30,7 +30,7 @@ from byod.errors import (
     UnknownUserError,
 )
 
-__all__ = ["PROBLEM_TYPES", "ProblemKind", "install", "problem"]
+__all__ = ["PROBLEM_TYPES", "TITLES", "ProblemKind", "install", "problem"]
 
 log = logging.getLogger("byod.api")
 PROBLEM = "application/problem+json"
@@ -55,6 +55,27 @@ ProblemKind = Literal[
     "failed",
     "internal",
 ]
+#: each kind's title: short, the same for every document of that kind (``detail`` says
+#: what happened this time)
+TITLES: dict[ProblemKind, str] = {
+    "unauthorized": "no valid token",
+    "keys-unavailable": "the keys that check tokens are unavailable",
+    "forbidden": "operators only",
+    "not-found": "not found",
+    "unknown-user": "no such user",
+    "not-connected": "no database connected",
+    "busy": "a run is already under way",
+    "bad-input": "bad input",
+    "bad-request": "bad request",
+    "too-large": "the request body is too large",
+    "invalid-request": "the request is not valid",
+    "method-not-allowed": "method not allowed",
+    "control-plane-unavailable": "the control plane is unavailable",
+    "broker-unavailable": "the task-queue broker is unavailable",
+    "unavailable": "this server is not set up for that",
+    "failed": "the operation failed",
+    "internal": "internal error",
+}
 _URN = "urn:byod:problem:"
 #: the ``type`` values of problem documents (what the OpenAPI document enumerates)
 PROBLEM_TYPES: tuple[str, ...] = tuple(_URN + kind for kind in get_args(ProblemKind))
@@ -79,7 +100,6 @@ _STATUS: list[tuple[type[ByodError], int, ProblemKind]] = [
 def problem(
     status: int,
     kind: ProblemKind,
-    title: str,
     detail: str,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
@@ -88,7 +108,7 @@ def problem(
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(
-        {"type": _URN + kind, "title": title, "status": status, "detail": detail},
+        {"type": _URN + kind, "title": TITLES[kind], "status": status, "detail": detail},
         status_code=status,
         media_type=PROBLEM,
         headers=headers,
@@ -102,15 +122,15 @@ def install(app: FastAPI) -> None:
     async def _byod(_request: Request, exc: ByodError) -> JSONResponse:
         for kind, status, name in _STATUS:
             if isinstance(exc, kind):
-                return problem(status, name, kind.__doc__ or name, exc.message)
-        return problem(500, "failed", "failed", exc.message)  # pragma: no cover
+                return problem(status, name, exc.message)
+        return problem(500, "failed", exc.message)  # pragma: no cover
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind: ProblemKind = "method-not-allowed" if exc.status_code == 405 else "not-found"
         if exc.status_code not in (404, 405):  # pragma: no cover - the router raises no other
             kind = "bad-request"
-        return problem(exc.status_code, kind, str(exc.detail), str(exc.detail), exc.headers)
+        return problem(exc.status_code, kind, str(exc.detail), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -118,9 +138,9 @@ def install(app: FastAPI) -> None:
             f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
             for e in exc.errors()
         )
-        return problem(422, "invalid-request", "the request is not valid", where)
+        return problem(422, "invalid-request", where)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
         log.error("unexpected error: %s", type(exc).__name__)
-        return problem(500, "internal", "internal error", "an unexpected error; see the log")
+        return problem(500, "internal", "an unexpected error; see the log")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import tempfile
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from byod.cli.base import (
     workspace_for,
 )
 from byod.errors import InputError
-from byod.logs import json_on_stderr
+from byod.logs import json_on_stderr, libraries_log_json
 
 
 @app.command()
@@ -279,6 +280,7 @@ def serve(
 ) -> None:
     """Serve the HTTP API and the operators' dashboard (BYOD_JWT_* configure tokens)."""
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     from byod.api import AuthSettings, HttpSettings, create_app
 
@@ -291,17 +293,33 @@ def serve(
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
         access.addHandler(handler)
+    # uvicorn's own warnings (a malformed request, …) as JSON too, in JSON mode
+    as_json = libraries_log_json({"uvicorn": logging.WARNING})
+    listening = _listen(host, port)  # a port in use is an error here, before any banner
     say(f"byod serving on http://{host}:{port} (dashboard: /dashboard)")
     # forwarded headers are the app's decision (BYOD_FORWARDED_ALLOW_IPS), and so is the
     # access log (uvicorn's would print query strings)
-    uvicorn.run(
+    config = uvicorn.Config(
         application,
-        host=host,
-        port=port,
         log_level="warning",
         proxy_headers=False,
         access_log=False,
+        log_config=None if as_json else LOGGING_CONFIG,
     )
+    uvicorn.Server(config).run(sockets=[listening])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port`` (uvicorn listens on it); InputError when the
+    address cannot be had (in use, not this machine's)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listening = socket.socket(family, kind, proto)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind(address)
+    except OSError as exc:
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    return listening
 
 
 @app.command()

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from celery import Celery, Task
+from celery import Celery, Task, signals
 from celery.signals import worker_process_init, worker_process_shutdown
 from kombu.exceptions import OperationalError
 
@@ -182,9 +182,12 @@ def _broker_error(app: Celery, exc: Exception) -> BrokerError:
 def run_worker(
     app: Celery, *, concurrency: int, queues: Sequence[str], loglevel: str = "INFO"
 ) -> None:
-    """Run a Celery worker for byod's tasks in this process until it is stopped."""
+    """Run a Celery worker for byod's tasks in this process until it is stopped (in JSON
+    log mode, Celery's own records are JSON on stderr too, and its banner is left out)."""
+    quiet = _celery_logs_json()
     app.worker_main(
         [
+            *(["--quiet"] if quiet else []),
             "worker",
             f"--concurrency={concurrency}",
             f"--queues={','.join(queues)}",
@@ -194,6 +197,23 @@ def run_worker(
             "--without-mingle",
         ]
     )
+
+
+def _celery_logs_json() -> bool:
+    """In JSON log mode, Celery sets up no logging of its own: its records (and every
+    library's, through the root logger) go through byod's JSON handler instead."""
+    from byod.logs import json_on_stderr, libraries_log_json
+
+    if not json_on_stderr():
+        return False
+    logging.captureWarnings(True)  # e.g. Celery's warning about running as root
+    libraries_log_json({"py.warnings": logging.WARNING})
+
+    def as_json(loglevel: int = logging.INFO, **_: object) -> None:
+        libraries_log_json({"": loglevel, "alembic": logging.WARNING})
+
+    signals.setup_logging.connect(as_json, weak=False)
+    return True
 
 
 class CeleryBroker:
