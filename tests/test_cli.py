@@ -435,3 +435,17 @@ def test_every_json_timestamp_is_rfc3339_utc(control_plane_url: str, tmp_path: P
     for where, value in found:
         assert RFC3339_UTC.match(value), (where, value)
         assert before <= datetime.fromisoformat(value) <= after, (where, value)
+
+
+def test_a_target_on_the_wrong_side_is_a_usage_error_exit_2(cli: Cli, tmp_path: Path) -> None:
+    """`--to` below the user's version for migrate (above it for rollback) is PlanError:
+    exit 2 as the error table says, nothing touched, with or without --json."""
+    env = counter_fleet(cli, tmp_path, "--to", "2")
+    down = cli("migrate", "a", "--to", "1", **env)
+    assert down.code == 2, down.err
+    assert "PlanError" in down.err and "use rollback" in down.err
+    as_json = cli("migrate", "a", "--to", "1", "--json", **env)
+    assert (as_json.code, as_json.json()["error_type"]) == (2, "PlanError")  # type: ignore[index]
+    up = cli("rollback", "a", "--to", "3", **env)
+    assert up.code == 2 and "use migrate" in up.err
+    assert cli("pending", "a", "--json", **env).json() == {"pending": 1}  # still at 2

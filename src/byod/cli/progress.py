@@ -21,6 +21,7 @@ from rich.progress import (
 from rich.text import Text
 
 from byod.cli import render
+from byod.errors import PlanError
 from byod.logs import fields, json_on_stderr
 
 if TYPE_CHECKING:
@@ -56,7 +57,8 @@ def finish_user(out: Console, err: Console, result: UserResult, json_out: bool, 
     if result.error is not None:
         if not json_out:
             print_error(err, result.error)
-        raise typer.Exit(1)
+        # a target version that makes no plan is a usage mistake (nothing was touched)
+        raise typer.Exit(2 if isinstance(result.error, PlanError) else 1)
 
 
 def run_fleet(
