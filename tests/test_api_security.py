@@ -282,24 +282,32 @@ APP_ORIGIN = "https://app.example.com"
 
 def test_cors_lets_the_configured_origin_call_the_api_and_nothing_else(api: Api) -> None:
     """With BYOD_CORS_ORIGINS, a browser page of that origin gets its preflight answered
-    (no token asked for) and may read the API's answers, errors too; another origin gets
-    nothing; the dashboard never takes part."""
+    (no token asked for, with the usual headers) and may read the API's answers, errors
+    too; another origin's preflight is a problem document; the dashboard never takes part."""
     app = create_app(api.ws, AuthSettings(secret=SECRET), HttpSettings(cors_origins=(APP_ORIGIN,)))
+    preflight = {
+        "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "authorization",
+    }
     with TestClient(app) as client:
-        preflight = {
-            "Access-Control-Request-Method": "GET",
-            "Access-Control-Request-Headers": "authorization",
-        }
         allowed = client.options("/v1/me/instance", headers={"Origin": APP_ORIGIN, **preflight})
-        assert allowed.status_code == 200
+        assert allowed.status_code == 204
         assert allowed.headers["access-control-allow-origin"] == APP_ORIGIN
-        assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+        assert allowed.headers["access-control-allow-headers"] == "authorization, content-type"
+        assert allowed.headers["access-control-allow-methods"] == "GET, POST"
         assert "access-control-allow-credentials" not in allowed.headers
-        other = client.options(
-            "/v1/me/instance", headers={"Origin": "https://evil.example", **preflight}
-        )
-        assert other.status_code == 400
-        assert "access-control-allow-origin" not in other.headers
+        assert allowed.headers["x-content-type-options"] == "nosniff"  # the Guard's headers
+        assert allowed.headers["cache-control"] == "no-store"
+        for origin, asked in [
+            ("https://evil.example", preflight),
+            (APP_ORIGIN, {**preflight, "Access-Control-Request-Method": "DELETE"}),
+            (APP_ORIGIN, {**preflight, "Access-Control-Request-Headers": "x-custom"}),
+        ]:
+            other = client.options("/v1/me/instance", headers={"Origin": origin, **asked})
+            assert other.status_code == 403, other.text
+            assert "access-control-allow-origin" not in other.headers
+            assert other.headers["content-type"] == "application/problem+json"
+            assert other.json()["type"] == "urn:byod:problem:origin-not-allowed"
         answer = client.get(
             "/v1/me/instance", headers={"Origin": APP_ORIGIN, **bearer(token("user_a"))}
         )
@@ -308,19 +316,41 @@ def test_cors_lets_the_configured_origin_call_the_api_and_nothing_else(api: Api)
         refused = client.get("/v1/fleet/status", headers={"Origin": APP_ORIGIN})
         assert refused.status_code == 401  # readable by the page, so it can say why
         assert refused.headers["access-control-allow-origin"] == APP_ORIGIN
+        foreign = client.get("/v1/fleet/status", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in foreign.headers
         page = client.get("/dashboard", headers={"Origin": APP_ORIGIN})
         assert "access-control-allow-origin" not in page.headers
     with TestClient(create_app(api.ws, AuthSettings(secret=SECRET))) as plain:
         unset = plain.options("/v1/me/instance", headers={"Origin": APP_ORIGIN, **preflight})
+        assert unset.status_code == 401  # no CORS configured: an OPTIONS is a call like any
         assert "access-control-allow-origin" not in unset.headers
 
 
 @pytest.mark.parametrize(
-    "value", ["app.example.com", "https://app.example.com/path", "ftp://x", "https://a b"]
+    "value",
+    [
+        "app.example.com",
+        "https://app.example.com/path",
+        "ftp://x",
+        "https://a b",
+        "https://x:abc",
+        "https://x:99999",
+        "https://user@x",
+        "https://*.example.com",
+        "*, https://a.example",
+    ],
 )
 def test_a_cors_origin_that_is_not_an_origin_is_a_settings_error(value: str) -> None:
     with pytest.raises(SettingsError, match="BYOD_CORS_ORIGINS"):
         HttpSettings.from_env({"BYOD_CORS_ORIGINS": f"https://ok.example, {value}"})
-    assert HttpSettings.from_env({"BYOD_CORS_ORIGINS": "https://a.example/, http://b:3000"}) == (
-        HttpSettings(cors_origins=("https://a.example", "http://b:3000"))
+
+
+def test_cors_origins_are_written_as_a_browser_sends_them() -> None:
+    given = "https://App.Example.com/, http://localhost:80, https://a.example:443, http://b:3000"
+    assert HttpSettings.from_env({"BYOD_CORS_ORIGINS": given}).cors_origins == (
+        "https://app.example.com",
+        "http://localhost",
+        "https://a.example",
+        "http://b:3000",
     )
+    assert HttpSettings.from_env({"BYOD_CORS_ORIGINS": " * "}).cors_origins == ("*",)

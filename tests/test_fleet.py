@@ -10,6 +10,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,10 @@ from sqlalchemy import event
 from byod.controlplane import RunStore, history
 from byod.controlplane.schema import ledger
 from byod.errors import CredentialsError, InputError, IrreversibleError
-from byod.fleet import FleetEvent, UserFinished, migrate_fleet, rollback_run
+from byod.fleet import FleetEvent, FleetStarted, UserFinished, migrate_fleet, rollback_run
 from byod.spec import FleetOptions, Selection
 from byod.workspace import Workspace
+from tests import gates
 from tests.conftest import (
     OTHER_KEY,
     TEST_KEY,
@@ -683,3 +685,49 @@ def test_a_user_sealed_with_another_key_fails_without_marking_its_instance(
     assert (row.error or "").startswith("CredentialsError: ")
     assert "wrong encryption key" in (row.error or "")
     other.engine.dispose()
+
+
+def test_users_that_finish_while_another_still_runs_are_counted_at_once(
+    cws: Workspace, tmp_path: Path
+) -> None:
+    """Once the selection is used up, a run settles each user as it finishes (events, the
+    recorded counts), not all of them when the slowest one ends."""
+    urls = {}
+    for name in ("slow", "quick"):
+        (tmp_path / f"{name}.db").touch()
+        urls[name] = f"sqlite:///{tmp_path / name}.db"
+        add_connected(cws, urls[name], name)
+    execute(urls["slow"], "CREATE TABLE hold_me (id INTEGER)")  # held inside 002
+    execute(urls["quick"], "CREATE TABLE break_me (id INTEGER)")  # fails at 003 at once
+    gates.reset()
+    finished: list[str] = []
+    started: list[str] = []
+
+    def on_event(event: FleetEvent) -> None:
+        if isinstance(event, UserFinished):
+            finished.append(event.outcome)
+        elif isinstance(event, FleetStarted):
+            started.append(event.run_id)
+
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(
+            migrate_fleet,
+            cws.runner(),
+            options=FleetOptions(concurrency=2, retries=0),
+            on_event=on_event,
+        )
+        try:
+            assert gates.entered.wait(20)
+            deadline = time.monotonic() + 10
+            while finished != ["failed"]:
+                assert time.monotonic() < deadline, finished
+                time.sleep(0.05)
+            store = RunStore(cws.engine)
+            while store.get(started[0]).counts.failed != 1:  # the recorded counts follow
+                assert time.monotonic() < deadline + 5, store.get(started[0]).counts
+                time.sleep(0.1)
+            assert store.get(started[0]).counts.succeeded == 0  # the slow one still runs
+        finally:
+            gates.release.set()
+        summary = run.result(timeout=60)
+    assert (summary.succeeded, summary.failed, finished) == (1, 1, ["failed", "succeeded"])

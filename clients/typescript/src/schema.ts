@@ -365,7 +365,7 @@ export interface components {
              * Type
              * @enum {string}
              */
-            type: "urn:byod:problem:unauthorized" | "urn:byod:problem:keys-unavailable" | "urn:byod:problem:forbidden" | "urn:byod:problem:not-found" | "urn:byod:problem:unknown-user" | "urn:byod:problem:not-connected" | "urn:byod:problem:busy" | "urn:byod:problem:bad-input" | "urn:byod:problem:bad-request" | "urn:byod:problem:too-large" | "urn:byod:problem:invalid-request" | "urn:byod:problem:method-not-allowed" | "urn:byod:problem:control-plane-unavailable" | "urn:byod:problem:broker-unavailable" | "urn:byod:problem:unavailable" | "urn:byod:problem:failed" | "urn:byod:problem:internal";
+            type: "urn:byod:problem:unauthorized" | "urn:byod:problem:keys-unavailable" | "urn:byod:problem:forbidden" | "urn:byod:problem:not-found" | "urn:byod:problem:unknown-user" | "urn:byod:problem:not-connected" | "urn:byod:problem:busy" | "urn:byod:problem:bad-input" | "urn:byod:problem:bad-request" | "urn:byod:problem:too-large" | "urn:byod:problem:invalid-request" | "urn:byod:problem:method-not-allowed" | "urn:byod:problem:origin-not-allowed" | "urn:byod:problem:control-plane-unavailable" | "urn:byod:problem:broker-unavailable" | "urn:byod:problem:unavailable" | "urn:byod:problem:failed" | "urn:byod:problem:internal";
             /** Title */
             title: string;
             /** Status */

@@ -18,7 +18,6 @@ from byod import commands, metrics
 from byod.api import problems
 from byod.api.auth import Authenticator, AuthSettings, Principal
 from byod.api.background import BackgroundRuns
-from byod.api.cors import ApiCors
 from byod.api.dashboard import STYLE, install_dashboard
 from byod.api.guard import Guard, HttpSettings, content_security_policy
 from byod.api.models import (
@@ -295,8 +294,6 @@ def create_app(ws: Workspace, auth: AuthSettings, http: HttpSettings | None = No
         settings=http,
         dashboard_csp=content_security_policy(STYLE),
     )
-    if http.cors_origins:  # outside the Guard: a preflight carries no token
-        app.add_middleware(ApiCors, origins=http.cors_origins)
     if http.forwarded_allow_ips:  # outermost: the Guard sees the real scheme and client
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(http.forwarded_allow_ips))
     return app

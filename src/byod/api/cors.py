@@ -1,53 +1,99 @@
 """Cross-origin calls to the API from the browser pages of an app on another origin
-(``BYOD_CORS_ORIGINS``): Starlette's CORS handling, on ``/v1/`` only, never the
-dashboard. Calls carry a bearer token, never a cookie, so credentials are not allowed."""
+(``BYOD_CORS_ORIGINS``), applied by the Guard: it answers a preflight itself (before any
+token is asked for, with the usual headers and access-log line; a refusal is a problem
+document) and marks the answers of ``/v1/`` calls (errors too) readable by those pages.
+Calls carry a bearer token, never a cookie, so credentials are never allowed."""
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
-
-from starlette.middleware.cors import CORSMiddleware
-from starlette.types import ASGIApp, Receive, Scope, Send
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from byod.errors import SettingsError
 
-__all__ = ["ApiCors", "parse_origins"]
+__all__ = ["CorsPolicy", "parse_origins"]
 
-_ORIGIN = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+$")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_METHODS = ("GET", "POST")
+_HEADERS = ("authorization", "content-type")
+
+
+def _origin(value: str) -> str:
+    """``value`` as a browser writes an origin (lower case, no default port, no slash);
+    SettingsError when it is not one."""
+    refused = SettingsError(
+        f"BYOD_CORS_ORIGINS: {value!r} is not an origin "
+        "(scheme://host[:port], e.g. https://app.example.com, or * alone)"
+    )
+    parts = urlsplit(value.rstrip("/"))
+    if (
+        parts.scheme not in _DEFAULT_PORTS
+        or not parts.hostname
+        or "*" in value
+        or parts.username is not None
+        or parts.path
+        or parts.query
+        or parts.fragment
+        or "?" in value
+        or "#" in value
+        or " " in value
+    ):
+        raise refused
+    try:
+        port = parts.port
+    except ValueError as exc:  # not a number, or out of range
+        raise refused from exc
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    shown_port = "" if port in (None, _DEFAULT_PORTS[parts.scheme]) else f":{port}"
+    return f"{parts.scheme}://{host.lower()}{shown_port}"
 
 
 def parse_origins(raw: str) -> tuple[str, ...]:
-    """``BYOD_CORS_ORIGINS``: comma-separated origins (``https://app.example.com``,
-    scheme and host and an optional port, nothing after) or ``*``; ``SettingsError`` for
+    """``BYOD_CORS_ORIGINS``: comma-separated origins, or ``*`` alone; SettingsError for
     anything else, so a typo stops ``byod serve`` instead of blocking every browser."""
-    origins = tuple(part.strip().rstrip("/") for part in raw.split(",") if part.strip())
-    for origin in origins:
-        if origin != "*" and not _ORIGIN.match(origin):
-            raise SettingsError(
-                f"BYOD_CORS_ORIGINS: {origin!r} is not an origin "
-                "(scheme://host[:port], e.g. https://app.example.com, or *)"
-            )
-    return origins
+    values = [part.strip() for part in raw.split(",") if part.strip()]
+    if "*" in values:
+        if len(values) > 1:
+            raise SettingsError("BYOD_CORS_ORIGINS: * allows every origin: give it alone")
+        return ("*",)
+    return tuple(dict.fromkeys(_origin(value) for value in values))
 
 
-class ApiCors:
-    """Answers the browser's preflight for ``/v1/`` calls from ``origins`` before any
-    token is asked for, and marks their answers (errors too) readable by those pages."""
+@dataclass(frozen=True)
+class CorsPolicy:
+    """Which origins' pages may call ``/v1/`` (none: no cross-origin call at all)."""
 
-    def __init__(self, app: ASGIApp, origins: Sequence[str]) -> None:
-        self.app = app
-        self.cors = CORSMiddleware(
-            app,
-            allow_origins=list(origins),
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
-            allow_credentials=False,
-            max_age=600,
-        )
+    origins: tuple[str, ...] = ()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            await self.cors(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+    def allows(self, origin: str | None) -> bool:
+        return bool(origin) and ("*" in self.origins or origin in self.origins)
+
+    @staticmethod
+    def is_preflight(method: str, requested_method: str | None) -> bool:
+        return method == "OPTIONS" and requested_method is not None
+
+    def preflight(
+        self, origin: str | None, requested_method: str, requested_headers: str | None
+    ) -> tuple[list[tuple[str, str]], str | None]:
+        """The preflight's answer headers, and why it is refused (None: allowed)."""
+        if not self.allows(origin):
+            return [("vary", "Origin")], f"origin {origin!r} may not call this API"
+        if requested_method.strip().upper() not in _METHODS:
+            return [("vary", "Origin")], f"method {requested_method!r} is not allowed"
+        asked = {h.strip().lower() for h in (requested_headers or "").split(",") if h.strip()}
+        if not asked <= set(_HEADERS):
+            return [("vary", "Origin")], f"headers {sorted(asked - set(_HEADERS))} are not allowed"
+        return [
+            *self.answer_headers(origin),
+            ("access-control-allow-methods", ", ".join(_METHODS)),
+            ("access-control-allow-headers", ", ".join(_HEADERS)),
+            ("access-control-max-age", "600"),
+        ], None
+
+    def answer_headers(self, origin: str | None) -> list[tuple[str, str]]:
+        """What makes an answer readable by a page of ``origin`` (nothing if not allowed)."""
+        if not self.allows(origin):
+            return []
+        assert origin is not None
+        allowed = "*" if "*" in self.origins else origin
+        return [("access-control-allow-origin", allowed), ("vary", "Origin")]

@@ -22,10 +22,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from byod.api.auth import Authenticator, Principal
-from byod.api.cors import parse_origins
+from byod.api.cors import CorsPolicy, parse_origins
 from byod.api.problems import ProblemKind, problem
 from byod.errors import (
     AuthError,
@@ -112,6 +113,7 @@ class Guard:
         self.authenticator = authenticator
         self.settings = settings
         self.dashboard_csp = dashboard_csp
+        self.cors = CorsPolicy(settings.cors_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -122,6 +124,9 @@ class Guard:
         state: dict[str, object] = scope.setdefault("state", {})
         outcome = {"status": 500}
         csp = self._csp(path)
+        api = path.startswith(_API_PREFIX)
+        origin = _header(scope, b"origin")
+        readable_by = [(k.encode(), v.encode()) for k, v in self.cors.answer_headers(origin)]
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -134,6 +139,7 @@ class Guard:
                     (b"x-frame-options", b"DENY"),
                     (b"referrer-policy", b"no-referrer"),
                     (b"content-security-policy", csp.encode()),
+                    *(readable_by if api else []),
                 ):
                     if name not in present:
                         headers.append((name, value))
@@ -141,6 +147,18 @@ class Guard:
             await send(message)
 
         try:
+            requested = _header(scope, b"access-control-request-method")
+            if api and self.cors.origins and self.cors.is_preflight(scope["method"], requested):
+                assert requested is not None
+                headers, refused = self.cors.preflight(
+                    origin, requested, _header(scope, b"access-control-request-headers")
+                )
+                response: Response = Response(status_code=204, headers=dict(headers))
+                if refused is not None:
+                    readable_by.clear()  # a refused preflight lets the page read nothing
+                    response = problem(403, "origin-not-allowed", refused, dict(headers))
+                await response(scope, receive, send_with_headers)
+                return
             refusal = await self._admit(scope, state)
             if refusal is not None:
                 await _send_problem(scope, receive, send_with_headers, refusal)

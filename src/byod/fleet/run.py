@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import (
-    ALL_COMPLETED,
     FIRST_COMPLETED,
     Executor,
     Future,
@@ -193,7 +192,7 @@ class _FleetRun:
                     summary.state = "interrupted"
                     self.stop.set()
                     log.warning("fleet run %s interrupted: finishing running users", summary.run_id)
-                    self._collect(ALL_COMPLETED)
+                    self._drain()
                     waiting = 0 if self.waiting is None else 1  # taken, never started
                     summary.not_started += waiting + sum(1 for _ in remaining)
         except ByodError as exc:  # e.g. the selection unreadable for too long
@@ -253,10 +252,10 @@ class _FleetRun:
         for item in remaining:
             self.waiting = item  # taken from the selection, not submitted yet
             if canary_room(options, submitted, len(self.in_flight)) == 0:
-                self._collect(ALL_COMPLETED)  # the canary wave ends before anyone else starts
+                self._drain()  # the canary wave ends before anyone else starts
                 self._check_halt(started=submitted, canary_over=True)
             while summary.state == "running" and len(self.in_flight) >= self.workers:
-                self._collect(FIRST_COMPLETED)
+                self._collect()
             if summary.state != "running":
                 summary.not_started += 1
                 self.waiting = None
@@ -276,12 +275,18 @@ class _FleetRun:
             self.in_flight[future] = item
             self.waiting = None
             submitted += 1
-        self._collect(ALL_COMPLETED)
+        self._drain()
         over = canary_over(options, submitted, 0, exhausted=True)
         self._check_halt(started=submitted, canary_over=over)
 
-    def _collect(self, return_when: str) -> None:
-        done, _ = wait(self.in_flight, return_when=return_when)
+    def _drain(self) -> None:
+        """Wait for every user in flight, settling each as it finishes (so the run's counts,
+        events and log lines move with them, not all at the end)."""
+        while self.in_flight:
+            self._collect()
+
+    def _collect(self) -> None:
+        done, _ = wait(self.in_flight, return_when=FIRST_COMPLETED)
         for future in done:
             self._finish(future)
             self._check_halt(started=0, canary_over=False)
