@@ -196,14 +196,11 @@ def my_run(ws: Ws, principal: Caller, run_id: str) -> RunOut:
     with this token's subject); any other run, even one of their database started by an
     operator, is 404."""
     user = _me(ws, principal)
-    mine = NotFoundError(f"no run {run_id!r} of yours")  # the same whether it exists or not
-    try:
-        details = commands.show_run(ws, run_id)
-    except InputError as exc:
-        raise mine from exc
+    mine = f"no run {run_id!r} of yours"  # the same whether it exists or not
+    details = _run_or_404(ws, run_id, mine)
     run = details.run
     if run.spec.selection.users != (user.id,) or run.started_by != _started_by(principal):
-        raise mine
+        raise NotFoundError(mine)
     return RunOut.of(run, details.rows_done, details.rows_total)
 
 
@@ -345,8 +342,8 @@ def _started_by(principal: Principal) -> str:
     return f"{principal.clerk_id} (token)"
 
 
-def _run_or_404(ws: Workspace, run_id: str) -> commands.RunDetails:
+def _run_or_404(ws: Workspace, run_id: str, missing: str | None = None) -> commands.RunDetails:
     try:
         return commands.show_run(ws, run_id)
     except InputError as exc:
-        raise NotFoundError(f"no run {run_id!r}") from exc
+        raise NotFoundError(missing or f"no run {run_id!r}") from exc

@@ -68,27 +68,27 @@ class CorsPolicy:
     def allows(self, origin: str | None) -> bool:
         return bool(origin) and ("*" in self.origins or origin in self.origins)
 
-    @staticmethod
-    def is_preflight(method: str, requested_method: str | None) -> bool:
-        return method == "OPTIONS" and requested_method is not None
-
-    def preflight(
+    def refusal(
         self, origin: str | None, requested_method: str, requested_headers: str | None
-    ) -> tuple[list[tuple[str, str]], str | None]:
-        """The preflight's answer headers, and why it is refused (None: allowed)."""
+    ) -> str | None:
+        """Why a preflight of this call is refused (None: it is allowed)."""
         if not self.allows(origin):
-            return [("vary", "Origin")], f"origin {origin!r} may not call this API"
+            return f"origin {origin!r} may not call this API"
         if requested_method.strip().upper() not in _METHODS:
-            return [("vary", "Origin")], f"method {requested_method!r} is not allowed"
+            return f"method {requested_method!r} is not allowed"
         asked = {h.strip().lower() for h in (requested_headers or "").split(",") if h.strip()}
         if not asked <= set(_HEADERS):
-            return [("vary", "Origin")], f"headers {sorted(asked - set(_HEADERS))} are not allowed"
+            return f"headers {sorted(asked - set(_HEADERS))} are not allowed"
+        return None
+
+    def preflight_headers(self, origin: str | None) -> list[tuple[str, str]]:
+        """An allowed preflight's answer headers."""
         return [
             *self.answer_headers(origin),
             ("access-control-allow-methods", ", ".join(_METHODS)),
             ("access-control-allow-headers", ", ".join(_HEADERS)),
             ("access-control-max-age", "600"),
-        ], None
+        ]
 
     def answer_headers(self, origin: str | None) -> list[tuple[str, str]]:
         """What makes an answer readable by a page of ``origin`` (nothing if not allowed)."""

@@ -125,7 +125,7 @@ class Guard:
         outcome = {"status": 500}
         csp = self._csp(path)
         api = path.startswith(_API_PREFIX)
-        origin = _header(scope, b"origin")
+        origin = _header(scope, b"origin") if api else None  # CORS: the API only
         readable_by = [(k.encode(), v.encode()) for k, v in self.cors.answer_headers(origin)]
 
         async def send_with_headers(message: Message) -> None:
@@ -139,7 +139,7 @@ class Guard:
                     (b"x-frame-options", b"DENY"),
                     (b"referrer-policy", b"no-referrer"),
                     (b"content-security-policy", csp.encode()),
-                    *(readable_by if api else []),
+                    *readable_by,
                 ):
                     if name not in present:
                         headers.append((name, value))
@@ -147,17 +147,16 @@ class Guard:
             await send(message)
 
         try:
-            requested = _header(scope, b"access-control-request-method")
-            if api and self.cors.origins and self.cors.is_preflight(scope["method"], requested):
-                assert requested is not None
-                headers, refused = self.cors.preflight(
-                    origin, requested, _header(scope, b"access-control-request-headers")
-                )
-                response: Response = Response(status_code=204, headers=dict(headers))
+            requested = None
+            if api and self.cors.origins and scope["method"] == "OPTIONS":
+                requested = _header(scope, b"access-control-request-method")
+            if requested is not None:  # a browser's preflight: answered before any token
+                asked = _header(scope, b"access-control-request-headers")
+                refused = self.cors.refusal(origin, requested, asked)
                 if refused is not None:
                     readable_by.clear()  # a refused preflight lets the page read nothing
-                    response = problem(403, "origin-not-allowed", refused, dict(headers))
-                await response(scope, receive, send_with_headers)
+                answer = _preflight_answer(self.cors, origin, refused)
+                await answer(scope, receive, send_with_headers)
                 return
             refusal = await self._admit(scope, state)
             if refusal is not None:
@@ -254,6 +253,12 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
+
+
+def _preflight_answer(cors: CorsPolicy, origin: str | None, refused: str | None) -> Response:
+    if refused is not None:
+        return problem(403, "origin-not-allowed", refused, {"vary": "Origin"})
+    return Response(status_code=204, headers=dict(cors.preflight_headers(origin)))
 
 
 async def _send_problem(scope: Scope, receive: Receive, send: Send, refusal: _Problem) -> None:

@@ -129,9 +129,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind: ProblemKind = "method-not-allowed" if exc.status_code == 405 else "not-found"
-        if exc.status_code not in (404, 405):  # pragma: no cover - the router raises no other
-            kind = "bad-request"
+        kinds: dict[int, ProblemKind] = {404: "not-found", 405: "method-not-allowed"}
+        kind = kinds.get(exc.status_code, "bad-request")
         return problem(exc.status_code, kind, str(exc.detail), exc.headers)
 
     @app.exception_handler(RequestValidationError)
