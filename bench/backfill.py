@@ -169,7 +169,11 @@ def byod(instance: Instance, batch: int, workdir: Path) -> dict[str, float]:
     for name, source in MIGRATIONS.items():
         (folder / name).write_text(textwrap.dedent(source))
     control = workdir / f"control-{uuid.uuid4().hex[:6]}.db"
-    env = {"BYOD_ENCRYPTION_KEY": KEY, "BYOD_MIGRATIONS": str(folder)}
+    env = {
+        "BYOD_ENCRYPTION_KEY": KEY,
+        "BYOD_MIGRATIONS": str(folder),
+        "BYOD_INSTANCE_NETWORKS": "127.0.0.0/8",  # the benchmark's server is on loopback
+    }
     ws = Workspace(Settings.load(database_url=f"sqlite:///{control}", env=env))
     commands.init(ws)
     user = commands.add_user(ws, "bench")

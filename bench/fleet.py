@@ -52,6 +52,8 @@ from _proxy import LatencyProxy
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 KEY = base64.b64encode(b"b" * 32).decode()
+#: the benchmark's servers listen on loopback, which instances may not use by default
+LOCAL_INSTANCES = {"BYOD_INSTANCE_NETWORKS": "127.0.0.0/8,::1/128"}
 WORDS = ["alpha", "beta", "gamma", "delta", "notes", "plan", "idea", "todo", "home", "work"]
 #: byod-pN: N worker processes instead of threads (for CPU-bound SQLite fleets)
 CONFIGS = (
@@ -229,7 +231,9 @@ def child_byod(spec: dict[str, Any]) -> list[float]:
     from byod.spec import FleetOptions
     from byod.workspace import Workspace
 
-    settings = Settings.load(database_url=spec["control_plane"], env={"BYOD_ENCRYPTION_KEY": KEY})
+    settings = Settings.load(
+        database_url=spec["control_plane"], env={"BYOD_ENCRYPTION_KEY": KEY, **LOCAL_INSTANCES}
+    )
     ws = Workspace(settings)
     times: list[float] = []
 
@@ -501,6 +505,7 @@ def run_distributed(
     broker_proxy = LatencyProxy(6379, 0).start()
     env = {
         **os.environ,
+        **LOCAL_INSTANCES,
         "BYOD_DATABASE_URL": run_cp,
         "BYOD_ENCRYPTION_KEY": KEY,
         "BYOD_BROKER_URL": f"redis://127.0.0.1:{broker_proxy.port}/0",
@@ -596,7 +601,7 @@ def at_head(args: argparse.Namespace, workdir: Path) -> None:
     head = Registry.load(bundled_migrations_dir()).head  # the migrations the command uses
     missing = [f"sqlite:///{workdir / 'nowhere' / f'{n}.db'}" for n in range(args.at_head)]
     _byod_control_plane(url, missing, head)  # instances that do not even exist
-    env = {**os.environ, "BYOD_DATABASE_URL": url, "BYOD_ENCRYPTION_KEY": KEY}
+    env = {**os.environ, **LOCAL_INSTANCES, "BYOD_DATABASE_URL": url, "BYOD_ENCRYPTION_KEY": KEY}
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "byod", "migrate", "--all", "--json"],

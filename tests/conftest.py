@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from byod.commands import init
 from byod.distributed import Broker
-from byod.settings import Settings
+from byod.settings import Settings, bundled_migrations_dir
 from byod.workspace import Workspace
 
 pytest_plugins = ["tests.distributed_kit", "tests.convex_backend"]
@@ -31,6 +31,32 @@ OTHER_KEY = base64.b64encode(b"o" * 32).decode()
 
 
 MYSQL_SERVER = os.environ.get("BYOD_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/mysql")
+
+#: The test servers listen on loopback, which the instance policy refuses by default:
+#: every test that connects instances allows it explicitly, as an operator would.
+LOOPBACK_ALLOWED = {"BYOD_INSTANCE_NETWORKS": "127.0.0.0/8,::1/128"}
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a byod child process: this one's without any ``BYOD_``
+    setting, loopback instances allowed."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BYOD_")}
+    return clean | LOOPBACK_ALLOWED
+
+
+@pytest.fixture(autouse=True)
+def hermetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads the caller's working folder (its ``./migrations``, ``byod.db``) or
+    its ``BYOD_*`` settings: each starts in its own empty folder, with none set."""
+    for name in list(os.environ):
+        if name.startswith("BYOD_") and name not in (
+            "BYOD_TEST_PG",
+            "BYOD_TEST_MYSQL",
+            "BYOD_TEST_REDIS",
+            "BYOD_TEST_AMQP",
+        ):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
 
 
 @functools.cache
@@ -167,9 +193,8 @@ def celery_broker(settings: Settings) -> Broker:
 def make_workspace(
     control_plane_url: str, migrations: Path | None = None, key: str = TEST_KEY
 ) -> Workspace:
-    env = {"BYOD_ENCRYPTION_KEY": key}
-    if migrations is not None:
-        env["BYOD_MIGRATIONS"] = str(migrations)
+    env = {"BYOD_ENCRYPTION_KEY": key, **LOOPBACK_ALLOWED}
+    env["BYOD_MIGRATIONS"] = str(migrations or bundled_migrations_dir())
     settings = Settings.load(database_url=control_plane_url, env=env)
     ws = Workspace(settings, broker=celery_broker)
     init(ws)

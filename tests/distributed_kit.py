@@ -26,7 +26,7 @@ from byod.controlplane import RunStore
 from byod.fleet import FleetSummary
 from byod.settings import Settings
 from byod.workspace import Workspace
-from tests.conftest import TEST_KEY, ServerDatabases, make_workspace
+from tests.conftest import LOOPBACK_ALLOWED, TEST_KEY, ServerDatabases, make_workspace
 from tests.helpers import add_connected
 from tests.migration_sets import counter_migrations
 
@@ -185,6 +185,7 @@ def make_cluster(pg: ServerDatabases, tmp_path: Path, broker: str) -> Cluster:
         "BYOD_BROKER_URL": broker,
         "BYOD_BROKER_VISIBILITY_TIMEOUT": "3",
         "BYOD_QUEUE": queue,
+        **LOOPBACK_ALLOWED,
         # the migrations import tests.gates; a PYTHONPATH already set (a worktree's src)
         # stays, so the workers run the code under test
         "PYTHONPATH": os.pathsep.join(

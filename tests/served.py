@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import byod
+from tests.conftest import LOOPBACK_ALLOWED
 from tests.test_cli import BYOD
 
 
@@ -29,6 +30,7 @@ def server_env(**settings: str) -> dict[str, str]:
     here = str(Path(byod.__file__).resolve().parents[1])
     return clean | {
         "PYTHONPATH": os.pathsep.join([here, *filter(None, [clean.get("PYTHONPATH")])]),
+        **LOOPBACK_ALLOWED,
         **settings,
     }
 

@@ -11,11 +11,12 @@ __all__ = ["CuttableProxy"]
 
 
 class CuttableProxy:
-    """Forwards 127.0.0.1:``port`` to ``target_port``; :meth:`cut` and :meth:`restore`."""
+    """Forwards ``host``:``port`` (127.0.0.1 unless given) to 127.0.0.1:``target_port``;
+    :meth:`cut` and :meth:`restore`."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, host: str = "127.0.0.1") -> None:
         self.target = ("127.0.0.1", target_port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.create_server((host, 0))
         self.port = self.listener.getsockname()[1]
         self.up = True
         self.sockets: list[socket.socket] = []

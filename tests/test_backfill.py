@@ -42,6 +42,7 @@ from tests.conftest import (
     TEST_KEY,
     InstanceFactory,
     ServerDatabases,
+    child_env,
     count_rows,
     execute,
     make_workspace,
@@ -166,7 +167,9 @@ def cutting_runner(ws: Workspace, batches: int) -> Runner:
     def opener(credentials: Credentials, timeout: float) -> Any:
         return CutAfter(open_instance(credentials, timeout=timeout), batches)
 
-    return Runner(ws.engine, ws.registry, ws.sealer, opener=opener)
+    return Runner(
+        ws.engine, ws.registry, ws.sealer, policy=ws.settings.instance_policy, opener=opener
+    )
 
 
 def test_a_backfill_changes_every_row_once_in_batches(
@@ -292,7 +295,12 @@ def test_a_stopped_run_ends_after_the_current_batch_with_its_cursor(
         return StopAfter(open_instance(credentials, timeout=timeout), 2, stop)
 
     runner = Runner(
-        bws.engine, bws.registry, bws.sealer, opener=opener, batching=Batching(stop=stop)
+        bws.engine,
+        bws.registry,
+        bws.sealer,
+        opener=opener,
+        batching=Batching(stop=stop),
+        policy=bws.settings.instance_policy,
     )
     stopped = runner.migrate(uid)
     assert isinstance(stopped.error, StoppedError)
@@ -306,7 +314,7 @@ def test_kill_9_mid_backfill_then_rerun_changes_every_row_once(
 ) -> None:
     big = 50_000
     url = new_instance()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BYOD_")}
+    env = child_env()
     env |= {
         "BYOD_ENCRYPTION_KEY": TEST_KEY,
         "BYOD_DATABASE_URL": bws.settings.database_url,
@@ -449,7 +457,8 @@ def test_a_batch_whose_cursor_moved_under_it_rolls_back(
     assert isinstance(cutting_runner(bws, batches=2).migrate(uid).error, UnreachableError)
     step = Step(bws.registry.get("002_bump"), "up")  # type: ignore[arg-type]
     migration = step.migration
-    target = open_instance(Credentials(url=sa.engine.make_url(url)), timeout=10)
+    policy = bws.settings.instance_policy
+    target = open_instance(Credentials(url=sa.engine.make_url(url), policy=policy), timeout=10)
     try:
         stale = Progress(0, None, 0)  # where another runner found it, two batches ago
         with pytest.raises(DriftError, match="progress changed"):
@@ -551,7 +560,9 @@ def test_a_backfill_on_a_key_that_cannot_be_a_cursor_fails_clearly(
     )
     url = new_instance()
     uid = add_connected(ws, url)
-    result = Runner(ws.engine, Registry.load(folder), ws.sealer).migrate(uid)
+    result = Runner(
+        ws.engine, Registry.load(folder), ws.sealer, policy=ws.settings.instance_policy
+    ).migrate(uid)
     if instance_kind == "sqlite":  # SQLite keeps a datetime as ISO text: a fine cursor
         assert result.ok, result.error
         return
@@ -596,7 +607,9 @@ def test_a_backfill_key_that_would_skip_rows_fails_the_step_before_any_batch(
     )
     url = new_instance()
     uid = add_connected(ws, url)
-    result = Runner(ws.engine, Registry.load(folder), ws.sealer).migrate(uid)
+    result = Runner(
+        ws.engine, Registry.load(folder), ws.sealer, policy=ws.settings.instance_policy
+    ).migrate(uid)
     assert isinstance(result.error, MigrationFailedError)
     assert f"its key grp {flaw}" in result.error.message
     assert count_rows(url, "rows_") == -1  # the schema change rolled back with it
@@ -637,7 +650,9 @@ def test_a_backfill_of_a_missing_table_fails_the_step_and_touches_nothing(
     )
     url = new_instance()
     uid = add_connected(ws, url)
-    result = Runner(ws.engine, Registry.load(folder), ws.sealer).migrate(uid)
+    result = Runner(
+        ws.engine, Registry.load(folder), ws.sealer, policy=ws.settings.instance_policy
+    ).migrate(uid)
     assert isinstance(result.error, MigrationFailedError)  # the migration's mistake
     assert "backfill of nots (key id): cannot count its rows" in result.error.message
     assert stamp_ids(url) == [] and progress_rows(url) == []
@@ -650,7 +665,7 @@ def test_ctrl_c_on_one_user_stops_after_the_current_batch_without_a_traceback(
     url = f"sqlite:///{tmp_path / 'one.db'}"
     uid = add_connected(bws, url)
     assert bws.runner().migrate(uid, to_version=1).ok
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BYOD_")}
+    env = child_env()
     env |= {
         "BYOD_ENCRYPTION_KEY": TEST_KEY,
         "BYOD_DATABASE_URL": bws.settings.database_url,
@@ -719,7 +734,9 @@ def test_a_failed_finalize_is_named_and_runs_alone_next_time(
     try:
         url = new_instance()
         uid = add_connected(ws, url)
-        runner = Runner(ws.engine, Registry.load(folder), ws.sealer)
+        runner = Runner(
+            ws.engine, Registry.load(folder), ws.sealer, policy=ws.settings.instance_policy
+        )
         failed = runner.migrate(uid)
         assert isinstance(failed.error, MigrationFailedError)
         assert "001_fin: its finalize failed" in failed.error.message
@@ -755,7 +772,9 @@ def test_a_step_left_in_progress_is_reported_and_guarded(
             "002_bump.py": (source / "002_bump.py").read_text() + "\n# edited\n",
         },
     )
-    changed = Runner(bws.engine, Registry.load(edited), bws.sealer).migrate(uid)
+    changed = Runner(
+        bws.engine, Registry.load(edited), bws.sealer, policy=bws.settings.instance_policy
+    ).migrate(uid)
     assert isinstance(changed.error, DriftError)
     assert "002_bump changed since its schema change ran" in changed.error.message
     assert counts(url) == {1: 1_000, 0: ROWS - 1_000}
@@ -781,7 +800,9 @@ def test_a_step_left_in_progress_is_reported_and_guarded(
             """,
         },
     )
-    other = Runner(bws.engine, Registry.load(replaced), bws.sealer).migrate(uid)
+    other = Runner(
+        bws.engine, Registry.load(replaced), bws.sealer, policy=bws.settings.instance_policy
+    ).migrate(uid)
     assert isinstance(other.error, DriftError)
     assert "002_bump is in progress on this instance" in other.error.message
     assert counts(url) == {1: 1_000, 0: ROWS - 1_000}  # nothing moved

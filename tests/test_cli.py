@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from byod.cli import main
-from tests.conftest import OTHER_KEY, TEST_KEY, execute, write_migrations
+from tests.conftest import LOOPBACK_ALLOWED, OTHER_KEY, TEST_KEY, execute, write_migrations
 from tests.migration_sets import counter_migrations
 from tests.test_api import RFC3339_UTC, timestamps
 
@@ -44,6 +44,7 @@ class Cli:
         self.folder = folder
         self.real_process = real_process
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("BYOD_")}
+        self.env.update(LOOPBACK_ALLOWED)
         self.env.update(env)
         self.env["COLUMNS"] = "200"
 

@@ -3,7 +3,6 @@ never a traceback, never a flag silently ignored, never a terminal code echoed r
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ import sqlalchemy as sa
 
 from byod.clock import utcnow
 from byod.controlplane.schema import configs, users
-from tests.conftest import TEST_KEY, ServerDatabases, write_migrations
+from tests.conftest import TEST_KEY, ServerDatabases, child_env, write_migrations
 from tests.migration_sets import counter_migrations
 from tests.test_cli import BYOD, Cli, counter_fleet
 
@@ -213,7 +212,7 @@ def test_one_user_retries_a_transient_failure(cli: Cli, tmp_path: Path) -> None:
 def test_connect_reads_the_url_and_secret_from_standard_input(
     tmp_path: Path, pg: ServerDatabases
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BYOD_")}
+    env = child_env()
     env["BYOD_ENCRYPTION_KEY"] = TEST_KEY
     subprocess.run([*BYOD, "init"], cwd=tmp_path, env=env, check=True, capture_output=True)
     subprocess.run([*BYOD, "users", "add", "--clerk-id", "a"], cwd=tmp_path, env=env, check=True)

@@ -31,7 +31,7 @@ from byod.settings import Settings
 from byod.spec import FleetOptions
 from byod.targets.convex_client import ConvexClient
 from byod.workspace import Workspace
-from tests.conftest import TEST_KEY, ServerDatabases, write_migrations
+from tests.conftest import TEST_KEY, ServerDatabases, child_env, write_migrations
 from tests.convex_backend import EXAMPLE_APP, ROOT, ControlError, ConvexServer
 from tests.distributed_kit import BYOD, _delete_redis_queues
 
@@ -418,7 +418,7 @@ def test_kill_9_in_the_middle_of_a_backfill_then_a_rerun_tags_each_document_once
     bodies = [f"note {i} #t{i % 13} #all" for i in range(2000)]
     deployment = deployments(bodies, latency_ms=20)
     user_id = add(cvx, deployment)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BYOD_")}
+    env = child_env()
     env |= convex_env(BYOD_DATABASE_URL=cvx.settings.database_url)
     args = [sys.executable, "-m", "byod", "migrate", "--all", "--lease-seconds", "4"]
     args += ["--batch-size", "50"]
@@ -509,7 +509,7 @@ migration = Migration(id="001_sql", version=1, name="sql", description="SQL", up
 def run_byod(
     folder: Path, *args: str, env: dict[str, str], stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    full = {k: v for k, v in os.environ.items() if not k.startswith("BYOD_")} | env
+    full = child_env() | env
     return subprocess.run(
         [sys.executable, "-m", "byod", *args],
         cwd=folder,
@@ -688,7 +688,7 @@ def test_task_queue_workers_migrate_a_convex_fleet(
     migrate Convex deployments as the in-process runner does, deploy step included."""
     control = pg.create()
     queue = f"byod-test-{os.urandom(5).hex()}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BYOD_") and k != "CI"}
+    env = {k: v for k, v in child_env().items() if k != "CI"}
     env |= convex_env(BYOD_DATABASE_URL=control, BYOD_BROKER_URL=redis_broker, BYOD_QUEUE=queue)
     ws = convex_workspace(control, BYOD_BROKER_URL=redis_broker, BYOD_QUEUE=queue)
     fleet = [deployments() for _ in range(3)]

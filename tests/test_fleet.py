@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from tests.conftest import (
     TEST_KEY,
     InstanceFactory,
     ServerDatabases,
+    child_env,
     execute,
     make_workspace,
 )
@@ -294,7 +294,7 @@ def test_control_plane_round_trips_per_migration(
 
 
 def byod(folder: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("BYOD_")}
+    full_env = child_env()
     full_env.update({"BYOD_ENCRYPTION_KEY": TEST_KEY, **(env or {})})
     return subprocess.Popen(
         [sys.executable, "-m", "byod", *args],
@@ -413,10 +413,14 @@ def test_a_long_migration_keeps_its_lease_alive(
     url = new_instance()
     uid = add_connected(cws, url)
     assert cws.runner().migrate(uid, to_version=1).ok
-    runner = Runner(cws.engine, cws.registry, cws.sealer, lease_seconds=0.6)
+    runner = Runner(
+        cws.engine, cws.registry, cws.sealer, policy=cws.settings.instance_policy, lease_seconds=0.6
+    )
     with held_in_migration(url, lambda: runner.migrate(uid)):
         time.sleep(1.5)  # well past the lease's first expiry: renewals kept it
-        other = Runner(cws.engine, cws.registry, cws.sealer).migrate(uid)
+        other = Runner(
+            cws.engine, cws.registry, cws.sealer, policy=cws.settings.instance_policy
+        ).migrate(uid)
         assert isinstance(other.error, BusyError)
     assert counter(url) == 11
 
@@ -548,7 +552,9 @@ def test_every_user_ends_with_one_event_even_after_an_internal_error(
             raise RuntimeError("a bug in byod")
         return target
 
-    runner = Runner(cws.engine, cws.registry, cws.sealer, opener=opener)
+    runner = Runner(
+        cws.engine, cws.registry, cws.sealer, policy=cws.settings.instance_policy, opener=opener
+    )
     events: list[UserFinished] = []
     summary = migrate_fleet(
         runner,
@@ -564,7 +570,8 @@ def test_every_user_ends_with_one_event_even_after_an_internal_error(
 def open_instance_url(ws: Workspace, user_id: int) -> sa.URL:
     from byod.credentials import unseal_config
 
-    return unseal_config(ws.directory.get_config(user_id), ws.sealer).url
+    config = ws.directory.get_config(user_id)
+    return unseal_config(config, ws.sealer, policy=ws.settings.instance_policy).url
 
 
 # -- busy users, short leases, run counts ----------------------------------------------

@@ -129,7 +129,7 @@ def test_tls_modes_and_timeouts_are_allowed() -> None:
         "postgresql://u@db.example.com/app?sslmode=verify-full&connect_timeout=5",
         "postgresql://u@db.example.com/app?channel_binding=require&target_session_attrs=any",
         "mysql://root@db.example.com/app?ssl_mode=VERIFY_IDENTITY&charset=utf8mb4",
-        "mariadb://root@[::1]:3306/app?ssl_mode=required",
+        "mariadb://root@[2606:4700::1111]:3306/app?ssl_mode=required",
     ]
     for url in allowed:
         check(url)
@@ -347,7 +347,13 @@ def test_connect_gives_up_on_a_server_that_never_answers(kind: str, tmp_path: Pa
 def test_a_run_gives_up_on_a_mysql_server_that_stops_answering(ws: Workspace) -> None:
     with silent_server() as port:
         uid = store_old_config(ws, "silent", f"mysql://root@127.0.0.1:{port}/app")
-        runner = Runner(ws.engine, ws.registry, ws.sealer, connect_timeout=1.0)
+        runner = Runner(
+            ws.engine,
+            ws.registry,
+            ws.sealer,
+            policy=ws.settings.instance_policy,
+            connect_timeout=1.0,
+        )
         started = time.monotonic()
         result = runner.migrate(uid)
         assert time.monotonic() - started < 8
@@ -378,7 +384,13 @@ def test_a_long_mysql_migration_outlasts_the_connect_timeout(
     uid = ws.directory.add_user("slow").id
     _, reach = commands.connect(ws, "slow", url, timeout=1.0)
     assert reach.status == "connected", reach.error
-    runner = Runner(ws.engine, Registry.load(folder), ws.sealer, connect_timeout=1.0)
+    runner = Runner(
+        ws.engine,
+        Registry.load(folder),
+        ws.sealer,
+        policy=ws.settings.instance_policy,
+        connect_timeout=1.0,
+    )
     result = runner.migrate(uid)
     assert result.ok, result.error
 

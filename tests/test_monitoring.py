@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import byod
 from byod.workspace import Workspace
-from tests.conftest import TEST_KEY, execute, make_workspace
+from tests.conftest import TEST_KEY, child_env, execute, make_workspace
 from tests.distributed_kit import BYOD, Cluster, sqlite_fleet, wait_for
 from tests.helpers import add_connected
 from tests.migration_sets import counter_migrations
@@ -148,7 +148,7 @@ def held_fleet(tmp_path: Path) -> tuple[dict[str, str], Path]:
     ws.engine.dispose()
     hold = tmp_path / "hold"
     hold.mkdir()
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("BYOD_")}
+    clean = child_env()
     here = str(Path(byod.__file__).resolve().parents[1])
     env = clean | {
         "PYTHONPATH": os.pathsep.join([here, str(ROOT), *filter(None, [clean.get("PYTHONPATH")])]),

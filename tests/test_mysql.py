@@ -74,7 +74,9 @@ def test_the_named_lock_makes_a_second_runner_busy(cws: Workspace, mysql: Server
     holder = sa.create_engine(url)
     with holder.connect() as conn:
         assert conn.execute(sa.text("SELECT GET_LOCK(:n, 0)"), {"n": name}).scalar() == 1
-        result = Runner(cws.engine, cws.registry, cws.sealer).migrate(uid)
+        result = Runner(
+            cws.engine, cws.registry, cws.sealer, policy=cws.settings.instance_policy
+        ).migrate(uid)
         assert isinstance(result.error, BusyError)
         conn.execute(sa.text("SELECT RELEASE_LOCK(:n)"), {"n": name})
     holder.dispose()

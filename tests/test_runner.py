@@ -167,7 +167,14 @@ def crashing_runner(ws: Workspace, crash_on: str, run_id: str | None = None) -> 
     def opener(credentials: Credentials, timeout: float) -> Target:
         return CrashAfterCommit(open_instance(credentials, timeout=timeout), crash_on)
 
-    return Runner(ws.engine, ws.registry, ws.sealer, opener=opener, run_id=run_id)
+    return Runner(
+        ws.engine,
+        ws.registry,
+        ws.sealer,
+        policy=ws.settings.instance_policy,
+        opener=opener,
+        run_id=run_id,
+    )
 
 
 def test_crash_between_instance_commit_and_ledger_does_not_apply_twice(
@@ -332,7 +339,13 @@ def test_unreachable_instance_is_marked_and_the_user_notified(
             conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
         admin.dispose()
     notices: list[Notice] = []
-    runner = Runner(cws.engine, cws.registry, cws.sealer, notify=notices.append)
+    runner = Runner(
+        cws.engine,
+        cws.registry,
+        cws.sealer,
+        policy=cws.settings.instance_policy,
+        notify=notices.append,
+    )
     result = runner.migrate(uid)
     assert isinstance(result.error, UnreachableError)
     assert "unreachable" in result.error.message
@@ -423,7 +436,13 @@ def test_instance_lock_stops_a_second_control_plane(
     other = make_workspace(f"sqlite:///{tmp_path / 'other.db'}", cws.settings.migrations_dir)
     other_uid = add_connected(other, url, "same_instance")
     with held_in_migration(url, lambda: cws.runner().migrate(uid)):
-        runner = Runner(other.engine, other.registry, other.sealer, connect_timeout=0.5)
+        runner = Runner(
+            other.engine,
+            other.registry,
+            other.sealer,
+            policy=other.settings.instance_policy,
+            connect_timeout=0.5,
+        )
         second = runner.migrate(other_uid)
         assert isinstance(second.error, BusyError | UnreachableError)
     assert counter(url) == 11
@@ -514,7 +533,7 @@ def test_a_migration_that_calls_sys_exit_fails_its_step(
     )
     url = new_instance()
     uid = add_connected(ws, url)
-    runner = Runner(ws.engine, Registry.load(folder), ws.sealer)
+    runner = Runner(ws.engine, Registry.load(folder), ws.sealer, policy=ws.settings.instance_policy)
     result = runner.migrate(uid)
     assert isinstance(result.error, MigrationFailedError)
     assert "called sys.exit(0)" in result.error.message

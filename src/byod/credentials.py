@@ -19,7 +19,7 @@ from sqlalchemy.engine import URL
 from byod.controlplane import Config, Directory
 from byod.controlplane.schema import control_plane_file, control_plane_id
 from byod.errors import ByodError, InputError, SettingsError
-from byod.instance_url import InstancePolicy, check_instance_url
+from byod.instance_url import InstancePolicy, check_instance_url, resolve_instance_host
 from byod.settings import is_secret_option, normalize_url, safe_url
 from byod.targets import Target, open_target
 from byod.targets.base import control_plane_refusal
@@ -28,7 +28,14 @@ from byod.targets.convex_deploy import Deploy
 if TYPE_CHECKING:
     from byod.crypto import Sealer
 
-__all__ = ["Credentials", "ReachResult", "connect_user", "open_instance", "unseal_config"]
+__all__ = [
+    "Credentials",
+    "ReachResult",
+    "checked_address",
+    "connect_user",
+    "open_instance",
+    "unseal_config",
+]
 
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: What may stand on either side of a secret for it to count as one whole token in a
@@ -183,6 +190,18 @@ def unseal_config(
     return _credentials(url_text, secret, policy or InstancePolicy(), control_plane)
 
 
+def checked_address(credentials: Credentials) -> str | None:
+    """The address a server instance is reached at, resolved once and checked against
+    the instance policy (:class:`SettingsError` naming the settings when refused,
+    :class:`UnreachableError` when the host does not resolve); None for a SQLite file,
+    and for a Convex deployment (checked as it is opened)."""
+    if credentials.kind in ("sqlite", "convex"):
+        if credentials.kind == "convex" and not credentials.policy.allow_private:
+            resolve_instance_host(credentials.url, credentials.policy)
+        return None
+    return resolve_instance_host(credentials.url, credentials.policy)
+
+
 def open_instance(
     credentials: Credentials, *, timeout: float, hold_seconds: float = 30.0
 ) -> Target:
@@ -205,12 +224,17 @@ def open_instance(
                 credentials.secret,
                 timeout=timeout,
                 hold_seconds=hold_seconds,
-                allow_private=policy.allow_private,
+                policy=policy,
                 ssl_ca=credentials.ssl_ca,
                 deploy=Deploy.of(policy),
             )
         else:
-            target = open_target(credentials.url, timeout=timeout, ssl_ca=credentials.ssl_ca)
+            target = open_target(
+                credentials.url,
+                timeout=timeout,
+                ssl_ca=credentials.ssl_ca,
+                address=checked_address(credentials),
+            )
     except ByodError as exc:
         exc.message = credentials.scrub(exc.message)
         raise

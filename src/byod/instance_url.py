@@ -18,20 +18,24 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sqlalchemy.engine import URL
 
-from byod.errors import SettingsError
+from byod.errors import SettingsError, UnreachableError
 
 __all__ = [
     "ALLOWED_OPTIONS",
     "MYSQL_SSL_MODES",
     "SUPPORTED_KINDS",
     "InstancePolicy",
+    "address_refusal",
     "check_instance_url",
+    "parse_networks",
     "private_address",
+    "resolve_instance_host",
 ]
 
 SUPPORTED_KINDS = ("sqlite", "postgresql", "mysql", "mariadb", "convex")
@@ -116,10 +120,13 @@ class InstancePolicy:
     ``BYOD_INSTANCE_SSL_CA``, ``BYOD_CONVEX_APP``, ``BYOD_CONVEX_DEPLOY``).
 
     ``allow_sqlite``: a ``sqlite`` instance is a file on the byod machine, fine for the
-    embedded demo, refused where instances are remote. ``allow_private``: a Convex
-    deployment URL may use plain ``http`` and name a loopback, private or link-local
-    address (a local or self-hosted backend); off by default, so a tenant's URL never
-    sends a deploy key to an internal address. ``ssl_ca``: the CA file (or ``system``,
+    embedded demo, refused where instances are remote. ``allow_private``: an instance
+    (a PostgreSQL or MySQL/MariaDB server, a Convex deployment) may be at a loopback,
+    private, link-local, CGNAT or unspecified address, and a Convex URL may use plain
+    ``http`` (a local or self-hosted backend); off by default, so a tenant's URL never
+    reaches into the operator's network. ``instance_networks``
+    (``BYOD_INSTANCE_NETWORKS``): networks allowed although not public, for operators
+    who host their tenants' databases in their own VPC. ``ssl_ca``: the CA file (or ``system``,
     the system's store) that verifies instances' TLS certificates. ``convex_app``: the
     Convex app's project folder (the one holding ``convex/``); ``convex_deploy``: the
     command that deploys it to one user's deployment (default ``npx convex deploy --yes``).
@@ -130,6 +137,7 @@ class InstancePolicy:
     allow_sqlite: bool = True
     ssl_ca: str | None = None
     allow_private: bool = False
+    instance_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     convex_app: str | None = None
     convex_deploy: str | None = None
     #: the app's own Convex deployment (``ctx.app``): its URL and deploy key
@@ -143,11 +151,47 @@ class InstancePolicy:
             allow_sqlite=_flag(env, "BYOD_ALLOW_SQLITE_INSTANCES", default=True),
             ssl_ca=env.get("BYOD_INSTANCE_SSL_CA") or None,
             allow_private=_flag(env, "BYOD_ALLOW_PRIVATE_INSTANCES", default=False),
+            instance_networks=parse_networks(env.get("BYOD_INSTANCE_NETWORKS", "")),
             convex_app=env.get("BYOD_CONVEX_APP") or None,
             convex_deploy=env.get("BYOD_CONVEX_DEPLOY") or None,
             app_convex_url=env.get("BYOD_APP_CONVEX_URL") or None,
             app_convex_key=env.get("BYOD_APP_CONVEX_KEY") or None,
         )
+
+    def allows_address(self, address: str) -> bool:
+        """Whether an instance may be reached at IP ``address``: a public one, or any
+        when the operator allows private instances, or one inside an allowed network."""
+        if self.allow_private or not private_address(address):
+            return True
+        try:
+            ip = _unmapped(ipaddress.ip_address(address.strip("[]")))
+        except ValueError:
+            return False  # a name (``localhost``) is not in a network
+        return any(ip in network for network in self.instance_networks)
+
+
+def parse_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``BYOD_INSTANCE_NETWORKS``: networks in CIDR form, separated by commas."""
+    networks = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part, strict=True))
+        except ValueError:
+            raise SettingsError(
+                f"BYOD_INSTANCE_NETWORKS: {part!r} is not a network "
+                "(use CIDR forms separated by commas, e.g. 10.20.0.0/16,fd00::/8)"
+            ) from None
+    return tuple(networks)
+
+
+def _unmapped(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def _flag(env: Mapping[str, str], name: str, *, default: bool) -> bool:
@@ -178,6 +222,9 @@ def check_instance_url(url: URL, policy: InstancePolicy) -> None:
             )
     else:
         _check_host(url, kind)
+        host = (url.host or "").strip("[]")
+        if private_address(host) and not policy.allows_address(host):
+            raise address_refusal(kind, host)
     allowed = ALLOWED_OPTIONS[kind]
     for name, value in url.query.items():
         _check_option(kind, allowed, name, value)
@@ -191,12 +238,53 @@ def private_address(host: str) -> bool:
     if name == "localhost" or name.endswith(".localhost"):
         return True
     try:
-        address = ipaddress.ip_address(name)
+        address = _unmapped(ipaddress.ip_address(name))
     except ValueError:
         return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
     return not address.is_global or address.is_multicast
+
+
+#: What the operator can set to reach instances that are not at public addresses.
+_ALLOWANCE = (
+    "An operator who hosts tenants' databases in their own network can allow it with "
+    "BYOD_INSTANCE_NETWORKS (e.g. 10.20.0.0/16) or BYOD_ALLOW_PRIVATE_INSTANCES=1."
+)
+
+
+def address_refusal(kind: str, what: str) -> SettingsError:
+    """The error for an instance whose host ``what`` (a name or an address) is not
+    public and not allowed; it names the settings that allow it."""
+    return SettingsError(
+        f"the {kind} instance URL's host {what} is a loopback, private or otherwise "
+        "internal address: refused, so a tenant's URL never reaches the operator's own "
+        "network (BYOD_INSTANCE_NETWORKS, BYOD_ALLOW_PRIVATE_INSTANCES)",
+        hint=_ALLOWANCE,
+    )
+
+
+def resolve_instance_host(url: URL, policy: InstancePolicy) -> str:
+    """The one IP address byod connects to for a server instance's host, resolved once
+    and checked against the policy: every address the name resolves to must be allowed
+    (:class:`SettingsError` otherwise, naming the settings); a name that does not
+    resolve is :class:`UnreachableError`. The caller connects to this address, never to
+    the name again, so a second DNS answer cannot move the connection."""
+    kind = url.get_backend_name()
+    host = (url.host or "").strip("[]")
+    if private_address(host) and not policy.allows_address(host):
+        raise address_refusal(kind, host)
+    try:
+        found = socket.getaddrinfo(host, url.port or 0, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError) as exc:
+        raise UnreachableError(
+            f"the {kind} instance's host {host} does not resolve ({type(exc).__name__})"
+        ) from None
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in found))
+    for address in addresses:
+        if not policy.allows_address(address):
+            raise address_refusal(kind, f"{host} ({address})" if address != host else host)
+    if not addresses:
+        raise UnreachableError(f"the {kind} instance's host {host} does not resolve")
+    return addresses[0]
 
 
 def _check_convex(url: URL, policy: InstancePolicy) -> None:
@@ -212,11 +300,11 @@ def _check_convex(url: URL, policy: InstancePolicy) -> None:
             "unencrypted): refused here",
             hint="An operator can allow local backends with BYOD_ALLOW_PRIVATE_INSTANCES=1.",
         )
-    if private_address(url.host or ""):
+    if not policy.allows_address(url.host or ""):
         raise SettingsError(
             "the Convex deployment URL names a loopback or private address: refused here, "
             "so a deploy key never goes to an internal address",
-            hint="An operator can allow local backends with BYOD_ALLOW_PRIVATE_INSTANCES=1.",
+            hint=_ALLOWANCE,
         )
 
 
@@ -231,6 +319,11 @@ def _check_host(url: URL, kind: str) -> None:
         raise SettingsError(
             f"the host of a {kind} instance URL must be a host name or an IP address, "
             "not a path or a list"
+        )
+    if kind == "postgresql" and not url.username:
+        raise SettingsError(
+            "a postgresql instance URL must name its user (postgresql://USER[:PASSWORD]@HOST/DB): "
+            "without one the driver would use the byod machine's own user name"
         )
     database = url.database or ""
     if kind == "postgresql" and ("=" in database or "://" in database):

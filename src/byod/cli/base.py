@@ -121,8 +121,10 @@ def celery_broker(settings: Settings) -> Broker:
 
 
 def one_target(user: str | None, every: bool) -> str | None:
-    if (user is None) == (not every):
-        raise InputError("give either a USER or --all (not both)")
+    if user is None and not every:
+        raise InputError("give a USER or --all")
+    if user is not None and every:
+        raise InputError("give a USER or --all, not both")
     return user
 
 

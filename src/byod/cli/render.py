@@ -186,20 +186,23 @@ def result_data(result: UserResult) -> dict[str, Any]:
     }
 
 
-def verify_table(reports: list[VerifyReport]) -> Table:
-    """Per-user verification."""
-    table = Table(title="verify: instance stamps vs registry and control plane")
-    for column in ("user", "control plane", "instance", "result"):
+def verify_table(reports: list[VerifyReport], *, policy: bool = False) -> Table:
+    """Per-user verification (``policy``: of the stored configs against the policy)."""
+    if policy:
+        table = Table(title="verify --policy: stored configs vs today's instance policy")
+        columns: tuple[str, ...] = ("user", "result")
+    else:
+        table = Table(title="verify: instance stamps vs registry and control plane")
+        columns = ("user", "control plane", "instance", "result")
+    for column in columns:
         table.add_column(column, overflow="fold")
     for report in reports:
         verdict = "[green]ok[/]" if report.ok else f"[red]{plain('; '.join(report.problems))}[/]"
         instance = "?" if report.instance_version is None else str(report.instance_version)
-        table.add_row(
-            f"{report.user_id} ({plain(report.clerk_id)})",
-            str(report.control_version),
-            instance,
-            verdict,
-        )
+        cells = [f"{report.user_id} ({plain(report.clerk_id)})"]
+        if not policy:
+            cells += [str(report.control_version), instance]
+        table.add_row(*cells, verdict)
     return table
 
 

@@ -80,15 +80,25 @@ def pending(
 def verify(
     user: OptionalUser = None,
     every: All = False,
+    policy: Annotated[
+        bool,
+        typer.Option(
+            "--policy",
+            help="Only list the stored configs today's instance policy refuses "
+            "(every user unless USER is given); nothing is connected.",
+        ),
+    ] = False,
     json_out: Json = False,
     database_url: DatabaseUrl = None,
     migrations: Migrations = None,
 ) -> None:
     """Check instance stamps and checksums against the registry and control plane."""
-    reports = commands.verify(workspace_for(database_url, migrations), one_target(user, every))
+    target = user if policy and not every else one_target(user, every)
+    ws = workspace_for(database_url, migrations)
+    reports = commands.verify(ws, target, policy=policy)
     if json_out:
         out.print(render.dump([asdict(r) | {"ok": r.ok} for r in reports]))
     else:
-        out.print(render.verify_table(reports))
+        out.print(render.verify_table(reports, policy=policy))
     if not all(report.ok for report in reports):
         raise typer.Exit(1)

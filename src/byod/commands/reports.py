@@ -21,8 +21,8 @@ from byod.controlplane import (
 from byod.controlplane.rehearsals import rehearsal_failures, rehearsal_timeline
 from byod.controlplane.run_history import StepCount, step_counts, users_finished_at, versions_at
 from byod.controlplane.schema import control_plane_id
-from byod.credentials import open_instance, unseal_config
-from byod.errors import ByodError
+from byod.credentials import checked_address, open_instance, unseal_config
+from byod.errors import ByodError, SettingsError
 from byod.results import check_stamp
 
 if TYPE_CHECKING:
@@ -190,14 +190,31 @@ class VerifyReport:
         return not self.problems
 
 
-def verify(ws: Workspace, user_ref: str | None) -> list[VerifyReport]:
-    """Compare each instance's stamp with the registry's checksums and the control plane."""
+def verify(ws: Workspace, user_ref: str | None, *, policy: bool = False) -> list[VerifyReport]:
+    """Compare each instance's stamp with the registry's checksums and the control plane
+    (every configured user when ``user_ref`` is None). ``policy``: only whether today's
+    instance policy still allows each stored config (its URL and its host's addresses),
+    without connecting: what an operator checks after tightening the policy."""
     directory = ws.directory
     if user_ref is not None:
         users = [directory.find_user(user_ref)]
     else:
         users = [directory.get_user(user_id) for user_id in directory.configured_user_ids()]
-    return [_verify_one(ws, user) for user in users]
+    check = _policy_one if policy else _verify_one
+    return [check(ws, user) for user in users]
+
+
+def _policy_one(ws: Workspace, user: User) -> VerifyReport:
+    config = ws.directory.get_config(user.id)
+    problems: tuple[str, ...] = ()
+    try:
+        credentials = unseal_config(config, ws.sealer, policy=ws.settings.instance_policy)
+        checked_address(credentials)
+    except SettingsError as exc:
+        problems = (f"refused by the instance policy: {exc.message}",)
+    except ByodError:
+        pass  # unreachable or unreadable: not the policy's concern (see byod verify)
+    return VerifyReport(user.id, user.clerk_id, config.schema_version, None, problems)
 
 
 def _verify_one(ws: Workspace, user: User) -> VerifyReport:

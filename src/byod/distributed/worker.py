@@ -139,7 +139,8 @@ class TaskHandler:
 
     def _host_of(self, user_id: int) -> str | None:
         try:
-            url = unseal_config(self.runner.directory.get_config(user_id), self.runner.sealer).url
+            config = self.runner.directory.get_config(user_id)
+            url = unseal_config(config, self.runner.sealer, policy=self.runner.policy).url
         except ByodError:
             return None  # the run itself reports why
         return None if url.host is None else f"{url.host}:{url.port or ''}"

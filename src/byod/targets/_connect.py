@@ -91,12 +91,13 @@ def _engine_for(
 
 
 def connect(
-    url: URL, dialect: Dialect, timeout: float, ssl_ca: str | None
+    url: URL, dialect: Dialect, timeout: float, ssl_ca: str | None, address: str | None = None
 ) -> tuple[sa.Engine, sa.Connection]:
-    """The engine for ``url``'s kind and a connection to the instance itself:
-    :class:`SettingsError` for a URL the driver cannot use, :class:`UnreachableError`
-    when the instance does not answer within ``timeout``."""
-    engine_url, options = dialect.engine_options(url, timeout, ssl_ca)
+    """The engine for ``url``'s kind and a connection to the instance itself (at
+    ``address``, the host's checked address, where given): :class:`SettingsError` for a
+    URL the driver cannot use, :class:`UnreachableError` when the instance does not
+    answer within ``timeout``."""
+    engine_url, options = dialect.engine_options(url, timeout, ssl_ca, address)
     try:
         engine = _engine_for(engine_url, options, dialect, timeout)
         cargs, cparams = engine.dialect.create_connect_args(engine_url)

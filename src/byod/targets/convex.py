@@ -20,13 +20,14 @@ What is different, and what this target promises instead:
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
+
+from sqlalchemy.engine import URL
 
 from byod.errors import (
     BusyError,
@@ -36,10 +37,9 @@ from byod.errors import (
     InstanceTimeoutError,
     MigrationFailedError,
     RehearsalError,
-    SettingsError,
     UnreachableError,
 )
-from byod.instance_url import private_address
+from byod.instance_url import InstancePolicy, resolve_instance_host
 from byod.registry import Backfill, Step
 from byod.targets.backfill import Batch, Progress
 from byod.targets.base import BatchBody, Phase, StampEntry, StepBody, check_position, started
@@ -58,20 +58,21 @@ def open_convex(
     *,
     timeout: float,
     hold_seconds: float = 30.0,
-    allow_private: bool = False,
+    policy: InstancePolicy | None = None,
     ssl_ca: str | None = None,
     deploy: Deploy | None = None,
 ) -> ConvexTarget:
     """A target for the deployment at ``base_url`` (checked by the instance URL policy).
 
-    Unless ``allow_private``, the host's addresses are resolved first and a host that
-    resolves to a loopback, private or link-local address is refused
+    The host's addresses are resolved first and a host that resolves to a loopback,
+    private or link-local address the ``policy`` does not allow is refused
     (:class:`SettingsError`), so a tenant's public-looking name cannot send the deploy key
     inside the operator's network. Nothing is called yet: the first call (reading the
     stamp) shows whether the deployment answers.
     """
-    if not allow_private:
-        _refuse_private(base_url)
+    policy = policy or InstancePolicy()
+    if not policy.allow_private:
+        _refuse_private(base_url, policy)
     client = ConvexClient(
         base_url,
         deploy_key,
@@ -82,23 +83,15 @@ def open_convex(
     return ConvexTarget(client, deploy_key, hold_seconds=hold_seconds, deploy=deploy)
 
 
-def _refuse_private(base_url: str) -> None:
-    host = urlsplit(base_url.removeprefix("convex+")).hostname or ""
-    if private_address(host):
-        raise SettingsError("the Convex deployment URL names a loopback or private address")
+def _refuse_private(base_url: str, policy: InstancePolicy) -> None:
+    parts = urlsplit(base_url.removeprefix("convex+"))
+    url = URL.create("convex", host=parts.hostname or "", port=443)
     try:
-        found = socket.getaddrinfo(host, 443, proto=socket.IPPROTO_TCP)
-    except OSError as exc:
+        resolve_instance_host(url, policy)
+    except UnreachableError:
         raise UnreachableError(
-            f"the Convex deployment {base_url} is unreachable: its host does not resolve "
-            f"({type(exc).__name__})"
+            f"the Convex deployment {base_url} is unreachable: its host does not resolve"
         ) from None
-    if any(private_address(str(info[4][0])) for info in found):
-        raise SettingsError(
-            f"the Convex deployment {base_url} resolves to a loopback or private address: "
-            "refused, so a deploy key never goes to an internal address",
-            hint="An operator can allow local backends with BYOD_ALLOW_PRIVATE_INSTANCES=1.",
-        )
 
 
 class DeploymentCalls:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import sqlite3
 import ssl
 import time
@@ -24,6 +23,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from byod.errors import BusyError, SettingsError
+from byod.targets._libpq import instance_parameters
 
 __all__ = ["DIALECTS", "STAMP_TABLE", "Dialect", "table_exists", "timed_out"]
 
@@ -40,8 +40,9 @@ _MARIADB_STATEMENT_TIMEOUT = 1969
 class Dialect:
     """How one kind of SQL instance is opened and locked."""
 
-    #: (URL, timeout, operator's CA) -> the URL the engine uses and its options
-    engine_options: Callable[[URL, float, str | None], tuple[URL, dict[str, Any]]]
+    #: (URL, timeout, operator's CA, checked address or None) -> the URL the engine
+    #: uses and its options
+    engine_options: Callable[[URL, float, str | None, str | None], tuple[URL, dict[str, Any]]]
     #: Take the instance's migration lock for this transaction, bound it by the timeout
     #: (ms); ``durable=False``: its commit need not wait for the disk (a backfill batch,
     #: whose cursor commits or is lost with its rows)
@@ -82,7 +83,9 @@ def table_exists(dialect: Dialect, name: str) -> sa.TextClause:
     return sa.text(dialect.table_exists_sql).bindparams(name=name)
 
 
-def _sqlite_options(url: URL, timeout: float, _ssl_ca: str | None) -> tuple[URL, dict[str, Any]]:
+def _sqlite_options(
+    url: URL, timeout: float, _ssl_ca: str | None, _address: str | None
+) -> tuple[URL, dict[str, Any]]:
     path = url.database
     if not path or path == ":memory:":
         raise SettingsError("a SQLite instance needs a file path: sqlite:////path/to/file.db")
@@ -152,21 +155,13 @@ def _sqlite_lock(conn: sa.Connection, timeout_ms: int | None, durable: bool = Tr
     dbapi.set_progress_handler(lambda: int(time.monotonic() > ends), 10_000)
 
 
-#: A password file that cannot exist (a path below a device, not a folder): libpq skips
-#: it without a word, where /dev/null itself makes it warn on every connection.
-_NO_PASSFILE = os.path.join(os.devnull, "byod-no-password-file")
-
-
-def _postgres_options(url: URL, timeout: float, ssl_ca: str | None) -> tuple[URL, dict[str, Any]]:
+def _postgres_options(
+    url: URL, timeout: float, ssl_ca: str | None, address: str | None
+) -> tuple[URL, dict[str, Any]]:
+    # nothing of the operator's libpq environment reaches a tenant's server (see _libpq)
+    args = instance_parameters(url, ssl_ca, address)
     # psycopg bounds the whole connection attempt (handshake included) by connect_timeout
-    args: dict[str, Any] = {"connect_timeout": max(1, round(timeout)), "application_name": "byod"}
-    # libpq would fill a missing password from the operator's PGPASSWORD or password file
-    # and send it to the tenant's server: an instance gets its own password or none
-    args["passfile"] = _NO_PASSFILE
-    if url.password is None:
-        args["password"] = ""
-    if ssl_ca and url.query.get("sslmode") in ("verify-ca", "verify-full"):
-        args["sslrootcert"] = ssl_ca  # the operator's, never the URL's
+    args |= {"connect_timeout": max(1, round(timeout)), "application_name": "byod"}
     # no hstore lookup at the first connect (four round trips while every other worker
     # waits): the engine is shared by every instance, and an OID found in the first
     # instance's database would be wrong in the next; HSTORE columns still work
@@ -246,7 +241,9 @@ def timed_out(exc: DBAPIError) -> bool:
     return code == _MARIADB_STATEMENT_TIMEOUT
 
 
-def _mysql_options(url: URL, timeout: float, ssl_ca: str | None) -> tuple[URL, dict[str, Any]]:
+def _mysql_options(
+    url: URL, timeout: float, ssl_ca: str | None, address: str | None
+) -> tuple[URL, dict[str, Any]]:
     if not url.database:
         raise SettingsError("a MySQL/MariaDB instance URL must name its database")
     # PyMySQL's connect_timeout covers the TCP connect only: a server that accepts and
@@ -259,20 +256,39 @@ def _mysql_options(url: URL, timeout: float, ssl_ca: str | None) -> tuple[URL, d
         "write_timeout": timeout,
         "local_infile": False,
     }
+    if address:
+        args["host"] = address  # the address that was checked, never the name again
     mode = str(url.query.get("ssl_mode", "preferred")).lower()
     if mode == "disabled":
         args["ssl_disabled"] = True
     elif mode != "preferred":  # PyMySQL's own default: TLS when the server offers it
-        args["ssl"] = _mysql_tls(mode, ssl_ca)
+        args["ssl"] = _mysql_tls(mode, ssl_ca, url.host or "")
     return url.difference_update_query(["ssl_mode"]), {"connect_args": args}
 
 
-def _mysql_tls(mode: str, ssl_ca: str | None) -> ssl.SSLContext:
+class _NamedContext(ssl.SSLContext):
+    """A TLS context that names the URL's host to the server (SNI) and checks the
+    certificate against it, while the socket goes to the checked address (PyMySQL would
+    give the TLS layer the host it connected to: the address)."""
+
+    server_name: str = ""
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        kwargs["server_hostname"] = self.server_name
+        return super().wrap_socket(*args, **kwargs)
+
+
+def _mysql_tls(mode: str, ssl_ca: str | None, host: str) -> ssl.SSLContext:
     """The TLS context for a MySQL ``ssl_mode``: ``required`` encrypts without checking
     the certificate; ``verify_ca`` checks it against the operator's CA (or the system's
-    store); ``verify_identity`` also checks the host name."""
+    store); ``verify_identity`` also checks the URL's host name."""
     cafile = None if ssl_ca in (None, "system") else ssl_ca
-    context = ssl.create_default_context(cafile=cafile)
+    context = _NamedContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.server_name = host
+    if cafile:
+        context.load_verify_locations(cafile=cafile)
+    else:
+        context.load_default_certs()
     context.check_hostname = mode == "verify_identity"
     if mode == "required":
         context.verify_mode = ssl.CERT_NONE

@@ -90,13 +90,17 @@ def _create_sql(ddl: sa.schema.CreateTable, dialect: sa.Dialect) -> str:
     return str(ddl.compile(dialect=dialect))
 
 
-def open_target(url: URL, *, timeout: float = 10.0, ssl_ca: str | None = None) -> SqlTarget:
+def open_target(
+    url: URL, *, timeout: float = 10.0, ssl_ca: str | None = None, address: str | None = None
+) -> SqlTarget:
     """Connect to a SQL instance within ``timeout`` seconds.
 
     ``timeout`` also bounds each read and write on the connection until a step runs
     (a server that accepts the connection and never answers is given up on); a step's
     own bound is its deadline. ``ssl_ca``: the operator's CA file (or ``system``) that
     verifies the instance's certificate where the URL asks for verification.
+    ``address``: the IP address of the URL's host that was checked against the instance
+    policy; the connection goes there (the name still serves TLS).
 
     Raises :class:`SettingsError` for a kind of database byod does not support and
     :class:`UnreachableError` when the instance does not answer.
@@ -107,7 +111,7 @@ def open_target(url: URL, *, timeout: float = 10.0, ssl_ca: str | None = None) -
         raise SettingsError(
             f"instances of kind {url.get_backend_name()!r} are not supported (use {supported})"
         )
-    engine, conn = connect(url, dialect, timeout, ssl_ca)
+    engine, conn = connect(url, dialect, timeout, ssl_ca, address)
     return SqlTarget(
         engine, conn, dialect, where=safe_url(url), io_timeout=timeout, kind=url.get_backend_name()
     )
