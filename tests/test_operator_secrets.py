@@ -84,7 +84,7 @@ def _read_exact(conn: socket.socket, size: int) -> bytes:
     return data
 
 
-def _serve_one(conn: socket.socket, heard: Heard, method: int) -> None:
+def _serve_one(conn: socket.socket, heard: Heard, method: int, echo: str = "") -> None:
     """Speak just enough of PostgreSQL's protocol to ask for a password, then fail the
     login with an error that echoes what was sent (as a careless server might)."""
     with conn:
@@ -105,14 +105,16 @@ def _serve_one(conn: socket.socket, heard: Heard, method: int) -> None:
             (size,) = struct.unpack("!i", _read_exact(conn, 4))
             sent = _read_exact(conn, size - 4).rstrip(b"\0")
             heard.passwords.append(sent)
-        fields = b"SFATAL\0C28P01\0Mpassword authentication failed: got " + sent + b"\0\0"
+        told = b"password authentication failed: got " + sent + echo.encode()
+        fields = b"SFATAL\0C28P01\0M" + told + b"\0\0"
         conn.sendall(b"E" + struct.pack("!i", len(fields) + 4) + fields)
 
 
 @contextlib.contextmanager
-def fake_postgres(method: int = _MD5, host: str = "127.0.0.1") -> Iterator[tuple[int, Heard]]:
-    """A fake PostgreSQL server on ``host`` that records what every connection sends."""
-    listener = socket.create_server((host, 0))
+def fake_postgres(method: int = _MD5, echo: str = "") -> Iterator[tuple[int, Heard]]:
+    """A fake PostgreSQL server on 127.0.0.1 that records what every connection sends
+    (and says ``echo`` in its error, as a server that repeats what it knows might)."""
+    listener = socket.create_server(("127.0.0.1", 0))
     heard = Heard()
     stop = threading.Event()
 
@@ -126,7 +128,7 @@ def fake_postgres(method: int = _MD5, host: str = "127.0.0.1") -> Iterator[tuple
             except OSError:
                 return
             with contextlib.suppress(ConnectionError, OSError, struct.error):
-                _serve_one(conn, heard, method)
+                _serve_one(conn, heard, method, echo)
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
@@ -256,6 +258,106 @@ def test_postgres_instances_connect_without_a_libpq_warning(tmp_path: Path, pg: 
     connected = cli("connect", "a", "--url", pg.create())
     assert connected.code == 0, connected.err
     assert "WARNING" not in connected.err and "password file" not in connected.err
+
+
+TENANT_PASSWORD = "tenant-password-77"
+JWT_SECRET = "jwt-secret-of-the-operator-0123456789"
+
+
+def test_an_instance_error_echoing_secrets_is_masked_wherever_it_is_kept_or_shown(
+    tmp_path: Path, pg: ServerDatabases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe's case: a server that repeats secrets in its error message. byod
+    masks every secret it knows (the tenant's password, the operator's PGPASSWORD,
+    encryption key, HS256 secret and control-plane password) in ``last_error``, the
+    ledger, ``--json`` lines, the log, the CLI's messages and the API."""
+    from fastapi.testclient import TestClient
+
+    from byod.api import AuthSettings, create_app
+    from byod.settings import Settings
+    from byod.workspace import Workspace
+    from tests.conftest import LOOPBACK_ALLOWED, TEST_KEY
+    from tests.test_api import bearer, token
+    from tests.test_cli import Cli
+
+    role = f"byod_cp_{os.getpid()}"
+    with pg.admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE ROLE {role} LOGIN PASSWORD 'control-plane-pw-55'"))
+    control = sa.make_url(pg.create()).set(username=role, password="control-plane-pw-55")
+    try:
+        with pg.admin.connect() as conn:
+            conn.execute(sa.text(f'ALTER DATABASE "{control.database}" OWNER TO {role}'))
+        control_url = control.render_as_string(hide_password=False)
+        secrets = [TENANT_PASSWORD, OPERATOR_SECRET, TEST_KEY, JWT_SECRET, "control-plane-pw-55"]
+        env = {
+            "BYOD_DATABASE_URL": control_url,
+            "BYOD_ENCRYPTION_KEY": TEST_KEY,
+            "BYOD_JWT_SECRET": JWT_SECRET,
+            "PGPASSWORD": OPERATOR_SECRET,
+        }
+        cli = Cli(tmp_path, **env)
+        assert cli("init").code == 0
+        assert cli("users", "add", "--clerk-id", "tenant").code == 0
+        echo = " | ".join(f"I know {one}" for one in secrets)
+        with fake_postgres(_MD5, echo=echo) as (port, _):
+            url = f"postgresql://bob:{TENANT_PASSWORD}@127.0.0.1:{port}/app"
+            connected = cli("connect", "tenant", "--url", url)
+            log = tmp_path / "byod.log"
+            ran = cli("--log-file", str(log), "migrate", "--all", "--json", "--retries", "0")
+            one = cli("--log-format", "json", "migrate", "tenant")
+        assert ran.code == 1 and one.code == 1, ran.err + one.err
+        assert "I know ***" in connected.out + connected.err  # the echo is there, masked
+        shown = [connected.out, connected.err, ran.out, ran.err, one.out, one.err]
+        shown.append(log.read_text())
+        engine = sa.create_engine(control_url)
+        with engine.connect() as conn:
+            shown += [str(v) for v in conn.execute(sa.text("SELECT error FROM byod_migrations"))]
+            shown += [str(v) for v in conn.execute(sa.text("SELECT last_error FROM byod_configs"))]
+        engine.dispose()
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        ws = Workspace(Settings.load(env={**env, **LOOPBACK_ALLOWED}))
+        with TestClient(create_app(ws, AuthSettings(secret=JWT_SECRET))) as client:
+            answer = client.get("/v1/me/instance", headers=bearer(token("tenant", key=JWT_SECRET)))
+            assert answer.status_code == 200
+            shown.append(answer.text)
+            page = client.get(
+                "/dashboard", headers=bearer(token("ops", key=JWT_SECRET, admin=True))
+            )
+            assert page.status_code == 200, page.text[:300]
+            shown.append(page.text)
+        ws.engine.dispose()
+        assert "I know ***" in answer.text
+        for text in shown:
+            for secret in secrets:
+                assert secret not in text, (secret, text)
+    finally:
+        with pg.admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{control.database}" WITH (FORCE)'))
+            conn.execute(sa.text(f"DROP ROLE IF EXISTS {role}"))
+
+
+def test_a_secret_is_masked_anywhere_from_eight_characters_and_as_a_token_below() -> None:
+    from byod.redact import mask
+
+    assert mask("a12345678b and 12345678", ["12345678"]) == "a***b and ***"
+    assert (
+        mask("pw=hunter user hunter2 127.0.0.1", ["hunter", "1"]) == "pw=*** user hunter2 127.0.0.1"
+    )
+    assert mask("token: 1.", ["1"]) == "token: ***."
+
+
+def test_the_operators_secrets_are_masked_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from byod.redact import mask
+
+    monkeypatch.setenv("PGPASSWORD", "pg-pass-from-env")
+    monkeypatch.setenv("MYSQL_PWD", "mysql-pwd-from-env")
+    monkeypatch.setenv("BYOD_BROKER_URL", "redis://:broker%2Fpass-99@127.0.0.1:6379/0")
+    monkeypatch.setenv("BYOD_DATABASE_URL", "postgresql://u:cp-password-1@db/x")
+    text = "pg-pass-from-env mysql-pwd-from-env broker/pass-99 broker%2Fpass-99 cp-password-1"
+    assert mask(text) == "*** *** *** *** ***"
 
 
 assert MYSQL_SERVER  # the MariaDB server the mysql fixture uses

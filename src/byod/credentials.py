@@ -20,6 +20,7 @@ from byod.controlplane import Config, Directory
 from byod.controlplane.schema import control_plane_file, control_plane_id
 from byod.errors import ByodError, InputError, SettingsError
 from byod.instance_url import InstancePolicy, check_instance_url, resolve_instance_host
+from byod.redact import mask
 from byod.settings import is_secret_option, normalize_url, safe_url
 from byod.targets import Target, open_target
 from byod.targets.base import control_plane_refusal
@@ -38,9 +39,6 @@ __all__ = [
 ]
 
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-#: What may stand on either side of a secret for it to count as one whole token in a
-#: message: a short password is never masked inside a host name or a number.
-_EDGE = r"""\s'"`:@=/,;()\[\]{}<>?&"""
 
 
 @dataclass(frozen=True)
@@ -75,16 +73,14 @@ class Credentials:
     def scrub(self, text: str) -> str:
         """``text`` with every secret of this instance replaced by ``***``.
 
-        By structure, not by substring: the URL as given is replaced whole, and each
-        secret only where it stands as a whole token (so a password ``1`` leaves
+        The URL as given is replaced whole; then each secret of the instance and every
+        operator secret is masked (see :mod:`byod.redact`: anywhere from 8 characters
+        on, else only where it stands as a whole token, so a password ``1`` leaves
         ``127.0.0.1`` alone).
         """
         if self.url_text:
             text = text.replace(self.url_text, safe_url(self.url))
-        for secret in self.secrets:
-            pattern = rf"(?:(?<=[{_EDGE}])|^){re.escape(secret)}(?=$|[{_EDGE}]|\.(?:\s|$))"
-            text = re.sub(pattern, "***", text)
-        return text
+        return mask(text, self.secrets)
 
 
 def _credentials(

@@ -20,6 +20,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from byod.errors import CredentialsError, SettingsError
+from byod.redact import remember
 from byod.settings import Settings
 
 __all__ = ["KeySource", "Sealer", "load_sealer"]
@@ -135,6 +136,7 @@ def _read_key_file(path: Path) -> Sealer:
 
 
 def _from_base64(text: str, origin: str) -> Sealer:
+    remember(text.strip())  # masked from every message from now on
     try:
         key = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError) as exc:

@@ -19,6 +19,7 @@ from sqlalchemy.exc import ArgumentError
 
 from byod.errors import SettingsError
 from byod.instance_url import InstancePolicy
+from byod.redact import remember
 
 __all__ = [
     "CONTROL_PLANE_KINDS",
@@ -130,7 +131,9 @@ class Settings:
         url = database_url or env.get("BYOD_DATABASE_URL") or ""
         if not url:
             url = f"sqlite:///{cwd / DEFAULT_DATABASE_FILE}"
-        kind = normalize_url(url).get_backend_name()  # fail early on a malformed URL
+        parsed = normalize_url(url)  # fail early on a malformed URL
+        kind = parsed.get_backend_name()
+        remember(parsed.password)  # a flag's password is masked like the environment's
         if kind not in CONTROL_PLANE_KINDS:
             raise SettingsError(
                 f"the control plane cannot be a {kind!r} database: BYOD_DATABASE_URL "

@@ -29,6 +29,7 @@ from byod.errors import (
     UnavailableError,
     UnknownUserError,
 )
+from byod.redact import mask
 
 __all__ = ["PROBLEM_TYPES", "TITLES", "ProblemKind", "install", "problem"]
 
@@ -105,7 +106,9 @@ def problem(
     detail: str,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    """A problem document (with ``headers``, e.g. a 405's ``Allow``)."""
+    """A problem document (with ``headers``, e.g. a 405's ``Allow``); secrets byod
+    knows are masked out of ``detail``."""
+    detail = mask(detail)
     headers = dict(headers or {})
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"

@@ -158,7 +158,7 @@ def _root(
     """Logging: off on stderr unless -v or BYOD_LOG_LEVEL (errors are printed anyway);
     a log file, when named, gets every step at INFO. ``--log-format json``: every event
     on stderr as JSON, and nothing else there."""
-    from byod.logs import LOG_FORMATS, JsonFormatter
+    from byod.logs import LOG_FORMATS, JsonFormatter, MaskSecrets
 
     chosen = (log_format or os.environ.get("BYOD_LOG_FORMAT") or "text").strip().lower()
     if chosen not in LOG_FORMATS:
@@ -202,6 +202,8 @@ def _root(
             else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(threadName)s: %(message)s")
         )
         logger.addHandler(file_handler)
+    for one in logger.handlers:
+        one.addFilter(MaskSecrets())
     if not logger.handlers:
         logger.addHandler(logging.NullHandler())
 

@@ -23,6 +23,7 @@ from rich.text import Text
 from byod.cli import render
 from byod.errors import PlanError
 from byod.logs import fields, json_on_stderr
+from byod.redact import mask
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -199,7 +200,9 @@ def _log_run_end(summary: FleetSummary) -> None:
 
 def print_error(err: Console, error: ByodError) -> None:
     """``error: ErrorClass: message`` (the class is what the README's error table lists),
-    then the hint; with ``--log-format json``, one JSON record instead."""
+    then the hint; with ``--log-format json``, one JSON record instead. Secrets byod
+    knows are masked (an instance's error may echo one)."""
+    error.message = mask(error.message)
     if json_on_stderr():
         hint = f" (hint: {error.hint})" if error.hint else ""
         _cli_log.error("%s%s", error.message, hint, extra=fields(error=type(error).__name__))

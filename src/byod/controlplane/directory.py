@@ -29,6 +29,7 @@ from byod.errors import (
     NotConnectedError,
     UnknownUserError,
 )
+from byod.redact import mask
 from byod.text import MAX_CLERK_ID, clerk_id_problem, has_control
 
 __all__ = ["Config", "Directory", "User", "config_at_version"]
@@ -246,7 +247,7 @@ class Directory:
         """Record the outcome of reaching the instance (and, if known, its version)."""
         values: dict[str, object] = {
             "connection_status": status,
-            "last_error": error,
+            "last_error": None if error is None else mask(error),
             "updated_at": utcnow(),
         }
         if schema_version is not None:

@@ -39,11 +39,17 @@ from byod.controlplane._tx import reading, single, writing
 from byod.controlplane.directory import config_at_version
 from byod.controlplane.schema import configs, ledger
 from byod.errors import ControlPlaneError
+from byod.redact import mask
 from byod.registry import Direction, Plan, Step
 
 __all__ = ["Ledger", "LedgerRow", "SettledRow"]
 
 _ERROR_LIMIT = 2000
+
+
+def _kept(error: str) -> str:
+    """An error as the ledger keeps it: secrets masked, cut to the column's size."""
+    return mask(error)[:_ERROR_LIMIT]
 
 
 @dataclass(frozen=True)
@@ -150,7 +156,7 @@ class Ledger:
 
     def record_failed(self, user_id: int, step: Step, error: str) -> None:
         """Mark the step's ``running`` row ``failed`` with a descriptive error."""
-        params = _step_params(user_id, step, utcnow()) | {"b_error": error[:_ERROR_LIMIT]}
+        params = _step_params(user_id, step, utcnow()) | {"b_error": _kept(error)}
         with single(self.engine, "record the failure") as conn:
             conn.execute(_FAILED, params)
 
@@ -170,7 +176,7 @@ class Ledger:
                         ledger.c.status == "failed",
                         ledger.c.started_at.is_(None),
                     )
-                    .values(error=error[:_ERROR_LIMIT], completed_at=now),
+                    .values(error=_kept(error), completed_at=now),
                     _step_params(user_id, step, now),
                 ).rowcount
             if updated:
@@ -181,7 +187,7 @@ class Ledger:
             "version": step.migration.version,
             "direction": step.direction,
             "status": "failed",
-            "error": error[:_ERROR_LIMIT],
+            "error": _kept(error),
             "attempts": 0,
             "run_id": run_id,
             "completed_at": now,
@@ -204,7 +210,7 @@ class Ledger:
                         [(s.migration.id, s.direction) for s in steps]
                     ),
                 )
-                .values(status="skipped", error=reason[:_ERROR_LIMIT], completed_at=utcnow())
+                .values(status="skipped", error=_kept(reason), completed_at=utcnow())
             )
 
     def moved_in_run(self, user_id: int, run_id: str) -> bool:

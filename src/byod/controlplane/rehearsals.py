@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from byod.clock import utcnow
 from byod.controlplane._tx import reading, single
 from byod.controlplane.schema import configs, run_tasks, users
+from byod.redact import mask
 
 __all__ = [
     "REHEARSABLE_KINDS",
@@ -51,7 +52,7 @@ def record_rehearsed(
                 from_version=versions[0],
                 to_version=versions[1],
                 outcome=outcome,
-                error=None if error is None else error[1][:4000],
+                error=None if error is None else mask(error[1])[:4000],
                 error_type=None if error is None else error[0],
                 steps=json.dumps([{"migration": m, "status": st} for m, st in steps]),
                 tries=tries,

@@ -35,6 +35,7 @@ from byod.controlplane.run_records import (
 )
 from byod.controlplane.schema import configs, ledger, run_tasks, runs, users
 from byod.errors import InputError
+from byod.redact import mask
 from byod.spec import OUTCOMES, RunCounts, RunSpec
 
 __all__ = ["RunStore", "TaskStore"]
@@ -377,6 +378,7 @@ class TaskStore:
         is, or None when the end was already recorded (a duplicate: nothing counted)."""
         params: dict[str, object] = {"run": run_id, "user": user_id, "now": utcnow()}
         params |= end.__dict__
+        params["error"] = None if end.error is None else mask(end.error)
         params |= {f"n_{name}": int(end.outcome == name) for name in OUTCOMES}
         with single(self.engine, "record the task's end") as conn:
             row = conn.execute(_FINISH, params).first()
