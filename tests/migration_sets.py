@@ -58,6 +58,11 @@ COUNTER = {
             ctx.conn.execute(sa.text("UPDATE counter SET n = n + 10"))
             if sa.inspect(ctx.conn).has_table("break_me"):
                 raise RuntimeError("data breaks 003: table break_me is present")
+            if sa.inspect(ctx.conn).has_table("melt_me"):
+                class Meltdown(BaseException):  # not an Exception, as a careless library's
+                    pass
+
+                raise Meltdown("003 melted down")
 
         def down(ctx):
             if sa.inspect(ctx.conn).has_table("break_down"):

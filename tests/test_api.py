@@ -121,6 +121,18 @@ def test_user_endpoints_happy_path(api: Api) -> None:
     assert api.get("/v1/me/instance", "user_b").json()["schema_version"] == 0  # untouched
 
 
+def test_a_self_service_run_with_a_base_exception_reports_the_failed_step(api: Api) -> None:
+    execute(api.url_a, "CREATE TABLE melt_me (id INTEGER)")
+    started = api.post("/v1/me/migrations/run", "user_a")
+    assert started.status_code == 202
+    run = wait_for_run(api, f"/v1/runs/{started.json()['run_id']}", "user_a")
+    assert (run["state"], run["succeeded"], run["failed"]) == ("completed", 0, 1)
+    newest = api.get("/v1/me/migrations", "user_a").json()["items"][0]
+    assert (newest["migration_id"], newest["status"]) == ("003_fragile", "failed")
+    assert "Meltdown" in newest["error"]
+    assert api.get("/v1/me/instance", "user_a").json()["schema_version"] == 2
+
+
 def test_a_second_run_while_one_runs_is_409(api: Api) -> None:
     execute(api.url_a, "CREATE TABLE hold_me (id INTEGER)")
     assert api.ws.runner().migrate(api.a, to_version=1).ok

@@ -81,9 +81,21 @@ class Bodies:
 
 
 def _guarded(step: Step, call: Callable[[], None]) -> None:
+    """Run a migration's own code. What it raises that is not an ``Exception`` (a
+    ``BaseException`` of its own, ``sys.exit``) is the step's failure like any other,
+    never the end of the run or the process; only Ctrl-C goes on up."""
     try:
         call()
-    except SystemExit as exc:  # never the end of the process: the step's failure
+    except (Exception, KeyboardInterrupt, GeneratorExit):
+        raise
+    except SystemExit as exc:
         raise MigrationFailedError(
             f"{step.migration.id} called sys.exit({exc.code!r}); a migration must return or raise"
+        ) from exc
+    except BaseException as exc:
+        text = str(exc).strip()
+        raise MigrationFailedError(
+            f"{type(exc).__name__}: {text} (a BaseException, not an Exception)"
+            if text
+            else f"{type(exc).__name__} (a BaseException, not an Exception)"
         ) from exc
