@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from byod import commands
 from byod.controlplane import RunStore
+from byod.distributed import TaskMessage
 from byod.spec import FleetOptions, Selection
 from tests.conftest import ServerDatabases, execute
 from tests.distributed_kit import (
@@ -143,6 +144,53 @@ def test_kill_9_of_a_worker_inside_a_migration(cluster: Cluster, tmp_path: Path)
     assert ("002_bump", "up", "completed", 2) in rows
     held = next(t for t in _task_rows(cluster, run_id) if t.user_id == held_user)
     assert held.deliveries >= 2 and held.outcome == "succeeded"
+
+
+def test_a_run_with_a_killed_worker_ends_about_one_lease_after_the_kill(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The killed worker's user is sent again once its lease lapses (not after the
+    watcher's five minutes or Redis's ten-minute visibility timeout); each step still
+    applies once; a late redelivery after the run closed changes nothing in it."""
+    cluster.env["BYOD_BROKER_VISIBILITY_TIMEOUT"] = "600"  # a production-like Redis
+    fleet = sqlite_fleet(cluster, 6)
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    doomed = cluster.start_worker(
+        concurrency=1,
+        name="doomed",
+        extra_env={"BYOD_TEST_HOLD_DIR": str(hold), "BYOD_TEST_HOLD_SECONDS": "600"},
+    )
+    started = cluster.byod(
+        "migrate", "--all", "--distributed", "--detach", "--lease-seconds", "6", "--json"
+    )
+    assert started.returncode == 0, started.stderr
+    run_id = json.loads(started.stdout)["run_id"]
+    wait_for(lambda: any(hold.iterdir()), what="a migration held inside its transaction")
+    held_user = int(next(hold.iterdir()).name.removeprefix("entered-"))
+    cluster.kill(doomed)
+    killed_at = time.monotonic()
+    survivor = cluster.start_worker(concurrency=2, name="survivor")
+
+    followed = cluster.byod("runs", "show", run_id, "--follow", "--json")
+    took = time.monotonic() - killed_at
+
+    summary = cluster.summary(followed)
+    assert (summary["state"], summary["succeeded"], summary["failed"]) == ("completed", 6, 0)
+    assert took < 60, f"the run ended {took:.0f} s after the kill"
+    assert all(counter(url) == 11 for url in fleet.values())  # every step applied once
+    assert set(completed_per_user(cluster.ws).values()) == {1}
+    before = RunStore(cluster.ws.engine).get(run_id)
+
+    log = cluster.folder.parent / "worker-survivor.log"
+    handled = log.read_text().count("succeeded in")
+    late = TaskMessage(run_id, held_user, cluster.queue)
+    cluster.ws.broker.publish([late])  # a late redelivery of the held user's task
+    wait_for(lambda: log.read_text().count("succeeded in") > handled, what="the late task")
+    after = RunStore(cluster.ws.engine).get(run_id)
+    assert (after.counts, after.ended_at) == (before.counts, before.ended_at)
+    assert all(counter(url) == 11 for url in fleet.values())
+    assert survivor.poll() is None
 
 
 def test_racing_runs_migrate_each_instance_once(redis_cluster: Cluster) -> None:

@@ -384,10 +384,16 @@ class TaskStore:
             row = conn.execute(_FINISH, params).first()
         return None if row is None else _dispatch_row(row)
 
-    def send_again(self, run_id: str, older_than_seconds: float) -> list[tuple[int, str | None]]:
-        """The run's tasks that look lost (queued longer than that, or taken longer ago
-        than that by a worker whose lease on the user has lapsed), marked sent again
-        now; returns them (user, queue) for the caller to publish."""
+    def send_again(
+        self, run_id: str, older_than_seconds: float, lapsed_seconds: float | None = None
+    ) -> list[tuple[int, str | None]]:
+        """The run's tasks that look lost, marked sent again now; returns them (user,
+        queue) for the caller to publish. Lost: queued longer than ``older_than_seconds``
+        (a broker lost the message), or taken that long ago by a worker whose lease on
+        the user has lapsed; and, given ``lapsed_seconds`` (the run's lease), at once
+        when a worker of this run took the user's lease and let it lapse (it died) and
+        the task was not sent again within that long. Tasks merely waiting in a queue
+        are never sent early."""
         now = utcnow()
         cutoff = now - timedelta(seconds=older_than_seconds)
         lost = sa.or_(
@@ -398,6 +404,14 @@ class TaskStore:
                 sa.or_(configs.c.lease_owner.is_(None), configs.c.lease_expires_at < now),
             ),
         )
+        if lapsed_seconds is not None:
+            lapsed = sa.and_(
+                run_tasks.c.state == "running",
+                configs.c.lease_owner.startswith(f"{run_id}:", autoescape=True),
+                configs.c.lease_expires_at < now,
+                run_tasks.c.queued_at < now - timedelta(seconds=lapsed_seconds),
+            )
+            lost = sa.or_(lost, lapsed)
         query = (
             sa.select(run_tasks.c.user_id, run_tasks.c.queue)
             .join(configs, configs.c.user_id == run_tasks.c.user_id)

@@ -101,11 +101,14 @@ class Dispatcher:
             self.publish([TaskMessage(run_id, user_id, queue) for user_id, queue in handed])
         return len(handed)
 
-    def resend_stale(self, run_id: str, older_than_seconds: float) -> int:
+    def resend_stale(
+        self, run_id: str, older_than_seconds: float, lapsed_seconds: float | None = None
+    ) -> int:
         """Send again the run's tasks that look lost (a broker that lost its messages, a
-        publish that failed). A duplicate is harmless (it finds the task done, or waits
-        for its twin). Returns how many were sent."""
-        lost = self.tasks.send_again(run_id, older_than_seconds)
+        publish that failed, and, given the run's lease as ``lapsed_seconds``, a worker
+        that died holding a user: see :meth:`TaskStore.send_again`). A duplicate is
+        harmless (it finds the task done, or waits for its twin). Returns how many."""
+        lost = self.tasks.send_again(run_id, older_than_seconds, lapsed_seconds)
         if lost:
             log.warning("run %s: sending %d lost tasks again", run_id, len(lost))
             self.publish([TaskMessage(run_id, user_id, queue) for user_id, queue in lost])

@@ -38,8 +38,11 @@ log = logging.getLogger("byod.distributed")
 
 #: Finished tasks are read again this far back, in case one committed late.
 _WINDOW = timedelta(seconds=5)
-#: A watcher sends again the tasks queued longer than this (lost by a broker).
+#: A watcher sends again the tasks queued longer than this (lost by a broker); a task
+#: whose worker died holding the user's lease, as soon as that lease lapses.
 RESEND_AFTER_SECONDS = 300.0
+#: How often a watcher hands out users and looks for lost tasks.
+_NUDGE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -129,17 +132,17 @@ def follow_run(
             on_event(RunProgress(c.done, c.failed, record.planned or 0))
         if record.ended_at is not None or until():
             break
-        if dispatcher is not None and time.monotonic() - last_nudge > 10:
+        if dispatcher is not None and time.monotonic() - last_nudge > _NUDGE_SECONDS:
             last_nudge = time.monotonic()
-            _nudge(dispatcher, run_id)
+            _nudge(dispatcher, run_id, record.spec.options.lease_seconds)
         time.sleep(poll_seconds)
     return summary_of(engine, run_id)
 
 
-def _nudge(dispatcher: Dispatcher, run_id: str) -> None:
+def _nudge(dispatcher: Dispatcher, run_id: str, lease_seconds: float) -> None:
     try:
         dispatcher.top_up(run_id)
-        dispatcher.resend_stale(run_id, RESEND_AFTER_SECONDS)
+        dispatcher.resend_stale(run_id, RESEND_AFTER_SECONDS, lapsed_seconds=lease_seconds)
     except ByodError as exc:
         log.warning("run %s: cannot hand out users now: %s", run_id, exc.message)
 
