@@ -410,3 +410,12 @@ def test_a_distributed_run_needs_a_broker(api: Api) -> None:
     assert refused.status_code == 503  # the server's set-up, not the request
     assert "BYOD_BROKER_URL" in refused.json()["detail"]
     assert refused.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize("bad", ["abc%00", "%01x", "a%0Ab", "x" * 300, "20261207-002955-8f4eac%00"])
+def test_a_malformed_run_id_is_404_not_a_server_error(api: Api, bad: str) -> None:
+    """Regression: a NUL byte in the id answered 503 control-plane-unavailable."""
+    for path, who in ((f"/v1/runs/{bad}", "user_a"), (f"/v1/fleet/runs/{bad}", "ops")):
+        answer = api.get(path, who)
+        assert answer.status_code == 404, (path, answer.text)
+        assert answer.json()["type"].endswith("not-found")

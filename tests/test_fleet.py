@@ -738,3 +738,27 @@ def test_users_that_finish_while_another_still_runs_are_counted_at_once(
             gates.release.set()
         summary = run.result(timeout=60)
     assert (summary.succeeded, summary.failed, finished) == (1, 1, ["failed", "succeeded"])
+
+
+def test_a_user_failed_while_the_control_plane_is_away_has_unknown_versions(
+    ws: Workspace,
+) -> None:
+    """Regression: such a user's line said ``from_version 0, to_version 0`` although it
+    was at version 1: now ``null``, not known."""
+    from byod.cli import render
+    from byod.controlplane import User
+    from byod.fleet.outcome import _no_result
+    from byod.runner import Runner
+    from tests.test_instance_url import closed_port
+
+    away = sa.create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{closed_port()}/x")
+    runner = Runner(away, ws.registry, ws.sealer)
+    result = _no_result(runner, User(7, "u7"), RuntimeError("a bug"))
+    away.dispose()
+    assert (result.from_version, result.to_version) == (None, None)
+    data = render.result_data(result)
+    assert (data["from_version"], data["to_version"], data["ok"]) == (None, None, False)
+    here = Runner(ws.engine, ws.registry, ws.sealer)
+    uid = ws.directory.add_user("known").id
+    known = _no_result(here, User(uid, "known"), RuntimeError("a bug"))
+    assert (known.from_version, known.to_version) == (None, None)  # no config: not known

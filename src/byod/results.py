@@ -47,12 +47,14 @@ class RowsProgress:
 
 @dataclass(frozen=True)
 class UserResult:
-    """The outcome of one user's run; ``error`` is set when it did not finish."""
+    """The outcome of one user's run; ``error`` is set when it did not finish.
+    ``from_version`` and ``to_version`` are None when they are not known (the user
+    failed before anything could be read: the control plane out of reach)."""
 
     user_id: int
     clerk_id: str
-    from_version: int
-    to_version: int
+    from_version: int | None
+    to_version: int | None
     steps: tuple[StepResult, ...] = ()
     error: ByodError | None = field(default=None, compare=False)
     seconds: float = field(default=0.0, compare=False)

@@ -36,6 +36,7 @@ from byod.controlplane.run_records import (
 from byod.controlplane.schema import configs, ledger, run_tasks, runs, users
 from byod.errors import InputError
 from byod.redact import mask
+from byod.text import has_control, printable
 from byod.spec import OUTCOMES, RunCounts, RunSpec
 
 __all__ = ["RunStore", "TaskStore"]
@@ -107,7 +108,10 @@ class RunStore:
             )
 
     def get(self, run_id: str) -> RunRecord:
-        """One run; :class:`InputError` when there is none with that id."""
+        """One run; :class:`InputError` when there is none with that id (a malformed
+        id, too: it names no run, whatever the database would make of it)."""
+        if not run_id or len(run_id) > 64 or has_control(run_id):
+            raise InputError(f"no fleet run {printable(run_id)!r} (see `byod runs`)")
         with reading(self.engine, "read the run") as conn:
             row = conn.execute(sa.select(*_RECORD_COLUMNS).where(runs.c.id == run_id)).first()
         if row is None:

@@ -213,7 +213,7 @@ def _failure(runner: Runner, user: User, exc: Exception, tries: int) -> Settled:
 
 def _no_result(runner: Runner, user: User, exc: Exception) -> UserResult:
     error = exc if isinstance(exc, ByodError) else ByodError(f"internal error: {exc!r}")
-    version = 0  # no config any more, or no control plane: the version is not known
+    version = None  # no config any more, or no control plane: the version is not known
     with contextlib.suppress(ByodError):
         version = runner.directory.get_config(user.id).schema_version
     return UserResult(user.id, user.clerk_id, version, version, (), error)
