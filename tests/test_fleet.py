@@ -10,14 +10,17 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 
+from byod import commands
 from byod.controlplane import RunStore, history
 from byod.controlplane.schema import ledger
+from byod.controlplane.schema import runs as runs_table
 from byod.errors import CredentialsError, InputError, IrreversibleError
 from byod.fleet import FleetEvent, FleetStarted, UserFinished, migrate_fleet, rollback_run
 from byod.spec import FleetOptions, Selection
@@ -35,6 +38,7 @@ from tests.conftest import (
 from tests.helpers import add_connected, counter, schema_version, stamp_ids, statuses
 from tests.migration_sets import counter_migrations, slow_migrations
 from tests.tcp_proxy import CuttableProxy
+from tests.test_cli import Cli
 
 FAST_RETRY = {"retry_base_seconds": 0.05, "retry_cap_seconds": 0.2}
 
@@ -762,3 +766,66 @@ def test_a_user_failed_while_the_control_plane_is_away_has_unknown_versions(
     uid = ws.directory.add_user("known").id
     known = _no_result(here, User(uid, "known"), RuntimeError("a bug"))
     assert (known.from_version, known.to_version) == (None, None)  # no config: not known
+
+
+def test_an_interrupted_runs_counts_add_up_with_its_ledger(cws: Workspace, tmp_path: Path) -> None:
+    """Regression: a run killed between two progress writes showed ``total 1: 0
+    succeeded, 1 failed`` while its failures table listed 5 users."""
+    ids, urls = fleet_of(cws, lambda: _sqlite_file(tmp_path), 6)
+    for url in urls[:5]:
+        break_instance(url)
+    assert all(cws.runner().migrate(uid, to_version=2).ok for uid in ids[:5])
+    env = {
+        "BYOD_DATABASE_URL": cws.settings.database_url,
+        "BYOD_MIGRATIONS": str(cws.settings.migrations_dir),
+    }
+    proc, _ = start_held(tmp_path, env, 1, "--concurrency", "2", "--retries", "0")
+    deadline = time.monotonic() + 60
+    while len(_failed_rows(cws)) < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # one user held in 002; five failed 003
+    proc.wait(10)
+    run = RunStore(cws.engine).recent(1)[0]
+    with cws.engine.begin() as conn:  # a minute passes: the silent run is taken as lost
+        conn.execute(
+            sa.update(runs_table)
+            .where(runs_table.c.id == run.id)
+            .values(updated_at=run.updated_at - timedelta(minutes=5))
+        )
+    details = commands.show_run(cws, run.id)
+    c = details.run.counts
+    assert details.run.shown_state == "interrupted"
+    assert len(details.failures) == c.failed == 5
+    assert c.total >= c.succeeded + c.failed + c.busy + c.up_to_date + c.not_started
+    listed = commands.list_runs(cws)[0].counts
+    assert listed == c  # the list says the same
+    shown = Cli(tmp_path, BYOD_ENCRYPTION_KEY=TEST_KEY, **env)("runs", "show", run.id)
+    assert "5 failed" in shown.out and "the users reached so far" not in shown.out
+
+
+def _failed_rows(ws: Workspace) -> list[object]:
+    with ws.engine.connect() as conn:
+        return list(conn.execute(sa.select(ledger.c.id).where(ledger.c.status == "failed")))
+
+
+def test_rows_done_without_an_estimate_never_say_of_about_zero(cws: Workspace) -> None:
+    import dataclasses
+
+    from rich.console import Console
+
+    from byod.cli import render
+
+    uid = add_connected(cws, _sqlite_file(cws.settings.migrations_dir.parent))
+    summary = migrate_fleet(cws.runner(), options=FleetOptions(concurrency=1))
+    details = commands.show_run(cws, summary.run_id)
+    assert cws.directory.get_config(uid).schema_version == 3
+
+    def shown(rows_done: int, rows_total: int) -> str:
+        console = Console(record=True, width=200)
+        render.run_details(
+            dataclasses.replace(details, rows_done=rows_done, rows_total=rows_total), console
+        )
+        return console.export_text()
+
+    assert "rows done by backfills: 120\n" in shown(120, 0)
+    assert "rows done by backfills: 120 of about 500\n" in shown(120, 500)  # an ended run

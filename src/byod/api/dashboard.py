@@ -78,7 +78,7 @@ def _chart(status: FleetStatus) -> str:
 
 def _run_row(run: RunRecord, rows: tuple[int, int] | None) -> str:
     c = run.counts
-    backfilled = "" if rows is None else f"{rows[0]:,}/{rows[1]:,}"
+    backfilled = "" if rows is None else f"{rows[0]:,}" + (f"/{rows[1]:,}" if rows[1] else "")
     progress = ""
     if run.planned:
         done = c.done

@@ -247,10 +247,9 @@ def run_details(details: RunDetails, console: Console) -> None:
     )
     console.print(counts_line(c))
     if details.rows_done:
-        console.print(
-            f"rows done by backfills: {details.rows_done:,} "
-            f"of about {details.rows_total:,} (the users reached so far)"
-        )
+        total = f" of about {details.rows_total:,}" if details.rows_total else ""
+        reached = " (the users reached so far)" if run.ended_at is None else ""
+        console.print(f"rows done by backfills: {details.rows_done:,}{total}{reached}")
     console.print("options: " + ", ".join(f"{k}={v}" for k, v in sorted(run.spec.flat().items())))
     if details.failures:
         table = Table(title="failures")

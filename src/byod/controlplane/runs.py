@@ -14,11 +14,13 @@ a duplicate delivery can never count a user twice.
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import secrets
 import socket
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -36,8 +38,8 @@ from byod.controlplane.run_records import (
 from byod.controlplane.schema import configs, ledger, run_tasks, runs, users
 from byod.errors import InputError
 from byod.redact import mask
-from byod.text import has_control, printable
 from byod.spec import OUTCOMES, RunCounts, RunSpec
+from byod.text import has_control, printable
 
 __all__ = ["RunStore", "TaskStore"]
 
@@ -116,7 +118,7 @@ class RunStore:
             row = conn.execute(sa.select(*_RECORD_COLUMNS).where(runs.c.id == run_id)).first()
         if row is None:
             raise InputError(f"no fleet run {run_id!r} (see `byod runs`)")
-        return _record(row)
+        return self._counted(_record(row))
 
     def running(self) -> int:
         """How many runs are under way (state ``running``)."""
@@ -132,19 +134,41 @@ class RunStore:
             .limit(limit)
         )
         with reading(self.engine, "list runs") as conn:
-            return [_record(row) for row in conn.execute(query)]
+            records = [_record(row) for row in conn.execute(query)]
+        return [self._counted(record) for record in records]
+
+    def _counted(self, record: RunRecord) -> RunRecord:
+        """A run whose process died (``interrupted``, by its state or its silence) may
+        have settled users in the ledger that it never counted: its counts are made to
+        agree with the ledger (never lowered), and its total with its counts."""
+        if record.shown_state != "interrupted" or record.kind == "rehearse":
+            return record
+        with reading(self.engine, "count the run's users in the ledger") as conn:
+            row = conn.execute(_LEDGER_OUTCOMES, {"run": record.id}).one()
+        failed, succeeded = int(row[0] or 0), int(row[1] or 0)
+        c = record.counts
+        c = dataclasses.replace(
+            c, succeeded=max(c.succeeded, succeeded), failed=max(c.failed, failed)
+        )
+        total = max(c.total, c.done + c.not_started)
+        return dataclasses.replace(record, counts=dataclasses.replace(c, total=total))
 
     def failures(self, run_id: str, limit: int = 100) -> list[tuple[int, str, str, str | None]]:
-        """(user id, clerk id, migration, error) of the run's failed steps."""
+        """(user id, clerk id, migration, error) of the run's failed users, each by its
+        last failure (a retry that succeeded is no failure), oldest first."""
+        last = _last_rows()
         query = (
             sa.select(users.c.id, users.c.clerk_id, ledger.c.migration_id, ledger.c.error)
+            .select_from(ledger)
+            .join(last, last.c.id == ledger.c.id)
             .join(users, users.c.id == ledger.c.user_id)
-            .where(ledger.c.run_id == run_id, ledger.c.status == "failed")
+            .where(last.c.status == "failed")
             .order_by(ledger.c.id)
             .limit(limit)
         )
         with reading(self.engine, "read the run's failures") as conn:
-            return [(int(r[0]), str(r[1]), str(r[2]), r[3]) for r in conn.execute(query)]
+            rows = conn.execute(query, {"run": run_id})
+            return [(int(r[0]), str(r[1]), str(r[2]), r[3]) for r in rows]
 
     def rows_by_run(self, run_ids: list[str]) -> dict[str, tuple[int, int]]:
         """Rows done and their estimated total, for each of these runs that has any."""
@@ -353,6 +377,31 @@ _FINISH = sa.text(
     RETURNING {_DISPATCH_COLUMNS}
     """
 )
+
+
+def _last_rows() -> sa.Subquery:
+    """Per user of the run ``:run``, its last ledger row that is not ``skipped`` (rows
+    are written in step order, a retry after a failure as a new row): the user ended
+    ``failed`` or ``completed`` by that row's status (``running``: not settled)."""
+    last = (
+        sa.select(sa.func.max(ledger.c.id).label("id"))
+        .where(ledger.c.run_id == sa.bindparam("run"), ledger.c.status != "skipped")
+        .group_by(ledger.c.user_id)
+        .subquery()
+    )
+    return sa.select(ledger.c.id, ledger.c.status).join(last, last.c.id == ledger.c.id).subquery()
+
+
+def _ledger_outcomes() -> sa.Select[Any]:
+    """(users failed, users succeeded) by the ledger's rows of the run ``:run``."""
+    last = _last_rows()
+    return sa.select(
+        sa.func.sum(sa.case((last.c.status == "failed", 1), else_=0)),
+        sa.func.sum(sa.case((last.c.status == "completed", 1), else_=0)),
+    ).select_from(last)
+
+
+_LEDGER_OUTCOMES = _ledger_outcomes()
 
 
 class TaskStore:
