@@ -450,3 +450,27 @@ def test_a_target_on_the_wrong_side_is_a_usage_error_exit_2(cli: Cli, tmp_path: 
     up = cli("rollback", "a", "--to", "3", **env)
     assert up.code == 2 and "use migrate" in up.err
     assert cli("pending", "a", "--json", **env).json() == {"pending": 1}  # still at 2
+
+
+def test_a_failed_reconnect_keeps_the_working_config_unless_replace(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """Regression: a typo in a re-connect left a working user in ``error``."""
+    assert cli("init").code == 0
+    assert cli("users", "add", "--clerk-id", "a").code == 0
+    good = sqlite_instance(tmp_path, "good")
+    typo = f"sqlite:///{tmp_path / 'no-such-file.db'}"
+    assert cli("connect", "a", "--url", good).code == 0
+    failed = cli("connect", "a", "--url", typo)
+    assert failed.code == 1
+    assert "keeps the working one" in failed.err
+    status = cli("status", "--json").json()
+    assert status["by_connection"] == {"connected": 1}  # type: ignore[index]
+    migrated = cli("migrate", "a")
+    assert migrated.code == 0 and "to 3" in migrated.out  # the kept config, the good file
+    replaced = cli("connect", "a", "--url", typo, "--replace")
+    assert replaced.code == 1 and "The config is stored (status error)" in replaced.err
+    assert cli("status", "--json").json()["by_connection"] == {"error": 1}  # type: ignore[index]
+    assert cli("users", "add", "--clerk-id", "b").code == 0
+    first = cli("connect", "b", "--url", typo)  # a first connect that fails is stored
+    assert first.code == 1 and "stored (status error)" in first.err

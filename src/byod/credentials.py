@@ -279,6 +279,16 @@ class ReachResult:
     error: str | None = None
     #: the class of the error (``UnreachableError``, ``InstanceTimeoutError``, …)
     error_type: str | None = None
+    #: False when the new config failed and the user's working one was kept
+    stored: bool = True
+
+
+def _works(directory: Directory, user_id: int) -> bool:
+    """Whether the user has a stored config that last connected."""
+    try:
+        return directory.get_config(user_id).connection_status == "connected"
+    except ByodError:
+        return False  # none yet
 
 
 def connect_user(
@@ -291,11 +301,14 @@ def connect_user(
     timeout: float = 10.0,
     queue: str | None = None,
     policy: InstancePolicy | None = None,
+    replace: bool = False,
 ) -> ReachResult:
-    """Seal and store a user's instance credentials, then check the instance answers.
+    """Check the instance answers, then seal and store the user's credentials.
 
-    The config is stored even when the instance is unreachable (status ``error``); the
-    schema version recorded is what the instance's own stamp says. ``queue``: the task
+    A first config is stored even when the instance is unreachable (status ``error``);
+    a user whose stored config works (``connected``) keeps it when the new one fails,
+    unless ``replace`` (the result says ``stored=False``). The schema version recorded
+    is what the instance's own stamp says. ``queue``: the task
     queue whose workers can reach the instance (distributed runs; default queue if None).
     A URL the instance URL ``policy`` refuses, or byod's own control plane, raises
     :class:`SettingsError` and nothing is stored.
@@ -315,6 +328,8 @@ def connect_user(
         raise
     except ByodError as exc:
         error, error_type = credentials.scrub(exc.message), type(exc).__name__
+    if error is not None and not replace and _works(directory, user_id):
+        return ReachResult("error", 0, error, error_type, stored=False)
     directory.save_config(
         user_id,
         target_kind=credentials.kind,

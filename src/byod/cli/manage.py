@@ -115,6 +115,14 @@ def connect(
             help="Task queue of the workers that can reach it (distributed).",
         ),
     ] = None,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="Store the new config even when it fails and the user's current one "
+            "works (by default a working config is kept).",
+        ),
+    ] = False,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Seal and store a user's database credentials and check it answers."""
@@ -122,7 +130,7 @@ def connect(
     url_text = from_stdin("database URL") if url == "-" else url
     secret_text = from_stdin("password or deploy key") if secret == "-" else secret
     found, reach = commands.connect(
-        ws, user, url_text, secret=secret_text, timeout=timeout, queue=queue
+        ws, user, url_text, secret=secret_text, timeout=timeout, queue=queue, replace=replace
     )
     if reach.status == "connected":
         out.print(
@@ -133,14 +141,18 @@ def connect(
     kind = reach.error_type or "UnreachableError"
     error_class = getattr(errors, kind, None)
     hint = getattr(error_class, "hint", "") or "Check the URL and that the instance is up."
+    kept = (
+        "The new config was not stored: the user keeps the working one (`byod connect "
+        "--replace` stores it anyway)."
+        if not reach.stored
+        else "The config is stored (status error); `byod connect` again replaces it."
+    )
     say(
         f"[red]error:[/] {kind}: {render.plain(reach.error or '')}\n"
-        f"[dim]hint:[/] {escape(hint)} The config is stored (status error); "
-        "`byod connect` again replaces it.",
+        f"[dim]hint:[/] {escape(hint)} {kept}",
         level=logging.ERROR,
         error=kind,
-        plain=f"{reach.error or ''} (hint: {hint} The config is stored (status error); "
-        "`byod connect` again replaces it.)",
+        plain=f"{reach.error or ''} (hint: {hint} {kept})",
     )
     raise typer.Exit(1)
 

@@ -59,9 +59,11 @@ def connect(
     secret: str | None = None,
     timeout: float = 10.0,
     queue: str | None = None,
+    replace: bool = False,
 ) -> tuple[User, ReachResult]:
     """Seal and store a user's instance credentials and check the instance answers;
-    ``queue`` routes the user's distributed tasks to workers consuming that queue."""
+    ``queue`` routes the user's distributed tasks to workers consuming that queue. A
+    working config is kept when the new one fails, unless ``replace``."""
     user = ws.directory.find_user(user_ref)
     return user, connect_user(
         ws.directory,
@@ -72,6 +74,7 @@ def connect(
         timeout=timeout,
         queue=queue,
         policy=ws.settings.instance_policy,
+        replace=replace,
     )
 
 
