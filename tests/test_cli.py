@@ -474,3 +474,43 @@ def test_a_failed_reconnect_keeps_the_working_config_unless_replace(
     assert cli("users", "add", "--clerk-id", "b").code == 0
     first = cli("connect", "b", "--url", typo)  # a first connect that fails is stored
     assert first.code == 1 and "stored (status error)" in first.err
+
+
+def test_removing_a_user_deletes_credentials_and_email_and_keeps_the_history(
+    cli: Cli, tmp_path: Path
+) -> None:
+    assert cli("init").code == 0
+    assert cli("users", "add", "--clerk-id", "gone", "--email", "g@example.com").code == 0
+    assert cli("connect", "gone", "--url", sqlite_instance(tmp_path, "g")).code == 0
+    assert cli("migrate", "gone").code == 0
+    removed = cli("users", "remove", "gone")
+    assert removed.code == 0 and "user 1 removed" in removed.out
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'byod.db'}")
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM byod_configs")).scalar() == 0
+        email, clerk = conn.execute(sa.text("SELECT email, clerk_id FROM users")).one()
+        assert email is None and clerk != "gone"
+    engine.dispose()
+    history = cli("history", "1", "--json").json()
+    assert [row["migration_id"] for row in history] == [  # type: ignore[index]
+        "003_word_counts",
+        "002_add_tags",
+        "001_initial",
+    ]
+    assert cli("users", "list", "--json").json() == []
+    assert cli("history", "gone").code == 2  # the clerk id names nobody now
+    again = cli("users", "add", "--clerk-id", "gone")
+    assert again.code == 0 and again.out.strip() == "2"  # a new user
+    assert cli("pending", "gone").code == 2  # not connected: the old database is not its
+
+
+def test_disconnect_drops_the_credentials_only(cli: Cli, tmp_path: Path) -> None:
+    assert cli("init").code == 0
+    assert cli("users", "add", "--clerk-id", "a", "--email", "a@example.com").code == 0
+    assert cli("connect", "a", "--url", sqlite_instance(tmp_path, "a")).code == 0
+    dropped = cli("disconnect", "a")
+    assert dropped.code == 0 and "disconnected" in dropped.out
+    assert "had no database" in cli("disconnect", "a").out
+    users = cli("users", "list", "--json").json()
+    assert users[0]["email"] == "a@example.com"  # type: ignore[index]
+    assert cli("status", "--json").json()["by_connection"] == {"not configured": 1}  # type: ignore[index]

@@ -9,7 +9,6 @@ import socket
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -71,14 +70,38 @@ def users_add(
 
 
 @users_app.command("list")
-def users_list(database_url: DatabaseUrl = None, json_out: Json = False) -> None:
-    """List users."""
-    users = commands.list_users(workspace_for(database_url, None))
+def users_list(
+    removed: Annotated[
+        bool, typer.Option("--removed", help="Removed users too (their clerk id gone).")
+    ] = False,
+    database_url: DatabaseUrl = None,
+    json_out: Json = False,
+) -> None:
+    """List users: id, clerk id, email, when added."""
+    users = commands.list_users(workspace_for(database_url, None), removed=removed)
     if json_out:
-        out.print(render.dump([asdict(u) for u in users]))
+        out.print(render.dump([render.user_data(u) for u in users]))
         return
-    for user in users:
-        out.print(f"{user.id}\t{render.plain(user.clerk_id)}\t{render.plain(user.email or '')}")
+    out.print(render.users_table(users))
+
+
+@users_app.command("remove")
+def users_remove(user: UserArg, database_url: DatabaseUrl = None) -> None:
+    """Remove a user: credentials and email deleted, history kept under the byod id; the
+    clerk id can be registered again later (as a new user)."""
+    removed = commands.remove_user(workspace_for(database_url, None), user)
+    out.print(
+        f"user {removed.id} removed: credentials and email deleted, its history kept "
+        f"(`byod history {removed.id}`)"
+    )
+
+
+@app.command()
+def disconnect(user: UserArg, database_url: DatabaseUrl = None) -> None:
+    """Drop a user's database credentials (the user and its history stay)."""
+    found, dropped = commands.disconnect(workspace_for(database_url, None), user)
+    who = f"user {found.id} ({render.plain(found.clerk_id)})"
+    out.print(f"{who} disconnected" if dropped else f"{who} had no database connected")
 
 
 @app.command()

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from byod.commands import RunDetails, UserPlan, VerifyReport
-    from byod.controlplane import FleetStatus, LedgerRow, RunRecord
+    from byod.controlplane import FleetStatus, LedgerRow, RunRecord, User
     from byod.results import UserResult
 
 __all__ = [
@@ -35,6 +35,8 @@ __all__ = [
     "run_data",
     "run_details",
     "runs_table",
+    "user_data",
+    "users_table",
     "verify_table",
 ]
 
@@ -184,6 +186,22 @@ def result_data(result: UserResult) -> dict[str, Any]:
         "error": result.error.message if result.error else None,
         "error_type": type(result.error).__name__ if result.error else None,
     }
+
+
+def user_data(user: User) -> dict[str, Any]:
+    """A user as plain data."""
+    return asdict(user)
+
+
+def users_table(users: list[User]) -> Table:
+    """Users, by id."""
+    table = Table(title=f"users ({len(users)})")
+    for column in ("id", "clerk id", "email", "added"):
+        table.add_column(column, overflow="fold")
+    for user in users:
+        shown = "(removed)" if user.removed_at is not None else plain(user.clerk_id)
+        table.add_row(str(user.id), shown, plain(user.email or ""), _when(user.created_at))
+    return table
 
 
 def verify_table(reports: list[VerifyReport], *, policy: bool = False) -> Table:

@@ -63,8 +63,10 @@ if TYPE_CHECKING:
         check_service,
         check_worker,
         connect,
+        disconnect,
         init,
         new_migration,
+        remove_user,
     )
 
 _EXPORTS = {
@@ -82,6 +84,7 @@ _EXPORTS = {
     "check_service": "byod.commands.setup",
     "check_worker": "byod.commands.setup",
     "connect": "byod.commands.setup",
+    "disconnect": "byod.commands.setup",
     "follow": "byod.commands.runs",
     "get_run": "byod.commands.reports",
     "history_of": "byod.commands.reports",
@@ -100,6 +103,7 @@ _EXPORTS = {
     "rehearse_fleet": "byod.commands.runs",
     "rehearse_then_migrate": "byod.commands.runs",
     "rehearse_user": "byod.commands.runs",
+    "remove_user": "byod.commands.setup",
     "repair": "byod.commands.runs",
     "resolve_users": "byod.commands.runs",
     "rollback_fleet_run": "byod.commands.runs",
@@ -138,6 +142,7 @@ __all__ = [
     "check_service",
     "check_worker",
     "connect",
+    "disconnect",
     "fleet_over_runs",
     "follow",
     "get_run",
@@ -157,6 +162,7 @@ __all__ = [
     "rehearse_fleet",
     "rehearse_then_migrate",
     "rehearse_user",
+    "remove_user",
     "repair",
     "resolve_users",
     "rollback_fleet_run",

@@ -113,9 +113,9 @@ def history_of(
     return history(ws.engine, user_id, limit=limit, offset=offset)
 
 
-def list_users(ws: Workspace) -> list[User]:
-    """Every user, by id."""
-    return ws.directory.list_users()
+def list_users(ws: Workspace, *, removed: bool = False) -> list[User]:
+    """Every user, by id (``removed``: removed users too)."""
+    return ws.directory.list_users(removed=removed)
 
 
 def caller(ws: Workspace, clerk_id: str) -> User:

@@ -78,6 +78,19 @@ def connect(
     )
 
 
+def disconnect(ws: Workspace, user_ref: str) -> tuple[User, bool]:
+    """Drop a user's config and its sealed credentials (the user and its ledger stay);
+    whether there was one."""
+    user = ws.directory.find_user(user_ref)
+    return user, ws.directory.disconnect(user.id)
+
+
+def remove_user(ws: Workspace, user_ref: str) -> User:
+    """Remove a user: credentials and personal fields gone, ledger kept under its byod
+    id, its clerk id free to be registered again (see :meth:`Directory.remove_user`)."""
+    return ws.directory.remove_user(ws.directory.find_user(user_ref).id)
+
+
 def check_service(ws: Workspace) -> None:
     """What the HTTP service needs before it answers: a control plane made by
     ``byod init`` (:class:`ControlPlaneError` otherwise)."""

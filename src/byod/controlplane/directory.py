@@ -37,6 +37,11 @@ __all__ = ["Config", "Directory", "User", "config_at_version"]
 log = logging.getLogger("byod.runner")
 
 
+#: What a removed user's clerk id becomes (with its byod id after it): a control
+#: character first, so no clerk id can be registered as it, nor a token's subject match it.
+_TOMBSTONE = "\x1fremoved:"
+
+
 @dataclass(frozen=True)
 class User:
     """An app user: ``id`` is byod's, ``clerk_id`` the external auth subject."""
@@ -45,6 +50,8 @@ class User:
     clerk_id: str
     email: str | None = None
     created_at: datetime | None = None
+    #: when the user was removed (``byod users remove``); None for a current user
+    removed_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -188,10 +195,52 @@ class Directory:
         with reading(self.engine, "look for instances of a kind") as conn:
             return conn.execute(query).first() is not None
 
-    def list_users(self) -> list[User]:
-        """Every user, by id."""
+    def list_users(self, *, removed: bool = False) -> list[User]:
+        """Every user, by id (``removed``: removed users too)."""
+        query = sa.select(users).order_by("id")
+        if not removed:
+            query = query.where(users.c.removed_at.is_(None))
         with reading(self.engine, "list users") as conn:
-            return [User(**r._asdict()) for r in conn.execute(sa.select(users).order_by("id"))]
+            return [User(**r._asdict()) for r in conn.execute(query)]
+
+    def disconnect(self, user_id: int) -> bool:
+        """Drop the user's config, its sealed credentials with it (the ledger stays);
+        False when there was none. :class:`InputError` while a runner holds its lease."""
+        with writing(self.engine, "drop the user's config") as conn:
+            return self._drop_config(conn, user_id)
+
+    def remove_user(self, user_id: int) -> User:
+        """Remove a user: its config and credentials are dropped, its personal fields
+        (email) cleared, its ledger kept under its byod id; its clerk id becomes a
+        tombstone no token subject can match (a control character), so the same clerk
+        id can be registered again later, as a new user. :class:`InputError` while a
+        runner holds its lease."""
+        user = self.get_user(user_id)
+        if user.removed_at is not None:
+            return user
+        now = utcnow()
+        with writing(self.engine, "remove the user") as conn:
+            self._drop_config(conn, user_id)
+            conn.execute(
+                users.update()
+                .where(users.c.id == user_id)
+                .values(clerk_id=f"{_TOMBSTONE}{user_id}", email=None, removed_at=now)
+            )
+        return User(user_id, f"{_TOMBSTONE}{user_id}", None, user.created_at, now)
+
+    def _drop_config(self, conn: sa.Connection, user_id: int) -> bool:
+        now = utcnow()
+        free = sa.or_(configs.c.lease_owner.is_(None), configs.c.lease_expires_at < now)
+        dropped = conn.execute(configs.delete().where(configs.c.user_id == user_id, free)).rowcount
+        if dropped:
+            return True
+        held = conn.execute(sa.select(configs.c.user_id).where(configs.c.user_id == user_id))
+        if held.first() is not None:
+            raise InputError(
+                f"user {user_id} is being migrated (a runner holds its lease): try again "
+                "when that run is done"
+            )
+        return False
 
     # -- configs -------------------------------------------------------------------------
 

@@ -73,7 +73,8 @@ class FleetStatus:
 def fleet_status(engine: sa.Engine, head: int, *, failures: int = 10) -> FleetStatus:
     """The fleet at a glance: aggregate queries only, no instance is contacted."""
     with reading(engine, "read the fleet status") as conn:
-        user_count = conn.execute(sa.select(sa.func.count()).select_from(users)).scalar_one()
+        current = sa.select(sa.func.count()).select_from(users).where(users.c.removed_at.is_(None))
+        user_count = conn.execute(current).scalar_one()
         by_version = {
             int(v): int(n)
             for v, n in conn.execute(
@@ -178,7 +179,10 @@ def count_not_eligible(engine: sa.Engine, eligible: tuple[str, ...]) -> int:
     query = (
         sa.select(sa.func.count())
         .select_from(users.outerjoin(configs, configs.c.user_id == users.c.id))
-        .where(sa.or_(configs.c.user_id.is_(None), configs.c.connection_status.not_in(eligible)))
+        .where(
+            users.c.removed_at.is_(None),
+            sa.or_(configs.c.user_id.is_(None), configs.c.connection_status.not_in(eligible)),
+        )
     )
     with reading(engine, "count users not eligible") as conn:
         return int(conn.execute(query).scalar_one())

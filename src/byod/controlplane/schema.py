@@ -77,6 +77,8 @@ users = sa.Table(
     sa.Column("clerk_id", sa.String(255), nullable=False, unique=True),
     sa.Column("email", sa.String(320), nullable=True),
     sa.Column("created_at", sa.DateTime, nullable=False),
+    #: set by ``byod users remove``: the clerk id is then a tombstone (see Directory)
+    sa.Column("removed_at", sa.DateTime, nullable=True),
 )
 
 configs = sa.Table(
@@ -263,6 +265,13 @@ def require_tables(engine: sa.Engine) -> None:
         raise ControlPlaneError(
             f"the control plane {where} lacks {', '.join(missing)}: run `byod init`"
         )
+    try:  # columns added since an earlier byod made the tables: nullable, added as `init` does
+        _add_missing_columns(engine)
+    except SQLAlchemyError as exc:
+        raise ControlPlaneError(
+            f"the control plane {where} lacks columns this byod adds, and they could not be "
+            "added: run `byod init`"
+        ) from exc
 
 
 def create_tables(engine: sa.Engine) -> None:
