@@ -419,3 +419,13 @@ def test_a_malformed_run_id_is_404_not_a_server_error(api: Api, bad: str) -> Non
         answer = api.get(path, who)
         assert answer.status_code == 404, (path, answer.text)
         assert answer.json()["type"].endswith("not-found")
+
+
+def test_pending_without_a_database_is_zero_not_a_404(api: Api) -> None:
+    """As the original plan's getPendingMigrations: 0 while nothing is connected."""
+    answer = api.get("/v1/me/migrations/pending", "ops")  # a user with no database
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"count": 0, "migrations": [], "connected": False}
+    mine = api.get("/v1/me/migrations/pending", "user_a").json()
+    assert (mine["count"], mine["connected"]) == (3, True)
+    assert api.get("/v1/me/migrations/pending", "nobody").status_code == 404  # unknown user

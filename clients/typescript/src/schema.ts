@@ -53,7 +53,8 @@ export interface paths {
         };
         /**
          * My Pending
-         * @description How many migrations the caller's database still needs, and which.
+         * @description How many migrations the caller's database still needs, and which (none, with
+         *     ``connected`` false, while the caller has no database connected).
          */
         get: operations["my_pending"];
         put?: never;
@@ -334,13 +335,17 @@ export interface components {
         };
         /**
          * PendingOut
-         * @description What is pending for the caller.
+         * @description What is pending for the caller (``connected`` false, and nothing pending, while
+         *     the caller has no database connected: the original plan's ``getPendingMigrations``
+         *     answers 0 then).
          */
         PendingOut: {
             /** Count */
             count: number;
             /** Migrations */
             migrations: components["schemas"]["PendingStep"][];
+            /** Connected */
+            connected: boolean;
         };
         /**
          * PendingStep

@@ -36,6 +36,7 @@ from byod.controlplane import User
 from byod.errors import (
     ForbiddenError,
     InputError,
+    NotConnectedError,
     NotFoundError,
     SettingsError,
     UnavailableError,
@@ -173,12 +174,18 @@ def my_history(ws: Ws, principal: Caller, limit: Limit = 50, offset: Offset = 0)
 
 @router.get("/v1/me/migrations/pending", tags=["me"], responses=_errors(404))
 def my_pending(ws: Ws, principal: Caller) -> PendingOut:
-    """How many migrations the caller's database still needs, and which."""
+    """How many migrations the caller's database still needs, and which (none, with
+    ``connected`` false, while the caller has no database connected)."""
+    me = _me(ws, principal)
+    try:
+        pending = commands.pending_migrations(ws, me)
+    except NotConnectedError:
+        return PendingOut(count=0, migrations=[], connected=False)
     steps = [
         PendingStep(id=m.id, version=m.version, name=m.name, description=m.description)
-        for m in commands.pending_migrations(ws, _me(ws, principal))
+        for m in pending
     ]
-    return PendingOut(count=len(steps), migrations=steps)
+    return PendingOut(count=len(steps), migrations=steps, connected=True)
 
 
 @router.post("/v1/me/migrations/run", status_code=202, tags=["me"], responses=_errors(404, 409))

@@ -119,10 +119,13 @@ class PendingStep(_Answer):
 
 
 class PendingOut(_Answer):
-    """What is pending for the caller."""
+    """What is pending for the caller (``connected`` false, and nothing pending, while
+    the caller has no database connected: the original plan's ``getPendingMigrations``
+    answers 0 then)."""
 
     count: int
     migrations: list[PendingStep]
+    connected: bool
 
 
 class RunStarted(_Answer):
