@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -589,6 +591,11 @@ def test_the_convex_demo_migrates_a_local_fleet_of_deployments(tmp_path: Path) -
     with sa.create_engine(f"sqlite:///{tmp_path / 'byod-convex-demo' / 'byod.db'}").connect() as c:
         rows = c.execute(sa.select(ledger.c.migration_id, ledger.c.status)).all()
     assert sorted(set(rows)) == [("001_initial", "completed"), ("002_add_tags", "completed")]
+    hint = re.search(r"`(byod history [^`]+)`", " ".join(done.stdout.split()))
+    assert hint is not None, done.stdout
+    followed = run_byod(tmp_path, *shlex.split(hint.group(1))[1:], env={})  # the hint works
+    assert followed.returncode == 0, followed.stderr
+    assert "002_add_tags" in followed.stdout
     again = run_byod(tmp_path, "demo", "--convex", "--tenants", "1", env={})
     assert again.returncode == 0, "a second run starts afresh"
 

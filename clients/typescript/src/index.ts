@@ -168,7 +168,8 @@ export class ByodClient {
     return unwrap(await this.raw.GET("/v1/me/migrations", { params: { query: page } }));
   }
 
-  /** How many migrations the caller's database still needs, and which. */
+  /** How many migrations the caller's database still needs, and which (0, with
+   * `connected: false`, while the caller has no database connected). */
   async myPending(): Promise<Pending> {
     return unwrap(await this.raw.GET("/v1/me/migrations/pending"));
   }

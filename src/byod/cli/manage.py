@@ -394,13 +394,10 @@ def demo(
     render.fleet_status_tables(result.status, out)
     out.print(render.history_table(f"history of {result.sample_user}", result.sample_history))
     if convex:
-        from byod.commands.convex_local import EXAMPLE_APP
-
         out.print(
             f"deployments: {result.created} local Convex test deployments (gone with the demo); "
-            f"their ledger stays in {escape(result.database_url or '')}: e.g. byod history "
-            f"{result.sample_user} --database-url {escape(result.database_url or '')} "
-            f"--migrations {escape(str(EXAMPLE_APP / 'migrations'))}"
+            f"their ledger stays in {escape(result.database_url or '')}: e.g. `byod history "
+            f"{result.sample_user} --database-url {escape(result.database_url or '')}`"
         )
     else:
         out.print(f"instances: {escape(str(result.folder))} ({result.created} created this time)")
