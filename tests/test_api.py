@@ -429,3 +429,25 @@ def test_pending_without_a_database_is_zero_not_a_404(api: Api) -> None:
     mine = api.get("/v1/me/migrations/pending", "user_a").json()
     assert (mine["count"], mine["connected"]) == (3, True)
     assert api.get("/v1/me/migrations/pending", "nobody").status_code == 404  # unknown user
+
+
+def test_byod_token_mints_tokens_the_server_accepts(api: Api, tmp_path: Path) -> None:
+    from tests.test_cli import Cli
+
+    cli = Cli(tmp_path, BYOD_JWT_SECRET=SECRET)
+    user = cli("token", "--sub", "user_a")
+    ops = cli("token", "--sub", "ops", "--role", "admin", "--expires-in", "60")
+    assert user.code == 0 and ops.code == 0, user.err + ops.err
+    mine = api.client.get("/v1/me/instance", headers=bearer(user.out.strip()))
+    assert mine.status_code == 200 and mine.json()["clerk_id"] == "user_a"
+    assert api.client.get("/v1/fleet/status", headers=bearer(user.out.strip())).status_code == 403
+    assert api.client.get("/v1/fleet/status", headers=bearer(ops.out.strip())).status_code == 200
+    nested = Cli(tmp_path, BYOD_JWT_SECRET=SECRET, BYOD_JWT_ROLE_CLAIM="app.role")
+    claims = jwt.decode(
+        nested("token", "--sub", "ops", "--role", "admin").out.strip(), SECRET, ["HS256"]
+    )
+    assert claims["app"] == {"role": "admin"} and claims["sub"] == "ops"
+    jwks = Cli(tmp_path, BYOD_JWT_JWKS=str(tmp_path / "keys.json"))("token", "--sub", "x")
+    assert jwks.code == 2 and "identity provider" in jwks.err
+    assert Cli(tmp_path)("token", "--sub", "x").code == 2  # no secret: a clear refusal
+    assert cli("token", "--sub", "x", "--role", "root").code == 2

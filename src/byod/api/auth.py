@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from byod.errors import (
     SettingsError,
 )
 
-__all__ = ["AuthSettings", "Authenticator", "Principal"]
+__all__ = ["AuthSettings", "Authenticator", "Principal", "mint_test_token"]
 
 #: RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output.
 MIN_SECRET_BYTES = 32
@@ -100,6 +101,36 @@ class AuthSettings:
             role_claim=env.get("BYOD_JWT_ROLE_CLAIM") or "byod_role",
             admin_value=env.get("BYOD_JWT_ADMIN_VALUE") or "admin",
         )
+
+
+def mint_test_token(
+    settings: AuthSettings, sub: str, *, admin: bool = False, seconds: int = 3600
+) -> str:
+    """A token ``byod serve`` accepts with these settings, signed HS256 with
+    ``BYOD_JWT_SECRET``: for developers and tests. Its subject is ``sub`` exactly;
+    ``admin`` puts the operator's role in the role claim (a dotted path is nested). The
+    audience and issuer are the configured ones. :class:`SettingsError` where tokens
+    are verified with a public key or a JWKS (their issuer signs them, not byod)."""
+    if settings.public_key_pem or settings.jwks_path or settings.jwks_url:
+        raise SettingsError(
+            "tokens are verified with BYOD_JWT_PUBLIC_KEY or BYOD_JWT_JWKS here: get one "
+            "from your identity provider (byod signs test tokens with BYOD_JWT_SECRET only)"
+        )
+    if not settings.secret:
+        raise SettingsError("no BYOD_JWT_SECRET: set one (`openssl rand -hex 32`) to sign tokens")
+    now = int(time.time())
+    claims: dict[str, object] = {"sub": sub, "iat": now, "exp": now + seconds}
+    if settings.audience:
+        claims["aud"] = settings.audience
+    if settings.issuer:
+        claims["iss"] = settings.issuer
+    if admin:
+        *parents, last = settings.role_claim.split(".")
+        holder = claims
+        for part in parents:
+            holder = holder.setdefault(part, {})  # type: ignore[assignment]
+        holder[last] = settings.admin_value
+    return jwt.encode(claims, settings.secret, algorithm="HS256")
 
 
 class Authenticator:

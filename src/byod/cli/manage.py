@@ -97,6 +97,41 @@ def users_remove(user: UserArg, database_url: DatabaseUrl = None) -> None:
 
 
 @app.command()
+def token(
+    sub: Annotated[
+        str,
+        typer.Option(
+            "--sub", metavar="CLERK_ID", help="The token's subject: a user's clerk id, exactly."
+        ),
+    ],
+    role: Annotated[
+        str | None,
+        typer.Option(
+            "--role",
+            metavar="admin",
+            help="admin: an operator's token (the role claim of BYOD_JWT_ROLE_CLAIM).",
+        ),
+    ] = None,
+    expires_in: Annotated[
+        int, typer.Option("--expires-in", metavar="SECONDS", min=1, max=366 * 86400)
+    ] = 3600,
+) -> None:
+    """Print a test token for `byod serve`, signed with BYOD_JWT_SECRET (development
+    only; refused where tokens are verified with a public key or a JWKS)."""
+    from byod.api.auth import AuthSettings, mint_test_token
+
+    if role not in (None, "admin"):
+        raise InputError(f"--role takes admin only (a user's token has no role), not {role!r}")
+    settings = AuthSettings.from_env()
+    out.print(
+        mint_test_token(settings, sub, admin=role == "admin", seconds=expires_in),
+        soft_wrap=True,
+        markup=False,
+        highlight=False,
+    )
+
+
+@app.command()
 def disconnect(user: UserArg, database_url: DatabaseUrl = None) -> None:
     """Drop a user's database credentials (the user and its history stay)."""
     found, dropped = commands.disconnect(workspace_for(database_url, None), user)
