@@ -329,3 +329,43 @@ def test_operators_start_a_rehearsal_over_http_and_the_dashboard_shows_it_apart(
     assert "/dashboard/users/" in run_page.split("id='failures'")[1]  # the failing user
     assert "002_unique_titles" in run_page
     assert rws.directory.get_config(good).schema_version == 1
+
+
+def test_a_rehearsals_output_never_reads_like_a_real_run(
+    rws: Workspace, tmp_path: Path, new_instance: InstanceFactory
+) -> None:
+    """The human summary, the run list and ``runs show`` say nothing was changed;
+    ``--json`` lines carry ``"rehearsal": true`` (and real runs ``false``), every other
+    value as before."""
+    for n in range(3):
+        seeded(rws, new_instance, f"user_{n}", duplicate=n == 1)
+    env = {
+        "BYOD_DATABASE_URL": rws.settings.database_url,
+        "BYOD_MIGRATIONS": str(rws.settings.migrations_dir),
+        "BYOD_ENCRYPTION_KEY": TEST_KEY,
+    }
+    cli = Cli(tmp_path, **env)
+    human = cli("migrate", "--all", "--rehearse")
+    assert human.code == 1
+    assert "rehearsal — nothing was changed" in human.out
+    lines = [
+        json.loads(line)
+        for line in cli("migrate", "--all", "--rehearse", "--json").out.splitlines()
+    ]
+    assert all(
+        line.get("rehearsal", line.get("summary", {}).get("rehearsal")) is True for line in lines
+    )
+    assert lines[-1]["summary"]["failed"] == 1
+    one = cli("migrate", "user_0", "--rehearse")
+    assert one.code == 0 and "rehearsal — nothing was changed" in one.out
+    listed = cli("runs")
+    assert "rehearsal (nothing changed)" in listed.out
+    run_id = lines[-1]["summary"]["run_id"]
+    assert "rehearsal — nothing was changed" in cli("runs", "show", run_id).out
+    real = [json.loads(line) for line in cli("migrate", "--all", "--json").out.splitlines()]
+    assert real[-1]["summary"]["rehearsal"] is False
+    assert all(line["rehearsal"] is False for line in real[:-1])
+    row = next(
+        line for line in cli("runs").out.splitlines() if real[-1]["summary"]["run_id"] in line
+    )
+    assert "rehearsal" not in row and "migrate" in row

@@ -32,7 +32,7 @@ def rehearse_user(runner: Runner, user: User, *, to_version: int | None = None) 
     try:
         config = runner.directory.claim_lease(user.id, runner.owner, runner.lease_seconds)
     except BusyError as exc:
-        return runner._gave_up(user, 0, exc)
+        return dataclasses.replace(runner._gave_up(user, 0, exc), rehearsal=True)
     try:
         with runner.directory.keep_lease(user.id, runner.owner, runner.lease_seconds):
             credentials = runner._unseal(config)
@@ -41,7 +41,9 @@ def rehearse_user(runner: Runner, user: User, *, to_version: int | None = None) 
     except RehearsalError:
         raise
     except ByodError as exc:
-        return runner._gave_up(user, config.schema_version, exc)
+        return dataclasses.replace(
+            runner._gave_up(user, config.schema_version, exc), rehearsal=True
+        )
     finally:
         with contextlib.suppress(ControlPlaneError):
             runner.directory.release_lease(user.id, runner.owner)
@@ -76,11 +78,19 @@ def _rehearse_on(
                 f"user {user.id} ({user.clerk_id}): rehearsing {mig.id}: {exc.message}",
                 hint=exc.hint,
             )
-            return UserResult(user.id, user.clerk_id, current, current, tuple(steps), failure)
+            return UserResult(
+                user.id, user.clerk_id, current, current, tuple(steps), failure, rehearsal=True
+            )
         seconds = time.perf_counter() - began
         steps.append(StepResult(mig.id, mig.version, "up", "rehearsed", seconds, rows=rows))
     elapsed = time.monotonic() - started
     target_version = plan.steps[-1].version_after if plan.steps else current
     return UserResult(
-        user.id, user.clerk_id, current, target_version, tuple(steps), seconds=elapsed
+        user.id,
+        user.clerk_id,
+        current,
+        target_version,
+        tuple(steps),
+        seconds=elapsed,
+        rehearsal=True,
     )

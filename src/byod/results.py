@@ -60,6 +60,8 @@ class UserResult:
     seconds: float = field(default=0.0, compare=False)
     #: the kind of the user's instance, where the control plane says (for metrics)
     target_kind: str | None = field(default=None, compare=False)
+    #: a rehearsal's result: whatever it says, the instance was left unchanged
+    rehearsal: bool = field(default=False, compare=False)
 
     @property
     def ok(self) -> bool:

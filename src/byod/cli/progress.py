@@ -55,6 +55,8 @@ def finish_user(out: Console, err: Console, result: UserResult, json_out: bool, 
             )
             for step in result.steps:
                 out.print(f"  {step.migration_id} {step.direction}: {step.status}")
+    if result.rehearsal and not json_out:
+        out.print(render.REHEARSAL_NOTE)
     if result.error is not None:
         if not json_out:
             print_error(err, result.error)
@@ -161,6 +163,8 @@ def print_summary(out: Console, err: Console, summary: FleetSummary, json_out: b
         out.print(render.dump({"summary": summary.as_dict()}))
     else:
         out.print(f"run {summary.run_id} {summary.state}: {render.counts_line(summary)}")
+        if summary.rehearsal:
+            out.print(render.REHEARSAL_NOTE)
     if json_on_stderr():  # each failure is in the log already, one record per user
         _log_run_end(summary)
         return

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from byod.results import UserResult
 
 __all__ = [
+    "REHEARSAL_NOTE",
     "counts_line",
     "dump",
     "fleet_status_data",
@@ -66,6 +67,10 @@ def _rows(done: int | None, total: int | None) -> str:
     if done is None:
         return ""
     return f"{done:,}" if total is None else f"{done:,}/{total:,}"
+
+
+#: What a rehearsal's human output says, so it never reads like a real run.
+REHEARSAL_NOTE = "rehearsal — nothing was changed (every instance rolled back)"
 
 
 def counts_line(counts: RunCounts) -> str:
@@ -185,6 +190,7 @@ def result_data(result: UserResult) -> dict[str, Any]:
         "steps": [asdict(step) for step in result.steps],
         "error": result.error.message if result.error else None,
         "error_type": type(result.error).__name__ if result.error else None,
+        "rehearsal": result.rehearsal,
     }
 
 
@@ -244,6 +250,8 @@ def runs_table(records: list[RunRecord]) -> Table:
     for run in records:
         c = run.counts
         kind = f"undo {run.undoes}" if run.undoes else run.kind
+        if run.kind == "rehearse":
+            kind = "rehearsal (nothing changed)"
         table.add_row(
             run.id,
             kind,
@@ -258,6 +266,8 @@ def run_details(details: RunDetails, console: Console) -> None:
     """One fleet run with its options and failures."""
     run, c = details.run, details.run.counts
     console.print(f"run [bold]{run.id}[/] ({run.kind}) {run.shown_state}")
+    if run.kind == "rehearse":
+        console.print(REHEARSAL_NOTE)
     if run.halt_reason:
         console.print(f"halted: {plain(run.halt_reason)}")
     console.print(

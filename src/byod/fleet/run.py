@@ -68,7 +68,9 @@ def migrate_fleet(
     """
     size = size_selection(runner, selection, to_version)
     target = size.target
-    summary = FleetSummary(not_eligible=size.not_eligible, up_to_date=size.up_to_date)
+    summary = FleetSummary(
+        not_eligible=size.not_eligible, up_to_date=size.up_to_date, rehearsal=rehearse
+    )
     chosen: Iterable[Item]
     if size.listed is not None:
         chosen = [Item(user, target) for user in size.listed]

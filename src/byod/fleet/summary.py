@@ -50,6 +50,8 @@ class FleetSummary(RunCounts):
     state: str = "running"
     halt_reason: str | None = None
     errors: list[FleetFailure] = field(default_factory=list)
+    #: a rehearsal: every instance was rolled back, nothing was changed
+    rehearsal: bool = False
 
     @property
     def ok(self) -> bool:
@@ -61,6 +63,8 @@ class FleetSummary(RunCounts):
         return RunCounts(**{f.name: getattr(self, f.name) for f in fields(RunCounts)})
 
     def as_dict(self) -> dict[str, object]:
-        """The summary as plain data (for JSON): run id, state and halt reason first."""
+        """The summary as plain data (for JSON): run id, state and halt reason first,
+        ``rehearsal`` last (true: nothing was changed)."""
         head = {"run_id": self.run_id, "state": self.state, "halt_reason": self.halt_reason}
-        return head | asdict(self.counts()) | {"errors": [asdict(e) for e in self.errors]}
+        errors = {"errors": [asdict(e) for e in self.errors]}
+        return head | asdict(self.counts()) | errors | {"rehearsal": self.rehearsal}
