@@ -451,3 +451,22 @@ def test_byod_token_mints_tokens_the_server_accepts(api: Api, tmp_path: Path) ->
     assert jwks.code == 2 and "identity provider" in jwks.err
     assert Cli(tmp_path)("token", "--sub", "x").code == 2  # no secret: a clear refusal
     assert cli("token", "--sub", "x", "--role", "root").code == 2
+
+
+def test_a_no_op_run_over_http_gets_its_id_and_stays_off_the_dashboard_by_default(
+    api: Api,
+) -> None:
+    for who in ("user_a", "user_b"):
+        assert api.ws.runner().migrate(api.a if who == "user_a" else api.b).ok
+    started = api.post("/v1/fleet/runs", "ops", json={})
+    assert started.status_code == 202
+    run_id = started.json()["run_id"]
+    run = wait_for_run(api, f"/v1/fleet/runs/{run_id}", "ops")
+    assert (run["state"], run["succeeded"], run["up_to_date"]) == ("completed", 0, 2)
+    signed_in = api.client.post(
+        "/dashboard/login", data={"token": token("ops", admin=True)}, follow_redirects=False
+    )
+    assert signed_in.status_code == 303
+    page = api.client.get("/dashboard").text
+    assert "Fleet runs" in page and run_id not in page
+    assert run_id in api.client.get("/dashboard", params={"noop": "1"}).text

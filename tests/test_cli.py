@@ -11,6 +11,7 @@ import traceback
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -31,6 +32,10 @@ class Run:
 
     def json(self) -> object:
         return json.loads(self.out)
+
+    def json_lines(self) -> list[Any]:
+        """Each line of stdout as JSON (a fleet command's ``--json`` output)."""
+        return [json.loads(line) for line in self.out.splitlines() if line.strip()]
 
 
 class Cli:
@@ -514,3 +519,25 @@ def test_disconnect_drops_the_credentials_only(cli: Cli, tmp_path: Path) -> None
     users = cli("users", "list", "--json").json()
     assert users[0]["email"] == "a@example.com"  # type: ignore[index]
     assert cli("status", "--json").json()["by_connection"] == {"not configured": 1}  # type: ignore[index]
+
+
+def test_a_run_with_nothing_to_do_counts_everyone_up_to_date_and_is_listed_only_on_request(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """Regression: every re-run at head added a ``0/0/0/0/0 of 0`` run and said ``0 up
+    to date`` while every user was at head."""
+    assert cli("init").code == 0
+    for name in ("a", "b", "c"):
+        assert cli("users", "add", "--clerk-id", name).code == 0
+        assert cli("connect", name, "--url", sqlite_instance(tmp_path, name)).code == 0
+    assert cli("migrate", "--all").code == 0
+    idle = cli("migrate", "--all", "--json")
+    assert idle.code == 0
+    summary = idle.json_lines()[-1]["summary"]
+    assert (summary["total"], summary["up_to_date"], summary["succeeded"]) == (3, 3, 0)
+    listed = cli("runs", "--json").json()
+    assert len(listed) == 1 and listed[0]["counts"]["succeeded"] == 3  # type: ignore[index]
+    every = cli("runs", "--json", "--noop").json()
+    assert every[0]["id"] == summary["run_id"] and len(every) == 2  # type: ignore[index,arg-type]
+    assert "(no-op)" in cli("runs", "--noop").out
+    assert cli("runs", "show", summary["run_id"]).code == 0  # still there by its id

@@ -137,6 +137,8 @@ def _overview(
         "<h2>Latest failures</h2><table id='failures'><tr><th>user</th><th>migration</th>"
         f"<th>error</th><th>when (UTC)</th></tr>{failures}</table>"
         f"<h2>Fleet runs</h2>{_runs_table('runs', real, rows)}"
+        "<p class='note'>Runs that moved nobody (every user up to date) are left out: "
+        "<a href='/dashboard?noop=1'>show them too</a>.</p>"
         "<h2>Rehearsals</h2><p>Runs that changed nothing: each user's steps rolled back; "
         "<i>ok</i> passed, <i>failed</i> would fail.</p>"
         f"{_runs_table('rehearsals', rehearsals, rows)}"
@@ -211,7 +213,7 @@ def dashboard(request: Request) -> Response:
     if (page := _refused(request)) is not None:
         return page
     ws = _ws(request)
-    runs = commands.list_runs(ws, limit=10)
+    runs = commands.list_runs(ws, limit=10, noop=request.query_params.get("noop") == "1")
     status = commands.status(ws)
     oldest_first = [run for run in reversed(runs) if run.kind != "rehearse"]  # moved users
     over_time = versions_over_runs(

@@ -252,6 +252,8 @@ def runs_table(records: list[RunRecord]) -> Table:
         kind = f"undo {run.undoes}" if run.undoes else run.kind
         if run.kind == "rehearse":
             kind = "rehearsal (nothing changed)"
+        if run.noop:
+            kind += " (no-op)"
         table.add_row(
             run.id,
             kind,

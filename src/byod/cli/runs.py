@@ -387,13 +387,20 @@ def rollback(
 def runs(
     ctx: typer.Context,
     limit: Annotated[int, typer.Option("--limit", metavar="N", min=1, max=10_000)] = 20,
+    noop: Annotated[
+        bool,
+        typer.Option(
+            "--noop", help="Also the no-op runs: those that moved nobody (hidden by default)."
+        ),
+    ] = False,
     json_out: Json = False,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Fleet runs, newest first (`byod runs show RUN` for one)."""
     if ctx.invoked_subcommand is not None:
         return
-    records = commands.list_runs(workspace_for(database_url, None), limit=limit)
+    ws = workspace_for(database_url, None)
+    records = commands.list_runs(ws, limit=limit, noop=noop)
     if json_out:
         out.print(render.dump([render.run_data(r) for r in records]))
     else:

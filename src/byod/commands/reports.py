@@ -36,10 +36,10 @@ def status(ws: Workspace) -> FleetStatus:
     return fleet_status(ws.engine, ws.registry.head)
 
 
-def list_runs(ws: Workspace, *, limit: int = 20) -> list[RunRecord]:
-    """The newest fleet runs."""
+def list_runs(ws: Workspace, *, limit: int = 20, noop: bool = False) -> list[RunRecord]:
+    """The newest fleet runs (``noop``: runs that moved nobody too)."""
     ws.require_tables()
-    return RunStore(ws.engine).recent(limit)
+    return RunStore(ws.engine).recent(limit, noop=noop)
 
 
 @dataclass(frozen=True)

@@ -137,20 +137,23 @@ def count_outdated_by_key(
     statuses: tuple[str, ...],
     key_id: str,
     only_version: int | None = None,
-) -> tuple[int, int]:
-    """How many configs in ``statuses`` are below version ``below``, and how many of those
-    were sealed with the key ``key_id`` (one query)."""
-    sealed = sa.func.coalesce(sa.func.sum(sa.case((configs.c.key_id == key_id, 1), else_=0)), 0)
-    query = (
-        sa.select(sa.func.count(), sealed)
-        .select_from(configs)
-        .where(configs.c.connection_status.in_(statuses), configs.c.schema_version < below)
-    )
+) -> tuple[int, int, int]:
+    """How many configs in ``statuses`` are below version ``below``, how many of those
+    were sealed with the key ``key_id``, and how many are at ``below`` or past it (up to
+    date; 0 with ``only_version``): one query."""
+    outdated = configs.c.schema_version < below
     if only_version is not None:
-        query = query.where(configs.c.schema_version == only_version)
+        outdated = sa.and_(outdated, configs.c.schema_version == only_version)
+    at_target = sa.false() if only_version is not None else configs.c.schema_version >= below
+    sealed = sa.and_(outdated, configs.c.key_id == key_id)
+    query = sa.select(
+        *(sa.func.coalesce(sa.func.sum(sa.case((c, 1), else_=0)), 0) for c in (outdated, sealed))
+    )
+    query = query.add_columns(sa.func.coalesce(sa.func.sum(sa.case((at_target, 1), else_=0)), 0))
+    query = query.select_from(configs).where(configs.c.connection_status.in_(statuses))
     with reading(engine, "count outdated users") as conn:
-        total, with_key = conn.execute(query).one()
-    return int(total), int(with_key)
+        total, with_key, current = conn.execute(query).one()
+    return int(total), int(with_key), int(current)
 
 
 def count_ahead(engine: sa.Engine, head: int) -> tuple[int, OutdatedConfig | None]:

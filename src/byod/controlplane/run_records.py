@@ -48,6 +48,17 @@ class RunRecord:
     in_flight: int = 0
 
     @property
+    def noop(self) -> bool:
+        """A run that ended having moved (or tried, or left out) nobody: every user it
+        took was up to date. Lists leave these out unless asked."""
+        c = self.counts
+        return (
+            self.state == "completed"
+            and not (c.succeeded or c.failed or c.busy)
+            and (not c.not_started)
+        )
+
+    @property
     def distributed(self) -> bool:
         """True for a run whose users are migrated by task-queue workers."""
         return self.spec.distributed

@@ -126,13 +126,16 @@ class RunStore:
             query = sa.select(sa.func.count()).select_from(runs).where(runs.c.state == "running")
             return int(conn.execute(query).scalar_one())
 
-    def recent(self, limit: int = 20) -> list[RunRecord]:
-        """The newest runs first."""
+    def recent(self, limit: int = 20, *, noop: bool = False) -> list[RunRecord]:
+        """The newest runs first; ``noop``: runs that moved nobody too (left out by
+        default: a re-run with nothing to do is no news)."""
         query = (
             sa.select(*_RECORD_COLUMNS)
             .order_by(runs.c.started_at.desc(), runs.c.id.desc())
             .limit(limit)
         )
+        if not noop:
+            query = query.where(sa.not_(_NOOP))
         with reading(self.engine, "list runs") as conn:
             records = [_record(row) for row in conn.execute(query)]
         return [self._counted(record) for record in records]
@@ -376,6 +379,16 @@ _FINISH = sa.text(
     WHERE id IN (SELECT run_id FROM done)
     RETURNING {_DISPATCH_COLUMNS}
     """
+)
+
+
+#: A run that ended having moved (or tried, or left out) nobody: a no-op run
+_NOOP = sa.and_(
+    runs.c.state == "completed",
+    runs.c.succeeded == 0,
+    runs.c.failed == 0,
+    runs.c.busy == 0,
+    runs.c.not_started == 0,
 )
 
 

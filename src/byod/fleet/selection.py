@@ -72,7 +72,8 @@ class SelectionSize:
     planned: int
     #: users with no config or a ``pending``/``disconnected`` connection
     not_eligible: int
-    #: ``--users`` already at the target
+    #: users already at the target: of ``--users``, or of the whole eligible fleet
+    #: (not with ``--only-version`` or ``--limit``, which take a part of it)
     up_to_date: int
     #: ``--users`` still to run; None: the outdated users of the index
     listed: tuple[User, ...] | None
@@ -87,8 +88,8 @@ def size_selection(
     if selection.users is None:
         listed = None
         not_eligible = count_not_eligible(runner.engine, ELIGIBLE_STATUSES)
-        up_to_date = 0
-        planned, sealed_here = count_outdated_by_key(
+        # users already at the target are the run's too: counted up to date, not taken
+        planned, sealed_here, up_to_date = count_outdated_by_key(
             runner.engine,
             target,
             statuses=ELIGIBLE_STATUSES,
@@ -100,6 +101,7 @@ def size_selection(
         planned = len(listed)
     if selection.limit is not None:
         planned = min(planned, selection.limit)
+        up_to_date = up_to_date if selection.users is not None else 0
     require_key(runner, planned, sealed_here)
     return SelectionSize(target, planned, not_eligible, up_to_date, listed)
 
