@@ -3,6 +3,7 @@ transaction, resumed from that cursor after an interruption or a failed batch.""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -841,3 +842,29 @@ def test_a_mistaken_backfill_declaration_is_refused_when_the_folder_loads(
     )
     with pytest.raises(RegistryError, match=message):
         Registry.load(folder)
+
+
+def test_json_log_records_of_backfills_carry_the_user_and_the_migration(
+    bws: Workspace, tmp_path: Path
+) -> None:
+    from tests.test_cli import Cli
+
+    path = tmp_path / "one.db"
+    path.touch()
+    uid = add_connected(bws, f"sqlite:///{path}", "one")
+    cli = Cli(
+        tmp_path,
+        BYOD_DATABASE_URL=bws.settings.database_url,
+        BYOD_MIGRATIONS=str(bws.settings.migrations_dir),
+        BYOD_ENCRYPTION_KEY=TEST_KEY,
+    )
+    ran = cli("--log-format", "json", "migrate", "--all", "--json")
+    assert ran.code == 0, ran.err
+    logged = [json.loads(line) for line in ran.err.splitlines() if line.strip()]
+    phases = [r for r in logged if "backfill of" in r["message"] or "finalized" in r["message"]]
+    assert len(phases) == 2, logged
+    run_id = ran.json_lines()[-1]["summary"]["run_id"]
+    for record in phases:
+        assert (record["user_id"], record["clerk_id"]) == (uid, "one")
+        assert (record["migration"], record["direction"]) == ("002_bump", "up")
+        assert record["run_id"] == run_id

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -222,12 +223,19 @@ def test_a_worker_serves_its_pool_processes_metrics_added_up(redis_cluster: Clus
     execute(f"sqlite:///{cluster.folder.parent / 'u3.db'}", "CREATE TABLE break_me (id INTEGER)")
     hold = cluster.folder.parent / "hold"
     hold.mkdir()
+    temp = cluster.folder.parent / "tmp"  # where the worker makes its metrics folder
+    temp.mkdir()
     port = free_port()
-    cluster.start_worker(
+    worker = cluster.start_worker(
         concurrency=2,
         args=("--metrics-port", str(port)),
-        extra_env={"BYOD_TEST_HOLD_DIR": str(hold), "BYOD_TEST_HOLD_SECONDS": "2"},
+        extra_env={
+            "BYOD_TEST_HOLD_DIR": str(hold),
+            "BYOD_TEST_HOLD_SECONDS": "2",
+            "TMPDIR": str(temp),
+        },
     )
+    assert len(list(temp.glob("byod-metrics-*"))) == 1
     metrics_url = f"http://127.0.0.1:{port}/metrics"
     started = subprocess.Popen(
         [BYOD, "migrate", "--all", "--distributed", "--retries", "0", "--json"],
@@ -255,6 +263,9 @@ def test_a_worker_serves_its_pool_processes_metrics_added_up(redis_cluster: Clus
     assert value(after, "byod_steps_total", migration="003_fragile", outcome="failed") == 1
     assert value(after, "byod_step_duration_seconds_count", migration="002_bump") == 4
     assert value(after, "byod_users_in_flight") == 0
+    worker.send_signal(signal.SIGTERM)  # a warm shutdown takes its metrics folder along
+    worker.wait(60)
+    assert list(temp.glob("byod-metrics-*")) == []
 
 
 def test_a_json_worker_writes_nothing_but_json_lines(redis_cluster: Cluster) -> None:

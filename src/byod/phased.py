@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from byod.errors import DriftError, MigrationFailedError, StoppedError
+from byod.logs import fields
 from byod.registry import Step
 from byod.spec import FleetOptions
 from byod.targets import Target
@@ -60,12 +61,15 @@ def run_phased(
     batching: Batching,
     user_id: int,
     on_rows: Callable[[int, int | None], None] = lambda rows, total: None,
+    log_fields: Mapping[str, object] | None = None,
 ) -> int | None:
     """Bring a phased step to its end (resuming it if it is in progress); returns the
     rows its backfills did in all, or None when the instance's stamp shows it done
     already. ``on_rows`` hears the rows done (when the step starts or resumes, and after
-    each batch), and the estimated total."""
+    each batch), and the estimated total. ``log_fields``: the event fields of the step's
+    log records (``--log-format json``: run, user, migration, direction)."""
     migration = step.migration
+    extra = dict(log_fields or fields(user_id=user_id, migration=migration.id))
     progress = target.read_progress(step)
     if progress is None:
         if not target.apply(step, bodies.schema, _deadline(timeout), phase="schema"):
@@ -78,7 +82,13 @@ def run_phased(
                 "progress): restore the file as it was, let `byod migrate` finish the step, "
                 "then add a new migration"
             )
-        log.info("user %s: %s resumes at backfill %d", user_id, migration.id, progress.backfill)
+        log.info(
+            "user %s: %s resumes at backfill %d",
+            user_id,
+            migration.id,
+            progress.backfill,
+            extra=extra,
+        )
     if progress is None:  # the schema phase writes it: its loss shows at the first batch
         progress = Progress(0, None, 0)
     on_rows(progress.rows_done, progress.rows_total)
@@ -99,7 +109,9 @@ def run_phased(
                 )
             if batching.pause:
                 time.sleep(batching.pause)
-        log.info("user %s: %s backfill of %s done", user_id, migration.id, work.table)
+        log.info(
+            "user %s: %s backfill of %s done", user_id, migration.id, work.table, extra=extra
+        )
     try:
         target.apply(step, bodies.finalize, _deadline(timeout), phase="finalize")
     except MigrationFailedError as exc:
@@ -107,7 +119,13 @@ def run_phased(
             f"{migration.id}: its finalize failed (its backfills are done and kept; the next "
             f"run runs the finalize alone): {exc.message}"
         ) from exc
-    log.info("user %s: %s finalized after %d rows", user_id, migration.id, progress.rows_done)
+    log.info(
+        "user %s: %s finalized after %d rows",
+        user_id,
+        migration.id,
+        progress.rows_done,
+        extra=extra,
+    )
     return progress.rows_done
 
 

@@ -523,6 +523,13 @@ class Runner:
                 batching=self.batching,
                 user_id=user.id,
                 on_rows=on_rows,
+                log_fields=fields(
+                    run_id=self.run_id,
+                    user_id=user.id,
+                    clerk_id=user.clerk_id,
+                    migration=step.migration.id,
+                    direction=step.direction,
+                ),
             )
         except ByodError:
             if record and latest[0] is not None:  # a failed or stopped attempt shows it

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -307,12 +308,13 @@ def worker(
     names = [q.strip() for q in (queues or "").split(",") if q.strip()]
     if queues is not None and not names:
         raise InputError("--queues names no queue")
+    made: str | None = None  # a folder of our own, removed when the worker ends
     if metrics_port is not None:
         # before prometheus-client is first imported: the pool processes' metrics are
         # written to files there and added up at each scrape
-        folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(
-            prefix="byod-metrics-"
-        )
+        folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not folder:
+            folder = made = tempfile.mkdtemp(prefix="byod-metrics-")
         os.makedirs(folder, exist_ok=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
         from byod.metrics import serve_metrics
@@ -320,12 +322,16 @@ def worker(
         serve_metrics(metrics_host, metrics_port)
     from byod.taskqueue import serve_worker
 
-    serve_worker(
-        workspace_for(database_url, migrations),
-        concurrency=concurrency,
-        queues=names,
-        loglevel=loglevel.upper(),
-    )
+    try:
+        serve_worker(
+            workspace_for(database_url, migrations),
+            concurrency=concurrency,
+            queues=names,
+            loglevel=loglevel.upper(),
+        )
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
 
 
 @app.command()
