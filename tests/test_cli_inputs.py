@@ -246,3 +246,22 @@ def test_a_migration_file_raising_system_exit_names_its_code(cli: Cli, tmp_path:
     folder = write_migrations(tmp_path / "m", {"001_a.py": "raise SystemExit(3)\n"})
     run = cli("init", "--migrations", str(folder))
     assert run.code == 2 and "SystemExit 3" in run.err
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["migrate"], "give a USER or --all"),
+        (["migrate", "a", "--all"], "give a USER or --all, not both"),
+        (["plan"], "give a USER or --all"),
+        (["verify", "a", "--all"], "not both"),
+    ],
+)
+def test_a_missing_or_doubled_target_says_which(cli: Cli, args: list[str], said: str) -> None:
+    """Regression: ``byod migrate`` with no argument said "give either a USER or --all
+    (not both)", as if both had been given."""
+    assert cli("init").code == 0
+    refused = cli(*args)
+    assert refused.code == 2 and said in refused.err
+    if "not both" not in said:
+        assert "not both" not in refused.err
