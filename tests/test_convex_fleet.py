@@ -189,7 +189,8 @@ def test_a_convex_fleet_migrates_to_head_with_its_ledger_exact(
     assert rows[0].rows_done == len(BODIES)
 
     again = migrate_fleet(cvx.runner())
-    assert again.total == 0, "a fleet at head has nothing to do (no deploy either)"
+    assert (again.total, again.up_to_date) == (len(fleet), len(fleet)), "a fleet at head"
+    assert again.succeeded == 0, "nothing to do (no deploy either)"
     described = {d["name"]: d for d in convex_server.deployments()}
     assert all(described[d.name]["deploys"] == 2 for d in fleet)
 

@@ -77,7 +77,7 @@ def test_fleet_mix_summary_and_ledger_are_exact(
     options = FleetOptions(concurrency=3, retries=1, **FAST_RETRY)
     summary = migrate_fleet(cws.runner(), options=options)
     counts = (summary.total, summary.succeeded, summary.failed, summary.busy, summary.up_to_date)
-    assert counts == (5, 3, 2, 0, 0)
+    assert counts == (6, 3, 2, 0, 1)  # the user already at head: counted up to date
     assert summary.not_started == 0 and summary.state == "completed" and not summary.ok
     failed = {(e.user, e.migration) for e in summary.errors}
     assert failed == {("user_003", "001_create"), ("user_004", "003_fragile")}
@@ -290,7 +290,8 @@ def test_control_plane_round_trips_per_migration(
     # a fleet already at head: no per-user work at all, whatever its size
     trips.count = 0
     again = migrate_fleet(cws.runner())
-    assert again.total == 0 and trips.count <= run_overhead, trips.count
+    assert again.total == again.up_to_date == 6 and again.succeeded == 0
+    assert trips.count <= run_overhead, trips.count
     assert len(ids) == 6
 
 
@@ -587,7 +588,7 @@ def test_a_user_another_runner_holds_is_counted_busy(
     ids, _ = fleet_of(cws, new_instance, 3)
     assert cws.runner().migrate(ids[0], to_version=1).ok
     cws.directory.claim_lease(ids[0], "another-runner", 30)
-    cws.runner().migrate(ids[2], to_version=3)  # at head before the run: not selected
+    cws.runner().migrate(ids[2], to_version=3)  # at head before the run: up to date, not taken
     events: dict[int, UserFinished] = {}
     summary = migrate_fleet(
         cws.runner(),
@@ -596,13 +597,13 @@ def test_a_user_another_runner_holds_is_counted_busy(
             events.update({e.result.user_id: e}) if isinstance(e, UserFinished) else None
         ),
     )
-    assert (summary.total, summary.succeeded, summary.busy, summary.up_to_date) == (2, 1, 1, 0)
+    assert (summary.total, summary.succeeded, summary.busy, summary.up_to_date) == (3, 1, 1, 1)
     assert {uid: e.outcome for uid, e in events.items()} == {ids[0]: "busy", ids[1]: "succeeded"}
     busy = events[ids[0]].result  # its line says where the user stands, not version 0
     assert (busy.from_version, busy.to_version) == (1, 1)
     assert "skipped" not in summary.as_dict()
     counts = RunStore(cws.engine).get(summary.run_id).counts
-    assert (counts.busy, counts.succeeded, counts.up_to_date) == (1, 1, 0)
+    assert (counts.busy, counts.succeeded, counts.up_to_date) == (1, 1, 1)
     listed = migrate_fleet(
         cws.runner(), selection=Selection(users=(cws.directory.find_user("user_002").id,))
     )
