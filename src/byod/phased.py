@@ -109,9 +109,7 @@ def run_phased(
                 )
             if batching.pause:
                 time.sleep(batching.pause)
-        log.info(
-            "user %s: %s backfill of %s done", user_id, migration.id, work.table, extra=extra
-        )
+        log.info("user %s: %s backfill of %s done", user_id, migration.id, work.table, extra=extra)
     try:
         target.apply(step, bodies.finalize, _deadline(timeout), phase="finalize")
     except MigrationFailedError as exc:
