@@ -15,6 +15,7 @@ from byod.notify import load_notifier
 from byod.registry import Registry
 from byod.runner import Runner
 from byod.settings import Settings
+from byod.sources import load_registry
 
 if TYPE_CHECKING:  # the distributed core is imported only by what runs it
     from byod.crypto import KeySource, Sealer
@@ -61,7 +62,7 @@ class Workspace:
     @cached_property
     def registry(self) -> Registry:
         """The migrations, loaded and validated."""
-        return Registry.load(self.settings.migrations_dir)
+        return load_registry(self.settings.migrations_dir)
 
     @cached_property
     def sealer(self) -> Sealer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from byod.distributed import (
 from byod.errors import InputError
 from byod.registry import Registry
 from byod.settings import LOCAL_MIGRATIONS, bundled_migrations_dir, normalize_url, safe_url
+from byod.sources import is_alembic_history
 from byod.text import has_control
 
 if TYPE_CHECKING:
@@ -161,6 +163,11 @@ def new_migration(ws: Workspace, name: str) -> Path:
         _make_folder(folder)
         for example in sorted(bundled_migrations_dir().glob("[0-9]*.py")):
             shutil.copyfile(example, folder / example.name)
+    if is_alembic_history(folder):
+        raise InputError(
+            f"{folder} is an Alembic history: add a revision with `alembic revision -m "
+            f"{shlex.quote(name)}` (byod runs it as it is)"
+        )
     _make_folder(folder)
     version = Registry.load(folder).head + 1
     migration_id = f"{version:03d}_{slug}"

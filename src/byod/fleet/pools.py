@@ -53,11 +53,11 @@ def _start_worker(setup: WorkerSetup) -> None:
     from byod.controlplane import open_engine
     from byod.crypto import Sealer
     from byod.notify import load_notifier
-    from byod.registry import Registry
+    from byod.sources import load_registry
 
     runner = Runner(
         open_engine(setup.control_plane),
-        Registry.load(Path(setup.migrations)),
+        load_registry(Path(setup.migrations)),
         Sealer(setup.key),
         notify=load_notifier(setup.notify_hook),
         lease_seconds=setup.options.lease_seconds,

@@ -1,0 +1,26 @@
+"""Where an app's migrations come from: a byod folder (``NNN_slug.py`` files) or an
+Alembic history as it is (see :mod:`byod.alembic_history`). One entry point, so every
+part of byod (runs, plans, workers, ``--processes``) reads a folder the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from byod.alembic_history import alembic_location, load_alembic_history
+from byod.registry import Registry
+
+__all__ = ["is_alembic_history", "load_registry"]
+
+
+def is_alembic_history(path: Path) -> bool:
+    """Whether ``path`` names an Alembic history rather than a byod folder."""
+    return path.exists() and alembic_location(path)
+
+
+def load_registry(path: Path) -> Registry:
+    """The validated migrations at ``path``: a byod migrations folder, or an Alembic
+    ``alembic.ini``, script location or ``versions/`` folder (:class:`RegistryError`
+    naming the file for anything broken)."""
+    if is_alembic_history(path):
+        return Registry(load_alembic_history(path), source=path)
+    return Registry.load(path)
