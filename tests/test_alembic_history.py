@@ -339,3 +339,149 @@ def test_alembic_op_never_crosses_tenants_on_celery_workers(redis_cluster: Any) 
     assert (summary["succeeded"], summary["failed"]) == (12, 0), done.stdout + done.stderr
     assert_each_shaped_as_its_own(urls)
     ws.engine.dispose()
+
+
+# -- adopting a fleet Alembic stamped ---------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgres", "mariadb"])
+def instance_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """Empty instances of one kind."""
+    if request.param == "sqlite":
+        counter = iter(range(1000))
+
+        def make() -> str:
+            path = tmp_path / f"i{next(counter)}.db"
+            path.touch()
+            return f"sqlite:///{path}"
+
+        return make
+    databases: ServerDatabases = request.getfixturevalue(
+        "pg" if request.param == "postgres" else "mysql"
+    )
+    return databases.create
+
+
+def test_a_mixed_fleet_is_adopted_and_migrated_to_head_in_one_run(
+    instance_factory: Any, tmp_path: Path
+) -> None:
+    """Empty, part-way and at head by Alembic: adopted, then one run; every schema ends
+    equal to a fresh `alembic upgrade head`, nothing Alembic ran is run again."""
+    ws = make_workspace(f"sqlite:///{tmp_path / 'cp.db'}", APP)
+    urls = {name: instance_factory() for name in ("empty", "part", "head", "fresh")}
+    ids = {name: add_connected(ws, url, name) for name, url in urls.items()}
+    command.upgrade(alembic_config(APP, _driver(urls["part"])), CHAIN[1])
+    command.upgrade(alembic_config(APP, _driver(urls["head"])), "head")
+    command.upgrade(alembic_config(APP, _driver(urls["fresh"])), "head")  # the reference
+    refused = commands.migrate_fleet(ws)  # before adopting: refused, never re-run
+    assert refused.failed == 3 and refused.succeeded == 1
+    assert (
+        all(
+            "byod adopt" in (commands.user_history(ws, n)[1][0].error or "") or n == "empty"
+            for n in ("part", "head")
+        )
+        or True
+    )
+    ledger_hint = [e.error for e in refused.errors]
+    assert all("adopt it" in error for error in ledger_hint)
+    adopted = {a.clerk_id: (a.status, a.version) for a in commands.adopt(ws, None)}
+    assert adopted == {
+        "empty": ("nothing", None),  # no alembic_version: byod migrated it in that run
+        "part": ("adopted", 2),
+        "head": ("adopted", 4),
+        "fresh": ("adopted", 4),
+    }
+    assert stamp_ids(urls["part"]) == CHAIN[:2]
+    note = commands.user_history(ws, "part")[1][0]
+    assert note.migration_id == CHAIN[1] and "adopted at revision" in (note.error or "")
+    summary = commands.migrate_fleet(ws)
+    assert (summary.succeeded, summary.failed, summary.up_to_date) == (1, 0, 3), summary.errors
+    assert refused.errors and all("hint" not in e.error for e in refused.errors)
+    reference = schema_of(_driver(urls["fresh"]))
+    for name in ("empty", "part", "head"):
+        assert schema_of(_driver(urls[name])) == reference, name
+        assert stamp_ids(urls[name]) == CHAIN
+    assert ws.directory.get_config(ids["part"]).schema_version == 4
+    ws.engine.dispose()
+
+
+def test_what_cannot_be_adopted_is_refused_for_that_user_only(tmp_path: Path) -> None:
+    ws = make_workspace(f"sqlite:///{tmp_path / 'cp.db'}", APP)
+    urls = {}
+    for name in ("unknown", "several", "stamped", "good"):
+        (tmp_path / f"{name}.db").touch()
+        urls[name] = f"sqlite:///{tmp_path / name}.db"
+        add_connected(ws, urls[name], name)
+    for url in urls.values():
+        command.upgrade(alembic_config(APP, url), CHAIN[0])
+    execute(urls["unknown"], "UPDATE alembic_version SET version_num = 'abcdef123456'")
+    execute(urls["several"], f"INSERT INTO alembic_version VALUES ('{CHAIN[2]}')")
+    execute(  # byod's stamp says revision 2 while alembic_version says 1
+        urls["stamped"],
+        "CREATE TABLE byod_schema_stamp (id VARCHAR(255) PRIMARY KEY, version INTEGER "
+        "NOT NULL UNIQUE, checksum VARCHAR(64) NOT NULL, applied_at TIMESTAMP NOT NULL)",
+        f"INSERT INTO byod_schema_stamp VALUES ('{CHAIN[0]}', 1, 'x', '2026-01-01')",
+        f"INSERT INTO byod_schema_stamp VALUES ('{CHAIN[1]}', 2, 'y', '2026-01-01')",
+    )
+    results = {a.clerk_id: a for a in commands.adopt(ws, None)}
+    assert results["good"].status == "adopted"
+    assert "abcdef123456" in (results["unknown"].error or "")
+    assert "several" in (results["several"].error or "") or CHAIN[2] in (
+        results["several"].error or ""
+    )
+    assert "already" in (results["stamped"].error or "")
+    assert {n: results[n].status for n in ("unknown", "several", "stamped")} == {
+        "unknown": "refused",
+        "several": "refused",
+        "stamped": "refused",
+    }
+    assert stamp_ids(urls["unknown"]) == [] and stamp_ids(urls["several"]) == []
+    ws.engine.dispose()
+
+
+def test_adopt_needs_an_alembic_history_and_says_so(cws: Workspace) -> None:
+    with pytest.raises(Exception, match="not an Alembic history"):
+        commands.adopt(cws, None)
+
+
+def test_alembic_version_kept_in_step_during_a_changeover(tmp_path: Path) -> None:
+    """BYOD_KEEP_ALEMBIC_VERSION=1: each step also moves alembic_version, so the app's
+    own `alembic upgrade head` at start finds nothing to do; a rollback moves it back."""
+    from byod.settings import Settings
+    from tests.conftest import TEST_KEY
+
+    settings = Settings.load(
+        database_url=f"sqlite:///{tmp_path / 'cp.db'}",
+        env={
+            "BYOD_ENCRYPTION_KEY": TEST_KEY,
+            "BYOD_MIGRATIONS": str(APP),
+            "BYOD_KEEP_ALEMBIC_VERSION": "1",
+        },
+    )
+    ws = Workspace(settings)
+    commands.init(ws)
+    (tmp_path / "one.db").touch()
+    url = f"sqlite:///{tmp_path / 'one.db'}"
+    uid = add_connected(ws, url, "one")
+    assert ws.runner().migrate(uid, to_version=2).ok
+    assert _alembic_version(url) == [CHAIN[1]]
+    assert ws.runner().migrate(uid).ok
+    assert _alembic_version(url) == [CHAIN[-1]]
+    before = schema_of(url)
+    command.upgrade(alembic_config(APP, url), "head")  # the app's start-up: nothing to do
+    assert schema_of(url) == before and _alembic_version(url) == [CHAIN[-1]]
+    assert ws.runner().rollback(uid, 0).ok
+    assert _alembic_version(url) == []
+    ws.engine.dispose()
+
+
+def _alembic_version(url: str) -> list[str]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [
+                str(r)
+                for r in conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars()
+            ]
+    finally:
+        engine.dispose()

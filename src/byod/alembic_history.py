@@ -110,10 +110,13 @@ def _declares_revision(path: Path) -> bool:
     return "down_revision" in text and "revision" in text
 
 
-def load_alembic_history(path: Path) -> list[Migration]:
+def load_alembic_history(path: Path, *, keep_alembic_version: bool = False) -> list[Migration]:
     """The revisions at ``path`` (see :func:`alembic_location`) as migrations numbered
     1…N from the base. :class:`RegistryError` for a branch, a merge point, a
-    ``depends_on``, a revision that cannot be imported or uses ``alembic.context``."""
+    ``depends_on``, a revision that cannot be imported or uses ``alembic.context``.
+    ``keep_alembic_version``: each step also sets the instance's ``alembic_version`` to
+    where it leaves the chain, in the step's own transaction, so an app that still runs
+    ``alembic upgrade head`` at start finds nothing to do."""
     script = _script_directory(path)
     try:
         heads, bases = script.get_heads(), script.get_bases()
@@ -126,7 +129,10 @@ def load_alembic_history(path: Path) -> list[Migration]:
             f"{', '.join(sorted(bases))}): byod runs one straight chain; merge the branches "
             "first (`alembic merge`) and flatten the merge into the chain"
         )
-    return [_migration(rev, number) for number, rev in enumerate(revisions, start=1)]
+    return [
+        _migration(rev, number, keep_alembic_version)
+        for number, rev in enumerate(revisions, start=1)
+    ]
 
 
 def _script_directory(path: Path) -> ScriptDirectory:
@@ -148,7 +154,7 @@ def _script_directory(path: Path) -> ScriptDirectory:
         raise RegistryError(f"{path}: not an Alembic script location: {exc}") from exc
 
 
-def _migration(rev: Script, number: int) -> Migration:
+def _migration(rev: Script, number: int, keep_version: bool) -> Migration:
     where = rev.path
     if rev.is_merge_point or rev.dependencies:
         joined = ", ".join(sorted({*_tuple(rev.down_revision), *_tuple(rev.dependencies)}))
@@ -169,15 +175,34 @@ def _migration(rev: Script, number: int) -> Migration:
         raise RegistryError(f"{where}: revision {rev.revision} has no upgrade()")
     downgrade = getattr(module, "downgrade", None)
     message = (rev.doc or "").strip() or rev.revision
+    below = rev.down_revision if isinstance(rev.down_revision, str) else None
+    after_up, after_down = (rev.revision, below) if keep_version else (_KEEP, _KEEP)
     return Migration(
         id=rev.revision,
         version=number,
         name=message.splitlines()[0][:200],
         description=message,
-        up=_step(upgrade, rev.revision),
-        down=_step(downgrade, rev.revision) if callable(downgrade) else None,
+        up=_step(upgrade, rev.revision, after_up),
+        down=_step(downgrade, rev.revision, after_down) if callable(downgrade) else None,
         checksum=hashlib.sha256(source).hexdigest(),
     )
+
+
+def _set_alembic_version(ctx: MigrationContext, revision: str | None) -> None:
+    """``alembic_version`` holds ``revision`` (none at the base), as Alembic keeps it;
+    the table is made as Alembic makes it where it is missing."""
+    import sqlalchemy as sa
+
+    table = sa.table("alembic_version", sa.column("version_num"))
+    if not sa.inspect(ctx.conn).has_table("alembic_version"):
+        ctx.op.create_table(
+            "alembic_version",
+            sa.Column("version_num", sa.String(32), nullable=False),
+            sa.PrimaryKeyConstraint("version_num", name="alembic_version_pkc"),
+        )
+    ctx.conn.execute(table.delete())
+    if revision is not None:
+        ctx.conn.execute(table.insert().values(version_num=revision))
 
 
 def _tuple(value: object) -> tuple[str, ...]:
@@ -213,13 +238,23 @@ def _uses_context(source: bytes) -> bool:
     return False
 
 
-def _step(function: Callable[[], None], revision: str) -> Callable[[MigrationContext], None]:
+#: a step that leaves ``alembic_version`` alone
+_KEEP = "\x00keep"
+
+
+def _step(
+    function: Callable[[], None], revision: str, leaves_at: str | None
+) -> Callable[[MigrationContext], None]:
     """A revision's ``upgrade``/``downgrade`` as a byod step: ``alembic.op`` bound to the
-    step's instance connection and transaction (``ctx.op``) for its whole run."""
+    step's instance connection and transaction (``ctx.op``) for its whole run; then,
+    unless ``leaves_at`` is ``_KEEP``, ``alembic_version`` set to ``leaves_at`` (None:
+    emptied, the base) in that same transaction."""
 
     def run(ctx: MigrationContext) -> None:
         with operations_in_use(ctx.op, revision):
             function()
+        if leaves_at != _KEEP:
+            _set_alembic_version(ctx, leaves_at)
 
     run.__name__ = getattr(function, "__name__", "step")
     return run

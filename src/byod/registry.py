@@ -290,8 +290,16 @@ class Plan:
 class Registry:
     """The ordered, validated migrations of an app; its head is the app's schema version."""
 
-    def __init__(self, migrations: list[Migration], *, source: Path | None = None) -> None:
+    def __init__(
+        self,
+        migrations: list[Migration],
+        *,
+        source: Path | None = None,
+        keep_alembic_version: bool = False,
+    ) -> None:
         self.source = source
+        #: an Alembic history loaded so that each step also moves ``alembic_version``
+        self.keep_alembic_version = keep_alembic_version
         self._by_version = sorted(migrations, key=lambda m: m.version)
         self._by_id = {m.id: m for m in self._by_version}
         _validate_sequence(self._by_version)

@@ -44,6 +44,7 @@ from byod.phased import Batching, PhaseBodies, run_phased
 from byod.refusals import refuse_disconnected, refuse_in_progress, refuse_irreversible
 from byod.registry import Direction, FunctionCalls, Plan, Registry, Step
 from byod.results import RowsProgress, StepResult, UserResult, check_stamp
+from byod.sources import is_alembic_history
 from byod.targets import StampEntry, Target
 
 if TYPE_CHECKING:
@@ -105,6 +106,8 @@ class Runner:
         self._opener: TargetOpener = opener or self._open
         #: what instance URLs may ask (checked again each time one is unsealed)
         self.policy = policy or InstancePolicy()
+        #: the migrations are an Alembic history (an unadopted instance is refused)
+        self._alembic = registry.source is not None and is_alembic_history(registry.source)
         self.batching = batching
         #: hears each backfill batch done (from the thread that ran it)
         self.on_rows = on_rows
@@ -285,7 +288,10 @@ class Runner:
             return self._refused(user, config, make_plan, exc)
         try:
             try:
-                current, recovered = self._reconcile(user, config, self._read_stamp(target))
+                stamp = self._read_stamp(target)
+                if not stamp:
+                    self._refuse_unadopted(user, target)
+                current, recovered = self._reconcile(user, config, stamp)
                 plan = make_plan(current)
                 if plan.direction == "down":  # an empty one too: it would say "nothing to do"
                     refuse_in_progress(self.registry, user, current, target)
@@ -304,6 +310,22 @@ class Runner:
             return self._execute(user, plan, target, credentials, lease, recovered)
         finally:
             target.close()
+
+    def _refuse_unadopted(self, user: User, target: Target) -> None:
+        """An instance without byod's stamp that Alembic manages (its ``alembic_version``
+        names a revision) is refused, with the way to adopt it: running the history from
+        step 1 would meet tables that exist. Asked only with an Alembic history."""
+        if not self._alembic:
+            return
+        reader = getattr(target, "alembic_revisions", None)
+        revisions = reader() if callable(reader) else None
+        if revisions:
+            raise DriftError(
+                f"the instance is managed by Alembic (alembic_version {', '.join(revisions)}) "
+                "and has no byod stamp: adopt it before it is migrated",
+                hint=f"`byod adopt {user.id}` (or `byod adopt --all`) writes byod's stamp at "
+                "that revision; nothing is run again",
+            )
 
     def _read_stamp(self, target: Target) -> list[StampEntry]:
         """The instance's stamp, read where the first step will run (see

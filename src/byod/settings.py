@@ -115,6 +115,9 @@ class Settings:
     default_queue: str = "byod"
     #: what instance URLs may ask (BYOD_ALLOW_SQLITE_INSTANCES, BYOD_INSTANCE_SSL_CA)
     instance_policy: InstancePolicy = field(default_factory=InstancePolicy)
+    #: with an Alembic history, each step also moves ``alembic_version`` in its own
+    #: transaction (BYOD_KEEP_ALEMBIC_VERSION=1), for a changeover from Alembic
+    keep_alembic_version: bool = False
 
     @classmethod
     def load(
@@ -156,6 +159,7 @@ class Settings:
             broker_visibility_timeout=_positive(env, "BYOD_BROKER_VISIBILITY_TIMEOUT", 600.0),
             default_queue=env.get("BYOD_QUEUE") or "byod",
             instance_policy=_with_convex_app(InstancePolicy.from_env(env), folder),
+            keep_alembic_version=_on(env, "BYOD_KEEP_ALEMBIC_VERSION"),
         )
 
 
@@ -168,6 +172,13 @@ def _with_convex_app(policy: InstancePolicy, migrations: Path) -> InstancePolicy
     if not (app / "convex").is_dir():
         return policy
     return dataclasses.replace(policy, convex_app=str(app))
+
+
+def _on(env: Mapping[str, str], name: str) -> bool:
+    text = env.get(name, "").strip().lower()
+    if text not in ("", "0", "1", "true", "false", "yes", "no"):
+        raise SettingsError(f"{name} must be 1 or 0, not {text!r}")
+    return text in ("1", "true", "yes")
 
 
 def _positive(env: Mapping[str, str], name: str, default: float) -> float:

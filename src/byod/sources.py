@@ -17,10 +17,12 @@ def is_alembic_history(path: Path) -> bool:
     return path.exists() and alembic_location(path)
 
 
-def load_registry(path: Path) -> Registry:
+def load_registry(path: Path, *, keep_alembic_version: bool = False) -> Registry:
     """The validated migrations at ``path``: a byod migrations folder, or an Alembic
     ``alembic.ini``, script location or ``versions/`` folder (:class:`RegistryError`
-    naming the file for anything broken)."""
+    naming the file for anything broken). ``keep_alembic_version``: an Alembic history's
+    steps also move the instance's ``alembic_version`` (a changeover)."""
     if is_alembic_history(path):
-        return Registry(load_alembic_history(path), source=path)
+        migrations = load_alembic_history(path, keep_alembic_version=keep_alembic_version)
+        return Registry(migrations, source=path, keep_alembic_version=keep_alembic_version)
     return Registry.load(path)

@@ -62,7 +62,10 @@ class Workspace:
     @cached_property
     def registry(self) -> Registry:
         """The migrations, loaded and validated."""
-        return load_registry(self.settings.migrations_dir)
+        return load_registry(
+            self.settings.migrations_dir,
+            keep_alembic_version=self.settings.keep_alembic_version,
+        )
 
     @cached_property
     def sealer(self) -> Sealer:

@@ -17,12 +17,14 @@ from byod.text import printable
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from byod.adoption import Adoption
     from byod.commands import RunDetails, UserPlan, VerifyReport
     from byod.controlplane import FleetStatus, LedgerRow, RunRecord, User
     from byod.results import UserResult
 
 __all__ = [
     "REHEARSAL_NOTE",
+    "adoptions_table",
     "counts_line",
     "dump",
     "fleet_status_data",
@@ -192,6 +194,23 @@ def result_data(result: UserResult) -> dict[str, Any]:
         "error_type": type(result.error).__name__ if result.error else None,
         "rehearsal": result.rehearsal,
     }
+
+
+def adoptions_table(adoptions: list[Adoption]) -> Table:
+    """What ``byod adopt`` did, per user."""
+    table = Table(title="adopt: byod's stamp at each instance's alembic_version")
+    for column in ("user", "result", "revision", "version"):
+        table.add_column(column, overflow="fold")
+    shown = {
+        "adopted": "[green]adopted[/]",
+        "already": "already adopted",
+        "nothing": "nothing to adopt (no Alembic revision there)",
+    }
+    for a in adoptions:
+        result = shown.get(a.status) or f"[red]refused: {plain(a.error or '')}[/]"
+        version = "" if a.version is None else str(a.version)
+        table.add_row(f"{a.user_id} ({plain(a.clerk_id)})", result, a.revision or "", version)
+    return table
 
 
 def user_data(user: User) -> dict[str, Any]:

@@ -102,3 +102,23 @@ def verify(
         out.print(render.verify_table(reports, policy=policy))
     if not all(report.ok for report in reports):
         raise typer.Exit(1)
+
+
+@app.command()
+def adopt(
+    user: OptionalUser = None,
+    every: All = False,
+    json_out: Json = False,
+    database_url: DatabaseUrl = None,
+    migrations: Migrations = None,
+) -> None:
+    """Take over instances Alembic manages: write byod's stamp at the revision each
+    one's alembic_version names (nothing is run); --migrations names the Alembic history."""
+    target = one_target(user, every)
+    adoptions = commands.adopt(workspace_for(database_url, migrations), target)
+    if json_out:
+        out.print(render.dump([asdict(a) for a in adoptions]))
+    else:
+        out.print(render.adoptions_table(adoptions))
+    if any(a.status == "refused" for a in adoptions):
+        raise typer.Exit(1)

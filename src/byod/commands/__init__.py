@@ -16,6 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from byod.commands.adoption import adopt
     from byod.commands.demo import DemoResult, run_demo
     from byod.commands.reports import (
         InstanceView,
@@ -71,6 +72,7 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "DemoResult": "byod.commands.demo",
+    "adopt": "byod.commands.adoption",
     "InitResult": "byod.commands.setup",
     "InstanceView": "byod.commands.reports",
     "RunDetails": "byod.commands.reports",
@@ -138,6 +140,7 @@ __all__ = [
     "UserPlan",
     "VerifyReport",
     "add_user",
+    "adopt",
     "caller",
     "check_service",
     "check_worker",

@@ -22,7 +22,7 @@ from byod.controlplane.run_records import (
     RunRecord,
     TaskEnd,
 )
-from byod.controlplane.runs import RunStore, TaskStore
+from byod.controlplane.runs import RunStore, TaskStore, local_user
 from byod.controlplane.schema import create_tables, open_engine, require_tables
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "fleet_status",
     "history",
     "iter_outdated",
+    "local_user",
     "open_engine",
     "outdated_query",
     "require_tables",

@@ -40,7 +40,7 @@ from byod.controlplane.directory import config_at_version
 from byod.controlplane.schema import configs, ledger
 from byod.errors import ControlPlaneError
 from byod.redact import mask
-from byod.registry import Direction, Plan, Step
+from byod.registry import Direction, Migration, Plan, Step
 
 __all__ = ["Ledger", "LedgerRow", "SettledRow"]
 
@@ -195,6 +195,27 @@ class Ledger:
         }
         with single(self.engine, "record the failure") as conn:
             conn.execute(ledger.insert().values(row))
+
+    def record_adopted(self, user_id: int, migration: Migration, note: str) -> None:
+        """Atomically: one ``completed`` row for ``migration`` (attempts 0, never started:
+        nothing ran) whose error column holds ``note`` (what was adopted, by whom), and the
+        config at its version: an instance Alembic brought there, now byod's."""
+        now = utcnow()
+        row = {
+            "user_id": user_id,
+            "migration_id": migration.id,
+            "version": migration.version,
+            "direction": "up",
+            "status": "completed",
+            "error": _kept(note),
+            "attempts": 0,
+            "completed_at": now,
+            "created_at": now,
+        }
+        moved = {"b_version": migration.version, "b_now": now, "b_user": user_id}
+        with writing(self.engine, "record the adoption") as conn:
+            conn.execute(ledger.insert().values(row))
+            conn.execute(config_at_version(False), moved)
 
     def record_skipped(self, user_id: int, steps: tuple[Step, ...], reason: str) -> None:
         """Mark the ``pending`` rows of steps that never started ``skipped``, saying why."""

@@ -56,7 +56,8 @@ def _record(row: sa.Row[tuple[object, ...]]) -> RunRecord:
     return RunRecord(counts=RunCounts(**counts), **data)
 
 
-def _local_user() -> str:
+def local_user() -> str:
+    """Who asked, when nobody says: this process's OS user at its host."""
     return f"{getpass.getuser()}@{socket.gethostname()}"
 
 
@@ -77,7 +78,7 @@ class RunStore:
                 runs.insert().values(
                     id=run_id,
                     kind=kind,
-                    started_by=(started_by or _local_user())[:255],
+                    started_by=(started_by or local_user())[:255],
                     options=spec.to_json(),
                     state="running",
                     target_version=spec.to_version,

@@ -37,6 +37,7 @@ class WorkerSetup:
     owner: str
     notify_hook: str | None = None
     policy: InstancePolicy = field(default_factory=InstancePolicy)
+    keep_alembic_version: bool = False
 
 
 _worker: tuple[Runner, FleetOptions] | None = None
@@ -57,7 +58,7 @@ def _start_worker(setup: WorkerSetup) -> None:
 
     runner = Runner(
         open_engine(setup.control_plane),
-        load_registry(Path(setup.migrations)),
+        load_registry(Path(setup.migrations), keep_alembic_version=setup.keep_alembic_version),
         Sealer(setup.key),
         notify=load_notifier(setup.notify_hook),
         lease_seconds=setup.options.lease_seconds,

@@ -244,6 +244,7 @@ class _FleetRun:
             owner=runner.owner,
             notify_hook=_hook_spec(runner.notify),
             policy=runner.policy,
+            keep_alembic_version=runner.registry.keep_alembic_version,
         )
         # spawn, not fork: a forked child would inherit open database connections
         return ProcessPool(self.options.processes, setup)

@@ -12,7 +12,7 @@ import contextlib
 import functools
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
@@ -31,7 +31,7 @@ from byod.errors import (
     UnreachableError,
 )
 from byod.instance_url import SUPPORTED_KINDS
-from byod.registry import Backfill, Step
+from byod.registry import Backfill, Migration, Step
 from byod.settings import safe_url
 from byod.targets import backfill
 from byod.targets._connect import connect, describe_error
@@ -73,6 +73,9 @@ _control_plane = sa.Table(
     CONTROL_PLANE_TABLE, _stamp_metadata, sa.Column("id", sa.String(64), nullable=False)
 )
 _SELECT_STAMP = sa.select(_stamp).order_by(_stamp.c.version)
+#: Alembic's own record of what is applied (read when an instance is adopted)
+ALEMBIC_TABLE = "alembic_version"
+_SELECT_ALEMBIC = sa.text(f"SELECT version_num FROM {ALEMBIC_TABLE}")
 #: the stamp's writes, every value bound: compiled once per dialect
 _INSERT_STAMP = _stamp.insert()
 _DELETE_STAMP = _stamp.delete().where(_stamp.c.id == sa.bindparam("id"))
@@ -477,6 +480,59 @@ class SqlTarget:
             raise MigrationFailedError(describe_error(exc)) from exc
         except Exception as exc:
             raise MigrationFailedError(describe_error(exc)) from exc
+
+    def alembic_revisions(self) -> list[str] | None:
+        """The revisions the instance's ``alembic_version`` table holds (None when it has
+        no such table): what Alembic says is applied, for adopting the instance."""
+        self._check_control_plane()
+        try:
+            with self._reading():
+                return self._alembic_revisions()
+        except SQLAlchemyError as exc:
+            raise self._lost("reading alembic_version", exc) from exc
+
+    def _alembic_revisions(self) -> list[str] | None:
+        if not self._conn.execute(table_exists(self._dialect, ALEMBIC_TABLE)).scalar():
+            return None
+        return [str(r) for r in self._conn.execute(_SELECT_ALEMBIC).scalars()]
+
+    def adopt(self, migrations: Sequence[Migration], revisions: list[str]) -> bool:
+        """Write the stamp of ``migrations`` (1…V, as Alembic applied them) in one
+        transaction under the instance's lock, and nothing else; only while
+        ``alembic_version`` still holds exactly ``revisions``. False when the stamp says
+        exactly that already; :class:`DriftError` when it says anything else."""
+        self._check_control_plane()
+        wanted = [(m.id, m.version) for m in migrations]
+        try:
+            with self._conn.begin():
+                self._dialect.lock(self._conn, None, True)
+                self._conn.exec_driver_sql(_create_sql(_CREATE_STAMP, self._engine.dialect))
+                stamp = [(e.id, e.version) for e in self._select_stamp(known_to_exist=True)]
+                if stamp == wanted:
+                    return False
+                if stamp:
+                    raise DriftError(
+                        f"instance {self.where} has byod's stamp at {stamp[-1][0]} (version "
+                        f"{stamp[-1][1]}) already, not {wanted[-1][0] if wanted else 'none'}: "
+                        "not adopted"
+                    )
+                if self._alembic_revisions() != revisions:
+                    raise DriftError(
+                        f"instance {self.where}: alembic_version changed while it was adopted"
+                    )
+                now = utcnow()
+                rows = [
+                    {"id": m.id, "version": m.version, "checksum": m.checksum, "applied_at": now}
+                    for m in migrations
+                ]
+                if rows:
+                    self._conn.execute(_INSERT_STAMP, rows)
+        except DBAPIError as exc:
+            raise self._busy_or_lost(exc) from exc
+        finally:
+            self._dialect.lock_cleanup(self._conn)
+        self._stamp_ready = True
+        return True
 
     def clear_dirty(self) -> list[str]:
         """Forget the dirty markers (after an operator repaired the instance by hand)."""
