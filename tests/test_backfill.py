@@ -770,7 +770,7 @@ def test_a_step_left_in_progress_is_reported_and_guarded(
         tmp_path / "edited",
         {
             "001_items.py": (source / "001_items.py").read_text(),
-            "002_bump.py": (source / "002_bump.py").read_text() + "\n# edited\n",
+            "002_bump.py": (source / "002_bump.py").read_text() + "\nEDITED = True\n",
         },
     )
     changed = Runner(

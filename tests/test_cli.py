@@ -268,7 +268,7 @@ def test_drift_is_reported_by_verify(cli: Cli, tmp_path: Path) -> None:
     assert cli("connect", "u", "--url", sqlite_instance(tmp_path, "u")).code == 0
     assert cli("migrate", "u", "--to", "2", **env).code == 0
     (migrations / "001_create.py").write_text(
-        (migrations / "001_create.py").read_text() + "\n# edited\n"
+        (migrations / "001_create.py").read_text() + "\nEDITED = True\n"
     )
     verify = cli("verify", "u", "--json", **env)
     assert verify.code == 1
@@ -379,7 +379,7 @@ def test_failures_before_the_chain_are_in_runs_show_status_and_history(
     control = f"sqlite:///{tmp_path / 'byod.db'}"
     execute(control, "UPDATE byod_configs SET sealed_url = 'v1.AAAA' WHERE user_id = 2")
     (tmp_path / "migrations" / "001_create.py").write_text(
-        (tmp_path / "migrations" / "001_create.py").read_text() + "\n# edited\n"
+        (tmp_path / "migrations" / "001_create.py").read_text() + "\nEDITED = True\n"
     )  # c drifts (a and b fail before reading their stamp)
     run = cli("migrate", "--all", "--json", "--retries", "0", **env)
     assert run.code == 1

@@ -512,7 +512,9 @@ def test_a_worker_with_other_migrations_refuses_the_run(redis_cluster: Cluster) 
     fleet = sqlite_fleet(cluster, 3)
     other = cluster.folder.parent / "other-migrations"
     shutil.copytree(cluster.folder, other)
-    (other / "003_fragile.py").write_text((other / "003_fragile.py").read_text() + "\n# edited\n")
+    (other / "003_fragile.py").write_text(
+        (other / "003_fragile.py").read_text() + "\nEDITED = True\n"
+    )
     cluster.start_worker(concurrency=1, extra_env={"BYOD_MIGRATIONS": str(other)})
 
     summary = follow_to_end(cluster, commands.migrate_distributed(cluster.ws))

@@ -43,12 +43,18 @@ def test_bundled_example_loads_with_head_derived_from_files() -> None:
     assert not registry.get("001_initial").reversible  # type: ignore[union-attr]
 
 
-def test_checksum_follows_file_content(tmp_path: Path) -> None:
+def test_checksum_follows_the_code_not_its_layout(tmp_path: Path) -> None:
     folder = write_migrations(tmp_path / "m", {"001_a.py": source("001_a", 1)})
-    before = Registry.load(folder).get("001_a").checksum  # type: ignore[union-attr]
-    (folder / "001_a.py").write_text((folder / "001_a.py").read_text() + "\n# edited\n")
-    after = Registry.load(folder).get("001_a").checksum  # type: ignore[union-attr]
-    assert before != after
+    path = folder / "001_a.py"
+    first = Registry.load(folder).get("001_a")
+    assert first is not None
+    path.write_text("# a comment\n\n" + path.read_text().replace("(", "( ") + "\n\n")
+    relaid = Registry.load(folder).get("001_a")
+    assert relaid is not None and relaid.checksum == first.checksum  # layout: not drift
+    assert relaid.legacy_checksum != first.legacy_checksum  # the bytes did change
+    path.write_text(path.read_text() + "\nEDITED = True\n")
+    edited = Registry.load(folder).get("001_a")
+    assert edited is not None and edited.checksum != first.checksum  # code: drift
 
 
 @pytest.mark.parametrize(

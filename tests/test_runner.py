@@ -365,7 +365,7 @@ def test_drift_is_refused_by_migrate(
     assert cws.runner().migrate(uid, to_version=2).ok
     folder = cws.settings.migrations_dir
     edited = folder / "002_bump.py"
-    edited.write_text(edited.read_text() + "\n# edited after it was applied\n")
+    edited.write_text(edited.read_text() + "\nEDITED_AFTER_IT_WAS_APPLIED = True\n")
     drifted = make_workspace(control_plane_url, folder)
     result = drifted.runner().migrate(uid)
     assert isinstance(result.error, DriftError)

@@ -21,12 +21,12 @@ from __future__ import annotations
 import ast
 import contextlib
 import contextvars
-import hashlib
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from byod.checksums import bytes_checksum, source_checksum
 from byod.errors import MigrationFailedError, RegistryError
 from byod.registry import Migration, MigrationContext
 
@@ -184,7 +184,8 @@ def _migration(rev: Script, number: int, keep_version: bool) -> Migration:
         description=message,
         up=_step(upgrade, rev.revision, after_up),
         down=_step(downgrade, rev.revision, after_down) if callable(downgrade) else None,
-        checksum=hashlib.sha256(source).hexdigest(),
+        checksum=source_checksum(source),
+        legacy_checksum=bytes_checksum(source),
     )
 
 

@@ -76,7 +76,11 @@ def run_phased(
             return None
         progress = target.read_progress(step)  # with the rows counted for the estimate
     else:
-        if progress.checksum and migration.checksum and progress.checksum != migration.checksum:
+        if (
+            progress.checksum
+            and migration.checksum
+            and not migration.checksum_matches(progress.checksum)
+        ):
             raise DriftError(
                 f"{migration.id} changed since its schema change ran (the step is in "
                 "progress): restore the file as it was, let `byod migrate` finish the step, "

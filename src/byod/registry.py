@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from byod.checksums import bytes_checksum, source_checksum
 from byod.errors import MigrationFailedError, PlanError, RegistryError
 
 if TYPE_CHECKING:
@@ -225,7 +226,7 @@ class Migration:
     transaction); ``backfills`` then change its data in batches (many short
     transactions), and ``finalize`` (one transaction) ends the step, with its stamp.
     ``down``, when given, undoes it. ``checksum`` is filled in by the loader from the
-    file's bytes.
+    file's syntax tree (see :mod:`byod.checksums`: formatting is not drift).
     """
 
     id: str
@@ -237,6 +238,16 @@ class Migration:
     backfills: Sequence[Backfill] = ()
     finalize: MigrationFn | None = None
     checksum: str = field(default="", compare=False)
+    #: the file's bytes' checksum, as byod recorded applied migrations before syntax
+    #: checksums (still accepted while the file is unchanged)
+    legacy_checksum: str = field(default="", compare=False)
+
+    def checksum_matches(self, applied: str) -> bool:
+        """Whether ``applied`` (a stamp's checksum) is this migration's, as recorded now
+        or by an older byod."""
+        return applied == self.checksum or (
+            bool(self.legacy_checksum) and applied == self.legacy_checksum
+        )
 
     def __post_init__(self) -> None:
         if isinstance(self.backfills, Backfill):
@@ -433,7 +444,9 @@ def _load_file(path: Path) -> Migration:
         raise RegistryError(f"{path}: `finalize` must be a function taking ctx, or None")
     if not all(isinstance(b, Backfill) for b in migration.backfills):
         raise RegistryError(f"{path}: `backfills` must be Backfill(...) entries")
-    return replace(migration, checksum=hashlib.sha256(source).hexdigest())
+    return replace(
+        migration, checksum=source_checksum(source), legacy_checksum=bytes_checksum(source)
+    )
 
 
 def _validate_sequence(migrations: list[Migration]) -> None:

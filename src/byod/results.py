@@ -91,7 +91,7 @@ def check_stamp(registry: Registry, stamp: list[StampEntry]) -> list[str]:
                 f"{entry.id} (version {entry.version}) is applied on the instance but is not "
                 "in the migrations folder"
             )
-        elif migration.checksum != entry.checksum:
+        elif not migration.checksum_matches(entry.checksum):
             problems.append(
                 f"{entry.id} changed after it was applied (checksum {entry.checksum[:12]} "
                 f"applied, {migration.checksum[:12]} in the file now)"

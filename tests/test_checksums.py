@@ -1,0 +1,94 @@
+"""A migration's checksum follows its code, never its layout, on every Python byod
+supports: pinned by a committed table of sample files (tests/checksums)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from byod.checksums import bytes_checksum, source_checksum
+from byod.registry import Registry
+from tests.conftest import write_migrations
+
+SAMPLES = Path(__file__).parent / "checksums"
+TABLE = json.loads((SAMPLES / "checksums.json").read_text())
+RUFF = Path(sys.executable).parent / "ruff"
+
+
+def test_the_samples_have_their_committed_checksums() -> None:
+    assert len(TABLE) == 3
+    for name, expected in TABLE.items():
+        assert source_checksum((SAMPLES / name).read_bytes()) == expected, name
+
+
+@pytest.mark.parametrize("version", ["3.12", "3.13"])
+def test_other_pythons_give_the_same_checksums(version: str) -> None:
+    found = sorted(Path.home().glob(f".pyenv/versions/{version}.*/bin/python"))
+    python = str(found[-1]) if found else shutil.which(f"python{version}")
+    if python is None:
+        pytest.skip(f"no Python {version} here (pyenv)")
+    module = Path(__file__).parents[1] / "src" / "byod" / "checksums.py"
+    code = (
+        "import importlib.util, json, pathlib, sys\n"
+        f"spec = importlib.util.spec_from_file_location('c', {str(module)!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        f"folder = pathlib.Path({str(SAMPLES)!r})\n"
+        "print(json.dumps({p.name: m.source_checksum(p.read_bytes())"
+        " for p in sorted(folder.glob('sample_*.py'))}))\n"
+    )
+    done = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout) == TABLE
+
+
+def test_ruff_format_comments_and_blank_lines_are_not_drift(tmp_path: Path) -> None:
+    for name, expected in TABLE.items():
+        copy = tmp_path / name
+        text = (SAMPLES / name).read_text()
+        copy.write_text("# a comment on top\n\n\n" + text + "\n\n# a note at the end\n")
+        subprocess.run([str(RUFF), "format", "-q", str(copy)], check=True)
+        assert copy.read_bytes() != (SAMPLES / name).read_bytes()
+        assert source_checksum(copy.read_bytes()) == expected, name
+
+
+def test_a_change_to_code_or_to_a_string_literal_is_drift() -> None:
+    text = (SAMPLES / "sample_everything.py").read_text()
+    base = source_checksum(text.encode())
+    edits = [
+        text.replace("WHERE id > :low", "WHERE id >= :low"),  # SQL text
+        text.replace("factor: int = 2", "factor: int = 3"),
+        text.replace("case 1 if label:", "case 2 if label:"),
+        text.replace("nullable=True", "nullable=False"),
+    ]
+    for edited in edits:
+        assert edited != text
+        assert source_checksum(edited.encode()) != base
+    reflowed = text.replace("Docstring of a class.", "Docstring of\n    a class.")
+    assert source_checksum(reflowed.encode()) == base  # a docstring's words, not its lines
+    assert (
+        source_checksum(text.replace("Docstring of a class.", "Docstring of the class.").encode())
+        != base
+    )
+
+
+def test_a_stamp_recorded_by_an_older_byod_is_accepted_while_the_file_is_unchanged(
+    tmp_path: Path,
+) -> None:
+    folder = write_migrations(
+        tmp_path / "m",
+        {
+            "001_a.py": (SAMPLES / "sample_everything.py")
+            .read_text()
+            .replace("001_everything", "001_a")
+        },
+    )
+    migration = Registry.load(folder).get("001_a")
+    assert migration is not None
+    raw = bytes_checksum((folder / "001_a.py").read_bytes())
+    assert migration.legacy_checksum == raw != migration.checksum
+    assert migration.checksum_matches(raw) and migration.checksum_matches(migration.checksum)
+    assert not migration.checksum_matches(bytes_checksum(b"something else"))
