@@ -21,7 +21,7 @@ from byod import commands
 from byod.controlplane import RunStore, history
 from byod.controlplane.schema import ledger
 from byod.controlplane.schema import runs as runs_table
-from byod.errors import CredentialsError, InputError, IrreversibleError
+from byod.errors import CredentialsError, DriftError, InputError, IrreversibleError
 from byod.fleet import FleetEvent, FleetStarted, UserFinished, migrate_fleet, rollback_run
 from byod.spec import FleetOptions, Selection
 from byod.workspace import Workspace
@@ -280,12 +280,15 @@ def test_control_plane_round_trips_per_migration(
     trips = RoundTrips(cws.engine)
     summary = migrate_fleet(cws.runner(), options=FleetOptions(concurrency=2))
     applied = summary.succeeded * 3
-    run_overhead = 6  # run record, counts, selection page, eligibility counts
+    # run record, counts, selection page, eligibility counts, the applied checksums
+    run_overhead = 7
+    first_applied = 3  # each migration's checksum, kept once per process when first applied
     assert applied == 18
     # per user: lease claim, "planned" (starts the first step), one "completed" per step
     per_users = summary.succeeded * (2 + 3)
-    ticks = 2  # the run's progress writes, every 2 s, if it runs that long
-    assert per_users <= trips.count - run_overhead <= per_users + ticks, trips.count
+    ticks = 3  # the run's progress writes, every 2 s, while it runs (up to 6 s here)
+    spent = trips.count - run_overhead - first_applied
+    assert per_users <= spent <= per_users + ticks, trips.count
     assert per_users / applied < 3  # at most 3 per migration: 5/3 here
     # a fleet already at head: no per-user work at all, whatever its size
     trips.count = 0
@@ -830,3 +833,32 @@ def test_rows_done_without_an_estimate_never_say_of_about_zero(cws: Workspace) -
 
     assert "rows done by backfills: 120\n" in shown(120, 0)
     assert "rows done by backfills: 120 of about 500\n" in shown(120, 500)  # an ended run
+
+
+def test_an_edited_migration_refuses_the_whole_run_once_before_any_user_starts(
+    cws: Workspace, new_instance: InstanceFactory, control_plane_url: str
+) -> None:
+    """Regression: a real edit failed `migrate --all` once per user (one failure each);
+    now one DriftError, up front, naming the file and how many users have it."""
+    ids, urls = fleet_of(cws, new_instance, 5)
+    for uid in ids:
+        assert cws.runner().migrate(uid, to_version=2).ok
+    folder = cws.settings.migrations_dir
+    (folder / "002_bump.py").write_text((folder / "002_bump.py").read_text() + "\nX = 1\n")
+    drifted = make_workspace(control_plane_url, folder)
+    rows_before = len(_ledger_rows(drifted))
+    with pytest.raises(DriftError, match=r"002_bump \(applied on 5 users\)"):
+        migrate_fleet(drifted.runner())
+    assert len(_ledger_rows(drifted)) == rows_before  # nothing recorded, no user touched
+    assert RunStore(drifted.engine).recent(5, noop=True) == []  # no run was recorded
+    assert all(stamp_ids(url) == ["001_create", "002_bump"] for url in urls)
+    reformatted = folder / "002_bump.py"  # a layout change only: no drift
+    reformatted.write_text(reformatted.read_text().replace("\nX = 1\n", "\n\n# a note\n"))
+    ok = migrate_fleet(make_workspace(control_plane_url, folder).runner())
+    assert (ok.succeeded, ok.failed) == (5, 0)
+    drifted.engine.dispose()
+
+
+def _ledger_rows(ws: Workspace) -> list[object]:
+    with ws.engine.connect() as conn:
+        return list(conn.execute(sa.select(ledger.c.id)))

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from byod import metrics
 from byod.context import Bodies
-from byod.controlplane import Config, Directory, Ledger, User
+from byod.controlplane import Config, Directory, Ledger, User, record_applied_checksum
 from byod.controlplane.schema import control_plane_id
 from byod.credentials import Credentials, open_instance, unseal_config
 from byod.errors import (
@@ -42,7 +42,7 @@ from byod.logs import fields
 from byod.notify import Notice, Notifier, log_notice, safe_notify
 from byod.phased import Batching, PhaseBodies, run_phased
 from byod.refusals import refuse_disconnected, refuse_in_progress, refuse_irreversible
-from byod.registry import Direction, FunctionCalls, Plan, Registry, Step
+from byod.registry import Direction, FunctionCalls, Migration, Plan, Registry, Step
 from byod.results import RowsProgress, StepResult, UserResult, check_stamp
 from byod.sources import is_alembic_history
 from byod.targets import StampEntry, Target
@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 __all__ = ["Runner"]
 
 log = logging.getLogger("byod.runner")
+#: (control plane, migration, checksum) whose applied checksum this process recorded
+_NOTED: set[tuple[str, str, str]] = set()
 #: How often a phased step's rows done are written to the ledger while it runs.
 ROWS_REPORT_SECONDS = 3.0
 
@@ -311,6 +313,15 @@ class Runner:
         finally:
             target.close()
 
+    def _note_applied(self, migration: Migration) -> None:
+        """Keep the checksum a migration had when it was first applied, once per
+        process (the control plane keeps the first one written anywhere)."""
+        key = (str(self.engine.url), migration.id, migration.checksum)
+        if key in _NOTED:
+            return
+        record_applied_checksum(self.engine, migration)
+        _NOTED.add(key)
+
     def _refuse_unadopted(self, user: User, target: Target) -> None:
         """An instance without byod's stamp that Alembic manages (its ``alembic_version``
         names a revision) is refused, with the way to adopt it: running the history from
@@ -431,6 +442,8 @@ class Runner:
                 release_owner=self.owner if last else None,
             )
             lease.released = last
+            if step.direction == "up":
+                self._note_applied(step.migration)
             version = step.version_after
             status = "completed" if applied else "already-applied"
             log.info(

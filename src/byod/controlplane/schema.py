@@ -39,6 +39,7 @@ __all__ = [
     "LedgerStatus",
     "RunKind",
     "RunState",
+    "applied_checksums",
     "configs",
     "control_plane",
     "control_plane_file",
@@ -202,6 +203,20 @@ run_tasks = sa.Table(
 )
 
 
+#: The checksum each migration had when it was first applied anywhere in the fleet: a
+#: fleet run compares the folder with it once, up front (see ``controlplane.checksums``).
+applied_checksums = sa.Table(
+    "byod_checksums",
+    metadata,
+    sa.Column("migration_id", sa.String(255), primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("checksum", sa.String(64), nullable=False),
+    #: the file's bytes' checksum then (what older stamps hold)
+    sa.Column("legacy_checksum", sa.String(64), nullable=True),
+    sa.Column("recorded_at", sa.DateTime, nullable=False),
+)
+
+
 #: One row (``slot`` 1): this control plane's id; two concurrent ``init`` cannot both write.
 control_plane = sa.Table(
     CONTROL_PLANE_TABLE,
@@ -260,12 +275,11 @@ def require_tables(engine: sa.Engine) -> None:
         present = set(sa.inspect(engine).get_table_names())
     except SQLAlchemyError as exc:
         raise ControlPlaneError(f"cannot reach the control plane {where}") from exc
-    missing = sorted(set(metadata.tables) - present)
-    if missing:
-        raise ControlPlaneError(
-            f"the control plane {where} lacks {', '.join(missing)}: run `byod init`"
-        )
-    try:  # columns added since an earlier byod made the tables: nullable, added as `init` does
+    if users.name not in present:
+        raise ControlPlaneError(f"the control plane {where} lacks its tables: run `byod init`")
+    try:  # tables and nullable columns added since an earlier byod: made as `init` does
+        if set(metadata.tables) - present:
+            metadata.create_all(engine, checkfirst=True)
         _add_missing_columns(engine)
     except SQLAlchemyError as exc:
         raise ControlPlaneError(

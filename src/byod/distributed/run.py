@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 
 from byod import errors
-from byod.controlplane import FinishedTask, RunStore, TaskStore
+from byod.controlplane import FinishedTask, RunStore, TaskStore, refuse_drift_up_front
 from byod.distributed.dispatch import Dispatcher, registry_digest
 from byod.errors import BrokerError, ByodError, InputError
 from byod.fleet import (
@@ -73,6 +73,7 @@ def start_distributed(
         raise InputError("--per-host must be at least 1")
     if options.processes != 1:
         raise InputError("--processes is for in-process runs: start more workers instead")
+    refuse_drift_up_front(runner.engine, runner.registry)
     size = size_selection(runner, selection, to_version)
     spec = RunSpec(
         options=options,

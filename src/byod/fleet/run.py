@@ -23,7 +23,7 @@ from concurrent.futures import (
     wait,
 )
 
-from byod.controlplane import RunStore, User
+from byod.controlplane import RunStore, User, refuse_drift_up_front
 from byod.controlplane.rehearsals import record_rehearsed
 from byod.errors import ByodError, ControlPlaneError, InputError, IrreversibleError
 from byod.fleet.halt import canary_over, canary_room, halt_reason
@@ -66,6 +66,7 @@ def migrate_fleet(
     canary or the failure ratio halts the run. Ctrl-C stops starting new users, lets
     running ones finish, and counts the rest as not started.
     """
+    refuse_drift_up_front(runner.engine, runner.registry)
     size = size_selection(runner, selection, to_version)
     target = size.target
     summary = FleetSummary(
@@ -100,6 +101,7 @@ def rollback_run(
     store = RunStore(runner.engine)
     if store.get(run_id).kind == "rehearse":  # raises for an unknown run
         raise InputError(f"run {run_id} was a rehearsal: it changed nothing, so nothing to undo")
+    refuse_drift_up_front(runner.engine, runner.registry)
     moved = store.moved_users(run_id)
     blocked: dict[str, int] = {}
     sealed_here = 0
