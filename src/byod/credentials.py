@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Credentials",
     "ReachResult",
+    "check_connectable",
     "checked_address",
     "connect_user",
     "open_instance",
@@ -81,6 +82,17 @@ class Credentials:
         if self.url_text:
             text = text.replace(self.url_text, safe_url(self.url))
         return mask(text, self.secrets)
+
+
+def check_connectable(url: str, secret: str | None, policy: InstancePolicy) -> str:
+    """Check ``url`` (and ``secret``) as ``connect`` does, without the network: the
+    instance URL policy, what each kind needs (a Convex deploy key). Returns the
+    instance's kind; :class:`SettingsError` names what is refused."""
+    if _is_convex(url):
+        return _credentials(url, secret, policy).kind
+    parsed = normalize_url(url)
+    check_instance_url(parsed, policy)
+    return parsed.get_backend_name()
 
 
 def _credentials(

@@ -237,6 +237,8 @@ def private_address(host: str) -> bool:
     name = host.strip("[]").lower().rstrip(".")
     if name == "localhost" or name.endswith(".localhost"):
         return True
+    if ":" not in name and not name.replace(".", "").isdigit():
+        return False  # a name (an IP address is digits and dots, or has a colon)
     try:
         address = _unmapped(ipaddress.ip_address(name))
     except ValueError:

@@ -23,6 +23,8 @@ def _unsafe(char: str) -> bool:
 
 def has_control(text: str) -> bool:
     """Whether ``text`` holds a control, format or line-separator character."""
+    if text.isascii():  # the common case, without a look-up per character
+        return not text.isprintable()
     return any(_unsafe(char) for char in text)
 
 

@@ -10,6 +10,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,13 +23,16 @@ from byod import commands, errors
 from byod.cli import progress, render
 from byod.cli.base import (
     MAX_SECONDS,
+    All,
     DatabaseUrl,
     Json,
     Migrations,
+    OptionalUser,
     UserArg,
     app,
     convex_app,
     err,
+    one_target,
     out,
     say,
     users_app,
@@ -97,6 +101,60 @@ def users_remove(user: UserArg, database_url: DatabaseUrl = None) -> None:
     )
 
 
+def _check_configs(
+    ws: Any, user: str | None, concurrency: int, timeout: float, json_out: bool
+) -> None:
+    if user is not None:
+        found = commands.check_pending(ws, concurrency=1, timeout=timeout, only=user)
+    else:
+        found = commands.check_pending(ws, concurrency=concurrency, timeout=timeout)
+    if json_out:
+        out.print(render.dump([asdict(c) for c in found]))
+    else:
+        for c in found:
+            shown = f"version {c.schema_version}" if c.error is None else render.plain(c.error)
+            out.print(f"user {c.user_id} ({render.plain(c.clerk_id)}): {c.status}, {shown}")
+        out.print(f"checked {len(found)}: {sum(c.error is None for c in found)} connected")
+    if any(c.error is not None for c in found):
+        raise typer.Exit(1)
+
+
+@users_app.command("import")
+def users_import(
+    file: Annotated[
+        str,
+        typer.Argument(
+            metavar="FILE",
+            help="JSON lines or CSV (header: clerk_id,url[,secret][,email]); '-' reads "
+            "standard input. It holds credentials: a file other users can read is refused.",
+        ),
+    ],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report what would change; change nothing.")
+    ] = False,
+    json_out: Json = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Add or update users in bulk, each with its database (sealed, status pending, not
+    contacted: `byod connect --check --all` checks them); idempotent."""
+    ws = workspace_for(database_url, None)
+    report = commands.import_users(ws, commands.read_import(file), dry_run=dry_run)
+    if json_out:
+        out.print(render.dump(asdict(report)))
+    else:
+        would = "would be " if dry_run else ""
+        out.print(
+            f"{report.added} {would}added, {report.updated} {would}updated, "
+            f"{report.unchanged} unchanged, {len(report.refused)} refused"
+        )
+        for line, clerk_id, reason in report.refused:
+            err.print(
+                f"[red]refused:[/] line {line} ({render.plain(clerk_id)}): {render.plain(reason)}"
+            )
+    if report.refused:
+        raise typer.Exit(1)
+
+
 @app.command()
 def token(
     sub: Annotated[
@@ -142,9 +200,9 @@ def disconnect(user: UserArg, database_url: DatabaseUrl = None) -> None:
 
 @app.command()
 def connect(
-    user: UserArg,
+    user: OptionalUser = None,
     url: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--url",
             metavar="URL",
@@ -153,7 +211,7 @@ def connect(
             "reads it from standard input (a hidden prompt on a terminal), out of `ps` and "
             "shell history.",
         ),
-    ],
+    ] = None,
     secret: Annotated[
         str | None,
         typer.Option(
@@ -182,10 +240,27 @@ def connect(
             "works (by default a working config is kept).",
         ),
     ] = False,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Check stored configs instead: USER's, or with --all every pending one "
+            "(imported, not contacted yet); their status and version are recorded.",
+        ),
+    ] = False,
+    every: All = False,
+    concurrency: Annotated[int, typer.Option("--concurrency", metavar="N", min=1, max=256)] = 8,
+    json_out: Json = False,
     database_url: DatabaseUrl = None,
 ) -> None:
-    """Seal and store a user's database credentials and check it answers."""
+    """Seal and store a user's database credentials and check it answers (or, with
+    --check, check configs already stored)."""
     ws = workspace_for(database_url, None)
+    if check:
+        _check_configs(ws, one_target(user, every), concurrency, timeout, json_out)
+        return
+    if user is None or url is None or every:
+        raise InputError("give USER and --url (or --check with USER or --all)")
     url_text = from_stdin("database URL") if url == "-" else url
     secret_text = from_stdin("password or deploy key") if secret == "-" else secret
     found, reach = commands.connect(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from byod.commands.adoption import adopt
     from byod.commands.demo import DemoResult, run_demo
+    from byod.commands.onboarding import check_pending, import_users, read_import
     from byod.commands.reports import (
         InstanceView,
         RunDetails,
@@ -73,6 +74,9 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "DemoResult": "byod.commands.demo",
     "adopt": "byod.commands.adoption",
+    "check_pending": "byod.commands.onboarding",
+    "import_users": "byod.commands.onboarding",
+    "read_import": "byod.commands.onboarding",
     "InitResult": "byod.commands.setup",
     "InstanceView": "byod.commands.reports",
     "RunDetails": "byod.commands.reports",
@@ -142,6 +146,7 @@ __all__ = [
     "add_user",
     "adopt",
     "caller",
+    "check_pending",
     "check_service",
     "check_worker",
     "connect",
@@ -150,6 +155,7 @@ __all__ = [
     "follow",
     "get_run",
     "history_of",
+    "import_users",
     "init",
     "instance",
     "instance_busy",
@@ -162,6 +168,7 @@ __all__ = [
     "pending",
     "pending_migrations",
     "plan",
+    "read_import",
     "rehearse_fleet",
     "rehearse_then_migrate",
     "rehearse_user",

@@ -1,5 +1,6 @@
 """The control plane: the app's own database of users, BYOD configs and the ledger."""
 
+from byod.controlplane._bulk import ExistingUser, NewConfig
 from byod.controlplane.checksums import record_applied_checksum, refuse_drift_up_front
 from byod.controlplane.directory import Config, Directory, User
 from byod.controlplane.ledger import Ledger, LedgerRow
@@ -31,12 +32,14 @@ __all__ = [
     "Config",
     "Directory",
     "DispatchRow",
+    "ExistingUser",
     "FailureRow",
     "FinishedTask",
     "FleetStatus",
     "Ledger",
     "LedgerRow",
     "MovedUser",
+    "NewConfig",
     "OutdatedConfig",
     "RunRecord",
     "RunStore",

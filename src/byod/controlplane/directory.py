@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -20,6 +20,13 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from byod.clock import utcnow
+from byod.controlplane._bulk import (
+    ExistingUser,
+    NewConfig,
+    existing_users,
+    insert_users,
+    write_configs,
+)
 from byod.controlplane._leases import LeaseKeeper
 from byod.controlplane._tx import reading, single, writing
 from byod.controlplane.schema import configs, ledger, users
@@ -202,6 +209,22 @@ class Directory:
             query = query.where(users.c.removed_at.is_(None))
         with reading(self.engine, "list users") as conn:
             return [User(**r._asdict()) for r in conn.execute(query)]
+
+    def existing_users(self, clerk_ids: Sequence[str]) -> dict[str, ExistingUser]:
+        """Of ``clerk_ids``, the current users and their sealed configs (bulk import)."""
+        with reading(self.engine, "look up the users") as conn:
+            return existing_users(conn, clerk_ids)
+
+    def import_page(
+        self,
+        new_users: Sequence[tuple[str, str | None]],
+        configs_for: Callable[[dict[str, int]], list[NewConfig]],
+    ) -> None:
+        """One transaction: insert ``new_users`` (clerk id, email), then store the
+        configs ``configs_for`` builds once it knows their ids (status ``pending``)."""
+        with writing(self.engine, "import users") as conn:
+            ids = insert_users(conn, new_users)
+            write_configs(conn, configs_for(ids))
 
     def disconnect(self, user_id: int) -> bool:
         """Drop the user's config, its sealed credentials with it (the ledger stays);
