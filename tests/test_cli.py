@@ -381,6 +381,9 @@ def test_failures_before_the_chain_are_in_runs_show_status_and_history(
     (tmp_path / "migrations" / "001_create.py").write_text(
         (tmp_path / "migrations" / "001_create.py").read_text() + "\nEDITED = True\n"
     )  # c drifts (a and b fail before reading their stamp)
+    # as on a control plane from before it kept applied checksums (no up-front refusal):
+    # each user's own stamp is the safety net
+    execute(control, "DELETE FROM byod_checksums")
     run = cli("migrate", "--all", "--json", "--retries", "0", **env)
     assert run.code == 1
     lines = [json.loads(line) for line in run.out.splitlines()]

@@ -25,6 +25,7 @@ from byod.cli.base import (
     out,
     workspace_for,
 )
+from byod.spec import DEFAULT_CONCURRENCY
 
 
 @app.command()
@@ -108,6 +109,9 @@ def verify(
 def adopt(
     user: OptionalUser = None,
     every: All = False,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", metavar="N", min=1, max=256, help="Users at a time.")
+    ] = DEFAULT_CONCURRENCY,
     json_out: Json = False,
     database_url: DatabaseUrl = None,
     migrations: Migrations = None,
@@ -115,7 +119,8 @@ def adopt(
     """Take over instances Alembic manages: write byod's stamp at the revision each
     one's alembic_version names (nothing is run); --migrations names the Alembic history."""
     target = one_target(user, every)
-    adoptions = commands.adopt(workspace_for(database_url, migrations), target)
+    ws = workspace_for(database_url, migrations)
+    adoptions = commands.adopt(ws, target, concurrency=concurrency)
     if json_out:
         out.print(render.dump([asdict(a) for a in adoptions]))
     else:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from byod.adoption import Adoption, adopt_user
 from byod.controlplane import local_user
 from byod.errors import InputError
 from byod.sources import is_alembic_history
+from byod.spec import DEFAULT_CONCURRENCY
 
 if TYPE_CHECKING:
     from byod.workspace import Workspace
@@ -15,11 +17,17 @@ if TYPE_CHECKING:
 __all__ = ["adopt"]
 
 
-def adopt(ws: Workspace, user_ref: str | None, *, by: str | None = None) -> list[Adoption]:
-    """Adopt one user's instance (``user_ref``) or every configured user's: byod's stamp
-    written at the revision each instance's ``alembic_version`` names (see
-    :mod:`byod.adoption`); one user's refusal never stops the others. ``by`` names who
-    asked (default: this process's OS user)."""
+def adopt(
+    ws: Workspace,
+    user_ref: str | None,
+    *,
+    by: str | None = None,
+    concurrency: int = DEFAULT_CONCURRENCY,
+) -> list[Adoption]:
+    """Adopt one user's instance (``user_ref``) or every configured user's,
+    ``concurrency`` at a time: byod's stamp written at the revision each instance's
+    ``alembic_version`` names (see :mod:`byod.adoption`); one user's refusal never stops
+    the others. ``by`` names who asked (default: this process's OS user)."""
     source = ws.settings.migrations_dir
     if not is_alembic_history(source):
         raise InputError(
@@ -35,4 +43,5 @@ def adopt(ws: Workspace, user_ref: str | None, *, by: str | None = None) -> list
     else:
         users = [directory.get_user(user_id) for user_id in directory.configured_user_ids()]
     who = by or local_user()
-    return [adopt_user(runner, user, by=who) for user in users]
+    with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="byod-adopt") as pool:
+        return list(pool.map(lambda user: adopt_user(runner, user, by=who), users))
