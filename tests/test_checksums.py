@@ -92,3 +92,50 @@ def test_a_stamp_recorded_by_an_older_byod_is_accepted_while_the_file_is_unchang
     assert migration.legacy_checksum == raw != migration.checksum
     assert migration.checksum_matches(raw) and migration.checksum_matches(migration.checksum)
     assert not migration.checksum_matches(bytes_checksum(b"something else"))
+
+
+def test_a_change_made_to_an_applied_migration_is_accepted_once_and_recorded(
+    tmp_path: Path,
+) -> None:
+    """Stamps an older byod wrote (the file's bytes) meet a reformatted file: drift, once;
+    `verify --accept MIGRATION` restamps the instances and the fleet's record, with who,
+    when, the old and the new checksum; then the runs go on."""
+    import sqlalchemy as sa
+
+    from tests.conftest import TEST_KEY
+    from tests.migration_sets import counter_migrations
+    from tests.test_cli import Cli
+
+    migrations = counter_migrations(tmp_path / "migrations")
+    cli = Cli(tmp_path, BYOD_ENCRYPTION_KEY=TEST_KEY, BYOD_MIGRATIONS=str(migrations))
+    assert cli("init").code == 0
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.db").touch()
+        assert cli("users", "add", "--clerk-id", name).code == 0
+        assert cli("connect", name, "--url", f"sqlite:///{tmp_path / name}.db").code == 0
+    assert cli("migrate", "--all", "--to", "2").code == 0
+    bump = migrations / "002_bump.py"
+    old_bytes = bytes_checksum(bump.read_bytes())
+    for name in ("a", "b"):  # as an older byod stamped them: the checksum of the bytes
+        engine = sa.create_engine(f"sqlite:///{tmp_path / name}.db")
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text("UPDATE byod_schema_stamp SET checksum = :c WHERE id = '002_bump'"),
+                {"c": old_bytes},
+            )
+        engine.dispose()
+    assert cli("verify", "--all").code == 0  # the old checksum, the same file: fine
+    bump.write_text("# reformatted by a tool\n" + bump.read_text().replace("    ", "    "))
+    bump.write_text(bump.read_text() + "\n\n")
+    assert cli("verify", "--all").code == 1  # old stamps cannot tell: reported
+    accepted = cli("verify", "--accept", "002_bump", "--json")
+    assert accepted.code == 0, accepted.err
+    assert [a["old"] for a in accepted.json()] == [old_bytes, old_bytes]  # type: ignore[index]
+    assert cli("verify", "--all").code == 0
+    assert cli("migrate", "--all").code == 0
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'byod.db'}")
+    with engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT * FROM byod_accepted_checksums")).one()
+    engine.dispose()
+    assert (row.migration_id, row.old_checksum, row.users) == ("002_bump", old_bytes, 2)
+    assert row.accepted_by and row.accepted_at and row.new_checksum != old_bytes

@@ -89,13 +89,33 @@ def verify(
             "(every user unless USER is given); nothing is connected.",
         ),
     ] = False,
+    accept: Annotated[
+        str | None,
+        typer.Option(
+            "--accept",
+            metavar="MIGRATION",
+            help="After a change to an applied migration's file that changes nothing it "
+            "did: its instances' stamps (every user unless USER is given) and the fleet's "
+            "record take the file's checksum now; who, when, old and new are recorded.",
+        ),
+    ] = None,
     json_out: Json = False,
     database_url: DatabaseUrl = None,
     migrations: Migrations = None,
 ) -> None:
     """Check instance stamps and checksums against the registry and control plane."""
-    target = user if policy and not every else one_target(user, every)
     ws = workspace_for(database_url, migrations)
+    if accept is not None:
+        accepted = commands.accept_checksum(ws, accept, user if not every else None)
+        if json_out:
+            out.print(render.dump([asdict(a) for a in accepted]))
+        for a in accepted if not json_out else []:
+            said = a.error or ("restamped" if a.old else "nothing to change")
+            out.print(f"user {a.user_id} ({render.plain(a.clerk_id)}): {render.plain(said)}")
+        if any(a.error for a in accepted):
+            raise typer.Exit(1)
+        return
+    target = user if policy and not every else one_target(user, every)
     reports = commands.verify(ws, target, policy=policy)
     if json_out:
         out.print(render.dump([asdict(r) | {"ok": r.ok} for r in reports]))

@@ -16,7 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from byod.commands.adoption import adopt
+    from byod.commands.adoption import Accepted, accept_checksum, adopt
     from byod.commands.demo import DemoResult, run_demo
     from byod.commands.onboarding import check_pending, import_users, read_import
     from byod.commands.reports import (
@@ -74,6 +74,8 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "DemoResult": "byod.commands.demo",
     "adopt": "byod.commands.adoption",
+    "Accepted": "byod.commands.adoption",
+    "accept_checksum": "byod.commands.adoption",
     "check_pending": "byod.commands.onboarding",
     "import_users": "byod.commands.onboarding",
     "read_import": "byod.commands.onboarding",
@@ -136,6 +138,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "Accepted",
     "DemoResult",
     "InitResult",
     "InstanceView",
@@ -143,6 +146,7 @@ __all__ = [
     "RunTimeline",
     "UserPlan",
     "VerifyReport",
+    "accept_checksum",
     "add_user",
     "adopt",
     "caller",

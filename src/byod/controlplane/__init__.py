@@ -1,7 +1,11 @@
 """The control plane: the app's own database of users, BYOD configs and the ledger."""
 
 from byod.controlplane._bulk import ExistingUser, NewConfig
-from byod.controlplane.checksums import record_applied_checksum, refuse_drift_up_front
+from byod.controlplane.checksums import (
+    record_acceptance,
+    record_applied_checksum,
+    refuse_drift_up_front,
+)
 from byod.controlplane.directory import Config, Directory, User
 from byod.controlplane.ledger import Ledger, LedgerRow
 from byod.controlplane.queries import (
@@ -56,6 +60,7 @@ __all__ = [
     "local_user",
     "open_engine",
     "outdated_query",
+    "record_acceptance",
     "record_applied_checksum",
     "refuse_drift_up_front",
     "require_tables",

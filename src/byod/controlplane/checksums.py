@@ -8,13 +8,14 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from byod.clock import utcnow
-from byod.controlplane._tx import reading, single
-from byod.controlplane.schema import applied_checksums, configs
+from byod.controlplane._tx import reading, single, writing
+from byod.controlplane.schema import accepted_checksums, applied_checksums, configs
 from byod.errors import DriftError
 from byod.registry import Migration, Registry
 
 __all__ = [
     "applied_checksums_of",
+    "record_acceptance",
     "record_applied_checksum",
     "refuse_drift_up_front",
     "users_at_or_above",
@@ -38,6 +39,39 @@ def record_applied_checksum(engine: sa.Engine, migration: Migration) -> None:
     with single(engine, "record the applied checksum") as conn:
         # recorded already (by this run or another): the first one stands
         conn.execute(insert.values(row).on_conflict_do_nothing())
+
+
+def record_acceptance(
+    engine: sa.Engine, migration: Migration, old: str | None, users: int, by: str
+) -> None:
+    """An operator accepted ``migration``'s file as it is now (``verify --accept``):
+    who, when, the old and new checksums, how many instances were restamped; the
+    fleet's reference checksum becomes the new one. (The one exception to this table's
+    write-once rule, and it is recorded.)"""
+    now = utcnow()
+    with writing(engine, "record the accepted checksum") as conn:
+        conn.execute(
+            accepted_checksums.insert().values(
+                migration_id=migration.id,
+                old_checksum=old,
+                new_checksum=migration.checksum,
+                users=users,
+                accepted_by=by[:255],
+                accepted_at=now,
+            )
+        )
+        conn.execute(
+            applied_checksums.delete().where(applied_checksums.c.migration_id == migration.id)
+        )
+        conn.execute(
+            applied_checksums.insert().values(
+                migration_id=migration.id,
+                version=migration.version,
+                checksum=migration.checksum,
+                legacy_checksum=migration.legacy_checksum or None,
+                recorded_at=now,
+            )
+        )
 
 
 def applied_checksums_of(engine: sa.Engine) -> dict[str, tuple[str, str | None]]:

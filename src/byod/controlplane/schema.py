@@ -39,6 +39,7 @@ __all__ = [
     "LedgerStatus",
     "RunKind",
     "RunState",
+    "accepted_checksums",
     "applied_checksums",
     "configs",
     "control_plane",
@@ -214,6 +215,20 @@ applied_checksums = sa.Table(
     #: the file's bytes' checksum then (what older stamps hold)
     sa.Column("legacy_checksum", sa.String(64), nullable=True),
     sa.Column("recorded_at", sa.DateTime, nullable=False),
+)
+
+
+#: Each time an operator accepted an applied migration's changed file (``verify --accept``)
+accepted_checksums = sa.Table(
+    "byod_accepted_checksums",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("migration_id", sa.String(255), nullable=False),
+    sa.Column("old_checksum", sa.String(64), nullable=True),
+    sa.Column("new_checksum", sa.String(64), nullable=False),
+    sa.Column("users", sa.Integer, nullable=False),
+    sa.Column("accepted_by", sa.String(255), nullable=False),
+    sa.Column("accepted_at", sa.DateTime, nullable=False),
 )
 
 

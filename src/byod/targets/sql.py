@@ -534,6 +534,29 @@ class SqlTarget:
         self._stamp_ready = True
         return True
 
+    def accept_checksum(self, migration: Migration) -> str | None:
+        """Under the instance's lock, in one transaction: ``migration``'s stamp row takes
+        its checksum now (an operator accepted the file's change); returns the checksum it
+        had, or None when it is not applied here or has that one already."""
+        self._check_control_plane()
+        try:
+            with self._conn.begin():
+                self._dialect.lock(self._conn, None, True)
+                stamp = {e.id: e.checksum for e in self._select_stamp()}
+                old = stamp.get(migration.id)
+                if old is None or old == migration.checksum:
+                    return None
+                self._conn.execute(
+                    _stamp.update()
+                    .where(_stamp.c.id == migration.id)
+                    .values(checksum=migration.checksum)
+                )
+                return old
+        except DBAPIError as exc:
+            raise self._busy_or_lost(exc) from exc
+        finally:
+            self._dialect.lock_cleanup(self._conn)
+
     def clear_dirty(self) -> list[str]:
         """Forget the dirty markers (after an operator repaired the instance by hand)."""
         if not self._dialect.non_transactional_ddl:
