@@ -485,3 +485,31 @@ def _alembic_version(url: str) -> list[str]:
             ]
     finally:
         engine.dispose()
+
+
+def test_version_locations_and_prepend_sys_path_are_honoured(tmp_path: Path) -> None:
+    """alembic.ini's version_locations (revisions in two folders) and prepend_sys_path
+    (a revision importing the app's own module) as Alembic reads them."""
+    app = copy_app(APP, tmp_path / "app")
+    more = app / "more_versions"
+    more.mkdir()
+    for rev in CHAIN[2:]:
+        path = next((app / "migrations" / "versions").glob(f"{rev}_*.py"))
+        path.rename(more / path.name)
+    (app / "myapp_helpers.py").write_text("TAG = 'general'\n")
+    last = next(more.glob(f"{CHAIN[-1]}_*.py"))
+    last.write_text(
+        last.read_text().replace(
+            "import sqlalchemy as sa\n", "import sqlalchemy as sa\nimport myapp_helpers\n", 1
+        )
+    )
+    ini = app / "alembic.ini"
+    ini.write_text(
+        ini.read_text()
+        .replace(
+            "# version_locations = %(here)s/bar:%(here)s/bat:%(here)s/alembic/versions",
+            "version_locations = %(here)s/migrations/versions:%(here)s/more_versions",
+        )
+        .replace("prepend_sys_path = .", "prepend_sys_path = %(here)s")
+    )
+    assert [m.id for m in load_registry(ini)] == CHAIN
