@@ -139,3 +139,38 @@ def test_a_change_made_to_an_applied_migration_is_accepted_once_and_recorded(
     engine.dispose()
     assert (row.migration_id, row.old_checksum, row.users) == ("002_bump", old_bytes, 2)
     assert row.accepted_by and row.accepted_at and row.new_checksum != old_bytes
+
+
+def test_old_byte_checksum_stamps_take_the_syntax_checksum_at_the_next_step(
+    tmp_path: Path,
+) -> None:
+    """Upgraded lazily, under the next step's lock: after that a reformat is no drift."""
+    import sqlalchemy as sa
+
+    from tests.conftest import TEST_KEY
+    from tests.migration_sets import counter_migrations
+    from tests.test_cli import Cli
+
+    migrations = counter_migrations(tmp_path / "migrations")
+    cli = Cli(tmp_path, BYOD_ENCRYPTION_KEY=TEST_KEY, BYOD_MIGRATIONS=str(migrations))
+    assert cli("init").code == 0
+    (tmp_path / "a.db").touch()
+    assert cli("users", "add", "--clerk-id", "a").code == 0
+    assert cli("connect", "a", "--url", f"sqlite:///{tmp_path / 'a.db'}").code == 0
+    assert cli("migrate", "a", "--to", "2").code == 0
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'a.db'}")
+    create = migrations / "001_create.py"
+    with engine.begin() as conn:  # as an older byod stamped it
+        conn.execute(
+            sa.text("UPDATE byod_schema_stamp SET checksum = :c WHERE id = '001_create'"),
+            {"c": bytes_checksum(create.read_bytes())},
+        )
+    assert cli("migrate", "a").code == 0  # the next step restamps 001 in its transaction
+    with engine.connect() as conn:
+        stored = conn.execute(
+            sa.text("SELECT checksum FROM byod_schema_stamp WHERE id = '001_create'")
+        ).scalar_one()
+    engine.dispose()
+    assert stored == source_checksum(create.read_bytes())
+    create.write_text("# reformatted\n\n" + create.read_text() + "\n\n")
+    assert cli("verify", "a").code == 0  # no drift now

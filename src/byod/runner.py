@@ -293,6 +293,7 @@ class Runner:
                 stamp = self._read_stamp(target)
                 if not stamp:
                     self._refuse_unadopted(user, target)
+                self._restamp_stale(stamp, target)
                 current, recovered = self._reconcile(user, config, stamp)
                 plan = make_plan(current)
                 if plan.direction == "down":  # an empty one too: it would say "nothing to do"
@@ -321,6 +322,22 @@ class Runner:
             return
         record_applied_checksum(self.engine, migration)
         _NOTED.add(key)
+
+    def _restamp_stale(self, stamp: list[StampEntry], target: Target) -> None:
+        """Stamp rows an older byod recorded with the file's bytes' checksum take the
+        syntax checksum at the next step, under its lock (where the target can)."""
+        stale = []
+        for entry in stamp:
+            migration = self.registry.get(entry.id)
+            if (
+                migration is not None
+                and entry.checksum == migration.legacy_checksum
+                and migration.legacy_checksum != migration.checksum
+            ):
+                stale.append(migration)
+        restamp = getattr(target, "restamp_later", None)
+        if stale and callable(restamp):
+            restamp(stale)
 
     def _refuse_unadopted(self, user: User, target: Target) -> None:
         """An instance without byod's stamp that Alembic manages (its ``alembic_version``

@@ -151,6 +151,8 @@ class SqlTarget:
         self._unchecked_control_plane: str | None = None
         #: a rehearsal's one transaction: every step and batch a savepoint in it
         self._rehearsal: sa.RootTransaction | None = None
+        #: stamp rows to take their syntax checksum at the next step (id -> old, new)
+        self._stale: dict[str, tuple[str, str]] = {}
 
     def prepare(self) -> None:
         """Nothing to do: a SQL instance's schema is what its migrations make it."""
@@ -398,6 +400,7 @@ class SqlTarget:
                 raise self._busy_or_lost(exc) from exc
         try:
             stamp = self._locked_stamp(held_stamp, timeout_ms)
+            self._restamp(stamp)
             if not check_position(step, stamp) or (
                 phase == "schema" and started(step, self._progress_ids())
             ):
@@ -480,6 +483,23 @@ class SqlTarget:
             raise MigrationFailedError(describe_error(exc)) from exc
         except Exception as exc:
             raise MigrationFailedError(describe_error(exc)) from exc
+
+    def restamp_later(self, migrations: Sequence[Migration]) -> None:
+        """At the next step, under its lock and in its transaction: these migrations'
+        stamp rows, recorded with their file's bytes' checksum by an older byod, take the
+        syntax checksum (a later reformat of the file is then not drift)."""
+        self._stale = {m.id: (m.legacy_checksum, m.checksum) for m in migrations}
+
+    def _restamp(self, stamp: list[StampEntry]) -> None:
+        stale, self._stale = self._stale, {}
+        for entry in stamp:
+            old, new = stale.get(entry.id, ("", ""))
+            if old and entry.checksum == old:
+                self._conn.execute(
+                    _stamp.update()
+                    .where(_stamp.c.id == entry.id, _stamp.c.checksum == old)
+                    .values(checksum=new)
+                )
 
     def alembic_revisions(self) -> list[str] | None:
         """The revisions the instance's ``alembic_version`` table holds (None when it has
