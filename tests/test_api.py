@@ -293,7 +293,7 @@ def test_a_fleet_run_request_with_an_unknown_or_wrong_field_is_422(
 ) -> None:
     answer = api.post("/v1/fleet/runs", "ops", json=body)
     assert answer.status_code == 422, answer.text
-    assert RunStore(api.ws.engine).recent() == []  # no run was started
+    assert RunStore(api.ws.engine).recent(noop=True) == []  # no run was started
 
 
 def test_an_operator_reads_a_clerk_id_holding_a_slash(api: Api) -> None:
