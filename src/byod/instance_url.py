@@ -33,6 +33,7 @@ __all__ = [
     "InstancePolicy",
     "address_refusal",
     "check_instance_url",
+    "env_flag",
     "parse_networks",
     "private_address",
     "resolve_instance_host",
@@ -148,9 +149,9 @@ class InstancePolicy:
     def from_env(cls, env: Mapping[str, str]) -> InstancePolicy:
         """The policy the ``BYOD_*`` variables ask for."""
         return cls(
-            allow_sqlite=_flag(env, "BYOD_ALLOW_SQLITE_INSTANCES", default=True),
+            allow_sqlite=env_flag(env, "BYOD_ALLOW_SQLITE_INSTANCES", default=True),
             ssl_ca=env.get("BYOD_INSTANCE_SSL_CA") or None,
-            allow_private=_flag(env, "BYOD_ALLOW_PRIVATE_INSTANCES", default=False),
+            allow_private=env_flag(env, "BYOD_ALLOW_PRIVATE_INSTANCES", default=False),
             instance_networks=parse_networks(env.get("BYOD_INSTANCE_NETWORKS", "")),
             convex_app=env.get("BYOD_CONVEX_APP") or None,
             convex_deploy=env.get("BYOD_CONVEX_DEPLOY") or None,
@@ -194,7 +195,8 @@ def _unmapped(
     return address
 
 
-def _flag(env: Mapping[str, str], name: str, *, default: bool) -> bool:
+def env_flag(env: Mapping[str, str], name: str, *, default: bool = False) -> bool:
+    """A yes/no setting: ``1``/``0`` (or true/false, yes/no); unset is ``default``."""
     text = env.get(name, "").strip().lower()
     if text not in ("", "0", "1", "true", "false", "yes", "no"):
         raise SettingsError(f"{name} must be 1 or 0, not {text!r}")
@@ -223,7 +225,7 @@ def check_instance_url(url: URL, policy: InstancePolicy) -> None:
     else:
         _check_host(url, kind)
         host = (url.host or "").strip("[]")
-        if private_address(host) and not policy.allows_address(host):
+        if not policy.allows_address(host):
             raise address_refusal(kind, host)
     allowed = ALLOWED_OPTIONS[kind]
     for name, value in url.query.items():
@@ -272,7 +274,7 @@ def resolve_instance_host(url: URL, policy: InstancePolicy) -> str:
     the name again, so a second DNS answer cannot move the connection."""
     kind = url.get_backend_name()
     host = (url.host or "").strip("[]")
-    if private_address(host) and not policy.allows_address(host):
+    if not policy.allows_address(host):
         raise address_refusal(kind, host)
     try:
         found = socket.getaddrinfo(host, url.port or 0, proto=socket.IPPROTO_TCP)

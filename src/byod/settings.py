@@ -18,7 +18,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from byod.errors import SettingsError
-from byod.instance_url import InstancePolicy
+from byod.instance_url import InstancePolicy, env_flag
 from byod.redact import remember
 
 __all__ = [
@@ -159,7 +159,7 @@ class Settings:
             broker_visibility_timeout=_positive(env, "BYOD_BROKER_VISIBILITY_TIMEOUT", 600.0),
             default_queue=env.get("BYOD_QUEUE") or "byod",
             instance_policy=_with_convex_app(InstancePolicy.from_env(env), folder),
-            keep_alembic_version=_on(env, "BYOD_KEEP_ALEMBIC_VERSION"),
+            keep_alembic_version=env_flag(env, "BYOD_KEEP_ALEMBIC_VERSION"),
         )
 
 
@@ -172,13 +172,6 @@ def _with_convex_app(policy: InstancePolicy, migrations: Path) -> InstancePolicy
     if not (app / "convex").is_dir():
         return policy
     return dataclasses.replace(policy, convex_app=str(app))
-
-
-def _on(env: Mapping[str, str], name: str) -> bool:
-    text = env.get(name, "").strip().lower()
-    if text not in ("", "0", "1", "true", "false", "yes", "no"):
-        raise SettingsError(f"{name} must be 1 or 0, not {text!r}")
-    return text in ("1", "true", "yes")
 
 
 def _positive(env: Mapping[str, str], name: str, default: float) -> float:

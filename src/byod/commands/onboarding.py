@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from byod.controlplane import ExistingUser, NewConfig, User
+from byod.controlplane import Config, ExistingUser, NewConfig, User
 from byod.controlplane.schema import control_plane_id
 from byod.credentials import check_connectable, open_instance, unseal_config
 from byod.errors import ByodError, CredentialsError, InputError
@@ -231,17 +231,18 @@ def check_pending(
     its version recorded (``connected``), or the error kept (``error``)."""
     ws.require_tables()
     directory = ws.directory
-    users = []
+    users: list[tuple[User, Config]] = []
     if only is not None:
-        users = [directory.find_user(only)]
-        directory.get_config(users[0].id)  # NotConnectedError when it has none
+        found = directory.find_user(only)
+        users = [(found, directory.get_config(found.id))]  # NotConnectedError if none
     for user_id in [] if only is not None else directory.configured_user_ids():
-        if directory.get_config(user_id).connection_status == "pending":
-            users.append(directory.get_user(user_id))
+        config = directory.get_config(user_id)
+        if config.connection_status == "pending":
+            users.append((directory.get_user(user_id), config))
     control_plane = control_plane_id(ws.engine)
 
-    def check(user: User) -> Checked:
-        config = directory.get_config(user.id)
+    def check(item: tuple[User, Config]) -> Checked:
+        user, config = item
         try:
             credentials = unseal_config(
                 config, ws.sealer, policy=ws.settings.instance_policy, control_plane=control_plane
