@@ -9,6 +9,9 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from byod import commands
+from byod.commands.onboarding import ImportRow
+from byod.workspace import Workspace
 from tests.conftest import TEST_KEY, child_env
 from tests.test_cli import BYOD, Cli
 
@@ -113,3 +116,42 @@ def test_an_import_reads_standard_input(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "1 added" in done.stdout
     assert configs(tmp_path) == {"ada": ("pending", 0)}
+
+
+def test_an_import_over_pages_stores_each_users_own_config_on_both_control_planes(
+    ws: Workspace, tmp_path: Path
+) -> None:
+    """More than a page (1,000 rows), users already there with and without a config: each
+    config is sealed for its own user (a config filed under another user's id would not
+    open), a replaced one keeps its recorded version, a second import changes nothing."""
+    old = ws.directory.add_user("old", email="old@example.com")
+    moved = ws.directory.add_user("moved")
+    first_db = sqlite_url(tmp_path, "moved-first")
+    commands.connect(ws, "moved", first_db)
+    ws.directory.set_status(moved.id, "connected", schema_version=2)
+    rows = [
+        ImportRow(n + 1, f"user_{n:05d}", f"postgresql://app@db{n}.example.com/t{n}")
+        for n in range(1_205)
+    ]
+    rows[7] = ImportRow(8, "user_00007", rows[7].url, secret=SECRET, email="seven@example.com")
+    rows.append(ImportRow(1_206, "old", sqlite_url(tmp_path, "old")))
+    rows.append(ImportRow(1_207, "moved", sqlite_url(tmp_path, "moved-second")))
+    report = commands.import_users(ws, rows)
+    assert (report.added, report.updated, report.unchanged, report.refused) == (1_205, 2, 0, [])
+    by_clerk = {u.clerk_id: u for u in ws.directory.list_users()}
+    assert len(by_clerk) == 1_207 and by_clerk["old"].id == old.id
+    assert by_clerk["user_00007"].email == "seven@example.com"
+    assert by_clerk["user_00008"].email is None
+    for row in rows:
+        user = by_clerk[row.clerk_id]
+        config = ws.directory.get_config(user.id)
+        url = ws.sealer.unseal(
+            config.sealed_url, user_id=user.id, field_name="url", key_id=config.key_id
+        )
+        secret = config.sealed_secret and ws.sealer.unseal(
+            config.sealed_secret, user_id=user.id, field_name="secret", key_id=config.key_id
+        )
+        assert (url, secret, config.connection_status) == (row.url, row.secret, "pending")
+    assert ws.directory.get_config(moved.id).schema_version == 2
+    again = commands.import_users(ws, rows)
+    assert (again.added, again.updated, again.unchanged) == (0, 0, 1_207)

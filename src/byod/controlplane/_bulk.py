@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from byod.clock import utcnow
 from byod.controlplane.schema import configs, users
@@ -55,7 +56,7 @@ def existing_users(conn: sa.Connection, clerk_ids: Sequence[str]) -> dict[str, E
             sa.case((leased, True), else_=False),
         )
         .select_from(users.outerjoin(configs, configs.c.user_id == users.c.id))
-        .where(users.c.clerk_id.in_(list(clerk_ids)), users.c.removed_at.is_(None))
+        .where(_among(conn, users.c.clerk_id, clerk_ids), users.c.removed_at.is_(None))
     )
     return {
         str(r[1]): ExistingUser(int(r[0]), str(r[1]), r[2], r[3], r[4], r[5], bool(r[6]))
@@ -68,14 +69,60 @@ def insert_users(conn: sa.Connection, new: Sequence[tuple[str, str | None]]) -> 
     if not new:
         return {}
     now = utcnow()
-    rows = [{"clerk_id": clerk, "email": email, "created_at": now} for clerk, email in new]
-    conn.execute(users.insert(), rows)
-    found = conn.execute(
-        sa.select(users.c.id, users.c.clerk_id).where(
-            users.c.clerk_id.in_([clerk for clerk, _ in new]), users.c.removed_at.is_(None)
+    clerk_ids = [clerk for clerk, _ in new]
+    if _on_postgresql(conn):
+        found = conn.execute(
+            _PG_INSERT_USERS,
+            {"clerks": clerk_ids, "emails": [email for _, email in new], "now": now},
         )
-    )
+    else:
+        rows = [{"clerk_id": clerk, "email": email, "created_at": now} for clerk, email in new]
+        conn.execute(users.insert(), rows)
+        found = conn.execute(
+            sa.select(users.c.id, users.c.clerk_id).where(
+                _among(conn, users.c.clerk_id, clerk_ids), users.c.removed_at.is_(None)
+            )
+        )
     return {str(clerk): int(uid) for uid, clerk in found}
+
+
+def _on_postgresql(conn: sa.Connection) -> bool:
+    return conn.dialect.name == "postgresql"
+
+
+def _among(
+    conn: sa.Connection, column: sa.ColumnElement[str], values: Sequence[str]
+) -> sa.ColumnElement[bool]:
+    if _on_postgresql(conn):
+        return column == sa.any_(sa.bindparam("among", list(values), type_=_TEXTS))
+    return column.in_(list(values))
+
+
+_TEXTS = postgresql.ARRAY(sa.Text)
+
+_PG_INSERT_USERS = sa.text(
+    "INSERT INTO users (clerk_id, email, created_at)"
+    " SELECT v.clerk_id, v.email, :now"
+    " FROM unnest(CAST(:clerks AS text[]), CAST(:emails AS text[])) AS v(clerk_id, email)"
+    " RETURNING id, clerk_id"
+)
+
+_PG_INSERT_CONFIGS = sa.text(
+    "INSERT INTO byod_configs"
+    " (user_id, target_kind, sealed_url, sealed_secret, key_id, connection_status, updated_at)"
+    " SELECT v.user_id, v.kind, v.url, v.secret, v.key_id, 'pending', :now FROM unnest("
+    "CAST(:user_ids AS integer[]), CAST(:kinds AS text[]), CAST(:urls AS text[]),"
+    " CAST(:secrets AS text[]), CAST(:key_ids AS text[])) AS v(user_id, kind, url, secret, key_id)"
+)
+
+_PG_REPLACE_CONFIGS = sa.text(
+    "UPDATE byod_configs SET target_kind = v.kind, sealed_url = v.url,"
+    " sealed_secret = v.secret, key_id = v.key_id, connection_status = 'pending',"
+    " last_error = NULL, updated_at = :now FROM unnest("
+    "CAST(:user_ids AS integer[]), CAST(:kinds AS text[]), CAST(:urls AS text[]),"
+    " CAST(:secrets AS text[]), CAST(:key_ids AS text[])) AS v(user_id, kind, url, secret, key_id)"
+    " WHERE byod_configs.user_id = v.user_id"
+)
 
 
 _REPLACE = (
@@ -97,6 +144,14 @@ def write_configs(conn: sa.Connection, new: Sequence[NewConfig]) -> None:
     """Store each config, status ``pending``; a replaced one keeps its recorded version
     (``byod connect --check`` reads the instance's own)."""
     now = utcnow()
+    if _on_postgresql(conn):
+        for statement, part in (
+            (_PG_REPLACE_CONFIGS, [c for c in new if c.replaces]),
+            (_PG_INSERT_CONFIGS, [c for c in new if not c.replaces]),
+        ):
+            if part:
+                conn.execute(statement, {**_columns(part), "now": now})
+        return
     replaced = [
         {
             "b_user": c.user_id,
@@ -126,3 +181,14 @@ def write_configs(conn: sa.Connection, new: Sequence[NewConfig]) -> None:
     ]
     if added:
         conn.execute(configs.insert(), added)
+
+
+def _columns(part: Sequence[NewConfig]) -> dict[str, list[object]]:
+    """A page of configs as one array per column (PostgreSQL's ``unnest``)."""
+    return {
+        "user_ids": [c.user_id for c in part],
+        "kinds": [c.target_kind for c in part],
+        "urls": [c.sealed_url for c in part],
+        "secrets": [c.sealed_secret for c in part],
+        "key_ids": [c.key_id for c in part],
+    }
