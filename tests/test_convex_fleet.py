@@ -822,3 +822,42 @@ def test_ctx_app_calls_the_apps_own_deployment_where_one_is_configured(
             assert "from_app" not in tables, "the step rolled back"
         assert app.key not in json.dumps(ledger_rows(ws, user_id))
         ws.engine.dispose()
+
+
+WRONG_KIND = """
+from byod import Migration
+
+
+def up(ctx):
+    ctx.convex.query("documents:create", {"title": "written by a query", "body": "x"})
+
+
+migration = Migration(
+    id="002_wrong_kind", version=2, name="wrong kind", description="a mutation called as a query",
+    up=up,
+)
+"""
+
+
+def test_a_query_call_never_runs_a_mutation(
+    cvx: Workspace, deployments: DeploymentFactory, tmp_path: Path
+) -> None:
+    folder = write_migrations(
+        tmp_path / "migrations",
+        {
+            "001_initial.py": (MIGRATIONS / "001_initial.py").read_text(),
+            "002_wrong_kind.py": WRONG_KIND,
+        },
+    )
+    deployment = deployments()
+    ws = Workspace(
+        Settings.load(
+            database_url=cvx.settings.database_url,
+            env=convex_env(BYOD_MIGRATIONS=str(folder), BYOD_CONVEX_APP=str(EXAMPLE_APP)),
+        )
+    )
+    result = ws.runner().migrate(add(ws, deployment))
+    assert type(result.error).__name__ == "MigrationFailedError"
+    assert "defined as Mutation" in result.error.message
+    assert deployment.stamp() == ["001_initial"]
+    assert "written by a query" not in [d["title"] for d in deployment.documents()]

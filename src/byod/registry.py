@@ -51,15 +51,18 @@ class FunctionCalls(Protocol):
     Convex values (``int`` for int64, ``float`` for numbers, ``bytes``, lists, dicts)."""
 
     def query(self, path: str, args: Mapping[str, Any] | None = None) -> Any:
-        """Run query ``path`` (``"module:name"``; internal ones too) and return its result."""
+        """Run query ``path`` (``"module:name"``; internal ones too) and return its result;
+        a ``path`` that is not a query fails the step (nothing runs)."""
         ...
 
     def mutation(self, path: str, args: Mapping[str, Any] | None = None) -> Any:
-        """Run mutation ``path`` (one Convex transaction) and return its result."""
+        """Run mutation ``path`` (one Convex transaction) and return its result; a
+        ``path`` that is not a mutation fails the step (nothing runs)."""
         ...
 
     def action(self, path: str, args: Mapping[str, Any] | None = None) -> Any:
-        """Run action ``path`` and return its result."""
+        """Run action ``path`` and return its result; a ``path`` that is not an action
+        fails the step (nothing runs)."""
         ...
 
 

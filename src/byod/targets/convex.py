@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 from urllib.parse import urlsplit
 
 from sqlalchemy.engine import URL
@@ -49,6 +49,8 @@ from byod.targets.convex_deploy import Deploy
 __all__ = ["ConvexTarget", "DeploymentCalls", "open_convex"]
 
 _MODULE = "byod"
+
+FunctionKind = Literal["query", "mutation", "action"]
 _NOT_FOUND = "Could not find"
 
 
@@ -96,28 +98,30 @@ def _refuse_private(base_url: str, policy: InstancePolicy) -> None:
 
 class DeploymentCalls:
     """A Convex deployment's functions for migrations (``ctx.app``: the app's own
-    deployment), called with its deploy key through ``/api/function`` (any kind of
-    function, internal ones too, as ``npx convex run`` does); a function that throws
-    fails the step."""
+    deployment), called with its deploy key, each through the endpoint of its kind
+    (``/api/query``, ``/api/mutation``, ``/api/action``; the key lets internal functions
+    answer there too): the deployment refuses a call whose function is of another kind,
+    so a "query" can never write. A function that throws fails the step."""
 
     def __init__(self, client: ConvexClient) -> None:
         self.client = client
 
     def query(self, path: str, args: Mapping[str, Any] | None = None) -> Any:
         """See :class:`byod.registry.FunctionCalls`."""
-        return self._call(path, args)
+        return self._call("query", path, args)
 
     def mutation(self, path: str, args: Mapping[str, Any] | None = None) -> Any:
         """See :class:`byod.registry.FunctionCalls`."""
-        return self._call(path, args)
+        return self._call("mutation", path, args)
 
     def action(self, path: str, args: Mapping[str, Any] | None = None) -> Any:
         """See :class:`byod.registry.FunctionCalls`."""
-        return self._call(path, args)
+        return self._call("action", path, args)
 
-    def _call(self, path: str, args: Mapping[str, Any] | None) -> Any:
+    def _call(self, kind: FunctionKind, path: str, args: Mapping[str, Any] | None) -> Any:
+        call = getattr(self.client, kind)
         try:
-            return self.client.function(path, dict(args or {}), timeout=self._timeout())
+            return call(path, dict(args or {}), timeout=self._timeout())
         except FunctionError as exc:
             raise MigrationFailedError(exc.message) from None
 
@@ -134,13 +138,13 @@ class _Calls(DeploymentCalls):
         self._target = target
         self._deadline = deadline
 
-    def _call(self, path: str, args: Mapping[str, Any] | None) -> Any:
+    def _call(self, kind: FunctionKind, path: str, args: Mapping[str, Any] | None) -> Any:
         if not isinstance(path, str) or path.startswith(f"{_MODULE}:"):
             raise MigrationFailedError(
                 f"a migration calls the app's functions, not byod's own ({path!r})"
             )
         self._target.hold()
-        return super()._call(path, args)
+        return super()._call(kind, path, args)
 
     def _timeout(self) -> float | None:
         return self._target.remaining(self._deadline)
