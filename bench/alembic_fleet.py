@@ -1,15 +1,17 @@
-"""A fleet Alembic stamped, brought to head three ways, side by side in one run:
+"""A mixed fleet Alembic stamped, brought to head three ways, side by side in one run:
 
 - byod: `byod adopt --all`, then `byod migrate --all` (in-process, default concurrency);
 - an in-process loop of `alembic.command.upgrade(config, "head")`, one database at a time;
 - a loop of the `alembic upgrade head` command, one process per database.
 
-    .venv/bin/python bench/alembic_fleet.py                 # 100 SQLite instances, 3 runs
-    .venv/bin/python bench/alembic_fleet.py --instances 300 --repeat 5
+    .venv/bin/python bench/alembic_fleet.py       # 200 SQLite, 20 PostgreSQL, 4 MariaDB; 3 runs
+    .venv/bin/python bench/alembic_fleet.py --sqlite 100 --postgres 0 --mariadb 0 --repeat 5
 
-The fleet: a tenth empty, the rest part-way or at head (stamped by Alembic itself), the
-history tests/alembic_app (4 revisions: tables, an index, batch_alter_table, data). Each
-way starts from a fresh copy of the same fleet. Prints the median wall time of each.
+The fleet: of each kind a tenth empty, the rest part-way or at head (stamped by Alembic
+itself), the history tests/alembic_app (4 revisions: tables, an index, batch_alter_table,
+data). Each way starts from a fresh fleet made the same way (not timed): SQLite files in a
+temporary folder, databases on the local PostgreSQL and MariaDB servers (dropped at the
+end). Prints the median wall time of each way and, for byod, its instances per second.
 """
 
 from __future__ import annotations
@@ -22,8 +24,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
@@ -35,6 +42,79 @@ APP = Path(__file__).resolve().parents[1] / "tests" / "alembic_app"
 CHAIN = ["9e68de2a97d5", "10a1322be8d7", "3d3bf621cd8c", "47a113008ee7"]
 KEY = base64.b64encode(b"a" * 32).decode()
 ALEMBIC = str(Path(sys.executable).parent / "alembic")
+SERVERS = {
+    "postgresql": ("postgresql+psycopg://postgres@127.0.0.1:5432/postgres", '"{}"'),
+    "mysql": ("mysql+pymysql://root@127.0.0.1:3306/mysql", "`{}`"),
+}
+FORCE = {"postgresql": " WITH (FORCE)", "mysql": ""}
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One tenant database: its URL with a driver (Alembic's) and as a user gives it (byod's)."""
+
+    driver_url: str
+    url: str
+
+
+class Fleet:
+    """Makes fresh fleets of one shape and drops the server databases at the end."""
+
+    def __init__(self, root: Path, sizes: dict[str, int]) -> None:
+        self.root, self.sizes = root, sizes
+        self.made: dict[str, list[str]] = {"postgresql": [], "mysql": []}
+        self.admins = {
+            kind: sa.create_engine(SERVERS[kind][0], isolation_level="AUTOCOMMIT")
+            for kind in self.made
+            if sizes.get(kind)
+        }
+
+    def make(self, label: str) -> list[Instance]:
+        """A fresh fleet: of each kind a tenth empty, the rest at revision 1…4 in turn."""
+        folder = self.root / label
+        folder.mkdir()
+        fleet = []
+        for kind, count in self.sizes.items():
+            for n in range(count):
+                instance = self._empty(kind, folder, f"{label}_{n:04d}")
+                if n % 10:
+                    command.upgrade(config(instance.driver_url), CHAIN[n % len(CHAIN)])
+                fleet.append(instance)
+        return fleet
+
+    def _empty(self, kind: str, folder: Path, name: str) -> Instance:
+        if kind == "sqlite":
+            path = folder / f"{name}.db"
+            path.touch()
+            return Instance(f"sqlite:///{path}", f"sqlite:///{path}")
+        server, quoted = SERVERS[kind]
+        database = f"bench_alembic_{uuid.uuid4().hex[:8]}_{name}"
+        with self.admins[kind].connect() as conn:
+            conn.execute(sa.text(f"CREATE DATABASE {quoted.format(database)}"))
+        self.made[kind].append(database)
+        driver_url = sa.make_url(server).set(database=database)
+        plain = driver_url.set(drivername=kind)
+        return Instance(driver_url.render_as_string(False), plain.render_as_string(False))
+
+    def drop(self) -> None:
+        for kind, engine in self.admins.items():
+            _, quoted = SERVERS[kind]
+            with engine.connect() as conn:
+                for database in self.made[kind]:
+                    drop = f"DROP DATABASE IF EXISTS {quoted.format(database)}{FORCE[kind]}"
+                    conn.execute(sa.text(drop))
+            engine.dispose()
+
+
+@contextmanager
+def fleets(sizes: dict[str, int]) -> Iterator[Fleet]:
+    root = Path(tempfile.mkdtemp(prefix="byod-alembic-"))
+    fleet = Fleet(root, sizes)
+    try:
+        yield fleet
+    finally:
+        fleet.drop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def config(url: str) -> Config:
@@ -45,59 +125,46 @@ def config(url: str) -> Config:
     return made
 
 
-def make_fleet(folder: Path, count: int) -> list[Path]:
-    """``count`` SQLite files: a tenth empty, the rest at revision 1…4 in turn."""
-    paths = []
-    for n in range(count):
-        path = folder / f"tenant-{n:04d}.db"
-        path.touch()
-        if n % 10:
-            command.upgrade(config(f"sqlite:///{path}"), CHAIN[n % len(CHAIN)])
-        paths.append(path)
-    return paths
-
-
-def copy_fleet(source: list[Path], folder: Path) -> list[Path]:
-    folder.mkdir()
-    return [Path(shutil.copy(path, folder / path.name)) for path in source]
-
-
-def with_byod(paths: list[Path], folder: Path) -> float:
+def with_byod(fleet: list[Instance], folder: Path) -> float:
     settings = Settings.load(
         database_url=f"sqlite:///{folder / 'byod.db'}",
-        env={"BYOD_ENCRYPTION_KEY": KEY, "BYOD_MIGRATIONS": str(APP)},
+        env={
+            "BYOD_ENCRYPTION_KEY": KEY,
+            "BYOD_MIGRATIONS": str(APP),
+            "BYOD_INSTANCE_NETWORKS": "127.0.0.0/8",  # the local servers
+        },
     )
     ws = Workspace(settings)
     commands.init(ws)
-    for n, path in enumerate(paths):
+    for n, instance in enumerate(fleet):
         user = commands.add_user(ws, f"tenant-{n:04d}")
-        commands.connect(ws, user.clerk_id, f"sqlite:///{path}")
+        commands.connect(ws, user.clerk_id, instance.url)
     started = time.perf_counter()
     adopted = commands.adopt(ws, None)
     summary = commands.migrate_fleet(ws)
     seconds = time.perf_counter() - started
     assert not [a for a in adopted if a.status == "refused"], adopted
-    assert summary.failed == 0 and summary.total == len(paths), summary
+    assert summary.failed == 0 and summary.total == len(fleet), summary
     ws.engine.dispose()
     return seconds
 
 
-def with_alembic_in_process(paths: list[Path]) -> float:
+def with_alembic_in_process(fleet: list[Instance]) -> float:
     started = time.perf_counter()
-    for path in paths:
-        command.upgrade(config(f"sqlite:///{path}"), "head")
+    for instance in fleet:
+        command.upgrade(config(instance.driver_url), "head")
     return time.perf_counter() - started
 
 
-def with_alembic_command(paths: list[Path], folder: Path) -> float:
+def with_alembic_command(fleet: list[Instance], folder: Path) -> float:
     inis = []
     template = (APP / "alembic.ini").read_text().replace("%(here)s", str(APP))
-    for path in paths:
-        ini = folder / f"{path.stem}.ini"
+    for n, instance in enumerate(fleet):
+        ini = folder / f"tenant-{n:04d}.ini"
         ini.write_text(
             template.replace(
                 "sqlalchemy.url = driver://user:pass@localhost/dbname",
-                f"sqlalchemy.url = sqlite:///{path}",
+                f"sqlalchemy.url = {instance.driver_url}",
             )
         )
         inis.append(ini)
@@ -111,32 +178,32 @@ def with_alembic_command(paths: list[Path], folder: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--instances", type=int, default=100)
+    parser.add_argument("--sqlite", type=int, default=200)
+    parser.add_argument("--postgres", type=int, default=20)
+    parser.add_argument("--mariadb", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
+    sizes = {"sqlite": args.sqlite, "postgresql": args.postgres, "mysql": args.mariadb}
+    total = sum(sizes.values())
     figures: dict[str, list[float]] = {"byod": [], "alembic loop": [], "alembic command": []}
-    for run in range(args.repeat):
-        root = Path(tempfile.mkdtemp(prefix="byod-alembic-"))
-        fleet = make_fleet(
-            root / "source" if (root / "source").mkdir() is None else root, args.instances
-        )
-        figures["byod"].append(
-            with_byod(copy_fleet(fleet, root / f"byod{run}"), root / f"byod{run}")
-        )
-        figures["alembic loop"].append(
-            with_alembic_in_process(copy_fleet(fleet, root / f"loop{run}"))
-        )
-        cmd = root / f"cmd{run}"
-        figures["alembic command"].append(with_alembic_command(copy_fleet(fleet, cmd), cmd))
-        shutil.rmtree(root, ignore_errors=True)
+    with fleets(sizes) as fleet:
+        for run in range(args.repeat):
+            byod = fleet.make(f"byod{run}")
+            figures["byod"].append(with_byod(byod, fleet.root / f"byod{run}"))
+            figures["alembic loop"].append(with_alembic_in_process(fleet.make(f"loop{run}")))
+            made = fleet.make(f"cmd{run}")
+            figures["alembic command"].append(with_alembic_command(made, fleet.root / f"cmd{run}"))
     print(
-        f"{args.instances} SQLite instances Alembic stamped (a tenth empty), to head; "
-        f"median of {args.repeat} runs:"
+        f"{total} instances Alembic stamped ({args.sqlite} SQLite, {args.postgres} PostgreSQL,"
+        f" {args.mariadb} MariaDB; a tenth of each empty), to head; median of {args.repeat} runs:"
     )
     base = statistics.median(figures["byod"])
     for label, values in figures.items():
         median = statistics.median(values)
-        print(f"  {label:16s} {median:8.2f} s   ({median / base:5.1f}x byod)")
+        print(
+            f"  {label:16s} {median:8.2f} s  {total / median:7.1f} instances/s"
+            f"  ({median / base:5.1f}x byod)"
+        )
 
 
 if __name__ == "__main__":

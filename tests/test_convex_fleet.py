@@ -219,6 +219,51 @@ def test_a_deploy_that_fails_is_a_deploy_error_and_no_migration_runs_there(
     assert ledger_rows(ws, good_id)[-1][:2] == ("002_add_tags", "completed")
 
 
+def counting_deploy(count: Path) -> str:
+    """The stand-in deploy command, counting its runs in ``count``."""
+    return shlex.join(["sh", "-c", f"echo run >> {shlex.quote(str(count))}; exec {DEPLOY}"])
+
+
+def narrowed_app(folder: Path) -> Path:
+    """The example app with ``tagCount`` required: no document before the backfill fits."""
+    app = Path(shutil.copytree(EXAMPLE_APP, folder, ignore=shutil.ignore_patterns("migrations")))
+    schema = app / "convex" / "schema.ts"
+    narrowed = schema.read_text().replace(
+        "tagCount: v.optional(v.number())", "tagCount: v.number()"
+    )
+    schema.write_text(narrowed)
+    return app
+
+
+def test_a_deploy_that_cannot_pass_is_not_tried_again_but_a_passing_failure_is(
+    cvx: Workspace, deployments: DeploymentFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deployment = deployments()
+    user_id = add(cvx, deployment)
+    count = tmp_path / "deploys"
+    ws = Workspace(
+        Settings.load(
+            database_url=cvx.settings.database_url,
+            env=convex_env(
+                BYOD_CONVEX_APP=str(narrowed_app(tmp_path / "app")),
+                BYOD_CONVEX_DEPLOY=counting_deploy(count),
+            ),
+        )
+    )
+    result = ws.runner().migrate(user_id)
+    assert type(result.error).__name__ == "DeployError"
+    assert "Schema validation failed" in result.error.message
+    assert "attempts" not in result.error.message
+    assert count.read_text().splitlines() == ["run"], "a schema the data fails is deployed once"
+    assert deployment.stamp() == []
+
+    count.unlink()
+    monkeypatch.setenv("CONVEX_LOCAL_FAIL_DEPLOY", deployment.name)  # a passing failure
+    again = ws.runner().migrate(user_id)
+    assert again.error is not None and "after 3 attempts" in again.error.message
+    assert len(count.read_text().splitlines()) == 3
+
+
 def test_a_missing_deploy_command_or_app_folder_is_a_deploy_error(
     cvx: Workspace, deployments: DeploymentFactory, tmp_path: Path
 ) -> None:

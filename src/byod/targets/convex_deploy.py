@@ -7,8 +7,10 @@ environment (``CONVEX_DEPLOY_KEY`` for a ``.convex.cloud`` deployment;
 ``CONVEX_SELF_HOSTED_URL`` and ``CONVEX_SELF_HOSTED_ADMIN_KEY`` for a self-hosted one),
 never in its arguments; byod's own ``BYOD_*`` settings (the encryption key, the control
 plane's URL) are left out of it. Its output is scrubbed of the key before it is logged or
-kept in an error. A failed deploy is tried again (the original plan's "schema mismatch:
-retry the deployment"), then reported as :class:`DeployError`.
+kept in an error. A deploy that failed for a passing reason (the deployment unreachable,
+a timeout) is tried again, then reported as :class:`DeployError`; one that can only fail
+the same way again (the data does not match the schema, the code does not build or
+type-check, the key is refused) is reported at once, with the deploy's own message.
 """
 
 from __future__ import annotations
@@ -39,6 +41,24 @@ _SETTINGS_HINT = (
 #: How many times a failing deploy is run before it is reported, and the waits between.
 ATTEMPTS = 3
 _WAITS = (1.0, 3.0)
+#: What a deploy that will fail the same way again prints: the ``convex`` CLI's own
+#: messages (convex 1.48, ``dist/esm/cli/lib/deploy2.js``: "Schema validation failed";
+#: ``cli/lib/typecheck.js``: "TypeScript typecheck via `tsc` failed."; the bundler's
+#: "Bundling failed"; tsc's "error TS"; the backend's codes for a schema or modules it
+#: refuses and for a key it does not know), and the local stand-in's error codes.
+DETERMINISTIC = (
+    "Schema validation failed",
+    "SchemaValidationFailed",
+    "SchemaInvalid",
+    "TypeScript typecheck via `tsc` failed",
+    "error TS",
+    "Bundling failed",
+    "build failed",
+    "InvalidModules",
+    "BadAdminKey",
+    "BadDeployKey",
+    "MissingAccessToken",
+)
 #: How much of a failed command's output (its last lines) the error keeps.
 _TAIL_LINES = 12
 _TAIL_CHARS = 2000
@@ -76,8 +96,8 @@ class Deploy:
             if not failure:
                 log.info("%s: deployed the app (%s)", where, argv[0])
                 return
-            if final:
-                raise DeployError(f"{where}: no migration ran there: {failure}")
+            if final or any(marker in failure for marker in DETERMINISTIC):
+                raise DeployError(f"{where}: the app did not deploy: {failure}")
             log.warning("%s: deploy attempt %d of %d failed: %s", where, attempt, ATTEMPTS, failure)
             if attempt < ATTEMPTS:
                 time.sleep(waits[min(attempt - 1, len(waits) - 1)])
