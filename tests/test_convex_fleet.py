@@ -36,6 +36,7 @@ from byod.workspace import Workspace
 from tests.conftest import TEST_KEY, ServerDatabases, child_env, write_migrations
 from tests.convex_backend import EXAMPLE_APP, ROOT, ControlError, ConvexServer
 from tests.distributed_kit import BYOD, _delete_redis_queues
+from tests.test_cli import Cli
 
 MIGRATIONS = EXAMPLE_APP / "migrations"
 DEPLOY = f"node {ROOT / 'tools' / 'convex-local' / 'deploy.mjs'}"
@@ -906,3 +907,31 @@ def test_a_query_call_never_runs_a_mutation(
     assert "defined as Mutation" in result.error.message
     assert deployment.stamp() == ["001_initial"]
     assert "written by a query" not in [d["title"] for d in deployment.documents()]
+
+
+def test_connect_to_a_fresh_deployment_is_connected_and_the_first_migrate_brings_the_module(
+    convex_server: ConvexServer, tmp_path: Path
+) -> None:
+    """A deployment made before the app had byod's module (or an empty one): `connect`
+    says connected, version 0, with a note (exit 0); `migrate` deploys the module."""
+    bare = Path(shutil.copytree(EXAMPLE_APP, tmp_path / "bare"))
+    (bare / "convex" / "byod.ts").unlink()
+    name = f"fresh{os.getpid()}"
+    key = f"local:{name}|{os.urandom(12).hex()}"
+    url = "convex+" + convex_server.create(name, key, bare)
+    try:
+        cli = Cli(tmp_path, **convex_env())
+        assert cli("init").code == 0
+        assert cli("users", "add", "--clerk-id", "fresh").code == 0
+        connected = cli("connect", "fresh", "--url", url, "--secret", key)
+        assert connected.code == 0, connected.err
+        assert "connected, instance at version 0" in connected.out
+        assert "arrives with the first deploy" in connected.out
+        assert key not in connected.out + connected.err
+        migrated = cli("migrate", "fresh")
+        assert migrated.code == 0, migrated.err
+        with ConvexClient(url, key) as client:
+            stamp = [row["id"] for row in client.function("byod:readStamp", {})]
+        assert stamp == ["001_initial", "002_add_tags"]
+    finally:
+        convex_server.delete(name)

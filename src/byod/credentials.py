@@ -18,12 +18,12 @@ from sqlalchemy.engine import URL
 
 from byod.controlplane import Config, Directory
 from byod.controlplane.schema import control_plane_file, control_plane_id
-from byod.errors import ByodError, InputError, SettingsError
+from byod.errors import ByodError, DeployError, InputError, SettingsError
 from byod.instance_url import InstancePolicy, check_instance_url, resolve_instance_host
 from byod.redact import mask
 from byod.settings import is_secret_option, normalize_url, safe_url
 from byod.targets import Target, open_target
-from byod.targets.base import control_plane_refusal
+from byod.targets.base import StampEntry, control_plane_refusal
 from byod.targets.convex_deploy import Deploy
 
 if TYPE_CHECKING:
@@ -293,6 +293,27 @@ class ReachResult:
     error_type: str | None = None
     #: False when the new config failed and the user's working one was kept
     stored: bool = True
+    #: what the operator should know about a connected instance (a Convex deployment
+    #: without byod's module yet)
+    note: str | None = None
+
+
+MODULE_ARRIVES = (
+    "byod's module is not deployed there yet: it arrives with the first deploy "
+    "(`byod migrate` deploys the app before the first step)"
+)
+
+
+def reached_stamp(target: Target) -> tuple[list[StampEntry], str | None]:
+    """The stamp of an instance just reached, and a note: a Convex deployment that
+    answered with its deploy key but has no byod module yet (a fresh deployment) is at
+    version 0, the module coming with the first deploy; any other failure is raised."""
+    try:
+        return target.read_stamp(), None
+    except DeployError:
+        if target.kind != "convex":
+            raise
+        return [], MODULE_ARRIVES
 
 
 def _works(directory: Directory, user_id: int) -> bool:
@@ -332,10 +353,10 @@ def connect_user(
     )
     # reached before anything is stored: a refused instance (the control plane) leaves
     # the user's config as it was; an unreachable one is stored with status ``error``
-    error = error_type = None
+    error = error_type = note = None
     try:
         with open_instance(credentials, timeout=timeout) as target:
-            stamp = target.read_stamp()
+            stamp, note = reached_stamp(target)
     except InputError:
         raise
     except ByodError as exc:
@@ -355,4 +376,4 @@ def connect_user(
         return ReachResult("error", 0, error, error_type)
     version = stamp[-1].version if stamp else 0
     directory.set_status(user_id, "connected", schema_version=version)
-    return ReachResult("connected", version)
+    return ReachResult("connected", version, note=note)

@@ -113,6 +113,8 @@ def _check_configs(
     else:
         for c in found:
             shown = f"version {c.schema_version}" if c.error is None else render.plain(c.error)
+            if c.note:
+                shown += f" ({render.plain(c.note)})"
             out.print(f"user {c.user_id} ({render.plain(c.clerk_id)}): {c.status}, {shown}")
         out.print(f"checked {len(found)}: {sum(c.error is None for c in found)} connected")
     if any(c.error is not None for c in found):
@@ -271,6 +273,8 @@ def connect(
             f"user {found.id} ({render.plain(found.clerk_id)}) connected, "
             f"instance at version {reach.schema_version}"
         )
+        if reach.note:
+            out.print(f"[dim]note:[/] {escape(reach.note)}")
         return
     kind = reach.error_type or "UnreachableError"
     error_class = getattr(errors, kind, None)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Literal
 
 from byod.controlplane import Config, ExistingUser, NewConfig, User
 from byod.controlplane.schema import control_plane_id
-from byod.credentials import check_connectable, open_instance, unseal_config
+from byod.credentials import check_connectable, open_instance, reached_stamp, unseal_config
 from byod.errors import ByodError, CredentialsError, InputError
 from byod.instance_url import InstancePolicy
 from byod.text import clerk_id_problem
@@ -221,6 +221,8 @@ class Checked:
     status: str
     schema_version: int
     error: str | None = None
+    #: see :attr:`byod.credentials.ReachResult.note`
+    note: str | None = None
 
 
 def check_pending(
@@ -248,13 +250,13 @@ def check_pending(
                 config, ws.sealer, policy=ws.settings.instance_policy, control_plane=control_plane
             )
             with open_instance(credentials, timeout=timeout) as target:
-                stamp = target.read_stamp()
+                stamp, note = reached_stamp(target)
         except ByodError as exc:
             directory.set_status(user.id, "error", error=exc.message)
             return Checked(user.id, user.clerk_id, "error", config.schema_version, exc.message)
         version = stamp[-1].version if stamp else 0
         directory.set_status(user.id, "connected", schema_version=version)
-        return Checked(user.id, user.clerk_id, "connected", version)
+        return Checked(user.id, user.clerk_id, "connected", version, note=note)
 
     with ThreadPoolExecutor(max(1, concurrency)) as pool:
         return list(pool.map(check, users))
