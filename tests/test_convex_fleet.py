@@ -119,6 +119,7 @@ def convex_env(**extra: str) -> dict[str, str]:
         "BYOD_MIGRATIONS": str(MIGRATIONS),
         "BYOD_ALLOW_PRIVATE_INSTANCES": "1",
         "BYOD_CONVEX_DEPLOY": DEPLOY,
+        "BYOD_CONVEX_CODE": "folder",  # the example app as it is (byod's git holds it)
         **extra,
     }
 
@@ -676,33 +677,6 @@ def test_timeout_bounds_each_call_and_processes_carry_the_convex_settings(
     assert slow.stamp() == [], "the step timed out before it wrote anything"
 
 
-def test_an_app_deployed_without_byods_module_gets_it_from_the_deploy_step(
-    cvx: Workspace, convex_server: ConvexServer, tmp_path: Path
-) -> None:
-    bare = tmp_path / "bare-app"
-    shutil.copytree(EXAMPLE_APP / "convex", bare / "convex")
-    (bare / "convex" / "byod.ts").unlink()  # the app before `byod convex init`
-    key = f"local:bare|{os.urandom(12).hex()}"
-    name = f"bare-{os.urandom(3).hex()}"
-    url = "convex+" + convex_server.create(name, key, bare)
-    try:
-        cvx.directory.add_user("bare")
-        _, reach = connect(cvx, "bare", url, secret=key)
-        assert reach.status == "error" and reach.error_type == "DeployError"
-        assert "byod convex init" in str(reach.error)
-
-        result = cvx.runner().migrate(cvx.directory.find_user("bare").id)
-
-        assert result.error is None, result.error
-        with ConvexClient(url, key) as client:
-            assert [r["id"] for r in client.function("byod:readStamp", {})] == [
-                "001_initial",
-                "002_add_tags",
-            ]
-    finally:
-        convex_server.delete(name)
-
-
 def test_deploy_settings_that_cannot_work_stop_the_run_before_it_starts(
     tmp_path: Path, deployments: DeploymentFactory
 ) -> None:
@@ -935,3 +909,24 @@ def test_connect_to_a_fresh_deployment_is_connected_and_the_first_migrate_brings
         assert stamp == ["001_initial", "002_add_tags"]
     finally:
         convex_server.delete(name)
+
+
+def test_a_deployment_held_by_another_runner_is_not_redeployed(
+    cvx: Workspace, deployments: DeploymentFactory, convex_server: ConvexServer
+) -> None:
+    """The deploy runs under the deployment's lock: one still held by a runner that died
+    is reported busy, and nothing is deployed there."""
+    held, free = deployments(), deployments()
+    held_id, free_id = add(cvx, held), add(cvx, free)
+    assert held.byod("takeLock", {"owner": "a-dead-runner", "ttlMs": 120_000})
+
+    summary = migrate_fleet(cvx.runner(), options=FleetOptions(concurrency=2, retries=0))
+
+    described = {d["name"]: d for d in convex_server.deployments()}
+    assert described[held.name]["deploys"] == 1, "created; never deployed by the busy run"
+    assert described[free.name]["deploys"] == 2
+    assert held.stamp() == [] and free.stamp() == ["001_initial", "002_add_tags"]
+    assert (summary.succeeded, summary.failed, summary.busy) == (1, 0, 1)
+    assert "locked by another runner" in str(ledger_rows(cvx, held_id)[0][2])
+    assert cvx.directory.get_config(free_id).schema_version == 2
+    assert cvx.directory.get_config(held_id).schema_version == 0

@@ -130,7 +130,13 @@ class InstancePolicy:
     who host their tenants' databases in their own VPC. ``ssl_ca``: the CA file (or ``system``,
     the system's store) that verifies instances' TLS certificates. ``convex_app``: the
     Convex app's project folder (the one holding ``convex/``); ``convex_deploy``: the
-    command that deploys it to one user's deployment (default ``npx convex deploy --yes``).
+    command that deploys it to one user's deployment (default ``npx convex deploy --yes``);
+    ``convex_code`` (``BYOD_CONVEX_CODE``): ``git`` (each step on its own commit's code),
+    ``folder`` (the app folder as it is, deployed once before the first step) or ``auto``
+    (git when the app folder is in a git work tree); ``convex_allow_dirty``
+    (``--allow-dirty``): uncommitted migrations run on the folder as it is, against local
+    deployments only; ``convex_deploy_concurrency``
+    (``BYOD_CONVEX_DEPLOY_CONCURRENCY``): how many deploys run at once in a process.
     ``app_convex_url`` and ``app_convex_key``: the app's own Convex deployment, which
     migrations reach as ``ctx.app`` (the operator's, so its URL is trusted as given).
     """
@@ -141,6 +147,9 @@ class InstancePolicy:
     instance_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     convex_app: str | None = None
     convex_deploy: str | None = None
+    convex_code: str = "auto"
+    convex_allow_dirty: bool = False
+    convex_deploy_concurrency: int = 4
     #: the app's own Convex deployment (``ctx.app``): its URL and deploy key
     app_convex_url: str | None = None
     app_convex_key: str | None = field(default=None, repr=False)
@@ -155,6 +164,8 @@ class InstancePolicy:
             instance_networks=parse_networks(env.get("BYOD_INSTANCE_NETWORKS", "")),
             convex_app=env.get("BYOD_CONVEX_APP") or None,
             convex_deploy=env.get("BYOD_CONVEX_DEPLOY") or None,
+            convex_code=_convex_code(env.get("BYOD_CONVEX_CODE", "auto")),
+            convex_deploy_concurrency=_positive(env, "BYOD_CONVEX_DEPLOY_CONCURRENCY", 4),
             app_convex_url=env.get("BYOD_APP_CONVEX_URL") or None,
             app_convex_key=env.get("BYOD_APP_CONVEX_KEY") or None,
         )
@@ -169,6 +180,26 @@ class InstancePolicy:
         except ValueError:
             return False  # a name (``localhost``) is not in a network
         return any(ip in network for network in self.instance_networks)
+
+
+def _convex_code(text: str) -> str:
+    value = text.strip().lower() or "auto"
+    if value not in ("auto", "git", "folder"):
+        raise SettingsError(f"BYOD_CONVEX_CODE must be auto, git or folder, not {text!r}")
+    return value
+
+
+def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise SettingsError(f"{name} must be a whole number of 1 or more, not {text!r}")
+    return value
 
 
 def parse_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:

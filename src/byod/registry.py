@@ -230,6 +230,10 @@ class Migration:
     transactions), and ``finalize`` (one transaction) ends the step, with its stamp.
     ``down``, when given, undoes it. ``checksum`` is filled in by the loader from the
     file's syntax tree (see :mod:`byod.checksums`: formatting is not drift).
+
+    ``code_ref`` (Convex apps kept in git): the git ref (a commit, tag or branch) of the
+    app code this step runs on; None: the commit that added the migration's file. Before
+    the step, byod deploys that code to the deployment when it runs other code.
     """
 
     id: str
@@ -240,10 +244,13 @@ class Migration:
     down: MigrationFn | None = None
     backfills: Sequence[Backfill] = ()
     finalize: MigrationFn | None = None
+    code_ref: str | None = None
     checksum: str = field(default="", compare=False)
     #: the file's bytes' checksum, as byod recorded applied migrations before syntax
     #: checksums (still accepted while the file is unchanged)
     legacy_checksum: str = field(default="", compare=False)
+    #: the file it was loaded from ("" when made in code)
+    source_path: str = field(default="", compare=False)
 
     def checksum_matches(self, applied: str) -> bool:
         """Whether ``applied`` (a stamp's checksum) is this migration's, as recorded now
@@ -347,6 +354,12 @@ class Registry:
         """The migration with this id, if any."""
         return self._by_id.get(migration_id)
 
+    def at(self, version: int) -> Migration | None:
+        """The migration of ``version`` (None for 0, or a version not in the registry)."""
+        if 1 <= version <= len(self._by_version):
+            return self._by_version[version - 1]
+        return None
+
     def after(self, version: int) -> list[Migration]:
         """Migrations newer than ``version``, oldest first."""
         return [m for m in self._by_version if m.version > version]
@@ -402,6 +415,10 @@ def _migration_files(folder: Path) -> list[Path]:
     return files
 
 
+#: a git ref as a migration may name it: no option (leading "-"), no spaces or controls
+_CODE_REF = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./@{}^~+-]{0,199}")
+
+
 def _load_file(path: Path) -> Migration:
     match = _FILE_NAME.match(path.name)
     assert match is not None  # checked by _migration_files
@@ -447,8 +464,18 @@ def _load_file(path: Path) -> Migration:
         raise RegistryError(f"{path}: `finalize` must be a function taking ctx, or None")
     if not all(isinstance(b, Backfill) for b in migration.backfills):
         raise RegistryError(f"{path}: `backfills` must be Backfill(...) entries")
+    if migration.code_ref is not None and not (
+        isinstance(migration.code_ref, str) and _CODE_REF.fullmatch(migration.code_ref)
+    ):
+        raise RegistryError(
+            f"{path}: `code_ref` must be a git ref (a commit, tag or branch name), "
+            f"not {migration.code_ref!r}"
+        )
     return replace(
-        migration, checksum=source_checksum(source), legacy_checksum=bytes_checksum(source)
+        migration,
+        checksum=source_checksum(source),
+        legacy_checksum=bytes_checksum(source),
+        source_path=str(path.resolve()),
     )
 
 

@@ -64,7 +64,7 @@ def _rehearse_on(
         mig, began = step.migration, time.perf_counter()
         try:
             if index == 0:
-                target.prepare()
+                target.prepare(mig)
             _, rows = runner._apply(user, step, target, runner._deadline(), record=False)
         except ByodError as exc:
             seconds = time.perf_counter() - began

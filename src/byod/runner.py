@@ -363,7 +363,7 @@ class Runner:
         try:
             return target.begin(self._deadline())
         except DeployError:
-            target.prepare()
+            target.prepare(self.registry.at(1))
             return target.begin(self._deadline())
 
     def _reconcile(
@@ -435,7 +435,7 @@ class Runner:
             started = time.perf_counter()
             try:
                 if index == 0:
-                    target.prepare()  # a Convex deployment: the app deployed first
+                    target.prepare(mig)  # a Convex deployment: its code deployed first
                 applied, rows = self._apply(user, step, target, self._deadline())
             except ByodError as exc:
                 seconds = time.perf_counter() - started
@@ -479,7 +479,20 @@ class Runner:
                 StepResult(mig.id, mig.version, step.direction, status, seconds, rows=rows)
             )
             attempt = next_attempt or 0
-        return UserResult(user.id, user.clerk_id, from_version, version, tuple(results))
+        done = UserResult(user.id, user.clerk_id, from_version, version, tuple(results))
+        try:
+            target.finish(self.registry.at(version), version == self.registry.head)
+        except ByodError as exc:  # the steps stand; the code left running is not the one
+            message = credentials.scrub(exc.message)
+            log.error("user %s: at version %s, but %s", user.id, version, message)
+            undeployed = type(exc)(
+                f"user {user.id} ({user.clerk_id}): at version {version}, but the app code "
+                f"of that version did not deploy: {message}",
+                hint=exc.hint,
+            )
+            self.directory.set_status(user.id, "connected", error=undeployed.message)
+            return dataclasses.replace(done, error=undeployed)
+        return done
 
     def _step_failed(
         self,

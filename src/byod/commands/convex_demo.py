@@ -52,6 +52,7 @@ def convex_demo_settings(settings: Settings, folder: Path, *, own_database: bool
         allow_private=True,  # the local backend listens on 127.0.0.1, over http
         convex_app=str(app),
         convex_deploy=convex_local.DEPLOY_COMMAND,
+        convex_code="folder",  # the example app as it is (in a clone, byod's git holds it)
     )
     database_url = f"sqlite:///{folder / 'byod.db'}" if own_database else settings.database_url
     return dataclasses.replace(

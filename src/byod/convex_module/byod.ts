@@ -22,6 +22,10 @@
  *   page threw; its error, and its data if any, are included), `BYOD_BAD_PAGE` (the page
  *   returned something else than `{continueCursor, isDone, rows}`), `BYOD_BAD_ARGUMENT`.
  *
+ * `codeRef` says which commit of the app's code the deployment runs: byod writes it into
+ * the copy of this file it deploys with that commit's code (the line `const DEPLOYED_CODE`
+ * below); the app's own copy says null, so a deploy made outside byod shows as unknown.
+ *
  * A page function is an internal mutation of the app that takes `{cursor, numItems}`
  * (`cursor` null: the first page), does its work on one page of a table
  * (`.paginate({cursor, numItems})`), and returns `{continueCursor, isDone, rows}` with
@@ -57,6 +61,9 @@ const stampValidator = v.object({
   checksum: v.string(),
   appliedAt: v.number(),
 });
+
+/** The app commit byod deployed with this copy of the module (null: not deployed by byod). */
+const DEPLOYED_CODE: string | null = null;
 
 /** A page function's path: `module:function`, never one of byod's own. */
 const PAGE_PATH = /^[A-Za-z0-9_][\w/.-]*:[A-Za-z_$][\w$]*$/;
@@ -115,6 +122,13 @@ function describe(p: { backfill: number; cursor: string | null; rowsDone: number
   const at = p.cursor === null ? "its start" : `cursor ${JSON.stringify(p.cursor)}`;
   return `backfill ${p.backfill} at ${at} after ${p.rowsDone} rows`;
 }
+
+/** Which app code the deployment runs, as byod deployed it (`ref` null: unknown). */
+export const codeRef = internalQuery({
+  args: {},
+  returns: v.object({ ref: v.union(v.string(), v.null()) }),
+  handler: async () => ({ ref: DEPLOYED_CODE }),
+});
 
 /** Every applied migration, oldest version first. */
 export const readStamp = internalQuery({

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import sqlalchemy as sa
 
 from byod.errors import DriftError, SettingsError
-from byod.registry import Backfill, FunctionCalls, Step
+from byod.registry import Backfill, FunctionCalls, Migration, Step
 
 if TYPE_CHECKING:
     from byod.targets.backfill import Batch, Progress
@@ -77,10 +77,18 @@ class Target(Protocol):
         the target cannot: then ask :meth:`holds_control_plane` now."""
         ...
 
-    def prepare(self) -> None:
-        """Make the instance ready for this run's steps, once, before the first of them
-        (a Convex deployment: the app's deploy command; SQL: nothing). Raises
-        ``DeployError`` when it cannot be made ready: no step may run then."""
+    def prepare(self, first: Migration | None = None) -> None:
+        """Make the instance ready for this run's steps, before the first of them,
+        ``first`` (a Convex deployment: the app's code that step runs on, deployed under
+        the deployment's lock; SQL: nothing). Raises ``DeployError`` when it cannot be
+        made ready (no step may run then), ``BusyError`` when another runner holds it."""
+        ...
+
+    def finish(self, at: Migration | None, head: bool) -> None:
+        """After a plan's last step, at the version of migration ``at`` (None: version 0;
+        ``head``: the registry's head): leave the instance running the app code of that
+        version (a Convex app kept in git; elsewhere nothing). ``DeployError`` when that
+        deploy fails (the steps stand)."""
         ...
 
     def read_stamp(self) -> list[StampEntry]:

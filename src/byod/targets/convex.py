@@ -20,10 +20,12 @@ What is different, and what this target promises instead:
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal, NoReturn
 from urllib.parse import urlsplit
 
@@ -40,10 +42,11 @@ from byod.errors import (
     UnreachableError,
 )
 from byod.instance_url import InstancePolicy, resolve_instance_host
-from byod.registry import Backfill, Step
+from byod.registry import Backfill, Migration, Step
 from byod.targets.backfill import Batch, Progress
 from byod.targets.base import BatchBody, Phase, StampEntry, StepBody, check_position, started
 from byod.targets.convex_client import ConvexClient, FunctionError
+from byod.targets.convex_code import WORKTREE, AppCode, check_convex_version
 from byod.targets.convex_deploy import Deploy
 
 __all__ = ["ConvexTarget", "DeploymentCalls", "open_convex"]
@@ -51,6 +54,7 @@ __all__ = ["ConvexTarget", "DeploymentCalls", "open_convex"]
 _MODULE = "byod"
 
 FunctionKind = Literal["query", "mutation", "action"]
+_UNSET = object()
 _NOT_FOUND = "Could not find"
 
 
@@ -172,6 +176,9 @@ class ConvexTarget:
         self.owner = owner or f"byod-{uuid.uuid4().hex[:16]}"
         self._held_until = 0.0  # time.monotonic() until which the lock is ours
         self._deployed = False
+        self._app_code: object = _UNSET
+        #: the app commit the deployment runs, as its module says (None: unknown)
+        self._code_ref: object = _UNSET
         #: the stamp as read while holding the lock, kept up to date by this target's
         #: own writes (nobody else writes it while the lock is held); None: read it
         self._locked_stamp: list[StampEntry] | None = None
@@ -194,15 +201,77 @@ class ConvexTarget:
         """Nothing to defer: :meth:`holds_control_plane` asks nothing."""
         return False
 
-    def prepare(self) -> None:
-        """Run the app's deploy command for this deployment, once for this target
-        (:class:`DeployError` when it fails); a module lost by the deploy shows at the next
-        call (``DeployError`` too)."""
+    def prepare(self, first: Migration | None = None) -> None:
+        """Make the deployment run the code the first step needs, under the deployment's
+        lock (taken here; :class:`BusyError` while another runner holds it, nothing
+        deployed): with the app in git, the code of ``first``'s commit when the
+        deployment runs other code; else the app folder as it is, once for this target.
+        :class:`DeployError` when the deploy fails."""
+        with contextlib.suppress(DeployError):  # no byod module yet: nobody holds its lock
+            self.hold()
+        code = self._code()
+        if code is not None:
+            if first is not None:
+                self._run_on(code.ref_for(first))
+            return
         if self._deployed:
             return
-        deploy = self._deploy or Deploy(app_dir=None)
-        deploy.run(self.where, self._deploy_key, self.client.scrub, where=self.where)
+        self._deploy_now(None)
         self._deployed = True
+
+    def finish(self, at: Migration | None, head: bool) -> None:
+        """After a plan's last step: with the app in git, leave the deployment on the code
+        of the version reached (``HEAD``'s at the head, else the commit of ``at``, the
+        migration of that version; none at version 0)."""
+        code = self._code()
+        if code is None or (at is None and not head):
+            return
+        self.hold()
+        self._run_on(code.head_ref() if head else code.ref_for(at))  # type: ignore[arg-type]
+
+    def _code(self) -> AppCode | None:
+        if self._app_code is _UNSET:
+            self._app_code = self._deploy.app_code() if self._deploy is not None else None
+        return self._app_code  # type: ignore[return-value]
+
+    def _run_on(self, ref: str) -> None:
+        """Deploy the code of ``ref`` unless the deployment runs it already (as byod's
+        module, deployed with it, says)."""
+        if ref != WORKTREE and self._running_ref() == ref:
+            return
+        code = self._code()
+        assert code is not None
+        self._deploy_now(code.folder(ref))
+        self._code_ref = ref
+
+    def _running_ref(self) -> str | None:
+        if self._code_ref is _UNSET:
+            try:
+                answer = self._byod("codeRef", {})
+            except DeployError:  # an older module, or none: unknown code
+                answer = None
+            ref = answer.get("ref") if isinstance(answer, dict) else None
+            self._code_ref = ref if isinstance(ref, str) else None
+        return self._code_ref  # type: ignore[return-value]
+
+    def _deploy_now(self, folder: Path | None) -> None:
+        deploy = self._deploy or Deploy(app_dir=None)
+        if folder is not None:
+            check_convex_version(folder, self.where)
+        deploy.run(
+            self.where,
+            self._deploy_key,
+            self.client.scrub,
+            where=self.where,
+            folder=folder,
+            keep=self._keep,
+        )
+
+    def _keep(self) -> None:
+        """Renew the lock while a deploy runs (when it is held: a deployment without
+        byod's module has none yet)."""
+        if self._held_until:
+            self.hold()
 
     def read_stamp(self) -> list[StampEntry]:
         """See :meth:`byod.targets.base.Target.read_stamp`."""
@@ -243,6 +312,7 @@ class ConvexTarget:
         re-read, ``body`` run, and only then the stamp (or the progress) written."""
         migration = step.migration
         self.hold()
+        self._code_for(step)
         if self._locked_stamp is None:
             self._locked_stamp = self.read_stamp()
         if not check_position(step, self._locked_stamp):
@@ -282,6 +352,12 @@ class ConvexTarget:
         else:
             raise DriftError(f"the stamp of {migration.id} vanished while it was rolled back")
         return True
+
+    def _code_for(self, step: Step) -> None:
+        """With the app in git: the deployment runs the code of ``step``'s commit."""
+        code = self._code()
+        if code is not None:
+            self._run_on(code.ref_for(step.migration))
 
     def _stamped(self, step: Step) -> None:
         """Keep the stamp read under the lock as this target's write left it."""
@@ -328,6 +404,7 @@ class ConvexTarget:
                 "page mutation) instead"
             )
         self.hold()
+        self._code_for(step)
         answer = self._byod(
             "runBatch",
             {

@@ -20,14 +20,19 @@ import os
 import shlex
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from byod.errors import DeployError, SettingsError
 from byod.instance_url import InstancePolicy
 from byod.text import printable
+
+if TYPE_CHECKING:
+    from byod.targets.convex_code import AppCode
 
 __all__ = ["DEFAULT_COMMAND", "Deploy", "deploy_environment"]
 
@@ -64,19 +69,56 @@ _TAIL_LINES = 12
 _TAIL_CHARS = 2000
 
 
+#: How often a running deploy's ``keep`` callback is called (the lock renewed).
+_KEEP_EVERY = 2.0
+_SLOTS: dict[int, threading.BoundedSemaphore] = {}
+_SLOTS_LOCK = threading.Lock()
+
+
+def _slots(concurrency: int) -> threading.BoundedSemaphore:
+    with _SLOTS_LOCK:
+        if concurrency not in _SLOTS:
+            _SLOTS[concurrency] = threading.BoundedSemaphore(concurrency)
+        return _SLOTS[concurrency]
+
+
 @dataclass(frozen=True)
 class Deploy:
     """How the app reaches a deployment: ``command`` run in ``app_dir`` (None: not
-    configured, every deploy fails saying so), bounded by ``timeout`` seconds."""
+    configured, every deploy fails saying so), bounded by ``timeout`` seconds; ``code``
+    says which code a step runs on (``git``: its own commit's, see
+    :mod:`byod.targets.convex_code`; ``folder``: the app folder as it is; ``auto``: git
+    when the app folder is in a git work tree); at most ``concurrency`` deploys run at
+    once in this process."""
 
     app_dir: str | None
     command: str = DEFAULT_COMMAND
     timeout: float = 600.0
+    code: str = "auto"
+    allow_dirty: bool = False
+    concurrency: int = 4
 
     @classmethod
     def of(cls, policy: InstancePolicy) -> Deploy:
         """The deploy step the operator's settings ask for."""
-        return cls(policy.convex_app, policy.convex_deploy or DEFAULT_COMMAND)
+        return cls(
+            policy.convex_app,
+            policy.convex_deploy or DEFAULT_COMMAND,
+            code=policy.convex_code,
+            allow_dirty=policy.convex_allow_dirty,
+            concurrency=policy.convex_deploy_concurrency,
+        )
+
+    def app_code(self) -> AppCode | None:
+        """The app's commits, when steps run on their own commit's code (None: every step
+        runs on the app folder as it is)."""
+        from byod.targets.convex_code import app_code, in_git
+
+        if self.app_dir is None or self.code == "folder":
+            return None
+        if self.code == "auto" and not in_git(Path(self.app_dir)):
+            return None
+        return app_code(self.app_dir, allow_dirty=self.allow_dirty)
 
     def run(
         self,
@@ -85,14 +127,21 @@ class Deploy:
         scrub: Callable[[str], str],
         *,
         where: str,
+        folder: Path | None = None,
+        keep: Callable[[], None] | None = None,
         waits: tuple[float, ...] = _WAITS,
     ) -> None:
-        """Deploy to the deployment at ``base_url`` with ``deploy_key``; retried, then
+        """Deploy the app (``folder``, else the app folder) to the deployment at
+        ``base_url`` with ``deploy_key``; ``keep`` is called every few seconds while it
+        runs (the caller's lock renewed). A passing failure is tried again, then
         :class:`DeployError` with the command's last output lines, scrubbed."""
-        argv = self._argv()
+        argv = self._argv(folder)
         failure = ""
         for attempt in range(1, ATTEMPTS + 1):
-            failure, final = self._once(argv, deploy_environment(base_url, deploy_key), scrub)
+            with _slots(self.concurrency):
+                failure, final = self._once(
+                    argv, deploy_environment(base_url, deploy_key), scrub, folder, keep
+                )
             if not failure:
                 log.info("%s: deployed the app (%s)", where, argv[0])
                 return
@@ -120,14 +169,15 @@ class Deploy:
                 hint=_SETTINGS_HINT,
             )
 
-    def _argv(self) -> list[str]:
+    def _argv(self, folder: Path | None = None) -> list[str]:
         if self.app_dir is None:
             raise DeployError(
                 "no Convex app folder is configured: set BYOD_CONVEX_APP to the folder that "
                 "holds the app's convex/ (or keep the migrations folder beside it)"
             )
-        if not (Path(self.app_dir) / "convex").is_dir():
-            raise DeployError(f"the Convex app folder {self.app_dir} has no convex/ folder")
+        app = folder or Path(self.app_dir)
+        if not (app / "convex").is_dir():
+            raise DeployError(f"the Convex app folder {app} has no convex/ folder")
         try:
             argv = shlex.split(self.command)
         except ValueError as exc:
@@ -137,35 +187,66 @@ class Deploy:
         return argv
 
     def _once(
-        self, argv: list[str], env: dict[str, str], scrub: Callable[[str], str]
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        scrub: Callable[[str], str],
+        folder: Path | None,
+        keep: Callable[[], None] | None,
     ) -> tuple[str, bool]:
         """Run the command once: "" when it succeeded, else what went wrong, and whether
         trying again is pointless (the command cannot be run at all)."""
         try:
-            done = subprocess.run(
+            process = subprocess.Popen(
                 argv,
-                cwd=self.app_dir,
+                cwd=folder or self.app_dir,
                 env=env,
                 stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=self.timeout,
-                check=False,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
             )
         except FileNotFoundError:
             return f"the deploy command {argv[0]!r} is not found (BYOD_CONVEX_DEPLOY)", True
         except PermissionError:
             return f"the deploy command {argv[0]!r} cannot be run (permission denied)", True
-        except subprocess.TimeoutExpired:
+        output_bytes = _communicate(process, self.timeout, keep)
+        if output_bytes is None:
             return f"the deploy command did not finish within {self.timeout:g} s", False
-        output = scrub((done.stdout + done.stderr).decode("utf-8", "replace"))
+        output = scrub(output_bytes.decode("utf-8", "replace"))
         for line in output.splitlines():
             log.debug("deploy: %s", printable(line))
-        if done.returncode == 0:
+        if process.returncode == 0:
             return "", False
         lines = [line for line in output.strip().splitlines() if line.strip()]
         tail = " | ".join(lines[-_TAIL_LINES:])[-_TAIL_CHARS:]
-        exited = f"the deploy command exited with {done.returncode}"
+        exited = f"the deploy command exited with {process.returncode}"
         return exited + (f": {tail}" if tail else ""), False
+
+
+def _communicate(
+    process: subprocess.Popen[bytes], timeout: float, keep: Callable[[], None] | None
+) -> bytes | None:
+    """The process's output once it exits (None: killed after ``timeout`` seconds),
+    calling ``keep`` every few seconds meanwhile; an exception of ``keep`` (the lock
+    lost) kills the process and goes up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            wait = max(0.0, min(_KEEP_EVERY, deadline - time.monotonic()))
+            out, _ = process.communicate(timeout=wait)
+            return out
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                process.kill()
+                process.communicate()
+                return None
+            if keep is not None:
+                try:
+                    keep()
+                except BaseException:
+                    process.kill()
+                    process.communicate()
+                    raise
 
 
 def deploy_environment(

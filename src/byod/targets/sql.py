@@ -154,8 +154,11 @@ class SqlTarget:
         #: stamp rows to take their syntax checksum at the next step (id -> old, new)
         self._stale: dict[str, tuple[str, str]] = {}
 
-    def prepare(self) -> None:
+    def prepare(self, first: Migration | None = None) -> None:
         """Nothing to do: a SQL instance's schema is what its migrations make it."""
+
+    def finish(self, at: Migration | None, head: bool) -> None:
+        """Nothing to do after the last step: a SQL instance has no app code to deploy."""
 
     def holds_control_plane(self, control_plane_id: str) -> bool:
         """Whether this database is the byod control plane whose id is given."""
