@@ -930,3 +930,35 @@ def test_a_deployment_held_by_another_runner_is_not_redeployed(
     assert "locked by another runner" in str(ledger_rows(cvx, held_id)[0][2])
     assert cvx.directory.get_config(free_id).schema_version == 2
     assert cvx.directory.get_config(held_id).schema_version == 0
+
+
+def test_deploys_at_once_are_bounded_by_the_setting(
+    cvx: Workspace, deployments: DeploymentFactory, tmp_path: Path
+) -> None:
+    fleet = [deployments() for _ in range(3)]
+    for deployment in fleet:
+        add(cvx, deployment)
+    busy, overlaps, runs = tmp_path / "deploying", tmp_path / "overlaps", tmp_path / "runs"
+    # a deploy that notes whether another one is running meanwhile (mkdir is atomic)
+    script = (
+        f"echo run >> {runs}; if mkdir {busy} 2>/dev/null; then sleep 0.5; rmdir {busy};"
+        f" else echo overlap >> {overlaps}; fi; exec {DEPLOY}"
+    )
+    ws = Workspace(
+        Settings.load(
+            database_url=cvx.settings.database_url,
+            env=convex_env(
+                BYOD_CONVEX_DEPLOY=shlex.join(["sh", "-c", script]),
+                BYOD_CONVEX_DEPLOY_CONCURRENCY="1",
+            ),
+        )
+    )
+    summary = migrate_fleet(ws.runner(), options=FleetOptions(concurrency=3))
+    assert summary.succeeded == 3
+    assert len(runs.read_text().splitlines()) == 3
+    assert not overlaps.exists(), "two deploys ran at once"
+    with pytest.raises(SettingsError, match="BYOD_CONVEX_DEPLOY_CONCURRENCY"):
+        Settings.load(
+            database_url=cvx.settings.database_url,
+            env=convex_env(BYOD_CONVEX_DEPLOY_CONCURRENCY="0"),
+        )

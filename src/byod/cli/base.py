@@ -102,13 +102,22 @@ def say(
 
 
 def workspace_for(
-    database_url: str | None, migrations: Path | None, *, create_key: bool = False
+    database_url: str | None,
+    migrations: Path | None,
+    *,
+    create_key: bool = False,
+    allow_dirty: bool = False,
 ) -> Workspace:
     # imported here: `byod --help` never loads SQLAlchemy
+    import dataclasses
+
     from byod.settings import Settings
     from byod.workspace import Workspace
 
     settings = Settings.load(database_url=database_url, migrations=migrations)
+    if allow_dirty:
+        policy = dataclasses.replace(settings.instance_policy, convex_allow_dirty=True)
+        settings = dataclasses.replace(settings, instance_policy=policy)
     return Workspace(settings, create_key=create_key, broker=celery_broker)
 
 
@@ -118,6 +127,16 @@ def celery_broker(settings: Settings) -> Broker:
     from byod.taskqueue import CeleryBroker
 
     return CeleryBroker(settings)
+
+
+AllowDirty = Annotated[
+    bool,
+    typer.Option(
+        "--allow-dirty",
+        help="Convex apps in git: run uncommitted migrations on the app folder as it is "
+        "(local deployments only).",
+    ),
+]
 
 
 def one_target(user: str | None, every: bool) -> str | None:

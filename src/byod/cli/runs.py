@@ -15,6 +15,7 @@ from byod.cli import progress, render
 from byod.cli.base import (
     MAX_INT,
     All,
+    AllowDirty,
     BatchPause,
     BatchSize,
     Canary,
@@ -168,13 +169,18 @@ def migrate(
             "or Convex instead of refusing the run.",
         ),
     ] = False,
+    allow_dirty: AllowDirty = False,
     json_out: Json = False,
     database_url: DatabaseUrl = None,
     migrations: Migrations = None,
 ) -> None:
     """Apply pending migrations to one user, or to every eligible user (--all)."""
-    ws = workspace_for(database_url, migrations)
+    ws = workspace_for(database_url, migrations, allow_dirty=allow_dirty)
     target = one_target(user, every or users is not None)
+    if allow_dirty and distributed:
+        raise InputError(
+            "--allow-dirty runs here, against local deployments: leave out --distributed"
+        )
     if (rehearse or rehearse_first) and distributed:
         raise InputError("rehearsals run here, not on workers: leave out --distributed")
     if rehearse and rehearse_first:

@@ -124,13 +124,19 @@ def migrate_user(
 def check_deploy(ws: Workspace, user_id: int | None = None) -> None:
     """:class:`SettingsError` before a run starts when its users include Convex
     deployments (``user_id``'s, or any) and the deploy step cannot work for any of them
-    (no app folder, a command that is not found): one clear error, not one per user."""
+    (no app folder, a command that is not found, a migration whose commit cannot be
+    named — not committed, an unknown ``code_ref``): one clear error, not one per user."""
     if user_id is None:
         convex = ws.directory.has_kind("convex")
     else:
         convex = ws.directory.get_config(user_id).target_kind == "convex"
     if convex:
-        Deploy.of(ws.settings.instance_policy).check()
+        deploy = Deploy.of(ws.settings.instance_policy)
+        deploy.check()
+        code = deploy.app_code()
+        if code is not None:
+            for migration in ws.registry:
+                code.ref_for(migration)  # an uncommitted one refused here, once
 
 
 def _single_runner(

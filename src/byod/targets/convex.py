@@ -21,6 +21,7 @@ What is different, and what this target promises instead:
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import time
 import uuid
 from collections.abc import Mapping
@@ -239,6 +240,12 @@ class ConvexTarget:
         module, deployed with it, says)."""
         if ref != WORKTREE and self._running_ref() == ref:
             return
+        if ref == WORKTREE and not _local(self.where):
+            raise DeployError(
+                f"{self.where}: uncommitted code (--allow-dirty) is deployed to local "
+                "deployments only",
+                hint="Commit the migration and the app code it needs, then run again.",
+            )
         code = self._code()
         assert code is not None
         self._deploy_now(code.folder(ref))
@@ -530,6 +537,17 @@ class ConvexTarget:
                 hint="Run `byod convex init APP_DIR`, add byodTables to schema.ts, deploy.",
             ) from None
         raise MigrationFailedError(f"byod:{name}: {exc.message}") from None
+
+
+def _local(base_url: str) -> bool:
+    """Whether a deployment's URL names this machine (a loopback address or localhost)."""
+    host = (urlsplit(base_url).hostname or "").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _progress(row: Mapping[str, Any]) -> Progress:
