@@ -17,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from byod.cli import main
+from byod.registry import Registry
 from tests.conftest import LOOPBACK_ALLOWED, OTHER_KEY, TEST_KEY, execute, write_migrations
 from tests.migration_sets import counter_migrations
 from tests.test_api import RFC3339_UTC, timestamps
@@ -303,6 +304,21 @@ def test_new_in_a_fresh_folder_starts_the_apps_own_migrations(tmp_path: Path) ->
         "004_add_archived.py",
     ]
     assert cli("init").out.splitlines()[-1] == "migrations head version: 4"
+
+
+def test_new_in_a_convex_app_writes_a_convex_migration(tmp_path: Path) -> None:
+    (tmp_path / "convex").mkdir()
+    cli = Cli(tmp_path, BYOD_ENCRYPTION_KEY=TEST_KEY)
+    first = cli("new", "add likes")
+    assert first.code == 0, first.err
+    folder = tmp_path / "migrations"
+    assert sorted(p.name for p in folder.glob("*.py")) == ["001_add_likes.py"]
+    assert cli("new", "require likes").code == 0  # ./migrations beside convex/: the app's
+    source = (folder / "002_require_likes.py").read_text()
+    assert "ctx.convex" in source and "code_ref=None" in source and "ctx.op" not in source
+    registry = Registry.load(folder)
+    assert [m.id for m in registry] == ["001_add_likes", "002_require_likes"]
+    assert all(m.code_ref is None and m.source_path for m in registry)
 
 
 def test_demo_builds_a_fleet_and_is_safe_to_run_twice(tmp_path: Path) -> None:

@@ -631,6 +631,53 @@ def test_convex_init_adds_byods_module_to_an_app(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
 
 
+@pytest.mark.parametrize(
+    ("installed", "locked", "refused"),
+    [("1.16.6", None, True), (None, "1.12.0", True), ("1.17.0", None, False), (None, None, False)],
+)
+def test_convex_init_refuses_an_app_on_a_convex_too_old_for_the_module(
+    tmp_path: Path, installed: str | None, locked: str | None, refused: bool
+) -> None:
+    app = tmp_path / "app"
+    (app / "convex").mkdir(parents=True)
+    (app / "package.json").write_text('{"dependencies": {"convex": "*"}}')
+    if installed:
+        (app / "node_modules" / "convex").mkdir(parents=True)
+        (app / "node_modules" / "convex" / "package.json").write_text(
+            json.dumps({"name": "convex", "version": installed})
+        )
+    if locked:
+        lock = {"packages": {"node_modules/convex": {"version": locked}}}
+        (app / "package-lock.json").write_text(json.dumps(lock))
+    done = run_byod(tmp_path, "convex", "init", str(app), env={})
+    if refused:
+        assert done.returncode == 2, done.stderr
+        assert "needs convex 1.17.0 or later" in done.stderr
+        assert not (app / "convex" / "byod.ts").exists(), "nothing written"
+    else:
+        assert done.returncode == 0, done.stderr
+
+
+def test_a_deploy_of_code_on_a_too_old_convex_is_refused_before_it_runs(
+    cvx: Workspace, deployments: DeploymentFactory, tmp_path: Path, convex_server: ConvexServer
+) -> None:
+    deployment = deployments()
+    user_id = add(cvx, deployment)
+    app = Path(shutil.copytree(EXAMPLE_APP, tmp_path / "old-app"))
+    (app / "node_modules" / "convex").mkdir(parents=True)
+    (app / "node_modules" / "convex" / "package.json").write_text('{"version": "1.9.2"}')
+    ws = Workspace(
+        Settings.load(
+            database_url=cvx.settings.database_url, env=convex_env(BYOD_CONVEX_APP=str(app))
+        )
+    )
+    result = ws.runner().migrate(user_id)
+    assert type(result.error).__name__ == "DeployError"
+    assert "convex 1.9.2" in result.error.message and "1.17.0 or later" in result.error.message
+    described = {d["name"]: d for d in convex_server.deployments()}
+    assert described[deployment.name]["deploys"] == 1, "nothing deployed"
+
+
 def test_the_convex_demo_migrates_a_local_fleet_of_deployments(tmp_path: Path) -> None:
     done = run_byod(tmp_path, "demo", "--convex", "--tenants", "2", env={})
     assert done.returncode == 0, done.stdout + done.stderr

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from byod.errors import InputError
+from byod.targets.convex_code import MIN_CONVEX, convex_version
 
 __all__ = ["MODULE_FILES", "SCHEMA_SNIPPET", "ConvexInitResult", "init_convex_app"]
 
@@ -44,8 +45,16 @@ class ConvexInitResult:
 def init_convex_app(app_dir: Path, *, force: bool = False) -> ConvexInitResult:
     """Add byod's module to the app at ``app_dir`` (the folder holding ``convex/``, or
     that ``convex/`` folder itself). :class:`InputError`, nothing written, when there is
-    no such folder or a file byod would write differs and ``force`` is not given."""
+    no such folder, the app's ``convex`` package is older than byod's module needs, or a
+    file byod would write differs and ``force`` is not given."""
     folder = _convex_folder(app_dir)
+    found = convex_version(folder.parent)
+    if found is not None and found < MIN_CONVEX:
+        need, have = ".".join(map(str, MIN_CONVEX)), ".".join(map(str, found))
+        raise InputError(
+            f"the app uses convex {have}; byod's module needs convex {need} or later "
+            f"(upgrade it: npm install convex@^{need}); nothing was written"
+        )
     planned: list[tuple[Path, bytes]] = []
     unchanged: list[str] = []
     for name, canonical in MODULE_FILES.items():

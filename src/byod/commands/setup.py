@@ -136,6 +136,37 @@ migration = Migration(
     down=down,
 )
 '''
+_CONVEX_TEMPLATE = '''"""{title}"""
+
+from byod import Backfill, Migration, MigrationContext
+
+
+def up(ctx: MigrationContext) -> None:
+    # Runs on the app code of the commit that adds this file (or of code_ref below):
+    # byod deploys that code (schema and functions) to the deployment first. Call the
+    # app's functions: ctx.convex.query/mutation/action("module:function", {{...}}).
+    raise NotImplementedError("write the change")
+
+
+def down(ctx: MigrationContext) -> None:
+    # Undo up(), on the same commit's code; delete this function (and pass down=None)
+    # if it cannot be undone.
+    raise NotImplementedError("write the undo")
+
+
+migration = Migration(
+    id="{id}",
+    version={version},
+    name={name},
+    description={description},
+    up=up,
+    down=down,
+    # a data change over a whole table, page by page, each page exactly once:
+    # backfills=[Backfill(table="documents", page="documents:fillPage", batch_size=200)],
+    # the app code this step runs on: None is the commit that adds this file
+    code_ref=None,
+)
+'''
 #: Longest name ``byod new`` takes (it becomes the migration's name and description).
 MAX_NAME = 200
 _MAX_SLUG = 60
@@ -146,6 +177,9 @@ def new_migration(ws: Workspace, name: str) -> Path:
 
     With no migrations folder configured, the app's folder becomes ``./migrations``,
     started from a copy of the bundled example app so versions go on from its head.
+    In a Convex app (a ``convex/`` folder beside the migrations folder, or
+    ``BYOD_CONVEX_APP``; unconfigured: in the current folder) the file is a Convex
+    migration and an unconfigured folder starts empty, at version 1.
     The name is written into the file as Python string literals (whatever it holds);
     the file is compiled before it is written, and an existing file is never replaced.
     """
@@ -158,10 +192,12 @@ def new_migration(ws: Workspace, name: str) -> Path:
     if not slug:
         raise InputError(f"{name!r} makes no file name: use letters and digits")
     folder = ws.settings.migrations_dir
+    convex = ws.settings.instance_policy.convex_app is not None
     if not ws.settings.migrations_configured:
         folder = Path.cwd() / LOCAL_MIGRATIONS
+        convex = (Path.cwd() / "convex").is_dir()
         _make_folder(folder)
-        for example in sorted(bundled_migrations_dir().glob("[0-9]*.py")):
+        for example in [] if convex else sorted(bundled_migrations_dir().glob("[0-9]*.py")):
             shutil.copyfile(example, folder / example.name)
     if is_alembic_history(folder):
         raise InputError(
@@ -172,7 +208,7 @@ def new_migration(ws: Workspace, name: str) -> Path:
     version = Registry.load(folder).head + 1
     migration_id = f"{version:03d}_{slug}"
     path = folder / f"{migration_id}.py"
-    source = _TEMPLATE.format(
+    source = (_CONVEX_TEMPLATE if convex else _TEMPLATE).format(
         title=title.replace("\\", "/").replace('"', "'"),
         id=migration_id,
         version=version,

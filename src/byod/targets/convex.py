@@ -263,8 +263,9 @@ class ConvexTarget:
 
     def _deploy_now(self, folder: Path | None) -> None:
         deploy = self._deploy or Deploy(app_dir=None)
-        if folder is not None:
-            check_convex_version(folder, self.where)
+        app = folder or (Path(deploy.app_dir) if deploy.app_dir else None)
+        if app is not None:
+            check_convex_version(app, self.where)
         deploy.run(
             self.where,
             self._deploy_key,
