@@ -24,11 +24,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from byod.commands import connect, init
+from byod.commands import connect, init, verify
 from byod.controlplane import history
 from byod.controlplane.schema import ledger
 from byod.errors import SettingsError
 from byod.fleet import UserFinished, migrate_fleet
+from byod.phased import Batching
 from byod.settings import Settings
 from byod.spec import FleetOptions
 from byod.targets.convex_client import ConvexClient
@@ -1009,3 +1010,52 @@ def test_deploys_at_once_are_bounded_by_the_setting(
             database_url=cvx.settings.database_url,
             env=convex_env(BYOD_CONVEX_DEPLOY_CONCURRENCY="0"),
         )
+
+
+def test_a_rollback_undoes_a_backfill_page_by_page_resumably_and_exactly_once(
+    cvx: Workspace, deployments: DeploymentFactory
+) -> None:
+    """002's down_page (documents:untagPage) runs like a forward backfill: with a cursor,
+    stopped halfway it resumes there, every document undone once; meanwhile the undo in
+    progress blocks a migrate and shows in verify."""
+    bodies = [f"doc {n} #t{n % 7}" for n in range(1_000)]
+    deployment = deployments(bodies)
+    user_id = add(cvx, deployment)
+    assert cvx.runner().migrate(user_id).error is None
+    assert sum(deployment.tags().values()) == 1_000
+    stop = threading.Event()
+
+    def halfway(progress: Any) -> None:
+        if progress.rows_done >= 400:
+            stop.set()
+
+    stopping = cvx.runner().configured(
+        run_id=None,
+        timeout=None,
+        lease_seconds=30,
+        batching=Batching(size=100, stop=stop),
+        on_rows=halfway,
+    )
+    first = stopping.rollback(user_id, 1)
+
+    assert type(first.error).__name__ == "StoppedError"
+    progress = deployment.byod("listProgress")
+    assert [(p["migration"], p["rowsDone"]) for p in progress] == [("002_add_tags:down", 400)]
+    untagged = [d for d in deployment.documents() if d.get("tagCount") is None]
+    assert len(untagged) == 400, "exactly the pages done"
+    assert deployment.stamp() == ["001_initial", "002_add_tags"], "the stamp goes last"
+    refused = cvx.runner().migrate(user_id)
+    assert refused.error is None, "at head: nothing to run, nothing touched"
+    (report,) = verify(cvx, str(user_id))
+    assert any("rollback of 002_add_tags" in p for p in report.problems), report.problems
+
+    second = cvx.runner().rollback(user_id, 1)
+
+    assert second.error is None, second.error
+    assert deployment.stamp() == ["001_initial"]
+    assert deployment.byod("listProgress") == []
+    assert deployment.tags() == {}
+    assert all(d.get("tagCount") is None for d in deployment.documents())
+    assert [d["updates"] for d in deployment.documents()] == [1] * 1_000
+    downs = [(h.status, h.rows_done) for h in history(cvx.engine, user_id) if h.direction == "down"]
+    assert sorted(downs) == [("completed", 1_000), ("failed", 400)], "resumed, not restarted"

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from byod.errors import PlanError, RegistryError
-from byod.registry import Migration, Plan, Registry, Step
+from byod.registry import Backfill, Migration, Plan, Registry, Step
 from byod.settings import bundled_migrations_dir
 from tests.conftest import write_migrations
 
@@ -160,3 +160,29 @@ def test_a_plan_mixing_up_and_down_is_rejected() -> None:
     first, second = list(registry)
     with pytest.raises(PlanError, match="mix"):
         Plan("up", 0, 2, (Step(first, "up"), Step(second, "down")))
+
+
+def test_undo_pages_are_convex_pages_run_last_first() -> None:
+    first = Backfill(table="documents", page="documents:tagPage", down_page="documents:untag")
+    plain = Backfill(table="documents", page="documents:countPage")
+    second = Backfill(table="tags", page="tags:fill", down_page="tags:empty")
+    migration = Migration(
+        id="002_x",
+        version=2,
+        name="x",
+        description="x",
+        up=lambda ctx: None,
+        backfills=[first, plain, second],
+    )
+    undo = migration.reverse_backfills
+    assert [(b.table, b.page) for b in undo] == [
+        ("tags", "tags:empty"),
+        ("documents", "documents:untag"),
+    ]
+    assert migration.backfills_for("up") == (first, plain, second)
+    assert migration.backfills_for("down") == undo
+    for bad in ("byod:runBatch", "no colon", ""):
+        with pytest.raises(RegistryError, match="down_page"):
+            Backfill(table="documents", page="documents:tagPage", down_page=bad)
+    with pytest.raises(RegistryError, match="down_page undoes a Convex page"):
+        Backfill(table="t", key="id", apply=lambda ctx, rows: None, down_page="t:undo")

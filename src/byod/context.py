@@ -44,7 +44,7 @@ class Bodies:
 
     def batch(self, step: Step, index: int) -> BatchBody:
         """A backfill batch's work, given its rows, for the batch's transaction."""
-        work = step.migration.backfills[index]
+        work = step.migration.backfills_for(step.direction)[index]
         made: dict[int, MigrationContext] = {}  # one context per connection, not per batch
 
         def body(conn: sa.Connection, rows: Sequence[Any]) -> None:

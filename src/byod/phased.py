@@ -1,4 +1,6 @@
-"""A phased step: its schema change, then each backfill batch by batch, then its finalize.
+"""A phased step: its schema change, then each backfill batch by batch, then its finalize;
+or, rolled back (Convex backfills with ``down_page``), each undo page batch by batch, then
+its ``down`` (in the finalize's place: the stamp goes with it).
 
 Each is its own instance transaction, bounded on its own by the run's timeout (so a
 backfill of any size never times out as a whole). A step found in progress (its schema
@@ -96,8 +98,9 @@ def run_phased(
     if progress is None:  # the schema phase writes it: its loss shows at the first batch
         progress = Progress(0, None, 0)
     on_rows(progress.rows_done, progress.rows_total)
-    for index in range(progress.backfill, len(migration.backfills)):
-        work = migration.backfills[index]
+    backfills = migration.backfills_for(step.direction)
+    for index in range(progress.backfill, len(backfills)):
+        work = backfills[index]
         size = batching.size or work.batch_size
         body = bodies.batch(index)
         while True:
@@ -117,9 +120,10 @@ def run_phased(
     try:
         target.apply(step, bodies.finalize, _deadline(timeout), phase="finalize")
     except MigrationFailedError as exc:
+        ending = "finalize" if step.direction == "up" else "down"
         raise MigrationFailedError(
-            f"{migration.id}: its finalize failed (its backfills are done and kept; the next "
-            f"run runs the finalize alone): {exc.message}"
+            f"{migration.id}: its {ending} failed (its backfills are done and kept; the next "
+            f"run runs the {ending} alone): {exc.message}"
         ) from exc
     log.info(
         "user %s: %s finalized after %d rows",

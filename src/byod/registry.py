@@ -170,6 +170,10 @@ class Backfill:
     Convex transaction (``byod:runBatch``), ``batch_size`` documents a page.
 
     Either way, a step interrupted between batches resumes after the last one committed.
+
+    ``down_page`` (Convex): the app's internal mutation that undoes ``page`` on one page
+    (same arguments and answer); the migration's rollback runs it over the whole table
+    the same way, each page exactly once, resumable, before the migration's ``down``.
     """
 
     table: str
@@ -178,6 +182,7 @@ class Backfill:
     columns: tuple[str, ...] = ()
     batch_size: int = 1000
     page: str | None = None
+    down_page: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.table, str) or not self.table:
@@ -200,6 +205,14 @@ class Backfill:
             )
         if page.startswith("byod:"):
             raise RegistryError(f"backfill of {self.table}: page cannot be one of byod's functions")
+        down = self.down_page
+        if down is not None and (
+            not isinstance(down, str) or not _PAGE_PATH.fullmatch(down) or down.startswith("byod:")
+        ):
+            raise RegistryError(
+                f"backfill of {self.table}: down_page must name the app's undo page mutation "
+                'as "module:function", e.g. "documents:untagPage"'
+            )
         if self.apply is not None or self.key or self.columns:
             raise RegistryError(
                 f"backfill of {self.table}: a Convex backfill (page=...) does its work in the "
@@ -207,6 +220,11 @@ class Backfill:
             )
 
     def _check_sql(self) -> None:
+        if self.down_page is not None:
+            raise RegistryError(
+                f"backfill of {self.table}: down_page undoes a Convex page (page=...); a SQL "
+                "backfill's undo belongs in the migration's down"
+            )
         if not isinstance(self.key, str) or not self.key:
             raise RegistryError(
                 f"backfill of {self.table}: give a key column (SQL) or a page mutation (Convex)"
@@ -273,6 +291,20 @@ class Migration:
     def phased(self) -> bool:
         """Whether going up takes several transactions (backfills, or a finalize)."""
         return bool(self.backfills) or self.finalize is not None
+
+    @property
+    def reverse_backfills(self) -> tuple[Backfill, ...]:
+        """What a rollback runs page by page before ``down``: each backfill that has a
+        ``down_page``, last first, as a backfill whose page is that undo page."""
+        return tuple(
+            replace(b, page=b.down_page, down_page=None)
+            for b in reversed(self.backfills)
+            if b.down_page is not None
+        )
+
+    def backfills_for(self, direction: Direction) -> tuple[Backfill, ...]:
+        """The backfills a step in ``direction`` runs: forward ones up, undo pages down."""
+        return tuple(self.backfills) if direction == "up" else self.reverse_backfills
 
 
 @dataclass(frozen=True)

@@ -555,14 +555,24 @@ class Runner:
         own by the timeout. Whether it was applied now, and a phased step's rows."""
         bodies = Bodies(self.engine, user, target.kind, app=self._app_deployment())
         migration = step.migration
-        if step.direction == "down" or not migration.phased:
+        if step.direction == "down":
+            if target.kind != "convex" or not migration.reverse_backfills:
+                return target.apply(step, bodies.step(step), deadline), None
+            # undo pages first, then down (with the stamp), as the finalize would end it
+            phases = PhaseBodies(
+                schema=lambda conn: None,
+                batch=lambda index: bodies.batch(step, index),
+                finalize=bodies.step(step),
+            )
+        elif not migration.phased:
             return target.apply(step, bodies.step(step), deadline), None
-        finalize = migration.finalize
-        phases = PhaseBodies(
-            schema=bodies.step(step),
-            batch=lambda index: bodies.batch(step, index),
-            finalize=bodies.step(step, finalize) if finalize else (lambda conn: None),
-        )
+        else:
+            finalize = migration.finalize
+            phases = PhaseBodies(
+                schema=bodies.step(step),
+                batch=lambda index: bodies.batch(step, index),
+                finalize=bodies.step(step, finalize) if finalize else (lambda conn: None),
+            )
         reported = [time.monotonic()]
         latest: list[tuple[int, int | None] | None] = [None]  # rows done, estimated total
 

@@ -286,7 +286,8 @@ export const startProgress = internalMutation({
 
 /** End a phased step: its progress must be past its last backfill (`backfills`, their
  * count). The progress row is deleted and, when `stamp` is given, the step recorded in
- * the stamp, in the same transaction. */
+ * the stamp, in the same transaction; when `unstamp` is given (a rollback's reverse
+ * pages are done), that migration leaves the stamp in the same transaction instead. */
 export const finishProgress = internalMutation({
   args: {
     migration: v.string(),
@@ -294,6 +295,7 @@ export const finishProgress = internalMutation({
     stamp: v.optional(
       v.object({ version: v.number(), checksum: v.string(), appliedAt: v.optional(v.number()) }),
     ),
+    unstamp: v.optional(v.string()),
     owner: v.optional(v.string()),
   },
   returns: v.null(),
@@ -315,6 +317,12 @@ export const finishProgress = internalMutation({
         checksum: args.stamp.checksum,
         appliedAt: args.stamp.appliedAt ?? Date.now(),
       });
+    }
+    if (args.unstamp !== undefined) {
+      const applied = await findStamp(ctx, args.unstamp);
+      if (applied !== null) {
+        await ctx.db.delete(applied._id);
+      }
     }
     return null;
   },

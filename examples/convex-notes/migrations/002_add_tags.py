@@ -3,7 +3,8 @@
 The tables come with the app's schema (deployed before this step runs); the data change
 is a backfill: `documents:tagPage` runs on 200 documents at a time, each page and byod's
 cursor in ONE Convex mutation, so every document is tagged exactly once even if byod
-dies halfway. `down` undoes it page by page (idempotent: safe to run again).
+dies halfway. A rollback runs `documents:untagPage` (the backfill's `down_page`) the same
+way, page by page with a cursor, then `down` deletes the tags themselves.
 """
 
 from byod import Backfill, Migration, MigrationContext
@@ -16,12 +17,7 @@ def up(ctx: MigrationContext) -> None:
 
 
 def down(ctx: MigrationContext) -> None:
-    cursor = None
-    while True:
-        page = ctx.convex.mutation("documents:untagPage", {"cursor": cursor, "numItems": PAGE})
-        if page["isDone"]:
-            break
-        cursor = page["continueCursor"]
+    # every document is untagged by now (the undo pages ran first): drop the tags
     while not ctx.convex.mutation("documents:dropTagsPage", {"numItems": PAGE})["isDone"]:
         pass
 
@@ -33,5 +29,12 @@ migration = Migration(
     description="Move #hashtags into tags and documentTags, by a backfill.",
     up=up,
     down=down,
-    backfills=[Backfill(table="documents", page="documents:tagPage", batch_size=PAGE)],
+    backfills=[
+        Backfill(
+            table="documents",
+            page="documents:tagPage",
+            down_page="documents:untagPage",
+            batch_size=PAGE,
+        )
+    ],
 )

@@ -24,6 +24,7 @@ from byod.controlplane.schema import control_plane_id
 from byod.credentials import checked_address, open_instance, unseal_config
 from byod.errors import ByodError, SettingsError
 from byod.results import check_stamp
+from byod.targets.base import UNDO_SUFFIX
 
 if TYPE_CHECKING:
     from byod.registry import Migration
@@ -234,7 +235,12 @@ def _verify_one(ws: Workspace, user: User) -> VerifyReport:
         return VerifyReport(user.id, user.clerk_id, config.schema_version, None, (problem,))
     problems = check_stamp(ws.registry, stamp)
     for step_id in in_progress:
-        if ws.registry.get(step_id) is None:
+        if step_id.endswith(UNDO_SUFFIX):
+            problems.append(
+                f"the rollback of {step_id.removesuffix(UNDO_SUFFIX)} is in progress (part of "
+                "its data undone, its stamp still there): `byod rollback` finishes it"
+            )
+        elif ws.registry.get(step_id) is None:
             problems.append(
                 f"{step_id} is in progress on the instance, and the registry has no such "
                 "migration (renamed or removed halfway): restore its file and migrate"

@@ -197,15 +197,34 @@ def check_position(step: Step, stamp: list[StampEntry]) -> bool:
     return True
 
 
+#: how an undo in progress (a rollback's reverse pages) is named on the instance
+UNDO_SUFFIX = ":down"
+
+
+def progress_key(step: Step) -> str:
+    """The name a phased step's progress has on the instance: the migration's id, or for
+    a rollback's reverse pages the id and :data:`UNDO_SUFFIX`."""
+    migration_id = step.migration.id
+    return migration_id if step.direction == "up" else migration_id + UNDO_SUFFIX
+
+
 def started(step: Step, in_progress: list[str]) -> bool:
     """Whether the phased step's schema change is done already, given the steps in
     progress on the instance; ``DriftError`` when another step is in progress there (a
-    migration renamed or replaced halfway)."""
-    others = [i for i in in_progress if i != step.migration.id]
+    migration renamed or replaced halfway, or a rollback left halfway)."""
+    key = progress_key(step)
+    others = [i for i in in_progress if i != key]
+    undone = [i.removesuffix(UNDO_SUFFIX) for i in others if i.endswith(UNDO_SUFFIX)]
+    if undone:
+        raise DriftError(
+            f"the rollback of {', '.join(undone)} is in progress on this instance (part of "
+            f"its data undone), so {step.migration.id} {step.direction} cannot run: `byod "
+            "rollback` finishes it"
+        )
     if others:
         raise DriftError(
             f"{', '.join(others)} is in progress on this instance (its schema change done, "
             f"its backfills not), so {step.migration.id} cannot start: restore that "
             "migration file and migrate to finish it"
         )
-    return step.migration.id in in_progress
+    return key in in_progress

@@ -45,7 +45,15 @@ from byod.errors import (
 from byod.instance_url import InstancePolicy, resolve_instance_host
 from byod.registry import Backfill, Migration, Step
 from byod.targets.backfill import Batch, Progress
-from byod.targets.base import BatchBody, Phase, StampEntry, StepBody, check_position, started
+from byod.targets.base import (
+    BatchBody,
+    Phase,
+    StampEntry,
+    StepBody,
+    check_position,
+    progress_key,
+    started,
+)
 from byod.targets.convex_client import ConvexClient, FunctionError
 from byod.targets.convex_code import WORKTREE, AppCode, check_convex_version
 from byod.targets.convex_deploy import Deploy
@@ -332,22 +340,25 @@ class ConvexTarget:
             raise InstanceTimeoutError(f"{migration.id} ran past the timeout")
         self.hold()
         owner = {"owner": self.owner}
+        key = progress_key(step)
         if phase == "schema":
             row = self._byod(
                 "startProgress",
-                {"migration": migration.id, "rowsTotal": None, "checksum": migration.checksum}
-                | owner,
+                {"migration": key, "rowsTotal": None, "checksum": migration.checksum} | owner,
             )
-            self._progress_under_lock()[migration.id] = _progress(row)
+            self._progress_under_lock()[key] = _progress(row)
         elif phase == "finalize":
-            stamp = {"version": migration.version, "checksum": migration.checksum}
-            self._byod(
-                "finishProgress",
-                {"migration": migration.id, "backfills": len(migration.backfills), "stamp": stamp}
-                | owner,
-            )
+            ending: dict[str, Any] = {
+                "migration": key,
+                "backfills": len(migration.backfills_for(step.direction)),
+            }
+            if step.direction == "up":
+                ending["stamp"] = {"version": migration.version, "checksum": migration.checksum}
+            else:
+                ending["unstamp"] = migration.id
+            self._byod("finishProgress", ending | owner)
             self._stamped(step)
-            self._progress_under_lock().pop(migration.id, None)
+            self._progress_under_lock().pop(key, None)
         elif step.direction == "up":
             self._byod(
                 "recordStep",
@@ -382,7 +393,7 @@ class ConvexTarget:
         """See :meth:`byod.targets.base.Target.read_progress`; read under the lock (taken
         here: the step's work follows), and kept as this target's writes move it."""
         self.hold()
-        return self._progress_under_lock().get(step.migration.id)
+        return self._progress_under_lock().get(progress_key(step))
 
     def in_progress(self) -> list[str]:
         """See :meth:`byod.targets.base.Target.in_progress` (read without the lock)."""
@@ -416,7 +427,7 @@ class ConvexTarget:
         answer = self._byod(
             "runBatch",
             {
-                "migration": step.migration.id,
+                "migration": progress_key(step),
                 "backfill": at.backfill,
                 "page": work.page,
                 "cursor": at.last_key,
@@ -427,7 +438,7 @@ class ConvexTarget:
             timeout=self.remaining(deadline),
         )
         progress = _progress(answer["progress"])
-        self._progress_under_lock()[step.migration.id] = progress
+        self._progress_under_lock()[progress_key(step)] = progress
         return Batch(
             rows=int(answer["rows"]),
             first_key=at.last_key,
