@@ -1059,3 +1059,36 @@ def test_a_rollback_undoes_a_backfill_page_by_page_resumably_and_exactly_once(
     assert [d["updates"] for d in deployment.documents()] == [1] * 1_000
     downs = [(h.status, h.rows_done) for h in history(cvx.engine, user_id) if h.direction == "down"]
     assert sorted(downs) == [("completed", 1_000), ("failed", 400)], "resumed, not restarted"
+
+
+def test_a_page_past_the_transaction_limit_is_retried_smaller_and_grows_back(
+    cvx: Workspace, deployments: DeploymentFactory
+) -> None:
+    """convex-test's transaction limits are on (16 MiB read a transaction): a page of 200
+    documents of 100 KB cannot pass, 100 can; every document is still tagged once."""
+    deployment = deployments([])
+    big = [{"title": f"big {n}", "body": "x" * 100_000 + f" #t{n % 3}"} for n in range(450)]
+    for start in range(0, len(big), 50):
+        deployment.client.function("documents:createMany", {"documents": big[start : start + 50]})
+    user_id = add(cvx, deployment)
+
+    result = cvx.runner().migrate(user_id)
+
+    assert result.error is None, result.error
+    updates, cursor = [], None
+    while True:  # the documents, without their bodies, 20 at a time
+        page = deployment.client.query("documents:listPage", {"cursor": cursor, "numItems": 20})
+        updates += [d["updates"] for d in page["page"]]
+        if page["isDone"]:
+            break
+        cursor = page["continueCursor"]
+    assert updates == [1] * 450, "every document tagged once"
+    assert sum(deployment.tags().values()) == 450
+    (row,) = [h for h in history(cvx.engine, user_id) if h.migration_id == "002_add_tags"]
+    assert row.status == "completed" and row.rows_done == 450
+    assert row.page_sizes is not None
+    assert row.page_sizes.startswith("documents: pages of 200 hit the transaction limit")
+    shrunk = re.search(r"limit (\d+) times; (\d+) the smallest, (\d+) the last", row.page_sizes)
+    assert shrunk is not None, row.page_sizes
+    limits, smallest, _ = map(int, shrunk.groups())
+    assert smallest < 200 and limits >= 2, "shrunk, grown back after pages passed, shrunk again"

@@ -539,3 +539,26 @@ def test_a_migration_that_calls_sys_exit_fails_its_step(
     assert "called sys.exit(0)" in result.error.message
     assert statuses(ws, uid) == [("001_exit", "up", "failed", 1)]
     assert not has_table(url, "t")  # rolled back with the step
+
+
+def test_page_sizes_halve_on_a_limit_and_double_back_after_pages_pass() -> None:
+    from byod.phased import GROW_AFTER, PageSizer
+
+    sizer = PageSizer(200)
+    assert sizer.summary("t") is None
+    assert sizer.shrink() and sizer.size == 100
+    assert sizer.shrink() and sizer.size == 50
+    for _ in range(GROW_AFTER - 1):
+        sizer.passed()
+    assert sizer.size == 50, "not before enough pages passed"
+    sizer.passed()
+    assert sizer.size == 100
+    for _ in range(GROW_AFTER * 3):
+        sizer.passed()
+    assert sizer.size == 200, "never past the declared size"
+    one = PageSizer(1)
+    assert not one.shrink(), "one row that does not fit fails the step"
+    assert (
+        sizer.summary("t")
+        == "t: pages of 200 hit the transaction limit 2 times; 50 the smallest, 200 the last"
+    )

@@ -29,6 +29,7 @@ once, at its edge.
     + InstanceTimeoutError  (transient)
     + InstanceAuthError
     + MigrationFailedError
+      + TransactionLimitError
     + DriftError
     + DirtyInstanceError
     + StoppedError
@@ -64,6 +65,7 @@ __all__ = [
     "RehearsalError",
     "SettingsError",
     "StoppedError",
+    "TransactionLimitError",
     "UnavailableError",
     "UnknownUserError",
     "UnreachableError",
@@ -241,6 +243,17 @@ class MigrationFailedError(InstanceError):
     """A migration raised: its instance changes were rolled back, later ones skipped."""
 
     hint = "Fix the migration (or the data it trips over), then run `byod migrate` again."
+
+
+class TransactionLimitError(MigrationFailedError):
+    """A backfill page went past what the instance allows one transaction (Convex: 16 MiB
+    read or written, 32,000 documents scanned, 16,000 written): nothing of it was kept,
+    and byod tried it again smaller, down to one document a page, before giving up."""
+
+    hint = (
+        "One document alone is past the limit, or the page mutation reads far more than its "
+        "page (an unbounded query inside it): bound what it reads, then run again."
+    )
 
 
 class DriftError(InstanceError):

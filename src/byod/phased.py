@@ -16,15 +16,18 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from byod.errors import DriftError, MigrationFailedError, StoppedError
+from byod.errors import DriftError, MigrationFailedError, StoppedError, TransactionLimitError
 from byod.logs import fields
-from byod.registry import Step
+from byod.registry import Backfill, Step
 from byod.spec import FleetOptions
 from byod.targets import Target
 from byod.targets.backfill import Progress
 from byod.targets.base import BatchBody, StepBody
 
-__all__ = ["Batching", "PhaseBodies", "run_phased"]
+__all__ = ["Batching", "PageSizer", "PhaseBodies", "run_phased"]
+
+#: passing pages in a row before a shrunk page size doubles again
+GROW_AFTER = 3
 
 log = logging.getLogger("byod.runner")
 
@@ -54,6 +57,50 @@ class PhaseBodies:
     finalize: StepBody
 
 
+@dataclass
+class PageSizer:
+    """Pages that fit the instance's transaction limits: a page that hit them (nothing of
+    it kept, the cursor where it was) is tried again at half the size, down to one row;
+    after :data:`GROW_AFTER` pages in a row pass, the size doubles back towards the
+    declared one."""
+
+    declared: int
+    size: int = 0
+    smallest: int = 0
+    limits: int = 0
+    _passed: int = 0
+
+    def __post_init__(self) -> None:
+        self.size = self.smallest = self.declared
+
+    def shrink(self) -> bool:
+        """After a page hit a limit: halve the size; False when it is one row already."""
+        if self.size <= 1:
+            return False
+        self.size = max(1, self.size // 2)
+        self.smallest = min(self.smallest, self.size)
+        self.limits += 1
+        self._passed = 0
+        return True
+
+    def passed(self) -> None:
+        """After a page that passed."""
+        self._passed += 1
+        if self.size < self.declared and self._passed >= GROW_AFTER:
+            self.size = min(self.declared, self.size * 2)
+            self._passed = 0
+
+    def summary(self, table: str) -> str | None:
+        """What the ledger keeps of the sizes used (None: the declared size always fit)."""
+        if not self.limits:
+            return None
+        return (
+            f"{table}: pages of {self.declared} hit the transaction limit {self.limits} "
+            f"time{'s' if self.limits != 1 else ''}; {self.smallest} the smallest, "
+            f"{self.size} the last"
+        )
+
+
 def run_phased(
     target: Target,
     step: Step,
@@ -64,12 +111,15 @@ def run_phased(
     user_id: int,
     on_rows: Callable[[int, int | None], None] = lambda rows, total: None,
     log_fields: Mapping[str, object] | None = None,
+    on_pages: Callable[[str], None] = lambda summary: None,
 ) -> int | None:
     """Bring a phased step to its end (resuming it if it is in progress); returns the
     rows its backfills did in all, or None when the instance's stamp shows it done
     already. ``on_rows`` hears the rows done (when the step starts or resumes, and after
     each batch), and the estimated total. ``log_fields``: the event fields of the step's
-    log records (``--log-format json``: run, user, migration, direction)."""
+    log records (``--log-format json``: run, user, migration, direction). ``on_pages``
+    hears, once a backfill ends or fails, how its page sizes went when a page hit the
+    instance's transaction limit (see :class:`PageSizer`)."""
     migration = step.migration
     extra = dict(log_fields or fields(user_id=user_id, migration=migration.id))
     progress = target.read_progress(step)
@@ -101,21 +151,16 @@ def run_phased(
     backfills = migration.backfills_for(step.direction)
     for index in range(progress.backfill, len(backfills)):
         work = backfills[index]
-        size = batching.size or work.batch_size
+        sizer = PageSizer(batching.size or work.batch_size)
         body = bodies.batch(index)
-        while True:
-            batch = target.apply_batch(step, progress, work, size, body, _deadline(timeout))
-            progress = batch.progress
-            on_rows(progress.rows_done, progress.rows_total)
-            if batch.finished:
-                break
-            if batching.stop is not None and batching.stop.is_set():
-                raise StoppedError(
-                    f"{migration.id}: the run was stopped with {progress.rows_done} of the "
-                    "step's rows done; the step resumes at its cursor on the next run"
-                )
-            if batching.pause:
-                time.sleep(batching.pause)
+        try:
+            progress = _run_backfill(
+                target, step, progress, work, sizer, body, timeout, batching, on_rows, extra
+            )
+        finally:
+            summary = sizer.summary(work.table)
+            if summary is not None:
+                on_pages(summary)
         log.info("user %s: %s backfill of %s done", user_id, migration.id, work.table, extra=extra)
     try:
         target.apply(step, bodies.finalize, _deadline(timeout), phase="finalize")
@@ -133,6 +178,51 @@ def run_phased(
         extra=extra,
     )
     return progress.rows_done
+
+
+def _run_backfill(
+    target: Target,
+    step: Step,
+    progress: Progress,
+    work: Backfill,
+    sizer: PageSizer,
+    body: BatchBody,
+    timeout: float | None,
+    batching: Batching,
+    on_rows: Callable[[int, int | None], None],
+    extra: Mapping[str, object],
+) -> Progress:
+    """One backfill, batch by batch, from ``progress`` to its end; where it ends."""
+    migration = step.migration
+    while True:
+        try:
+            batch = target.apply_batch(
+                step, progress, work, sizer.size, body, _deadline(timeout)
+            )
+        except TransactionLimitError as exc:
+            if not sizer.shrink():
+                raise
+            log.warning(
+                "%s: a page of %s hit the instance's transaction limit; trying %d rows: %s",
+                migration.id,
+                work.table,
+                sizer.size,
+                exc.message,
+                extra=extra,
+            )
+            continue
+        sizer.passed()
+        progress = batch.progress
+        on_rows(progress.rows_done, progress.rows_total)
+        if batch.finished:
+            return progress
+        if batching.stop is not None and batching.stop.is_set():
+            raise StoppedError(
+                f"{migration.id}: the run was stopped with {progress.rows_done} of the "
+                "step's rows done; the step resumes at its cursor on the next run"
+            )
+        if batching.pause:
+            time.sleep(batching.pause)
 
 
 def _deadline(timeout: float | None) -> float | None:

@@ -589,6 +589,14 @@ class Runner:
                 self.ledger.record_rows(user.id, step, rows, total)
                 reported[0] = time.monotonic()
 
+        pages: list[str] = []
+
+        def on_pages(summary: str) -> None:  # a page hit the instance's transaction limit
+            pages.append(summary)
+            if record:
+                with contextlib.suppress(ControlPlaneError):  # the step's outcome comes first
+                    self.ledger.record_page_sizes(user.id, step, "; ".join(pages))
+
         try:
             rows = run_phased(
                 target,
@@ -598,6 +606,7 @@ class Runner:
                 batching=self.batching,
                 user_id=user.id,
                 on_rows=on_rows,
+                on_pages=on_pages,
                 log_fields=fields(
                     run_id=self.run_id,
                     user_id=user.id,

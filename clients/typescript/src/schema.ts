@@ -297,6 +297,8 @@ export interface components {
             rows_done: number | null;
             /** Rows Total */
             rows_total: number | null;
+            /** Page Sizes */
+            page_sizes: string | null;
         };
         /**
          * HistoryPage

@@ -69,6 +69,19 @@ export const list = query({
   handler: async (ctx) => await ctx.db.query("documents").order("asc").collect(),
 });
 
+/** One page of documents, without their bodies (a list of large documents, page by page). */
+export const listPage = query({
+  args: { cursor: v.union(v.string(), v.null()), numItems: v.number() },
+  handler: async (ctx, { cursor, numItems }) => {
+    const page = await ctx.db.query("documents").order("asc").paginate({ cursor, numItems });
+    return {
+      page: page.page.map(({ _id, title, tagCount, updates }) => ({ _id, title, tagCount, updates })),
+      continueCursor: page.continueCursor,
+      isDone: page.isDone,
+    };
+  },
+});
+
 export const get = query({
   args: { id: v.id("documents") },
   handler: async (ctx, { id }) => await ctx.db.get(id),

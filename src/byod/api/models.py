@@ -91,6 +91,9 @@ class HistoryEntry(_Answer):
     #: a phased step's rows done by its backfills, and their estimated total
     rows_done: int | None
     rows_total: int | None
+    #: how its backfills' page sizes went when a page hit the instance's transaction
+    #: limit (Convex; ``null``: every page fit its declared size)
+    page_sizes: str | None = None
 
     @classmethod
     def of(cls, row: LedgerRow) -> HistoryEntry:

@@ -102,7 +102,7 @@ def history_table(title: str, rows: list[LedgerRow]) -> Table:
             str(row.attempts or ""),
             _rows(row.rows_done, row.rows_total),
             row.run_id or "",
-            plain(row.error or ""),
+            plain("; ".join(text for text in (row.error, row.page_sizes) if text)),
         )
     return table
 

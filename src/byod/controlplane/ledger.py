@@ -71,6 +71,8 @@ class LedgerRow:
     #: a phased step's rows done by its backfills, and their estimated total
     rows_done: int | None = None
     rows_total: int | None = None
+    #: how its backfills' page sizes went when a page hit a transaction limit
+    page_sizes: str | None = None
 
 
 class Ledger:
@@ -153,6 +155,12 @@ class Ledger:
         params |= {"b_rows": rows_done, "b_total": rows_total}
         with single(self.engine, "record the rows done") as conn:
             conn.execute(_ROWS, params)
+
+    def record_page_sizes(self, user_id: int, step: Step, summary: str) -> None:
+        """How a running phased step's page sizes went (a page hit a transaction limit)."""
+        params = _step_params(user_id, step, utcnow()) | {"b_pages": summary}
+        with single(self.engine, "record the page sizes") as conn:
+            conn.execute(_PAGES, params)
 
     def record_failed(self, user_id: int, step: Step, error: str) -> None:
         """Mark the step's ``running`` row ``failed`` with a descriptive error."""
@@ -411,6 +419,11 @@ _ROWS = (
             sa.bindparam("b_total", type_=sa.BigInteger), ledger.c.rows_total
         ),
     )
+)
+_PAGES = (
+    ledger.update()
+    .where(*_THIS_STEP, ledger.c.status == "running")
+    .values(page_sizes=sa.bindparam("b_pages"))
 )
 _FAILED = (
     ledger.update()

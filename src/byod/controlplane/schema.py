@@ -122,6 +122,9 @@ ledger = sa.Table(
     sa.Column("rows_done", sa.BigInteger, nullable=True),
     #: its estimate of the rows in all (counted when its schema change was done)
     sa.Column("rows_total", sa.BigInteger, nullable=True),
+    #: how its backfills' page sizes went when a page hit the instance's transaction
+    #: limit (Convex; None: every page fit its declared size)
+    sa.Column("page_sizes", sa.Text, nullable=True),
     _one_of("status", LEDGER_STATUSES, "ck_byod_migrations_status"),
     _one_of("direction", DIRECTIONS, "ck_byod_migrations_direction"),
     sa.Index("ix_byod_migrations_user", "user_id", "id"),

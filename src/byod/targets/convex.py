@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -40,6 +41,7 @@ from byod.errors import (
     InstanceTimeoutError,
     MigrationFailedError,
     RehearsalError,
+    TransactionLimitError,
     UnreachableError,
 )
 from byod.instance_url import InstancePolicy, resolve_instance_host
@@ -63,6 +65,16 @@ __all__ = ["ConvexTarget", "DeploymentCalls", "open_convex"]
 _MODULE = "byod"
 
 FunctionKind = Literal["query", "mutation", "action"]
+#: A function stopped by a transaction limit: convex-test's words ("Read too much data
+#: in a single function execution (limit: …)", "Scanned too many documents …", "Wrote too
+#: much data …", "Wrote too many documents …"; convex-test 0.0.60,
+#: dist/transactionMetrics.js, which copies the backend's phrase). The real backend's
+#: source is not on this machine to cite: its limit errors are matched by that same
+#: phrase and by the TooMany* error codes as remembered, not checked against it.
+_TRANSACTION_LIMIT = re.compile(
+    r"in a single function execution|\bTooMany(?:Reads|Writes|BytesRead|BytesWritten|"
+    r"DocumentsRead|DocumentsWritten)\b"
+)
 _UNSET = object()
 _NOT_FOUND = "Could not find"
 
@@ -424,19 +436,24 @@ class ConvexTarget:
             )
         self.hold()
         self._code_for(step)
-        answer = self._byod(
-            "runBatch",
-            {
-                "migration": progress_key(step),
-                "backfill": at.backfill,
-                "page": work.page,
-                "cursor": at.last_key,
-                "expectedRowsDone": at.rows_done,
-                "numItems": batch_size,
-                "owner": self.owner,
-            },
-            timeout=self.remaining(deadline),
-        )
+        try:
+            answer = self._byod(
+                "runBatch",
+                {
+                    "migration": progress_key(step),
+                    "backfill": at.backfill,
+                    "page": work.page,
+                    "cursor": at.last_key,
+                    "expectedRowsDone": at.rows_done,
+                    "numItems": batch_size,
+                    "owner": self.owner,
+                },
+                timeout=self.remaining(deadline),
+            )
+        except MigrationFailedError as exc:
+            if _TRANSACTION_LIMIT.search(exc.message):
+                raise TransactionLimitError(exc.message) from None
+            raise
         progress = _progress(answer["progress"])
         self._progress_under_lock()[progress_key(step)] = progress
         return Batch(
