@@ -196,9 +196,7 @@ def _run_backfill(
     migration = step.migration
     while True:
         try:
-            batch = target.apply_batch(
-                step, progress, work, sizer.size, body, _deadline(timeout)
-            )
+            batch = target.apply_batch(step, progress, work, sizer.size, body, _deadline(timeout))
         except TransactionLimitError as exc:
             if not sizer.shrink():
                 raise

@@ -249,6 +249,10 @@ class Migration:
     ``down``, when given, undoes it. ``checksum`` is filled in by the loader from the
     file's syntax tree (see :mod:`byod.checksums`: formatting is not drift).
 
+    ``gated``: a contract step (drop a column, make a field required): it runs on no user
+    until every eligible user is through the steps before it and an operator opened its
+    gate (``byod gate open``; see :mod:`byod.gates`).
+
     ``code_ref`` (Convex apps kept in git): the git ref (a commit, tag or branch) of the
     app code this step runs on; None: the commit that added the migration's file. Before
     the step, byod deploys that code to the deployment when it runs other code.
@@ -262,6 +266,7 @@ class Migration:
     down: MigrationFn | None = None
     backfills: Sequence[Backfill] = ()
     finalize: MigrationFn | None = None
+    gated: bool = False
     code_ref: str | None = None
     checksum: str = field(default="", compare=False)
     #: the file's bytes' checksum, as byod recorded applied migrations before syntax
@@ -496,6 +501,8 @@ def _load_file(path: Path) -> Migration:
         raise RegistryError(f"{path}: `finalize` must be a function taking ctx, or None")
     if not all(isinstance(b, Backfill) for b in migration.backfills):
         raise RegistryError(f"{path}: `backfills` must be Backfill(...) entries")
+    if not isinstance(migration.gated, bool):
+        raise RegistryError(f"{path}: `gated` must be True or False")
     if migration.code_ref is not None and not (
         isinstance(migration.code_ref, str) and _CODE_REF.fullmatch(migration.code_ref)
     ):

@@ -62,6 +62,8 @@ class UserResult:
     target_kind: str | None = field(default=None, compare=False)
     #: a rehearsal's result: whatever it says, the instance was left unchanged
     rehearsal: bool = field(default=False, compare=False)
+    #: the gate the user stopped before (its migration id), and who or what holds it
+    held: tuple[str, str] | None = field(default=None, compare=False)
 
     @property
     def ok(self) -> bool:

@@ -37,6 +37,7 @@ from byod.errors import (
     SettingsError,
     UnreachableError,
 )
+from byod.gates import Gates
 from byod.instance_url import InstancePolicy
 from byod.logs import fields
 from byod.notify import Notice, Notifier, log_notice, safe_notify
@@ -115,6 +116,8 @@ class Runner:
         self.on_rows = on_rows
         self._app: FunctionCalls | None = None
         self._app_lock = threading.Lock()
+        #: the fleet's gates, read once for this runner (a fleet run has its own runner)
+        self.gates = Gates(engine, registry)
 
     def configured(
         self,
@@ -295,7 +298,7 @@ class Runner:
                     self._refuse_unadopted(user, target)
                 self._restamp_stale(stamp, target)
                 current, recovered = self._reconcile(user, config, stamp)
-                plan = make_plan(current)
+                plan, hold = self.gates.cut(make_plan(current))
                 if plan.direction == "down":  # an empty one too: it would say "nothing to do"
                     refuse_in_progress(self.registry, user, current, target)
             except (IrreversibleError, ControlPlaneError):
@@ -310,7 +313,11 @@ class Runner:
                 if isinstance(exc, InstanceError):  # unreachable, drift, dirty, timeout
                     return self._refused(user, config, make_plan, exc)
                 return self._gave_up(user, config.schema_version, exc)
-            return self._execute(user, plan, target, credentials, lease, recovered)
+            result = self._execute(user, plan, target, credentials, lease, recovered)
+            if hold is not None:
+                log.info("user %s: stopped before %s: %s", user.id, hold.migration_id, hold.reason)
+                result = dataclasses.replace(result, held=(hold.migration_id, hold.reason))
+            return result
         finally:
             target.close()
 

@@ -2,7 +2,7 @@
 
 Exit status: 0 all good, 1 something failed (the output says what), 2 bad usage or input.
 Errors are caught once, in :func:`main`. The commands live in :mod:`.manage`,
-:mod:`.runs` and :mod:`.reports`; what they share in :mod:`.base`; tables and JSON in
+:mod:`.runs`, :mod:`.reports` and :mod:`.gates`; what they share in :mod:`.base`; tables and JSON in
 :mod:`.render`; progress bars and summaries in :mod:`.progress`.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from byod.cli import manage, reports, runs  # noqa: F401 - each registers its commands
+from byod.cli import gates, manage, reports, runs  # noqa: F401 - each registers its commands
 from byod.cli.base import app, celery_broker, err
 from byod.cli.progress import print_error
 from byod.errors import ByodError

@@ -50,6 +50,11 @@ users_app = typer.Typer(help="Manage app users.", no_args_is_help=True)
 app.add_typer(users_app, name="users")
 runs_app = typer.Typer(help="Fleet runs and their outcome.")
 app.add_typer(runs_app, name="runs")
+gate_app = typer.Typer(
+    help="Fleet gates: a gated (contract) migration runs on no user until opened.",
+    no_args_is_help=True,
+)
+app.add_typer(gate_app, name="gate")
 convex_app = typer.Typer(help="Convex apps: add byod's module to an app.", no_args_is_help=True)
 app.add_typer(convex_app, name="convex")
 

@@ -55,6 +55,11 @@ def finish_user(out: Console, err: Console, result: UserResult, json_out: bool, 
             )
             for step in result.steps:
                 out.print(f"  {step.migration_id} {step.direction}: {step.status}")
+        if result.held is not None:
+            migration_id, reason = result.held
+            out.print(
+                f"[yellow]held:[/] stopped before {escape(migration_id)}: {render.plain(reason)}"
+            )
     if result.rehearsal and not json_out:
         out.print(render.REHEARSAL_NOTE)
     if result.error is not None:
@@ -163,6 +168,12 @@ def print_summary(out: Console, err: Console, summary: FleetSummary, json_out: b
         out.print(render.dump({"summary": summary.as_dict()}))
     else:
         out.print(f"run {summary.run_id} {summary.state}: {render.counts_line(summary)}")
+        for held in summary.held:
+            plural = "user" if held.users == 1 else "users"
+            out.print(
+                f"[yellow]held:[/] {held.users} {plural} stopped before "
+                f"{escape(held.migration)}: {render.plain(held.reason)}"
+            )
         if summary.rehearsal:
             out.print(render.REHEARSAL_NOTE)
     if json_on_stderr():  # each failure is in the log already, one record per user

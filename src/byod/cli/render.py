@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from byod.adoption import Adoption
-    from byod.commands import RunDetails, UserPlan, VerifyReport
+    from byod.commands import GateView, RunDetails, UserPlan, VerifyReport
     from byod.controlplane import FleetStatus, LedgerRow, RunRecord, User
     from byod.results import UserResult
 
@@ -181,6 +181,25 @@ def plans_table(plans: list[UserPlan]) -> Table:
     return table
 
 
+def gates_table(views: list[GateView]) -> Table:
+    """The gated migrations: state, who changed it, users before and past each."""
+    table = Table(title="gates")
+    for column in ("migration", "state", "changed", "not through", "past it", "left behind"):
+        table.add_column(column, overflow="fold")
+    for v in views:
+        changed = f"{_when(v.changed_at)} by {plain(v.changed_by)}" if v.changed_by else ""
+        colour = "green" if v.state == "open" else "yellow"
+        table.add_row(
+            v.migration_id,
+            f"[{colour}]{v.state}[/]",
+            changed,
+            str(v.waiting),
+            str(v.through),
+            ", ".join(map(str, v.excluded)),
+        )
+    return table
+
+
 def result_data(result: UserResult) -> dict[str, Any]:
     """One user's outcome as plain data."""
     return {
@@ -193,6 +212,9 @@ def result_data(result: UserResult) -> dict[str, Any]:
         "error": result.error.message if result.error else None,
         "error_type": type(result.error).__name__ if result.error else None,
         "rehearsal": result.rehearsal,
+        "held": None
+        if result.held is None
+        else {"migration": result.held[0], "reason": result.held[1]},
     }
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from byod.commands.adoption import Accepted, accept_checksum, adopt
     from byod.commands.demo import DemoResult, run_demo
+    from byod.commands.gates import GateView, change_gate, list_gates
     from byod.commands.onboarding import check_pending, import_users, read_import
     from byod.commands.reports import (
         InstanceView,
@@ -73,6 +74,9 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "DemoResult": "byod.commands.demo",
+    "GateView": "byod.commands.gates",
+    "change_gate": "byod.commands.gates",
+    "list_gates": "byod.commands.gates",
     "adopt": "byod.commands.adoption",
     "Accepted": "byod.commands.adoption",
     "accept_checksum": "byod.commands.adoption",
@@ -140,6 +144,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "Accepted",
     "DemoResult",
+    "GateView",
     "InitResult",
     "InstanceView",
     "RunDetails",
@@ -150,6 +155,7 @@ __all__ = [
     "add_user",
     "adopt",
     "caller",
+    "change_gate",
     "check_pending",
     "check_service",
     "check_worker",
@@ -163,6 +169,7 @@ __all__ = [
     "init",
     "instance",
     "instance_busy",
+    "list_gates",
     "list_runs",
     "list_users",
     "migrate_distributed",

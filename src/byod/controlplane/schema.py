@@ -235,6 +235,22 @@ accepted_checksums = sa.Table(
 )
 
 
+#: The fleet's gates: a gated migration (a contract step) runs on no user until an operator
+#: opens it, every eligible user being through the steps before it; closing it again (every
+#: user back before it) lets rollbacks cross below it. No row: never opened.
+gates = sa.Table(
+    "byod_gates",
+    metadata,
+    sa.Column("migration_id", sa.String(255), primary_key=True),
+    sa.Column("state", sa.String(8), nullable=False),
+    sa.Column("changed_by", sa.String(255), nullable=False),
+    sa.Column("changed_at", sa.DateTime, nullable=False),
+    #: byod ids of the users left behind when it was opened (or closed), comma-separated
+    sa.Column("excluded", sa.Text, nullable=True),
+    _one_of("state", ("open", "closed"), "ck_byod_gates_state"),
+)
+
+
 #: One row (``slot`` 1): this control plane's id; two concurrent ``init`` cannot both write.
 control_plane = sa.Table(
     CONTROL_PLANE_TABLE,

@@ -11,6 +11,7 @@ carry its id. The core emits typed events; it never prints.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -209,8 +210,17 @@ class _FleetRun:
             if summary.state == "running":
                 summary.state = "completed"
             summary.total += summary.not_started
+            self._explain_holds()
             self._record_end()
         return summary
+
+    def _explain_holds(self) -> None:
+        """What holds each gate that stopped users, as the run leaves the fleet (a user
+        held early was told before the others moved)."""
+        direction = "down" if self.action == "rollback" else "up"
+        for held in self.summary.held:
+            with contextlib.suppress(ByodError):  # the reason each user was given stands
+                held.reason = self.runner.gates.explain(held.migration, direction)
 
     def _record_end(self) -> None:
         """The run's end state and real counts, waiting a while for a control plane out
@@ -304,6 +314,8 @@ class _FleetRun:
         setattr(summary, settled.outcome, getattr(summary, settled.outcome) + 1)
         if settled.error is not None:
             summary.errors.append(settled.error)
+        if settled.result is not None and settled.result.held is not None:
+            summary.hold(*settled.result.held)
         _log_outcome(summary.run_id, settled)
         if self.action == "rehearse" and settled.result is not None:
             _keep_rehearsal(self.runner, summary.run_id, settled)

@@ -8,7 +8,14 @@ from byod.fleet.outcome import FleetFailure
 from byod.results import RowsProgress, UserResult
 from byod.spec import RunCounts
 
-__all__ = ["FleetEvent", "FleetStarted", "FleetSummary", "RowsProgress", "UserFinished"]
+__all__ = [
+    "FleetEvent",
+    "FleetStarted",
+    "FleetSummary",
+    "GateHeld",
+    "RowsProgress",
+    "UserFinished",
+]
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,15 @@ FleetEvent = FleetStarted | UserFinished | RowsProgress
 
 
 @dataclass
+class GateHeld:
+    """Users a closed gate stopped before ``migration``: how many, and what holds it."""
+
+    migration: str
+    reason: str
+    users: int = 0
+
+
+@dataclass
 class FleetSummary(RunCounts):
     """What a fleet run did; it never claims more than happened: its counts (the
     counters of :class:`~byod.spec.RunCounts`), state, why it halted, and the errors.
@@ -52,6 +68,16 @@ class FleetSummary(RunCounts):
     errors: list[FleetFailure] = field(default_factory=list)
     #: a rehearsal: every instance was rolled back, nothing was changed
     rehearsal: bool = False
+    #: the gates that stopped users, and what holds each
+    held: list[GateHeld] = field(default_factory=list)
+
+    def hold(self, migration_id: str, reason: str) -> None:
+        """Count a user stopped before ``migration_id``'s gate."""
+        for held in self.held:
+            if held.migration == migration_id:
+                held.users += 1
+                return
+        self.held.append(GateHeld(migration_id, reason, 1))
 
     @property
     def ok(self) -> bool:
@@ -64,7 +90,8 @@ class FleetSummary(RunCounts):
 
     def as_dict(self) -> dict[str, object]:
         """The summary as plain data (for JSON): run id, state and halt reason first,
-        ``rehearsal`` last (true: nothing was changed)."""
+        the gates that held users (``held``), then ``rehearsal`` (true: nothing changed)."""
         head = {"run_id": self.run_id, "state": self.state, "halt_reason": self.halt_reason}
         errors = {"errors": [asdict(e) for e in self.errors]}
-        return head | asdict(self.counts()) | errors | {"rehearsal": self.rehearsal}
+        held = {"held": [asdict(h) for h in self.held]}
+        return head | asdict(self.counts()) | errors | held | {"rehearsal": self.rehearsal}
