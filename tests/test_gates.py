@@ -10,8 +10,13 @@ import json
 from pathlib import Path
 
 import sqlalchemy as sa
+from fastapi.testclient import TestClient
 
+from byod.api import AuthSettings, create_app
+from byod.settings import Settings
+from byod.workspace import Workspace
 from tests.conftest import TEST_KEY, write_migrations
+from tests.test_api import SECRET, bearer, token
 from tests.test_cli import Cli
 
 MIGRATIONS = {
@@ -163,3 +168,30 @@ def test_a_user_left_behind_can_be_excluded_by_name(tmp_path: Path) -> None:
     assert status[0]["state"] == "open" and status[0]["excluded"] == [4]
     assert cli("gate", "open", "002_add_body").code == 2  # not a gated migration
     assert cli("gate", "open", "9").code == 2
+
+
+def test_gates_show_in_status_the_api_and_the_dashboard(tmp_path: Path) -> None:
+    cli, _ = make_fleet(tmp_path)
+    cli("migrate", "--all")
+    shown = json.loads(cli("status", "--json").out)["gates"]
+    assert [(g["migration_id"], g["state"], g["waiting"], g["through"]) for g in shown] == [
+        ("003_drop_legacy", "closed", 1, 0)
+    ]
+    assert "gates" in cli("status").out
+    settings = Settings.load(database_url=cli.env["BYOD_DATABASE_URL"], env=cli.env)
+    ws = Workspace(settings)
+    ws.directory.add_user("ops")
+    app = create_app(ws, AuthSettings(secret=SECRET))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.get("/v1/fleet/status", headers=bearer(token("ops", admin=True)))
+        assert answer.status_code == 200
+        (gate,) = answer.json()["gates"]
+        assert (gate["migration_id"], gate["state"], gate["waiting"]) == (
+            "003_drop_legacy",
+            "closed",
+            1,
+        )
+        client.post("/dashboard/login", data={"token": token("ops", admin=True)})
+        page = client.get("/dashboard").text
+        assert "data-gate='003_drop_legacy' data-state='closed'" in page
+    ws.engine.dispose()

@@ -254,6 +254,39 @@ export interface components {
             outdated: number;
             /** Recent Failures */
             recent_failures: components["schemas"]["RecentFailure"][];
+            /**
+             * Gates
+             * @default []
+             */
+            gates: components["schemas"]["GateOut"][];
+        };
+        /**
+         * GateOut
+         * @description A gated migration (a contract step) and its gate: ``open`` or ``closed`` (never
+         *     opened, or closed again), who changed it and when, the users left behind then (byod
+         *     ids), and how many eligible users are not through the steps before it (``waiting``)
+         *     or past it (``through``).
+         */
+        GateOut: {
+            /** Migration Id */
+            migration_id: string;
+            /** Version */
+            version: number;
+            /**
+             * State
+             * @enum {string}
+             */
+            state: "open" | "closed";
+            /** Changed By */
+            changed_by: string | null;
+            /** Changed At */
+            changed_at: string | null;
+            /** Excluded */
+            excluded: number[];
+            /** Waiting */
+            waiting: number;
+            /** Through */
+            through: number;
         };
         /**
          * HistoryEntry

@@ -101,6 +101,26 @@ def _runs_table(table_id: str, runs: list[RunRecord], rows: dict[str, tuple[int,
     )
 
 
+def _gates(status: FleetStatus) -> str:
+    """The gated migrations and their gates (nothing when the folder has none)."""
+    if not status.gates:
+        return ""
+    rows = "".join(
+        f"<tr class='gate' data-gate='{escape(g.migration_id)}' data-state='{g.state}'>"
+        f"<td>{escape(g.migration_id)}</td>"
+        f"<td class='{'ok' if g.state == 'open' else 'bad'}'>{g.state}</td>"
+        f"<td>{g.waiting}</td><td>{g.through}</td>"
+        f"<td>{escape(g.changed_by or '')}</td></tr>"
+        for g in status.gates
+    )
+    return (
+        "<h2>Gates</h2><p>A gated (contract) step runs on no user until its gate is open "
+        "(<code>byod gate open STEP</code>).</p><table id='gates'><tr><th>migration</th>"
+        "<th>gate</th><th>not through</th><th>past it</th><th>changed by</th></tr>"
+        f"{rows}</table>"
+    )
+
+
 def _overview(
     status: FleetStatus,
     runs: list[RunRecord],
@@ -134,6 +154,7 @@ def _overview(
         "<h2>Users per version after each of the last runs</h2>"
         f"{over_time}"
         f"<h2>Connection status</h2><div id='connection'>{cards}</div>"
+        f"{_gates(status)}"
         "<h2>Latest failures</h2><table id='failures'><tr><th>user</th><th>migration</th>"
         f"<th>error</th><th>when (UTC)</th></tr>{failures}</table>"
         f"<h2>Fleet runs</h2>{_runs_table('runs', real, rows)}"

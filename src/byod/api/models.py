@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -206,6 +207,22 @@ class RecentFailure(_Answer):
     at: Timestamp | None
 
 
+class GateOut(_Answer):
+    """A gated migration (a contract step) and its gate: ``open`` or ``closed`` (never
+    opened, or closed again), who changed it and when, the users left behind then (byod
+    ids), and how many eligible users are not through the steps before it (``waiting``)
+    or past it (``through``)."""
+
+    migration_id: str
+    version: int
+    state: Literal["open", "closed"]
+    changed_by: str | None
+    changed_at: Timestamp | None
+    excluded: list[int]
+    waiting: int
+    through: int
+
+
 class FleetStatusOut(_Answer):
     """The fleet at a glance (``by_version``: users per schema version, the version as a
     string key; ``by_connection``: users per connection status, ``not configured`` for
@@ -217,6 +234,8 @@ class FleetStatusOut(_Answer):
     by_connection: dict[ConnectionStatus | Literal["not configured"], int]
     outdated: int
     recent_failures: list[RecentFailure]
+    #: the gated migrations of the folder and their gates, oldest first
+    gates: list[GateOut] = []
 
     @classmethod
     def of(cls, status: FleetStatus) -> FleetStatusOut:
@@ -230,6 +249,12 @@ class FleetStatusOut(_Answer):
                 "recent_failures": [
                     RecentFailure.model_validate(row, from_attributes=True)
                     for row in status.recent_failures
+                ],
+                "gates": [
+                    GateOut.model_validate(
+                        {**dataclasses.asdict(gate), "excluded": list(gate.excluded)}
+                    )
+                    for gate in status.gates
                 ],
             }
         )

@@ -18,8 +18,9 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from byod.adoption import Adoption
-    from byod.commands import GateView, RunDetails, UserPlan, VerifyReport
+    from byod.commands import RunDetails, UserPlan, VerifyReport
     from byod.controlplane import FleetStatus, LedgerRow, RunRecord, User
+    from byod.controlplane.gates import GateView
     from byod.results import UserResult
 
 __all__ = [
@@ -134,6 +135,8 @@ def fleet_status_tables(status: FleetStatus, console: Console) -> None:
     for state, count in sorted(status.by_connection.items()):
         states.add_row(state, str(count))
     console.print(states)
+    if status.gates:
+        console.print(gates_table(status.gates))
     if status.recent_failures:
         failures = Table(title="recent failures")
         for column in ("when", "user", "migration", "error"):

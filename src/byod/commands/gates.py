@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
-
-from byod.controlplane.gates import gate_records, holders
+from byod.controlplane.gates import GateView, gate_views
 from byod.controlplane.runs import local_user
 from byod.gates import close_gate, open_gate
 from byod.workspace import Workspace
@@ -13,44 +10,10 @@ from byod.workspace import Workspace
 __all__ = ["GateView", "change_gate", "list_gates"]
 
 
-@dataclass(frozen=True)
-class GateView:
-    """A gated migration of the folder: its gate's state (``closed`` until opened), who
-    changed it and when, the users left behind then, and how many eligible users are
-    not through the steps before it (``waiting``) or past it (``through``)."""
-
-    migration_id: str
-    version: int
-    state: str
-    changed_by: str | None
-    changed_at: datetime | None
-    excluded: tuple[int, ...]
-    waiting: int
-    through: int
-
-
 def list_gates(ws: Workspace) -> list[GateView]:
     """Every gated migration of the folder, oldest first."""
     ws.require_tables()
-    records = gate_records(ws.engine)
-    views = []
-    for migration in ws.registry:
-        if not migration.gated:
-            continue
-        record = records.get(migration.id)
-        views.append(
-            GateView(
-                migration.id,
-                migration.version,
-                record.state if record else "closed",
-                record.changed_by if record else None,
-                record.changed_at if record else None,
-                record.excluded if record else (),
-                holders(ws.engine, below=migration.version - 1).count,
-                holders(ws.engine, above=migration.version - 1).count,
-            )
-        )
-    return views
+    return gate_views(ws.engine, ws.registry)
 
 
 def change_gate(

@@ -3,6 +3,7 @@ migrations, runs, and verification against each instance's stamp."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -18,6 +19,7 @@ from byod.controlplane import (
     fleet_status,
     history,
 )
+from byod.controlplane.gates import gate_views
 from byod.controlplane.rehearsals import rehearsal_failures, rehearsal_timeline
 from byod.controlplane.run_history import StepCount, step_counts, users_finished_at, versions_at
 from byod.controlplane.schema import control_plane_id
@@ -34,7 +36,8 @@ if TYPE_CHECKING:
 def status(ws: Workspace) -> FleetStatus:
     """The fleet at a glance (no instance is contacted)."""
     ws.require_tables()
-    return fleet_status(ws.engine, ws.registry.head)
+    found = fleet_status(ws.engine, ws.registry.head)
+    return dataclasses.replace(found, gates=gate_views(ws.engine, ws.registry))
 
 
 def list_runs(ws: Workspace, *, limit: int = 20, noop: bool = False) -> list[RunRecord]:

@@ -14,8 +14,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from byod.clock import utcnow
 from byod.controlplane._tx import reading, single
 from byod.controlplane.schema import configs, gates, users
+from byod.registry import Registry
 
-__all__ = ["GateRecord", "Holders", "gate_records", "holders", "set_gate"]
+__all__ = ["GateRecord", "GateView", "Holders", "gate_records", "gate_views", "holders", "set_gate"]
 
 #: how many of the users holding a gate are named (the rest are counted)
 NAMED = 10
@@ -122,3 +123,43 @@ def set_gate(
             )
         )
     return record
+
+
+@dataclass(frozen=True)
+class GateView:
+    """A gated migration of the folder: its gate's state (``closed`` until opened), who
+    changed it and when, the users left behind then, and how many eligible users are
+    not through the steps before it (``waiting``) or past it (``through``)."""
+
+    migration_id: str
+    version: int
+    state: str
+    changed_by: str | None
+    changed_at: datetime | None
+    excluded: tuple[int, ...]
+    waiting: int
+    through: int
+
+
+def gate_views(engine: sa.Engine, registry: Registry) -> list[GateView]:
+    """Every gated migration of ``registry``, oldest first, with its gate."""
+    gated = [m for m in registry if m.gated]
+    if not gated:
+        return []
+    records = gate_records(engine)
+    views = []
+    for migration in gated:
+        record = records.get(migration.id)
+        views.append(
+            GateView(
+                migration.id,
+                migration.version,
+                record.state if record else "closed",
+                record.changed_by if record else None,
+                record.changed_at if record else None,
+                record.excluded if record else (),
+                holders(engine, below=migration.version - 1).count,
+                holders(engine, above=migration.version - 1).count,
+            )
+        )
+    return views

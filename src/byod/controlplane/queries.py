@@ -9,6 +9,7 @@ from datetime import datetime
 import sqlalchemy as sa
 
 from byod.controlplane._tx import reading
+from byod.controlplane.gates import GateView
 from byod.controlplane.ledger import LedgerRow
 from byod.controlplane.schema import configs, ledger, users
 
@@ -68,6 +69,8 @@ class FleetStatus:
     outdated: int = 0
     outdated_in_error: int = 0
     recent_failures: list[FailureRow] = field(default_factory=list)
+    #: the gated migrations and their gates (filled in by ``byod status``)
+    gates: list[GateView] = field(default_factory=list)
 
 
 def fleet_status(engine: sa.Engine, head: int, *, failures: int = 10) -> FleetStatus:
