@@ -587,3 +587,33 @@ def test_a_retry_of_a_recorded_task_finishes_the_runs_bookkeeping(
     record = RunStore(cluster.ws.engine).get(run_id)
     assert record.ended_at is not None and record.state == "completed"
     assert record.counts.succeeded == 1
+
+
+GATED = """
+import sqlalchemy as sa
+from byod import Migration
+
+def up(ctx):
+    ctx.conn.execute(sa.text("CREATE TABLE contracted (id INTEGER)"))
+
+migration = Migration(id="004_contract", version=4, name="contract", description="gated",
+                      up=up, gated=True)
+"""
+
+
+def test_workers_stop_each_user_before_a_closed_gate_and_pass_it_once_open(
+    redis_cluster: Cluster,
+) -> None:
+    cluster = redis_cluster
+    (cluster.folder / "004_contract.py").write_text(GATED)
+    fleet = sqlite_fleet(cluster, 4)
+    cluster.start_worker(concurrency=2)
+
+    held = cluster.summary(cluster.byod("migrate", "--all", "--distributed", "--json"))
+
+    assert held["succeeded"] == 4, held
+    assert all(stamp_ids(url) == HEAD for url in fleet.values()), "stopped before the gate"
+    assert cluster.byod("gate", "open", "004_contract").returncode == 0
+    passed = cluster.summary(cluster.byod("migrate", "--all", "--distributed", "--json"))
+    assert passed["succeeded"] == 4, passed
+    assert all(stamp_ids(url) == [*HEAD, "004_contract"] for url in fleet.values())
