@@ -43,7 +43,14 @@ chromium:  ## Debian's Chromium for the dashboard's browser test (installed as r
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "install Debian's chromium (apt-get install chromium) for the browser test"; }
 
-unit: $(STAMP) $(NODE_STAMP) $(CLIENT_STAMP) chromium
+# A second Convex app of the tests' own, with its own npm packages (convex-helpers)
+ARENA := tests/convex_apps/arena
+ARENA_STAMP := $(ARENA)/node_modules/.installed
+$(ARENA_STAMP): $(ARENA)/package.json $(ARENA)/package-lock.json
+	cd $(ARENA) && npm ci --no-audit --no-fund --ignore-scripts
+	touch $(ARENA_STAMP)
+
+unit: $(STAMP) $(NODE_STAMP) $(CLIENT_STAMP) $(ARENA_STAMP) chromium
 	$(BIN)/pytest -n 2
 
 test: lint unit  ## the whole suite: lint, types, tests against real databases
@@ -56,4 +63,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/fleet.py
 
 clean:
-	rm -rf $(VENV) node_modules $(CLIENT)/node_modules $(CLIENT)/dist byod.db byod.db-wal byod.db-shm byod.key byod-demo byod-convex-demo
+	rm -rf $(VENV) node_modules $(CLIENT)/node_modules $(ARENA)/node_modules $(CLIENT)/dist byod.db byod.db-wal byod.db-shm byod.key byod-demo byod-convex-demo

@@ -47,6 +47,9 @@
  *   POST   <base>/_deploy {"appDir"}  the same deploy, authorized by the deployment's deploy
  *          key (`Authorization: Convex <key>`) as `npx convex deploy` is; what
  *          tools/convex-local/deploy.mjs, byod's stand-in deploy command, calls
+ *   POST   /_admin/deployments/<name>/import {"table", "documents": [...]}  insert the
+ *          documents (Convex's JSON) into the table in one transaction, checked against
+ *          the schema (a seed, as `npx convex import --table` does)
  *   POST   /_admin/deployments/<name>/throttle {"requests": N, "retryAfterSeconds"?}
  *          answer the deployment's next N API requests with 429
  *   POST   /_admin/deployments/<name>/latency  {"ms": N}  wait N ms before answering
@@ -243,16 +246,23 @@ function resolveLocal(fromDir, spec) {
   return candidates.find((c) => fsSync.existsSync(c) && fsSync.statSync(c).isFile()) ?? null;
 }
 
+/** `convex` and `convex/...`: always this server's copy, the one convex-test runs with. */
+const SERVER_PACKAGE = /^convex(\/|$)/;
+const DEFAULT_RESOLUTION = Symbol("default resolution");
+
 /** Relative imports of other function files stay imports (of their .js output); other
- * relative files are bundled in; packages resolve to this server's copies (the same
- * `convex` convex-test runs with). */
+ * relative files are bundled in; `convex` resolves to this server's copy (the same one
+ * convex-test runs with); the app's own packages (convex-helpers, ...) are bundled from
+ * its node_modules, and a package the app does not have comes from this server's. */
 function externalsPlugin(entries) {
   const entryStems = new Set(entries.map(stripExtension));
   return {
     name: "convex-local-externals",
     setup(build) {
-      build.onResolve({ filter: /.*/ }, (args) => {
-        if (args.kind === "entry-point") return undefined;
+      build.onResolve({ filter: /.*/ }, async (args) => {
+        if (args.kind === "entry-point" || args.pluginData === DEFAULT_RESOLUTION) {
+          return undefined;
+        }
         const spec = args.path;
         if (spec.startsWith("node:") || builtinModules.includes(spec)) {
           return { path: spec, external: true };
@@ -267,6 +277,15 @@ function externalsPlugin(entries) {
             return { path: `${relative}.js`, external: true };
           }
           return undefined;
+        }
+        if (!SERVER_PACKAGE.test(spec)) {
+          const own = await build.resolve(spec, {
+            kind: args.kind,
+            importer: args.importer,
+            resolveDir: args.resolveDir,
+            pluginData: DEFAULT_RESOLUTION,
+          });
+          if (own.errors.length === 0 && own.path) return { path: own.path };
         }
         try {
           return { path: import.meta.resolve(spec), external: true };
@@ -868,6 +887,30 @@ async function handleAdminRequest(host, req, res, parts) {
     await deploySerialized(host, deployment, appDir);
     log(`deployed ${deployment.name} from ${appDir} (deploy ${deployment.deploys})`);
     return send(res, 200, deployment.describe(host.baseUrl));
+  }
+  if (action === "import") {
+    const { table, documents } = body;
+    if (typeof table !== "string" || !/^[A-Za-z][A-Za-z0-9_]*$/.test(table)) {
+      throw new HttpError(400, "BadRequest", "table must be a table name");
+    }
+    if (!Array.isArray(documents) || documents.some((d) => d === null || typeof d !== "object")) {
+      throw new HttpError(400, "BadRequest", "documents must be a list of objects");
+    }
+    const { jsonToConvex } = host.convexValues;
+    const values = documents.map((d) => jsonToConvex(d));
+    await deployment.serialized(async () => {
+      try {
+        // one transaction, checked against the deployment's schema as the app's own
+        // writes are (`npx convex import --table` of a JSON lines file, locally)
+        await deployment.t.run(async (ctx) => {
+          for (const value of values) await ctx.db.insert(table, value);
+        });
+      } catch (error) {
+        throw new HttpError(400, "ImportFailed", `${table}: ${error?.message ?? error}`);
+      }
+    });
+    log(`imported ${values.length} documents into ${deployment.name}:${table}`);
+    return send(res, 200, { table, imported: values.length });
   }
   if (action === "throttle") {
     const n = body.requests;

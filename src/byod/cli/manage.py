@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -329,6 +330,71 @@ def convex_init(
         "deploy step do it; byod finds the app where the migrations folder sits beside "
         f"convex/, else set BYOD_CONVEX_APP={escape(str(result.folder.parent.resolve()))}"
     )
+
+
+@convex_app.command("local")
+def convex_local_deployments(
+    app_dir: Annotated[
+        Path,
+        typer.Argument(
+            metavar="DIR", help="The Convex app's project folder (the one holding convex/)."
+        ),
+    ],
+    deployments: Annotated[
+        int,
+        typer.Option("--deployments", metavar="N", min=1, max=50, help="How many [default: 3]."),
+    ] = 3,
+    seed: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--seed",
+            metavar="TABLE=FILE",
+            help="Insert FILE's documents (JSON lines) into TABLE of each (repeat it).",
+        ),
+    ] = None,
+    json_out: Json = False,
+) -> None:
+    """Start N local deployments of your own Convex app (its own npm packages), print
+    their URLs and deploy keys, and keep them running until Ctrl-C: try a migration on
+    your app before your fleet."""
+    import signal
+
+    from byod.commands import convex_local
+
+    log = Path(tempfile.mkdtemp(prefix="byod-convex-local-")) / "server.log"
+    server, made = convex_local.start_local_deployments(
+        app_dir, deployments, tuple(seed or ()), log
+    )
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as Ctrl-C does
+    try:
+        for d in made:
+            if json_out:
+                out.print(
+                    render.dump({"name": d.name, "url": d.url, "key": d.key, "seeded": d.seeded})
+                )
+            else:
+                seeded = ", ".join(f"{n} {table}" for table, n in d.seeded.items())
+                out.print(
+                    f"{d.name}: {d.url} key {d.key}" + (f" (seeded: {seeded})" if seeded else "")
+                )
+        if not json_out:
+            out.print(
+                "to migrate them with byod (local addresses allowed, the local deploy):\n"
+                "  export BYOD_ALLOW_PRIVATE_INSTANCES=1 "
+                f"BYOD_CONVEX_DEPLOY={shlex.quote(convex_local.DEPLOY_COMMAND)}\n"
+                f"  byod connect USER --url {made[0].url} --secret KEY"
+            )
+        out.print(
+            render.dump({"ready": len(made)})
+            if json_out
+            else f"ready: {len(made)} local deployments (Ctrl-C stops them; their data goes too)"
+        )
+        server.process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+        shutil.rmtree(log.parent, ignore_errors=True)
 
 
 def from_stdin(what: str) -> str:

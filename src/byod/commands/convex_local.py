@@ -2,7 +2,8 @@
 process, hosting deployments that run an app's real Convex functions on Convex's own JS
 test backend (``convex-test``) behind Convex's HTTP API.
 
-``byod demo --convex`` and the tests start it; it needs Node 20+ and the npm packages of
+``byod demo --convex``, ``byod convex local`` (deployments of a team's own app) and the
+tests start it; it needs Node 20+ and the npm packages of
 the checkout (``make node_modules/.installed``), so it runs only from a clone of byod's
 repository, never from an installed wheel. Nothing here ever reaches a real Convex
 deployment.
@@ -17,17 +18,28 @@ import secrets
 import select
 import shutil
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from byod.errors import SettingsError
+from byod.errors import InputError, SettingsError
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-__all__ = ["CHECKOUT", "DEPLOY_COMMAND", "EXAMPLE_APP", "LocalConvex", "problem", "start"]
+__all__ = [
+    "CHECKOUT",
+    "DEPLOY_COMMAND",
+    "EXAMPLE_APP",
+    "LocalConvex",
+    "LocalDeployment",
+    "problem",
+    "read_seed",
+    "start",
+    "start_local_deployments",
+]
 
 #: byod's checkout (the folder holding ``tools/`` and ``node_modules/``), when run from one
 CHECKOUT = Path(__file__).resolve().parents[3]
@@ -39,6 +51,9 @@ DEPLOY_COMMAND = f"node {DEPLOY_SCRIPT}"
 EXAMPLE_APP = CHECKOUT / "examples" / "convex-notes"
 NODE_PACKAGES = ("convex", "convex-test", "esbuild")
 START_TIMEOUT = 20.0
+#: most local deployments one command starts, and documents seeded per request
+MAX_LOCAL = 50
+_SEED_PAGE = 500
 
 
 @functools.cache
@@ -119,6 +134,12 @@ class LocalConvex:
         answer: dict[str, Any] = self._ask("POST", f"/deployments/{name}/deploy", body)
         return answer
 
+    def import_documents(self, name: str, table: str, documents: list[dict[str, Any]]) -> int:
+        """Insert ``documents`` into ``table`` of deployment ``name`` (one transaction,
+        checked against its schema); how many."""
+        body = {"table": table, "documents": documents}
+        return int(self._ask("POST", f"/deployments/{name}/import", body)["imported"])
+
     def throttle(self, name: str, n: int, retry_after_seconds: int | None = None) -> None:
         """Answer the deployment's next ``n`` API requests with HTTP 429."""
         body: dict[str, Any] = {"requests": n}
@@ -183,3 +204,76 @@ def start(log: Path) -> LocalConvex:
         )
     port = int(json.loads(line)["port"])
     return LocalConvex(process, port, token)
+
+
+@dataclass(frozen=True)
+class LocalDeployment:
+    """A local deployment of an app: its name, URL (as ``byod connect`` takes it) and
+    deploy key, and the documents seeded into each table."""
+
+    name: str
+    url: str
+    key: str = field(repr=False)
+    seeded: dict[str, int] = field(default_factory=dict)
+
+
+def read_seed(spec: str) -> tuple[str, list[dict[str, Any]]]:
+    """``TABLE=FILE`` (JSON lines, one document each): the table and its documents;
+    :class:`InputError` naming the line that is not a JSON object."""
+    table, sep, path = spec.partition("=")
+    if not sep or not table or not path:
+        raise InputError(f"--seed takes TABLE=FILE (JSON lines), not {spec!r}")
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise InputError(f"cannot read the seed file {path}: {exc.strerror}") from None
+    documents = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            document = json.loads(line)
+        except ValueError:
+            document = None
+        if not isinstance(document, dict):
+            raise InputError(f"{path}, line {number}: a document must be a JSON object")
+        documents.append(document)
+    return table, documents
+
+
+def start_local_deployments(
+    app_dir: Path, count: int, seeds: tuple[str, ...], log: Path
+) -> tuple[LocalConvex, list[LocalDeployment]]:
+    """Start the local backend with ``count`` deployments of the app in ``app_dir`` (its
+    own npm packages from its ``node_modules``), each seeded from ``seeds``
+    (``TABLE=FILE``); the server (stop it with :meth:`LocalConvex.close`) and them."""
+    if not (app_dir / "convex").is_dir():
+        raise InputError(f"{app_dir} has no convex/ folder: give the Convex app's folder")
+    if not 1 <= count <= MAX_LOCAL:
+        raise InputError(f"--deployments must be 1 to {MAX_LOCAL}, not {count}")
+    tables = [read_seed(spec) for spec in seeds]  # a bad file is refused before starting
+    server = start(log)
+    made = []
+    try:
+        for n in range(1, count + 1):
+            name = f"local-{n}"
+            key = f"local:{name}|{secrets.token_hex(16)}"
+            try:
+                url = "convex+" + server.create(name, key, app_dir.resolve())
+            except ControlError as exc:
+                raise InputError(f"the app does not load: {exc.message}") from None
+            seeded = {}
+            for table, documents in tables:
+                done = 0
+                for start_at in range(0, len(documents), _SEED_PAGE):
+                    page = documents[start_at : start_at + _SEED_PAGE]
+                    try:
+                        done += server.import_documents(name, table, page)
+                    except ControlError as exc:
+                        raise InputError(f"seeding {table}: {exc.message}") from None
+                seeded[table] = done
+            made.append(LocalDeployment(name, url, key, seeded))
+    except BaseException:
+        server.close()
+        raise
+    return server, made
