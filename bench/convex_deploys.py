@@ -90,7 +90,7 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
     print(f"deploys of the example app with the local stand-in, {args.deployments} deployments:")
     print(f"  one at a time      : {one:7.1f} deploys/min")
-    print(f"  {args.concurrency} at a time        : {many:7.1f} deploys/min".replace("  ", " ", 0))
+    print(f"  {args.concurrency} at a time        : {many:7.1f} deploys/min")
     print(f"a commit's code made ready from git: {first * 1000:.0f} ms,", end=" ")
     print(f"then {cached * 1000:.1f} ms (cached)")
 
