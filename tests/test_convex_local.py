@@ -6,6 +6,7 @@ byod with the app's own backfill page."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from byod.commands import convex_local
 from byod.targets.convex_client import ConvexClient
 from tests.conftest import TEST_KEY, child_env
 from tests.convex_backend import ROOT, require_node
@@ -142,3 +144,48 @@ def test_local_deployments_refuse_bad_input(tmp_path: Path) -> None:
         byod(tmp_path, "convex", "local", str(ARENA), "--seed", "players", env=env).returncode == 2
     )
     assert "Traceback" not in failed.stderr + refused.stderr
+
+
+def test_each_commits_packages_come_from_its_own_lock_file(tmp_path: Path) -> None:
+    """The arena app kept in git: a commit whose lock file is the app folder's runs on
+    the folder's node_modules; one whose lock file differs gets its own install (npm ci,
+    once per lock file, in byod's cache), and the app's convex-helpers loads either way."""
+    from byod.registry import Registry
+    from byod.targets.convex_code import AppCode
+
+    require_node()
+    app = tmp_path / "arena"
+    shutil.copytree(ARENA, app, symlinks=True, ignore=shutil.ignore_patterns("node_modules"))
+    (app / "node_modules").symlink_to(ARENA / "node_modules", target_is_directory=True)
+    git = ["git", "-c", "user.name=Dev", "-c", "user.email=dev@example.com"]
+    (app / ".gitignore").write_text("node_modules\n")
+    subprocess.run([*git, "init", "-q"], cwd=app, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=app, check=True)
+    subprocess.run([*git, "commit", "-qm", "arena"], cwd=app, check=True)
+    first = subprocess.run(
+        [*git, "rev-parse", "HEAD"], cwd=app, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    lock = json.loads((app / "package-lock.json").read_text())
+    lock["name"] = "arena-renamed"  # another lock file, the same packages
+    (app / "package-lock.json").write_text(json.dumps(lock, indent=2) + "\n")
+    subprocess.run([*git, "commit", "-qam", "another lock file"], cwd=app, check=True)
+    second = subprocess.run(
+        [*git, "rev-parse", "HEAD"], cwd=app, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    subprocess.run([*git, "checkout", "-q", first, "--", "package-lock.json"], cwd=app, check=True)
+    code = AppCode(app, tmp_path / "cache")
+    migration = next(iter(Registry.load(app / "migrations")))
+    assert code.ref_for(migration) == first
+
+    own = code.folder(first)
+    other = code.folder(second)
+
+    assert (own / "node_modules").resolve() == (ARENA / "node_modules").resolve()
+    installed = (other / "node_modules").resolve()
+    assert installed.is_relative_to((tmp_path / "cache" / "npm").resolve())
+    assert (installed / "convex-helpers" / "package.json").is_file()
+    assert "DEPLOYED_CODE: string | null = '" + second in (other / "convex" / "byod.ts").read_text()
+    with convex_local.start(tmp_path / "server.log") as server:
+        for name, folder in (("own", own), ("other", other)):
+            url = server.create(name, f"local:{name}|{'k' * 16}", folder)
+            assert url.endswith(f"/d/{name}"), "the app loads with its packages"

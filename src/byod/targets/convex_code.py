@@ -322,7 +322,14 @@ class AppCode:
                 log.info("installing the app's npm packages (lock file %s)", digest)
                 try:
                     done = subprocess.run(
-                        [npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts"],
+                        [
+                            npm,
+                            "ci",
+                            "--no-audit",
+                            "--no-fund",
+                            "--ignore-scripts",
+                            "--prefer-offline",
+                        ],
                         cwd=place,
                         capture_output=True,
                         timeout=_NPM_TIMEOUT,
