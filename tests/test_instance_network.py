@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from byod import commands
 from byod.errors import SettingsError
-from byod.instance_url import InstancePolicy, check_instance_url
+from byod.instance_url import InstancePolicy, check_instance_url, parse_networks
 from byod.settings import Settings, normalize_url
 from byod.workspace import Workspace
 from tests.conftest import TEST_KEY, ServerDatabases, execute
@@ -205,3 +205,99 @@ def test_sqlite_instances_keep_their_own_setting(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="BYOD_ALLOW_SQLITE_INSTANCES"):
         check_instance_url(normalize_url(path), policy_of(BYOD_ALLOW_SQLITE_INSTANCES="0"))
     execute(path, "CREATE TABLE t (x INTEGER)")
+
+
+def _self_signed(folder: Path, name: str) -> tuple[Path, Path]:
+    """A certificate for ``name`` (its own CA) and its key, as PEM files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+def test_a_convex_deployment_is_called_at_the_address_that_was_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS rebinding against a Convex deployment: its name resolves to the tenant's
+    address when checked and to the operator's after; every call still goes to the checked
+    address, with the name as Host and as the TLS name its certificate is checked for."""
+    import http.server
+    import json as json_module
+    import ssl
+    import threading
+
+    from byod.targets.convex import open_convex
+
+    cert, key = _self_signed(tmp_path, "tenant.test")
+    seen: list[tuple[str, str | None]] = []
+
+    class Deployment(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append((self.headers["Host"], None))
+            body = json_module.dumps({"status": "success", "value": [], "logLines": []}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Deployment)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    names: list[str | None] = []
+    context.sni_callback = lambda sock, name, ctx: names.append(name)  # type: ignore[assignment,misc,return-value]
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        resolver = _Resolver("tenant.test", ["127.0.0.2", "127.0.0.1"], socket.getaddrinfo)
+        monkeypatch.setattr(socket, "getaddrinfo", resolver)
+        policy = InstancePolicy(instance_networks=parse_networks("127.0.0.2/32"))
+        target = open_convex(
+            f"convex+https://tenant.test:{port}",
+            "k" * 16,
+            timeout=5,
+            policy=policy,
+            ssl_ca=str(cert),
+        )
+        with target:
+            assert target.read_stamp() == []
+            assert target.read_stamp() == []
+        assert resolver.asked == 1, "resolved once, when checked"
+        assert [host for host, _ in seen] == [f"tenant.test:{port}"] * 2
+        assert names and set(names) == {"tenant.test"}, "the certificate is checked for the name"
+    finally:
+        server.shutdown()
+        server.server_close()

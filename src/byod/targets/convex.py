@@ -94,27 +94,31 @@ def open_convex(
     The host's addresses are resolved first and a host that resolves to a loopback,
     private or link-local address the ``policy`` does not allow is refused
     (:class:`SettingsError`), so a tenant's public-looking name cannot send the deploy key
-    inside the operator's network. Nothing is called yet: the first call (reading the
-    stamp) shows whether the deployment answers.
+    inside the operator's network; every call then goes to the address checked (the name
+    kept for ``Host`` and the TLS certificate), so a second DNS answer cannot move it.
+    Nothing is called yet: the first call (reading the stamp) shows whether the
+    deployment answers.
     """
     policy = policy or InstancePolicy()
-    if not policy.allow_private:
-        _refuse_private(base_url, policy)
+    address = None if policy.allow_private else _checked_address(base_url, policy)
     client = ConvexClient(
         base_url,
         deploy_key,
         timeout=max(timeout, 1.0),
         connect_timeout=timeout,
         ssl_ca=None if ssl_ca == "system" else ssl_ca,
+        address=address,
     )
     return ConvexTarget(client, deploy_key, hold_seconds=hold_seconds, deploy=deploy)
 
 
-def _refuse_private(base_url: str, policy: InstancePolicy) -> None:
+def _checked_address(base_url: str, policy: InstancePolicy) -> str:
+    """The one address the deployment's host resolves to, checked by the policy: every
+    call connects there (the name only in ``Host`` and TLS), never to a second answer."""
     parts = urlsplit(base_url.removeprefix("convex+"))
     url = URL.create("convex", host=parts.hostname or "", port=443)
     try:
-        resolve_instance_host(url, policy)
+        return resolve_instance_host(url, policy)
     except UnreachableError:
         raise UnreachableError(
             f"the Convex deployment {base_url} is unreachable: its host does not resolve"

@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from types import TracebackType
 from typing import Any, NoReturn
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import httpx
 
@@ -196,6 +196,9 @@ class ConvexClient:
     once. ``ssl_ca`` is a CA file to verify the deployment's certificate with instead of
     the system's (a self-hosted deployment with its own CA). Proxy variables and
     ``.netrc`` of the environment are ignored. ``transport`` replaces httpx's (tests).
+    ``address``, given, is the IP every call connects to (the one the instance policy
+    checked); the URL's host name is still the ``Host`` header and the name the TLS
+    certificate is checked against (SNI), so a second DNS answer cannot move a call.
     """
 
     def __init__(
@@ -211,6 +214,7 @@ class ConvexClient:
         max_connections: int = 10,
         ssl_ca: str | None = None,
         transport: httpx.BaseTransport | None = None,
+        address: str | None = None,
     ) -> None:
         self.base = deployment_base(url)
         if not _KEY.fullmatch(deploy_key):
@@ -237,14 +241,23 @@ class ConvexClient:
         self._secrets = tuple(
             secret for secret in (deploy_key, token) if len(secret) >= 8 or secret == deploy_key
         )
+        headers = {
+            "Content-Type": "application/json",
+            "Convex-Client": CLIENT_VERSION,
+            "Authorization": f"Convex {deploy_key}",
+            "User-Agent": f"byod/{CLIENT_VERSION.removeprefix('byod-')}",
+        }
+        connect_to, self._extensions = self.base, {}
+        if address is not None:  # connect to the checked address; the name for Host and TLS
+            parts = urlsplit(self.base)
+            ip = f"[{address}]" if ":" in address else address
+            netloc = ip + (f":{parts.port}" if parts.port else "")
+            connect_to = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+            headers["Host"] = parts.netloc
+            self._extensions = {"sni_hostname": parts.hostname or ""}
         self._http = httpx.Client(
-            base_url=self.base,
-            headers={
-                "Content-Type": "application/json",
-                "Convex-Client": CLIENT_VERSION,
-                "Authorization": f"Convex {deploy_key}",
-                "User-Agent": f"byod/{CLIENT_VERSION.removeprefix('byod-')}",
-            },
+            base_url=connect_to,
+            headers=headers,
             timeout=httpx.Timeout(
                 connect=connect_timeout, read=timeout, write=timeout, pool=connect_timeout
             ),
@@ -356,7 +369,9 @@ class ConvexClient:
         )
         for attempt in range(self.retries + 1):
             try:
-                response = self._http.post(endpoint, content=content, timeout=bound)
+                response = self._http.post(
+                    endpoint, content=content, timeout=bound, extensions=self._extensions
+                )
             except httpx.ConnectTimeout as exc:
                 raise UnreachableError(
                     f"{where}: no connection within {self.connect_timeout:g} s"
