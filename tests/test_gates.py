@@ -116,6 +116,10 @@ def test_a_gate_holds_every_user_until_all_are_through_and_it_is_opened(tmp_path
         assert columns(paths[name]) == {"id", "legacy", "body"}, "the expand ran, not the contract"
     refused = cli("gate", "open", "003_drop_legacy")
     assert refused.code == 2 and "4 dee" in refused.err
+    planned = {p["clerk_id"]: p for p in json.loads(cli("plan", "--all", "--json").out)}
+    assert [s["migration"] for s in planned["dee"]["steps"]] == ["001_notes", "002_add_body"]
+    assert planned["dee"]["held"]["migration"] == "003_drop_legacy"
+    assert "stops before 003_drop_legacy" in cli("plan", "ana").out
     listed = json.loads(cli("gate", "list", "--json").out)
     assert [(g["migration_id"], g["state"], g["waiting"]) for g in listed] == [
         ("003_drop_legacy", "closed", 1)

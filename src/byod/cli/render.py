@@ -163,6 +163,7 @@ def plans_data(plans: list[UserPlan]) -> list[dict[str, Any]]:
                 {"migration": s.migration.id, "version": s.migration.version, "direction": "up"}
                 for s in p.plan.steps
             ],
+            "held": None if p.held is None else {"migration": p.held[0], "reason": p.held[1]},
         }
         for p in plans
     ]
@@ -174,7 +175,11 @@ def plans_table(plans: list[UserPlan]) -> Table:
     for column in ("user", "from", "to", "would run"):
         table.add_column(column, overflow="fold")
     for p in plans:
-        steps = ", ".join(s.migration.id for s in p.plan.steps) or "nothing (up to date)"
+        steps = ", ".join(s.migration.id for s in p.plan.steps)
+        if p.held is not None:
+            held = f"stops before {p.held[0]} (its gate is not open)"
+            steps = f"{steps}; then {held}" if steps else f"nothing: {held}"
+        steps = steps or "nothing (up to date)"
         table.add_row(
             f"{p.user_id} ({plain(p.clerk_id)})",
             str(p.plan.from_version),

@@ -29,6 +29,7 @@ from byod.distributed import (
 )
 from byod.errors import ControlPlaneError, DriftError, InputError, RehearsalError
 from byod.fleet import FleetEvent, FleetSummary, attempt
+from byod.gates import Gates
 from byod.phased import Batching
 from byod.spec import ELIGIBLE_STATUSES, FleetOptions, Selection
 from byod.targets.convex_deploy import Deploy
@@ -52,23 +53,33 @@ class UserPlan:
     user_id: int
     clerk_id: str
     plan: Plan
+    #: the gate it would stop before (its migration id), and what holds it
+    held: tuple[str, str] | None = None
 
 
 def plan(ws: Workspace, user_ref: str | None) -> list[UserPlan]:
-    """Dry run: the steps ``migrate`` would run, per user (``None``: every eligible user).
+    """Dry run: the steps ``migrate`` would run, per user (``None``: every eligible user),
+    each ending before a gate that is not open.
 
     Raises :class:`DriftError`, as ``migrate`` does, when a user is recorded above the
     folder's head (the folder lacks migrations that are applied)."""
     registry = ws.registry
+    gates = Gates(ws.engine, registry)
+
+    def planned(user_id: int, clerk_id: str, version: int) -> UserPlan:
+        steps, hold = gates.cut(registry.plan_up(version))
+        held = None if hold is None else (hold.migration_id, hold.reason)
+        return UserPlan(user_id, clerk_id, steps, held)
+
     if user_ref is not None:
         user = ws.directory.find_user(user_ref)
         config = ws.directory.get_config(user.id)
         refuse_user_ahead(ws, user, config.schema_version)
-        return [UserPlan(user.id, user.clerk_id, registry.plan_up(config.schema_version))]
+        return [planned(user.id, user.clerk_id, config.schema_version)]
     ws.require_tables()
     _refuse_fleet_ahead(ws)
     return [
-        UserPlan(row.user_id, row.clerk_id, registry.plan_up(row.schema_version))
+        planned(row.user_id, row.clerk_id, row.schema_version)
         for row in iter_outdated(ws.engine, registry.head, statuses=ELIGIBLE_STATUSES)
     ]
 
