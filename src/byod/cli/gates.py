@@ -1,4 +1,5 @@
-"""``byod gate list|open|close``: the fleet's gates (a gated migration is a contract step)."""
+"""``byod gate list``, ``byod gate open`` and ``byod gate close``: the fleet's gates (a gated
+migration is a contract step)."""
 
 from __future__ import annotations
 

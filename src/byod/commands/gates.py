@@ -1,4 +1,5 @@
-"""``byod gate list|open|close``: the fleet's gates (see :mod:`byod.gates`)."""
+"""``byod gate list``, ``byod gate open``, ``byod gate close``: the fleet's gates (see
+:mod:`byod.gates`)."""
 
 from __future__ import annotations
 
