@@ -100,3 +100,46 @@ def test_local_key_file_is_created_private_and_reused(tmp_path: Path) -> None:
     again, source_again = load_sealer(settings, create=True)
     assert not source_again.created
     assert again.key_id == first.key_id
+
+
+#: A value sealed by byod 0.x for user 7's url, with the key bytes 0..31: its format, key
+#: id and associated data must keep opening after every upgrade (known answer).
+KNOWN_KEY = bytes(range(32))
+KNOWN_KEY_ID = "1e30072a0999eede"
+KNOWN_SEALED = (
+    "v1.AAECAwQFBgcICQoLN22lb6KXp2j8La2knogIHbmltFeCHis8XAXL4GUIbcJtdYCfwKw97BHKHoP82B-8"
+    "nBhVJZDMAa3q-e37Ks0P"
+)
+KNOWN_PLAIN = "postgresql://app:s3cret@db.example.com/tenant_7"
+
+
+def test_a_value_sealed_by_an_earlier_byod_keeps_opening() -> None:
+    """Known answer: the key id's derivation (sha256 of ``byod-key-id:`` + key, 16 hex
+    digits), the ``v1.`` prefix, nonce-first layout and the associated data
+    ``byod:v1:{user}:{field}`` are what stored credentials were sealed with."""
+    sealer = Sealer(KNOWN_KEY)
+    assert sealer.key_id == KNOWN_KEY_ID
+    assert sealer.unseal(KNOWN_SEALED, user_id=7, field_name="url", key_id=KNOWN_KEY_ID) == (
+        KNOWN_PLAIN
+    )
+    for user_id, field_name in ((8, "url"), (7, "secret")):
+        with pytest.raises(CredentialsError, match="does not open"):
+            sealer.unseal(KNOWN_SEALED, user_id=user_id, field_name=field_name, key_id=KNOWN_KEY_ID)
+    fresh = sealer.seal(KNOWN_PLAIN, user_id=7, field_name="url")
+    assert fresh.startswith("v1.") and fresh != KNOWN_SEALED  # a fresh nonce each time
+    raw = base64.urlsafe_b64decode(fresh[3:])
+    assert len(raw) == 12 + len(KNOWN_PLAIN.encode()) + 16  # nonce, ciphertext, tag
+
+
+def test_the_environment_key_wins_over_a_key_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "byod.key"
+    key_file.write_text(base64.b64encode(b"f" * 32).decode() + "\n")
+    env = {
+        "BYOD_ENCRYPTION_KEY": base64.b64encode(KNOWN_KEY).decode(),
+        "BYOD_KEY_FILE": str(key_file),
+    }
+    sealer, source = load_sealer(Settings.load(database_url="sqlite://", env=env))
+    assert sealer.key_id == KNOWN_KEY_ID and source.description == "BYOD_ENCRYPTION_KEY"
+    only_file = {"BYOD_KEY_FILE": str(key_file)}
+    sealer, source = load_sealer(Settings.load(database_url="sqlite://", env=only_file))
+    assert sealer.key_id == Sealer(b"f" * 32).key_id and "key file" in source.description
