@@ -868,3 +868,50 @@ def test_json_log_records_of_backfills_carry_the_user_and_the_migration(
         assert (record["user_id"], record["clerk_id"]) == (uid, "one")
         assert (record["migration"], record["direction"]) == ("002_bump", "up")
         assert record["run_id"] == run_id
+
+
+FINALIZE_ONLY = {
+    "001_notes.py": """
+        import sqlalchemy as sa
+        from byod import Migration
+
+        def up(ctx):
+            ctx.op.create_table("notes", sa.Column("id", sa.Integer, primary_key=True),
+                                sa.Column("title", sa.Text, nullable=True))
+            ctx.conn.execute(sa.text("INSERT INTO notes (id, title) VALUES (1, NULL), (2, 'b')"))
+
+        def finalize(ctx):
+            ctx.conn.execute(sa.text("UPDATE notes SET title = 'untitled' WHERE title IS NULL"))
+            with ctx.op.batch_alter_table("notes") as batch:
+                batch.alter_column("title", existing_type=sa.Text, nullable=False)
+
+        migration = Migration(id="001_notes", version=1, name="Notes", description="",
+                              up=up, finalize=finalize)
+    """,
+}
+
+
+def test_a_finalize_without_backfills_runs_and_ends_the_step(
+    control_plane_url: str, tmp_path: Path, new_instance: InstanceFactory
+) -> None:
+    """A migration with a ``finalize`` and no backfill is phased: its finalize runs (in
+    its own transaction, with the stamp) — the phased test must not lose its second half."""
+    ws = make_workspace(control_plane_url, write_migrations(tmp_path / "m", FINALIZE_ONLY))
+    try:
+        assert ws.registry.get("001_notes").phased  # type: ignore[union-attr]
+        url = new_instance()
+        uid = add_connected(ws, url)
+        result = ws.runner().migrate(uid)
+        assert result.ok, result.error
+        engine = sa.create_engine(url)
+        try:
+            with engine.connect() as conn:
+                titles = conn.execute(sa.text("SELECT title FROM notes ORDER BY id")).scalars()
+                assert list(titles) == ["untitled", "b"], "the finalize ran"
+                columns = {c["name"]: c for c in sa.inspect(conn).get_columns("notes")}
+                assert columns["title"]["nullable"] is False
+        finally:
+            engine.dispose()
+        assert stamp_ids(url) == ["001_notes"] and progress_rows(url) == []
+    finally:
+        ws.engine.dispose()

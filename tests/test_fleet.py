@@ -126,6 +126,52 @@ def test_canary_failure_halts_before_touching_the_rest(
     assert RunStore(cws.engine).get(summary.run_id).state == "halted"
 
 
+def test_a_canary_wave_that_passes_lets_the_rest_run_after_it(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    """The canary users (the first N) finish before anyone else starts, and when they all
+    pass the rest of the fleet runs: the run completes with every user moved."""
+    ids, _ = fleet_of(cws, new_instance, 8)
+    summary = migrate_fleet(cws.runner(), options=FleetOptions(concurrency=4, canary=2))
+    assert (summary.state, summary.halt_reason) == ("completed", None)
+    assert (summary.succeeded, summary.failed, summary.not_started) == (8, 0, 0)
+    rows = {uid: history(cws.engine, uid) for uid in ids}
+    done = {uid: max(r.completed_at for r in rows[uid] if r.completed_at) for uid in ids}
+    began = {uid: min(r.started_at for r in rows[uid] if r.started_at) for uid in ids}
+    canaries = sorted(ids, key=lambda uid: began[uid])[:2]
+    rest = [uid for uid in ids if uid not in canaries]
+    assert max(done[uid] for uid in canaries) <= min(began[uid] for uid in rest)
+
+
+def test_the_halt_policy_rules() -> None:
+    """The canary and ratio rules as the fleet asks them, case by case."""
+    from byod.fleet.halt import canary_over, canary_room, halt_reason
+
+    wave = FleetOptions(canary=2)
+    assert halt_reason(wave, succeeded=2, failed=0, started=2, canary_over=True) is None
+    assert halt_reason(wave, succeeded=0, failed=1, started=1, canary_over=False) is None
+    assert halt_reason(wave, succeeded=1, failed=1, started=2, canary_over=True) == (
+        "a canary failed (1 of 2)"
+    )
+    ratio = FleetOptions(max_failure_ratio=0.5)
+    assert halt_reason(ratio, succeeded=1, failed=1, started=2, canary_over=False) is None
+    assert "above --max-failure-ratio 0.5" in str(
+        halt_reason(ratio, succeeded=1, failed=2, started=3, canary_over=False)
+    )
+    assert halt_reason(FleetOptions(), succeeded=0, failed=9, started=9, canary_over=False) is None
+    assert canary_room(FleetOptions(), started=0, in_flight=0) is None
+    assert canary_room(wave, started=0, in_flight=0) == 2
+    assert canary_room(wave, started=1, in_flight=1) == 1
+    assert canary_room(wave, started=2, in_flight=1) == 0, "wait for the wave to finish"
+    assert canary_room(wave, started=2, in_flight=0) is None, "the wave is over: no limit"
+    assert canary_room(wave, started=3, in_flight=2) is None
+    assert canary_over(wave, started=2, in_flight=0, exhausted=False)
+    assert not canary_over(wave, started=2, in_flight=1, exhausted=False)
+    assert not canary_over(wave, started=1, in_flight=0, exhausted=False)
+    assert canary_over(wave, started=1, in_flight=0, exhausted=True), "fewer users than N"
+    assert not canary_over(FleetOptions(), started=0, in_flight=0, exhausted=True)
+
+
 def test_failure_ratio_halts_the_rest_and_leaves_nothing_half_done(
     cws: Workspace, new_instance: InstanceFactory
 ) -> None:
