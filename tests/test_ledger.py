@@ -1,0 +1,125 @@
+"""The ledger's promises, column by column (status, error, attempts, run_id, started_at,
+completed_at), on both control planes: a later run never rewrites an earlier run's row; a
+step that never started counts no attempt and has no start time; a write for a step that is
+not running is refused, not recorded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from byod.controlplane import Ledger
+from byod.controlplane.schema import ledger
+from byod.errors import ControlPlaneError
+from byod.registry import Migration, Plan, Step
+from byod.workspace import Workspace
+
+STEPS = tuple(
+    Step(
+        Migration(id=f"00{v}_m", version=v, name="m", description="", up=lambda ctx: None),
+        "up",
+    )
+    for v in (1, 2, 3)
+)
+COLUMNS = ("migration_id", "status", "error", "attempts", "run_id", "started", "completed")
+
+
+def rows(ws: Workspace, user_id: int) -> list[dict[str, Any]]:
+    """Every column a user reads, oldest row first (times as set or not)."""
+    with ws.engine.connect() as conn:
+        found = conn.execute(
+            sa.select(ledger).where(ledger.c.user_id == user_id).order_by(ledger.c.id)
+        ).all()
+    return [
+        {
+            "migration_id": r.migration_id,
+            "status": r.status,
+            "error": r.error,
+            "attempts": r.attempts,
+            "run_id": r.run_id,
+            "started": r.started_at is not None,
+            "completed": r.completed_at is not None,
+        }
+        for r in found
+    ]
+
+
+def row(*values: Any) -> dict[str, Any]:
+    return dict(zip(COLUMNS, values, strict=True))
+
+
+@pytest.fixture
+def user(ws: Workspace) -> int:
+    """A user with a config (a step's success moves it, in the same statement)."""
+    uid = ws.directory.add_user("ledger-user").id
+    sealed = ws.sealer.seal("sqlite:///nowhere.db", user_id=uid, field_name="url")
+    ws.directory.save_config(
+        uid, target_kind="sqlite", sealed_url=sealed, sealed_secret=None, key_id=ws.sealer.key_id
+    )
+    return uid
+
+
+def test_a_plan_starts_its_first_step_only(ws: Workspace, user: int) -> None:
+    book = Ledger(ws.engine)
+    assert book.record_planned(user, Plan("up", 0, 3, STEPS), "run-1") == 1
+    assert rows(ws, user) == [
+        row("001_m", "running", None, 1, "run-1", True, False),
+        row("002_m", "pending", None, 0, "run-1", False, False),
+        row("003_m", "pending", None, 0, "run-1", False, False),
+    ]
+    assert book.record_completed(user, STEPS[0], start_next=STEPS[1]) == 1
+    book.record_failed(user, STEPS[1], "MigrationFailedError: boom")
+    book.record_skipped(user, STEPS[2:], "skipped: 002_m up failed")
+    assert rows(ws, user) == [
+        row("001_m", "completed", None, 1, "run-1", True, True),
+        row("002_m", "failed", "MigrationFailedError: boom", 1, "run-1", True, True),
+        row("003_m", "skipped", "skipped: 002_m up failed", 0, "run-1", False, True),
+    ]
+
+
+def test_a_later_run_never_rewrites_an_earlier_rows(ws: Workspace, user: int) -> None:
+    book = Ledger(ws.engine)
+    book.record_planned(user, Plan("up", 0, 3, STEPS), "run-1")
+    book.record_failed(user, STEPS[0], "UnreachableError: gone")
+    book.record_skipped(user, STEPS[1:], "skipped: 001_m up failed")
+    earlier = rows(ws, user)
+
+    assert book.record_planned(user, Plan("up", 0, 2, STEPS[:2]), "run-2") == 2
+    book.record_failed(user, STEPS[0], "MigrationFailedError: again")
+    book.record_skipped(user, STEPS[1:2], "skipped: 001_m up failed again")
+    book.record_skipped(user, STEPS, "a stray skip")  # nothing pending is left
+
+    now = rows(ws, user)
+    assert now[:3] == earlier, "the first run's rows stay as they were"
+    assert now[3:] == [
+        row("001_m", "failed", "MigrationFailedError: again", 2, "run-2", True, True),
+        row("002_m", "skipped", "skipped: 001_m up failed again", 0, "run-2", False, True),
+    ]
+    with pytest.raises(ControlPlaneError, match="was not running: not recorded"):
+        book.record_completed(user, STEPS[0])
+    book.record_failed(user, STEPS[2], "no running row")  # nothing to mark: nothing changes
+    assert rows(ws, user) == now
+
+
+def test_a_failure_before_the_chain_counts_no_attempt(ws: Workspace, user: int) -> None:
+    book = Ledger(ws.engine)
+    book.record_not_started(user, STEPS[0], "UnreachableError: down", "run-1")
+    book.record_not_started(user, STEPS[0], "UnreachableError: still down", "run-1")  # a retry
+    book.record_not_started(user, STEPS[0], "UnreachableError: down", None)  # one user, alone
+    assert rows(ws, user) == [
+        row("001_m", "failed", "UnreachableError: still down", 0, "run-1", False, True),
+        row("001_m", "failed", "UnreachableError: down", 0, None, False, True),
+    ]
+    assert book.record_planned(user, Plan("up", 0, 1, STEPS[:1]), "run-2") == 1, (
+        "failures before the chain are no attempts"
+    )
+    book.record_failed(user, STEPS[0], "MigrationFailedError: real")
+    before = rows(ws, user)
+    # a retry in run-2 that fails before the chain adds its own row: the started one stays
+    book.record_not_started(user, STEPS[0], "UnreachableError: later", "run-2")
+    assert rows(ws, user)[:3] == before
+    assert rows(ws, user)[3] == row(
+        "001_m", "failed", "UnreachableError: later", 0, "run-2", False, True
+    )
