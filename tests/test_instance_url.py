@@ -4,6 +4,7 @@ instance, credentials scrubbed by structure, and timeouts that hold on every dia
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import threading
 import time
@@ -16,7 +17,7 @@ import sqlalchemy as sa
 from byod import commands
 from byod.controlplane.schema import CONTROL_PLANE_TABLE, control_plane_id, create_tables
 from byod.errors import MigrationFailedError, NotConnectedError, SettingsError, UnreachableError
-from byod.instance_url import InstancePolicy, check_instance_url
+from byod.instance_url import InstancePolicy, check_instance_url, env_flag, private_address
 from byod.registry import Registry
 from byod.runner import Runner
 from byod.settings import Settings, normalize_url, safe_url
@@ -434,3 +435,74 @@ def test_the_control_plane_file_is_refused_under_any_other_path(
     other.touch()
     _, reach = commands.connect(ws, "sneaky", f"sqlite:///{other}")
     assert reach.status == "connected"
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        # libpq would expand a database name holding a URI or key=value options
+        ("postgresql://a@db.example.com/postgresql://evil@10.0.0.1/x", "holds connection options"),
+        ("postgresql://a@db.example.com/dbname=x host=10.0.0.1", "holds connection options"),
+        ("postgresql://a@db1.example.com,db2.example.com/x", "not a path or a list"),
+        (
+            "postgresql://a@db.example.com/x?connect_timeout=abc",
+            "'connect_timeout' has a bad value",
+        ),
+        ("postgresql://a@db.example.com/x?connect_timeout=5x", "'connect_timeout' has a bad value"),
+        ("postgresql://a@db.example.com/x?connect_timeout=5&connect_timeout=6", "more than once"),
+        ("postgresql://a@db.example.com/x?sslmode=requireX", "'sslmode' has a bad value"),
+        ("postgresql://a@db.example.com/x?sslmode=require&sslmode=disable", "more than once"),
+        ("mysql://a@db.example.com/x?charset=utf8mb4;DROP", "'charset' has a bad value"),
+        ("mysql://a@db.example.com/x?charset=utf8mb4x%00", "'charset' has a bad value"),
+        ("oracle://a@db.example.com/x", "kind 'oracle' are not supported"),
+    ],
+)
+def test_each_malformed_or_ambiguous_url_is_refused_by_its_own_rule(url: str, says: str) -> None:
+    with pytest.raises(SettingsError, match=re.escape(says)):
+        check(url)
+
+
+def test_well_formed_options_pass() -> None:
+    for url in (
+        "postgresql://a@db.example.com/x?connect_timeout=5",
+        "postgresql://a@db.example.com/x?sslmode=require",
+        "mysql://a@db.example.com/x?charset=utf8mb4",
+    ):
+        check(url)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "100.64.0.1",  # CGNAT
+        "224.0.0.1",  # multicast
+        "240.0.0.1",  # reserved
+        "0.0.0.0",
+        "::",
+        "fe80::1",
+        "fc00::1",
+        "db.localhost",  # *.localhost is the machine itself
+        "localhost.",  # a trailing dot is the same name
+        "127.0.0.1.",
+    ],
+)
+def test_addresses_that_are_not_public_are_refused(address: str) -> None:
+    assert private_address(address)
+    with pytest.raises(SettingsError, match=r"BYOD_INSTANCE_NETWORKS|BYOD_ALLOW_PRIVATE"):
+        check(f"postgresql://a@{address if ':' not in address else f'[{address}]'}/x")
+
+
+def test_a_public_address_passes() -> None:
+    assert not private_address("8.8.8.8")
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("1", True), ("yes", True), ("true", True), ("0", False), ("no", False)]
+)
+def test_yes_no_settings_read_their_words(text: str, value: bool) -> None:
+    assert env_flag({"BYOD_ALLOW_SQLITE_INSTANCES": text}, "BYOD_ALLOW_SQLITE_INSTANCES") is value
+
+
+def test_a_yes_no_setting_with_another_word_is_refused() -> None:
+    with pytest.raises(SettingsError, match="must be 1 or 0, not 'maybe'"):
+        env_flag({"BYOD_ALLOW_PRIVATE_INSTANCES": "maybe"}, "BYOD_ALLOW_PRIVATE_INSTANCES")
