@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -186,3 +187,61 @@ def test_undo_pages_are_convex_pages_run_last_first() -> None:
             Backfill(table="documents", page="documents:tagPage", down_page=bad)
     with pytest.raises(RegistryError, match="down_page undoes a Convex page"):
         Backfill(table="t", key="id", apply=lambda ctx, rows: None, down_page="t:undo")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "says"),
+    [
+        ({"table": ""}, "needs a table"),
+        ({"table": "t", "key": "id", "apply": lambda c, r: None, "batch_size": 0}, "at least 1"),
+        (
+            {"table": "t", "key": "id", "apply": lambda c, r: None, "batch_size": True},
+            "whole number",
+        ),
+        ({"table": "t", "page": "byod:runBatch"}, "one of byod's functions"),
+        (
+            {"table": "t", "page": "docs:page", "columns": ("body",)},
+            "give no apply, key or columns",
+        ),
+        ({"table": "t", "page": "docs"}, '"module:function"'),
+        ({"table": "t", "key": "id"}, "apply must be a function"),
+        ({"table": "t"}, "give a key column (SQL) or a page mutation (Convex)"),
+        (
+            {"table": "t", "key": "id", "apply": lambda c, r: None, "columns": "body"},
+            "a bare string",
+        ),
+    ],
+)
+def test_a_mistaken_backfill_declaration_is_refused_naming_the_mistake(
+    kwargs: dict[str, object], says: str
+) -> None:
+    with pytest.raises(RegistryError, match=re.escape(says)):
+        Backfill(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_non_callable_finalize_or_gated_flag_is_refused_at_load(tmp_path: Path) -> None:
+    template = """
+        from byod import Migration
+        migration = Migration(id="001_x", version=1, name="x", description="x",
+                              up=lambda ctx: None, {extra})
+    """
+    for extra, says in (
+        ('finalize="no"', "`finalize` must be a function"),
+        ('down="no"', "`down` must be a function"),
+        ('gated="yes"', "`gated` must be True or False"),
+        ('code_ref="-x --upload-pack=evil"', "`code_ref` must be a git ref"),
+    ):
+        folder = write_migrations(
+            tmp_path / extra.split("=")[0], {"001_x.py": template.format(extra=extra)}
+        )
+        with pytest.raises(RegistryError, match=re.escape(says)):
+            Registry.load(folder)
+
+
+def test_an_instance_ahead_of_the_registry_has_nothing_pending_not_a_negative_count() -> None:
+    registry = Registry(
+        [Migration(id="001_x", version=1, name="x", description="", up=lambda c: None)]
+    )
+    assert registry.pending_count(5) == 0
+    assert registry.pending_count(-1) == 1
+    assert registry.pending_count(0) == 1
