@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-convex test lint unit bench clean chromium client
+.PHONY: demo demo-convex test lint unit bench clean chromium client mutate
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,11 @@ test: lint unit  ## the whole suite: lint, types, tests against real databases
 client: $(STAMP) $(CLIENT_STAMP)  ## after changing the HTTP API: its document and the client's types anew
 	$(BIN)/python -m byod.api.document > $(CLIENT)/openapi.json
 	cd $(CLIENT) && npm run --silent generate
+
+mutate: $(STAMP)  ## mutation testing of the modules that hold byod's guarantees (slow; not in `make test`)
+	rm -rf mutants
+	$(BIN)/mutmut run
+	$(BIN)/python tests/mutation/report.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/fleet.py
