@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -316,10 +317,13 @@ def test_backfill_rows_are_counted_once_each(ws: Workspace, tmp_path: Path) -> N
     path.touch()
     docs = add_connected(ws, f"sqlite:///{path}", "writer")
     assert ws.runner().migrate(docs, to_version=2).ok
-    for n in range(2_500):
-        execute(
-            f"sqlite:///{path}", f"INSERT INTO documents (title, body) VALUES ('t{n}', 'a b c')"
+    engine = sa.create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:  # one batch of 2,500 documents, one engine
+        conn.execute(
+            sa.text("INSERT INTO documents (title, body) VALUES (:title, 'a b c')"),
+            [{"title": f"t{n}"} for n in range(2_500)],
         )
+    engine.dispose()
     labels = {"migration": "003_word_counts", "target_kind": "sqlite"}
     before = counted("byod_backfill_rows_total", **labels)
     assert ws.runner().migrate(docs).ok

@@ -171,11 +171,11 @@ def ledger_rows(ws: Workspace) -> list[tuple[object, ...]]:
 def test_a_fleet_rehearsal_names_exactly_the_users_that_would_fail_and_changes_nothing(
     rws: Workspace, new_instance: InstanceFactory
 ) -> None:
-    fleet = fifty(rws, new_instance)
+    fleet = ten(rws, new_instance)
     before = {url: fingerprint(url) for _, url in fleet.values()}
     ledger_before = ledger_rows(rws)
     summary = commands.rehearse_fleet(rws, options=FleetOptions(concurrency=4))
-    assert (summary.succeeded, summary.failed, summary.total) == (47, 3, 50)
+    assert (summary.succeeded, summary.failed, summary.total) == (7, 3, 10)
     details = commands.show_run(rws, summary.run_id)
     assert details.run.kind == "rehearse"
     failed = sorted((clerk, migration) for _, clerk, migration, _ in details.failures)
@@ -187,24 +187,24 @@ def test_a_fleet_rehearsal_names_exactly_the_users_that_would_fail_and_changes_n
     with pytest.raises(InputError, match="rehearsal"):
         commands.rollback_fleet_run(rws, summary.run_id)
     real = commands.migrate_fleet(rws)  # the real run meets what the rehearsal said
-    assert (real.succeeded, real.failed) == (47, 3)
+    assert (real.succeeded, real.failed) == (7, 3)
 
 
-BROKEN = (2, 17, 41)
+BROKEN = (2, 5, 8)
 
 
-def fifty(ws: Workspace, new_instance: InstanceFactory) -> dict[str, tuple[int, str]]:
-    """Fifty users at version 1; three have a duplicate title that breaks 002's index."""
+def ten(ws: Workspace, new_instance: InstanceFactory) -> dict[str, tuple[int, str]]:
+    """Ten users at version 1; three have a duplicate title that breaks 002's index."""
     return {
         f"user_{n:02d}": seeded(ws, new_instance, f"user_{n:02d}", duplicate=n in BROKEN)
-        for n in range(50)
+        for n in range(10)
     }
 
 
 def test_rehearse_first_touches_nothing_until_every_user_passes(
     rws: Workspace, new_instance: InstanceFactory
 ) -> None:
-    fleet = fifty(rws, new_instance)
+    fleet = ten(rws, new_instance)
     before = {url: fingerprint(url) for _, url in fleet.values()}
     ledger_before = ledger_rows(rws)
     rehearsal, real = commands.rehearse_then_migrate(rws, options=FleetOptions(concurrency=4))
@@ -215,7 +215,7 @@ def test_rehearse_first_touches_nothing_until_every_user_passes(
         execute(fleet[f"user_{n:02d}"][1], "DELETE FROM notes WHERE id = 21")
     rehearsal, real = commands.rehearse_then_migrate(rws, options=FleetOptions(concurrency=4))
     assert rehearsal.failed == 0 and real is not None
-    assert (real.succeeded, real.failed) == (50, 0)
+    assert (real.succeeded, real.failed) == (10, 0)
     assert {rws.directory.get_config(uid).schema_version for uid, _ in fleet.values()} == {2}
 
 
