@@ -17,7 +17,13 @@ import sqlalchemy as sa
 from byod import commands
 from byod.controlplane.schema import CONTROL_PLANE_TABLE, control_plane_id, create_tables
 from byod.errors import MigrationFailedError, NotConnectedError, SettingsError, UnreachableError
-from byod.instance_url import InstancePolicy, check_instance_url, env_flag, private_address
+from byod.instance_url import (
+    InstancePolicy,
+    check_instance_url,
+    env_flag,
+    parse_networks,
+    private_address,
+)
 from byod.registry import Registry
 from byod.runner import Runner
 from byod.settings import Settings, normalize_url, safe_url
@@ -506,3 +512,28 @@ def test_yes_no_settings_read_their_words(text: str, value: bool) -> None:
 def test_a_yes_no_setting_with_another_word_is_refused() -> None:
     with pytest.raises(SettingsError, match="must be 1 or 0, not 'maybe'"):
         env_flag({"BYOD_ALLOW_PRIVATE_INSTANCES": "maybe"}, "BYOD_ALLOW_PRIVATE_INSTANCES")
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("convex+https://me:pw@deploy.example.com", "holds no user or password"),
+        ("convex+https://me@deploy.example.com", "holds no user or password"),
+        ("convex+http://deploy.example.com", "must use https"),
+        ("convex+https://10.1.2.3", "loopback or private address"),
+        ("convex+https://localhost:3210", "loopback or private address"),
+    ],
+)
+def test_a_convex_url_is_refused_by_its_own_rule(url: str, says: str) -> None:
+    with pytest.raises(SettingsError, match=re.escape(says)):
+        check_instance_url(sa.make_url(url), InstancePolicy())
+
+
+def test_a_convex_url_that_passes_and_what_allowing_private_instances_allows() -> None:
+    check_instance_url(sa.make_url("convex+https://deploy.example.com:443"), InstancePolicy())
+    local = InstancePolicy(allow_private=True)
+    check_instance_url(sa.make_url("convex+http://127.0.0.1:3210"), local)
+    with pytest.raises(SettingsError, match="holds no user or password"):
+        check_instance_url(sa.make_url("convex+http://u:p@127.0.0.1:3210"), local)
+    allowed = InstancePolicy(instance_networks=parse_networks("10.1.0.0/16"))
+    check_instance_url(sa.make_url("convex+https://10.1.2.3"), allowed)

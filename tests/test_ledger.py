@@ -123,3 +123,82 @@ def test_a_failure_before_the_chain_counts_no_attempt(ws: Workspace, user: int) 
     assert rows(ws, user)[3] == row(
         "001_m", "failed", "UnreachableError: later", 0, "run-2", False, True
     )
+
+
+def test_a_lost_runners_rows_are_settled_by_what_the_instance_says(
+    ws: Workspace, user: int
+) -> None:
+    book = Ledger(ws.engine)
+    book.record_planned(user, Plan("up", 0, 3, STEPS), "run-1")
+    book.record_completed(user, STEPS[0], start_next=STEPS[1])
+    # the runner dies here: 002 running (the instance has it applied), 003 pending
+    settled = book.settle_orphans(user, {("001_m", "up"), ("002_m", "up")})
+    assert [(s.migration_id, s.direction, s.status, s.run_id) for s in settled] == [
+        ("002_m", "up", "completed", "run-1"),
+        ("003_m", "up", "skipped", "run-1"),
+    ]
+    assert rows(ws, user) == [
+        row("001_m", "completed", None, 1, "run-1", True, True),
+        row(
+            "002_m",
+            "completed",
+            "recovered: the instance's stamp shows it done",
+            1,
+            "run-1",
+            True,
+            True,
+        ),
+        row("003_m", "skipped", "not started: the runner was lost", 0, "run-1", False, True),
+    ]
+    assert book.moved_in_run(user, "run-1") and not book.moved_in_run(user, "run-2")
+    book.record_planned(user, Plan("up", 2, 3, STEPS[2:]), "run-2")
+    assert not book.moved_in_run(user, "run-2"), "a running step moved nobody yet"
+    assert book.settle_orphans(user, set())[0].status == "failed"  # not applied: interrupted
+    assert rows(ws, user)[-1] == row(
+        "003_m", "failed", "interrupted: runner lost", 1, "run-2", True, True
+    )
+    assert book.settle_orphans(user, set()) == [], "nothing left open"
+
+
+def test_rows_done_and_page_sizes_go_to_the_running_row_only(ws: Workspace, user: int) -> None:
+    book = Ledger(ws.engine)
+    book.record_planned(user, Plan("up", 0, 2, STEPS[:2]), "run-1")
+    book.record_rows(user, STEPS[0], 400, 1_000)
+    book.record_rows(user, STEPS[0], 700)  # an estimate once known is kept
+    book.record_page_sizes(user, STEPS[0], "t: pages of 200 hit the transaction limit 1 time")
+    book.record_rows(user, STEPS[1], 5)  # pending: not running, nothing written
+    book.record_page_sizes(user, STEPS[1], "nothing")
+    with ws.engine.connect() as conn:
+        found = conn.execute(
+            sa.select(
+                ledger.c.migration_id, ledger.c.rows_done, ledger.c.rows_total, ledger.c.page_sizes
+            )
+            .where(ledger.c.user_id == user)
+            .order_by(ledger.c.id)
+        ).all()
+    assert [tuple(r) for r in found] == [
+        ("001_m", 700, 1_000, "t: pages of 200 hit the transaction limit 1 time"),
+        ("002_m", None, None, None),
+    ]
+
+
+def test_an_adoption_is_one_completed_row_that_ran_nothing(ws: Workspace, user: int) -> None:
+    book = Ledger(ws.engine)
+    book.record_adopted(
+        user, STEPS[1].migration, "adopted at revision abc (alembic_version) by ops"
+    )
+    assert rows(ws, user) == [
+        row(
+            "002_m",
+            "completed",
+            "adopted at revision abc (alembic_version) by ops",
+            0,
+            None,
+            False,
+            True,
+        )
+    ]
+    assert ws.directory.get_config(user).schema_version == 2
+    with ws.engine.connect() as conn:
+        direction, version = conn.execute(sa.select(ledger.c.direction, ledger.c.version)).one()
+    assert (direction, version) == ("up", 2)
