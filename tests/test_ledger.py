@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from byod.controlplane import Ledger
+from byod.controlplane import ledger as ledger_module
 from byod.controlplane.schema import ledger
 from byod.errors import ControlPlaneError
 from byod.registry import Migration, Plan, Step
@@ -48,6 +49,15 @@ def rows(ws: Workspace, user_id: int) -> list[dict[str, Any]]:
 
 def row(*values: Any) -> dict[str, Any]:
     return dict(zip(COLUMNS, values, strict=True))
+
+
+@pytest.fixture(autouse=True)
+def fresh_statements() -> None:
+    """Each test builds the ledger's cached statements anew (so a mutation test sees every
+    test that relies on them, not only the first to build them)."""
+    for built in (ledger_module._planned, ledger_module._start, ledger_module._start_next):
+        built.cache_clear()
+    ledger_module._completion.cache_clear()
 
 
 @pytest.fixture

@@ -144,7 +144,7 @@ class Ledger:
             if start_next is None:
                 return None
             next_params = _step_params(user_id, start_next, now)
-            return _scalar_int(conn.execute(_START, next_params).scalar())
+            return _scalar_int(conn.execute(_start(), next_params).scalar())
 
     def record_rows(
         self, user_id: int, step: Step, rows_done: int, rows_total: int | None = None
@@ -401,10 +401,20 @@ def _start_statement(
     )
 
 
-_START = _start_statement(_m, _d)
-_START_NEXT = _start_statement(
-    sa.bindparam("b_next_m", type_=sa.String), sa.bindparam("b_next_d", type_=sa.String)
-)
+@functools.cache
+def _start() -> sa.Update:
+    """Start the step the parameters name (built once, on first use)."""
+    return _start_statement(_m, _d)
+
+
+@functools.cache
+def _start_next() -> sa.Update:
+    """Start the step after it (``b_next_m``, ``b_next_d``), in a completion's statement."""
+    return _start_statement(
+        sa.bindparam("b_next_m", type_=sa.String), sa.bindparam("b_next_d", type_=sa.String)
+    )
+
+
 _DONE = (
     ledger.update()
     .where(*_THIS_STEP, ledger.c.status == "running")
@@ -438,7 +448,7 @@ def _completion(start_next: bool, release: bool) -> sa.Update:
     done = _DONE.returning(ledger.c.id).cte("done")
     statement = config_at_version(release).where(sa.exists(sa.select(done.c.id)))
     if start_next:
-        next_step = _START_NEXT.cte("next_step")
+        next_step = _start_next().cte("next_step")
         return statement.returning(sa.select(next_step.c.attempts).scalar_subquery())
     return statement.returning(configs.c.user_id)
 
