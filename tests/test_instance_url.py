@@ -537,3 +537,45 @@ def test_a_convex_url_that_passes_and_what_allowing_private_instances_allows() -
         check_instance_url(sa.make_url("convex+http://u:p@127.0.0.1:3210"), local)
     allowed = InstancePolicy(instance_networks=parse_networks("10.1.0.0/16"))
     check_instance_url(sa.make_url("convex+https://10.1.2.3"), allowed)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (
+            "postgresql://a@db.example.com/x?foo=1",
+            "instance URL option 'foo' is refused: it is not one a postgresql instance URL may "
+            "carry (sslmode, channel_binding, ssl_min_protocol_version, target_session_attrs, "
+            "connect_timeout)",
+        ),
+        (
+            "sqlite:////tmp/x.db?cache=shared",
+            "instance URL option 'cache' is refused: it is not allowed: a sqlite instance URL "
+            "carries no options",
+        ),
+        (
+            "mysql://a@db.example.com/x?LOCAL_INFILE=1",  # any case: the reason is the same
+            "instance URL option 'LOCAL_INFILE' is refused: it lets the database server read "
+            "any file of the byod machine",
+        ),
+        (
+            "mysql://a@db.example.com/x?ssl_mode=bad",
+            "instance URL option 'ssl_mode' has a bad value (use one of disabled, preferred, "
+            "required, verify_ca, verify_identity)",
+        ),
+        (
+            "mysql://a@db.example.com/x?connect_timeout=abc",
+            "instance URL option 'connect_timeout' has a bad value (use a number)",
+        ),
+        (
+            "mysql://a@db.example.com/x?charset=utf8;x",
+            "instance URL option 'charset' has a bad value (use a name)",
+        ),
+    ],
+)
+def test_a_refused_option_says_exactly_what_is_wrong_and_what_to_do(url: str, message: str) -> None:
+    with pytest.raises(SettingsError) as refused:
+        check(url)
+    assert refused.value.message == message
+    if "is refused" in message:
+        assert refused.value.hint == "Remove the option from the URL (see Security in the README)."
