@@ -143,3 +143,18 @@ def test_the_environment_key_wins_over_a_key_file(tmp_path: Path) -> None:
     only_file = {"BYOD_KEY_FILE": str(key_file)}
     sealer, source = load_sealer(Settings.load(database_url="sqlite://", env=only_file))
     assert sealer.key_id == Sealer(b"f" * 32).key_id and "key file" in source.description
+
+
+def test_a_key_file_that_cannot_be_used_is_named(tmp_path: Path) -> None:
+    folder = tmp_path / "byod.key"
+    folder.mkdir()  # a folder where the key file should be: it cannot be read
+    with pytest.raises(SettingsError) as unreadable:
+        load_sealer(Settings.load(env={"BYOD_KEY_FILE": str(folder)}, cwd=tmp_path))
+    assert unreadable.value.message.startswith(f"cannot read the key file {folder}: ")
+    bad = tmp_path / "bad.key"
+    bad.write_text("not base64!\n")
+    with pytest.raises(SettingsError) as malformed:
+        load_sealer(Settings.load(env={"BYOD_KEY_FILE": str(bad)}, cwd=tmp_path))
+    assert malformed.value.message == (
+        f"the key file {bad} is not valid base64 (expected base64 of 32 bytes)"
+    )

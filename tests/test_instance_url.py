@@ -579,3 +579,17 @@ def test_a_refused_option_says_exactly_what_is_wrong_and_what_to_do(url: str, me
     assert refused.value.message == message
     if "is refused" in message:
         assert refused.value.hint == "Remove the option from the URL (see Security in the README)."
+
+
+def test_an_internal_host_is_refused_naming_the_settings_that_allow_it() -> None:
+    with pytest.raises(SettingsError) as refused:
+        check("postgresql://a@10.9.8.7/x")
+    assert refused.value.message == (
+        "the postgresql instance URL's host 10.9.8.7 is a loopback, private or otherwise "
+        "internal address: refused, so a tenant's URL never reaches the operator's own "
+        "network (BYOD_INSTANCE_NETWORKS, BYOD_ALLOW_PRIVATE_INSTANCES)"
+    )
+    assert refused.value.hint == (
+        "An operator who hosts tenants' databases in their own network can allow it with "
+        "BYOD_INSTANCE_NETWORKS (e.g. 10.20.0.0/16) or BYOD_ALLOW_PRIVATE_INSTANCES=1."
+    )

@@ -212,3 +212,63 @@ def test_an_adoption_is_one_completed_row_that_ran_nothing(ws: Workspace, user: 
     with ws.engine.connect() as conn:
         direction, version = conn.execute(sa.select(ledger.c.direction, ledger.c.version)).one()
     assert (direction, version) == ("up", 2)
+
+
+@pytest.mark.parametrize(
+    ("call", "action"),
+    [
+        (lambda book: book.record_planned(1, Plan("up", 0, 1, STEPS[:1]), None), "record the plan"),
+        (lambda book: book.record_completed(1, STEPS[0]), "record the success"),
+        (lambda book: book.record_rows(1, STEPS[0], 1), "record the rows done"),
+        (lambda book: book.record_page_sizes(1, STEPS[0], "x"), "record the page sizes"),
+        (lambda book: book.record_failed(1, STEPS[0], "x"), "record the failure"),
+        (lambda book: book.record_not_started(1, STEPS[0], "x", "run"), "record the failure"),
+        (lambda book: book.record_not_started(1, STEPS[0], "x", None), "record the failure"),
+        (lambda book: book.record_skipped(1, STEPS, "x"), "record skipped steps"),
+        (lambda book: book.record_adopted(1, STEPS[0].migration, "x"), "record the adoption"),
+        (lambda book: book.moved_in_run(1, "run"), "read what the run did"),
+        (lambda book: book.settle_orphans(1, set()), "settle interrupted attempts"),
+    ],
+)
+def test_a_control_plane_out_of_reach_is_named_with_what_was_being_recorded(
+    call: Any, action: str
+) -> None:
+    engine = sa.create_engine("postgresql+psycopg://postgres@127.0.0.1:1/x?connect_timeout=2")
+    try:
+        with pytest.raises(ControlPlaneError) as failed:
+            call(Ledger(engine))
+        assert failed.value.message == f"control plane: cannot {action} (OperationalError)"
+    finally:
+        engine.dispose()
+
+
+def test_a_retried_failure_before_the_chain_rewrites_only_its_own_row(
+    ws: Workspace, user: int
+) -> None:
+    """Another user's row in the same run, and this user's skipped row of the same step,
+    stay as they were; the retried row's time moves on."""
+    book = Ledger(ws.engine)
+    other = ws.directory.add_user("someone-else").id
+    book.record_not_started(other, STEPS[0], "UnreachableError: theirs", "run-1")
+    book.record_planned(user, Plan("up", 0, 2, STEPS[:2]), "run-1")
+    book.record_failed(user, STEPS[0], "MigrationFailedError: x")
+    book.record_skipped(user, STEPS[1:2], "skipped: 001_m up failed")
+    with ws.engine.connect() as conn:
+        first_at = conn.execute(
+            sa.select(ledger.c.completed_at).where(ledger.c.user_id == other)
+        ).scalar_one()
+    book.record_not_started(user, STEPS[1], "UnreachableError: mine", "run-1")
+    book.record_not_started(other, STEPS[0], "UnreachableError: theirs again", "run-1")
+    assert rows(ws, other) == [
+        row("001_m", "failed", "UnreachableError: theirs again", 0, "run-1", False, True)
+    ]
+    assert rows(ws, user) == [
+        row("001_m", "failed", "MigrationFailedError: x", 1, "run-1", True, True),
+        row("002_m", "skipped", "skipped: 001_m up failed", 0, "run-1", False, True),
+        row("002_m", "failed", "UnreachableError: mine", 0, "run-1", False, True),
+    ]
+    with ws.engine.connect() as conn:
+        again_at = conn.execute(
+            sa.select(ledger.c.completed_at).where(ledger.c.user_id == other)
+        ).scalar_one()
+    assert again_at > first_at, "the retry's time is kept"

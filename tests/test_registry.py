@@ -245,3 +245,40 @@ def test_an_instance_ahead_of_the_registry_has_nothing_pending_not_a_negative_co
     assert registry.pending_count(5) == 0
     assert registry.pending_count(-1) == 1
     assert registry.pending_count(0) == 1
+
+
+def test_a_convex_backfill_names_its_page_as_module_function_and_takes_no_sql_parts() -> None:
+    with pytest.raises(RegistryError) as bad_page:
+        Backfill(table="docs", page="nocolon")
+    assert bad_page.value.message == (
+        'backfill of docs: page must name the app\'s page mutation as "module:function", '
+        'e.g. "documents:tagPage"'
+    )
+    with pytest.raises(RegistryError) as bad_undo:
+        Backfill(table="docs", page="docs:page", down_page="nocolon")
+    assert bad_undo.value.message == (
+        "backfill of docs: down_page must name the app's undo page mutation as "
+        '"module:function", e.g. "documents:untagPage"'
+    )
+    for extra in ({"apply": lambda ctx, rows: None}, {"key": "id"}, {"columns": ("a",)}):
+        with pytest.raises(RegistryError) as mixed:
+            Backfill(table="docs", page="docs:page", **extra)  # type: ignore[arg-type]
+        assert mixed.value.message == (
+            "backfill of docs: a Convex backfill (page=...) does its work in the page "
+            "mutation: give no apply, key or columns"
+        )
+
+
+def test_a_plan_down_says_where_it_starts_and_ends() -> None:
+    registry = Registry(
+        [
+            Migration(id=f"00{v}_x", version=v, name="x", description="", up=lambda c: None)
+            for v in (1, 2, 3)
+        ]
+    )
+    plan = registry.plan_down(3, 1)
+    assert (plan.direction, plan.from_version, plan.to_version) == ("down", 3, 1)
+    assert [(s.migration.id, s.direction) for s in plan.steps] == [
+        ("003_x", "down"),
+        ("002_x", "down"),
+    ]
