@@ -392,15 +392,15 @@ def test_an_unreachable_deployment_is_marked_and_its_url_policy_holds(cvx: Works
 
     strict = convex_workspace(cvx.settings.database_url, BYOD_ALLOW_PRIVATE_INSTANCES="0")
     strict.directory.add_user("user-private")
-    for url in (
-        "convex+http://deploy.example.com/d/x",  # http: the key unencrypted
-        "convex+https://127.0.0.1:3210",  # loopback
-        "convex+https://10.1.2.3",  # private
-        "convex+https://[::1]:443",  # loopback, IPv6
-        "convex+https://169.254.169.254",  # link-local: a cloud's metadata service
-        "convex+https://localhost:3210",
+    for url, says in (
+        ("convex+http://deploy.example.com/d/x", "must use https"),  # the key unencrypted
+        ("convex+https://127.0.0.1:3210", "loopback or private"),
+        ("convex+https://10.1.2.3", "loopback or private"),
+        ("convex+https://[::1]:443", "loopback or private"),  # loopback, IPv6
+        ("convex+https://169.254.169.254", "loopback or private"),  # a cloud's metadata
+        ("convex+https://localhost:3210", "loopback or private"),
     ):
-        with pytest.raises(SettingsError):
+        with pytest.raises(SettingsError, match=says):
             connect(strict, "user-private", url, secret="k" * 12)
     with pytest.raises(SettingsError, match="deploy key"):
         connect(strict, "user-private", "https://happy-animal-123.convex.cloud")

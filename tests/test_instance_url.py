@@ -118,16 +118,16 @@ def test_an_option_that_acts_on_the_byod_machine_is_refused_by_name(url: str, op
 
 
 @pytest.mark.parametrize(
-    "url",
+    ("url", "says"),
     [
-        "postgresql://u@/app",  # no host: libpq's local socket
-        "postgresql://u@%2Fvar%2Frun%2Fpostgresql/app",
-        "mysql://root@/app",
-        "postgresql://u@db.example.com/dbname=x host=/tmp",
+        ("postgresql://u@/app", "must name its host"),  # no host: libpq's local socket
+        ("postgresql://u@%2Fvar%2Frun%2Fpostgresql/app", "not a path or a list"),
+        ("mysql://root@/app", "must name its host"),
+        ("postgresql://u@db.example.com/dbname=x host=/tmp", "holds connection options"),
     ],
 )
-def test_a_network_instance_must_name_a_network_host(url: str) -> None:
-    with pytest.raises(SettingsError):
+def test_a_network_instance_must_name_a_network_host(url: str, says: str) -> None:
+    with pytest.raises(SettingsError, match=says):
         check(url)
 
 
