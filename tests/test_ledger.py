@@ -272,3 +272,37 @@ def test_a_retried_failure_before_the_chain_rewrites_only_its_own_row(
             sa.select(ledger.c.completed_at).where(ledger.c.user_id == other)
         ).scalar_one()
     assert again_at > first_at, "the retry's time is kept"
+
+
+def test_each_write_touches_its_own_user_and_step_only(ws: Workspace, user: int) -> None:
+    """Two users in one run: every write (start the next step, skip, settle, count the
+    attempts, say who moved) stays with its own user, step and direction."""
+    book = Ledger(ws.engine)
+    other = ws.directory.add_user("other").id
+    sealed = ws.sealer.seal("sqlite:///x.db", user_id=other, field_name="url")
+    ws.directory.save_config(
+        other, target_kind="sqlite", sealed_url=sealed, sealed_secret=None, key_id=ws.sealer.key_id
+    )
+    book.record_planned(other, Plan("up", 0, 3, STEPS), "run-1")
+    theirs = rows(ws, other)
+    book.record_planned(user, Plan("up", 0, 3, STEPS), "run-1")
+    assert book.record_completed(user, STEPS[0], start_next=STEPS[1]) == 1
+    book.record_skipped(user, STEPS[2:], "skipped: stopped")
+    assert rows(ws, other) == theirs, "another user's rows are never touched"
+    assert [r["status"] for r in rows(ws, user)] == ["completed", "running", "skipped"]
+    assert book.moved_in_run(user, "run-1") and not book.moved_in_run(other, "run-1")
+    book.settle_orphans(user, set())  # this user's runner was lost: only its rows settle
+    assert rows(ws, other) == theirs
+    assert [r["status"] for r in rows(ws, user)] == ["completed", "failed", "skipped"]
+    # attempts count this user's own earlier attempts of the same step and direction
+    assert book.record_planned(user, Plan("up", 1, 2, STEPS[1:2]), "run-2") == 2
+    assert book.record_completed(user, STEPS[1]) is None
+    down = Plan("down", 2, 1, (Step(STEPS[1].migration, "down"),))
+    assert book.record_planned(user, down, "run-3") == 1, "a down is its own step"
+    book.record_completed(user, down.steps[0])
+    again = Plan("up", 1, 3, STEPS[1:])
+    assert book.record_planned(user, again, "run-4") == 3, "completed attempts count too"
+    assert book.record_completed(user, STEPS[1], start_next=STEPS[2]) == 1
+    assert book.record_completed(user, STEPS[2], start_next=STEPS[0]) is None, (
+        "no pending row of that step: nothing started"
+    )

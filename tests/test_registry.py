@@ -282,3 +282,17 @@ def test_a_plan_down_says_where_it_starts_and_ends() -> None:
         ("003_x", "down"),
         ("002_x", "down"),
     ]
+
+
+def test_backfill_declarations_say_exactly_what_is_wrong_and_keep_what_is_right() -> None:
+    with pytest.raises(RegistryError) as no_table:
+        Backfill(table="")
+    assert no_table.value.message == "a backfill needs a table (its name, as text)"
+    with pytest.raises(RegistryError) as sql_undo:
+        Backfill(table="t", key="id", apply=lambda ctx, rows: None, down_page="t:undo")
+    assert sql_undo.value.message == (
+        "backfill of t: down_page undoes a Convex page (page=...); a SQL backfill's undo "
+        "belongs in the migration's down"
+    )
+    one = Backfill(table="t", key="id", apply=lambda ctx, rows: None, columns=["a"], batch_size=1)
+    assert one.batch_size == 1 and one.columns == ("a",), "one row a batch, a list of columns"
