@@ -158,3 +158,24 @@ def test_a_key_file_that_cannot_be_used_is_named(tmp_path: Path) -> None:
     assert malformed.value.message == (
         f"the key file {bad} is not valid base64 (expected base64 of 32 bytes)"
     )
+
+
+def test_the_environment_key_is_named_checked_strictly_and_masked(tmp_path: Path) -> None:
+    from byod.redact import mask
+
+    good = base64.b64encode(b"m" * 32).decode()
+    for bad in (good[:10] + "!" + good[10:], "abc"):
+        with pytest.raises(SettingsError) as refused:
+            load_sealer(Settings.load(env={"BYOD_ENCRYPTION_KEY": bad}, cwd=tmp_path))
+        assert refused.value.message.startswith("BYOD_ENCRYPTION_KEY ")
+    load_sealer(Settings.load(env={"BYOD_ENCRYPTION_KEY": good}, cwd=tmp_path))
+    assert good not in mask(f"a message that quotes {good}")
+
+
+def test_a_key_file_is_created_with_its_folders(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "byod.key"
+    _, source = load_sealer(
+        Settings.load(env={"BYOD_KEY_FILE": str(path)}, cwd=tmp_path), create=True
+    )
+    assert source.created and path.is_file()
+    assert len(base64.b64decode(path.read_text().strip())) == 32

@@ -5,6 +5,7 @@ not running is refused, not recorded."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -306,3 +307,23 @@ def test_each_write_touches_its_own_user_and_step_only(ws: Workspace, user: int)
     assert book.record_completed(user, STEPS[2], start_next=STEPS[0]) is None, (
         "no pending row of that step: nothing started"
     )
+
+
+def test_the_last_steps_success_gives_the_lease_back(ws: Workspace, user: int) -> None:
+    book = Ledger(ws.engine)
+    ws.directory.claim_lease(user, "runner-a", 30)
+    book.record_planned(user, Plan("up", 0, 1, STEPS[:1]), "run-1")
+    assert ws.directory.get_config(user).lease_owner == "runner-a"
+    assert book.record_completed(user, STEPS[0], release_owner="runner-a") is None
+    config = ws.directory.get_config(user)
+    assert (config.lease_owner, config.schema_version) == (None, 1)
+
+
+def test_a_sqlite_control_plane_out_of_reach_is_named_too(tmp_path: Path) -> None:
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'missing' / 'byod.db'}")
+    try:
+        with pytest.raises(ControlPlaneError) as failed:
+            Ledger(engine).record_completed(1, STEPS[0])
+        assert failed.value.message == "control plane: cannot record the success (OperationalError)"
+    finally:
+        engine.dispose()

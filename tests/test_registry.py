@@ -296,3 +296,52 @@ def test_backfill_declarations_say_exactly_what_is_wrong_and_keep_what_is_right(
     )
     one = Backfill(table="t", key="id", apply=lambda ctx, rows: None, columns=["a"], batch_size=1)
     assert one.batch_size == 1 and one.columns == ("a",), "one row a batch, a list of columns"
+
+
+def test_registry_at_plans_and_their_messages() -> None:
+    registry = Registry(
+        [
+            Migration(id=f"00{v}_x", version=v, name="x", description="", up=lambda c: None)
+            for v in (1, 2, 3)
+        ]
+    )
+    assert [registry.at(v) for v in (0, 4, -1)] == [None, None, None]
+    assert [m.id for m in (registry.at(1), registry.at(2), registry.at(3)) if m] == [
+        "001_x",
+        "002_x",
+        "003_x",
+    ]
+    up = registry.plan_up(1)
+    assert (up.direction, up.from_version, up.to_version) == ("up", 1, 3)
+    with pytest.raises(PlanError) as mixed:
+        Plan("up", 0, 1, (Step(registry.at(1), "down"),))  # type: ignore[arg-type]
+    assert mixed.value.message == "a plan cannot mix up and down steps"
+
+
+def test_a_migration_context_carries_what_it_was_given() -> None:
+    import logging
+
+    import sqlalchemy as sa
+
+    from byod.registry import MigrationContext
+
+    engine = sa.create_engine("sqlite://")
+    log = logging.LoggerAdapter(logging.getLogger("byod.migration"), {})
+    calls = object()
+    ctx = MigrationContext(
+        kind="convex",
+        main=engine,
+        user_id=7,
+        clerk_id="ana",
+        log=log,
+        convex=calls,
+        app=calls,  # type: ignore[arg-type]
+    )
+    assert (ctx.kind, ctx.main, ctx.user_id, ctx.clerk_id, ctx.log) == (
+        "convex",
+        engine,
+        7,
+        "ana",
+        log,
+    )
+    assert ctx.convex is calls and ctx.app is calls
