@@ -164,7 +164,7 @@ def test_the_environment_key_is_named_checked_strictly_and_masked(tmp_path: Path
     from byod.redact import mask
 
     good = base64.b64encode(b"m" * 32).decode()
-    for bad in (good[:10] + "!" + good[10:], "abc"):
+    for bad in (good[:10] + "!" + good[10:], "definitely-not-a-base64-key"):
         with pytest.raises(SettingsError) as refused:
             load_sealer(Settings.load(env={"BYOD_ENCRYPTION_KEY": bad}, cwd=tmp_path))
         assert refused.value.message.startswith("BYOD_ENCRYPTION_KEY ")

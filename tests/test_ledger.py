@@ -196,13 +196,13 @@ def test_rows_done_and_page_sizes_go_to_the_running_row_only(ws: Workspace, user
 def test_an_adoption_is_one_completed_row_that_ran_nothing(ws: Workspace, user: int) -> None:
     book = Ledger(ws.engine)
     book.record_adopted(
-        user, STEPS[1].migration, "adopted at revision abc (alembic_version) by ops"
+        user, STEPS[1].migration, "adopted at revision 4f2a9c1d (alembic_version) by ops"
     )
     assert rows(ws, user) == [
         row(
             "002_m",
             "completed",
-            "adopted at revision abc (alembic_version) by ops",
+            "adopted at revision 4f2a9c1d (alembic_version) by ops",
             0,
             None,
             False,
