@@ -286,7 +286,7 @@ def test_each_write_touches_its_own_user_and_step_only(ws: Workspace, user: int)
     )
     book.record_planned(other, Plan("up", 0, 3, STEPS), "run-1")
     theirs = rows(ws, other)
-    book.record_planned(user, Plan("up", 0, 3, STEPS), "run-1")
+    assert book.record_planned(user, Plan("up", 0, 3, STEPS), "run-1") == 1, "not theirs"
     assert book.record_completed(user, STEPS[0], start_next=STEPS[1]) == 1
     book.record_skipped(user, STEPS[2:], "skipped: stopped")
     assert rows(ws, other) == theirs, "another user's rows are never touched"
@@ -327,3 +327,17 @@ def test_a_sqlite_control_plane_out_of_reach_is_named_too(tmp_path: Path) -> Non
         assert failed.value.message == "control plane: cannot record the success (OperationalError)"
     finally:
         engine.dispose()
+
+
+def test_starting_the_next_step_numbers_its_attempt_from_that_steps_own_history(
+    ws: Workspace, user: int
+) -> None:
+    book = Ledger(ws.engine)
+    book.record_planned(user, Plan("up", 1, 2, STEPS[1:2]), "run-1")
+    book.record_failed(user, STEPS[1], "MigrationFailedError: first try")
+    book.record_planned(user, Plan("up", 0, 3, STEPS), "run-2")
+    assert book.record_completed(user, STEPS[0], start_next=STEPS[1]) == 2, "its second attempt"
+    book.record_skipped(user, STEPS[1:2], "a skip of 002 only")
+    assert [r["status"] for r in rows(ws, user)][-2:] == ["running", "pending"], (
+        "a skip touches the steps it names, pending ones only"
+    )
