@@ -179,3 +179,19 @@ def test_a_key_file_is_created_with_its_folders(tmp_path: Path) -> None:
     )
     assert source.created and path.is_file()
     assert len(base64.b64decode(path.read_text().strip())) == 32
+
+
+def test_where_the_key_came_from_is_said(tmp_path: Path) -> None:
+    path = tmp_path / "byod.key"
+    settings = Settings.load(env={"BYOD_KEY_FILE": str(path)}, cwd=tmp_path)
+    created, made = load_sealer(settings, create=True)
+    assert made.description == f"key file {path}" and made.created
+    again, read = load_sealer(settings)
+    assert read.description == f"key file {path}" and not read.created
+    assert again.key_id == created.key_id
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    nowhere = Settings.load(env={"BYOD_KEY_FILE": str(blocked / "byod.key")}, cwd=tmp_path)
+    with pytest.raises(SettingsError) as refused:
+        load_sealer(nowhere, create=True)
+    assert refused.value.message.startswith(f"cannot create the key file {blocked / 'byod.key'}: ")

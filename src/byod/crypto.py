@@ -117,8 +117,11 @@ def load_sealer(settings: Settings, *, create: bool = False) -> tuple[Sealer, Ke
     text = base64.b64encode(secrets.token_bytes(_KEY_BYTES)).decode()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where its folder should be, no permission
+        raise SettingsError(f"cannot create the key file {path}: {exc.strerror}") from exc
+    try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+    except FileExistsError:  # made meanwhile by another process: use that one
         return _read_key_file(path), KeySource(f"key file {path}")
     except OSError as exc:
         raise SettingsError(f"cannot create the key file {path}: {exc.strerror}") from exc
