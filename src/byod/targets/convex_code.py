@@ -23,6 +23,7 @@ A migration file that is not committed is refused (its code cannot be named), un
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -78,9 +79,15 @@ def default_cache() -> Path:
 
 
 def in_git(folder: Path) -> bool:
-    """Whether ``folder`` is inside a git work tree (and git is installed)."""
+    """Whether ``folder`` is inside a git work tree (and git is installed); asked once per
+    folder and process, not once per user."""
+    return _in_git(str(folder.resolve()))
+
+
+@functools.cache
+def _in_git(folder: str) -> bool:
     try:
-        return _git(folder, "rev-parse", "--is-inside-work-tree").strip() == "true"
+        return _git(Path(folder), "rev-parse", "--is-inside-work-tree").strip() == "true"
     except (DeployError, SettingsError):
         return False
 
@@ -304,7 +311,6 @@ class AppCode:
         else:
             modules = self._installed(lock)
         (app / "node_modules").symlink_to(modules, target_is_directory=True)
-        check_convex_version(app, f"at commit {sha[:12]}")
 
     def _installed(self, lock: Path) -> Path:
         """``node_modules`` for this lock file, installed once (``npm ci``) and shared."""
