@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from byod.crypto import Sealer, load_sealer
+from byod.crypto import KeySource, Sealer, load_sealer
 from byod.errors import CredentialsError, SettingsError
 from byod.settings import Settings
 
@@ -195,3 +195,58 @@ def test_where_the_key_came_from_is_said(tmp_path: Path) -> None:
     with pytest.raises(SettingsError) as refused:
         load_sealer(nowhere, create=True)
     assert refused.value.message.startswith(f"cannot create the key file {blocked / 'byod.key'}: ")
+
+
+def test_a_key_of_the_wrong_size_is_refused_by_name() -> None:
+    """Kills crypto's ``Sealer.__post_init__`` message mutants (None, XX…XX, upper case)."""
+    with pytest.raises(SettingsError) as refused:
+        Sealer(b"k" * 31)
+    assert refused.value.message == "the encryption key must be 32 bytes (base64 of 32 bytes)"
+
+
+def test_a_key_file_made_meanwhile_by_another_process_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two first runs at once: the one that loses the race reads the winner's key file.
+
+    The other process is simulated by writing its key file between byod's check that the
+    file is missing and its exclusive create (kills ``_read_key_file(None)`` and
+    ``KeySource(None)`` in that branch).
+    """
+    import byod.crypto
+
+    path = tmp_path / "byod.key"
+    theirs = base64.b64encode(b"t" * 32).decode()
+    draw = byod.crypto.secrets.token_bytes
+
+    def the_other_process_writes_first(size: int) -> bytes:
+        path.write_text(theirs + "\n")
+        return draw(size)
+
+    monkeypatch.setattr(byod.crypto.secrets, "token_bytes", the_other_process_writes_first)
+    sealer, source = load_sealer(
+        Settings.load(env={"BYOD_KEY_FILE": str(path)}, cwd=tmp_path), create=True
+    )
+    assert sealer.key_id == Sealer(b"t" * 32).key_id
+    assert source == KeySource(f"key file {path}", created=False)
+    assert path.read_text() == theirs + "\n"
+
+
+def test_a_key_file_where_nothing_can_be_created_is_named(tmp_path: Path) -> None:
+    """The folder exists but refuses a new file (/proc): the message names the path and why."""
+    settings = Settings.load(env={"BYOD_KEY_FILE": "/proc/byod.key"}, cwd=tmp_path)
+    with pytest.raises(SettingsError) as refused:
+        load_sealer(settings, create=True)
+    assert refused.value.message == (
+        "cannot create the key file /proc/byod.key: No such file or directory"
+    )
+
+
+def test_a_generated_key_is_masked_from_then_on(tmp_path: Path) -> None:
+    """The key byod writes to a new key file never appears in a later message."""
+    from byod.redact import mask
+
+    path = tmp_path / "byod.key"
+    load_sealer(Settings.load(env={"BYOD_KEY_FILE": str(path)}, cwd=tmp_path), create=True)
+    key = path.read_text().strip()
+    assert mask(f"a message that quotes {key}") == "a message that quotes ***"

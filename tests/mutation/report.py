@@ -1,10 +1,12 @@
 """The score of `make mutate`: mutmut's results, less the mutants listed as equivalent.
 
-    .venv/bin/python tests/mutation/report.py
+    .venv/bin/python tests/mutation/report.py [PATTERN...]
 
-Prints, per module, the mutants killed, the equivalent ones (listed with a reason in
-tests/mutation/equivalent.txt: ``mutant name  # why it cannot change behaviour``) and the
-survivors; exits 1 when a survivor is not listed or the score is under 90 %.
+Counts the mutants whose names match a pattern (``fnmatch``, as ``mutmut run`` takes them;
+every mutant without one). Prints, per module, the mutants killed, the equivalent ones
+(listed with a reason in tests/mutation/equivalent.txt: ``mutant name  # why it cannot
+change behaviour``) and the survivors; exits 1 when a survivor is not listed or the score
+is under 90 %.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections import defaultdict
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 EQUIVALENT = Path(__file__).with_name("equivalent.txt")
@@ -28,7 +31,7 @@ def equivalents() -> dict[str, str]:
     return found
 
 
-def main() -> int:
+def main(patterns: list[str]) -> int:
     mutmut = str(Path(sys.executable).with_name("mutmut"))
     done = subprocess.run(
         [mutmut, "results", "--all", "true"], capture_output=True, text=True, check=True
@@ -38,7 +41,7 @@ def main() -> int:
     unexplained = []
     for line in done.stdout.splitlines():
         name, _, status = line.strip().rpartition(": ")
-        if not name:
+        if not name or (patterns and not any(fnmatchcase(name, p) for p in patterns)):
             continue
         module = name.rsplit(".", 1)[0]
         if status == "survived" and name in listed:
@@ -64,4 +67,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
