@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import sqlalchemy as sa
 
+from byod.clock import utcnow
 from byod.commands import connect
-from byod.controlplane import history
+from byod.controlplane import Directory, history
 from byod.workspace import Workspace
 
 
@@ -39,6 +41,31 @@ def stamp_ids(url: str) -> list[str]:
             return [row[0] for row in rows]
     finally:
         engine.dispose()
+
+
+def wait_until(condition: Callable[[], bool], what: str, seconds: float = 60.0) -> None:
+    """Poll ``condition`` until it holds (a row written, a lease lapsed); fail, naming
+    ``what``, after ``seconds``: a test waits for what happens, never for a clock."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"still waiting after {seconds:.0f}s for {what}"
+        time.sleep(0.05)
+
+
+def wait_for_leases_to_lapse(engine: sa.Engine, user_ids: Iterable[int]) -> None:
+    """Wait until no runner holds a live lease on these users (a dead runner's lapse):
+    each lease is released or past its expiry by the control plane's own rule."""
+    directory = Directory(engine)
+
+    def lapsed() -> bool:
+        for user_id in user_ids:
+            config = directory.get_config(user_id)
+            expires = config.lease_expires_at
+            if config.lease_owner is not None and expires is not None and expires > utcnow():
+                return False
+        return True
+
+    wait_until(lapsed, "the dead runner's leases to lapse")
 
 
 def schema_version(ws: Workspace, user_id: int) -> int:

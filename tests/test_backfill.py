@@ -48,7 +48,13 @@ from tests.conftest import (
     make_workspace,
     write_migrations,
 )
-from tests.helpers import add_connected, stamp_ids, statuses
+from tests.helpers import (
+    add_connected,
+    stamp_ids,
+    statuses,
+    wait_for_leases_to_lapse,
+    wait_until,
+)
 from tests.test_api import SECRET, token
 
 ROWS = 5_000
@@ -95,6 +101,13 @@ BACKFILL_SET = {
             marks = os.environ.get("BYOD_TEST_BATCH_DIR")
             if marks:  # a test kills the process while it waits here, inside a batch
                 open(os.path.join(marks, f"batch-{rows[0][0]}"), "w").close()
+                hold = int(os.environ.get("BYOD_TEST_BATCH_HOLD", "0"))
+                waited = 0
+                while hold and len(os.listdir(marks)) >= hold and waited < 1200:
+                    if os.path.exists(marks + ".go"):  # the test has signalled: finish
+                        break
+                    time.sleep(0.05)  # held inside this batch until the test acts
+                    waited += 1
             time.sleep(float(os.environ.get("BYOD_TEST_BATCH_SLEEP", "0")))
             ids = [key for key, _bad in rows]
             statement = sa.text("UPDATE items SET n = n + 1, seen = 1 WHERE id IN :ids")
@@ -339,19 +352,16 @@ def test_kill_9_mid_backfill_then_rerun_changes_every_row_once(
                 "--lease-seconds",
                 "2",
             ],
-            env=env | {"BYOD_TEST_BATCH_DIR": str(marks), "BYOD_TEST_BATCH_SLEEP": "0.05"},
+            env=env | {"BYOD_TEST_BATCH_DIR": str(marks), "BYOD_TEST_BATCH_HOLD": "6"},
             cwd=tmp_path,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 60
-        while len(list(marks.iterdir())) < 6 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)  # inside the sixth batch's transaction
+        wait_until(lambda: len(list(marks.iterdir())) == 6, "the sixth batch to start")
+        proc.send_signal(signal.SIGKILL)  # held inside the sixth batch's transaction
         proc.wait(10)
-        done = counts(url).get(1, 0)
-        assert 0 < done < big and done % 1000 == 0  # whole batches only
-        time.sleep(2.5)  # the dead runner's lease lapses
+        assert counts(url).get(1, 0) == 5000  # the five whole batches before it only
+        wait_for_leases_to_lapse(bws.engine, [uid])
         resumed = bws.runner().migrate(uid)
         assert resumed.ok, resumed.error
         assert counts(url) == {1: big}  # every row changed exactly once
@@ -653,7 +663,8 @@ def test_ctrl_c_on_one_user_stops_after_the_current_batch_without_a_traceback(
         "BYOD_ENCRYPTION_KEY": TEST_KEY,
         "BYOD_DATABASE_URL": bws.settings.database_url,
         "BYOD_MIGRATIONS": str(bws.settings.migrations_dir),
-        "BYOD_TEST_BATCH_SLEEP": "0.05",
+        "BYOD_TEST_BATCH_HOLD": "3",
+        "BYOD_LOG_FILE": str(tmp_path / "byod.log"),
     }
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -665,15 +676,16 @@ def test_ctrl_c_on_one_user_stops_after_the_current_batch_without_a_traceback(
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 60
-    while len(list(marks.iterdir())) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    wait_until(lambda: len(list(marks.iterdir())) == 3, "the third batch to start")
+    proc.send_signal(signal.SIGINT)  # while the third batch is held inside its transaction
+    log = tmp_path / "byod.log"
+    wait_until(lambda: "stopping after the current batch" in log.read_text(), "Ctrl-C heard")
+    Path(f"{marks}.go").touch()  # the third batch may finish now
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, (out, err)
     assert "StoppedError" in err and "Traceback" not in err
     done = counts(url).get(1, 0)
-    assert 0 < done < ROWS and done % 250 == 0  # whole batches: the current one finished
+    assert done == 750  # whole batches: the current (third) one finished, no fourth began
     row = history(bws.engine, uid)[0]
     assert (row.status, row.rows_done) == ("failed", done)  # the stopped attempt's rows
     assert bws.runner().migrate(uid).ok

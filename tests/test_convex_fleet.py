@@ -37,6 +37,7 @@ from byod.workspace import Workspace
 from tests.conftest import TEST_KEY, ServerDatabases, child_env, write_migrations
 from tests.convex_backend import EXAMPLE_APP, ROOT, ControlError, ConvexServer
 from tests.distributed_kit import BYOD, _delete_redis_queues
+from tests.helpers import wait_for_leases_to_lapse, wait_until
 from tests.test_cli import Cli
 
 MIGRATIONS = EXAMPLE_APP / "migrations"
@@ -72,6 +73,11 @@ class Deployment:
 
     def byod(self, name: str, args: dict[str, Any] | None = None) -> Any:
         return self.client.function(f"byod:{name}", args or {})
+
+    def lock_lapsed(self) -> bool:
+        """Whether nobody holds the deployment's lock now (released, or its hold past)."""
+        lock = self.byod("readLock")
+        return lock is None or lock["expiresAt"] <= time.time() * 1000
 
     def stamp(self) -> list[str]:
         return [row["id"] for row in self.byod("readStamp")]
@@ -492,7 +498,8 @@ def test_kill_9_in_the_middle_of_a_backfill_then_a_rerun_tags_each_document_once
         ).scalar()
     assert running == 1, "the killed run left its step running"
 
-    time.sleep(4.5)  # its lease, and so its hold of the deployment's lock, expire
+    wait_for_leases_to_lapse(cvx.engine, [user_id])  # the user's lease, then the deployment's
+    wait_until(deployment.lock_lapsed, "the dead run's hold of the deployment's lock")
     rerun = subprocess.run(
         args, cwd=tmp_path, env=env, capture_output=True, timeout=240, check=False
     )

@@ -35,7 +35,14 @@ from tests.conftest import (
     execute,
     make_workspace,
 )
-from tests.helpers import add_connected, counter, schema_version, stamp_ids, statuses
+from tests.helpers import (
+    add_connected,
+    counter,
+    schema_version,
+    stamp_ids,
+    statuses,
+    wait_for_leases_to_lapse,
+)
 from tests.migration_sets import counter_migrations, slow_migrations
 from tests.tcp_proxy import CuttableProxy
 from tests.test_cli import Cli
@@ -399,7 +406,7 @@ def test_kill_9_mid_transaction_then_rerun_applies_each_step_once(
     assert [s[2] for uid in held for s in statuses(ws, uid) if s[0] == "002_bump"] == [
         "running"
     ] * 3
-    time.sleep(2.2)  # the dead runner's leases expire
+    wait_for_leases_to_lapse(ws.engine, held)
     second = byod(tmp_path, "migrate", "--all", "--json", env=env)
     _, err = second.communicate(timeout=120)
     assert second.returncode == 0, err

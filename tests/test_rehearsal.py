@@ -30,7 +30,7 @@ from tests.conftest import (
     make_workspace,
     write_migrations,
 )
-from tests.helpers import add_connected, counter, stamp_ids
+from tests.helpers import add_connected, counter, stamp_ids, wait_for_leases_to_lapse
 from tests.test_api import SECRET, bearer, token
 from tests.test_cli import Cli
 from tests.test_fleet import byod, process_fleet, start_held
@@ -281,7 +281,7 @@ def test_kill_9_during_a_rehearsal_leaves_nothing_and_the_next_run_migrates(
     (rehearsal,) = commands.list_runs(ws)
     assert (rehearsal.kind, rehearsal.state) == ("rehearse", "running")
     assert ledger_rows(ws) == []  # nothing recorded but the run
-    time.sleep(2.2)  # the dead rehearsal's leases expire
+    wait_for_leases_to_lapse(ws.engine, ids)  # the dead rehearsal's
     assert [stamp_ids(url) for url in urls] == [[]] * len(urls)  # nothing committed anywhere
     real = byod(tmp_path, "migrate", "--all", "--json", env=env)
     _, err = real.communicate(timeout=120)
