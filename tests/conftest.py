@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import functools
 import os
+import signal
 import textwrap
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,6 +25,11 @@ from byod.settings import Settings, bundled_migrations_dir
 from byod.workspace import Workspace
 
 pytest_plugins = ["tests.distributed_kit", "tests.convex_backend"]
+
+# Started in the background by a shell (`make mutate &`), the suite and every byod it
+# starts would ignore SIGINT, and the Ctrl-C tests would test nothing: take it back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 PG_SERVER = os.environ.get("BYOD_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 TEST_KEY = base64.b64encode(b"k" * 32).decode()
