@@ -59,15 +59,8 @@ client: $(STAMP) $(CLIENT_STAMP)  ## after changing the HTTP API: its document a
 	$(BIN)/python -m byod.api.document > $(CLIENT)/openapi.json
 	cd $(CLIENT) && npm run --silent generate
 
-# the modules that hold byod's guarantees, and the runner's chain: lease, stamp, steps in order
-CHAIN = _run_leased _read_stamp _restamp_stale _reconcile _execute _step_failed _apply _note_applied
-MUTATE = 'byod.registry.*' 'byod.crypto.*' 'byod.instance_url.*' 'byod.controlplane.ledger.*' \
-  'byod.fleet.halt.*' $(foreach f,$(CHAIN),'byod.runner.xǁRunnerǁ$(f)__mutmut_*')
-
-mutate: $(STAMP)  ## mutation testing of the modules that hold byod's guarantees (slow; not in `make test`)
-	rm -rf mutants
-	$(BIN)/mutmut run $(MUTATE)
-	$(BIN)/python tests/mutation/report.py $(MUTATE)
+mutate: $(STAMP)  ## mutation testing of the modules that hold byod's guarantees (slow; not in `make test`); SUITES="chain ledger" for some
+	$(BIN)/python tests/mutation/run.py $(SUITES)
 
 bench: $(STAMP)
 	$(BIN)/python bench/fleet.py
