@@ -758,10 +758,9 @@ def test_deploy_settings_that_cannot_work_stop_the_run_before_it_starts(
 def test_a_convex_scheme_url_is_refused_cleanly(cvx: Workspace) -> None:
     cvx.directory.add_user("odd")
     for url in ("convex://x", "convex://x.convex.cloud", "http://x.convex.cloud"):
-        with pytest.raises(SettingsError):
-            connect(cvx, "odd", url, secret="k" * 12)
-        with pytest.raises(SettingsError):
-            connect(cvx, "odd", url)
+        for secret in ("k" * 12, None):
+            with pytest.raises(SettingsError, match=r"must be https://NAME\.convex\.cloud, or"):
+                connect(cvx, "odd", url, secret=secret)
 
 
 def test_task_queue_workers_migrate_a_convex_fleet(

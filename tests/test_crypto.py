@@ -53,7 +53,7 @@ def test_ciphertext_moved_to_another_user_does_not_open() -> None:
 def test_ciphertext_moved_to_another_field_does_not_open() -> None:
     s = sealer()
     token = s.seal(SECRET, user_id=1, field_name="url")
-    with pytest.raises(CredentialsError):
+    with pytest.raises(CredentialsError, match="the secret of user 1 does not open"):
         s.unseal(token, user_id=1, field_name="secret", key_id=s.key_id)
 
 

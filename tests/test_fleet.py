@@ -715,7 +715,7 @@ def test_a_key_that_opens_nobody_stops_the_run_before_it_starts(
     with pytest.raises(CredentialsError, match="wrong encryption key") as raised:
         migrate_fleet(wrong.runner())
     assert raised.value.exit_code == 1
-    with pytest.raises(CredentialsError):
+    with pytest.raises(CredentialsError, match="wrong encryption key"):
         migrate_fleet(
             wrong.runner(), selection=Selection(users=(wrong.directory.find_user("user_001").id,))
         )
@@ -725,7 +725,7 @@ def test_a_key_that_opens_nobody_stops_the_run_before_it_starts(
         assert (config.connection_status, config.lease_owner) == ("connected", None)
         assert statuses(cws, uid) == []
     run = migrate_fleet(cws.runner())  # the right key
-    with pytest.raises(CredentialsError):
+    with pytest.raises(CredentialsError, match="wrong encryption key"):
         rollback_run(wrong.runner(), run.run_id)
     wrong.engine.dispose()
 

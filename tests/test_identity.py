@@ -172,7 +172,7 @@ def test_a_user_argument_of_ascii_digits_is_a_byod_id(ws: Workspace) -> None:
 def test_users_add_refuses_clerk_ids_that_cannot_be_matched_exactly(
     ws: Workspace, clerk_id: str
 ) -> None:
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="was not added"):
         ws.directory.add_user(clerk_id)
     with ws.engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(users)).scalar_one() == 0

@@ -152,7 +152,7 @@ def test_plans_refuse_the_wrong_direction_and_unknown_versions() -> None:
         registry.plan_down(1, 3)
     with pytest.raises(PlanError, match="not known"):
         registry.plan_up(0, 9)
-    with pytest.raises(PlanError):
+    with pytest.raises(PlanError, match="versions start at 0"):
         registry.plan_down(2, -1)
 
 
