@@ -23,12 +23,14 @@ from byod.errors import (
 )
 from byod.notify import Notice
 from byod.registry import Registry, Step
+from byod.results import StepResult
 from byod.runner import Runner
 from byod.targets import StepBody, Target
 from byod.workspace import Workspace
 from tests.conftest import (
     OTHER_KEY,
     InstanceFactory,
+    ServerDatabases,
     count_rows,
     execute,
     has_table,
@@ -565,3 +567,74 @@ def test_page_sizes_halve_on_a_limit_and_double_back_after_pages_pass() -> None:
         sizer.summary("t")
         == "t: pages of 200 hit the transaction limit 2 times; 50 the smallest, 200 the last"
     )
+
+
+def test_a_failed_step_and_the_ones_it_skips_are_reported_field_by_field(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    """The user's result names the failed step exactly (id, version, direction, time, the
+    error's type and text as the ledger keeps it) and each step skipped after it; the
+    error keeps its hint. (Kills the runner's ``_step_failed`` field mutants.)"""
+    url = new_instance()
+    uid = add_connected(cws, url)
+    execute(url, "CREATE TABLE bumped (id INTEGER)")  # 002's create_table fails
+    result = cws.runner().migrate(uid)
+    assert (result.user_id, result.from_version, result.to_version) == (uid, 0, 1)
+    done, failed, skipped = result.steps
+    assert (done.migration_id, done.version, done.direction, done.status) == (
+        "001_create",
+        1,
+        "up",
+        "completed",
+    )
+    assert (failed.migration_id, failed.version, failed.direction, failed.status) == (
+        "002_bump",
+        2,
+        "up",
+        "failed",
+    )
+    (row,) = [r for r in history(cws.engine, uid) if r.status == "failed"]
+    assert failed.error == row.error and failed.error is not None
+    assert failed.error.startswith("MigrationFailedError: ") and "bumped" in failed.error
+    assert failed.seconds > 0
+    assert skipped == StepResult("003_fragile", 3, "up", "skipped")
+    assert isinstance(result.error, MigrationFailedError)
+    assert result.error.message.startswith(f"user {uid} (user_a): 002_bump up failed: ")
+    assert result.error.hint and "byod migrate" in result.error.hint
+
+
+def test_an_instance_lost_in_the_middle_of_a_step_is_marked_unreachable(
+    cws: Workspace, pg: ServerDatabases, tmp_path: Path
+) -> None:
+    """The connection dies inside a step (the server ends the session): the step fails,
+    the user's status says unreachable with the error, and the operator is told."""
+    folder = write_migrations(
+        tmp_path / "lost",
+        {
+            "001_lost.py": """
+                import sqlalchemy as sa
+                from byod import Migration
+
+                def up(ctx):
+                    ctx.op.create_table("t", sa.Column("id", sa.Integer))
+                    ctx.conn.execute(sa.text("SELECT pg_terminate_backend(pg_backend_pid())"))
+
+                migration = Migration(id="001_lost", version=1, name="Lost", description="", up=up)
+            """
+        },
+    )
+    ws = make_workspace(cws.settings.database_url, folder)
+    url = pg.create()
+    uid = add_connected(ws, url)
+    notices: list[Notice] = []
+    runner = Runner(
+        ws.engine, ws.registry, ws.sealer, policy=ws.settings.instance_policy, notify=notices.append
+    )
+    result = runner.migrate(uid)
+    assert isinstance(result.error, UnreachableError), result.error
+    assert [s.status for s in result.steps] == ["failed"]
+    config = ws.directory.get_config(uid)
+    assert config.connection_status == "error"
+    assert config.last_error == result.steps[0].error.partition(": ")[2]  # type: ignore[union-attr]
+    assert [(n.kind, n.user_id) for n in notices] == [("unreachable", uid)]
+    assert stamp_ids(url) == [] and not has_table(url, "t")
