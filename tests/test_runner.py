@@ -638,3 +638,68 @@ def test_an_instance_lost_in_the_middle_of_a_step_is_marked_unreachable(
     assert config.last_error == result.steps[0].error.partition(": ")[2]  # type: ignore[union-attr]
     assert [(n.kind, n.user_id) for n in notices] == [("unreachable", uid)]
     assert stamp_ids(url) == [] and not has_table(url, "t")
+
+
+def test_each_control_plane_keeps_the_checksums_its_users_were_first_migrated_with(
+    tmp_path: Path, new_instance: InstanceFactory
+) -> None:
+    """Two control planes in one process: each records every migration applied through
+    it, once (kills ``_note_applied``'s cache mutants: a cache keyed without the control
+    plane, or asked the wrong way round, leaves a control plane without its record)."""
+    from byod.controlplane.schema import applied_checksums
+    from tests.migration_sets import counter_migrations
+
+    folder = counter_migrations(tmp_path / "migrations")
+    for name in ("first", "second"):
+        ws = make_workspace(f"sqlite:///{tmp_path / name}.db", folder)
+        uid = add_connected(ws, new_instance())
+        assert ws.runner().migrate(uid, to_version=2).ok
+        with ws.engine.connect() as conn:
+            kept = conn.execute(
+                sa.select(applied_checksums.c.migration_id, applied_checksums.c.checksum)
+            ).all()
+        assert sorted(kept) == [(m.id, m.checksum) for m in ws.registry if m.version <= 2]
+        ws.engine.dispose()
+
+
+def test_a_stamp_an_older_byod_wrote_takes_the_new_checksum_at_the_next_step(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    """Only the row stamped with the file's bytes' checksum is restamped, in the next
+    step's transaction; a row stamped with today's checksum is left as it is."""
+    url = new_instance()
+    uid = add_connected(cws, url)
+    assert cws.runner().migrate(uid, to_version=2).ok
+    create = cws.registry.get("001_create")
+    assert create is not None and create.legacy_checksum != create.checksum
+    old = create.legacy_checksum
+    execute(url, f"UPDATE byod_schema_stamp SET checksum = '{old}' WHERE id = '001_create'")
+    assert cws.runner().migrate(uid).ok
+    assert stamp_checksums(url) == {m.id: m.checksum for m in cws.registry}
+
+
+def test_an_unknown_migration_in_the_stamp_is_drift_not_a_crash(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    url = new_instance()
+    uid = add_connected(cws, url)
+    assert cws.runner().migrate(uid, to_version=1).ok
+    execute(
+        url,
+        "INSERT INTO byod_schema_stamp (id, version, checksum, applied_at) "
+        "VALUES ('002_elsewhere', 2, 'x', '2026-01-01')",
+    )
+    result = cws.runner().migrate(uid)
+    assert isinstance(result.error, DriftError), result.error
+    assert "002_elsewhere" in result.error.message
+    assert stamp_ids(url) == ["001_create", "002_elsewhere"]
+
+
+def stamp_checksums(url: str) -> dict[str, str]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT id, checksum FROM byod_schema_stamp"))
+            return {row[0]: row[1] for row in rows}
+    finally:
+        engine.dispose()
