@@ -677,7 +677,7 @@ def test_retry_after_is_honoured(serve: Callable[..., Server]) -> None:
         assert client.mutation("m:m") == "done"
     waited = time.monotonic() - started
     assert len(server.requests) == 2
-    assert 1.0 <= waited < 3.0
+    assert 1.0 <= waited < 10.0  # it waited for Retry-After (1 s), and not for ever
 
 
 def test_a_retry_after_beyond_the_bound_gives_up_at_once(serve: Callable[..., Server]) -> None:
@@ -685,7 +685,7 @@ def test_a_retry_after_beyond_the_bound_gives_up_at_once(serve: Callable[..., Se
     started = time.monotonic()
     with client_for(server, max_wait=5.0) as client, pytest.raises(BusyError) as caught:
         client.mutation("m:m")
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 4.0  # no wait up to max_wait (5 s), let alone 120 s
     assert len(server.requests) == 1
     assert "longer than 5 s" in str(caught.value) and caught.value.transient
 
@@ -714,7 +714,7 @@ def test_no_answer_within_the_timeout_is_a_timeout(silent_port: int) -> None:
     started = time.monotonic()
     with client, pytest.raises(InstanceTimeoutError, match=r"no answer within 0.3 s") as caught:
         client.mutation("slow:m")
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 10.0  # ended by the timeout, not by a hang
     assert caught.value.transient
 
 
