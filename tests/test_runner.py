@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,7 @@ def test_failed_migration_rolls_back_and_skips_the_rest(
     execute(url, "CREATE TABLE break_me (id INTEGER)")
     result = cws.runner().migrate(uid)
     assert not result.ok
+    assert (result.from_version, result.to_version) == (1, 2)  # 002 stands, 003 failed
     assert isinstance(result.error, MigrationFailedError)
     assert "003_fragile" in result.error.message
     assert "data breaks 003" in result.error.message
@@ -118,6 +120,12 @@ def test_rerun_is_a_no_op(cws: Workspace, new_instance: InstanceFactory) -> None
     rows_before = len(history(cws.engine, uid))
     again = cws.runner().migrate(uid)
     assert again.ok and again.steps == () and not again.changed
+    assert (again.user_id, again.clerk_id, again.from_version, again.to_version) == (
+        uid,
+        "user_a",
+        3,
+        3,
+    )
     assert len(history(cws.engine, uid)) == rows_before
     assert counter(url) == 11
 
@@ -689,10 +697,14 @@ def test_an_unknown_migration_in_the_stamp_is_drift_not_a_crash(
         "INSERT INTO byod_schema_stamp (id, version, checksum, applied_at) "
         "VALUES ('002_elsewhere', 2, 'x', '2026-01-01')",
     )
+    execute(url, "UPDATE byod_schema_stamp SET checksum = 'edited' WHERE id = '001_create'")
     result = cws.runner().migrate(uid)
     assert isinstance(result.error, DriftError), result.error
-    assert "002_elsewhere" in result.error.message
     assert stamp_ids(url) == ["001_create", "002_elsewhere"]
+    problems = cws.directory.get_config(uid).last_error or ""  # each problem, kept
+    first, second = problems.split("; ")
+    assert "001_create" in first and "002_elsewhere" in second
+    assert result.error.message.endswith(f"drift: {problems}")
 
 
 def stamp_checksums(url: str) -> dict[str, str]:
@@ -703,3 +715,207 @@ def stamp_checksums(url: str) -> dict[str, str]:
             return {row[0]: row[1] for row in rows}
     finally:
         engine.dispose()
+
+
+class Spy:
+    """A real target that notes what the runner asks of it; optionally it fails a step
+    with a given error, says a step was applied already (without running it), lacks
+    ``restamp_later`` (as a Convex deployment does), or is not ready at first."""
+
+    def __init__(
+        self,
+        inner: Target,
+        *,
+        fail: dict[str, Exception] | None = None,
+        already: tuple[str, ...] = (),
+        restamps: bool = True,
+        unready: bool = False,
+    ) -> None:
+        self.inner = inner
+        self.fail = fail or {}
+        self.already = already
+        self.restamps = restamps
+        self.unready = unready
+        self.calls: list[tuple[str, object]] = []
+
+    def prepare(self, first: Any = None) -> None:
+        self.calls.append(("prepare", None if first is None else first.id))
+        self.unready = False
+        self.inner.prepare(first)
+
+    def begin(self, deadline: float | None = None) -> Any:
+        self.calls.append(("begin", deadline))
+        if self.unready:
+            from byod.errors import DeployError
+
+            raise DeployError("byod's part of the instance is not there yet")
+        return self.inner.begin(deadline)
+
+    def apply(self, step: Step, body: StepBody, deadline: float | None = None) -> bool:
+        self.calls.append(("apply", deadline))
+        if step.migration.id in self.fail:
+            raise self.fail[step.migration.id]
+        if step.migration.id in self.already:
+            return False
+        return self.inner.apply(step, body, deadline)
+
+    def __getattr__(self, name: str) -> Any:  # the rest of the Target protocol
+        if name == "restamp_later" and not self.restamps:
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def spied(ws: Workspace, spy: Callable[[Target], Spy], timeout: float | None = None) -> Runner:
+    def opener(credentials: Credentials, connect_timeout: float) -> Target:
+        return spy(open_instance(credentials, timeout=connect_timeout))  # type: ignore[return-value]
+
+    return Runner(
+        ws.engine,
+        ws.registry,
+        ws.sealer,
+        policy=ws.settings.instance_policy,
+        opener=opener,
+        timeout=timeout,
+    )
+
+
+def test_the_chain_asks_the_target_in_order_with_each_transactions_deadline(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    """The first step's code is made ready before it (``prepare`` with that step, once);
+    the stamp read and every step get their own transaction's deadline; a target not
+    ready yet is made ready with the first migration, then read again."""
+    url = new_instance()
+    uid = add_connected(cws, url)
+    spies: list[Spy] = []
+    runner = spied(cws, lambda t: spies.append(Spy(t, unready=True)) or spies[-1], timeout=30)
+    assert runner.migrate(uid).ok
+    (spy,) = spies
+    names = [name for name, _ in spy.calls]
+    assert names == ["begin", "prepare", "begin", "prepare", "apply", "apply", "apply"]
+    assert [arg for name, arg in spy.calls if name == "prepare"] == ["001_create", "001_create"]
+    deadlines = [arg for name, arg in spy.calls if name in ("begin", "apply")]
+    assert all(isinstance(d, float) and d > 0 for d in deadlines), deadlines
+    spies.clear()
+    runner = spied(cws, lambda t: spies.append(Spy(t)) or spies[-1], timeout=30)
+    assert runner.rollback(uid, 1).ok
+    assert [arg for name, arg in spies[0].calls if name == "prepare"] == ["003_fragile"]
+
+
+def test_a_step_error_keeps_its_own_hint_and_is_counted(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    from prometheus_client import REGISTRY
+
+    from byod.errors import InstanceError
+
+    url = new_instance()
+    uid = add_connected(cws, url)
+    assert cws.runner().migrate(uid, to_version=1).ok
+    kind = cws.directory.get_config(uid).target_kind or ""
+    labels = {"migration": "002_bump", "direction": "up", "target_kind": kind, "outcome": "failed"}
+    before = REGISTRY.get_sample_value("byod_steps_total", labels) or 0.0
+    refusal = InstanceError("the instance refused", hint="Ask its owner for room.")
+    result = spied(cws, lambda t: Spy(t, fail={"002_bump": refusal})).migrate(uid)
+    assert isinstance(result.error, InstanceError)
+    assert result.error.hint == "Ask its owner for room."
+    assert (result.from_version, result.to_version) == (1, 1)  # the first step failed
+    assert REGISTRY.get_sample_value("byod_steps_total", labels) == before + 1
+
+
+def test_a_step_the_target_found_applied_already_is_reported_so(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    url = new_instance()
+    uid = add_connected(cws, url)
+    result = spied(cws, lambda t: Spy(t, already=("003_fragile",))).migrate(uid)
+    assert result.ok, result.error
+    assert [s.status for s in result.steps] == ["completed", "completed", "already-applied"]
+    assert all(0 < s.seconds < 3600 for s in result.steps)
+
+
+def test_a_target_that_cannot_restamp_still_runs_with_an_old_stamp(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    url = new_instance()
+    uid = add_connected(cws, url)
+    assert cws.runner().migrate(uid, to_version=2).ok
+    create = cws.registry.get("001_create")
+    assert create is not None
+    old = create.legacy_checksum
+    execute(url, f"UPDATE byod_schema_stamp SET checksum = '{old}' WHERE id = '001_create'")
+    result = spied(cws, lambda t: Spy(t, restamps=False)).migrate(uid)
+    assert result.ok, result.error
+    assert stamp_checksums(url)["001_create"] == old  # left for a target that can
+
+
+def test_the_lease_is_held_until_the_last_step_is_recorded(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    url = new_instance()
+    uid = add_connected(cws, url)
+    runner = cws.runner()
+    with held_in_migration(url, lambda: runner.migrate(uid)) as result:
+        assert cws.directory.get_config(uid).lease_owner == runner.owner  # inside 002
+    assert result[0].ok  # type: ignore[attr-defined]
+    assert cws.directory.get_config(uid).lease_owner is None
+
+
+def test_a_user_found_reachable_again_is_connected_and_its_version_adopted(
+    cws: Workspace, new_instance: InstanceFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = new_instance()
+    uid = add_connected(cws, url)
+    assert cws.runner().migrate(uid, to_version=1).ok
+    cws.directory.set_status(uid, "error", error="unreachable last time", schema_version=0)
+    with caplog.at_level(logging.WARNING, logger="byod.runner"):
+        assert cws.runner().migrate(uid).ok
+    config = cws.directory.get_config(uid)
+    assert (config.connection_status, config.last_error, config.schema_version) == (
+        "connected",
+        None,
+        3,
+    )
+    said = [r.getMessage() for r in caplog.records if "adopting" in r.getMessage()]
+    assert said == [
+        f"user {uid}: control plane said version 0, the instance's stamp says 1; "
+        "adopting the instance's"
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="byod.runner"):
+        assert cws.runner().migrate(uid).ok
+    assert not [r for r in caplog.records if "adopting" in r.getMessage()]
+
+
+def test_a_rollback_lost_after_or_before_a_commit_is_settled_by_the_stamp(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    """A down step committed before its runner was lost is completed (recovered; the
+    same run counts the user from the version before it); one lost before its commit
+    failed, and runs again."""
+    url = new_instance()
+    uid = add_connected(cws, url)
+    assert cws.runner().migrate(uid).ok
+    with pytest.raises(Crash):
+        crashing_runner(cws, "003_fragile", run_id="undo-1").rollback(uid, 1)
+    again = cws.runner().configured(run_id="undo-1", timeout=None, lease_seconds=300)
+    result = again.rollback(uid, 1)
+    assert result.ok, result.error
+    assert [(s.migration_id, s.status) for s in result.steps] == [
+        ("003_fragile", "recovered"),
+        ("002_bump", "completed"),
+    ]
+    assert (result.from_version, result.to_version) == (3, 1)
+
+    assert cws.runner().migrate(uid).ok
+    with pytest.raises(Crash):  # 003's down commits, 002's never does
+        spied(cws, lambda t: Spy(t, fail={"002_bump": Crash()})).rollback(uid, 1)
+    assert stamp_ids(url) == ["001_create", "002_bump"]
+    assert cws.runner().rollback(uid, 1).ok
+    downs = [(m, s, a) for m, d, s, a in statuses(cws, uid) if d == "down"]
+    assert downs[-3:] == [
+        ("003_fragile", "completed", 2),
+        ("002_bump", "failed", 2),
+        ("002_bump", "completed", 3),
+    ]
+    assert stamp_ids(url) == ["001_create"] and counter(url) == 0
