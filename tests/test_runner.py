@@ -55,6 +55,12 @@ def test_migrations_run_in_version_order_and_are_recorded(
     uid = add_connected(cws, url)
     result = cws.runner().migrate(uid)
     assert result.ok, result.error
+    assert (result.user_id, result.clerk_id, result.from_version, result.to_version) == (
+        uid,
+        "user_a",
+        0,
+        3,
+    )
     assert [s.migration_id for s in result.steps] == ["001_create", "002_bump", "003_fragile"]
     assert stamp_ids(url) == ["001_create", "002_bump", "003_fragile"]
     assert counter(url) == 11
@@ -730,8 +736,10 @@ class Spy:
         already: tuple[str, ...] = (),
         restamps: bool = True,
         unready: bool = False,
+        undeployable: Exception | None = None,
     ) -> None:
         self.inner = inner
+        self.undeployable = undeployable
         self.fail = fail or {}
         self.already = already
         self.restamps = restamps
@@ -742,6 +750,12 @@ class Spy:
         self.calls.append(("prepare", None if first is None else first.id))
         self.unready = False
         self.inner.prepare(first)
+
+    def finish(self, at: Any, head: bool) -> None:
+        self.calls.append(("finish", (None if at is None else at.id, head)))
+        if self.undeployable is not None:
+            raise self.undeployable
+        self.inner.finish(at, head)
 
     def begin(self, deadline: float | None = None) -> Any:
         self.calls.append(("begin", deadline))
@@ -792,7 +806,8 @@ def test_the_chain_asks_the_target_in_order_with_each_transactions_deadline(
     assert runner.migrate(uid).ok
     (spy,) = spies
     names = [name for name, _ in spy.calls]
-    assert names == ["begin", "prepare", "begin", "prepare", "apply", "apply", "apply"]
+    assert names == ["begin", "prepare", "begin", "prepare", "apply", "apply", "apply", "finish"]
+    assert spy.calls[-1] == ("finish", ("003_fragile", True))  # at the head
     assert [arg for name, arg in spy.calls if name == "prepare"] == ["001_create", "001_create"]
     deadlines = [arg for name, arg in spy.calls if name in ("begin", "apply")]
     assert all(isinstance(d, float) and d > 0 for d in deadlines), deadlines
@@ -800,6 +815,7 @@ def test_the_chain_asks_the_target_in_order_with_each_transactions_deadline(
     runner = spied(cws, lambda t: spies.append(Spy(t)) or spies[-1], timeout=30)
     assert runner.rollback(uid, 1).ok
     assert [arg for name, arg in spies[0].calls if name == "prepare"] == ["003_fragile"]
+    assert spies[0].calls[-1] == ("finish", ("001_create", False))
 
 
 def test_a_step_error_keeps_its_own_hint_and_is_counted(
@@ -919,3 +935,27 @@ def test_a_rollback_lost_after_or_before_a_commit_is_settled_by_the_stamp(
         ("002_bump", "completed", 3),
     ]
     assert stamp_ids(url) == ["001_create"] and counter(url) == 0
+
+
+def test_steps_that_stand_when_the_code_of_their_version_does_not_deploy(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    """The steps are applied and recorded; the user's result carries the deploy's error
+    (with its hint), and its status says so while staying connected."""
+    from byod.errors import DeployError
+
+    url = new_instance()
+    uid = add_connected(cws, url)
+    refused = DeployError("the deploy was refused", hint="Deploy by hand, then run again.")
+    result = spied(cws, lambda t: Spy(t, undeployable=refused)).migrate(uid)
+    assert isinstance(result.error, DeployError)
+    assert result.error.message == (
+        f"user {uid} (user_a): at version 3, but the app code of that version did not "
+        "deploy: the deploy was refused"
+    )
+    assert result.error.hint == "Deploy by hand, then run again."
+    assert [s.status for s in result.steps] == ["completed"] * 3
+    assert (result.from_version, result.to_version) == (0, 3)
+    config = cws.directory.get_config(uid)
+    assert (config.connection_status, config.schema_version) == ("connected", 3)
+    assert config.last_error == result.error.message
