@@ -23,6 +23,7 @@ from byod.instance_url import (
     env_flag,
     parse_networks,
     private_address,
+    resolve_instance_host,
 )
 from byod.registry import Registry
 from byod.runner import Runner
@@ -593,3 +594,106 @@ def test_an_internal_host_is_refused_naming_the_settings_that_allow_it() -> None
         "An operator who hosts tenants' databases in their own network can allow it with "
         "BYOD_INSTANCE_NETWORKS (e.g. 10.20.0.0/16) or BYOD_ALLOW_PRIVATE_INSTANCES=1."
     )
+
+
+_PRIVATE_CONVEX_HINT = "An operator can allow local backends with BYOD_ALLOW_PRIVATE_INSTANCES=1."
+
+
+@pytest.mark.parametrize(
+    ("url", "message", "hint"),
+    [
+        (
+            "postgresql://u@/app",
+            "a postgresql instance URL must name its host: without one the driver uses a "
+            "local socket of the byod machine",
+            None,
+        ),
+        (
+            "mysql://u@db1.example.com,db2.example.com/app",
+            "the host of a mysql instance URL must be a host name or an IP address, not a "
+            "path or a list",
+            None,
+        ),
+        (
+            "postgresql://db.example.com/app",
+            "a postgresql instance URL must name its user (postgresql://USER[:PASSWORD]@HOST/DB): "
+            "without one the driver would use the byod machine's own user name",
+            None,
+        ),
+        (
+            "postgresql://u@db.example.com/dbname=x",
+            "the database name of the instance URL holds connection options",
+            None,
+        ),
+        (
+            "convex+https://me@deploy.example.com",
+            "a Convex deployment URL holds no user or password: give the deploy key with --secret",
+            None,
+        ),
+        (
+            "convex+http://deploy.example.com",
+            "a Convex deployment URL must use https (convex+http:// sends the deploy key "
+            "unencrypted): refused here",
+            _PRIVATE_CONVEX_HINT,
+        ),
+        (
+            "convex+https://10.1.2.3",
+            "the Convex deployment URL names a loopback or private address: refused here, so a "
+            "deploy key never goes to an internal address",
+            "An operator who hosts tenants' databases in their own network can allow it with "
+            "BYOD_INSTANCE_NETWORKS (e.g. 10.20.0.0/16) or BYOD_ALLOW_PRIVATE_INSTANCES=1.",
+        ),
+    ],
+    ids=[
+        "no-host",
+        "host-list",
+        "no-user",
+        "options-in-name",
+        "convex-user",
+        "convex-http",
+        "convex-private",
+    ],
+)
+def test_each_host_rule_says_exactly_what_is_wrong(
+    url: str, message: str, hint: str | None
+) -> None:
+    with pytest.raises(SettingsError) as refused:
+        check(url)
+    assert refused.value.message == message
+    assert refused.value.hint == (hint or SettingsError.hint)
+
+
+def test_only_a_postgresql_url_must_name_its_user() -> None:
+    check("mysql://db.example.com/app")  # MySQL's driver has no OS-user fallback to fear
+
+
+def test_an_instance_host_resolves_once_to_an_allowed_address() -> None:
+    everywhere = InstancePolicy(allow_private=True)
+    assert resolve_instance_host(sa.make_url("postgresql://u@[::1]/x"), everywhere) == "::1"
+    with pytest.raises(SettingsError) as literal:
+        resolve_instance_host(sa.make_url("postgresql://u@10.0.0.7/x"), InstancePolicy())
+    assert literal.value.message.startswith(
+        "the postgresql instance URL's host 10.0.0.7 is a loopback, private"
+    )
+    name = socket.gethostname()  # a name (not "localhost") for an address of this machine
+    resolved = [str(info[4][0]) for info in socket.getaddrinfo(name, 0)]
+    if not any(private_address(address) for address in resolved):
+        pytest.skip(f"{name} resolves to public addresses only here: {resolved}")
+    with pytest.raises(SettingsError) as named:
+        resolve_instance_host(sa.make_url(f"mysql://u@{name}/x"), InstancePolicy())
+    assert re.match(
+        rf"the mysql instance URL's host {re.escape(name)} \((.+)\) is a loopback",
+        named.value.message,
+    ), named.value.message
+    with pytest.raises(UnreachableError) as nowhere:
+        resolve_instance_host(sa.make_url("postgresql://u@no-such-host.invalid/x"), everywhere)
+    assert nowhere.value.message == (
+        "the postgresql instance's host no-such-host.invalid does not resolve (gaierror)"
+    )
+
+
+def test_a_bracketed_ipv6_address_is_judged_as_the_address() -> None:
+    assert private_address("[::1]") and private_address("[fc00::1]")
+    assert not private_address("[2001:4860:4860::8888]")
+    allowed = InstancePolicy(instance_networks=parse_networks("::1/128"))
+    assert allowed.allows_address("[::1]") and not allowed.allows_address("[fc00::1]")
