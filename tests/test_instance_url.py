@@ -216,8 +216,9 @@ def test_sqlite_instances_can_be_refused_by_a_setting(ws: Workspace, tmp_path: P
     )
     strict_ws = Workspace(strict)
     strict_ws.directory.add_user("new")
-    with pytest.raises(SettingsError, match="BYOD_ALLOW_SQLITE_INSTANCES=0"):
+    with pytest.raises(SettingsError, match="BYOD_ALLOW_SQLITE_INSTANCES=0") as refused:
         commands.connect(strict_ws, "new", f"sqlite:///{instance}")
+    assert refused.value.hint == "Connect a PostgreSQL or MySQL/MariaDB database over the network."
     result = strict_ws.runner().migrate(uid)
     assert isinstance(result.error, SettingsError)
     assert instance.stat().st_size == 0  # never opened
@@ -697,3 +698,18 @@ def test_a_bracketed_ipv6_address_is_judged_as_the_address() -> None:
     assert not private_address("[2001:4860:4860::8888]")
     allowed = InstancePolicy(instance_networks=parse_networks("::1/128"))
     assert allowed.allows_address("[::1]") and not allowed.allows_address("[fc00::1]")
+
+
+def test_an_unsupported_kind_is_named_with_the_supported_ones() -> None:
+    with pytest.raises(SettingsError) as refused:
+        check("oracle://a@db.example.com/x")
+    assert refused.value.message == (
+        "instances of kind 'oracle' are not supported "
+        "(use sqlite, postgresql, mysql, mariadb, convex)"
+    )
+
+
+def test_what_only_looks_like_an_address_is_a_name() -> None:
+    """Names are judged by what they resolve to, never refused as if they were addresses."""
+    for name in ("db.example.com", "localhostX", "999.1.1.1", "1.2.3"):
+        assert not private_address(name), name

@@ -2,6 +2,8 @@
 
     .venv/bin/python tests/mutation/run.py [SUITE...]      # all suites by default
     .venv/bin/python tests/mutation/run.py --report-only   # the last results again
+    .venv/bin/python tests/mutation/run.py --survivors     # only the last run's survivors
+                                                           # again (after new tests)
 
 Each suite is a set of modules (or of functions in one) and the tests that pin them: mutmut
 runs each mutant against the tests of its suite that cover the mutated function. Suites
@@ -126,12 +128,20 @@ def mutmut() -> str:
     return str(Path(sys.executable).with_name("mutmut"))
 
 
-def run(name: str, suite: Suite) -> None:
-    folder = prepare(name, suite)
+def run(name: str, suite: Suite, *, survivors: bool = False) -> None:
+    """Mutate the suite's modules afresh; ``survivors``: run only the mutants that
+    survived the last run again, against the tests as they are now."""
+    if survivors:
+        folder = BUILD / name
+        names = [m for m, status in results(name, suite) if status == "survived"]
+        if not names:
+            return
+    else:
+        folder, names = prepare(name, suite), list(suite.only)
     started = time.monotonic()
     print(f"== {name}: mutating {', '.join(suite.modules)}", flush=True)
     done = subprocess.run(
-        [mutmut(), "run", *suite.only],
+        [mutmut(), "run", *names],
         cwd=folder,
         env=os.environ | {"TERM": "dumb"},
         stdout=subprocess.DEVNULL,
@@ -198,15 +208,15 @@ def report(names: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    report_only = "--report-only" in argv
-    names = [a for a in argv if a != "--report-only"] or list(SUITES)
+    report_only, survivors = "--report-only" in argv, "--survivors" in argv
+    names = [a for a in argv if not a.startswith("--")] or list(SUITES)
     unknown = [n for n in names if n not in SUITES]
     if unknown:
         print(f"unknown suite {', '.join(unknown)}; the suites: {', '.join(SUITES)}")
         return 2
     if not report_only:
         for name in names:
-            run(name, SUITES[name])
+            run(name, SUITES[name], survivors=survivors)
     return report(names)
 
 
