@@ -713,3 +713,54 @@ def test_what_only_looks_like_an_address_is_a_name() -> None:
     """Names are judged by what they resolve to, never refused as if they were addresses."""
     for name in ("db.example.com", "localhostX", "999.1.1.1", "1.2.3"):
         assert not private_address(name), name
+
+
+def test_the_refused_host_is_named_as_written_without_brackets() -> None:
+    for url, host in (
+        ("postgresql://a@[fc00::1]/x", "fc00::1"),
+        ("mysql://a@XdbX.localhost/x", "XdbX.localhost"),
+    ):
+        with pytest.raises(SettingsError) as refused:
+            check(url)
+        assert refused.value.message.startswith(
+            f"the {url.split(':')[0]} instance URL's host {host} is a loopback"
+        ), refused.value.message
+
+
+def test_sqlite_instances_refused_by_a_setting_say_why() -> None:
+    with pytest.raises(SettingsError) as refused:
+        check("sqlite:////tmp/x.db", InstancePolicy(allow_sqlite=False))
+    assert refused.value.message == (
+        "sqlite instances are refused here (BYOD_ALLOW_SQLITE_INSTANCES=0): a sqlite "
+        "instance is a file on the byod machine"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "code"), [("", "auto"), (" Git ", "git"), ("FOLDER", "folder"), ("auto", "auto")]
+)
+def test_the_convex_code_setting_reads_its_words(text: str, code: str) -> None:
+    assert InstancePolicy.from_env({"BYOD_CONVEX_CODE": text}).convex_code == code
+
+
+def test_a_convex_code_setting_with_another_word_is_refused() -> None:
+    with pytest.raises(SettingsError) as refused:
+        InstancePolicy.from_env({"BYOD_CONVEX_CODE": "svn"})
+    assert refused.value.message == "BYOD_CONVEX_CODE must be auto, git or folder, not 'svn'"
+
+
+@pytest.mark.parametrize(("text", "value"), [(None, 4), ("", 4), ("1", 1), (" 12 ", 12)])
+def test_the_deploy_concurrency_setting_reads_a_whole_number(text: str | None, value: int) -> None:
+    env = {} if text is None else {"BYOD_CONVEX_DEPLOY_CONCURRENCY": text}
+    assert InstancePolicy.from_env(env).convex_deploy_concurrency == value
+
+
+@pytest.mark.parametrize("text", ["0", "-2", "two", "1.5"])
+def test_a_deploy_concurrency_that_is_not_a_whole_number_of_1_or_more_is_refused(
+    text: str,
+) -> None:
+    with pytest.raises(SettingsError) as refused:
+        InstancePolicy.from_env({"BYOD_CONVEX_DEPLOY_CONCURRENCY": text})
+    assert refused.value.message == (
+        f"BYOD_CONVEX_DEPLOY_CONCURRENCY must be a whole number of 1 or more, not {text!r}"
+    )
