@@ -764,3 +764,32 @@ def test_a_deploy_concurrency_that_is_not_a_whole_number_of_1_or_more_is_refused
     assert refused.value.message == (
         f"BYOD_CONVEX_DEPLOY_CONCURRENCY must be a whole number of 1 or more, not {text!r}"
     )
+
+
+def test_every_instance_setting_is_read_from_the_environment() -> None:
+    env = {
+        "BYOD_ALLOW_SQLITE_INSTANCES": "0",
+        "BYOD_INSTANCE_SSL_CA": "/etc/ca.pem",
+        "BYOD_ALLOW_PRIVATE_INSTANCES": "1",
+        "BYOD_INSTANCE_NETWORKS": "10.20.0.0/16",
+        "BYOD_CONVEX_APP": "/srv/app",
+        "BYOD_CONVEX_DEPLOY": "npx convex deploy",
+        "BYOD_CONVEX_CODE": "git",
+        "BYOD_CONVEX_DEPLOY_CONCURRENCY": "2",
+        "BYOD_APP_CONVEX_URL": "https://app.convex.cloud",
+        "BYOD_APP_CONVEX_KEY": "prod:key",
+    }
+    assert InstancePolicy.from_env(env) == InstancePolicy(
+        allow_sqlite=False,
+        ssl_ca="/etc/ca.pem",
+        allow_private=True,
+        instance_networks=parse_networks("10.20.0.0/16"),
+        convex_app="/srv/app",
+        convex_deploy="npx convex deploy",
+        convex_code="git",
+        convex_deploy_concurrency=2,
+        app_convex_url="https://app.convex.cloud",
+        app_convex_key="prod:key",
+    )
+    empty = {name: "" for name in env}  # set but empty: the defaults
+    assert InstancePolicy.from_env(empty) == InstancePolicy.from_env({}) == InstancePolicy()
