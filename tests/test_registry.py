@@ -345,3 +345,86 @@ def test_a_migration_context_carries_what_it_was_given() -> None:
         log,
     )
     assert ctx.convex is calls and ctx.app is calls
+
+
+def _noop(ctx: object) -> None:
+    pass
+
+
+def test_a_folders_mistakes_are_named_exactly(tmp_path: Path) -> None:
+    """Each refusal says the file and what to do, word for word."""
+    cases = {
+        "1_a.py": (
+            source("1_a", 1),
+            "a migration file must be named NNN_slug.py (three or more digits, then "
+            "lowercase words joined by _)",
+        ),
+        "001_a.py": (
+            "import no_such_module_here\n",
+            "import failed: ModuleNotFoundError: No module named 'no_such_module_here'",
+        ),
+        "002_b.py": (
+            "import sys\nsys.exit(3)\n",
+            "exits while loading (SystemExit 3): a migration file must only define `migration`",
+        ),
+        "003_c.py": (
+            source("003_c", 3).replace("up=up,", "up=up, backfills=[42],"),
+            "`backfills` must be Backfill(...) entries",
+        ),
+    }
+    for name, (text, says) in cases.items():
+        folder = write_migrations(tmp_path / name.removesuffix(".py"), {name: text})
+        if name != "001_a.py":  # the numbers before it, so the file itself is what is wrong
+            for n in range(1, int(name.split("_")[0]) if name[0] == "0" else 1):
+                (folder / f"{n:03d}_x{n}.py").write_text(
+                    source(f"{n:03d}_x{n}", n).replace("\n        ", "\n")
+                )
+        with pytest.raises(RegistryError) as refused:
+            Registry.load(folder)
+        assert refused.value.message == f"{folder / name}: {says}", name
+    folder = tmp_path / "dir"
+    (folder / "001_a.py").mkdir(parents=True)
+    with pytest.raises(RegistryError) as refused:
+        Registry.load(folder)
+    assert refused.value.message == (
+        f"{folder / '001_a.py'}: a migration must be a file (this is a folder)"
+    )
+
+
+def test_a_folder_loads_as_itself_with_what_each_file_is(tmp_path: Path) -> None:
+    """The registry knows its folder; each migration its file; each folder's modules are its
+    own while they load (two folders with the same file names never share one), and none
+    is left behind in sys.modules; a migration file may define dataclasses."""
+    import sys
+
+    loaded = []
+    for name in ("one", "two"):
+        folder = write_migrations(
+            tmp_path / name,
+            {
+                "001_a.py": source(
+                    "001_a",
+                    1,
+                    extra="import dataclasses\n        @dataclasses.dataclass\n"
+                    "        class Row:\n            n: int\n",
+                )
+            },
+        )
+        registry = Registry.load(folder)
+        assert registry.source == folder and registry.keep_alembic_version is False
+        (migration,) = list(registry)
+        assert migration.source_path == str((folder / "001_a.py").resolve())
+        loaded.append(migration.up.__module__)
+    assert loaded[0] != loaded[1]
+    assert all(m.startswith("byod_migrations_") and m.endswith(".001_a") for m in loaded)
+    assert not [m for m in sys.modules if m in loaded]
+    assert Registry([], keep_alembic_version=True).keep_alembic_version is True
+
+
+def test_backfills_are_kept_as_a_tuple_and_one_alone_is_refused() -> None:
+    fill = Backfill(table="t", key="id", apply=lambda ctx, rows: None)
+    given_list = Migration("001_a", 1, "a", "", _noop, backfills=[fill])  # type: ignore[arg-type]
+    assert given_list.backfills == (fill,) and isinstance(given_list.backfills, tuple)
+    with pytest.raises(RegistryError) as refused:
+        Migration("001_a", 1, "a", "", _noop, backfills=fill)  # type: ignore[arg-type]
+    assert refused.value.message == "001_a: backfills must be a list: [Backfill(...)]"
