@@ -1114,3 +1114,28 @@ def test_what_goes_wrong_reading_the_stamp_is_refused_or_given_up(
     unreachable = isinstance(error, UnreachableError)
     assert [n.kind for n in notices] == (["unreachable"] if unreachable else [])
     assert config.last_error == (error.message if status == "error" else None)
+
+
+def test_the_connect_waits_no_longer_than_what_is_left_of_the_timeout(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    """With --timeout shorter than the connect timeout, the connect gets what is left of
+    the timeout (never less than 0.1 s), not its own 10 s."""
+    uid = add_connected(cws, new_instance())
+    given: list[float] = []
+
+    def opener(credentials: Credentials, timeout: float) -> Target:
+        given.append(timeout)
+        return open_instance(credentials, timeout=timeout)
+
+    runner = Runner(
+        cws.engine,
+        cws.registry,
+        cws.sealer,
+        policy=cws.settings.instance_policy,
+        opener=opener,
+        timeout=0.5,
+        connect_timeout=10.0,
+    )
+    assert runner.migrate(uid).ok
+    assert len(given) == 1 and 0.1 <= given[0] <= 0.5
