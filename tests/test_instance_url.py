@@ -505,7 +505,8 @@ def test_a_public_address_passes() -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "value"), [("1", True), ("yes", True), ("true", True), ("0", False), ("no", False)]
+    ("text", "value"),
+    [("1", True), ("yes", True), ("true", True), ("0", False), ("no", False), ("false", False)],
 )
 def test_yes_no_settings_read_their_words(text: str, value: bool) -> None:
     assert env_flag({"BYOD_ALLOW_SQLITE_INSTANCES": text}, "BYOD_ALLOW_SQLITE_INSTANCES") is value
@@ -793,3 +794,22 @@ def test_every_instance_setting_is_read_from_the_environment() -> None:
     )
     empty = {name: "" for name in env}  # set but empty: the defaults
     assert InstancePolicy.from_env(empty) == InstancePolicy.from_env({}) == InstancePolicy()
+
+
+def test_an_unset_yes_no_setting_is_no_unless_said_otherwise() -> None:
+    assert env_flag({}, "BYOD_KEEP_ALEMBIC_VERSION") is False
+    assert env_flag({}, "BYOD_ALLOW_SQLITE_INSTANCES", default=True) is True
+
+
+def test_instance_networks_are_read_in_cidr_form_only() -> None:
+    assert parse_networks(" , 10.0.0.0/8,,fc00::/7 ,") == (
+        parse_networks("10.0.0.0/8")[0],
+        parse_networks("fc00::/7")[0],
+    )
+    for wrong in ("10.0.0.1/8", "10.0.0.0/33", "db.example.com"):  # host bits set; no mask
+        with pytest.raises(SettingsError) as refused:
+            parse_networks(f"192.168.0.0/16,{wrong}")
+        assert refused.value.message == (
+            f"BYOD_INSTANCE_NETWORKS: {wrong!r} is not a network (use CIDR forms separated "
+            "by commas, e.g. 10.20.0.0/16,fd00::/8)"
+        )
