@@ -428,3 +428,12 @@ def test_backfills_are_kept_as_a_tuple_and_one_alone_is_refused() -> None:
     with pytest.raises(RegistryError) as refused:
         Migration("001_a", 1, "a", "", _noop, backfills=fill)  # type: ignore[arg-type]
     assert refused.value.message == "001_a: backfills must be a list: [Backfill(...)]"
+
+
+def test_a_migration_file_that_cannot_be_read_is_named_with_why(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "001_a.py").symlink_to("/proc/self/mem")  # a file whose reading fails (EIO)
+    with pytest.raises(RegistryError) as refused:
+        Registry.load(folder)
+    assert refused.value.message == f"{folder / '001_a.py'}: cannot be read: Input/output error"
