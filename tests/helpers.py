@@ -43,6 +43,17 @@ def stamp_ids(url: str) -> list[str]:
         engine.dispose()
 
 
+def stamp_checksums(url: str) -> dict[str, str]:
+    """Each migration id in the instance's stamp with the checksum recorded for it."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT id, checksum FROM byod_schema_stamp"))
+            return {row[0]: row[1] for row in rows}
+    finally:
+        engine.dispose()
+
+
 def wait_until(condition: Callable[[], bool], what: str, seconds: float = 60.0) -> None:
     """Poll ``condition`` until it holds (a row written, a lease lapsed); fail, naming
     ``what``, after ``seconds``: a test waits for what happens, never for a clock."""

@@ -48,6 +48,7 @@ from tests.helpers import (
     counter,
     held_in_migration,
     schema_version,
+    stamp_checksums,
     stamp_ids,
     statuses,
 )
@@ -164,38 +165,9 @@ class Crash(BaseException):
     """Stands for the process dying: nothing in byod catches it."""
 
 
-class CrashAfterCommit:
-    """A real target that 'dies' right after the instance committed one step."""
-
-    def __init__(self, inner: Target, crash_on: str) -> None:
-        self.inner = inner
-        self.crash_on = crash_on
-
-    def read_stamp(self):  # type: ignore[no-untyped-def]
-        return self.inner.read_stamp()
-
-    def apply(self, step: Step, body: StepBody, deadline: float | None = None) -> bool:
-        done = self.inner.apply(step, body, deadline)
-        if step.migration.id == self.crash_on:
-            raise Crash
-        return done
-
-    def __getattr__(self, name: str) -> Any:  # the rest of the Target protocol
-        return getattr(self.inner, name)
-
-
 def crashing_runner(ws: Workspace, crash_on: str, run_id: str | None = None) -> Runner:
-    def opener(credentials: Credentials, timeout: float) -> Target:
-        return CrashAfterCommit(open_instance(credentials, timeout=timeout), crash_on)
-
-    return Runner(
-        ws.engine,
-        ws.registry,
-        ws.sealer,
-        policy=ws.settings.instance_policy,
-        opener=opener,
-        run_id=run_id,
-    )
+    """A runner whose process 'dies' right after the instance committed ``crash_on``."""
+    return spied(ws, lambda target: Spy(target, crash_after=crash_on), run_id=run_id)
 
 
 def test_crash_between_instance_commit_and_ledger_does_not_apply_twice(
@@ -723,20 +695,11 @@ def test_an_unknown_migration_in_the_stamp_is_drift_not_a_crash(
     assert result.error.message.endswith(f"drift: {problems}")
 
 
-def stamp_checksums(url: str) -> dict[str, str]:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(sa.text("SELECT id, checksum FROM byod_schema_stamp"))
-            return {row[0]: row[1] for row in rows}
-    finally:
-        engine.dispose()
-
-
 class Spy:
     """A real target that notes what the runner asks of it; optionally it fails a step
     with a given error, says a step was applied already (without running it), lacks
-    ``restamp_later`` (as a Convex deployment does), or is not ready at first."""
+    ``restamp_later`` (as a Convex deployment does), is not ready at first, or 'dies'
+    (raises :class:`Crash`) right after the instance committed a given step."""
 
     def __init__(
         self,
@@ -747,8 +710,10 @@ class Spy:
         restamps: bool = True,
         unready: bool = False,
         undeployable: Exception | None = None,
+        crash_after: str | None = None,
     ) -> None:
         self.inner = inner
+        self.crash_after = crash_after
         self.undeployable = undeployable
         self.fail = fail or {}
         self.already = already
@@ -781,7 +746,10 @@ class Spy:
             raise self.fail[step.migration.id]
         if step.migration.id in self.already:
             return False
-        return self.inner.apply(step, body, deadline)
+        done = self.inner.apply(step, body, deadline)
+        if step.migration.id == self.crash_after:
+            raise Crash
+        return done
 
     def __getattr__(self, name: str) -> Any:  # the rest of the Target protocol
         if name == "restamp_later" and not self.restamps:
@@ -789,7 +757,12 @@ class Spy:
         return getattr(self.inner, name)
 
 
-def spied(ws: Workspace, spy: Callable[[Target], Spy], timeout: float | None = None) -> Runner:
+def spied(
+    ws: Workspace,
+    spy: Callable[[Target], Spy],
+    timeout: float | None = None,
+    run_id: str | None = None,
+) -> Runner:
     def opener(credentials: Credentials, connect_timeout: float) -> Target:
         return spy(open_instance(credentials, timeout=connect_timeout))  # type: ignore[return-value]
 
@@ -800,6 +773,7 @@ def spied(ws: Workspace, spy: Callable[[Target], Spy], timeout: float | None = N
         policy=ws.settings.instance_policy,
         opener=opener,
         timeout=timeout,
+        run_id=run_id,
     )
 
 
