@@ -14,11 +14,17 @@ lines of a cProfile of byod's loop (cumulative time).
 
 ``--command`` times the whole ``byod migrate --all`` command instead (its start-up
 included, default options) against the floor in 2 processes (their start included), and
-prints instances/s for each. Run from the repository root:
+prints instances/s for each.
+
+``--startup`` times ``byod status`` (a control plane with ``--instances`` users) against
+``python -c "import sqlalchemy"``, alternating, ``--runs`` times each (median), and with
+``--profile N`` prints the N slowest imports of ``byod status`` (``-X importtime``).
+Run from the repository root:
 
     .venv/bin/python bench/overhead.py                 # 300 instances, one at a time
     .venv/bin/python bench/overhead.py --profile 25
     .venv/bin/python bench/overhead.py --command --instances 2000
+    .venv/bin/python bench/overhead.py --startup --instances 100 --runs 9
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import os
 import pstats
 import shutil
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -145,13 +152,64 @@ def command(folder: Path, ws: Workspace, extra: list[str]) -> float:
     return seconds
 
 
+def _timed(argv: list[str], folder: Path, env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(argv, cwd=folder, env=env, capture_output=True, check=False)
+    seconds = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr.decode()
+    return seconds
+
+
+def startup(count: int, runs: int, profile: int) -> None:
+    """``byod status`` against ``import sqlalchemy``, each a fresh process, alternating."""
+    # byod's modules byte-compiled, as an installed wheel has them (pip compiles at
+    # install; this machine sets PYTHONDONTWRITEBYTECODE, so a checkout's never are)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "src")], check=True)
+    with tempfile.TemporaryDirectory(prefix="byod-bench-startup-") as tmp:
+        ws, _ = build(Path(tmp), count)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BYOD_")}
+        env |= {
+            "BYOD_ENCRYPTION_KEY": KEY,
+            "BYOD_MIGRATIONS": str(ws.settings.migrations_dir),
+            "BYOD_DATABASE_URL": ws.settings.database_url,
+        }
+        byod = str(Path(sys.executable).with_name("byod"))
+        ways = {
+            "import sqlalchemy": [sys.executable, "-c", "import sqlalchemy"],
+            "byod status": [byod, "status"],
+        }
+        times: dict[str, list[float]] = {name: [] for name in ways}
+        for _ in range(runs + 1):  # the first round warms the disk cache, not counted
+            for name, argv in ways.items():
+                times[name].append(_timed(argv, Path(tmp), env))
+        medians = {name: statistics.median(found[1:]) for name, found in times.items()}
+        for name, median in medians.items():
+            print(json.dumps({"way": name, "runs": runs, "median_s": round(median, 3)}))
+        over = medians["byod status"] - medians["import sqlalchemy"]
+        print(json.dumps({"status_over_import_s": round(over, 3)}))
+        if profile:
+            argv = [sys.executable, "-X", "importtime", "-m", "byod", "status"]
+            done = subprocess.run(
+                argv, cwd=tmp, env=env, capture_output=True, text=True, check=True
+            )
+            rows = [line.split("|") for line in done.stderr.splitlines()[1:] if "|" in line]
+            slowest = sorted(rows, key=lambda row: -int(row[1]))[:profile]
+            for row in slowest:
+                print(f"{int(row[1]) / 1000:8.1f} ms cumulative  {row[2].rstrip()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=300)
     parser.add_argument("--profile", type=int, default=0, metavar="LINES")
     parser.add_argument("--command", action="store_true")
     parser.add_argument("--byod-args", default="", help="extra flags for the command")
+    parser.add_argument("--startup", action="store_true")
+    parser.add_argument("--runs", type=int, default=9)
     args = parser.parse_args()
+    if args.startup:
+        startup(args.instances, args.runs, args.profile)
+        return
     if args.command:
         with tempfile.TemporaryDirectory(prefix="byod-bench-overhead-") as tmp:
             ws, floor_paths = twin_fleets(Path(tmp), args.instances)

@@ -560,3 +560,36 @@ def test_a_run_with_nothing_to_do_counts_everyone_up_to_date_and_is_listed_only_
     assert every[0]["id"] == summary["run_id"] and len(every) == 2  # type: ignore[index,arg-type]
     assert "(no-op)" in cli("runs", "--noop").out
     assert cli("runs", "show", summary["run_id"]).code == 0  # still there by its id
+
+
+def test_status_starts_without_what_it_does_not_use(tmp_path: Path) -> None:
+    """`byod status` on the embedded default imports neither pydantic (Typer builds an
+    adapter per parameter with it), the runner, the metrics, the fleet nor a PostgreSQL
+    dialect: what it does not use never costs a start (bench/overhead.py measures the
+    start itself). A flag given still goes through Typer's own checks."""
+    cli = Cli(tmp_path, real_process=True)
+    assert cli("init").code == 0
+    probe = (
+        "import sys\n"
+        "sys.argv = ['byod', 'status', '--database-url', 'sqlite:///byod.db']\n"
+        "from byod.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+        "unused = ('pydantic', 'byod.runner', 'byod.metrics', 'prometheus_client',"
+        " 'byod.fleet', 'sqlalchemy.dialects.postgresql', 'httpx', 'alembic')\n"
+        "print('imported:', [name for name in unused if name in sys.modules])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env=cli.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "users per schema version" in done.stdout
+    assert done.stdout.splitlines()[-1] == "imported: []"
+    bad = cli("history", "1", "--limit", "x")
+    assert bad.code == 2 and "Invalid value for '--limit'" in bad.err
+    assert "unable to parse string as an integer" in bad.err

@@ -13,13 +13,13 @@ from byod.controlplane import Directory, open_engine, require_tables
 from byod.errors import SettingsError
 from byod.notify import load_notifier
 from byod.registry import Registry
-from byod.runner import Runner
 from byod.settings import Settings
 from byod.sources import load_registry
 
-if TYPE_CHECKING:  # the distributed core is imported only by what runs it
+if TYPE_CHECKING:  # the runner and the distributed core are imported only by what runs them
     from byod.crypto import KeySource, Sealer
     from byod.distributed import Broker
+    from byod.runner import Runner
 
 __all__ = ["BrokerFactory", "Workspace"]
 
@@ -83,6 +83,8 @@ class Workspace:
 
     def runner(self, *, run_id: str | None = None) -> Runner:
         """A runner on this workspace, with the configured notification hook."""
+        from byod.runner import Runner
+
         notify = load_notifier(self.settings.notify_hook)
         return Runner(
             self.engine,

@@ -14,6 +14,8 @@ import typer.core
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.text import Text
+from typer import _click as click
+from typer._coercion import RuntimeParam
 
 from byod.errors import InputError, SettingsError
 from byod.spec import DEFAULT_CONCURRENCY, FleetOptions
@@ -38,6 +40,44 @@ def _no_type(argument: typer.core.TyperArgument, ctx: object) -> str | None:
 # objects itself, so its class is where that is said.
 typer.core.TyperArgument._usage_display_name = _usage_name  # type: ignore[method-assign, assignment]
 typer.core.TyperArgument.display_type_rich = _no_type  # type: ignore[method-assign, assignment]
+
+
+class _Text(RuntimeParam):
+    """A plain ``str`` parameter, as Typer's own adapter coerces it (command-line values
+    are already text), without building a pydantic adapter for it."""
+
+    def _coerce_value(self, value: object, param: object, ctx: object) -> object:
+        return value if isinstance(value, str) else str(value)
+
+
+_typer_runtime_param = typer.core._TyperParameter.get_runtime_param
+_typer_process_value = typer.core._TyperParameter.process_value
+
+
+def _runtime_param(self: typer.core._TyperParameter) -> RuntimeParam:
+    desc = self.type_descriptor
+    info = desc.parameter_info
+    if desc.annotation is str and info.parser is None:
+        if self._runtime_param is None:
+            self._runtime_param = _Text(parameter_info=info, annotation=str)
+        return self._runtime_param
+    return _typer_runtime_param(self)
+
+
+def _process_value(self: typer.core._TyperParameter, ctx: click.Context, value: object) -> object:
+    if value is None and self.nargs == 1 and not (self.multiple or self.required):
+        # what Typer's coercion makes of an option not given (None), without building it
+        return None if self.callback is None else self.callback(ctx, self, None)
+    return _typer_process_value(self, ctx, value)
+
+
+# Typer 0.29 coerces every parameter through a pydantic TypeAdapter it builds on first
+# use, which imports pydantic (~70 ms) before any command runs. Text parameters and
+# options not given never need one, so they skip it: `byod status` and its like start
+# without pydantic; a number, a path or a choice given on the command line still goes
+# through Typer's own adapter (its messages for bad values unchanged).
+typer.core._TyperParameter.get_runtime_param = _runtime_param  # type: ignore[method-assign]
+typer.core._TyperParameter.process_value = _process_value  # type: ignore[method-assign]
 
 app = typer.Typer(
     help="Roll versioned schema migrations out to every user-owned database.",

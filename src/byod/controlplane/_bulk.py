@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 
 from byod.clock import utcnow
 from byod.controlplane.schema import configs, users
@@ -94,11 +93,12 @@ def _among(
     conn: sa.Connection, column: sa.ColumnElement[str], values: Sequence[str]
 ) -> sa.ColumnElement[bool]:
     if _on_postgresql(conn):
-        return column == sa.any_(sa.bindparam("among", list(values), type_=_TEXTS))
+        from sqlalchemy.dialects.postgresql import ARRAY  # only a PostgreSQL plane needs it
+
+        texts = ARRAY(sa.Text)
+        return column == sa.any_(sa.bindparam("among", list(values), type_=texts))
     return column.in_(list(values))
 
-
-_TEXTS = postgresql.ARRAY(sa.Text)
 
 _PG_INSERT_USERS = sa.text(
     "INSERT INTO users (clerk_id, email, created_at)"

@@ -24,7 +24,7 @@ try:
 except ImportError:  # not a POSIX system: threads queue, processes meet SQLITE_BUSY
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["autocommit", "reading", "single", "writing"]
+__all__ = ["autocommit", "insert_or", "reading", "single", "writing"]
 
 
 def _error(action: str, exc: SQLAlchemyError) -> ControlPlaneError:
@@ -116,3 +116,14 @@ def reading(engine: sa.Engine, action: str) -> Iterator[sa.Connection]:
             yield conn
     except SQLAlchemyError as exc:
         raise _error(action, exc) from exc
+
+
+def insert_or(engine: sa.Engine, table: sa.Table) -> sa.dialects.postgresql.Insert:
+    """An INSERT into ``table`` in the control plane's own dialect, which can end
+    ``ON CONFLICT`` (PostgreSQL and SQLite share the syntax). The dialect's module is
+    imported here, on first use, not by every command that starts."""
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+    return insert(table)

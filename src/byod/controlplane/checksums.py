@@ -5,10 +5,9 @@ can tell, before any user starts, that a file was edited after it ran somewhere.
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from byod.clock import utcnow
-from byod.controlplane._tx import reading, single, writing
+from byod.controlplane._tx import insert_or, reading, single, writing
 from byod.controlplane.schema import accepted_checksums, applied_checksums, configs
 from byod.errors import DriftError
 from byod.registry import Migration, Registry
@@ -31,11 +30,7 @@ def record_applied_checksum(engine: sa.Engine, migration: Migration) -> None:
         "legacy_checksum": migration.legacy_checksum or None,
         "recorded_at": utcnow(),
     }
-    insert = (
-        postgresql.insert(applied_checksums)
-        if engine.dialect.name == "postgresql"
-        else sqlite.insert(applied_checksums)
-    )
+    insert = insert_or(engine, applied_checksums)
     with single(engine, "record the applied checksum") as conn:
         # recorded already (by this run or another): the first one stands
         conn.execute(insert.values(row).on_conflict_do_nothing())

@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from byod.clock import utcnow
-from byod.controlplane._tx import reading, single
+from byod.controlplane._tx import insert_or, reading, single
 from byod.controlplane.schema import configs, gates, users
 from byod.registry import Registry
 
@@ -112,9 +111,7 @@ def set_gate(
         "changed_at": record.changed_at,
         "excluded": ",".join(str(uid) for uid in record.excluded) or None,
     }
-    insert = (
-        postgresql.insert(gates) if engine.dialect.name == "postgresql" else sqlite.insert(gates)
-    )
+    insert = insert_or(engine, gates)
     changed = {key: value for key, value in values.items() if key != "migration_id"}
     with single(engine, "record the gate") as conn:
         conn.execute(
