@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -42,6 +44,7 @@ from tests.helpers import (
     stamp_ids,
     statuses,
     wait_for_leases_to_lapse,
+    wait_until,
 )
 from tests.migration_sets import counter_migrations, slow_migrations
 from tests.tcp_proxy import CuttableProxy
@@ -326,29 +329,160 @@ class RoundTrips:
             self.count += 1
 
 
-def test_control_plane_round_trips_per_migration(
+class Statements:
+    """The control-plane statements run, each as its verb and the table it names."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.seen: list[tuple[str, str]] = []
+        event.listen(engine, "before_cursor_execute", self._statement)
+
+    def _statement(self, conn: sa.Connection, cursor: object, sql: str, *args: object) -> None:
+        verb = sql.split(None, 1)[0].upper()
+        tables = ("byod_migrations", "byod_configs", "byod_runs", "byod_applied_checksums")
+        table = next((t for t in tables if t in sql), "other")
+        self.seen.append((verb, table))
+
+    def writes(self, table: str) -> int:
+        return sum(1 for verb, t in self.seen if t == table and verb != "SELECT")
+
+
+def test_a_fleet_runs_bookkeeping_comes_in_pages_not_per_user(
     cws: Workspace, new_instance: InstanceFactory
 ) -> None:
-    ids, _ = fleet_of(cws, new_instance, 6)
-    trips = RoundTrips(cws.engine)
-    summary = migrate_fleet(cws.runner(), options=FleetOptions(concurrency=2))
-    applied = summary.succeeded * 3
-    # run record, counts, selection page, eligibility counts, the applied checksums
-    run_overhead = 7
-    first_applied = 3  # each migration's checksum, kept once per process when first applied
-    assert applied == 18
-    # per user: lease claim, "planned" (starts the first step), one "completed" per step
-    per_users = summary.succeeded * (2 + 3)
-    ticks = 3  # the run's progress writes, every 2 s, while it runs (up to 6 s here)
-    spent = trips.count - run_overhead - first_applied
-    assert per_users <= spent <= per_users + ticks, trips.count
-    assert per_users / applied < 3  # at most 3 per migration: 5/3 here
+    """Leases are claimed, the ledger read and plans written a page of users at a time
+    (before any of their instances is touched), and last steps recorded in batches: a
+    rollout of one new migration runs no control-plane statement per user at all, so
+    the ledger and config writes of 24 users are a handful, not 3 a user. Every user
+    ends moved, recorded, its lease given back; a step whose row was written with its
+    page keeps when it truly began (not when its page was planned)."""
+    ids, urls = fleet_of(cws, new_instance, 24)
+    assert migrate_fleet(cws.runner(), to_version=2).succeeded == 24
+    statements = Statements(cws.engine)
+    summary = migrate_fleet(cws.runner(), options=FleetOptions(concurrency=4))
+    assert (summary.succeeded, summary.failed) == (24, 0)
+    ledger_writes = statements.writes("byod_migrations")
+    config_writes = statements.writes("byod_configs")
+    # pages of 8, 16 (sizes double while pages go by fast): a claim and a plan write
+    # each, then one or a few batches of recorded steps (each a ledger and a config write)
+    assert ledger_writes <= 2 + 6, statements.seen
+    assert config_writes <= 2 + 6, statements.seen
+    assert ledger_writes + config_writes < len(ids)
+    for uid, url in zip(ids, urls, strict=True):
+        rows = [r for r in history(cws.engine, uid) if r.run_id == summary.run_id]
+        assert [(r.migration_id, r.status, r.attempts) for r in rows] == [
+            ("003_fragile", "completed", 1)
+        ]
+        assert rows[0].started_at is not None and rows[0].completed_at is not None
+        assert rows[0].started_at <= rows[0].completed_at
+        config = cws.directory.get_config(uid)
+        assert (config.schema_version, config.lease_owner) == (3, None)
+        assert counter(url) == 11
     # a fleet already at head: no per-user work at all, whatever its size
-    trips.count = 0
+    statements.seen.clear()
     again = migrate_fleet(cws.runner())
-    assert again.total == again.up_to_date == 6 and again.succeeded == 0
-    assert trips.count <= run_overhead, trips.count
-    assert {schema_version(cws, uid) for uid in ids} == {3}, "the fleet, not the folder's head"
+    assert again.total == again.up_to_date == 24 and again.succeeded == 0
+    assert statements.writes("byod_migrations") == statements.writes("byod_configs") == 0
+
+
+def test_a_page_is_planned_before_its_instances_are_touched_and_a_crash_is_settled(
+    process_fleet: tuple[Workspace, list[int], list[str], dict[str, str]], tmp_path: Path
+) -> None:
+    """While the first user's step is held inside its instance transaction, every user of
+    its page already has its ``running`` row (written before any instance was touched);
+    killed there, the run leaves rows the next run settles: the held user's attempt
+    failed ("interrupted: runner lost"), the others' planned rows too (never started),
+    then each user migrated exactly once."""
+    ws, ids, urls, env = process_fleet
+    proc, hold = start_held(tmp_path, env, 1, "--concurrency", "1", "--lease-seconds", "2")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    held = {int(p.name.split("-")[1]) for p in hold.iterdir()}
+    page = [uid for uid in ids if any(s[2] == "running" for s in statuses(ws, uid))]
+    assert len(page) == 2 and held < set(page)  # a page of two: the pool's size twice
+    (other,) = set(page) - held
+    for uid in held:  # 001 done, 002 held in its transaction
+        assert [s[2] for s in statuses(ws, uid)] == ["completed", "running", "pending"]
+    assert [s[2] for s in statuses(ws, other)] == ["running", "pending", "pending"]
+    assert stamp_ids(urls[ids.index(other)]) == []  # planned, never touched
+    wait_for_leases_to_lapse(ws.engine, page)
+    second = byod(tmp_path, "migrate", "--all", "--json", env=env)
+    _, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err
+    assert [counter(url) for url in urls] == [11] * len(urls)
+    assert not [s for uid in ids for s in statuses(ws, uid) if s[2] in ("running", "pending")]
+    lost = {uid: "002_bump" for uid in held} | {other: "001_create"}
+    for uid, step in lost.items():
+        rows = [r for r in history(ws.engine, uid) if r.migration_id == step]
+        assert [(r.status, r.error) for r in reversed(rows)] == [
+            ("failed", "interrupted: runner lost"),
+            ("completed", None),
+        ]
+
+
+def test_kill_9_after_the_instances_commit_and_before_the_batch_is_recorded(
+    cws: Workspace, new_instance: InstanceFactory, tmp_path: Path
+) -> None:
+    """The stamp is the truth: a run killed after its users' last steps committed on
+    their instances but before the batch recording them was written (the control plane
+    held locked) leaves those rows ``running``; the next run settles them from the
+    stamps (completed, recovered), moves the configs, and applies nothing twice."""
+    ws = cws
+    ids, urls = fleet_of(ws, new_instance, 4)
+    runner = ws.runner()
+    for uid in ids:
+        assert runner.migrate(uid, to_version=1).ok
+    env = {
+        "BYOD_DATABASE_URL": ws.settings.database_url,
+        "BYOD_MIGRATIONS": str(ws.settings.migrations_dir),
+    }
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    hold_env = {"BYOD_TEST_HOLD_DIR": str(hold), "BYOD_TEST_HOLD_SECONDS": "1.5"}
+    args = ("--to", "2", "--concurrency", "4", "--lease-seconds", "2")
+    proc = byod(tmp_path, "migrate", "--all", *args, env=env | hold_env)
+    wait_until(lambda: len(list(hold.iterdir())) == 4, "every user inside its step")
+    with _control_plane_locked(ws.engine):  # the batch cannot be written
+        wait_until(
+            lambda: all(stamp_ids(url)[-1:] == ["002_bump"] for url in urls),
+            "every instance to commit its step",
+        )
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    assert [[s[2] for s in statuses(ws, uid) if s[0] == "002_bump"] for uid in ids] == [
+        ["running"]
+    ] * 4
+    assert {ws.directory.get_config(uid).schema_version for uid in ids} == {1}
+    wait_for_leases_to_lapse(ws.engine, ids)
+    again = migrate_fleet(ws.runner(), to_version=2)
+    assert (again.up_to_date, again.failed) == (4, 0)
+    assert [counter(url) for url in urls] == [1] * 4  # 002 applied once on each
+    for uid in ids:
+        bumps = [r for r in history(ws.engine, uid) if r.migration_id == "002_bump"]
+        assert [(r.status, r.error) for r in bumps] == [
+            ("completed", "recovered: the instance's stamp shows it done")
+        ]
+        assert ws.directory.get_config(uid).schema_version == 2
+    assert not [s for uid in ids for s in statuses(ws, uid) if s[2] in ("running", "pending")]
+
+
+@contextlib.contextmanager
+def _control_plane_locked(engine: sa.Engine) -> Iterator[None]:
+    """No one else can write the control plane's ledger and configs while this lasts."""
+    if engine.dialect.name == "sqlite":
+        raw = sqlite3.connect(engine.url.database or "", timeout=30, isolation_level=None)
+        raw.execute("BEGIN EXCLUSIVE")
+        try:
+            yield
+        finally:
+            raw.execute("ROLLBACK")
+            raw.close()
+        return
+    with engine.connect() as conn:
+        conn.execute(sa.text("LOCK TABLE byod_migrations, byod_configs IN EXCLUSIVE MODE"))
+        try:
+            yield
+        finally:
+            conn.rollback()
 
 
 # -- real processes ---------------------------------------------------------------------

@@ -50,8 +50,8 @@ def adopt_user(runner: Runner, user: User, *, by: str) -> Adoption:
     except BusyError as exc:
         return Adoption(user.id, user.clerk_id, "refused", error=exc.message)
     try:
-        credentials = runner._unseal(config)
-        with runner._opener(credentials, runner.connect_timeout) as target:
+        credentials = runner.unseal(config)
+        with runner.connect(credentials) as target:
             if not isinstance(target, SqlTarget):  # a Convex deployment: no Alembic there
                 return Adoption(user.id, user.clerk_id, "nothing")
             revisions = target.alembic_revisions()

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 from byod.errors import BusyError, ByodError, ControlPlaneError, DriftError, RehearsalError
 from byod.results import StepResult, UserResult, check_stamp
+from byod.runner.step import apply_step
+from byod.runner.trail import gave_up
 
 if TYPE_CHECKING:
     from byod.controlplane import User
@@ -32,17 +34,17 @@ def rehearse_user(runner: Runner, user: User, *, to_version: int | None = None) 
     try:
         config = runner.directory.claim_lease(user.id, runner.owner, runner.lease_seconds)
     except BusyError as exc:
-        return dataclasses.replace(runner._gave_up(user, 0, exc), rehearsal=True)
+        return dataclasses.replace(gave_up(runner, user, 0, exc), rehearsal=True)
     try:
         with runner.directory.keep_lease(user.id, runner.owner, runner.lease_seconds):
-            credentials = runner._unseal(config)
-            with runner._opener(credentials, runner.connect_timeout) as target:
+            credentials = runner.unseal(config)
+            with runner.connect(credentials) as target:
                 result = _rehearse_on(runner, user, target, to_version, started)
     except RehearsalError:
         raise
     except ByodError as exc:
         return dataclasses.replace(
-            runner._gave_up(user, config.schema_version, exc), rehearsal=True
+            gave_up(runner, user, config.schema_version, exc), rehearsal=True
         )
     finally:
         with contextlib.suppress(ControlPlaneError):
@@ -53,7 +55,7 @@ def rehearse_user(runner: Runner, user: User, *, to_version: int | None = None) 
 def _rehearse_on(
     runner: Runner, user: User, target: Target, to_version: int | None, started: float
 ) -> UserResult:
-    stamp = target.rehearse(runner._deadline())
+    stamp = target.rehearse(runner.deadline())
     problems = check_stamp(runner.registry, stamp)
     if problems:
         raise DriftError(f"drift: {'; '.join(problems)}")
@@ -65,7 +67,7 @@ def _rehearse_on(
         try:
             if index == 0:
                 target.prepare(mig)
-            _, rows = runner._apply(user, step, target, runner._deadline(), record=False)
+            _, rows = apply_step(runner, user, step, target, runner.deadline(), record=False)
         except ByodError as exc:
             seconds = time.perf_counter() - began
             text = f"{type(exc).__name__}: {exc.message}"

@@ -94,8 +94,8 @@ def _accept_one(runner: Runner, user: User, migration: Migration) -> Accepted:
     except ByodError as exc:
         return Accepted(user.id, user.clerk_id, None, exc.message)
     try:
-        credentials = runner._unseal(config)
-        with runner._opener(credentials, runner.connect_timeout) as target:
+        credentials = runner.unseal(config)
+        with runner.connect(credentials) as target:
             if not isinstance(target, SqlTarget):
                 return Accepted(user.id, user.clerk_id, None, "not a SQL instance: untouched")
             return Accepted(user.id, user.clerk_id, target.accept_checksum(migration))

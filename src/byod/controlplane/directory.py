@@ -355,6 +355,40 @@ class Directory:
                 )
         raise BusyError(f"user {user_id} is busy: its lease keeps changing hands")
 
+    def claim_leases(self, user_ids: Sequence[int], owner: str, seconds: float) -> list[Config]:
+        """Claim the leases of a page of users in one statement: the configs of those it
+        got (a user another runner holds, or without a config, is left out). Their
+        ``open_rows`` are not filled in (see :meth:`Ledger.page_counts`)."""
+        if not user_ids:
+            return []
+        now = utcnow()
+        claim = (
+            configs.update()
+            .where(
+                configs.c.user_id.in_(list(user_ids)),
+                sa.or_(
+                    configs.c.lease_owner.is_(None),
+                    configs.c.lease_owner == owner,
+                    configs.c.lease_expires_at < now,
+                ),
+            )
+            .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=seconds))
+            .returning(*_CONFIG_COLUMNS)
+        )
+        with single(self.engine, "claim the leases") as conn:
+            return [_config(row) for row in conn.execute(claim)]
+
+    def release_leases(self, user_ids: Sequence[int], owner: str) -> None:
+        """Give back the leases of a page of users this owner still holds (one statement)."""
+        if not user_ids:
+            return
+        with single(self.engine, "release the leases") as conn:
+            conn.execute(
+                configs.update()
+                .where(configs.c.user_id.in_(list(user_ids)), configs.c.lease_owner == owner)
+                .values(lease_owner=None, lease_expires_at=None)
+            )
+
     def renew_lease(self, user_id: int, owner: str, seconds: float) -> bool:
         """Extend a lease this owner holds; False when it was lost to another owner."""
         with single(self.engine, "renew the lease") as conn:

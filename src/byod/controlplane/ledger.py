@@ -28,6 +28,7 @@ A user another runner was working on (``busy``) gets no row: that runner writes 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -35,6 +36,7 @@ import sqlalchemy as sa
 from sqlalchemy.sql.dml import ReturningInsert
 
 from byod.clock import utcnow
+from byod.controlplane._pages import PageCounts, page_counts, plan_rows
 from byod.controlplane._tx import reading, single, writing
 from byod.controlplane.directory import config_at_version
 from byod.controlplane.schema import configs, ledger
@@ -42,7 +44,7 @@ from byod.errors import ControlPlaneError
 from byod.redact import mask
 from byod.registry import Direction, Migration, Plan, Step
 
-__all__ = ["Ledger", "LedgerRow", "SettledRow"]
+__all__ = ["CompletedStep", "Ledger", "LedgerRow", "SettledRow"]
 
 _ERROR_LIMIT = 2000
 
@@ -113,16 +115,19 @@ class Ledger:
         *,
         start_next: Step | None = None,
         release_owner: str | None = None,
+        started_at: datetime | None = None,
     ) -> int | None:
         """Atomically: the step's row ``completed`` and the config at its version after.
 
         ``start_next`` also marks that step's row ``running`` (returns its attempt
-        number); ``release_owner`` also gives back the lease that owner holds.
+        number); ``release_owner`` also gives back the lease that owner holds;
+        ``started_at``: when the step began on the instance (kept as the row's).
         """
         now = utcnow()
         params = _step_params(user_id, step, now) | {
             "b_version": step.version_after,
             "b_owner": release_owner,
+            "b_started": started_at,
         }
         if start_next is not None:
             params |= {"b_next_m": start_next.migration.id, "b_next_d": start_next.direction}
@@ -145,6 +150,60 @@ class Ledger:
                 return None
             next_params = _step_params(user_id, start_next, now)
             return _scalar_int(conn.execute(_start(), next_params).scalar())
+
+    def page_counts(self, user_ids: Sequence[int]) -> PageCounts:
+        """For a page of users (their leases held): the rows a lost runner left open,
+        and the attempts each step had before (one statement)."""
+        if not user_ids:
+            return PageCounts({}, {})
+        with reading(self.engine, "read the page's ledger") as conn:
+            return page_counts(conn, user_ids)
+
+    def record_planned_page(
+        self, plans: dict[int, Plan], counts: PageCounts, run_id: str | None
+    ) -> dict[int, int]:
+        """:meth:`record_planned` for a page of users (their leases held, none with open
+        rows) in one statement, before any of their instances is touched; returns each
+        user's first attempt number."""
+        rows, attempts = plan_rows(plans.items(), counts.tries, run_id, utcnow())
+        if rows:
+            with single(self.engine, "record the page's plans") as conn:
+                conn.execute(ledger.insert(), rows)
+        return attempts
+
+    def drop_planned(self, user_ids: Sequence[int], run_id: str | None) -> None:
+        """Forget the rows this run planned for users it then never started (a page's
+        users left when the run stopped, a user refused or found at another version
+        before its chain began): one statement. Only rows still ``pending`` or
+        ``running`` of this run go; nothing ran for them."""
+        if not user_ids:
+            return
+        with single(self.engine, "forget the unstarted plans") as conn:
+            conn.execute(
+                ledger.delete().where(
+                    ledger.c.user_id.in_(list(user_ids)),
+                    ledger.c.run_id == run_id if run_id is not None else ledger.c.run_id.is_(None),
+                    ledger.c.status.in_(("pending", "running")),
+                )
+            )
+
+    def record_last_steps(self, done: Sequence[CompletedStep]) -> int:
+        """:meth:`record_completed` of the last step of many users at once (each giving
+        its lease back), in one transaction; returns how many ledger rows it completed
+        (a row no longer ``running``, settled by another runner that took the lease, is
+        left as it is)."""
+        if not done:
+            return 0
+        params = [
+            _step_params(one.user_id, one.step, one.completed_at)
+            | {"b_version": one.step.version_after, "b_owner": one.owner}
+            | {"b_started": one.started_at}
+            for one in done
+        ]
+        with writing(self.engine, "record the successes") as conn:
+            completed = conn.execute(_DONE, params).rowcount
+            conn.execute(config_at_version(True), params)
+        return completed
 
     def record_rows(
         self, user_id: int, step: Step, rows_done: int, rows_total: int | None = None
@@ -288,6 +347,18 @@ class Ledger:
 
 
 @dataclass(frozen=True)
+class CompletedStep:
+    """A user's last step, done on its instance, waiting to be recorded with others."""
+
+    user_id: int
+    step: Step
+    #: the lease owner that gives the user's lease back with the record
+    owner: str
+    started_at: datetime
+    completed_at: datetime
+
+
+@dataclass(frozen=True)
 class SettledRow:
     """A row a lost runner left open, as :meth:`Ledger.settle_orphans` settled it."""
 
@@ -418,7 +489,15 @@ def _start_next() -> sa.Update:
 _DONE = (
     ledger.update()
     .where(*_THIS_STEP, ledger.c.status == "running")
-    .values(status="completed", completed_at=_now, error=None)
+    .values(
+        status="completed",
+        completed_at=_now,
+        error=None,
+        # when the step began on the instance, where the row was written before (its page)
+        started_at=sa.func.coalesce(
+            sa.bindparam("b_started", type_=sa.DateTime), ledger.c.started_at
+        ),
+    )
 )
 _ROWS = (
     ledger.update()

@@ -29,6 +29,7 @@ from byod.controlplane.rehearsals import record_rehearsed
 from byod.errors import ByodError, ControlPlaneError, InputError, IrreversibleError
 from byod.fleet.halt import canary_over, canary_room, halt_reason
 from byod.fleet.outcome import Settled, settle
+from byod.fleet.paging import Pager
 from byod.fleet.pools import ProcessPool, WorkerSetup, in_worker
 from byod.fleet.selection import Item, limited, outdated, require_key, size_selection
 from byod.fleet.summary import FleetEvent, FleetStarted, FleetSummary, UserFinished
@@ -36,6 +37,7 @@ from byod.logs import fields
 from byod.notify import log_notice
 from byod.phased import Batching
 from byod.runner import Runner
+from byod.runner.pages import Claims, Outcomes
 from byod.spec import FleetOptions, RunSpec, Selection
 
 __all__ = ["migrate_fleet", "rollback_run"]
@@ -148,6 +150,11 @@ def _execute(
         batching=Batching.of(options, stop),
         on_rows=on_event,
     )
+    if options.processes == 1 and action != "rehearse":  # threads share one run's pages
+        runner.claims = Claims(
+            runner.directory, runner.ledger, runner.owner, runner.run_id, runner.lease_seconds
+        )
+        runner.outcomes = Outcomes(runner.ledger)
     store.progress(summary.run_id, summary.counts(), planned=total + summary.total)
     on_event(FleetStarted(summary.run_id, total + summary.total))
     fleet_run = _FleetRun(runner, store, summary, options, on_event, action, stop)
@@ -176,11 +183,23 @@ class _FleetRun:
         self.stop = stop
         self.in_flight: dict[Future[Settled], Item] = {}
         self.waiting: Item | None = None
+        self.submitted = 0  # users started
         # threads in one process, or single-user worker processes
         self.workers = options.concurrency if options.processes == 1 else options.processes
 
-    def run(self, remaining: Iterator[Item]) -> FleetSummary:
+    def run(self, selected: Iterator[Item]) -> FleetSummary:
         summary = self.summary
+        remaining: Iterator[Item] = selected
+        claims = self.runner.claims
+        if claims is not None:
+            remaining = Pager(
+                self.runner,
+                claims,
+                selected,
+                action=self.action,
+                workers=self.workers,
+                room=lambda: canary_room(self.options, self.submitted, len(self.in_flight)),
+            )
         finished = threading.Event()
         ticker = threading.Thread(
             target=_report_progress,
@@ -198,13 +217,13 @@ class _FleetRun:
                     self.stop.set()
                     log.warning("fleet run %s interrupted: finishing running users", summary.run_id)
                     self._drain()
-                    waiting = 0 if self.waiting is None else 1  # taken, never started
-                    summary.not_started += waiting + sum(1 for _ in remaining)
+                    summary.not_started += self._left(remaining, self.waiting)
         except ByodError as exc:  # e.g. the selection unreadable for too long
             summary.state, summary.halt_reason = "interrupted", exc.message
             raise
         finally:
             self.stop.set()
+            self._close_pages()
             finished.set()
             ticker.join()
             if summary.state == "running":
@@ -213,6 +232,27 @@ class _FleetRun:
             self._explain_holds()
             self._record_end()
         return summary
+
+    def _left(self, remaining: Iterator[Item], taken: Item | None) -> int:
+        """The users the run will not start (``taken``: handed out, never started):
+        their page's claims given back; how many, the selection's rest counted too."""
+        self.waiting = None
+        if isinstance(remaining, Pager):
+            return remaining.left(taken)
+        return (taken is not None) + sum(1 for _ in remaining)
+
+    def _close_pages(self) -> None:
+        """Claims no worker took given back; the last steps still waiting recorded
+        (patiently: the next run restores from the stamps what never is)."""
+        runner = self.runner
+        try:
+            if runner.claims is not None:
+                runner.claims.release_all()
+        except ByodError as exc:  # their leases lapse; their rows are settled next run
+            log.warning("fleet: unstarted users not given back: %s", exc.message)
+        finally:
+            if runner.outcomes is not None:
+                runner.outcomes.close(FINISH_PATIENCE_SECONDS)
 
     def _explain_holds(self) -> None:
         """What holds each gate that stopped users, as the run leaves the fleet (a user
@@ -263,18 +303,16 @@ class _FleetRun:
 
     def _feed(self, pool: Executor, remaining: Iterator[Item]) -> None:
         summary, options = self.summary, self.options
-        submitted = 0
         for item in remaining:
             self.waiting = item  # taken from the selection, not submitted yet
-            if canary_room(options, submitted, len(self.in_flight)) == 0:
+            if canary_room(options, self.submitted, len(self.in_flight)) == 0:
                 self._drain()  # the canary wave ends before anyone else starts
-                self._check_halt(started=submitted, canary_over=True)
+                self._check_halt(started=self.submitted, canary_over=True)
             while summary.state == "running" and len(self.in_flight) >= self.workers:
                 self._collect()
             if summary.state != "running":
-                summary.not_started += 1
-                self.waiting = None
-                continue
+                summary.not_started += self._left(remaining, item)
+                break
             if isinstance(pool, ProcessPool):
                 future = pool.submit(in_worker, self.action, item.user, item.to_version)
             else:
@@ -289,10 +327,10 @@ class _FleetRun:
                 )
             self.in_flight[future] = item
             self.waiting = None
-            submitted += 1
+            self.submitted += 1
         self._drain()
-        over = canary_over(options, submitted, 0, exhausted=True)
-        self._check_halt(started=submitted, canary_over=over)
+        over = canary_over(options, self.submitted, 0, exhausted=True)
+        self._check_halt(started=self.submitted, canary_over=over)
 
     def _drain(self) -> None:
         """Wait for every user in flight, settling each as it finishes (so the run's counts,

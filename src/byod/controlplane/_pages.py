@@ -1,0 +1,100 @@
+"""Statements for a page of users at once, so a fleet run's bookkeeping costs a few
+statements a page instead of a few a user. Used by the tables' writers (the directory
+for leases, the ledger for its rows), each inside its own connection or transaction.
+
+Every statement here touches only users whose lease the caller holds (or is claiming),
+so reading counts and then writing rows needs no lock: no one else writes their rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+
+from byod.controlplane.schema import ledger
+from byod.registry import Plan, Step
+
+__all__ = ["PageCounts", "StepKey", "page_counts", "plan_rows"]
+
+#: (user, migration, direction): a step of one user
+StepKey = tuple[int, str, str]
+
+
+@dataclass(frozen=True)
+class PageCounts:
+    """What the ledger holds for a page of users: per user, the rows a lost runner left
+    ``pending`` or ``running``; per step of a user, the attempts made before."""
+
+    open_rows: dict[int, int]
+    tries: dict[StepKey, int]
+
+
+def page_counts(conn: sa.Connection, user_ids: Sequence[int]) -> PageCounts:
+    """One statement: the ledger's open rows and earlier attempts of ``user_ids``."""
+    is_open = sa.case((ledger.c.status.in_(("pending", "running")), 1), else_=0)
+    # what the per-user INSERT counts as an attempt (a failure before the chain is none)
+    tried = sa.case(
+        (
+            sa.and_(
+                ledger.c.status.in_(("running", "completed", "failed")),
+                ledger.c.started_at.is_not(None),
+            ),
+            1,
+        ),
+        else_=0,
+    )
+    query = (
+        sa.select(
+            ledger.c.user_id,
+            ledger.c.migration_id,
+            ledger.c.direction,
+            sa.func.sum(is_open),
+            sa.func.sum(tried),
+        )
+        .where(ledger.c.user_id.in_(list(user_ids)))
+        .group_by(ledger.c.user_id, ledger.c.migration_id, ledger.c.direction)
+    )
+    open_rows: dict[int, int] = {}
+    tries: dict[StepKey, int] = {}
+    for user_id, migration_id, direction, opened, attempts in conn.execute(query):
+        uid = int(user_id)
+        open_rows[uid] = open_rows.get(uid, 0) + int(opened or 0)
+        tries[(uid, str(migration_id), str(direction))] = int(attempts or 0)
+    return PageCounts(open_rows, tries)
+
+
+def plan_rows(
+    plans: Iterable[tuple[int, Plan]], tries: dict[StepKey, int], run_id: str | None, now: datetime
+) -> tuple[list[dict[str, object]], dict[int, int]]:
+    """The ledger rows of each user's plan (the first step ``running`` with its attempt
+    number, the rest ``pending``, as :meth:`Ledger.record_planned` writes one user's),
+    and each user's first attempt number."""
+    rows: list[dict[str, object]] = []
+    attempts: dict[int, int] = {}
+    for user_id, plan in plans:
+        for index, step in enumerate(plan.steps):
+            first = index == 0
+            attempt = tries.get(_key(user_id, step), 0) + 1 if first else 0
+            if first:
+                attempts[user_id] = attempt
+            rows.append(
+                {
+                    "user_id": user_id,
+                    "migration_id": step.migration.id,
+                    "version": step.migration.version,
+                    "direction": step.direction,
+                    "status": "running" if first else "pending",
+                    "attempts": attempt,
+                    "run_id": run_id,
+                    "started_at": now if first else None,
+                    "created_at": now,
+                }
+            )
+    return rows, attempts
+
+
+def _key(user_id: int, step: Step) -> StepKey:
+    return (user_id, step.migration.id, step.direction)

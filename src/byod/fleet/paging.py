@@ -1,0 +1,123 @@
+"""A fleet run's selection handed out a page at a time, each page claimed first.
+
+Before any user of a page starts, the page's leases are claimed and the users' plans
+written to the ledger in a few statements (:class:`byod.runner.pages.Claims`), so the
+per-user path holds no control-plane write but the steps' own records, and a crash
+always leaves a row to settle. A page is what the pool starts within a few seconds:
+its size doubles while pages go by in under a second and halves when one takes longer
+than four, between the pool's size and :data:`MAX_PAGE`.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+from byod.controlplane import Config
+from byod.errors import ByodError, ControlPlaneError
+from byod.fleet.selection import Item
+from byod.registry import Plan
+from byod.runner import Runner
+from byod.runner.pages import Claims
+
+__all__ = ["MAX_PAGE", "Pager"]
+
+log = logging.getLogger("byod.fleet")
+
+#: The most users one page claims.
+MAX_PAGE = 1000
+
+
+class Pager:
+    """Items of the selection, each page of them claimed before the first is handed out.
+
+    ``room``: how many more users may start now (the canary wave's), None for no limit.
+    """
+
+    def __init__(
+        self,
+        runner: Runner,
+        claims: Claims,
+        source: Iterator[Item],
+        *,
+        action: str,
+        workers: int,
+        room: Callable[[], int | None] = lambda: None,
+    ) -> None:
+        self.runner = runner
+        self.claims = claims
+        self.source = source
+        self.action = action
+        self.workers = workers
+        self.room = room
+        self.size = min(MAX_PAGE, max(1, workers * 2))
+        self._items: collections.deque[Item] = collections.deque()
+        self._filled_at: float | None = None
+
+    def __iter__(self) -> Iterator[Item]:
+        return self
+
+    def __next__(self) -> Item:
+        if not self._items:
+            self._fill()
+        if not self._items:
+            raise StopIteration
+        return self._items.popleft()
+
+    def left(self, taken: Item | None = None) -> int:
+        """The users not handed out (and ``taken``, handed out but never started): their
+        claims given back; how many there were, the selection's rest counted too."""
+        items = list(self._items)
+        self._items.clear()
+        if taken is not None:
+            items.append(taken)
+        self.claims.forget(item.user.id for item in items)
+        return len(items) + sum(1 for _ in self.source)
+
+    def _fill(self) -> None:
+        now = time.monotonic()
+        if self._filled_at is not None:  # how long the last page lasted
+            lasted = now - self._filled_at
+            if lasted < 1.0:
+                self.size = min(MAX_PAGE, self.size * 2)
+            elif lasted > 4.0:
+                self.size = max(self.workers, self.size // 2)
+        self._filled_at = now
+        size = self.size
+        room = self.room()
+        if room == 0:  # the canary wave is running: the next user waits for its verdict
+            self._items.extend(itertools.islice(self.source, 1))  # unclaimed: a lone run
+            return
+        if room is not None:  # a canary wave claims no one past it
+            size = min(size, room)
+        items = list(itertools.islice(self.source, size))
+        if not items:
+            return
+        targets = {item.user.id: item.to_version for item in items}
+        try:
+            self.claims.claim(list(targets), lambda config: self._plan(config, targets))
+        except ControlPlaneError as exc:  # each user then waits for it on its own
+            log.warning("fleet: cannot claim the next page of users: %s", exc.message)
+        self._items.extend(items)  # a user not claimed (busy) runs the lone user's way
+
+    def _plan(self, config: Config, targets: dict[int, int]) -> Plan | None:
+        """What the user's run would do at the control plane's version, or None when it
+        will not run a chain (disconnected, sealed with another key, a rollback that
+        cannot be undone): its run then says why, with no plan written."""
+        runner = self.runner
+        if config.connection_status == "disconnected" or config.key_id != runner.sealer.key_id:
+            return None
+        to_version = targets[config.user_id]
+        try:
+            if self.action == "rollback":
+                plan = runner.registry.plan_down(config.schema_version, to_version)
+                if not all(step.migration.reversible for step in plan.steps):
+                    return None
+            else:
+                plan = runner.registry.plan_up(config.schema_version, to_version)
+            return runner.gates.cut(plan)[0]
+        except ByodError:
+            return None
