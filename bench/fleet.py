@@ -236,10 +236,15 @@ def child_byod(spec: dict[str, Any]) -> list[float]:
     )
     ws = Workspace(settings)
     times: list[float] = []
+    began = time.perf_counter()
+    span = [float("inf"), 0.0]  # the first user's start, the last one's end
 
     def seen(event: object) -> None:
         if isinstance(event, UserFinished):
+            now = time.perf_counter()
             times.append(event.result.seconds)
+            span[0] = min(span[0], now - event.result.seconds)
+            span[1] = max(span[1], now)
 
     options = FleetOptions(concurrency=spec["concurrency"], processes=spec.get("processes", 1))
     sample_to = os.environ.get("BYOD_BENCH_SAMPLE")  # a per-thread profile, to this file
@@ -253,11 +258,18 @@ def child_byod(spec: dict[str, Any]) -> list[float]:
     summary = migrate_fleet(
         ws.runner(), options=options, on_event=seen, to_version=2, rehearse=spec["rehearse"]
     )
+    ended = time.perf_counter()
     if sampler is not None:
         sampler.stop()
         Path(sample_to).write_text(json.dumps(sampler.top(20), indent=1))
     assert summary.succeeded == len(spec["urls"]), summary.as_dict()
+    # the run's fixed cost: before its first user started, after its last one ended
+    FIXED.update(before_first_user_s=span[0] - began, after_last_user_s=ended - span[1])
     return times
+
+
+#: a byod run's fixed cost, for its JSON line
+FIXED: dict[str, float] = {}
 
 
 _ENV_PY = """
@@ -406,6 +418,13 @@ def _floor_control_plane(setup_url: str) -> None:
 def run_child(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     runner = {"floor": child_floor, "alembic": child_alembic}.get(spec["tool"], child_byod)
+    # imports are not the rollout's cost (start-up has its own figure: overhead.py --startup)
+    import alembic.command  # noqa: F401
+    import psycopg  # noqa: F401
+
+    import byod.fleet
+    import byod.workspace  # noqa: F401
+
     started = time.perf_counter()
     times = runner(spec)
     elapsed = time.perf_counter() - started
@@ -418,6 +437,7 @@ def run_child(spec_path: str) -> None:
                 "p99_ms": round(times[min(len(times) - 1, int(len(times) * 0.99))] * 1000, 2),
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             }
+            | {name: round(value, 3) for name, value in FIXED.items()}
         )
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -140,10 +141,11 @@ def count_outdated_by_key(
     statuses: tuple[str, ...],
     key_id: str,
     only_version: int | None = None,
-) -> tuple[int, int, int]:
+) -> tuple[int, int, int, int]:
     """How many configs in ``statuses`` are below version ``below``, how many of those
-    were sealed with the key ``key_id``, and how many are at ``below`` or past it (up to
-    date; 0 with ``only_version``): one query."""
+    were sealed with the key ``key_id``, how many are at ``below`` or past it (up to
+    date; 0 with ``only_version``), and how many users are not eligible (see
+    :func:`count_not_eligible`): one query."""
     outdated = configs.c.schema_version < below
     if only_version is not None:
         outdated = sa.and_(outdated, configs.c.schema_version == only_version)
@@ -153,10 +155,11 @@ def count_outdated_by_key(
         *(sa.func.coalesce(sa.func.sum(sa.case((c, 1), else_=0)), 0) for c in (outdated, sealed))
     )
     query = query.add_columns(sa.func.coalesce(sa.func.sum(sa.case((at_target, 1), else_=0)), 0))
+    query = query.add_columns(_not_eligible(statuses).scalar_subquery())
     query = query.select_from(configs).where(configs.c.connection_status.in_(statuses))
     with reading(engine, "count outdated users") as conn:
-        total, with_key, current = conn.execute(query).one()
-    return int(total), int(with_key), int(current)
+        total, with_key, current, not_eligible = conn.execute(query).one()
+    return int(total), int(with_key), int(current), int(not_eligible)
 
 
 def count_ahead(engine: sa.Engine, head: int) -> tuple[int, OutdatedConfig | None]:
@@ -182,16 +185,20 @@ def count_ahead(engine: sa.Engine, head: int) -> tuple[int, OutdatedConfig | Non
 
 def count_not_eligible(engine: sa.Engine, eligible: tuple[str, ...]) -> int:
     """Users with no config, or whose connection status is not in ``eligible``."""
-    query = (
+    with reading(engine, "count users not eligible") as conn:
+        return int(conn.execute(_not_eligible(eligible)).scalar_one())
+
+
+def _not_eligible(eligible: tuple[str, ...]) -> sa.Select[Any]:
+    mine = configs.alias("eligibility")  # apart from an outer query's configs
+    return (
         sa.select(sa.func.count())
-        .select_from(users.outerjoin(configs, configs.c.user_id == users.c.id))
+        .select_from(users.outerjoin(mine, mine.c.user_id == users.c.id))
         .where(
             users.c.removed_at.is_(None),
-            sa.or_(configs.c.user_id.is_(None), configs.c.connection_status.not_in(eligible)),
+            sa.or_(mine.c.user_id.is_(None), mine.c.connection_status.not_in(eligible)),
         )
     )
-    with reading(engine, "count users not eligible") as conn:
-        return int(conn.execute(query).scalar_one())
 
 
 @dataclass(frozen=True)

@@ -67,15 +67,28 @@ class RunStore:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
 
-    def start(self, kind: str, spec: RunSpec, *, started_by: str | None = None) -> str:
+    def start(
+        self,
+        kind: str,
+        spec: RunSpec,
+        *,
+        started_by: str | None = None,
+        planned: int | None = None,
+        counts: RunCounts | None = None,
+    ) -> str:
         """Record a new run (``kind``: migrate or rollback) as ``running``; returns its id.
         ``started_by``: who asked for it (an HTTP caller's token subject); default this
-        process's OS user@host."""
+        process's OS user@host. ``planned`` and ``counts``: its size and first counts,
+        written with it (one statement)."""
         now = utcnow()
         run_id = f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+        sized: dict[str, object] = {} if counts is None else dict(counts.__dict__)
+        if planned is not None:
+            sized["planned"] = planned
         with single(self.engine, "record the run") as conn:
             conn.execute(
                 runs.insert().values(
+                    **sized,
                     id=run_id,
                     kind=kind,
                     started_by=(started_by or local_user())[:255],

@@ -140,7 +140,9 @@ def _execute(
 ) -> FleetSummary:
     """Record the run (``action``: migrate or rollback), then run its users."""
     store = RunStore(base.engine)
-    summary.run_id = store.start(action, spec, started_by=started_by)
+    summary.run_id = store.start(
+        action, spec, started_by=started_by, planned=total + summary.total, counts=summary.counts()
+    )
     options = spec.options
     stop = threading.Event()  # Ctrl-C: no new users, no new retries, no new batches
     runner = base.configured(
@@ -155,7 +157,6 @@ def _execute(
             runner.directory, runner.ledger, runner.owner, runner.run_id, runner.lease_seconds
         )
         runner.outcomes = Outcomes(runner.ledger)
-    store.progress(summary.run_id, summary.counts(), planned=total + summary.total)
     on_event(FleetStarted(summary.run_id, total + summary.total))
     fleet_run = _FleetRun(runner, store, summary, options, on_event, action, stop)
     return fleet_run.run(iter(items))

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from byod.clock import utcnow
-from byod.controlplane import User, count_not_eligible, count_outdated_by_key, iter_outdated
+from byod.controlplane import User, count_outdated_by_key, iter_outdated
 from byod.errors import ByodError, ControlPlaneError, CredentialsError
 from byod.fleet.outcome import control_plane_patience
 from byod.runner import Runner
@@ -87,9 +87,8 @@ def size_selection(
     runner.registry.plan_up(0, target)
     if selection.users is None:
         listed = None
-        not_eligible = count_not_eligible(runner.engine, ELIGIBLE_STATUSES)
         # users already at the target are the run's too: counted up to date, not taken
-        planned, sealed_here, up_to_date = count_outdated_by_key(
+        planned, sealed_here, up_to_date, not_eligible = count_outdated_by_key(
             runner.engine,
             target,
             statuses=ELIGIBLE_STATUSES,

@@ -122,7 +122,9 @@ class Chain:
                     started_at=began,
                 )
             self.lease.released = last
-            if step.direction == "up":
+            if step.direction == "up" and runner.outcomes is not None:
+                runner.outcomes.note_applied(step.migration)  # with the next batch
+            elif step.direction == "up":
                 self._note_applied(step.migration)
             version = step.version_after
             status = "completed" if applied else "already-applied"

@@ -1,5 +1,6 @@
 """A fleet run's bookkeeping in pages: leases and plans written a page of users at a
-time before any of their instances is touched, last steps recorded in batches.
+time before any of their instances is touched, last steps (and the checksums of the
+migrations first applied) recorded in batches.
 
 :class:`Claims` holds the users a run claimed (one statement a page for their leases,
 one to read their ledger, one to write their plans: the first step ``running``, the rest
@@ -24,10 +25,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from byod.clock import utcnow
-from byod.controlplane import Config, Directory, Ledger
+from byod.controlplane import Config, Directory, Ledger, record_applied_checksum
 from byod.controlplane.ledger import CompletedStep
 from byod.errors import ByodError, ControlPlaneError
-from byod.registry import Plan, Step
+from byod.registry import Migration, Plan, Step
 
 __all__ = ["FLUSH_SECONDS", "Claimed", "Claims", "Outcomes", "plan_key"]
 
@@ -141,6 +142,8 @@ class Outcomes:
         self._lock = threading.Lock()
         self._flushing = threading.Lock()
         self._waiting: list[CompletedStep] = []
+        self._checksums: list[Migration] = []  # applied first in this run, not kept yet
+        self._noted: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="byod-outcomes", daemon=True)
         self._thread.start()
@@ -152,10 +155,19 @@ class Outcomes:
         with self._lock:
             self._waiting.append(done)
 
+    def note_applied(self, migration: Migration) -> None:
+        """Keep ``migration``'s checksum as first applied, with the next batch (once per
+        run: the control plane keeps the first one written anywhere)."""
+        with self._lock:
+            if migration.id not in self._noted:
+                self._noted.add(migration.id)
+                self._checksums.append(migration)
+
     def flush(self) -> None:
         """Write what waits now (raises :class:`ControlPlaneError`; nothing is lost: it
         waits for the next try)."""
         with self._flushing:
+            self._flush_checksums()
             with self._lock:
                 batch, self._waiting = self._waiting, []
             if not batch:
@@ -173,6 +185,16 @@ class Outcomes:
                     len(batch) - done,
                     len(batch),
                 )
+
+    def _flush_checksums(self) -> None:
+        while True:
+            with self._lock:
+                if not self._checksums:
+                    return
+                migration = self._checksums[0]
+            record_applied_checksum(self.ledger.engine, migration)
+            with self._lock:
+                self._checksums.pop(0)
 
     def close(self, patience: float) -> None:
         """Stop the thread and write the rest, waiting up to ``patience`` seconds for a

@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from byod import metrics
+from byod.controlplane import record_applied_checksum
 from byod.errors import DeployError, DriftError
 from byod.registry import Direction, Registry
 from byod.results import StepResult, check_stamp
@@ -95,6 +96,9 @@ def reconcile(
         metrics.LEASE_TAKEOVERS.inc()
         for row in settled:
             migration = registry.get(row.migration_id)
+            if migration and row.status == "completed" and row.direction == "up":
+                # the lost run may not have kept its checksum as first applied either
+                record_applied_checksum(runner.engine, migration)
             mine = row.run_id is not None and row.run_id == runner.run_id
             if row.status == "completed" and mine and migration:
                 recovered.append(
