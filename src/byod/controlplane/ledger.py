@@ -5,10 +5,12 @@ One row per planned step of one run; rows are never overwritten by a later run, 
 user's history keeps every earlier attempt. What each status means:
 
 * ``pending``   planned by a run, not started yet.
-* ``running``   started; the instance transaction may be open. Only a runner that holds
-                the user's lease has ``running`` rows; a dead runner's rows are settled
-                by the next run (``completed`` if the instance's stamp has the step,
-                ``failed`` "interrupted: runner lost" otherwise).
+* ``running``   started; the instance transaction may be open (a fleet run writes its
+                users' first steps ``running`` with their page, just before it starts
+                them). Only a runner that holds the user's lease has ``running`` rows; a
+                dead runner's rows are settled by the next run (``completed`` if the
+                instance's stamp has the step, ``failed`` "interrupted: runner lost"
+                otherwise).
 * ``completed`` done on the instance (its stamp written in the same transaction) and
                 recorded here together with the config's ``schema_version``.
 * ``failed``    the attempt failed; its instance changes were rolled back. A ``failed``
