@@ -5,6 +5,7 @@ not running is refused, not recorded."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import sqlalchemy as sa
 
 from byod.controlplane import Ledger
 from byod.controlplane import ledger as ledger_module
+from byod.controlplane.ledger import CompletedStep
 from byod.controlplane.schema import ledger
 from byod.errors import ControlPlaneError
 from byod.registry import Migration, Plan, Step
@@ -341,3 +343,66 @@ def test_starting_the_next_step_numbers_its_attempt_from_that_steps_own_history(
     assert [r["status"] for r in rows(ws, user)][-2:] == ["running", "pending"], (
         "a skip touches the steps it names, pending ones only"
     )
+
+
+def test_a_pages_plans_are_the_rows_a_lone_users_plan_would_be(ws: Workspace, user: int) -> None:
+    """A page's plans, written in one statement, are what :meth:`record_planned` writes
+    for one user: the first step ``running`` numbered after the attempts before it (a
+    failure before the chain counts none), the rest ``pending``; a second page's plan is
+    numbered after the first. The page's counts say which users a lost runner left open
+    rows for."""
+    book = Ledger(ws.engine)
+    book.record_not_started(user, STEPS[0], "UnreachableError: down", "run-0")
+    plan = Plan("up", 0, 3, STEPS)
+    counts = book.page_counts([user])
+    assert counts.open_rows == {user: 0}
+    assert book.record_planned_page({user: plan}, counts, "run-1") == {user: 1}
+    assert rows(ws, user)[1:] == [
+        row("001_m", "running", None, 1, "run-1", True, False),
+        row("002_m", "pending", None, 0, "run-1", False, False),
+        row("003_m", "pending", None, 0, "run-1", False, False),
+    ]
+    assert book.page_counts([user]).open_rows == {user: 3}
+    book.record_failed(user, STEPS[0], "boom")
+    book.record_skipped(user, STEPS[1:], "skipped: 001_m up failed")
+    again = book.page_counts([user])
+    assert again.open_rows == {user: 0} and again.tries[(user, "001_m", "up")] == 1
+    assert book.record_planned_page({user: plan}, again, "run-2") == {user: 2}
+    assert rows(ws, user)[-3]["attempts"] == 2
+
+
+def test_unstarted_plans_are_forgotten_and_last_steps_recorded_in_a_batch(
+    ws: Workspace, user: int
+) -> None:
+    """:meth:`drop_planned` forgets only this run's rows still ``pending`` or
+    ``running`` (nothing ran for them); :meth:`record_last_steps` completes the running
+    rows of a batch with each step's own times, moves the config, gives the lease back,
+    and leaves a row that is no longer running as it is (counted out)."""
+    book = Ledger(ws.engine)
+    one = Plan("up", 0, 1, STEPS[:1])
+    book.record_planned(user, Plan("up", 0, 3, STEPS), "run-1")
+    book.record_failed(user, STEPS[0], "boom")
+    book.record_skipped(user, STEPS[1:], "skipped")
+    book.record_planned_page({user: one}, book.page_counts([user]), "run-2")
+    book.drop_planned([user], "run-1")  # another run's: nothing of run-2's goes
+    assert [r["status"] for r in rows(ws, user)] == ["failed", "skipped", "skipped", "running"]
+    book.drop_planned([user], "run-2")
+    assert [r["status"] for r in rows(ws, user)] == ["failed", "skipped", "skipped"]
+    book.record_planned_page({user: one}, book.page_counts([user]), "run-3")
+    ws.directory.claim_lease(user, "owner-3", 30)
+    began = datetime(2026, 1, 2, 3, 4, 5)
+    done = [CompletedStep(user, STEPS[0], "owner-3", began, datetime(2026, 1, 2, 3, 4, 6))]
+    assert book.record_last_steps(done) == 1
+    with ws.engine.connect() as conn:
+        last = conn.execute(sa.select(ledger).order_by(ledger.c.id.desc())).first()
+    assert last is not None
+    assert (last.status, last.attempts, last.run_id, last.error) == ("completed", 2, "run-3", None)
+    assert (last.started_at, last.completed_at) == (began, datetime(2026, 1, 2, 3, 4, 6))
+    config = ws.directory.get_config(user)
+    assert (config.schema_version, config.connection_status, config.lease_owner) == (
+        1,
+        "connected",
+        None,
+    )
+    assert book.record_last_steps(done) == 0  # completed already: left as it is
+    assert rows(ws, user)[-1]["status"] == "completed"

@@ -17,7 +17,15 @@ import sqlalchemy as sa
 from byod.controlplane.schema import ledger
 from byod.registry import Plan, Step
 
-__all__ = ["PageCounts", "StepKey", "page_counts", "plan_rows"]
+__all__ = [
+    "PG_COMPLETE_CONFIGS",
+    "PG_COMPLETE_ROWS",
+    "PG_INSERT_PLANS",
+    "PageCounts",
+    "StepKey",
+    "page_counts",
+    "plan_rows",
+]
 
 #: (user, migration, direction): a step of one user
 StepKey = tuple[int, str, str]
@@ -98,3 +106,41 @@ def plan_rows(
 
 def _key(user_id: int, step: Step) -> StepKey:
     return (user_id, step.migration.id, step.direction)
+
+
+# PostgreSQL: a page's plans in one set-based INSERT (psycopg would otherwise send one
+# INSERT a row, pipelined, each run on its own by the server)
+PG_INSERT_PLANS = sa.text(
+    "INSERT INTO byod_migrations (user_id, migration_id, version, direction, status,"
+    " attempts, run_id, started_at, created_at)"
+    " SELECT v.user_id, v.migration_id, v.version, v.direction, v.status, v.attempts,"
+    " :run_id, v.started_at, :now FROM unnest(CAST(:users AS integer[]),"
+    " CAST(:migrations AS text[]), CAST(:versions AS integer[]), CAST(:directions AS text[]),"
+    " CAST(:statuses AS text[]), CAST(:attempts AS integer[]), CAST(:started AS timestamp[]))"
+    " AS v(user_id, migration_id, version, direction, status, attempts, started_at)"
+)
+
+# PostgreSQL: a batch of last steps in two set-based statements (every value one array
+# parameter), not one statement per user: the ledger rows still ``running`` completed,
+# then each user's config moved to its version, the lease given back by its owner.
+_BATCH = (
+    "unnest(CAST(:users AS integer[]), CAST(:migrations AS text[]), CAST(:directions AS text[]),"
+    " CAST(:versions AS integer[]), CAST(:started AS timestamp[]), CAST(:done AS timestamp[]),"
+    " CAST(:owners AS text[]))"
+    " AS v(user_id, migration_id, direction, version, started_at, completed_at, owner)"
+)
+PG_COMPLETE_ROWS = sa.text(
+    "UPDATE byod_migrations AS m SET status = 'completed', completed_at = v.completed_at,"
+    " error = NULL, started_at = coalesce(v.started_at, m.started_at)"
+    f" FROM {_BATCH}"
+    " WHERE m.user_id = v.user_id AND m.migration_id = v.migration_id"
+    " AND m.direction = v.direction AND m.status = 'running'"
+)
+PG_COMPLETE_CONFIGS = sa.text(
+    "UPDATE byod_configs AS c SET schema_version = v.version, connection_status = 'connected',"
+    " last_error = NULL, updated_at = v.completed_at,"
+    " lease_owner = CASE WHEN c.lease_owner = v.owner THEN NULL ELSE c.lease_owner END,"
+    " lease_expires_at = CASE WHEN c.lease_owner = v.owner THEN NULL"
+    " ELSE c.lease_expires_at END"
+    f" FROM {_BATCH} WHERE c.user_id = v.user_id"
+)

@@ -38,7 +38,14 @@ import sqlalchemy as sa
 from sqlalchemy.sql.dml import ReturningInsert
 
 from byod.clock import utcnow
-from byod.controlplane._pages import PageCounts, page_counts, plan_rows
+from byod.controlplane._pages import (
+    PG_COMPLETE_CONFIGS,
+    PG_COMPLETE_ROWS,
+    PG_INSERT_PLANS,
+    PageCounts,
+    page_counts,
+    plan_rows,
+)
 from byod.controlplane._tx import reading, single, writing
 from byod.controlplane.directory import config_at_version
 from byod.controlplane.schema import configs, ledger
@@ -167,10 +174,25 @@ class Ledger:
         """:meth:`record_planned` for a page of users (their leases held, none with open
         rows) in one statement, before any of their instances is touched; returns each
         user's first attempt number."""
-        rows, attempts = plan_rows(plans.items(), counts.tries, run_id, utcnow())
-        if rows:
-            with single(self.engine, "record the page's plans") as conn:
+        now = utcnow()
+        rows, attempts = plan_rows(plans.items(), counts.tries, run_id, now)
+        if not rows:
+            return attempts
+        with single(self.engine, "record the page's plans") as conn:
+            if not self._one_statement:
                 conn.execute(ledger.insert(), rows)
+                return attempts
+            columns = {
+                "users": "user_id",
+                "migrations": "migration_id",
+                "versions": "version",
+                "directions": "direction",
+                "statuses": "status",
+                "attempts": "attempts",
+                "started": "started_at",
+            }
+            arrays = {name: [row[column] for row in rows] for name, column in columns.items()}
+            conn.execute(PG_INSERT_PLANS, arrays | {"run_id": run_id, "now": now})
         return attempts
 
     def drop_planned(self, user_ids: Sequence[int], run_id: str | None) -> None:
@@ -196,6 +218,20 @@ class Ledger:
         left as it is)."""
         if not done:
             return 0
+        if self._one_statement:  # PostgreSQL: set-based, two statements whatever the size
+            arrays = {
+                "users": [one.user_id for one in done],
+                "migrations": [one.step.migration.id for one in done],
+                "directions": [one.step.direction for one in done],
+                "versions": [one.step.version_after for one in done],
+                "started": [one.started_at for one in done],
+                "done": [one.completed_at for one in done],
+                "owners": [one.owner for one in done],
+            }
+            with writing(self.engine, "record the successes") as conn:
+                completed = conn.execute(PG_COMPLETE_ROWS, arrays).rowcount
+                conn.execute(PG_COMPLETE_CONFIGS, arrays)
+            return completed
         params = [
             _step_params(one.user_id, one.step, one.completed_at)
             | {"b_version": one.step.version_after, "b_owner": one.owner}

@@ -1,0 +1,137 @@
+"""A fleet run's pages, part by part, on both control planes: what a page claims and
+writes, how a waiting claim is kept or found lost, what a batch of last steps records,
+and how the selection is handed out page by page."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import sqlalchemy as sa
+
+from byod.clock import utcnow
+from byod.controlplane.schema import applied_checksums
+from byod.fleet.paging import MAX_PAGE, Pager
+from byod.fleet.selection import Item
+from byod.runner.pages import Claims, Outcomes
+from byod.workspace import Workspace
+from tests.conftest import InstanceFactory
+from tests.helpers import add_connected, statuses, wait_until
+
+
+def claims_for(ws: Workspace, run_id: str = "run-p", lease: float = 30.0) -> Claims:
+    runner = ws.runner(run_id=run_id)
+    return Claims(runner.directory, runner.ledger, runner.owner, run_id, lease)
+
+
+def test_a_page_claims_its_users_and_writes_their_plans_before_anything_runs(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    """One page: the users whose lease is free are claimed (one held by another runner is
+    left out, for its own run to say busy), each gets its plan's rows (first step
+    ``running``), except a user a lost runner left open rows for (it settles them first)
+    and one with nothing to plan; forgetting the page gives every claim back and
+    leaves no row."""
+    ids = [add_connected(cws, new_instance(), f"page-{n}") for n in range(4)]
+    busy, orphaned, nothing = ids[1], ids[2], ids[3]
+    cws.directory.claim_lease(busy, "someone-else", 60)
+    cws.runner().ledger.record_planned(orphaned, cws.registry.plan_up(0, 1), "lost-run")
+    claims = claims_for(cws)
+    plan = cws.registry.plan_up(0, None)
+    got = claims.claim(ids, lambda config: None if config.user_id == nothing else plan)
+    assert got == {ids[0], orphaned, nothing}
+    assert [s[2] for s in statuses(cws, ids[0])] == ["running", "pending", "pending"]
+    assert [s[2] for s in statuses(cws, orphaned)] == ["running"]  # the lost run's only
+    assert statuses(cws, nothing) == []
+    assert statuses(cws, ids[0])[0] == ("001_create", "up", "running", 1)
+    taken = claims.take(orphaned)
+    assert taken is not None and taken.config.open_rows == 1 and taken.planned == ()
+    assert claims.take(busy) is None and claims.take(orphaned) is None  # once only
+    claims.release_all()  # the run stops: the two still waiting are given back
+    assert statuses(cws, ids[0]) == []  # planned, never started: forgotten
+    for uid in (ids[0], nothing):
+        assert cws.directory.get_config(uid).lease_owner is None
+    assert cws.directory.get_config(busy).lease_owner == "someone-else"
+
+
+def test_a_claim_that_waited_is_renewed_or_found_lost(
+    cws: Workspace, new_instance: InstanceFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A claim taken after a third of its lease is renewed first; one whose lease lapsed
+    and went to another runner meanwhile is not handed out (its worker claims again, the
+    lone user's way, and is told busy), said in the log."""
+    kept, lost = (add_connected(cws, new_instance(), f"wait-{n}") for n in range(2))
+    claims = claims_for(cws, lease=0.6)
+    claims.claim([kept, lost], lambda config: None)
+    before = cws.directory.get_config(kept).lease_expires_at
+    wait_until(lambda: _lapsed(cws, lost), "the lease to lapse")
+    cws.directory.claim_lease(lost, "another-runner", 60)
+    assert claims.take(kept) is not None
+    after = cws.directory.get_config(kept).lease_expires_at
+    assert before is not None and after is not None and after > before
+    with caplog.at_level(logging.WARNING, logger="byod.runner"):
+        assert claims.take(lost) is None
+    assert f"user {lost}: its lease lapsed before it started" in caplog.text
+    assert cws.directory.get_config(lost).lease_owner == "another-runner"
+
+
+def _lapsed(ws: Workspace, user_id: int) -> bool:
+    expires = ws.directory.get_config(user_id).lease_expires_at
+    return expires is not None and expires < utcnow()
+
+
+def test_a_batch_records_last_steps_and_first_checksums_once(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    """What waits in :class:`Outcomes` is written when it flushes (here: on close), each
+    migration's checksum as first applied kept once however many users applied it."""
+    ids = [add_connected(cws, new_instance(), f"batch-{n}") for n in range(3)]
+    claims = claims_for(cws)
+    one = cws.registry.plan_up(0, 1)
+    claims.claim(ids, lambda config: one)
+    outcomes = Outcomes(cws.runner().ledger, seconds=3600)  # only close() flushes
+    for uid in ids:
+        claimed = claims.take(uid)
+        assert claimed is not None
+        outcomes.add(uid, one.steps[0], claims.owner, utcnow())
+        outcomes.note_applied(one.steps[0].migration)
+    assert {s[2] for uid in ids for s in statuses(cws, uid)} == {"running"}
+    outcomes.close(patience=5)
+    assert {s[2] for uid in ids for s in statuses(cws, uid)} == {"completed"}
+    for uid in ids:
+        config = cws.directory.get_config(uid)
+        assert (config.schema_version, config.lease_owner) == (1, None)
+    with cws.engine.connect() as conn:
+        kept = conn.execute(sa.select(applied_checksums.c.migration_id)).scalars().all()
+    assert kept == ["001_create"]
+
+
+def test_the_selection_is_handed_out_page_by_page(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    """Pages start at twice the pool and double while they go by fast; a canary wave
+    claims no one past it, and while it runs the next user is handed out unclaimed;
+    the users left when the run stops are given back and counted."""
+    ids = [add_connected(cws, new_instance(), f"sel-{n:02d}") for n in range(14)]
+    items = iter([Item(cws.directory.get_user(uid), 3) for uid in ids])
+    room: list[int | None] = [None]
+    claims = claims_for(cws)
+    pager = Pager(cws.runner(), claims, items, action="migrate", workers=2, room=lambda: room[0])
+    assert pager.size == 4
+    first = [next(pager) for _ in range(4)]
+    assert [item.user.id for item in first] == ids[:4]
+    assert all(claims.take(uid) is not None for uid in ids[:4])  # one page of 4, claimed
+    next(pager)  # the next page, at once: twice the size
+    assert pager.size == 8
+    for _ in range(7):
+        next(pager)
+    room[0] = 0  # a canary wave running
+    unclaimed = next(pager)
+    assert unclaimed.user.id == ids[12] and claims.take(ids[12]) is None
+    room[0] = 1
+    taken = next(pager)  # a page of one: the wave's room
+    assert pager.left(taken) == 1  # given back, and nothing after it
+    assert claims.take(ids[13]) is None
+    assert cws.directory.get_config(ids[13]).lease_owner is None
+    assert statuses(cws, ids[13]) == []
+    assert MAX_PAGE == 1000
