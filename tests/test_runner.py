@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from byod.clock import utcnow
 from byod.commands import connect
 from byod.controlplane import history
-from byod.controlplane.schema import configs, ledger
+from byod.controlplane.schema import applied_checksums, configs, ledger
 from byod.credentials import Credentials, open_instance
 from byod.errors import (
     BusyError,
@@ -31,6 +32,7 @@ from byod.notify import Notice
 from byod.registry import Registry, Step
 from byod.results import StepResult
 from byod.runner import Runner
+from byod.runner.pages import Claims, Outcomes
 from byod.targets import StepBody, Target
 from byod.workspace import Workspace
 from tests.conftest import (
@@ -1113,3 +1115,145 @@ def test_the_connect_waits_no_longer_than_what_is_left_of_the_timeout(
     )
     assert runner.migrate(uid).ok
     assert len(given) == 1 and 0.1 <= given[0] <= 0.5
+
+
+# -- a fleet run's pages: the chain on rows its page wrote, records that wait for a batch
+
+
+class LedgerWrites:
+    """The INSERT and DELETE statements run on the ledger (a plan written, one forgotten)."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.seen: list[str] = []
+        sa.event.listen(engine, "before_cursor_execute", self._statement)
+
+    def _statement(self, conn: sa.Connection, cursor: object, sql: str, *args: object) -> None:
+        verb = sql.split(None, 1)[0].upper()
+        if "byod_migrations" in sql and verb in ("INSERT", "DELETE"):
+            self.seen.append(verb)
+
+
+def paged(ws: Workspace, run_id: str = "paged-run") -> tuple[Runner, Claims, Outcomes]:
+    """A runner as a fleet run makes it: users claimed a page at a time, last steps
+    waiting for a batch (here: until the test closes it)."""
+    runner = ws.runner().configured(run_id=run_id, timeout=None, lease_seconds=300)
+    runner.claims = Claims(runner.directory, runner.ledger, runner.owner, run_id, 300)
+    runner.outcomes = Outcomes(runner.ledger, seconds=3600)
+    return runner, runner.claims, runner.outcomes
+
+
+def test_a_user_runs_on_the_rows_its_page_wrote_and_keeps_its_lease_until_recorded(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    """A user whose page wrote its plan runs on those rows (no plan written again, none
+    forgotten); each step keeps when it began on the instance, not when its page was
+    planned; its last step waits for the batch with the user's lease still held (so no
+    other runner settles it meanwhile) and the migrations' first checksums with it; the
+    batch completes the row, moves the config and gives the lease back."""
+    url = new_instance()
+    uid = add_connected(cws, url)
+    one_step = add_connected(cws, new_instance(), "one-step")  # its last step is its first
+    assert cws.runner().migrate(one_step, to_version=2).ok
+    runner, claims, outcomes = paged(cws)
+    plan_for = lambda config: cws.registry.plan_up(config.schema_version, None)  # noqa: E731
+    claims.claim([uid, one_step], plan_for)
+    planned_at = max(r.started_at for r in history(cws.engine, uid) if r.started_at)
+    writes = LedgerWrites(cws.engine)
+    began = utcnow()
+    assert began > planned_at
+    result = runner.migrate_user(cws.directory.get_user(uid))
+    assert result.ok and result.to_version == 3
+    assert writes.seen == []  # the page's rows were the plan
+    rows = sorted(history(cws.engine, uid), key=lambda r: r.version)
+    assert [(r.status, r.attempts, r.run_id) for r in rows] == [
+        ("completed", 1, "paged-run"),
+        ("completed", 1, "paged-run"),
+        ("running", 1, "paged-run"),  # the last step: done on the instance, waiting
+    ]
+    assert all(r.started_at is not None and r.started_at >= began for r in rows)
+    config = cws.directory.get_config(uid)
+    assert (config.lease_owner, config.schema_version) == (runner.owner, 2)
+    with cws.engine.connect() as conn:
+        kept = set(conn.execute(sa.select(applied_checksums.c.migration_id)).scalars())
+    assert "003_fragile" not in kept  # with the batch, not at once
+    outcomes.close(patience=5)
+    last = max(history(cws.engine, uid), key=lambda r: r.version)
+    assert last.status == "completed" and last.started_at is not None
+    assert last.started_at >= began
+    config = cws.directory.get_config(uid)
+    assert (config.lease_owner, config.schema_version) == (None, 3)
+    with cws.engine.connect() as conn:
+        kept = set(conn.execute(sa.select(applied_checksums.c.migration_id)).scalars())
+    assert kept >= {"001_create", "002_bump", "003_fragile"}
+    assert counter(url) == 11
+    assert runner.migrate_user(cws.directory.get_user(one_step)).ok
+    outcomes.flush()
+    (third,) = [r for r in history(cws.engine, one_step) if r.run_id == "paged-run"]
+    assert third.status == "completed" and third.started_at is not None
+    assert third.started_at >= began  # when it began, not when its page was planned
+
+
+def test_a_page_plan_for_another_version_is_forgotten_before_the_chain(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    """The instance is not where the control plane said when its page was planned: that
+    plan's rows are forgotten (nothing ran for them) and the chain plans what it runs,
+    so the ledger holds this run's real steps only, nothing left open."""
+    url = new_instance()
+    uid = add_connected(cws, url)
+    assert cws.runner().migrate(uid, to_version=1).ok
+    with cws.engine.begin() as conn:  # the control plane's view went stale
+        conn.execute(configs.update().where(configs.c.user_id == uid).values(schema_version=0))
+    runner, claims, outcomes = paged(cws)
+    claims.claim([uid], lambda config: cws.registry.plan_up(config.schema_version, None))
+    result = runner.migrate_user(cws.directory.get_user(uid))
+    outcomes.close(patience=5)
+    assert result.ok and (result.from_version, result.to_version) == (1, 3)
+    mine = [r for r in history(cws.engine, uid) if r.run_id == "paged-run"]
+    assert sorted((r.migration_id, r.status) for r in mine) == [
+        ("002_bump", "completed"),
+        ("003_fragile", "completed"),
+    ]
+    assert counter(url) == 11
+
+
+def test_a_user_with_nothing_to_do_costs_no_config_write(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    """A user at head whose control plane agrees: its run changes nothing in its config
+    (no status write: its last error and its time stay as they were)."""
+    uid = add_connected(cws, new_instance())
+    assert cws.runner().migrate(uid).ok
+    with cws.engine.begin() as conn:
+        conn.execute(
+            configs.update().where(configs.c.user_id == uid).values(last_error="kept as it is")
+        )
+    before = cws.directory.get_config(uid)
+    result = cws.runner().migrate(uid)
+    assert result.ok and result.steps == ()
+    after = cws.directory.get_config(uid)
+    assert (after.updated_at, after.last_error) == (before.updated_at, "kept as it is")
+
+
+def test_a_step_recovered_from_a_lost_runner_keeps_its_checksum_as_first_applied(
+    cws: Workspace, new_instance: InstanceFactory
+) -> None:
+    """The lost runner applied 002 and died before recording it (or its checksum): the
+    next run, settling its rows from the stamp, keeps 002's checksum as first applied;
+    a step the lost runner never finished is not kept as applied."""
+    url = new_instance()
+    uid = add_connected(cws, url)
+    with pytest.raises(Crash):
+        crashing_runner(cws, "002_bump").migrate(uid)
+    with cws.engine.begin() as conn:
+        conn.execute(sa.delete(applied_checksums))  # as if none had been kept
+        conn.execute(  # and a second open row the lost runner left: a step not done
+            ledger.update()
+            .where(ledger.c.user_id == uid, ledger.c.migration_id == "003_fragile")
+            .values(status="running")
+        )
+    result = cws.runner().migrate(uid, to_version=2)  # nothing left to run
+    assert result.ok
+    with cws.engine.connect() as conn:
+        kept = set(conn.execute(sa.select(applied_checksums.c.migration_id)).scalars())
+    assert kept == {"002_bump"}
