@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from byod.controlplane import Ledger
 from byod.controlplane import ledger as ledger_module
-from byod.controlplane.ledger import CompletedStep
+from byod.controlplane.ledger import CompletedStep, PageCounts
 from byod.controlplane.schema import ledger
 from byod.errors import ControlPlaneError
 from byod.registry import Migration, Plan, Step
@@ -231,18 +231,44 @@ def test_an_adoption_is_one_completed_row_that_ran_nothing(ws: Workspace, user: 
         (lambda book: book.record_adopted(1, STEPS[0].migration, "x"), "record the adoption"),
         (lambda book: book.moved_in_run(1, "run"), "read what the run did"),
         (lambda book: book.settle_orphans(1, set()), "settle interrupted attempts"),
+        (lambda book: book.page_counts([1]), "read the page's ledger"),
+        (lambda book: book.record_planned_page(*PAGE), "record the page's plans"),
+        (lambda book: book.drop_planned([1], "run"), "forget the unstarted plans"),
+        (lambda book: book.record_last_steps(LAST), "record the successes"),
     ],
 )
+@pytest.mark.parametrize("plane", ["postgresql", "sqlite"])
 def test_a_control_plane_out_of_reach_is_named_with_what_was_being_recorded(
-    call: Any, action: str
+    call: Any, action: str, plane: str, tmp_path: Path
 ) -> None:
-    engine = sa.create_engine("postgresql+psycopg://postgres@127.0.0.1:1/x?connect_timeout=2")
+    url = (
+        "postgresql+psycopg://postgres@127.0.0.1:1/x?connect_timeout=2"
+        if plane == "postgresql"
+        else f"sqlite:///{tmp_path / 'no-such-folder' / 'control.db'}"
+    )
+    engine = sa.create_engine(url)
     try:
         with pytest.raises(ControlPlaneError) as failed:
             call(Ledger(engine))
         assert failed.value.message == f"control plane: cannot {action} (OperationalError)"
     finally:
         engine.dispose()
+
+
+#: one page's plan for user 1, and the last step of user 1 done (for the calls above)
+PAGE = ({1: Plan("up", 0, 1, STEPS[:1])}, PageCounts({1: 0}, {}), "run")
+LAST = [CompletedStep(1, STEPS[0], "owner", datetime(2026, 1, 1), datetime(2026, 1, 1))]
+
+
+def test_nothing_to_count_write_or_forget_costs_no_statement(tmp_path: Path) -> None:
+    """An empty page reads nothing, writes nothing and says so (no control plane is
+    even asked: this one cannot be reached)."""
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'no-such-folder' / 'control.db'}")
+    book = Ledger(engine)
+    assert book.page_counts([]) == PageCounts({}, {})
+    assert book.record_planned_page({}, PageCounts({}, {}), "run") == {}
+    book.drop_planned([], "run")
+    assert book.record_last_steps([]) == 0
 
 
 def test_a_retried_failure_before_the_chain_rewrites_only_its_own_row(
@@ -383,11 +409,15 @@ def test_unstarted_plans_are_forgotten_and_last_steps_recorded_in_a_batch(
     book.record_planned(user, Plan("up", 0, 3, STEPS), "run-1")
     book.record_failed(user, STEPS[0], "boom")
     book.record_skipped(user, STEPS[1:], "skipped")
-    book.record_planned_page({user: one}, book.page_counts([user]), "run-2")
+    other = ws.directory.add_user("another-ledger-user").id
+    three = Plan("up", 0, 3, STEPS)
+    book.record_planned_page({user: three, other: three}, book.page_counts([user]), "run-2")
     book.drop_planned([user], "run-1")  # another run's: nothing of run-2's goes
-    assert [r["status"] for r in rows(ws, user)] == ["failed", "skipped", "skipped", "running"]
-    book.drop_planned([user], "run-2")
+    statuses = ["failed", "skipped", "skipped", "running", "pending", "pending"]
+    assert [r["status"] for r in rows(ws, user)] == statuses
+    book.drop_planned([user], "run-2")  # this user's only: the other's stay
     assert [r["status"] for r in rows(ws, user)] == ["failed", "skipped", "skipped"]
+    assert [r["status"] for r in rows(ws, other)] == ["running", "pending", "pending"]
     book.record_planned_page({user: one}, book.page_counts([user]), "run-3")
     ws.directory.claim_lease(user, "owner-3", 30)
     began = datetime(2026, 1, 2, 3, 4, 5)

@@ -53,7 +53,7 @@ from byod.errors import ControlPlaneError
 from byod.redact import mask
 from byod.registry import Direction, Migration, Plan, Step
 
-__all__ = ["CompletedStep", "Ledger", "LedgerRow", "SettledRow"]
+__all__ = ["CompletedStep", "Ledger", "LedgerRow", "PageCounts", "SettledRow"]
 
 _ERROR_LIMIT = 2000
 
