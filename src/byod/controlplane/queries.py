@@ -19,7 +19,6 @@ __all__ = [
     "FleetStatus",
     "OutdatedConfig",
     "count_ahead",
-    "count_not_eligible",
     "count_outdated_by_key",
     "fleet_status",
     "history",
@@ -144,8 +143,8 @@ def count_outdated_by_key(
 ) -> tuple[int, int, int, int]:
     """How many configs in ``statuses`` are below version ``below``, how many of those
     were sealed with the key ``key_id``, how many are at ``below`` or past it (up to
-    date; 0 with ``only_version``), and how many users are not eligible (see
-    :func:`count_not_eligible`): one query."""
+    date; 0 with ``only_version``), and how many users are not eligible (no config, or
+    a status not in ``statuses``): one query."""
     outdated = configs.c.schema_version < below
     if only_version is not None:
         outdated = sa.and_(outdated, configs.c.schema_version == only_version)
@@ -183,13 +182,8 @@ def count_ahead(engine: sa.Engine, head: int) -> tuple[int, OutdatedConfig | Non
     return count, OutdatedConfig(int(row.user_id), str(row.clerk_id), int(row.schema_version))
 
 
-def count_not_eligible(engine: sa.Engine, eligible: tuple[str, ...]) -> int:
-    """Users with no config, or whose connection status is not in ``eligible``."""
-    with reading(engine, "count users not eligible") as conn:
-        return int(conn.execute(_not_eligible(eligible)).scalar_one())
-
-
 def _not_eligible(eligible: tuple[str, ...]) -> sa.Select[Any]:
+    """Users with no config, or whose connection status is not in ``eligible``."""
     mine = configs.alias("eligibility")  # apart from an outer query's configs
     return (
         sa.select(sa.func.count())

@@ -96,28 +96,23 @@ class Pager:
         items = list(itertools.islice(self.source, size))
         if not items:
             return
-        targets = {item.user.id: item.to_version for item in items}
+        taken = {item.user.id: item for item in items}
         try:
-            self.claims.claim(list(targets), lambda config: self._plan(config, targets))
+            self.claims.claim(list(taken), lambda config: self._plan(config, taken))
         except ControlPlaneError as exc:  # each user then waits for it on its own
             log.warning("fleet: cannot claim the next page of users: %s", exc.message)
         self._items.extend(items)  # a user not claimed (busy) runs the lone user's way
 
-    def _plan(self, config: Config, targets: dict[int, int]) -> Plan | None:
+    def _plan(self, config: Config, taken: dict[int, Item]) -> Plan | None:
         """What the user's run would do at the control plane's version, or None when it
         will not run a chain (disconnected, sealed with another key, a rollback that
         cannot be undone): its run then says why, with no plan written."""
         runner = self.runner
         if config.connection_status == "disconnected" or config.key_id != runner.sealer.key_id:
             return None
-        to_version = targets[config.user_id]
+        item = taken[config.user_id]
         try:
-            if self.action == "rollback":
-                plan = runner.registry.plan_down(config.schema_version, to_version)
-                if not all(step.migration.reversible for step in plan.steps):
-                    return None
-            else:
-                plan = runner.registry.plan_up(config.schema_version, to_version)
+            plan = runner.plan_for(self.action, item.user, config.schema_version, item.to_version)
             return runner.gates.cut(plan)[0]
         except ByodError:
             return None

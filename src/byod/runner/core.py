@@ -173,7 +173,18 @@ class Runner:
     def migrate_user(self, user: User, *, to_version: int | None = None) -> UserResult:
         """:meth:`migrate` for a user already looked up (what a fleet run calls)."""
         self.registry.plan_up(0, to_version)  # an unknown target is bad input
-        return self._run(user, lambda current: self.registry.plan_up(current, to_version))
+        return self._run(user, lambda current: self.plan_for("migrate", user, current, to_version))
+
+    def plan_for(self, action: str, user: User, current: int, to_version: int | None) -> Plan:
+        """The steps a run of ``action`` (``migrate`` or ``rollback``) takes the user
+        through from version ``current``, before the fleet's gates: up to ``to_version``
+        (default head), or down to it. :class:`IrreversibleError` for a rollback through
+        a step with no ``down``; :class:`PlanError` for an impossible target."""
+        if action != "rollback":
+            return self.registry.plan_up(current, to_version)
+        down = self.registry.plan_down(current, to_version or 0)
+        refuse_irreversible(user, down)
+        return down
 
     def rollback(self, user_id: int, to_version: int) -> UserResult:
         """Run ``down`` newest first until the user's instance is at ``to_version``.
@@ -194,13 +205,7 @@ class Runner:
 
     def rollback_user(self, user: User, to_version: int) -> UserResult:
         """:meth:`rollback` for a user already looked up (what a fleet run calls)."""
-
-        def plan(current: int) -> Plan:
-            down = self.registry.plan_down(current, to_version)
-            refuse_irreversible(user, down)
-            return down
-
-        return self._run(user, plan)
+        return self._run(user, lambda current: self.plan_for("rollback", user, current, to_version))
 
     def repair(self, user_id: int) -> list[str]:
         """Forget the dirty markers of a user's instance once an operator has undone the
