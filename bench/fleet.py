@@ -98,11 +98,11 @@ def _build_base(conn: sa.Connection, tool: str) -> None:
     documents = sa.table("documents", sa.column("title"), sa.column("body"))
     conn.execute(documents.insert(), _documents(7))
     if tool == "byod":
-        from byod.targets.sql import _CREATE_STAMP, _stamp
+        from byod.targets._sql_base import CREATE_STAMP, stamp_table
 
-        conn.execute(_CREATE_STAMP)
+        conn.execute(CREATE_STAMP)
         conn.execute(
-            _stamp.insert().values(
+            stamp_table.insert().values(
                 id="001_initial", version=1, checksum=initial.checksum, applied_at=sa.func.now()
             )
         )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import sqlalchemy as sa
+from sqlalchemy import event
 
 from byod.clock import utcnow
 from byod.commands import connect
@@ -110,3 +112,46 @@ def held_in_migration(url: str, run: Callable[[], object]) -> Iterator[list[obje
     finally:
         gates.release.set()
         thread.join(30)
+
+
+class Statements:
+    """The control-plane statements run, each as its verb and the table it names."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.seen: list[tuple[str, str]] = []
+        event.listen(engine, "before_cursor_execute", self._statement)
+
+    def _statement(self, conn: sa.Connection, cursor: object, sql: str, *args: object) -> None:
+        verb = sql.split(None, 1)[0].upper()
+        tables = (
+            "byod_migrations",
+            "byod_configs",
+            "byod_run_tasks",
+            "byod_runs",
+            "byod_applied_checksums",
+        )
+        table = next((t for t in tables if t in sql), "other")
+        self.seen.append((verb, table))
+
+    def writes(self, table: str) -> int:
+        return sum(1 for verb, t in self.seen if t == table and verb != "SELECT")
+
+
+@contextmanager
+def control_plane_locked(engine: sa.Engine) -> Iterator[None]:
+    """No one else can write the control plane's ledger and configs while this lasts."""
+    if engine.dialect.name == "sqlite":
+        raw = sqlite3.connect(engine.url.database or "", timeout=30, isolation_level=None)
+        raw.execute("BEGIN EXCLUSIVE")
+        try:
+            yield
+        finally:
+            raw.execute("ROLLBACK")
+            raw.close()
+        return
+    with engine.connect() as conn:
+        conn.execute(sa.text("LOCK TABLE byod_migrations, byod_configs IN EXCLUSIVE MODE"))
+        try:
+            yield
+        finally:
+            conn.rollback()

@@ -42,7 +42,8 @@ from byod.errors import (
     SettingsError,
     UnreachableError,
 )
-from byod.targets.convex_client import CLIENT_VERSION, ConvexClient, FunctionError, deployment_base
+from byod.targets.convex_address import deployment_base
+from byod.targets.convex_client import CLIENT_VERSION, ConvexClient, FunctionError
 from byod.targets.convex_values import (
     MAX_INT64,
     MAX_NESTING,

@@ -17,7 +17,7 @@ import redis
 import sqlalchemy as sa
 
 from byod import commands
-from byod.controlplane import RunStore
+from byod.controlplane import RunStore, history
 from byod.distributed import TaskMessage
 from byod.spec import FleetOptions, Selection
 from tests.conftest import ServerDatabases, execute
@@ -30,7 +30,14 @@ from tests.distributed_kit import (
     sqlite_fleet,
     wait_for,
 )
-from tests.helpers import add_connected, counter, stamp_ids, statuses
+from tests.helpers import (
+    Statements,
+    add_connected,
+    control_plane_locked,
+    counter,
+    stamp_ids,
+    statuses,
+)
 from tests.tcp_proxy import CuttableProxy
 
 pytestmark = pytest.mark.postgres
@@ -147,6 +154,116 @@ def test_kill_9_of_a_worker_inside_a_migration(cluster: Cluster, tmp_path: Path)
     assert held.deliveries >= 2 and held.outcome == "succeeded"
 
 
+def test_a_task_is_a_page_of_users_its_bookkeeping_a_few_statements(
+    redis_cluster: Cluster,
+) -> None:
+    """A run hands its users out as tasks of a page each (the cap on users in flight
+    over :data:`PAGES_IN_FLIGHT`); a worker takes a page's tasks, claims its leases,
+    writes its plans, records its last steps and its tasks' ends a batch at a time: a
+    rollout of one migration to 12 users costs a handful of control-plane writes, not
+    several a user, and every user still ends moved, recorded and counted once."""
+    from byod.distributed import Dispatcher, TaskHandler
+    from byod.distributed.dispatch import PAGES_IN_FLIGHT, in_pages, task_page_size
+    from byod.taskqueue.celery_app import make_app, publisher
+
+    cluster = redis_cluster
+    fleet = sqlite_fleet(cluster, 12)
+    ids = [cluster.ws.directory.find_user(clerk).id for clerk in fleet]
+    runner = cluster.ws.runner()
+    assert all(runner.migrate(uid, to_version=2).ok for uid in ids)
+    cap = 12 * PAGES_IN_FLIGHT
+    assert task_page_size(cap) == 12 and task_page_size(PAGES_IN_FLIGHT - 1) == 1
+    assert in_pages("r", [(1, "eu"), (2, None), (3, "eu"), (4, "eu")], 2) == [
+        TaskMessage("r", (1, 3), "eu"),
+        TaskMessage("r", (4,), "eu"),
+        TaskMessage("r", (2,), None),
+    ]  # a page stays within one queue
+    cluster.queues.add(cluster.queue)  # no worker: the test plays one, in-process
+    run_id = commands.migrate_distributed(cluster.ws, options=FleetOptions(concurrency=cap))
+    dispatcher = Dispatcher(cluster.ws.engine, publisher(make_app(cluster.ws.settings)))
+    handler = TaskHandler(cluster.ws.runner(), dispatcher, name="test:1")
+    statements = Statements(cluster.ws.engine)
+
+    assert handler.handle(run_id, ids) is None
+
+    writes = {t: statements.writes(t) for t in ("byod_migrations", "byod_configs")}
+    tasks = statements.writes("byod_run_tasks")
+    # a claim of the page's tasks and leases, a plan write, then one batch of outcomes
+    # (or a few, when the page outlasts a flush interval) with its tasks' ends
+    assert writes["byod_migrations"] <= 1 + 4 and writes["byod_configs"] <= 1 + 4, statements.seen
+    assert tasks <= 1 + 4, statements.seen
+    assert sum(writes.values()) + tasks < len(ids)
+    record = RunStore(cluster.ws.engine).get(run_id)
+    assert (record.state, record.counts.succeeded, record.in_flight) == ("completed", 12, 0)
+    for uid, url in zip(ids, fleet.values(), strict=True):
+        assert stamp_ids(url) == HEAD and counter(url) == 11
+        rows = [r for r in history(cluster.ws.engine, uid) if r.run_id == run_id]
+        assert [(r.migration_id, r.status, r.attempts) for r in rows] == [
+            ("003_fragile", "completed", 1)
+        ]
+        config = cluster.ws.directory.get_config(uid)
+        assert (config.schema_version, config.lease_owner) == (3, None)
+    assert {(t.state, t.outcome, t.deliveries) for t in _task_rows(cluster, run_id)} == {
+        ("done", "succeeded", 1)
+    }
+
+
+def test_kill_9_of_a_worker_after_a_commit_and_before_its_batch_is_recorded(
+    redis_cluster: Cluster, tmp_path: Path
+) -> None:
+    """The stamp is the truth on workers too: a worker killed (kill -9) after its
+    page's first user committed its last step on its instance, but before the batch
+    recording it was written (the control plane's ledger and configs held locked),
+    leaves the page's rows ``running``; the next delivery settles them from the stamps
+    (completed, recovered; the others, planned and never touched, interrupted), moves
+    every user once, counts each as moved by the run, and applies nothing twice."""
+    cluster = redis_cluster
+    fleet = sqlite_fleet(cluster, 3)
+    ids = [cluster.ws.directory.find_user(clerk).id for clerk in fleet]
+    runner = cluster.ws.runner()
+    assert all(runner.migrate(uid, to_version=1).ok for uid in ids)
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    held = {"BYOD_TEST_HOLD_DIR": str(hold), "BYOD_TEST_HOLD_SECONDS": "0.3"}
+    doomed = cluster.start_worker(concurrency=1, name="doomed", extra_env=held)
+    started = cluster.byod(
+        "migrate", "--all", "--to", "2", "--distributed", "--detach",
+        "--concurrency", "96", "--lease-seconds", "6", "--json",
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    run_id = json.loads(started.stdout)["run_id"]
+    wait_for(lambda: any(hold.iterdir()), what="the page's first user inside its step")
+    first = int(next(hold.iterdir()).name.removeprefix("entered-"))
+    first_url = fleet[cluster.ws.directory.get_user(first).clerk_id]
+    with control_plane_locked(cluster.ws.engine):  # the batch cannot be written
+        wait_for(lambda: stamp_ids(first_url) == HEAD[:2], what="its instance to commit")
+        time.sleep(0.3)  # the worker is stuck writing the batch now
+        cluster.kill(doomed)
+    assert [[s[2] for s in statuses(cluster.ws, uid) if s[0] == "002_bump"] for uid in ids] == [
+        ["running"]
+    ] * 3  # the whole page planned before the first instance was touched
+    assert {cluster.ws.directory.get_config(uid).schema_version for uid in ids} == {1}
+    cluster.start_worker(concurrency=1, name="survivor")
+
+    summary = follow_to_end(cluster, run_id)
+
+    assert (summary.state, summary.succeeded, summary.failed) == ("completed", 3, 0)
+    assert [counter(url) for url in fleet.values()] == [1] * 3  # 002 applied once each
+    for uid in ids:
+        bumps = [r for r in history(cluster.ws.engine, uid) if r.migration_id == "002_bump"]
+        expected = (
+            [("completed", "recovered: the instance's stamp shows it done")]
+            if uid == first
+            else [("completed", None), ("failed", "interrupted: runner lost")]
+        )
+        assert [(r.status, r.error) for r in bumps] == expected, uid
+        assert cluster.ws.directory.get_config(uid).schema_version == 2
+    assert not [
+        s for uid in ids for s in statuses(cluster.ws, uid) if s[2] in ("running", "pending")
+    ]
+    assert all(t.deliveries >= 2 for t in _task_rows(cluster, run_id))
+
+
 def test_a_run_with_a_killed_worker_ends_about_one_lease_after_the_kill(
     cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -185,7 +302,7 @@ def test_a_run_with_a_killed_worker_ends_about_one_lease_after_the_kill(
 
     log = cluster.folder.parent / "worker-survivor.log"
     handled = log.read_text().count("succeeded in")
-    late = TaskMessage(run_id, held_user, cluster.queue)
+    late = TaskMessage(run_id, (held_user,), cluster.queue)
     cluster.ws.broker.publish([late])  # a late redelivery of the held user's task
     wait_for(lambda: log.read_text().count("succeeded in") > handled, what="the late task")
     after = RunStore(cluster.ws.engine).get(run_id)
@@ -442,7 +559,7 @@ def test_tasks_a_broker_lost_are_sent_again(redis_cluster: Cluster) -> None:
     run_id = commands.migrate_distributed(cluster.ws, options=FleetOptions(concurrency=8))
     dispatcher = Dispatcher(cluster.ws.engine, publisher(make_app(cluster.ws.settings)))
     ghost = cluster.ws.directory.find_user("u3").id
-    assert dispatcher.claim(run_id, ghost, "ghost:1") is not None  # taken, then lost
+    assert ghost in dispatcher.claim(run_id, [ghost], "ghost:1")  # taken, then lost
     redis.Redis.from_url(cluster.broker).delete(cluster.queue)  # the broker lost them all
     assert dispatcher.resend_stale(run_id, 3600) == 0  # nothing looks lost yet
 
@@ -543,8 +660,8 @@ def test_a_retry_after_an_unrecorded_end_still_counts_the_user_moved(
     first = handler.runner.configured(run_id=run_id, timeout=None, lease_seconds=30)
     assert first.migrate_user(moved).changed  # the first delivery; its end never recorded
 
-    assert handler.handle(run_id, moved.id) is None  # the retry
-    assert handler.handle(run_id, cluster.ws.directory.find_user("u1").id) is None
+    assert handler.handle(run_id, [moved.id]) is None  # the retry
+    assert handler.handle(run_id, [cluster.ws.directory.find_user("u1").id]) is None
 
     record = RunStore(cluster.ws.engine).get(run_id)
     assert record.ended_at is not None and record.state == "completed"
@@ -583,7 +700,7 @@ def test_a_retry_of_a_recorded_task_finishes_the_runs_bookkeeping(
         )
     assert RunStore(cluster.ws.engine).get(run_id).ended_at is None
 
-    assert handler.handle(run_id, user.id) is None  # the retry
+    assert handler.handle(run_id, [user.id]) is None  # the retry
 
     record = RunStore(cluster.ws.engine).get(run_id)
     assert record.ended_at is not None and record.state == "completed"

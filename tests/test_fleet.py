@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -38,7 +36,9 @@ from tests.conftest import (
     make_workspace,
 )
 from tests.helpers import (
+    Statements,
     add_connected,
+    control_plane_locked,
     counter,
     schema_version,
     stamp_ids,
@@ -329,23 +329,6 @@ class RoundTrips:
             self.count += 1
 
 
-class Statements:
-    """The control-plane statements run, each as its verb and the table it names."""
-
-    def __init__(self, engine: sa.Engine) -> None:
-        self.seen: list[tuple[str, str]] = []
-        event.listen(engine, "before_cursor_execute", self._statement)
-
-    def _statement(self, conn: sa.Connection, cursor: object, sql: str, *args: object) -> None:
-        verb = sql.split(None, 1)[0].upper()
-        tables = ("byod_migrations", "byod_configs", "byod_runs", "byod_applied_checksums")
-        table = next((t for t in tables if t in sql), "other")
-        self.seen.append((verb, table))
-
-    def writes(self, table: str) -> int:
-        return sum(1 for verb, t in self.seen if t == table and verb != "SELECT")
-
-
 def test_a_fleet_runs_bookkeeping_comes_in_pages_not_per_user(
     cws: Workspace, new_instance: InstanceFactory
 ) -> None:
@@ -441,7 +424,7 @@ def test_kill_9_after_the_instances_commit_and_before_the_batch_is_recorded(
     args = ("--to", "2", "--concurrency", "4", "--lease-seconds", "2")
     proc = byod(tmp_path, "migrate", "--all", *args, env=env | hold_env)
     wait_until(lambda: len(list(hold.iterdir())) == 4, "every user inside its step")
-    with _control_plane_locked(ws.engine):  # the batch cannot be written
+    with control_plane_locked(ws.engine):  # the batch cannot be written
         wait_until(
             lambda: all(stamp_ids(url)[-1:] == ["002_bump"] for url in urls),
             "every instance to commit its step",
@@ -463,26 +446,6 @@ def test_kill_9_after_the_instances_commit_and_before_the_batch_is_recorded(
         ]
         assert ws.directory.get_config(uid).schema_version == 2
     assert not [s for uid in ids for s in statuses(ws, uid) if s[2] in ("running", "pending")]
-
-
-@contextlib.contextmanager
-def _control_plane_locked(engine: sa.Engine) -> Iterator[None]:
-    """No one else can write the control plane's ledger and configs while this lasts."""
-    if engine.dialect.name == "sqlite":
-        raw = sqlite3.connect(engine.url.database or "", timeout=30, isolation_level=None)
-        raw.execute("BEGIN EXCLUSIVE")
-        try:
-            yield
-        finally:
-            raw.execute("ROLLBACK")
-            raw.close()
-        return
-    with engine.connect() as conn:
-        conn.execute(sa.text("LOCK TABLE byod_migrations, byod_configs IN EXCLUSIVE MODE"))
-        try:
-            yield
-        finally:
-            conn.rollback()
 
 
 # -- real processes ---------------------------------------------------------------------

@@ -134,7 +134,7 @@ def _convex_credentials(
 ) -> Credentials:
     """A Convex deployment: its URL (as ``convex+https://HOST[:PORT][/PATH]``) and its
     deploy key, which is required."""
-    from byod.targets.convex_client import deployment_base  # httpx: only for Convex users
+    from byod.targets.convex_address import deployment_base
 
     parts = urlsplit(deployment_base(url_text))
     url = URL.create(

@@ -27,8 +27,9 @@ from byod.controlplane.run_records import (
     RunRecord,
     TaskEnd,
 )
-from byod.controlplane.runs import RunStore, TaskStore, local_user
+from byod.controlplane.runs import RunStore, local_user
 from byod.controlplane.schema import create_tables, open_engine, require_tables
+from byod.controlplane.tasks import TaskStore
 
 __all__ = [
     "Claim",

@@ -1,15 +1,12 @@
-"""Fleet runs and their tasks: the one writer of ``byod_runs`` and ``byod_run_tasks``.
+"""Fleet runs: the one writer of ``byod_runs``, and of the ``queued`` rows of
+``byod_run_tasks`` a distributed run hands out (:mod:`byod.controlplane.tasks` takes and
+ends them).
 
 ``byod_runs``: one row per run (who, its specification, state, counts). A run's state
 is ``running`` until it ends ``completed``, ``halted`` (a canary or the failure ratio
 stopped it) or ``interrupted`` (Ctrl-C, ``runs stop``); ``ended_at`` is set exactly once.
 A run whose process died stays ``running`` in the table; readers see it as
 ``interrupted`` once it has not reported for a while (``run_records.STALE_AFTER``).
-
-``byod_run_tasks`` (distributed runs): one row per user handed to the task queue,
-``queued`` -> ``running`` (taken by a worker) -> ``done`` (its outcome recorded). A task's
-end is recorded and counted on its run in one statement, only while it is not ``done``:
-a duplicate delivery can never count a user twice.
 """
 
 from __future__ import annotations
@@ -19,7 +16,6 @@ import getpass
 import secrets
 import socket
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -28,20 +24,16 @@ from byod.clock import utcnow
 from byod.controlplane._tx import reading, single, writing
 from byod.controlplane.queries import outdated_query
 from byod.controlplane.run_records import (
-    Claim,
     DispatchRow,
-    FinishedTask,
     MovedUser,
     RunRecord,
-    TaskEnd,
 )
-from byod.controlplane.schema import configs, ledger, run_tasks, runs, users
+from byod.controlplane.schema import ledger, run_tasks, runs, users
 from byod.errors import InputError
-from byod.redact import mask
-from byod.spec import OUTCOMES, RunCounts, RunSpec
+from byod.spec import RunCounts, RunSpec
 from byod.text import has_control, printable
 
-__all__ = ["RunStore", "TaskStore"]
+__all__ = ["DISPATCH_COLUMNS", "RunStore", "dispatch_row"]
 
 _RECORD_COLUMNS = [
     c for c in runs.columns if c.name not in ("cursor_version", "cursor_user", "exhausted")
@@ -226,20 +218,20 @@ class RunStore:
 
     def hand_out(
         self, run_id: str, decide: Callable[[DispatchRow], tuple[str | None, int]]
-    ) -> list[tuple[int, str | None]]:
+    ) -> tuple[list[tuple[int, str | None]], int]:
         """One step of a distributed run's dispatch, in one transaction: ``decide`` looks
         at the run (locked; a second caller returns at once with nothing) and says why it
         must halt (or None) and how many users to hand out now; their task rows are
         written ``queued`` and the run's cursor moved; a run with nothing in flight and
         nothing left (or stopped) is closed. Returns the users handed out, with their
-        queue, for the caller to publish."""
+        queue, for the caller to publish; and the run's cap on users in flight."""
         with writing(self.engine, "hand out the run's next users") as conn:
             row = conn.execute(
                 sa.select(runs).where(runs.c.id == run_id).with_for_update(skip_locked=True)
             ).first()
             if row is None or row.ended_at is not None:
-                return []
-            run = _dispatch_row(row)
+                return [], 1
+            run = dispatch_row(row)
             halt, room = decide(run)
             values: dict[str, object] = {}
             state, exhausted, in_flight = run.state, run.exhausted, run.in_flight
@@ -263,7 +255,7 @@ class RunStore:
             if values:
                 values["updated_at"] = utcnow()
                 conn.execute(runs.update().where(runs.c.id == run_id).values(**values))
-        return [(int(r.user_id), r.queue) for r in page]
+        return [(int(r.user_id), r.queue) for r in page], run.spec.options.concurrency
 
     @staticmethod
     def _next_page(
@@ -320,12 +312,12 @@ class RunStore:
         return stopped == 1
 
 
-_DISPATCH_COLUMNS = (
+DISPATCH_COLUMNS = (
     "id, state, options, target_version, in_flight, dispatched, exhausted, succeeded, failed"
 )
 
 
-def _dispatch_row(row: sa.Row[tuple[object, ...]]) -> DispatchRow:
+def dispatch_row(row: sa.Row[tuple[object, ...]]) -> DispatchRow:
     return DispatchRow(
         run_id=str(row.id),
         state=str(row.state),
@@ -354,48 +346,6 @@ def _closing(row: sa.Row[tuple[object, ...]], state: str) -> dict[str, object]:
 
 
 # Take the task unless it is done or its run has stopped, and say what was there before.
-_CLAIM = sa.text(
-    """
-    WITH claimed AS (
-        UPDATE byod_run_tasks AS t
-        SET state = 'running', worker = :worker, started_at = :now,
-            deliveries = t.deliveries + 1
-        FROM byod_runs AS r
-        WHERE t.run_id = :run AND t.user_id = :user AND t.state <> 'done'
-          AND r.id = t.run_id AND r.state = 'running'
-        RETURNING t.user_id
-    )
-    SELECT r.state, r.options, r.target_version, u.clerk_id, t.state AS task_state,
-           EXISTS (SELECT 1 FROM claimed) AS claimed
-    FROM byod_runs AS r
-    JOIN byod_run_tasks AS t ON t.run_id = r.id AND t.user_id = :user
-    JOIN users AS u ON u.id = t.user_id
-    WHERE r.id = :run
-    """
-)
-
-_COUNTED = ", ".join(f"{name} = {name} + :n_{name}" for name in OUTCOMES)
-
-# Record the task's end once (a duplicate finds it done) and count it in the same statement.
-_FINISH = sa.text(
-    f"""
-    WITH done AS (
-        UPDATE byod_run_tasks
-        SET state = 'done', outcome = :outcome, to_version = :to_version, error = :error,
-            error_type = :error_type, steps = :steps, tries = :tries, seconds = :seconds,
-            finished_at = timezone('UTC', clock_timestamp())
-        WHERE run_id = :run AND user_id = :user AND state <> 'done'
-        RETURNING run_id
-    )
-    UPDATE byod_runs
-    SET in_flight = in_flight - 1, total = total + 1 - :n_not_eligible, {_COUNTED},
-        updated_at = :now
-    WHERE id IN (SELECT run_id FROM done)
-    RETURNING {_DISPATCH_COLUMNS}
-    """
-)
-
-
 #: A run that ended having moved (or tried, or left out) nobody: a no-op run
 _NOOP = sa.and_(
     runs.c.state == "completed",
@@ -429,122 +379,3 @@ def _ledger_outcomes() -> sa.Select[Any]:
 
 
 _LEDGER_OUTCOMES = _ledger_outcomes()
-
-
-class TaskStore:
-    """Claims and ends a distributed run's tasks (PostgreSQL: one statement each)."""
-
-    def __init__(self, engine: sa.Engine) -> None:
-        self.engine = engine
-
-    def claim(self, run_id: str, user_id: int, worker: str) -> Claim | None:
-        """Take one user's task (None: no such task, e.g. its run was deleted)."""
-        params = {"run": run_id, "user": user_id, "worker": worker[:128], "now": utcnow()}
-        with single(self.engine, "claim the task") as conn:
-            row = conn.execute(_CLAIM, params).first()
-        if row is None:
-            return None
-        return Claim(
-            run_state=str(row.state),
-            spec=RunSpec.from_json(str(row.options)),
-            target_version=int(row.target_version),
-            clerk_id=str(row.clerk_id),
-            task_state=str(row.task_state),
-            claimed=bool(row.claimed),
-        )
-
-    def finish(self, run_id: str, user_id: int, end: TaskEnd) -> DispatchRow | None:
-        """Record how the task ended and count it on its run; returns the run as it now
-        is, or None when the end was already recorded (a duplicate: nothing counted)."""
-        params: dict[str, object] = {"run": run_id, "user": user_id, "now": utcnow()}
-        params |= end.__dict__
-        params["error"] = None if end.error is None else mask(end.error)
-        params |= {f"n_{name}": int(end.outcome == name) for name in OUTCOMES}
-        with single(self.engine, "record the task's end") as conn:
-            row = conn.execute(_FINISH, params).first()
-        return None if row is None else _dispatch_row(row)
-
-    def send_again(
-        self, run_id: str, older_than_seconds: float, lapsed_seconds: float | None = None
-    ) -> list[tuple[int, str | None]]:
-        """The run's tasks that look lost, marked sent again now; returns them (user,
-        queue) for the caller to publish. Lost: queued longer than ``older_than_seconds``
-        (a broker lost the message), or taken that long ago by a worker whose lease on
-        the user has lapsed; and, given ``lapsed_seconds`` (the run's lease), at once
-        when a worker of this run took the user's lease and let it lapse (it died) and
-        the task was not sent again within that long. Tasks merely waiting in a queue
-        are never sent early."""
-        now = utcnow()
-        cutoff = now - timedelta(seconds=older_than_seconds)
-        lost = sa.or_(
-            sa.and_(run_tasks.c.state == "queued", run_tasks.c.queued_at < cutoff),
-            sa.and_(
-                run_tasks.c.state == "running",
-                run_tasks.c.started_at < cutoff,
-                sa.or_(configs.c.lease_owner.is_(None), configs.c.lease_expires_at < now),
-            ),
-        )
-        if lapsed_seconds is not None:
-            lapsed = sa.and_(
-                run_tasks.c.state == "running",
-                configs.c.lease_owner.startswith(f"{run_id}:", autoescape=True),
-                configs.c.lease_expires_at < now,
-                run_tasks.c.queued_at < now - timedelta(seconds=lapsed_seconds),
-            )
-            lost = sa.or_(lost, lapsed)
-        query = (
-            sa.select(run_tasks.c.user_id, run_tasks.c.queue)
-            .join(configs, configs.c.user_id == run_tasks.c.user_id)
-            .where(run_tasks.c.run_id == run_id, lost)
-        )
-        with reading(self.engine, "find the run's lost tasks") as conn:
-            found = [(int(r.user_id), r.queue) for r in conn.execute(query)]
-        if not found:
-            return []
-        with single(self.engine, "mark the tasks sent again") as conn:
-            conn.execute(
-                run_tasks.update()
-                .where(
-                    run_tasks.c.run_id == run_id,
-                    run_tasks.c.user_id.in_([user_id for user_id, _ in found]),
-                )
-                .values(
-                    queued_at=now,
-                    started_at=sa.case(
-                        (run_tasks.c.state == "running", now), else_=run_tasks.c.started_at
-                    ),
-                )
-            )
-        return found
-
-    def finished(self, run_id: str, since: datetime | None) -> list[FinishedTask]:
-        """The run's tasks recorded done (since that moment, when given), oldest first."""
-        query = (
-            sa.select(run_tasks, users.c.clerk_id)
-            .join(users, users.c.id == run_tasks.c.user_id)
-            .where(run_tasks.c.run_id == run_id, run_tasks.c.state == "done")
-            .order_by(run_tasks.c.finished_at)
-        )
-        if since is not None:
-            query = query.where(run_tasks.c.finished_at >= since)
-        with reading(self.engine, "read the run's finished tasks") as conn:
-            return [
-                FinishedTask(
-                    user_id=int(r.user_id),
-                    clerk_id=str(r.clerk_id),
-                    outcome=str(r.outcome),
-                    tries=int(r.tries),
-                    from_version=int(r.from_version),
-                    to_version=None if r.to_version is None else int(r.to_version),
-                    error=r.error,
-                    error_type=r.error_type,
-                    steps=str(r.steps or "[]"),
-                    seconds=float(r.seconds or 0.0),
-                    finished_at=r.finished_at,
-                )
-                for r in conn.execute(query)
-            ]
-
-    def failed(self, run_id: str, limit: int) -> list[FinishedTask]:
-        """The run's tasks that ended ``failed``, oldest first."""
-        return [t for t in self.finished(run_id, None) if t.outcome == "failed"][:limit]

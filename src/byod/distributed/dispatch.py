@@ -28,10 +28,13 @@ from byod.results import steps_to_json
 from byod.settings import safe_url
 
 __all__ = [
+    "MAX_TASK_PAGE",
+    "PAGES_IN_FLIGHT",
     "Broker",
     "Dispatcher",
     "Publisher",
     "TaskMessage",
+    "in_pages",
     "registry_digest",
     "require_server_control_plane",
 ]
@@ -41,11 +44,37 @@ log = logging.getLogger("byod.distributed")
 
 @dataclass(frozen=True)
 class TaskMessage:
-    """One user of one run, to be sent to the workers consuming ``queue`` (None: default)."""
+    """A page of one run's users (one task), to be sent to the workers consuming
+    ``queue`` (None: the default queue); every user of a page is of that queue."""
 
     run_id: str
-    user_id: int
+    user_ids: tuple[int, ...]
     queue: str | None
+
+
+#: A run keeps at least this many tasks in flight (when its cap on users in flight
+#: allows), so that many worker processes stay busy: a task's page of users is the cap
+#: divided by it, at most :data:`MAX_TASK_PAGE`.
+PAGES_IN_FLIGHT = 32
+#: The most users one task carries.
+MAX_TASK_PAGE = 64
+
+
+def task_page_size(in_flight_cap: int) -> int:
+    """How many users one task of a run with this cap on users in flight carries."""
+    return max(1, min(MAX_TASK_PAGE, in_flight_cap // PAGES_IN_FLIGHT))
+
+
+def in_pages(run_id: str, users: Sequence[tuple[int, str | None]], size: int) -> list[TaskMessage]:
+    """``(user, queue)`` pairs as tasks of at most ``size`` users, each of one queue."""
+    by_queue: dict[str | None, list[int]] = {}
+    for user_id, queue in users:
+        by_queue.setdefault(queue, []).append(user_id)
+    return [
+        TaskMessage(run_id, tuple(ids[start : start + size]), queue)
+        for queue, ids in by_queue.items()
+        for start in range(0, len(ids), size)
+    ]
 
 
 #: Sends task messages to the broker.
@@ -96,9 +125,9 @@ class Dispatcher:
         halt it when a canary failed or failures pass the ratio; close it when nothing is
         left. Returns how many tasks were sent. Safe to call from anywhere, any time: one
         caller at a time does the work, the others return at once."""
-        handed = self.runs.hand_out(run_id, _decide)
+        handed, cap = self.runs.hand_out(run_id, _decide)
         if handed:
-            self.publish([TaskMessage(run_id, user_id, queue) for user_id, queue in handed])
+            self.publish(in_pages(run_id, handed, task_page_size(cap)))
         return len(handed)
 
     def resend_stale(
@@ -111,40 +140,30 @@ class Dispatcher:
         lost = self.tasks.send_again(run_id, older_than_seconds, lapsed_seconds)
         if lost:
             log.warning("run %s: sending %d lost tasks again", run_id, len(lost))
-            self.publish([TaskMessage(run_id, user_id, queue) for user_id, queue in lost])
+            self.publish(in_pages(run_id, lost, MAX_TASK_PAGE))
         return len(lost)
 
-    def claim(self, run_id: str, user_id: int, worker: str) -> Claim | None:
-        """Take one user's task (None: no such task, e.g. its run was deleted)."""
-        return self.tasks.claim(run_id, user_id, worker)
+    def claim(self, run_id: str, user_ids: Sequence[int], worker: str) -> dict[int, Claim]:
+        """Take a page of users' tasks (a user without one, e.g. its run was deleted,
+        is left out)."""
+        return self.tasks.claim_page(run_id, user_ids, worker)
 
-    def finish(self, run_id: str, settled: Settled) -> bool:
-        """Record how one user's task ended and count it, then hand out more users (or
-        halt or close the run) when that is due; False when the end was already
-        recorded (a duplicate delivery), so nothing is counted twice."""
-        result, error = settled.result, settled.error
-        end = TaskEnd(
-            outcome=settled.outcome,
-            to_version=None if result is None else result.to_version,
-            error=None if error is None else error.error,
-            error_type=None
-            if result is None or result.error is None
-            else type(result.error).__name__,
-            steps=None if result is None else steps_to_json(result.steps),
-            tries=settled.tries,
-            seconds=None if result is None else result.seconds,
-        )
-        run = self.tasks.finish(run_id, settled.user.id, end)
+    def finish(self, run_id: str, settled: Sequence[Settled]) -> DispatchRow | None:
+        """Record how a page of users' tasks ended and count them, then hand out more
+        users (or halt or close the run) when that is due. Returns the run as the ends
+        left it; None when none was recorded: an end recorded already (a duplicate
+        delivery) is never counted twice."""
+        run = self.tasks.finish_page(run_id, [(s.user.id, _task_end(s)) for s in settled])
         if run is None:
-            return False
+            return None
         if _top_up_due(run):
             try:
                 self.top_up(run_id)
             except ControlPlaneError:
-                raise  # the caller tries again later; its task then finds itself done
-            except ByodError as exc:  # the end is recorded; a watcher sends them later
+                raise  # the caller tries again later; its tasks then find themselves done
+            except ByodError as exc:  # the ends are recorded; a watcher sends them later
                 log.warning("run %s: cannot hand out more users now: %s", run_id, exc.message)
-        return True
+        return run
 
     def stop(self, run_id: str, state: str, reason: str) -> bool:
         """End a running run early (``interrupted`` or ``halted``): nothing more is handed
@@ -153,6 +172,19 @@ class Dispatcher:
         stopped = self.runs.stop(run_id, state, reason)
         self.top_up(run_id)  # closes it at once when nothing is in flight
         return stopped
+
+
+def _task_end(settled: Settled) -> TaskEnd:
+    result, error = settled.result, settled.error
+    return TaskEnd(
+        outcome=settled.outcome,
+        to_version=None if result is None else result.to_version,
+        error=None if error is None else error.error,
+        error_type=None if result is None or result.error is None else type(result.error).__name__,
+        steps=None if result is None else steps_to_json(result.steps),
+        tries=settled.tries,
+        seconds=None if result is None else result.seconds,
+    )
 
 
 def _decide(run: DispatchRow) -> tuple[str | None, int]:

@@ -16,10 +16,8 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 
-from byod.controlplane import Config
-from byod.errors import ByodError, ControlPlaneError
+from byod.errors import ControlPlaneError
 from byod.fleet.selection import Item
-from byod.registry import Plan
 from byod.runner import Runner
 from byod.runner.pages import Claims
 
@@ -98,21 +96,15 @@ class Pager:
             return
         taken = {item.user.id: item for item in items}
         try:
-            self.claims.claim(list(taken), lambda config: self._plan(config, taken))
+            self.claims.claim(
+                list(taken),
+                lambda config: self.runner.page_plan(
+                    self.action,
+                    taken[config.user_id].user,
+                    config,
+                    taken[config.user_id].to_version,
+                ),
+            )
         except ControlPlaneError as exc:  # each user then waits for it on its own
             log.warning("fleet: cannot claim the next page of users: %s", exc.message)
         self._items.extend(items)  # a user not claimed (busy) runs the lone user's way
-
-    def _plan(self, config: Config, taken: dict[int, Item]) -> Plan | None:
-        """What the user's run would do at the control plane's version, or None when it
-        will not run a chain (disconnected, sealed with another key, a rollback that
-        cannot be undone): its run then says why, with no plan written."""
-        runner = self.runner
-        if config.connection_status == "disconnected" or config.key_id != runner.sealer.key_id:
-            return None
-        item = taken[config.user_id]
-        try:
-            plan = runner.plan_for(self.action, item.user, config.schema_version, item.to_version)
-            return runner.gates.cut(plan)[0]
-        except ByodError:
-            return None

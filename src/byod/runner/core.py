@@ -186,6 +186,21 @@ class Runner:
         refuse_irreversible(user, down)
         return down
 
+    def page_plan(
+        self, action: str, user: User, config: Config, to_version: int | None
+    ) -> Plan | None:
+        """The plan written for a user of a claimed page: what its run would do at the
+        control plane's version, as far as the fleet's gates let it; None when it will
+        not run a chain (disconnected, sealed with another key, a rollback that cannot be
+        undone): its run then says why, with no plan written."""
+        if config.connection_status == "disconnected" or config.key_id != self.sealer.key_id:
+            return None
+        try:
+            plan = self.plan_for(action, user, config.schema_version, to_version)
+            return self.gates.cut(plan)[0]
+        except ByodError:
+            return None
+
     def rollback(self, user_id: int, to_version: int) -> UserResult:
         """Run ``down`` newest first until the user's instance is at ``to_version``.
 

@@ -20,23 +20,16 @@ What is different, and what this target promises instead:
 
 from __future__ import annotations
 
-import contextlib
-import ipaddress
-import re
 import time
-import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any
 from urllib.parse import urlsplit
 
 from sqlalchemy.engine import URL
 
 from byod.errors import (
-    BusyError,
     ByodError,
-    DeployError,
     DriftError,
     InstanceTimeoutError,
     MigrationFailedError,
@@ -45,7 +38,9 @@ from byod.errors import (
     UnreachableError,
 )
 from byod.instance_url import InstancePolicy, resolve_instance_host
-from byod.registry import Backfill, Migration, Step
+from byod.registry import Backfill, Step
+from byod.targets._convex_app_code import ConvexAppCode
+from byod.targets._convex_base import MODULE, TRANSACTION_LIMIT, FunctionKind
 from byod.targets.backfill import Batch, Progress
 from byod.targets.base import (
     BatchBody,
@@ -57,26 +52,9 @@ from byod.targets.base import (
     started,
 )
 from byod.targets.convex_client import ConvexClient, FunctionError
-from byod.targets.convex_code import WORKTREE, AppCode, check_convex_version
 from byod.targets.convex_deploy import Deploy
 
 __all__ = ["ConvexTarget", "DeploymentCalls", "open_convex"]
-
-_MODULE = "byod"
-
-FunctionKind = Literal["query", "mutation", "action"]
-#: A function stopped by a transaction limit: convex-test's words ("Read too much data
-#: in a single function execution (limit: …)", "Scanned too many documents …", "Wrote too
-#: much data …", "Wrote too many documents …"; convex-test 0.0.60,
-#: dist/transactionMetrics.js, which copies the backend's phrase). The real backend's
-#: source is not on this machine to cite: its limit errors are matched by that same
-#: phrase and by the TooMany* error codes as remembered, not checked against it.
-_TRANSACTION_LIMIT = re.compile(
-    r"in a single function execution|\bTooMany(?:Reads|Writes|BytesRead|BytesWritten|"
-    r"DocumentsRead|DocumentsWritten)\b"
-)
-_UNSET = object()
-_NOT_FOUND = "Could not find"
 
 
 def open_convex(
@@ -168,7 +146,7 @@ class _Calls(DeploymentCalls):
         self._deadline = deadline
 
     def _call(self, kind: FunctionKind, path: str, args: Mapping[str, Any] | None) -> Any:
-        if not isinstance(path, str) or path.startswith(f"{_MODULE}:"):
+        if not isinstance(path, str) or path.startswith(f"{MODULE}:"):
             raise MigrationFailedError(
                 f"a migration calls the app's functions, not byod's own ({path!r})"
             )
@@ -179,131 +157,8 @@ class _Calls(DeploymentCalls):
         return self._target.remaining(self._deadline)
 
 
-class ConvexTarget:
+class ConvexTarget(ConvexAppCode):
     """One user's Convex deployment; see :class:`byod.targets.base.Target`."""
-
-    kind = "convex"
-
-    def __init__(
-        self,
-        client: ConvexClient,
-        deploy_key: str,
-        *,
-        hold_seconds: float = 30.0,
-        deploy: Deploy | None = None,
-        owner: str | None = None,
-    ) -> None:
-        self.client = client
-        self.where = client.base
-        self._deploy_key = deploy_key
-        self._deploy = deploy
-        self.hold_seconds = max(hold_seconds, 2.0)
-        self.owner = owner or f"byod-{uuid.uuid4().hex[:16]}"
-        self._held_until = 0.0  # time.monotonic() until which the lock is ours
-        self._deployed = False
-        self._app_code: object = _UNSET
-        #: the app commit the deployment runs, as its module says (None: unknown)
-        self._code_ref: object = _UNSET
-        #: the stamp as read while holding the lock, kept up to date by this target's
-        #: own writes (nobody else writes it while the lock is held); None: read it
-        self._locked_stamp: list[StampEntry] | None = None
-        #: the steps in progress, read and kept the same way
-        self._locked_progress: dict[str, Progress] | None = None
-
-    def __enter__(self) -> ConvexTarget:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    # -- what the runner asks ----------------------------------------------------------
-
-    def holds_control_plane(self, control_plane_id: str) -> bool:
-        """Never: byod's control plane is a SQL database."""
-        return False
-
-    def defer_control_plane_check(self, control_plane_id: str) -> bool:
-        """Nothing to defer: :meth:`holds_control_plane` asks nothing."""
-        return False
-
-    def prepare(self, first: Migration | None = None) -> None:
-        """Make the deployment run the code the first step needs, under the deployment's
-        lock (taken here; :class:`BusyError` while another runner holds it, nothing
-        deployed): with the app in git, the code of ``first``'s commit when the
-        deployment runs other code; else the app folder as it is, once for this target.
-        :class:`DeployError` when the deploy fails."""
-        with contextlib.suppress(DeployError):  # no byod module yet: nobody holds its lock
-            self.hold()
-        code = self._code()
-        if code is not None:
-            if first is not None:
-                self._run_on(code.ref_for(first))
-            return
-        if self._deployed:
-            return
-        self._deploy_now(None)
-        self._deployed = True
-
-    def finish(self, at: Migration | None, head: bool) -> None:
-        """After a plan's last step: with the app in git, leave the deployment on the code
-        of the version reached (``HEAD``'s at the head, else the commit of ``at``, the
-        migration of that version; none at version 0)."""
-        code = self._code()
-        if code is None or (at is None and not head):
-            return
-        self.hold()
-        self._run_on(code.head_ref() if head else code.ref_for(at))  # type: ignore[arg-type]
-
-    def _code(self) -> AppCode | None:
-        if self._app_code is _UNSET:
-            self._app_code = self._deploy.app_code() if self._deploy is not None else None
-        return self._app_code  # type: ignore[return-value]
-
-    def _run_on(self, ref: str) -> None:
-        """Deploy the code of ``ref`` unless the deployment runs it already (as byod's
-        module, deployed with it, says)."""
-        if ref != WORKTREE and self._running_ref() == ref:
-            return
-        if ref == WORKTREE and not _local(self.where):
-            raise DeployError(
-                f"{self.where}: uncommitted code (--allow-dirty) is deployed to local "
-                "deployments only",
-                hint="Commit the migration and the app code it needs, then run again.",
-            )
-        code = self._code()
-        assert code is not None
-        self._deploy_now(code.folder(ref))
-        self._code_ref = ref
-
-    def _running_ref(self) -> str | None:
-        if self._code_ref is _UNSET:
-            try:
-                answer = self._byod("codeRef", {})
-            except DeployError:  # an older module, or none: unknown code
-                answer = None
-            ref = answer.get("ref") if isinstance(answer, dict) else None
-            self._code_ref = ref if isinstance(ref, str) else None
-        return self._code_ref  # type: ignore[return-value]
-
-    def _deploy_now(self, folder: Path | None) -> None:
-        deploy = self._deploy or Deploy(app_dir=None)
-        app = folder or (Path(deploy.app_dir) if deploy.app_dir else None)
-        if app is not None:
-            check_convex_version(app, self.where)
-        deploy.run(
-            self.where,
-            self._deploy_key,
-            self.client.scrub,
-            where=self.where,
-            folder=folder,
-            keep=self._keep,
-        )
-
-    def _keep(self) -> None:
-        """Renew the lock while a deploy runs (when it is held: a deployment without
-        byod's module has none yet)."""
-        if self._held_until:
-            self.hold()
 
     def read_stamp(self) -> list[StampEntry]:
         """See :meth:`byod.targets.base.Target.read_stamp`."""
@@ -455,7 +310,7 @@ class ConvexTarget:
                 timeout=self.remaining(deadline),
             )
         except MigrationFailedError as exc:
-            if _TRANSACTION_LIMIT.search(exc.message):
+            if TRANSACTION_LIMIT.search(exc.message):
                 raise TransactionLimitError(exc.message) from None
             raise
         progress = _progress(answer["progress"])
@@ -473,60 +328,6 @@ class ConvexTarget:
         stopped halfway is run again whole)."""
         return []
 
-    def close(self) -> None:
-        """Give the lock back (when held) and close the connections."""
-        try:
-            if self._held_until:
-                self._byod("releaseLock", {"owner": self.owner}, timeout=5.0)
-        except ByodError:
-            pass  # it expires on its own
-        finally:
-            self._held_until = 0.0
-            self.client.close()
-
-    # -- the lock --------------------------------------------------------------------
-
-    def hold(self) -> None:
-        """Take the deployment's lock, or renew it once half of its hold is gone;
-        :class:`BusyError` when another runner holds it."""
-        now = time.monotonic()
-        if self._held_until - now > self.hold_seconds / 2:
-            return
-        if self._held_until <= now:  # not held, or lapsed: another runner may have written
-            self._forget()
-        ttl_ms = int(self.hold_seconds * 1000)
-        if self._byod("takeLock", {"owner": self.owner, "ttlMs": ttl_ms}):
-            self._held_until = now + self.hold_seconds
-            return
-        lost = self._held_until > 0
-        self._held_until = 0.0
-        self._forget()
-        holder = self._byod("readLock", {})
-        left = ""
-        if isinstance(holder, dict) and isinstance(holder.get("expiresAt"), int | float):
-            left = f" for {max(0.0, holder['expiresAt'] / 1000 - time.time()):.0f} s more"
-        raise BusyError(
-            f"the deployment {self.where} is locked by another runner{left}"
-            + (": this run's hold expired and was taken over" if lost else "")
-        )
-
-    def _forget(self) -> None:
-        """Drop what was read under a lock no longer held."""
-        self._locked_stamp = None
-        self._locked_progress = None
-
-    def remaining(self, deadline: float | None) -> float | None:
-        """Seconds left before ``deadline`` (None: no deadline), or
-        :class:`InstanceTimeoutError` when it has passed."""
-        if deadline is None:
-            return None
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise InstanceTimeoutError(f"the deployment {self.where}: the step's time is up")
-        return left
-
-    # -- calls -----------------------------------------------------------------------
-
     def _run_body(self, step: Step, body: StepBody, deadline: float | None) -> None:
         try:
             body(_Calls(self, deadline))
@@ -539,48 +340,6 @@ class ConvexTarget:
             raise MigrationFailedError(
                 self.client.scrub(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
             ) from exc
-
-    def _byod(self, name: str, args: dict[str, Any], *, timeout: float | None = None) -> Any:
-        """Call byod's own function ``name``; its refusals become byod's errors."""
-        try:
-            return self.client.function(f"{_MODULE}:{name}", args, timeout=timeout)
-        except FunctionError as exc:
-            self._refused(name, exc)
-
-    def _refused(self, name: str, exc: FunctionError) -> NoReturn:
-        code = exc.code
-        message = exc.message
-        if isinstance(exc.data, dict) and isinstance(exc.data.get("message"), str):
-            message = self.client.scrub(str(exc.data["message"])).removeprefix("byod: ")
-        if code == "BYOD_DRIFT":
-            raise DriftError(f"{self.where}: {message}") from None
-        if code == "BYOD_LOCK_LOST":
-            self._held_until = 0.0
-            self._forget()
-            raise BusyError(
-                f"{self.where}: this run's hold of the deployment's lock expired and another "
-                "runner took it; nothing more was written"
-            ) from None
-        if code in ("BYOD_PAGE_FAILED", "BYOD_BAD_PAGE", "BYOD_BAD_ARGUMENT"):
-            raise MigrationFailedError(message) from None
-        if _NOT_FOUND in exc.message:
-            raise DeployError(
-                f"{self.where}: byod's module is not deployed there (byod:{name} is missing): "
-                "add it to the app with `byod convex init`, then deploy",
-                hint="Run `byod convex init APP_DIR`, add byodTables to schema.ts, deploy.",
-            ) from None
-        raise MigrationFailedError(f"byod:{name}: {exc.message}") from None
-
-
-def _local(base_url: str) -> bool:
-    """Whether a deployment's URL names this machine (a loopback address or localhost)."""
-    host = (urlsplit(base_url).hostname or "").rstrip(".").lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _progress(row: Mapping[str, Any]) -> Progress:

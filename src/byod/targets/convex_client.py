@@ -26,8 +26,6 @@ What goes wrong becomes byod's errors, none of which ever holds the deploy key:
 
 from __future__ import annotations
 
-import email.utils
-import ipaddress
 import json
 import logging
 import random
@@ -35,11 +33,9 @@ import re
 import ssl
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
-from importlib import metadata
 from types import TracebackType
 from typing import Any, NoReturn
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -51,8 +47,17 @@ from byod.errors import (
     SettingsError,
     UnreachableError,
 )
-from byod.targets.convex_values import ConvexValueError, Value, decode, encode
-from byod.text import has_control, printable
+from byod.targets.convex_address import deployment_base
+from byod.targets.convex_values import ConvexValueError, Value, decode
+from byod.targets.convex_wire import (
+    CLIENT_VERSION,
+    FunctionError,
+    checked_path,
+    encoded_args,
+    no_constant,
+    retry_after,
+)
+from byod.text import printable
 
 __all__ = ["ConvexClient", "FunctionError", "deployment_base"]
 
@@ -60,127 +65,10 @@ log = logging.getLogger(__name__)
 
 #: Status of a function that threw (``STATUS_CODE_UDF_FAILED`` of ``ConvexHttpClient``).
 FUNCTION_FAILED = 560
-_CLOUD = ".convex.cloud"
-_SITE = ".convex.site"
-_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-_PATH = re.compile(r"(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)*")
 _KEY = re.compile(r"[!-~]{1,4096}")
-_FUNCTION_PATH = re.compile(r"[!-~]{1,1024}")
 #: How much of an answer that is not Convex's is shown in a message.
 _SHOWN = 200
 _LONGEST_MESSAGE = 4000
-
-
-def _semver() -> str:
-    try:
-        found = re.match(r"[0-9]+\.[0-9]+\.[0-9]+", metadata.version("byod"))
-    except metadata.PackageNotFoundError:
-        found = None
-    return found.group(0) if found else "0.0.0"
-
-
-#: The ``Convex-Client`` header byod sends.
-CLIENT_VERSION = f"byod-{_semver()}"
-
-
-def _refuse(problem: str) -> NoReturn:
-    raise SettingsError(f"the Convex deployment URL {problem}")
-
-
-def deployment_base(url: str) -> str:
-    """The base URL byod posts ``/api/...`` under, from a Convex deployment URL as a user
-    gives it, or a :class:`SettingsError` saying what is wrong with it.
-
-    Accepted: ``https://NAME.convex.cloud`` (Convex's cloud, where functions are served;
-    ``.convex.site`` serves HTTP actions and is refused), and ``convex+https://HOST[:PORT]
-    [/PATH]`` or ``convex+http://HOST[:PORT][/PATH]`` for a self-hosted or local backend,
-    whose path prefix is kept. ``convex+http`` sends the deploy key unencrypted: meant for
-    a backend on the same machine or network. Never accepted: a user or password in the
-    URL (the deploy key is a separate secret), a query or fragment, spaces or control
-    characters. The result is lower-cased in scheme and host, without a default port or
-    a trailing slash, so equal deployments give equal bases.
-    """
-    if not url:
-        _refuse("is empty")
-    if has_control(url) or any(char.isspace() for char in url):
-        _refuse("holds spaces or control characters")
-    if not url.isascii():
-        _refuse("holds non-ASCII characters (write an international host in its xn-- form)")
-    if "?" in url or "#" in url:
-        _refuse("must not have a query (?...) or fragment (#...)")
-    scheme, separator, rest = url.partition("://")
-    scheme = scheme.lower()
-    if not separator or scheme not in ("https", "convex+https", "convex+http"):
-        _refuse(
-            "must be https://NAME.convex.cloud, or convex+https://HOST[:PORT][/PATH] "
-            "(convex+http:// on a local network) for a self-hosted deployment"
-        )
-    cloud = scheme == "https"
-    real = scheme.removeprefix("convex+")
-    try:
-        parts = urlsplit(f"{real}://{rest}")
-    except ValueError:
-        _refuse("has a malformed IPv6 address")
-    if "@" in parts.netloc:
-        _refuse("must not hold a user or password: the deploy key is given separately")
-    host = _host(parts)
-    port = _port(parts)
-    path = parts.path.rstrip("/")
-    if not _PATH.fullmatch(path) or any(seg in (".", "..") for seg in path.split("/")):
-        _refuse("has a path with characters or segments a base URL cannot have")
-    if cloud:
-        if host.endswith(_SITE):
-            _refuse(f"ends with {_SITE}, which serves HTTP actions: functions are on {_CLOUD}")
-        if not host.endswith(_CLOUD) or host == _CLOUD[1:]:
-            _refuse(
-                f"is not NAME{_CLOUD}: for a self-hosted deployment write "
-                "convex+https://HOST[:PORT][/PATH]"
-            )
-        if path or port is not None:
-            _refuse(f"of a {_CLOUD} deployment has no port or path")
-    netloc = host if port is None else f"{host}:{port}"
-    return f"{real}://{netloc}{path}"
-
-
-def _host(parts: SplitResult) -> str:
-    host = parts.hostname or ""
-    if parts.netloc.startswith("["):
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            _refuse("has a malformed IPv6 address")
-        return f"[{host}]"
-    labels = host.split(".")
-    if not host or len(host) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
-        _refuse("has no valid host name")
-    return host
-
-
-def _port(parts: SplitResult) -> int | None:
-    try:
-        port = parts.port
-    except ValueError:
-        _refuse("has a malformed port")
-    if port == 0:
-        _refuse("has port 0")
-    default = {"https": 443, "http": 80}[parts.scheme]
-    return None if port in (None, default) else port
-
-
-def _retry_after(header: str | None) -> float | None:
-    """Seconds a ``Retry-After`` header asks to wait (seconds or an HTTP date), or None."""
-    if header is None:
-        return None
-    text = header.strip()
-    if text.isascii() and text.isdigit():
-        return float(text)
-    try:
-        when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 class ConvexClient:
@@ -320,11 +208,11 @@ class ConvexClient:
         ``timeout``, given, bounds this call's read and write instead of the client's."""
         body: dict[str, object] = {}
         if component_path is not None:
-            body["componentPath"] = _checked_path(component_path, "component path")
+            body["componentPath"] = checked_path(component_path, "component path")
         body.update(
-            path=_checked_path(path, "function path"),
+            path=checked_path(path, "function path"),
             format="convex_encoded_json",
-            args=_encoded_args(args),
+            args=encoded_args(args),
         )
         return self._call("function", path, "/api/function", body, timeout)
 
@@ -332,9 +220,9 @@ class ConvexClient:
         self, kind: str, path: str, args: Mapping[str, Value] | None, timeout: float | None
     ) -> Value:
         body: dict[str, object] = {
-            "path": _checked_path(path, "function path"),
+            "path": checked_path(path, "function path"),
             "format": "convex_encoded_json",
-            "args": [_encoded_args(args)],
+            "args": [encoded_args(args)],
         }
         return self._call(kind, path, f"/api/{kind}", body, timeout)
 
@@ -416,7 +304,7 @@ class ConvexClient:
         return self.scrub(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
 
     def _delay(self, response: httpx.Response, attempt: int) -> float | None:
-        asked = _retry_after(response.headers.get("Retry-After"))
+        asked = retry_after(response.headers.get("Retry-After"))
         if asked is not None:
             if asked > self.max_wait:
                 return None
@@ -493,7 +381,7 @@ class ConvexClient:
 
     def _json(self, where: str, response: httpx.Response) -> Any:
         try:
-            return json.loads(response.content, parse_constant=_no_constant)
+            return json.loads(response.content, parse_constant=no_constant)
         except (ValueError, RecursionError):
             self._not_convex(where, response)
 
@@ -503,39 +391,3 @@ class ConvexClient:
             f"{where}: the answer (HTTP {response.status_code}) is not a Convex deployment's: "
             f"{shown!r}; check the URL"
         )
-
-
-class FunctionError(MigrationFailedError):
-    """A Convex function threw (HTTP 560): its message, and its ``ConvexError`` data
-    (``data``; None when it threw a plain ``Error``)."""
-
-    def __init__(self, message: str, *, data: Value = None) -> None:
-        super().__init__(message)
-        self.data = data
-
-    @property
-    def code(self) -> str | None:
-        """The ``code`` of a ``ConvexError`` whose data is an object that has one."""
-        if isinstance(self.data, dict) and isinstance(self.data.get("code"), str):
-            return str(self.data["code"])
-        return None
-
-
-def _no_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _checked_path(path: str, what: str) -> str:
-    if not isinstance(path, str) or not _FUNCTION_PATH.fullmatch(path):
-        raise ValueError(f"a Convex {what} must be 1 to 1024 printable ASCII characters")
-    return path
-
-
-def _encoded_args(args: Mapping[str, Value] | None) -> Any:
-    if args is None:
-        return {}
-    if not isinstance(args, Mapping):
-        raise ConvexValueError(
-            f"the arguments of a Convex function must be a dict, not {type(args).__name__}"
-        )
-    return encode(dict(args))

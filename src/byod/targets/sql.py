@@ -9,10 +9,8 @@ transaction as the migration.
 from __future__ import annotations
 
 import contextlib
-import functools
-import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
@@ -20,21 +18,24 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from byod.clock import utcnow
 from byod.errors import (
-    BusyError,
     ByodError,
-    DirtyInstanceError,
-    DriftError,
     InstanceTimeoutError,
     MigrationFailedError,
     RehearsalError,
     SettingsError,
-    UnreachableError,
 )
 from byod.instance_url import SUPPORTED_KINDS
 from byod.registry import Backfill, Migration, Step
 from byod.settings import safe_url
 from byod.targets import backfill
 from byod.targets._connect import connect, describe_error
+from byod.targets._sql_adoption import SqlAdoption
+from byod.targets._sql_base import (
+    CREATE_DIRTY,
+    CREATE_STAMP,
+    create_sql,
+    dirty_table,
+)
 from byod.targets.base import (
     CONTROL_PLANE_TABLE,
     BatchBody,
@@ -45,52 +46,15 @@ from byod.targets.base import (
     control_plane_refusal,
     started,
 )
-from byod.targets.dialects import DIALECTS, STAMP_TABLE, Dialect, table_exists, timed_out
+from byod.targets.dialects import DIALECTS, STAMP_TABLE, table_exists, timed_out
 
 __all__ = ["STAMP_TABLE", "SqlTarget", "describe_error", "open_target"]
-
-_stamp_metadata = sa.MetaData()
-_stamp = sa.Table(
-    STAMP_TABLE,
-    _stamp_metadata,
-    sa.Column("id", sa.String(255), primary_key=True),
-    sa.Column("version", sa.Integer, nullable=False, unique=True),
-    sa.Column("checksum", sa.String(64), nullable=False),
-    sa.Column("applied_at", sa.DateTime, nullable=False),
-)
-_CREATE_STAMP = sa.schema.CreateTable(_stamp, if_not_exists=True)
-DIRTY_TABLE = "byod_schema_dirty"
-_dirty = sa.Table(
-    DIRTY_TABLE,
-    _stamp_metadata,
-    sa.Column("id", sa.String(255), primary_key=True),
-    sa.Column("direction", sa.String(4), nullable=False),
-    sa.Column("started_at", sa.DateTime, nullable=False),
-)
-_CREATE_DIRTY = sa.schema.CreateTable(_dirty, if_not_exists=True)
-#: only read here: a database holding this table with the control plane's id is one
-_control_plane = sa.Table(
-    CONTROL_PLANE_TABLE, _stamp_metadata, sa.Column("id", sa.String(64), nullable=False)
-)
-_SELECT_STAMP = sa.select(_stamp).order_by(_stamp.c.version)
-#: Alembic's own record of what is applied (read when an instance is adopted)
-ALEMBIC_TABLE = "alembic_version"
-_SELECT_ALEMBIC = sa.text(f"SELECT version_num FROM {ALEMBIC_TABLE}")
-#: the stamp's writes, every value bound: compiled once per dialect
-_INSERT_STAMP = _stamp.insert()
-_DELETE_STAMP = _stamp.delete().where(_stamp.c.id == sa.bindparam("id"))
 
 
 def _timeout(step: Step, exc: DBAPIError) -> InstanceTimeoutError:
     return InstanceTimeoutError(
         f"{step.migration.id} {step.direction} was stopped by the timeout: {describe_error(exc)}"
     )
-
-
-@functools.cache
-def _create_sql(ddl: sa.schema.CreateTable, dialect: sa.Dialect) -> str:
-    # DDL is never in SQLAlchemy's statement cache: compile it once per dialect
-    return str(ddl.compile(dialect=dialect))
 
 
 def open_target(
@@ -125,69 +89,14 @@ def open_target(
 _DEADLINE_GRACE = 5.0
 
 
-class SqlTarget:
+class SqlTarget(SqlAdoption):
     """An open connection to one SQL instance; see :class:`byod.targets.base.Target`."""
-
-    def __init__(
-        self,
-        engine: sa.Engine,
-        conn: sa.Connection,
-        dialect: Dialect,
-        where: str,
-        io_timeout: float | None = None,
-        kind: str = "sqlite",
-    ):
-        self.kind = kind
-        self._engine = engine
-        self._conn = conn
-        self._dialect = dialect
-        self.where = where
-        self._stamp_ready = False
-        self._batch_settings_set = False
-        self._io_timeout = io_timeout
-        #: the transaction :meth:`begin` left open for the first step, and its stamp
-        self._held: tuple[sa.RootTransaction, list[StampEntry]] | None = None
-        #: the control plane's id, when whether this is it is still to be asked
-        self._unchecked_control_plane: str | None = None
-        #: a rehearsal's one transaction: every step and batch a savepoint in it
-        self._rehearsal: sa.RootTransaction | None = None
-        #: stamp rows to take their syntax checksum at the next step (id -> old, new)
-        self._stale: dict[str, tuple[str, str]] = {}
 
     def prepare(self, first: Migration | None = None) -> None:
         """Nothing to do: a SQL instance's schema is what its migrations make it."""
 
     def finish(self, at: Migration | None, head: bool) -> None:
         """Nothing to do after the last step: a SQL instance has no app code to deploy."""
-
-    def holds_control_plane(self, control_plane_id: str) -> bool:
-        """Whether this database is the byod control plane whose id is given."""
-        exists = table_exists(self._dialect, CONTROL_PLANE_TABLE)
-        try:
-            with self._reading():
-                if not self._conn.execute(exists).scalar():
-                    return False
-                return self._holds_id(control_plane_id)
-        except SQLAlchemyError as exc:
-            raise self._lost("checking it is not the control plane", exc) from exc
-
-    def _holds_id(self, control_plane_id: str) -> bool:
-        query = sa.select(_control_plane.c.id).where(_control_plane.c.id == control_plane_id)
-        return self._conn.execute(query).first() is not None
-
-    def defer_control_plane_check(self, control_plane_id: str) -> bool:
-        """See :meth:`byod.targets.base.Target.defer_control_plane_check`: asked in
-        :meth:`begin`'s round trip where the dialect reads the stamp there."""
-        if self._dialect.lock_and_look is None:
-            return False
-        self._unchecked_control_plane = control_plane_id
-        return True
-
-    def _check_control_plane(self) -> None:
-        """Ask the deferred question before anything else is done here."""
-        control_plane_id, self._unchecked_control_plane = self._unchecked_control_plane, None
-        if control_plane_id is not None and self.holds_control_plane(control_plane_id):
-            raise control_plane_refusal(self.where)
 
     def begin(self, deadline: float | None = None) -> list[StampEntry]:
         """See :meth:`byod.targets.base.Target.begin`."""
@@ -233,55 +142,6 @@ class SqlTarget:
         held = self._take_held()
         assert held is not None
         self._rehearsal = held[0]
-        return stamp
-
-    def _rehearsing(self) -> bool:
-        return self._rehearsal is not None and self._rehearsal.is_active
-
-    def _transaction(self) -> sa.Transaction:
-        """A step's or a batch's own transaction; in a rehearsal, a savepoint."""
-        return self._conn.begin_nested() if self._rehearsing() else self._conn.begin()
-
-    def _take_held(self) -> tuple[sa.RootTransaction, list[StampEntry]] | None:
-        held, self._held = self._held, None
-        return held if held is not None and held[0].is_active else None
-
-    def _give_up_held(self) -> None:
-        """Roll back the transaction :meth:`begin` left open (it wrote nothing)."""
-        held = self._take_held()
-        if held is not None:
-            self._rollback_quietly(held[0])
-
-    def _reading(self) -> contextlib.AbstractContextManager[None]:
-        """Reads: inside the transaction :meth:`begin` holds, else the dialect's way."""
-        if (self._held is not None and self._held[0].is_active) or self._rehearsing():
-            return contextlib.nullcontext()
-        return self._dialect.reading(self._conn)
-
-    def __enter__(self) -> SqlTarget:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def read_stamp(self) -> list[StampEntry]:
-        """What the instance says is applied, oldest first (empty for a fresh instance).
-
-        Raises :class:`DirtyInstanceError` when a step failed halfway on a database
-        whose DDL is not transactional and nobody has repaired it since.
-        """
-        self._check_control_plane()
-        try:
-            with self._reading():
-                dirty = self._select_dirty() if self._dialect.non_transactional_ddl else []
-                stamp = self._select_stamp()
-        except SQLAlchemyError as exc:
-            raise self._lost("reading the stamp", exc) from exc
-        if dirty:
-            raise DirtyInstanceError(
-                f"the instance is dirty: {', '.join(dirty)} failed halfway and left changes "
-                "behind; repair it by hand, then run `byod repair USER`"
-            )
         return stamp
 
     def apply(
@@ -410,9 +270,9 @@ class SqlTarget:
                 transaction.rollback()
                 return False
             if guarded:  # committed by the body's first DDL, if it has any
-                self._conn.exec_driver_sql(_create_sql(_CREATE_DIRTY, self._engine.dialect))
+                self._conn.exec_driver_sql(create_sql(CREATE_DIRTY, self._engine.dialect))
                 self._conn.execute(
-                    _dirty.insert().values(
+                    dirty_table.insert().values(
                         id=step.migration.id, direction=step.direction, started_at=utcnow()
                     )
                 )
@@ -426,7 +286,9 @@ class SqlTarget:
                     backfill.finish(self._conn, step)
                 self._write_stamp(step)
             if guarded:
-                self._conn.execute(_dirty.delete().where(_dirty.c.id == step.migration.id))
+                self._conn.execute(
+                    dirty_table.delete().where(dirty_table.c.id == step.migration.id)
+                )
         except DBAPIError as exc:
             self._rollback_quietly(transaction)
             self._raise_if_dirty(step, exc)
@@ -455,7 +317,7 @@ class SqlTarget:
         else:  # locked already, by begin() or the rehearsal
             self._dialect.rebound(self._conn, timeout_ms)
         if not self._stamp_ready:
-            self._conn.exec_driver_sql(_create_sql(_CREATE_STAMP, self._engine.dialect))
+            self._conn.exec_driver_sql(create_sql(CREATE_STAMP, self._engine.dialect))
         return self._select_stamp(known_to_exist=True) if held is None else held
 
     def _progress_ids(self) -> list[str]:
@@ -486,194 +348,3 @@ class SqlTarget:
             raise MigrationFailedError(describe_error(exc)) from exc
         except Exception as exc:
             raise MigrationFailedError(describe_error(exc)) from exc
-
-    def restamp_later(self, migrations: Sequence[Migration]) -> None:
-        """At the next step, under its lock and in its transaction: these migrations'
-        stamp rows, recorded with their file's bytes' checksum by an older byod, take the
-        syntax checksum (a later reformat of the file is then not drift)."""
-        self._stale = {m.id: (m.legacy_checksum, m.checksum) for m in migrations}
-
-    def _restamp(self, stamp: list[StampEntry]) -> None:
-        stale, self._stale = self._stale, {}
-        for entry in stamp:
-            old, new = stale.get(entry.id, ("", ""))
-            if old and entry.checksum == old:
-                self._conn.execute(
-                    _stamp.update()
-                    .where(_stamp.c.id == entry.id, _stamp.c.checksum == old)
-                    .values(checksum=new)
-                )
-
-    def alembic_revisions(self) -> list[str] | None:
-        """The revisions the instance's ``alembic_version`` table holds (None when it has
-        no such table): what Alembic says is applied, for adopting the instance."""
-        self._check_control_plane()
-        try:
-            with self._reading():
-                return self._alembic_revisions()
-        except SQLAlchemyError as exc:
-            raise self._lost("reading alembic_version", exc) from exc
-
-    def _alembic_revisions(self) -> list[str] | None:
-        if not self._conn.execute(table_exists(self._dialect, ALEMBIC_TABLE)).scalar():
-            return None
-        return [str(r) for r in self._conn.execute(_SELECT_ALEMBIC).scalars()]
-
-    def adopt(self, migrations: Sequence[Migration], revisions: list[str]) -> bool:
-        """Write the stamp of ``migrations`` (1…V, as Alembic applied them) in one
-        transaction under the instance's lock, and nothing else; only while
-        ``alembic_version`` still holds exactly ``revisions``. False when the stamp says
-        exactly that already; :class:`DriftError` when it says anything else."""
-        self._check_control_plane()
-        wanted = [(m.id, m.version) for m in migrations]
-        try:
-            with self._conn.begin():
-                self._dialect.lock(self._conn, None, True)
-                self._conn.exec_driver_sql(_create_sql(_CREATE_STAMP, self._engine.dialect))
-                stamp = [(e.id, e.version) for e in self._select_stamp(known_to_exist=True)]
-                if stamp == wanted:
-                    return False
-                if stamp:
-                    raise DriftError(
-                        f"instance {self.where} has byod's stamp at {stamp[-1][0]} (version "
-                        f"{stamp[-1][1]}) already, not {wanted[-1][0] if wanted else 'none'}: "
-                        "not adopted"
-                    )
-                if self._alembic_revisions() != revisions:
-                    raise DriftError(
-                        f"instance {self.where}: alembic_version changed while it was adopted"
-                    )
-                now = utcnow()
-                rows = [
-                    {"id": m.id, "version": m.version, "checksum": m.checksum, "applied_at": now}
-                    for m in migrations
-                ]
-                if rows:
-                    self._conn.execute(_INSERT_STAMP, rows)
-        except DBAPIError as exc:
-            raise self._busy_or_lost(exc) from exc
-        finally:
-            self._dialect.lock_cleanup(self._conn)
-        self._stamp_ready = True
-        return True
-
-    def accept_checksum(self, migration: Migration) -> str | None:
-        """Under the instance's lock, in one transaction: ``migration``'s stamp row takes
-        its checksum now (an operator accepted the file's change); returns the checksum it
-        had, or None when it is not applied here or has that one already."""
-        self._check_control_plane()
-        try:
-            with self._conn.begin():
-                self._dialect.lock(self._conn, None, True)
-                stamp = {e.id: e.checksum for e in self._select_stamp()}
-                old = stamp.get(migration.id)
-                if old is None or old == migration.checksum:
-                    return None
-                self._conn.execute(
-                    _stamp.update()
-                    .where(_stamp.c.id == migration.id)
-                    .values(checksum=migration.checksum)
-                )
-                return old
-        except DBAPIError as exc:
-            raise self._busy_or_lost(exc) from exc
-        finally:
-            self._dialect.lock_cleanup(self._conn)
-
-    def clear_dirty(self) -> list[str]:
-        """Forget the dirty markers (after an operator repaired the instance by hand)."""
-        if not self._dialect.non_transactional_ddl:
-            return []
-        self._check_control_plane()
-        with self._conn.begin():
-            markers = self._select_dirty()
-            self._conn.execute(_dirty.delete())
-        return markers
-
-    def _select_dirty(self) -> list[str]:
-        exists = self._conn.execute(table_exists(self._dialect, DIRTY_TABLE)).scalar()
-        if not exists:
-            return []
-        return [str(r) for r in self._conn.execute(sa.select(_dirty.c.id)).scalars()]
-
-    def _raise_if_dirty(self, step: Step, exc: BaseException) -> None:
-        if not self._dialect.non_transactional_ddl:
-            return
-        try:
-            with self._reading():
-                dirty = step.migration.id in self._select_dirty()
-        except SQLAlchemyError:
-            dirty = True  # cannot tell: assume the worst
-        if dirty:
-            cause = exc.message if isinstance(exc, ByodError) else describe_error(exc)
-            raise DirtyInstanceError(
-                f"{step.migration.id} failed halfway and this database commits DDL on its "
-                f"own, so the instance is dirty: {cause}"
-            ) from exc
-
-    def close(self) -> None:
-        """Close the connection (and the engine, unless it is shared by every instance
-        of its kind). A rehearsal's transaction is rolled back: nothing it did stays."""
-        self._give_up_held()
-        if self._rehearsal is not None:
-            self._rollback_quietly(self._rehearsal)
-            self._rehearsal = None
-        self._conn.close()
-        if not self._dialect.shared_engine:
-            self._engine.dispose()
-
-    # -- helpers -------------------------------------------------------------------------
-
-    @staticmethod
-    def _rollback_quietly(transaction: sa.Transaction) -> None:
-        if transaction.is_active:
-            # if the connection is gone, the server rolls back on its own
-            with contextlib.suppress(SQLAlchemyError):
-                transaction.rollback()
-
-    def _select_stamp(self, *, known_to_exist: bool = False) -> list[StampEntry]:
-        missing_table = self._dialect.missing_table
-        if not known_to_exist:
-            if missing_table is not None:
-                try:
-                    found = self._conn.execute(_SELECT_STAMP).all()
-                except DBAPIError as exc:
-                    if missing_table(exc):
-                        return []
-                    raise
-                self._stamp_ready = True
-                return [StampEntry(**row._asdict()) for row in found]
-            if not self._conn.execute(table_exists(self._dialect, STAMP_TABLE)).scalar():
-                return []
-            self._stamp_ready = True  # no need to create it before each step
-        rows = self._conn.execute(_SELECT_STAMP)
-        return [StampEntry(**row._asdict()) for row in rows]
-
-    def _write_stamp(self, step: Step) -> None:
-        migration = step.migration
-        if step.direction == "up":
-            # the primary key and the unique version refuse a second row for this step
-            self._conn.execute(
-                _INSERT_STAMP,
-                {
-                    "id": migration.id,
-                    "version": migration.version,
-                    "checksum": migration.checksum,
-                    "applied_at": utcnow(),
-                },
-            )
-            return
-        deleted = self._conn.execute(_DELETE_STAMP, {"id": migration.id}).rowcount
-        if deleted != 1:
-            raise DriftError(f"stamp removal for {migration.id} matched {deleted} rows, not 1")
-
-    def _busy_or_lost(self, exc: SQLAlchemyError) -> ByodError:
-        orig = getattr(exc, "orig", None)
-        if getattr(orig, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-            return BusyError(f"instance {self.where} is locked by another writer")
-        return self._lost("starting a transaction", exc)
-
-    def _lost(self, doing: str, exc: SQLAlchemyError) -> UnreachableError:
-        return UnreachableError(
-            f"instance {self.where}: connection lost while {doing}: {describe_error(exc)}"
-        )

@@ -29,6 +29,7 @@ from byod.workspace import Workspace
 
 __all__ = [
     "TASK_NAME",
+    "USER_TASK_NAME",
     "CeleryBroker",
     "check_broker",
     "make_app",
@@ -40,7 +41,10 @@ __all__ = [
 
 log = logging.getLogger("byod.taskqueue")
 
-TASK_NAME = "byod.migrate_user"
+TASK_NAME = "byod.migrate_page"
+#: The task of byod before tasks carried pages (one user each): still run, so messages
+#: queued by an older byod are not lost in an upgrade.
+USER_TASK_NAME = "byod.migrate_user"
 _SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
 
 # One handler per worker process, built when it starts (after the fork).
@@ -96,7 +100,8 @@ def make_app(settings: Settings) -> Celery:
     app.conf.update(conf)
     app.byod_settings = settings  # what each worker process builds its runner from
     _apps.append(app)
-    app.task(name=TASK_NAME, bind=True, max_retries=None)(_migrate_user)
+    app.task(name=TASK_NAME, bind=True, max_retries=None)(_migrate_page)
+    app.task(name=USER_TASK_NAME, bind=True, max_retries=None)(_migrate_user)
     return app
 
 
@@ -125,16 +130,23 @@ def _metrics_gone(**_: object) -> None:
 worker_process_shutdown.connect(_metrics_gone, weak=False)
 
 
-def _migrate_user(task: Task, run_id: str, user_id: int) -> None:
-    """The task: one user of one distributed run. While the control plane is out of
-    reach the task waits (retried with backoff) instead of being dropped."""
+def _migrate_page(task: Task, run_id: str, user_ids: list[int]) -> None:
+    """The task: a page of one distributed run's users. While the control plane is out
+    of reach the task waits (retried with backoff) instead of being dropped."""
     try:
-        retry_in = _handler(task.app).handle(run_id, int(user_id))
+        retry_in = _handler(task.app).handle(run_id, [int(uid) for uid in user_ids])
     except ControlPlaneError as exc:
         retry_in = min(60.0, 2.0 ** min(task.request.retries, 6))
-        log.warning("run %s, user %s: %s; trying again in %.0fs", run_id, user_id, exc, retry_in)
+        log.warning(
+            "run %s, %d users: %s; trying again in %.0fs", run_id, len(user_ids), exc, retry_in
+        )
     if retry_in is not None:
         raise task.retry(countdown=retry_in)
+
+
+def _migrate_user(task: Task, run_id: str, user_id: int) -> None:
+    """An older byod's task: one user (see :data:`USER_TASK_NAME`)."""
+    _migrate_page(task, run_id, [user_id])
 
 
 def _handler(app: Celery) -> TaskHandler:
@@ -147,7 +159,7 @@ def _handler(app: Celery) -> TaskHandler:
 
 
 def publisher(app: Celery) -> Publisher:
-    """Sends task messages through ``app``'s broker, each to its user's queue."""
+    """Sends task messages through ``app``'s broker, each to its users' queue."""
 
     def publish(messages: Sequence[TaskMessage]) -> None:
         try:
@@ -155,7 +167,7 @@ def publisher(app: Celery) -> Publisher:
                 for message in messages:
                     app.send_task(
                         TASK_NAME,
-                        args=[message.run_id, message.user_id],
+                        args=[message.run_id, list(message.user_ids)],
                         queue=message.queue or app.conf.task_default_queue,
                         producer=producer,
                     )
