@@ -586,13 +586,28 @@ def test_a_long_migration_keeps_its_lease_alive(
 def test_worker_processes_migrate_every_user_once(
     cws: Workspace, new_instance: InstanceFactory
 ) -> None:
+    """Worker processes run users the parent claimed a page at a time (leases and
+    plans); each hands its last step back, and the parent records them in batches: the
+    ledger's completions are the parent's statements, every lease is given back."""
     ids, urls = fleet_of(cws, new_instance, 6)
     break_instance(urls[2])
-    summary = migrate_fleet(cws.runner(), options=FleetOptions(processes=2, retries=0))
+    runner = cws.runner()
+    statements = Statements(runner.engine)
+    summary = migrate_fleet(runner, options=FleetOptions(processes=2, retries=0))
     assert (summary.total, summary.succeeded, summary.failed) == (6, 5, 1)
     assert [schema_version(cws, uid) for uid in ids] == [3, 3, 2, 3, 3, 3]
     assert [counter(url) for url in urls] == [11, 11, 1, 11, 11, 11]
     assert not [s for uid in ids for s in statuses(cws, uid) if s[2] in ("running", "pending")]
+    assert ("UPDATE", "byod_migrations") in statements.seen  # the batches, in the parent
+    assert statements.writes("byod_migrations") <= 2 + 6, statements.seen
+    assert all(cws.directory.get_config(uid).lease_owner is None for uid in ids)
+    for uid in (ids[0], ids[5]):
+        rows = [r for r in history(cws.engine, uid) if r.run_id == summary.run_id]
+        assert [(r.migration_id, r.status, r.attempts) for r in reversed(rows)] == [
+            ("001_create", "completed", 1),
+            ("002_bump", "completed", 1),
+            ("003_fragile", "completed", 1),
+        ]
 
 
 def test_a_lease_claim_counts_only_that_users_open_rows(

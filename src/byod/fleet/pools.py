@@ -20,6 +20,7 @@ from byod.fleet.outcome import Settled, settle
 from byod.instance_url import InstancePolicy
 from byod.phased import Batching
 from byod.runner import Runner
+from byod.runner.pages import Claimed, Claims, Handed, Outcomes
 from byod.spec import FleetOptions
 
 __all__ = ["ProcessPool", "WorkerSetup", "in_worker"]
@@ -38,6 +39,9 @@ class WorkerSetup:
     notify_hook: str | None = None
     policy: InstancePolicy = field(default_factory=InstancePolicy)
     keep_alembic_version: bool = False
+    #: the run claims its users a page at a time (in the parent, under ``owner``) and
+    #: records their last steps in batches: the workers hand theirs back with each user
+    paged: bool = False
 
 
 _worker: tuple[Runner, FleetOptions] | None = None
@@ -64,18 +68,30 @@ def _start_worker(setup: WorkerSetup) -> None:
         lease_seconds=setup.options.lease_seconds,
         timeout=setup.options.timeout,
         run_id=setup.run_id,
-        owner=f"{setup.owner}-{os.getpid()}",
+        owner=setup.owner if setup.paged else f"{setup.owner}-{os.getpid()}",
         policy=setup.policy,
         batching=Batching.of(setup.options),
     )
+    if setup.paged:
+        runner.claims = Claims(
+            runner.directory, runner.ledger, runner.owner, setup.run_id, runner.lease_seconds
+        )
+        runner.outcomes = Outcomes(runner.ledger, background=False)
     _worker = (runner, setup.options)
 
 
-def in_worker(action: str, user: User, to_version: int) -> Settled:
-    """Run one user in a worker process (started by :class:`ProcessPool`)."""
+def in_worker(
+    action: str, user: User, to_version: int, claimed: Claimed | None = None
+) -> tuple[Settled, Handed | None]:
+    """Run one user in a worker process (started by :class:`ProcessPool`), with the
+    claim the run's parent made for it; returns how it ended and, in a paged run, its
+    last step for the parent to record with its next batch."""
     assert _worker is not None, "worker process not started"
     runner, options = _worker
-    return settle(runner, action, user, to_version, options, None)
+    if claimed is not None and runner.claims is not None:
+        runner.claims.put(user.id, claimed)
+    settled = settle(runner, action, user, to_version, options, None)
+    return settled, None if runner.outcomes is None else runner.outcomes.drain()
 
 
 class ProcessPool(ProcessPoolExecutor):

@@ -37,7 +37,7 @@ from byod.logs import fields
 from byod.notify import log_notice
 from byod.phased import Batching
 from byod.runner import Runner
-from byod.runner.pages import Claims, Outcomes
+from byod.runner.pages import Claims, Handed, Outcomes
 from byod.spec import FleetOptions, RunSpec, Selection
 
 __all__ = ["migrate_fleet", "rollback_run"]
@@ -152,7 +152,7 @@ def _execute(
         batching=Batching.of(options, stop),
         on_rows=on_event,
     )
-    if options.processes == 1 and action != "rehearse":  # threads share one run's pages
+    if action != "rehearse":  # a rehearsal's users each keep one transaction of their own
         runner.claims = Claims(
             runner.directory, runner.ledger, runner.owner, runner.run_id, runner.lease_seconds
         )
@@ -182,7 +182,7 @@ class _FleetRun:
         self.on_event = on_event
         self.action = action
         self.stop = stop
-        self.in_flight: dict[Future[Settled], Item] = {}
+        self.in_flight: dict[Future[tuple[Settled, Handed | None]], Item] = {}
         self.waiting: Item | None = None
         self.submitted = 0  # users started
         # threads in one process, or single-user worker processes
@@ -298,6 +298,7 @@ class _FleetRun:
             notify_hook=_hook_spec(runner.notify),
             policy=runner.policy,
             keep_alembic_version=runner.registry.keep_alembic_version,
+            paged=runner.claims is not None,
         )
         # spawn, not fork: a forked child would inherit open database connections
         return ProcessPool(self.options.processes, setup)
@@ -315,10 +316,12 @@ class _FleetRun:
                 summary.not_started += self._left(remaining, item)
                 break
             if isinstance(pool, ProcessPool):
-                future = pool.submit(in_worker, self.action, item.user, item.to_version)
+                claims = self.runner.claims
+                claimed = None if claims is None else claims.take(item.user.id)
+                future = pool.submit(in_worker, self.action, item.user, item.to_version, claimed)
             else:
                 future = pool.submit(
-                    settle,
+                    _in_thread,
                     self.runner,
                     self.action,
                     item.user,
@@ -345,10 +348,12 @@ class _FleetRun:
             self._finish(future)
             self._check_halt(started=0, canary_over=False)
 
-    def _finish(self, future: Future[Settled]) -> None:
+    def _finish(self, future: Future[tuple[Settled, Handed | None]]) -> None:
         summary = self.summary
         self.in_flight.pop(future)
-        settled = future.result()
+        settled, handed = future.result()
+        if handed is not None and self.runner.outcomes is not None:  # a worker process's
+            self.runner.outcomes.take_over(handed, self.runner.registry)
         summary.total += settled.outcome != "not_eligible"
         setattr(summary, settled.outcome, getattr(summary, settled.outcome) + 1)
         if settled.error is not None:
@@ -395,6 +400,19 @@ def _keep_rehearsal(runner: Runner, run_id: str, settled: Settled) -> None:
         )
     except ControlPlaneError as exc:  # the run's counts still say it
         log.warning("user %s: rehearsal outcome not kept: %s", result.user_id, exc.message)
+
+
+def _in_thread(
+    runner: Runner,
+    action: str,
+    user: User,
+    to_version: int,
+    options: FleetOptions,
+    stop: threading.Event,
+) -> tuple[Settled, None]:
+    """Run one user on a thread of the run's pool (its last step recorded by the run's
+    own batches: nothing to hand back, unlike a worker process's)."""
+    return settle(runner, action, user, to_version, options, stop), None
 
 
 def _log_outcome(run_id: str, settled: Settled) -> None:

@@ -28,9 +28,9 @@ from byod.clock import utcnow
 from byod.controlplane import Config, Directory, Ledger, record_applied_checksum
 from byod.controlplane.ledger import CompletedStep
 from byod.errors import ByodError, ControlPlaneError
-from byod.registry import Migration, Plan, Step
+from byod.registry import Migration, Plan, Registry, Step
 
-__all__ = ["FLUSH_SECONDS", "Claimed", "Claims", "Outcomes", "plan_key"]
+__all__ = ["FLUSH_SECONDS", "Claimed", "Claims", "Handed", "Outcomes", "plan_key"]
 
 log = logging.getLogger("byod.runner")
 
@@ -105,6 +105,12 @@ class Claims:
             self._waiting.update(claimed)
         return set(claimed)
 
+    def put(self, user_id: int, claimed: Claimed) -> None:
+        """Hold a claim made elsewhere (by the run's parent process, for a worker
+        process that starts the user now)."""
+        with self._lock:
+            self._waiting[user_id] = dataclasses.replace(claimed, at=time.monotonic())
+
     def take(self, user_id: int) -> Claimed | None:
         """The user's claim, for the worker that starts it (once); None if not claimed,
         or if its lease, waiting a third of its life already, was lost meanwhile (the
@@ -133,10 +139,20 @@ class Claims:
         self.forget(left)
 
 
-class Outcomes:
-    """Last steps completed, written in batches by one thread (see the module)."""
+#: Last steps a worker process completed, handed to the run's parent to record: per
+#: step (user, migration, direction, lease owner, started, completed); and the ids of
+#: the migrations first applied (see :meth:`Outcomes.drain`).
+Handed = tuple[list[tuple[int, str, str, str, datetime, datetime]], list[str]]
 
-    def __init__(self, ledger: Ledger, seconds: float = FLUSH_SECONDS) -> None:
+
+class Outcomes:
+    """Last steps completed, written in batches by one thread (see the module); with
+    ``background`` False there is no thread: they wait for :meth:`flush` or
+    :meth:`drain` (a worker process hands them to the run's parent)."""
+
+    def __init__(
+        self, ledger: Ledger, seconds: float = FLUSH_SECONDS, *, background: bool = True
+    ) -> None:
         self.ledger = ledger
         self.seconds = seconds
         self._lock = threading.Lock()
@@ -146,7 +162,8 @@ class Outcomes:
         self._noted: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="byod-outcomes", daemon=True)
-        self._thread.start()
+        if background:
+            self._thread.start()
 
     def add(self, user_id: int, step: Step, owner: str, started_at: datetime) -> None:
         """The user's last step (begun at ``started_at``) is done on its instance now:
@@ -162,6 +179,40 @@ class Outcomes:
             if migration.id not in self._noted:
                 self._noted.add(migration.id)
                 self._checksums.append(migration)
+
+    def drain(self) -> Handed:
+        """What waits, taken out to be recorded by another process (see :data:`Handed`)."""
+        with self._lock:
+            batch, self._waiting = self._waiting, []
+            checksums, self._checksums = self._checksums, []
+        steps: list[tuple[int, str, str, str, datetime, datetime]] = [
+            (
+                s.user_id,
+                s.step.migration.id,
+                s.step.direction,
+                s.owner,
+                s.started_at,
+                s.completed_at,
+            )
+            for s in batch
+        ]
+        return steps, [migration.id for migration in checksums]
+
+    def take_over(self, handed: Handed, registry: Registry) -> None:
+        """Record with the next batch what a worker process :meth:`drain`-ed."""
+        steps, applied = handed
+        done = []
+        for user_id, migration_id, direction, owner, started_at, completed_at in steps:
+            migration = registry.get(migration_id)
+            if migration is not None:
+                step = Step(migration, "up" if direction == "up" else "down")
+                done.append(CompletedStep(user_id, step, owner, started_at, completed_at))
+        with self._lock:
+            self._waiting.extend(done)
+        for migration_id in applied:
+            migration = registry.get(migration_id)
+            if migration is not None:
+                self.note_applied(migration)
 
     def flush(self) -> None:
         """Write what waits now (raises :class:`ControlPlaneError`; nothing is lost: it
@@ -201,7 +252,8 @@ class Outcomes:
         control plane out of reach; after that what is left is restored from the
         instances' stamps by the next run (said in the log)."""
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
         give_up = time.monotonic() + patience
         delay = 0.2
         while True:
