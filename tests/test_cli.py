@@ -593,3 +593,24 @@ def test_status_starts_without_what_it_does_not_use(tmp_path: Path) -> None:
     bad = cli("history", "1", "--limit", "x")
     assert bad.code == 2 and "Invalid value for '--limit'" in bad.err
     assert "unable to parse string as an integer" in bad.err
+
+
+def test_a_command_line_builds_only_the_command_it_names() -> None:
+    """Typer builds every registered command's options before it runs one: the command
+    line's first word picks the one command (or group) to build, with the global
+    options; help, a global option first, or a name that is no command get the whole
+    app (so its messages list every command and suggest the near one)."""
+    import typer.main
+
+    from byod.cli import _app_for, app
+
+    status = _app_for(["status", "--json"])
+    assert status is not app
+    assert [c.callback.__name__ for c in status.registered_commands] == ["status"]  # type: ignore[union-attr]
+    assert status.registered_callback is app.registered_callback
+    runs = _app_for(["runs", "show", "x"])
+    assert [g.name for g in runs.registered_groups] == ["runs"] and not runs.registered_commands
+    for whole in ([], ["--help"], ["--log-format", "json", "status"], ["stat"], ["user"]):
+        assert _app_for(whole) is app, whole
+    group = typer.main.get_command(status)
+    assert list(group.commands) == ["status"]  # type: ignore[attr-defined]

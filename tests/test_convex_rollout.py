@@ -324,7 +324,7 @@ def test_an_uncommitted_migration_is_refused_up_front_unless_allow_dirty_on_loca
     ],
 )
 def test_uncommitted_code_goes_to_local_deployments_only(url: str, local: bool) -> None:
-    from byod.targets.convex import _local
+    from byod.targets._convex_app_code import _local
 
     assert _local(url) is local
 

@@ -154,37 +154,52 @@ def test_kill_9_of_a_worker_inside_a_migration(cluster: Cluster, tmp_path: Path)
     assert held.deliveries >= 2 and held.outcome == "succeeded"
 
 
+def _queued_pages(cluster: Cluster) -> list[list[int]]:
+    """The users of each task message waiting in the cluster's Redis queue."""
+    import base64
+
+    messages = redis.Redis.from_url(cluster.broker).lrange(cluster.queue, 0, -1)
+    pages = []
+    for raw in messages:
+        body = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        pages.append([int(uid) for uid in body[0][1]])
+    return pages
+
+
 def test_a_task_is_a_page_of_users_its_bookkeeping_a_few_statements(
     redis_cluster: Cluster,
 ) -> None:
-    """A run hands its users out as tasks of a page each (the cap on users in flight
-    over :data:`PAGES_IN_FLIGHT`); a worker takes a page's tasks, claims its leases,
+    """A run hands its users out as tasks of a page each: the users in flight over
+    :data:`PAGES_IN_FLIGHT` (so a small fleet gets one user a task, every worker process
+    one), never two queues in a page. A worker takes a page's tasks, claims its leases,
     writes its plans, records its last steps and its tasks' ends a batch at a time: a
-    rollout of one migration to 12 users costs a handful of control-plane writes, not
-    several a user, and every user still ends moved, recorded and counted once."""
+    rollout of one migration to a page of 12 users costs a handful of control-plane
+    writes, not several a user, and every user still ends moved, recorded and counted
+    once."""
     from byod.distributed import Dispatcher, TaskHandler
     from byod.distributed.dispatch import PAGES_IN_FLIGHT, in_pages, task_page_size
     from byod.taskqueue.celery_app import make_app, publisher
 
+    assert [task_page_size(n) for n in (0, 31, 64, 256, 10_000)] == [1, 1, 2, 8, 64]
+    assert PAGES_IN_FLIGHT == 32
+    assert in_pages("r", [(1, "eu"), (2, None), (3, "eu"), (4, "eu")], 2) == [
+        TaskMessage("r", (1, 3), "eu"),
+        TaskMessage("r", (4,), "eu"),
+        TaskMessage("r", (2,), None),
+    ]
     cluster = redis_cluster
     fleet = sqlite_fleet(cluster, 12)
     ids = [cluster.ws.directory.find_user(clerk).id for clerk in fleet]
     runner = cluster.ws.runner()
     assert all(runner.migrate(uid, to_version=2).ok for uid in ids)
-    cap = 12 * PAGES_IN_FLIGHT
-    assert task_page_size(cap) == 12 and task_page_size(PAGES_IN_FLIGHT - 1) == 1
-    assert in_pages("r", [(1, "eu"), (2, None), (3, "eu"), (4, "eu")], 2) == [
-        TaskMessage("r", (1, 3), "eu"),
-        TaskMessage("r", (4,), "eu"),
-        TaskMessage("r", (2,), None),
-    ]  # a page stays within one queue
     cluster.queues.add(cluster.queue)  # no worker: the test plays one, in-process
-    run_id = commands.migrate_distributed(cluster.ws, options=FleetOptions(concurrency=cap))
+    run_id = commands.migrate_distributed(cluster.ws, options=FleetOptions(concurrency=256))
+    assert sorted(_queued_pages(cluster)) == [[uid] for uid in ids]  # 12 in flight: 12 tasks
     dispatcher = Dispatcher(cluster.ws.engine, publisher(make_app(cluster.ws.settings)))
     handler = TaskHandler(cluster.ws.runner(), dispatcher, name="test:1")
     statements = Statements(cluster.ws.engine)
 
-    assert handler.handle(run_id, ids) is None
+    assert handler.handle(run_id, ids) is None  # as a page of a larger fleet's run
 
     writes = {t: statements.writes(t) for t in ("byod_migrations", "byod_configs")}
     tasks = statements.writes("byod_run_tasks")
@@ -215,20 +230,21 @@ def test_kill_9_of_a_worker_after_a_commit_and_before_its_batch_is_recorded(
     page's first user committed its last step on its instance, but before the batch
     recording it was written (the control plane's ledger and configs held locked),
     leaves the page's rows ``running``; the next delivery settles them from the stamps
-    (completed, recovered; the others, planned and never touched, interrupted), moves
-    every user once, counts each as moved by the run, and applies nothing twice."""
+    (completed, recovered; its page mate, planned and never touched, interrupted),
+    every user is moved once, counted as moved by the run, and nothing is applied
+    twice."""
     cluster = redis_cluster
-    fleet = sqlite_fleet(cluster, 3)
+    fleet = sqlite_fleet(cluster, 64)  # 64 in flight: tasks of 2 users
     ids = [cluster.ws.directory.find_user(clerk).id for clerk in fleet]
     runner = cluster.ws.runner()
     assert all(runner.migrate(uid, to_version=1).ok for uid in ids)
     hold = tmp_path / "hold"
     hold.mkdir()
-    held = {"BYOD_TEST_HOLD_DIR": str(hold), "BYOD_TEST_HOLD_SECONDS": "0.3"}
+    held = {"BYOD_TEST_HOLD_DIR": str(hold), "BYOD_TEST_HOLD_SECONDS": "2"}
     doomed = cluster.start_worker(concurrency=1, name="doomed", extra_env=held)
     started = cluster.byod(
         "migrate", "--all", "--to", "2", "--distributed", "--detach",
-        "--concurrency", "96", "--lease-seconds", "6", "--json",
+        "--lease-seconds", "9", "--json",
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
     run_id = json.loads(started.stdout)["run_id"]
@@ -239,29 +255,35 @@ def test_kill_9_of_a_worker_after_a_commit_and_before_its_batch_is_recorded(
         wait_for(lambda: stamp_ids(first_url) == HEAD[:2], what="its instance to commit")
         time.sleep(0.3)  # the worker is stuck writing the batch now
         cluster.kill(doomed)
-    assert [[s[2] for s in statuses(cluster.ws, uid) if s[0] == "002_bump"] for uid in ids] == [
-        ["running"]
-    ] * 3  # the whole page planned before the first instance was touched
+    page = sorted(t.user_id for t in _task_rows(cluster, run_id) if t.state == "running")
+    assert len(page) == 2 and first in page
+    (mate,) = set(page) - {first}
+    bumps = {uid: [s[2] for s in statuses(cluster.ws, uid) if s[0] == "002_bump"] for uid in ids}
+    assert bumps[first] == bumps[mate] == ["running"]  # planned before anything was touched
+    assert all(bumps[uid] == [] for uid in ids if uid not in page)
+    assert stamp_ids(fleet[cluster.ws.directory.get_user(mate).clerk_id]) == HEAD[:1]
     assert {cluster.ws.directory.get_config(uid).schema_version for uid in ids} == {1}
-    cluster.start_worker(concurrency=1, name="survivor")
+    cluster.start_worker(concurrency=2, name="survivor")
 
     summary = follow_to_end(cluster, run_id)
 
-    assert (summary.state, summary.succeeded, summary.failed) == ("completed", 3, 0)
-    assert [counter(url) for url in fleet.values()] == [1] * 3  # 002 applied once each
+    assert (summary.state, summary.succeeded, summary.failed) == ("completed", 64, 0)
+    assert [counter(url) for url in fleet.values()] == [1] * 64  # 002 applied once each
     for uid in ids:
-        bumps = [r for r in history(cluster.ws.engine, uid) if r.migration_id == "002_bump"]
-        expected = (
-            [("completed", "recovered: the instance's stamp shows it done")]
-            if uid == first
-            else [("completed", None), ("failed", "interrupted: runner lost")]
-        )
-        assert [(r.status, r.error) for r in bumps] == expected, uid
+        rows = [r for r in history(cluster.ws.engine, uid) if r.migration_id == "002_bump"]
+        expected = [("completed", None)]  # newest first
+        if uid == first:
+            expected = [("completed", "recovered: the instance's stamp shows it done")]
+        elif uid == mate:
+            expected = [("completed", None), ("failed", "interrupted: runner lost")]
+        assert [(r.status, r.error) for r in rows] == expected, uid
         assert cluster.ws.directory.get_config(uid).schema_version == 2
-    assert not [
+    open_rows = [
         s for uid in ids for s in statuses(cluster.ws, uid) if s[2] in ("running", "pending")
     ]
-    assert all(t.deliveries >= 2 for t in _task_rows(cluster, run_id))
+    assert not open_rows
+    delivered = {t.user_id: t.deliveries for t in _task_rows(cluster, run_id)}
+    assert delivered[first] >= 2 and delivered[mate] >= 2
 
 
 def test_a_run_with_a_killed_worker_ends_about_one_lease_after_the_kill(

@@ -98,3 +98,73 @@ def test_the_example_app_runs_on_mariadb(ws: Workspace, mysql: ServerDatabases) 
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+class DriverCommands:
+    """Every command PyMySQL sends to a server (each one round trip), as text: a spy on
+    the driver's one method that sends them, the command still sent."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import pymysql.connections
+
+        self.sent: list[str] = []
+        send = pymysql.connections.Connection._execute_command
+
+        def spy(connection: object, command: int, sql: str | bytes) -> object:
+            text = sql.decode() if isinstance(sql, bytes) else str(sql)
+            self.sent.append(" ".join(text.split()))
+            return send(connection, command, sql)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(pymysql.connections.Connection, "_execute_command", spy)
+
+    def byods(self) -> list[str]:
+        """byod's own commands after the connect (the migration's left out), by kind."""
+        start = next(i for i, text in enumerate(self.sent) if "GET_LOCK" in text)
+        kinds = {
+            "GET_LOCK": "lock and look",
+            "UNION ALL": "stamp and dirty read",
+            "INSERT INTO byod_schema_dirty": "dirty mark",
+            "INSERT INTO byod_schema_stamp": "stamp write",
+            "DELETE FROM byod_schema_dirty": "dirty clear",
+            "RELEASE_LOCK": "release",
+        }
+        found = []
+        for text in self.sent[start:]:
+            kind = next((k for marker, k in kinds.items() if marker in text), None)
+            found.append(kind or (text if text in ("COMMIT", "ROLLBACK") else "migration"))
+        return [kind for kind in found if kind != "migration"]
+
+
+def test_a_step_on_mariadb_costs_the_round_trips_the_docs_state(
+    cws: Workspace, mysql: ServerDatabases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A MySQL/MariaDB instance, where DDL commits on its own: the session's named lock
+    and which of byod's tables exist in one round trip, the stamp and the dirty markers
+    in one, then the step (its dirty marker, the migration, the stamp row, the marker
+    cleared, the commit) and the lock given back: 7 of byod's own, as the README's
+    table says (15 before). An instance at head: 3."""
+    url = mysql.create()
+    uid = add_connected(cws, url)
+    runner = cws.runner()
+    assert runner.migrate(uid, to_version=1).ok
+    commands = DriverCommands(monkeypatch)
+
+    assert runner.migrate(uid, to_version=2).ok
+
+    assert commands.byods() == [
+        "lock and look",
+        "stamp and dirty read",
+        "dirty mark",
+        "stamp write",
+        "dirty clear",
+        "COMMIT",
+        "release",
+    ], commands.sent
+    connect = commands.sent.index(next(t for t in commands.sent if "GET_LOCK" in t))
+    assert connect <= 9, commands.sent[:connect]  # the driver's and SQLAlchemy's set-up
+    assert counter(url) == 1 and stamp_ids(url) == ["001_create", "002_bump"]
+    commands.sent.clear()
+    assert runner.migrate(uid, to_version=2).steps == ()
+    assert commands.byods() == ["lock and look", "stamp and dirty read", "release"]
+    # the lock was given back: another runner takes it at once
+    assert runner.migrate(uid).ok and counter(url) == 11

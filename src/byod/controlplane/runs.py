@@ -224,13 +224,13 @@ class RunStore:
         must halt (or None) and how many users to hand out now; their task rows are
         written ``queued`` and the run's cursor moved; a run with nothing in flight and
         nothing left (or stopped) is closed. Returns the users handed out, with their
-        queue, for the caller to publish; and the run's cap on users in flight."""
+        queue, for the caller to publish; and how many of the run's users are in flight now."""
         with writing(self.engine, "hand out the run's next users") as conn:
             row = conn.execute(
                 sa.select(runs).where(runs.c.id == run_id).with_for_update(skip_locked=True)
             ).first()
             if row is None or row.ended_at is not None:
-                return [], 1
+                return [], 0
             run = dispatch_row(row)
             halt, room = decide(run)
             values: dict[str, object] = {}
@@ -255,7 +255,7 @@ class RunStore:
             if values:
                 values["updated_at"] = utcnow()
                 conn.execute(runs.update().where(runs.c.id == run_id).values(**values))
-        return [(int(r.user_id), r.queue) for r in page], run.spec.options.concurrency
+        return [(int(r.user_id), r.queue) for r in page], in_flight
 
     @staticmethod
     def _next_page(

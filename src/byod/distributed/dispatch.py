@@ -52,17 +52,17 @@ class TaskMessage:
     queue: str | None
 
 
-#: A run keeps at least this many tasks in flight (when its cap on users in flight
-#: allows), so that many worker processes stay busy: a task's page of users is the cap
-#: divided by it, at most :data:`MAX_TASK_PAGE`.
+#: A run keeps this many tasks in flight where it has the users for them, so that many
+#: worker processes stay busy: a task's page is the users in flight divided by it (a
+#: fleet smaller than that: one user a task), at most :data:`MAX_TASK_PAGE`.
 PAGES_IN_FLIGHT = 32
 #: The most users one task carries.
 MAX_TASK_PAGE = 64
 
 
-def task_page_size(in_flight_cap: int) -> int:
-    """How many users one task of a run with this cap on users in flight carries."""
-    return max(1, min(MAX_TASK_PAGE, in_flight_cap // PAGES_IN_FLIGHT))
+def task_page_size(in_flight: int) -> int:
+    """How many users one task carries, with this many of the run's users in flight."""
+    return max(1, min(MAX_TASK_PAGE, in_flight // PAGES_IN_FLIGHT))
 
 
 def in_pages(run_id: str, users: Sequence[tuple[int, str | None]], size: int) -> list[TaskMessage]:
@@ -125,9 +125,9 @@ class Dispatcher:
         halt it when a canary failed or failures pass the ratio; close it when nothing is
         left. Returns how many tasks were sent. Safe to call from anywhere, any time: one
         caller at a time does the work, the others return at once."""
-        handed, cap = self.runs.hand_out(run_id, _decide)
+        handed, in_flight = self.runs.hand_out(run_id, _decide)
         if handed:
-            self.publish(in_pages(run_id, handed, task_page_size(cap)))
+            self.publish(in_pages(run_id, handed, task_page_size(in_flight)))
         return len(handed)
 
     def resend_stale(

@@ -43,6 +43,7 @@ __all__ = [
     "SELECT_ALEMBIC",
     "SqlConnection",
     "create_sql",
+    "dirty_error",
     "dirty_table",
     "stamp_table",
 ]
@@ -71,12 +72,27 @@ _control_plane = sa.Table(
     CONTROL_PLANE_TABLE, _stamp_metadata, sa.Column("id", sa.String(64), nullable=False)
 )
 SELECT_STAMP = sa.select(stamp_table).order_by(stamp_table.c.version)
+#: where DDL commits on its own: the stamp's rows, then the dirty markers (no version)
+SELECT_STAMP_AND_DIRTY = sa.union_all(
+    sa.select(
+        stamp_table.c.id, stamp_table.c.version, stamp_table.c.checksum, stamp_table.c.applied_at
+    ),
+    sa.select(dirty_table.c.id, sa.null(), sa.null(), sa.null()),
+)
 #: Alembic's own record of what is applied (read when an instance is adopted)
 ALEMBIC_TABLE = "alembic_version"
 SELECT_ALEMBIC = sa.text(f"SELECT version_num FROM {ALEMBIC_TABLE}")
 #: the stamp's writes, every value bound: compiled once per dialect
 INSERT_STAMP = stamp_table.insert()
 DELETE_STAMP = stamp_table.delete().where(stamp_table.c.id == sa.bindparam("id"))
+
+
+def dirty_error(dirty: list[str]) -> DirtyInstanceError:
+    """The refusal to touch an instance a failed step left half-done."""
+    return DirtyInstanceError(
+        f"the instance is dirty: {', '.join(dirty)} failed halfway and left changes "
+        "behind; repair it by hand, then run `byod repair USER`"
+    )
 
 
 @functools.cache
@@ -103,6 +119,7 @@ class SqlConnection:
         self._dialect = dialect
         self.where = where
         self._stamp_ready = False
+        self._dirty_ready = False
         self._batch_settings_set = False
         self._io_timeout = io_timeout
         #: the transaction :meth:`begin` left open for the first step, and its stamp
@@ -186,11 +203,25 @@ class SqlConnection:
         except SQLAlchemyError as exc:
             raise self._lost("reading the stamp", exc) from exc
         if dirty:
-            raise DirtyInstanceError(
-                f"the instance is dirty: {', '.join(dirty)} failed halfway and left changes "
-                "behind; repair it by hand, then run `byod repair USER`"
-            )
+            raise dirty_error(dirty)
         return stamp
+
+    def _select_present(self, present: set[str]) -> tuple[list[StampEntry], list[str]]:
+        """The stamp and the dirty markers, of the tables ``present``: one round trip."""
+        if STAMP_TABLE in present and DIRTY_TABLE in present:
+            rows = self._conn.execute(SELECT_STAMP_AND_DIRTY).all()
+            stamp = [
+                StampEntry(row.id, int(row.version), row.checksum, row.applied_at)
+                for row in rows
+                if row.version is not None
+            ]
+            stamp.sort(key=lambda entry: entry.version)
+            return stamp, [str(row.id) for row in rows if row.version is None]
+        if DIRTY_TABLE in present:
+            return [], [str(r) for r in self._conn.execute(sa.select(dirty_table.c.id)).scalars()]
+        if STAMP_TABLE in present:
+            return self._select_stamp(known_to_exist=True), []
+        return [], []
 
     def _select_dirty(self) -> list[str]:
         exists = self._conn.execute(table_exists(self._dialect, DIRTY_TABLE)).scalar()
@@ -216,13 +247,22 @@ class SqlConnection:
     def close(self) -> None:
         """Close the connection (and the engine, unless it is shared by every instance
         of its kind). A rehearsal's transaction is rolled back: nothing it did stays."""
-        self._give_up_held()
         if self._rehearsal is not None:
+            self._give_up_held()
             self._rollback_quietly(self._rehearsal)
             self._rehearsal = None
+        if self._dialect.shared_engine:
+            self._give_up_held()
+            self._conn.close()
+            return
+        # an engine for this instance alone: its session ends here, and the server ends
+        # with it what it held open (a read's transaction), so no ROLLBACK is sent first
+        self._held = None
+        self._dialect.release(self._conn)
+        with contextlib.suppress(SQLAlchemyError):
+            self._conn.invalidate()
         self._conn.close()
-        if not self._dialect.shared_engine:
-            self._engine.dispose()
+        self._engine.dispose()
 
     @staticmethod
     def _rollback_quietly(transaction: sa.Transaction) -> None:

@@ -68,13 +68,15 @@ class Dialect:
     #: code, that it failed for want of the table (then the stamp is read in one round
     #: trip, without asking first whether its table exists)
     missing_table: Callable[[DBAPIError], bool] | None = None
-    #: Where set (DDL is transactional), a run's first step shares its transaction with
-    #: the read of the stamp: this takes the lock like ``lock`` and tells which of the
-    #: tables named exist, in one round trip where the server allows
+    #: Where set, a run's first step shares its transaction (or, where DDL commits on its
+    #: own, its session lock) with the read of the stamp: this takes the lock like
+    #: ``lock`` and tells which of the tables named exist, in one round trip
     lock_and_look: Callable[[sa.Connection, int | None, tuple[str, ...]], set[str]] | None = None
-    #: Bound a transaction taken by ``lock_and_look`` by a later deadline (ms), where
-    #: that costs no round trip (SQLite's progress handler); elsewhere nothing
+    #: Bound a transaction taken by ``lock_and_look`` by a later deadline (ms): SQLite's
+    #: progress handler, MariaDB's statement time; elsewhere nothing
     rebound: Callable[[sa.Connection, int | None], None] = lambda conn, timeout_ms: None
+    #: Give back a lock held for the session (MySQL's named lock) before closing
+    release: Callable[[sa.Connection], None] = lambda conn: None
 
 
 def table_exists(dialect: Dialect, name: str) -> sa.TextClause:
@@ -263,7 +265,9 @@ def _mysql_options(
         args["ssl_disabled"] = True
     elif mode != "preferred":  # PyMySQL's own default: TLS when the server offers it
         args["ssl"] = _mysql_tls(mode, ssl_ca, url.host or "")
-    return url.difference_update_query(["ssl_mode"]), {"connect_args": args}
+    # one engine, one connection, closed with its target: no ROLLBACK before the close
+    options = {"connect_args": args, "pool_reset_on_return": None}
+    return url.difference_update_query(["ssl_mode"]), options
 
 
 class _NamedContext(ssl.SSLContext):
@@ -306,28 +310,80 @@ def _mysql_io_timeout(conn: sa.Connection, seconds: float | None) -> None:
 
 
 def _mysql_lock(conn: sa.Connection, timeout_ms: int | None, durable: bool = True) -> None:
-    name = f"{_MYSQL_LOCK}:{conn.engine.url.database}"
-    # GET_LOCK is a session lock, not a transaction lock: released by _mysql_unlock
-    taken = conn.execute(sa.text("SELECT GET_LOCK(:name, 0)"), {"name": name}).scalar()
-    if taken != 1:
-        raise BusyError("another runner holds this instance's migration lock")
-    conn.info["byod_mysql_lock"] = name
+    # GET_LOCK is a session lock, not a transaction lock: taken once, held across the
+    # steps (and their DDL's own commits) until _mysql_release or the session's end
+    if "byod_mysql_lock" not in conn.info:
+        name = f"{_MYSQL_LOCK}:{conn.engine.url.database}"
+        taken = conn.execute(sa.text("SELECT GET_LOCK(:name, 0)"), {"name": name}).scalar()
+        if taken != 1:
+            raise BusyError("another runner holds this instance's migration lock")
+        conn.info["byod_mysql_lock"] = name
+    _mariadb_bound(conn, timeout_ms)
+
+
+def _mariadb_bound(conn: sa.Connection, timeout_ms: int | None) -> None:
+    """MariaDB's own bound on each statement of the step (MySQL has none for DDL)."""
     if timeout_ms is not None and getattr(conn.dialect, "is_mariadb", False):
         conn.execute(
             sa.text("SET SESSION max_statement_time = :seconds"),
             {"seconds": max(timeout_ms, 1) / 1000},
         )
+        conn.info["byod_mariadb_bound"] = True
 
 
-def _mysql_unlock(conn: sa.Connection) -> None:
-    name = conn.info.pop("byod_mysql_lock", None)
+_MYSQL_LOOK = (
+    "SELECT GET_LOCK(:lock, 0), (SELECT GROUP_CONCAT(table_name SEPARATOR ' ') FROM "
+    "information_schema.tables WHERE table_schema = DATABASE() AND table_name IN :names)"
+)
+
+
+def _mysql_lock_and_look(
+    conn: sa.Connection, timeout_ms: int | None, names: tuple[str, ...]
+) -> set[str]:
+    """The session lock and which of the tables exist, in one round trip."""
+    if "byod_mysql_lock" in conn.info:  # held by this session already
+        query = sa.text(
+            "SELECT 1, (SELECT GROUP_CONCAT(table_name SEPARATOR ' ') FROM "
+            "information_schema.tables WHERE table_schema = DATABASE() AND table_name IN :names)"
+        )
+    else:
+        query = sa.text(_MYSQL_LOOK)
+    name = f"{_MYSQL_LOCK}:{conn.engine.url.database}"
+    statement = query.bindparams(sa.bindparam("names", expanding=True))
+    taken, found = conn.execute(statement, {"lock": name, "names": list(names)}).one()
+    if taken != 1:
+        raise BusyError("another runner holds this instance's migration lock")
+    conn.info["byod_mysql_lock"] = name
+    _mariadb_bound(conn, timeout_ms)
+    if isinstance(found, bytes):
+        found = found.decode()
+    return set(str(found or "").split())
+
+
+def _mysql_unbound(conn: sa.Connection) -> None:
+    """After a step or batch: MariaDB's bound taken off, if one was set (the lock stays)."""
+    if conn.info.pop("byod_mariadb_bound", None) is None:
+        return
     with contextlib.suppress(SQLAlchemyError):
-        if getattr(conn.dialect, "is_mariadb", False):
-            conn.exec_driver_sql("SET SESSION max_statement_time = 0")
-        if name is not None:
-            conn.execute(sa.text("SELECT RELEASE_LOCK(:name)"), {"name": name})
+        conn.exec_driver_sql("SET SESSION max_statement_time = 0")
         if conn.in_transaction():
             conn.commit()
+
+
+def _mysql_release(conn: sa.Connection) -> None:
+    """Give the session lock back before the connection closes (the server would at the
+    session's end too, but only once it has processed the disconnect)."""
+    name = conn.info.pop("byod_mysql_lock", None)
+    if name is None or conn.closed or conn.invalidated:
+        return
+    # on the driver's own cursor: no transaction of SQLAlchemy's begun (and rolled back)
+    with contextlib.suppress(Exception):
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute("SELECT RELEASE_LOCK(%s)", (name,))
+            cursor.fetchall()
+        finally:
+            cursor.close()
 
 
 @contextlib.contextmanager
@@ -362,10 +418,13 @@ DIALECTS: dict[str, Dialect] = {
         "SELECT 1 FROM information_schema.tables WHERE table_schema = DATABASE() "
         "AND table_name = :name",
         _plain_reading,
-        lock_cleanup=_mysql_unlock,
+        lock_cleanup=_mysql_unbound,
         io_timeout=_mysql_io_timeout,
         non_transactional_ddl=True,
         shared_engine=False,
+        lock_and_look=_mysql_lock_and_look,
+        rebound=_mariadb_bound,
+        release=_mysql_release,
     ),
 }
 DIALECTS["mariadb"] = DIALECTS["mysql"]

@@ -33,7 +33,9 @@ from byod.targets._sql_adoption import SqlAdoption
 from byod.targets._sql_base import (
     CREATE_DIRTY,
     CREATE_STAMP,
+    DIRTY_TABLE,
     create_sql,
+    dirty_error,
     dirty_table,
 )
 from byod.targets.base import (
@@ -101,11 +103,16 @@ class SqlTarget(SqlAdoption):
     def begin(self, deadline: float | None = None) -> list[StampEntry]:
         """See :meth:`byod.targets.base.Target.begin`."""
         look = self._dialect.lock_and_look
-        if look is None:  # DDL commits on its own: each step locks in its own transaction
+        if look is None:
             return self.read_stamp()
         self._give_up_held()
         control_plane_id, self._unchecked_control_plane = self._unchecked_control_plane, None
-        names = (STAMP_TABLE,) if control_plane_id is None else (STAMP_TABLE, CONTROL_PLANE_TABLE)
+        guarded = self._dialect.non_transactional_ddl  # its dirty markers read with the stamp
+        names = (
+            STAMP_TABLE,
+            *((DIRTY_TABLE,) if guarded else ()),
+            *(() if control_plane_id is None else (CONTROL_PLANE_TABLE,)),
+        )
         timeout_ms = None if deadline is None else max(1, int((deadline - time.monotonic()) * 1000))
         try:
             transaction = self._conn.begin()
@@ -115,7 +122,9 @@ class SqlTarget(SqlAdoption):
             present = look(self._conn, timeout_ms, names)
             if CONTROL_PLANE_TABLE in present and self._holds_id(str(control_plane_id)):
                 raise control_plane_refusal(self.where)
-            stamp = self._select_stamp(known_to_exist=True) if STAMP_TABLE in present else []
+            stamp, dirty = self._select_present(present)
+            if dirty:
+                raise dirty_error(dirty)
         except DBAPIError as exc:
             self._rollback_quietly(transaction)
             if timed_out(exc):
@@ -128,12 +137,13 @@ class SqlTarget(SqlAdoption):
             self._rollback_quietly(transaction)
             raise
         self._stamp_ready = STAMP_TABLE in present
+        self._dirty_ready = DIRTY_TABLE in present
         self._held = (transaction, stamp)
         return stamp
 
     def rehearse(self, deadline: float | None = None) -> list[StampEntry]:
         """See :meth:`byod.targets.base.Target.rehearse`."""
-        if self._dialect.lock_and_look is None:
+        if self._dialect.non_transactional_ddl:
             raise RehearsalError(
                 f"{self.kind} instances cannot be rehearsed: their DDL commits on its own, "
                 "so it cannot be rolled back"
@@ -270,7 +280,9 @@ class SqlTarget(SqlAdoption):
                 transaction.rollback()
                 return False
             if guarded:  # committed by the body's first DDL, if it has any
-                self._conn.exec_driver_sql(create_sql(CREATE_DIRTY, self._engine.dialect))
+                if not self._dirty_ready:
+                    self._conn.exec_driver_sql(create_sql(CREATE_DIRTY, self._engine.dialect))
+                    self._dirty_ready = True
                 self._conn.execute(
                     dirty_table.insert().values(
                         id=step.migration.id, direction=step.direction, started_at=utcnow()
