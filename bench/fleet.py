@@ -10,6 +10,7 @@ the ratios. Run from the repository root:
     .venv/bin/python bench/fleet.py --backend postgres --latency-ms 5  # 200 databases
     .venv/bin/python bench/fleet.py --at-head 20000                  # a no-op fleet run
     .venv/bin/python bench/fleet.py --distributed --workers 1,2,4    # Celery workers
+    .venv/bin/python bench/fleet.py --only floor,byod --repeat 5     # medians of 5
 
 ``--distributed`` instead times Celery workers (``byod worker``, Redis broker, PostgreSQL
 control plane) with 1, 2 and 4 worker processes sharing the same total concurrency,
@@ -671,6 +672,7 @@ def main() -> None:
     parser.add_argument("--distributed", action="store_true")
     parser.add_argument("--workers", default="1,2,4")
     parser.add_argument("--child")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds (order alternating); medians")
     args = parser.parse_args()
     if args.child:
         run_child(args.child)
@@ -690,9 +692,17 @@ def main() -> None:
             if args.distributed:
                 distributed(args, fleet, proxy)
                 return
-            for config in args.only.split(","):
-                lines[config] = run_config(config, args, fleet, proxy)
-                print(json.dumps(lines[config]), flush=True)
+            configs = args.only.split(",")
+            runs: dict[str, list[dict[str, Any]]] = {config: [] for config in configs}
+            for round_ in range(args.repeat):
+                for config in configs if round_ % 2 == 0 else reversed(configs):
+                    line = run_config(config, args, fleet, proxy)
+                    runs[config].append(line)
+                    print(json.dumps(line), flush=True)
+            lines = {config: _median_of(found) for config, found in runs.items()}
+            if args.repeat > 1:
+                for line in lines.values():
+                    print(json.dumps({"median_of": args.repeat, **line}), flush=True)
         finally:
             if args.backend == "postgres" or args.distributed:
                 fleet.templates.clear()
@@ -705,6 +715,15 @@ def main() -> None:
         print(json.dumps({"ratios": _ratios(lines, args, proxy)}))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _median_of(lines: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's runs as one line: each number its median."""
+    merged = dict(lines[0])
+    for key, value in lines[0].items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            merged[key] = round(statistics.median(line[key] for line in lines), 3)
+    return merged
 
 
 def _ratios(

@@ -9,12 +9,14 @@ documents each), then times one raw-SQL migration ``003`` (one ``CREATE TABLE`` 
 - **byod**: the library's ``Runner.migrate_user`` in a loop (lease, unseal, connect,
   stamp, lock, the step, the ledger), on a SQLite control plane.
 
-Prints one JSON line per way (ms per instance) and the ratio. ``--profile`` prints the top
-lines of a cProfile of byod's loop (cumulative time).
+Prints one JSON line per way (ms per instance: the median of ``--runs`` rounds, 5 by
+default, each on fresh fleets, the order alternating) and the ratio. ``--profile`` prints
+the top lines of a cProfile of byod's loop (cumulative time).
 
-``--command`` times the whole ``byod migrate --all`` command instead (its start-up
-included, default options) against the floor in 2 processes (their start included), and
-prints instances/s for each.
+``--command`` times the whole ``byod migrate --all`` command instead (default options, or
+``--byod-args``), minus the same command run again once every user is at head (its
+start-up and its selection), against the floor in 2 processes (their start included),
+or in one with ``--byod-args "--concurrency 1"``; medians of ``--runs`` rounds.
 
 ``--startup`` times ``byod status`` (a control plane with ``--instances`` users) against
 ``python -c "import sqlalchemy"``, alternating, ``--runs`` times each (median), and with
@@ -24,6 +26,7 @@ Run from the repository root:
     .venv/bin/python bench/overhead.py                 # 300 instances, one at a time
     .venv/bin/python bench/overhead.py --profile 25
     .venv/bin/python bench/overhead.py --command --instances 2000
+    .venv/bin/python bench/overhead.py --command --byod-args "--concurrency 1"
     .venv/bin/python bench/overhead.py --startup --instances 100 --runs 9
 """
 
@@ -198,6 +201,96 @@ def startup(count: int, runs: int, profile: int) -> None:
                 print(f"{int(row[1]) / 1000:8.1f} ms cumulative  {row[2].rstrip()}")
 
 
+def _median_line(name: str, values: list[float], unit: str, **extra: object) -> None:
+    runs = [round(v, 3) for v in values]
+    line = {"way": name, unit: round(statistics.median(values), 3), "runs": runs, **extra}
+    print(json.dumps(line), flush=True)
+
+
+def commands(args: argparse.Namespace) -> None:
+    """``byod migrate --all`` (minus the same command once all are at head: its start
+    and its selection) against the floor, ``--runs`` rounds on fresh fleets, the order
+    alternating; medians. The floor in 2 processes by default, in one with
+    ``--concurrency 1`` among ``--byod-args``."""
+    extra = args.byod_args.split()
+    one_at_a_time = "--concurrency" in extra and extra[extra.index("--concurrency") + 1] == "1"
+    floor_name = "floor-1-process" if one_at_a_time else "floor-2-processes"
+    floor_ms: list[float] = []
+    byod_ms: list[float] = []
+    whole_ms: list[float] = []
+    for round_ in range(args.runs):
+        with tempfile.TemporaryDirectory(prefix="byod-bench-overhead-") as tmp:
+            ws, floor_paths = twin_fleets(Path(tmp), args.instances)
+            ways = ["floor", "byod"] if round_ % 2 == 0 else ["byod", "floor"]
+            for way in ways:
+                if way == "floor":
+                    seconds = floor(floor_paths) if one_at_a_time else floor_processes(floor_paths)
+                    floor_ms.append(seconds / args.instances * 1000)
+                else:
+                    seconds = command(Path(tmp, "byod"), ws, extra)
+                    noop = command(Path(tmp, "byod"), ws, extra)  # all at head now
+                    whole_ms.append(seconds / args.instances * 1000)
+                    byod_ms.append((seconds - noop) / args.instances * 1000)
+    _median_line(floor_name, floor_ms, "ms_per_instance", instances=args.instances)
+    _median_line(
+        f"byod migrate --all {args.byod_args}".strip() + " (minus a no-op run)",
+        byod_ms,
+        "ms_per_instance",
+        instances=args.instances,
+    )
+    _median_line("byod migrate --all, whole command", whole_ms, "ms_per_instance")
+    per_s = {
+        floor_name: round(1000 / statistics.median(floor_ms), 1),
+        "byod": round(1000 / statistics.median(whole_ms), 1),
+    }
+    print(json.dumps({"per_s_whole_command": per_s}))
+    print(
+        json.dumps(
+            {
+                "byod_over_floor": round(
+                    statistics.median(byod_ms) / statistics.median(floor_ms), 2
+                ),
+                "byod_whole_of_floor": round(
+                    statistics.median(floor_ms) / statistics.median(whole_ms), 2
+                ),
+            }
+        )
+    )
+
+
+def one_at_a_time_library(args: argparse.Namespace) -> None:
+    """The library's ``Runner.migrate_user`` in a loop (lone users) against the floor."""
+    floor_ms: list[float] = []
+    byod_ms: list[float] = []
+    profiler = cProfile.Profile() if args.profile else None
+    for round_ in range(args.runs):
+        with tempfile.TemporaryDirectory(prefix="byod-bench-overhead-") as tmp:
+            ws, floor_paths = twin_fleets(Path(tmp), args.instances)
+            runner = ws.runner()
+            users = [ws.directory.find_user(f"u{n:04d}") for n in range(args.instances)]
+            for way in ["floor", "byod"] if round_ % 2 == 0 else ["byod", "floor"]:
+                if way == "floor":
+                    floor_ms.append(floor(floor_paths) / args.instances * 1000)
+                    continue
+                started = time.perf_counter()
+                if profiler and round_ == 0:
+                    profiler.enable()
+                for user in users:
+                    result = runner.migrate_user(user)
+                    assert result.error is None, result.error
+                if profiler and round_ == 0:
+                    profiler.disable()
+                byod_ms.append((time.perf_counter() - started) / args.instances * 1000)
+    _median_line("floor", floor_ms, "ms_per_instance", instances=args.instances)
+    _median_line("byod (library, lone users)", byod_ms, "ms_per_instance")
+    ratio = statistics.median(byod_ms) / statistics.median(floor_ms)
+    print(json.dumps({"byod_over_floor": round(ratio, 2)}))
+    if profiler:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(args.profile)
+        print(text.getvalue())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=300)
@@ -205,45 +298,14 @@ def main() -> None:
     parser.add_argument("--command", action="store_true")
     parser.add_argument("--byod-args", default="", help="extra flags for the command")
     parser.add_argument("--startup", action="store_true")
-    parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--runs", type=int, default=5, help="rounds, alternating; medians")
     args = parser.parse_args()
     if args.startup:
-        startup(args.instances, args.runs, args.profile)
-        return
-    if args.command:
-        with tempfile.TemporaryDirectory(prefix="byod-bench-overhead-") as tmp:
-            ws, floor_paths = twin_fleets(Path(tmp), args.instances)
-            floor_s = floor_processes(floor_paths)
-            byod_s = command(Path(tmp, "byod"), ws, args.byod_args.split())
-        for name, seconds in (("floor-2-processes", floor_s), ("byod migrate --all", byod_s)):
-            rate = round(args.instances / seconds, 1)
-            print(json.dumps({"way": name, "instances": args.instances, "per_s": rate}))
-        print(json.dumps({"byod_of_floor": round(floor_s / byod_s, 2)}))
-        return
-    with tempfile.TemporaryDirectory(prefix="byod-bench-overhead-") as tmp:
-        ws, floor_paths = twin_fleets(Path(tmp), args.instances)
-        floor_s = floor(floor_paths)
-        runner = ws.runner()
-        users = [ws.directory.find_user(f"u{n:04d}") for n in range(args.instances)]
-        profiler = cProfile.Profile() if args.profile else None
-        started = time.perf_counter()
-        if profiler:
-            profiler.enable()
-        for user in users:
-            result = runner.migrate_user(user)
-            assert result.error is None, result.error
-        if profiler:
-            profiler.disable()
-        byod_s = time.perf_counter() - started
-    per = {"floor": floor_s, "byod": byod_s}
-    for name, seconds in per.items():
-        ms = round(seconds / args.instances * 1000, 3)
-        print(json.dumps({"way": name, "instances": args.instances, "ms_per_instance": ms}))
-    print(json.dumps({"byod_over_floor": round(byod_s / floor_s, 2)}))
-    if profiler:
-        text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(args.profile)
-        print(text.getvalue())
+        startup(args.instances, max(args.runs, 9), args.profile)
+    elif args.command:
+        commands(args)
+    else:
+        one_at_a_time_library(args)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,12 @@ fleet runner (threads, pages, batches) at ``--concurrency``. Prints one figure a
   user, and with ``--profile N`` a profile's top lines at the first latency;
 - peak memory (RSS) and the time to roll the whole fleet.
 
-Run from the repository root (the local PostgreSQL server, trust auth):
+Each figure is the median of ``--repeat`` rounds (5 by default; the latencies' order
+alternating, the fleet reset to version 1 before each run). Run from the repository
+root (the local PostgreSQL server, trust auth):
 
-    .venv/bin/python bench/scale.py --users 100000 --latency-ms 0,40
-    .venv/bin/python bench/scale.py --users 1000000 --latency-ms 0 --concurrency 64
+    .venv/bin/python bench/scale.py --users 20000 --latency-ms 0,40
+    .venv/bin/python bench/scale.py --users 1000000 --latency-ms 0 --repeat 1
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import cProfile
 import io
 import pstats
 import resource
+import statistics
 import sys
 import threading
 import time
@@ -272,12 +275,28 @@ def run(ws: Workspace, latency: float, concurrency: int, profile: int) -> dict[s
     }
 
 
+def _reset(ws: Workspace) -> None:
+    """The fleet back at version 1: no ledger rows, every simulated stamp at 001."""
+    with ws.engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM byod_migrations"))
+        conn.execute(configs.update().values(schema_version=1))
+    for uid in Simulated.stamps:
+        Simulated.stamps[uid] = Simulated.stamps[uid][:1]
+
+
+def _runs(values: list[float], digits: int = 0) -> str:
+    return ", ".join(f"{v:,.{digits}f}" for v in values)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--latency-ms", default="0,40")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--profile", type=int, default=0, metavar="LINES")
+    parser.add_argument(
+        "--repeat", type=int, default=5, help="rounds (latencies alternating); medians"
+    )
     args = parser.parse_args()
     import tempfile
 
@@ -285,24 +304,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="byod-bench-scale-") as tmp, control_plane() as url:
         built = time.perf_counter()
         ws = fleet(url, args.users, Path(tmp))
-        print(f"fleet built: {args.users} users in {time.perf_counter() - built:.1f} s")
-        print(f"control-plane bookkeeping: {bookkeeping(ws, args.users):,.0f} users/s")
-        for index, ms in enumerate(latencies):
-            if index:  # a fresh fleet at version 1 for each latency
-                with ws.engine.begin() as conn:
-                    conn.execute(sa.text("DELETE FROM byod_migrations"))
-                    conn.execute(configs.update().values(schema_version=1))
-                for uid in Simulated.stamps:
-                    Simulated.stamps[uid] = Simulated.stamps[uid][:1]
-            figures = run(ws, ms / 1000, args.concurrency, args.profile if index == 0 else 0)
+        print(f"fleet built: {args.users:,} users in {time.perf_counter() - built:.1f} s")
+        rates = [bookkeeping(ws, args.users) for _ in range(args.repeat)]
+        print(
+            f"control-plane bookkeeping: {statistics.median(rates):,.0f} users/s "
+            f"(median of {args.repeat}: {_runs(rates)})"
+        )
+        found: dict[float, list[dict[str, float]]] = {ms: [] for ms in latencies}
+        profiled = False
+        for round_ in range(args.repeat):
+            for ms in latencies if round_ % 2 == 0 else list(reversed(latencies)):
+                _reset(ws)
+                profile = 0 if profiled else args.profile
+                profiled = True
+                found[ms].append(run(ws, ms / 1000, args.concurrency, profile))
+        for ms, figures in found.items():
+            med = {key: statistics.median(f[key] for f in figures) for key in figures[0]}
             print(
                 f"end to end at {ms:g} ms per instance call, concurrency {args.concurrency}: "
-                f"{figures['users_per_s']:,.0f} users/s, the fleet in {figures['seconds']:.1f} s"
+                f"{med['users_per_s']:,.0f} users/s (median of {len(figures)}: "
+                f"{_runs([f['users_per_s'] for f in figures])}), "
+                f"the fleet of {args.users:,} in {med['seconds']:.1f} s"
             )
-            print(f"  runner CPU per user: {figures['cpu_ms_per_user']:.2f} ms")
+            print(f"  runner CPU per user: {med['cpu_ms_per_user']:.3f} ms")
             print(
-                f"  control-plane statements per user: {figures['statements_per_user']:.3f}, "
-                f"waited on per user: {figures['waited_ms_per_user']:.3f} ms"
+                f"  control-plane statements per user: {med['statements_per_user']:.3f}, "
+                f"waited on per user: {med['waited_ms_per_user']:.3f} ms"
             )
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"peak memory: {rss:.0f} MB")
