@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 from byod.errors import ByodError
 from byod.registry import Registry
-from byod.targets import StampEntry
+from byod.targets.base import StampEntry
 
 __all__ = [
     "RowsProgress",

@@ -23,7 +23,6 @@ from byod.controlplane.gates import gate_views
 from byod.controlplane.rehearsals import rehearsal_failures, rehearsal_timeline
 from byod.controlplane.run_history import StepCount, step_counts, users_finished_at, versions_at
 from byod.controlplane.schema import control_plane_id
-from byod.credentials import checked_address, open_instance, unseal_config
 from byod.errors import ByodError, SettingsError
 from byod.results import check_stamp
 from byod.targets.base import UNDO_SUFFIX
@@ -209,6 +208,8 @@ def verify(ws: Workspace, user_ref: str | None, *, policy: bool = False) -> list
 
 
 def _policy_one(ws: Workspace, user: User) -> VerifyReport:
+    from byod.credentials import checked_address, unseal_config  # not for status or history
+
     config = ws.directory.get_config(user.id)
     problems: tuple[str, ...] = ()
     try:
@@ -222,6 +223,8 @@ def _policy_one(ws: Workspace, user: User) -> VerifyReport:
 
 
 def _verify_one(ws: Workspace, user: User) -> VerifyReport:
+    from byod.credentials import open_instance, unseal_config  # not for status or history
+
     config = ws.directory.get_config(user.id)
     try:
         credentials = unseal_config(
