@@ -175,7 +175,7 @@ class Fleet:
         """(URL for setup on the real port, URL for the run through ``port``); ``server``:
         a PostgreSQL database even for a SQLite fleet (distributed runs need one)."""
         if self.backend == "sqlite" and not server:
-            url = f"sqlite:///{self.workdir / f'control-{config}.db'}"
+            url = f"sqlite:///{self.workdir / f'control-{config}-{uuid.uuid4().hex[:6]}.db'}"
             return url, url
         name = f"bench_cp_{config.replace('-', '_')}_{uuid.uuid4().hex[:6]}"
         self._create(name)
