@@ -109,29 +109,30 @@ def test_a_batch_records_last_steps_and_first_checksums_once(
 def test_the_selection_is_handed_out_page_by_page(
     cws: Workspace, new_instance: InstanceFactory
 ) -> None:
-    """Pages start at twice the pool and double while they go by fast; a canary wave
-    claims no one past it, and while it runs the next user is handed out unclaimed;
-    the users left when the run stops are given back and counted."""
+    """A canary wave claims no one past it (and while it runs the next user is handed
+    out unclaimed); then pages start at twice the pool and double while they go by
+    fast, the next claimed ahead once half of one is handed out; the users left when
+    the run stops (the claimed-ahead page too) are given back and counted."""
     ids = [add_connected(cws, new_instance(), f"sel-{n:02d}") for n in range(14)]
     items = iter([Item(cws.directory.get_user(uid), 3) for uid in ids])
-    room: list[int | None] = [None]
+    room: list[int | None] = [1]  # a canary wave of one
     claims = claims_for(cws)
-    pager = Pager(cws.runner(), claims, items, action="migrate", workers=2, room=lambda: room[0])
-    assert pager.size == 4
-    first = [next(pager) for _ in range(4)]
-    assert [item.user.id for item in first] == ids[:4]
-    assert all(claims.take(uid) is not None for uid in ids[:4])  # one page of 4, claimed
-    next(pager)  # the next page, at once: twice the size
-    assert pager.size == 8
-    for _ in range(7):
-        next(pager)
-    room[0] = 0  # a canary wave running
+    pager = Pager(cws.runner(), claims, items, action="migrate", workers=1, room=lambda: room[0])
+    assert pager.size == 2
+    canary = next(pager).user.id
+    assert canary == ids[0] and claims.take(canary) is not None
+    assert statuses(cws, ids[1]) == []  # nothing claimed past the wave, nor ahead
+    room[0] = 0  # the wave runs: the next user waits for its verdict, unclaimed
     unclaimed = next(pager)
-    assert unclaimed.user.id == ids[12] and claims.take(ids[12]) is None
-    room[0] = 1
-    taken = next(pager)  # a page of one: the wave's room
-    assert pager.left(taken) == 1  # given back, and nothing after it
-    assert claims.take(ids[13]) is None
-    assert cws.directory.get_config(ids[13]).lease_owner is None
-    assert statuses(cws, ids[13]) == []
+    assert unclaimed.user.id == ids[1] and claims.take(ids[1]) is None
+    room[0] = None  # the wave passed
+    page = [next(pager).user.id for _ in range(4)]  # a page of 8: the size doubled twice
+    assert pager.size == 8 and page == ids[2:6]
+    assert all(claims.take(uid) is not None for uid in page)
+    wait_until(lambda: statuses(cws, ids[13]) != [], "the next page claimed ahead")
+    assert all(statuses(cws, uid) for uid in ids[6:14])  # the rest of this page, and ahead
+    assert pager.left() == 8  # given back: four of this page, four claimed ahead
+    for uid in ids[6:14]:
+        assert claims.take(uid) is None and statuses(cws, uid) == []
+        assert cws.directory.get_config(uid).lease_owner is None
     assert MAX_PAGE == 1000
