@@ -235,9 +235,7 @@ def bookkeeping(ws: Workspace, users: int) -> float:
         outcomes.flush()
     seconds = time.perf_counter() - started
     outcomes.close(10)
-    with ws.engine.begin() as conn:  # back to version 1 for the runs that follow
-        conn.execute(sa.text("DELETE FROM byod_migrations"))
-        conn.execute(configs.update().values(schema_version=1))
+    _reset(ws)  # back to version 1 for the runs that follow
     return len(ids) / seconds
 
 
@@ -280,6 +278,9 @@ def _reset(ws: Workspace) -> None:
     with ws.engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM byod_migrations"))
         conn.execute(configs.update().values(schema_version=1))
+    with ws.engine.connect() as conn:  # the dead rows gone, as autovacuum keeps a live one
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        conn.execute(sa.text("VACUUM ANALYZE byod_migrations, byod_configs"))
     for uid in Simulated.stamps:
         Simulated.stamps[uid] = Simulated.stamps[uid][:1]
 

@@ -8,7 +8,8 @@ so reading counts and then writing rows needs no lock: no one else writes their 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -23,6 +24,8 @@ __all__ = [
     "PG_INSERT_PLANS",
     "PageCounts",
     "StepKey",
+    "among",
+    "as_json",
     "page_counts",
     "plan_rows",
 ]
@@ -38,6 +41,16 @@ class PageCounts:
 
     open_rows: dict[int, int]
     tries: dict[StepKey, int]
+
+
+def among(
+    column: sa.ColumnElement[int], ids: Sequence[int], dialect: sa.Dialect
+) -> sa.ColumnElement[bool]:
+    """``column IN ids`` as each server reads it best: on PostgreSQL one array parameter
+    (a page's thousand ids are not a thousand bind parameters to render and parse)."""
+    if dialect.name == "postgresql":
+        return column == sa.any_(sa.bindparam(None, list(ids), type_=sa.ARRAY(sa.Integer)))
+    return column.in_(list(ids))
 
 
 def page_counts(conn: sa.Connection, user_ids: Sequence[int]) -> PageCounts:
@@ -62,7 +75,7 @@ def page_counts(conn: sa.Connection, user_ids: Sequence[int]) -> PageCounts:
             sa.func.sum(is_open),
             sa.func.sum(tried),
         )
-        .where(ledger.c.user_id.in_(list(user_ids)))
+        .where(among(ledger.c.user_id, user_ids, conn.dialect))
         .group_by(ledger.c.user_id, ledger.c.migration_id, ledger.c.direction)
     )
     open_rows: dict[int, int] = {}
@@ -108,26 +121,37 @@ def _key(user_id: int, step: Step) -> StepKey:
     return (user_id, step.migration.id, step.direction)
 
 
+def as_json(rows: Sequence[Mapping[str, object]]) -> str:
+    """A page's rows as one JSON parameter (times in ISO 8601): the server reads it with
+    ``json_to_recordset``, so a page is one short string to send, not an array a column
+    that the driver would encode value by value (most of a page's client time)."""
+    return json.dumps(rows, default=_iso, separators=(",", ":"))
+
+
+def _iso(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not a ledger value")
+
+
 # PostgreSQL: a page's plans in one set-based INSERT (psycopg would otherwise send one
 # INSERT a row, pipelined, each run on its own by the server)
 PG_INSERT_PLANS = sa.text(
     "INSERT INTO byod_migrations (user_id, migration_id, version, direction, status,"
     " attempts, run_id, started_at, created_at)"
     " SELECT v.user_id, v.migration_id, v.version, v.direction, v.status, v.attempts,"
-    " :run_id, v.started_at, :now FROM unnest(CAST(:users AS integer[]),"
-    " CAST(:migrations AS text[]), CAST(:versions AS integer[]), CAST(:directions AS text[]),"
-    " CAST(:statuses AS text[]), CAST(:attempts AS integer[]), CAST(:started AS timestamp[]))"
-    " AS v(user_id, migration_id, version, direction, status, attempts, started_at)"
+    " :run_id, v.started_at, :now FROM json_to_recordset(CAST(:rows AS json))"
+    " AS v(user_id integer, migration_id text, version integer, direction text,"
+    " status text, attempts integer, started_at timestamp)"
 )
 
-# PostgreSQL: a batch of last steps in two set-based statements (every value one array
+# PostgreSQL: a batch of last steps in two set-based statements (the batch one JSON
 # parameter), not one statement per user: the ledger rows still ``running`` completed,
 # then each user's config moved to its version, the lease given back by its owner.
 _BATCH = (
-    "unnest(CAST(:users AS integer[]), CAST(:migrations AS text[]), CAST(:directions AS text[]),"
-    " CAST(:versions AS integer[]), CAST(:started AS timestamp[]), CAST(:done AS timestamp[]),"
-    " CAST(:owners AS text[]))"
-    " AS v(user_id, migration_id, direction, version, started_at, completed_at, owner)"
+    "json_to_recordset(CAST(:rows AS json)) AS v(user_id integer, migration_id text,"
+    " direction text, version integer, started_at timestamp, completed_at timestamp,"
+    " owner text)"
 )
 PG_COMPLETE_ROWS = sa.text(
     "UPDATE byod_migrations AS m SET status = 'completed', completed_at = v.completed_at,"

@@ -28,6 +28,7 @@ from byod.controlplane._bulk import (
     write_configs,
 )
 from byod.controlplane._leases import LeaseKeeper
+from byod.controlplane._pages import among
 from byod.controlplane._tx import reading, single, writing
 from byod.controlplane.schema import configs, ledger, users
 from byod.errors import (
@@ -365,7 +366,7 @@ class Directory:
         claim = (
             configs.update()
             .where(
-                configs.c.user_id.in_(list(user_ids)),
+                among(configs.c.user_id, user_ids, self.engine.dialect),
                 sa.or_(
                     configs.c.lease_owner.is_(None),
                     configs.c.lease_owner == owner,
@@ -385,7 +386,10 @@ class Directory:
         with single(self.engine, "release the leases") as conn:
             conn.execute(
                 configs.update()
-                .where(configs.c.user_id.in_(list(user_ids)), configs.c.lease_owner == owner)
+                .where(
+                    among(configs.c.user_id, user_ids, self.engine.dialect),
+                    configs.c.lease_owner == owner,
+                )
                 .values(lease_owner=None, lease_expires_at=None)
             )
 

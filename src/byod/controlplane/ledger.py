@@ -43,6 +43,8 @@ from byod.controlplane._pages import (
     PG_COMPLETE_ROWS,
     PG_INSERT_PLANS,
     PageCounts,
+    among,
+    as_json,
     page_counts,
     plan_rows,
 )
@@ -182,17 +184,7 @@ class Ledger:
             if not self._one_statement:
                 conn.execute(ledger.insert(), rows)
                 return attempts
-            columns = {
-                "users": "user_id",
-                "migrations": "migration_id",
-                "versions": "version",
-                "directions": "direction",
-                "statuses": "status",
-                "attempts": "attempts",
-                "started": "started_at",
-            }
-            arrays = {name: [row[column] for row in rows] for name, column in columns.items()}
-            conn.execute(PG_INSERT_PLANS, arrays | {"run_id": run_id, "now": now})
+            conn.execute(PG_INSERT_PLANS, {"rows": as_json(rows), "run_id": run_id, "now": now})
         return attempts
 
     def drop_planned(self, user_ids: Sequence[int], run_id: str | None) -> None:
@@ -205,7 +197,7 @@ class Ledger:
         with single(self.engine, "forget the unstarted plans") as conn:
             conn.execute(
                 ledger.delete().where(
-                    ledger.c.user_id.in_(list(user_ids)),
+                    among(ledger.c.user_id, user_ids, self.engine.dialect),
                     ledger.c.run_id == run_id if run_id is not None else ledger.c.run_id.is_(None),
                     ledger.c.status.in_(("pending", "running")),
                 )
@@ -219,18 +211,25 @@ class Ledger:
         if not done:
             return 0
         if self._one_statement:  # PostgreSQL: set-based, two statements whatever the size
-            arrays = {
-                "users": [one.user_id for one in done],
-                "migrations": [one.step.migration.id for one in done],
-                "directions": [one.step.direction for one in done],
-                "versions": [one.step.version_after for one in done],
-                "started": [one.started_at for one in done],
-                "done": [one.completed_at for one in done],
-                "owners": [one.owner for one in done],
+            batch = {
+                "rows": as_json(
+                    [
+                        {
+                            "user_id": one.user_id,
+                            "migration_id": one.step.migration.id,
+                            "direction": one.step.direction,
+                            "version": one.step.version_after,
+                            "started_at": one.started_at,
+                            "completed_at": one.completed_at,
+                            "owner": one.owner,
+                        }
+                        for one in done
+                    ]
+                )
             }
             with writing(self.engine, "record the successes") as conn:
-                completed = conn.execute(PG_COMPLETE_ROWS, arrays).rowcount
-                conn.execute(PG_COMPLETE_CONFIGS, arrays)
+                completed = conn.execute(PG_COMPLETE_ROWS, batch).rowcount
+                conn.execute(PG_COMPLETE_CONFIGS, batch)
             return completed
         params = [
             _step_params(one.user_id, one.step, one.completed_at)

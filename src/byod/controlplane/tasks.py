@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 
 from byod.clock import utcnow
+from byod.controlplane._pages import as_json
 from byod.controlplane._tx import reading, single
 from byod.controlplane.run_records import Claim, DispatchRow, FinishedTask, TaskEnd
 from byod.controlplane.runs import DISPATCH_COLUMNS, dispatch_row
@@ -102,11 +103,9 @@ _FINISH_PAGE = sa.text(
         SET state = 'done', outcome = e.outcome, to_version = e.to_version,
             error = e.error, error_type = e.error_type, steps = e.steps, tries = e.tries,
             seconds = e.seconds, finished_at = timezone('UTC', clock_timestamp())
-        FROM unnest(CAST(:users AS integer[]), CAST(:outcomes AS text[]),
-                    CAST(:to_versions AS integer[]), CAST(:errors AS text[]),
-                    CAST(:error_types AS text[]), CAST(:steps AS text[]),
-                    CAST(:tries AS integer[]), CAST(:seconds AS double precision[]))
-             AS e(user_id, outcome, to_version, error, error_type, steps, tries, seconds)
+        FROM json_to_recordset(CAST(:ends AS json))
+             AS e(user_id integer, outcome text, to_version integer, error text,
+                  error_type text, steps text, tries integer, seconds double precision)
         WHERE t.run_id = :run AND t.user_id = e.user_id AND t.state <> 'done'
         RETURNING t.outcome
     ), c AS (
@@ -182,18 +181,20 @@ class TaskStore:
         end was already recorded (duplicates: nothing counted)."""
         if not ends:
             return None
-        params: dict[str, object] = {
-            "run": run_id,
-            "now": utcnow(),
-            "users": [user_id for user_id, _ in ends],
-            "outcomes": [end.outcome for _, end in ends],
-            "to_versions": [end.to_version for _, end in ends],
-            "errors": [None if end.error is None else mask(end.error) for _, end in ends],
-            "error_types": [end.error_type for _, end in ends],
-            "steps": [end.steps for _, end in ends],
-            "tries": [end.tries for _, end in ends],
-            "seconds": [end.seconds for _, end in ends],
-        }
+        rows = [
+            {
+                "user_id": user_id,
+                "outcome": end.outcome,
+                "to_version": end.to_version,
+                "error": None if end.error is None else mask(end.error),
+                "error_type": end.error_type,
+                "steps": end.steps,
+                "tries": end.tries,
+                "seconds": end.seconds,
+            }
+            for user_id, end in ends
+        ]
+        params = {"run": run_id, "now": utcnow(), "ends": as_json(rows)}
         with single(self.engine, "record the tasks' ends") as conn:
             row = conn.execute(_FINISH_PAGE, params).first()
         return None if row is None else dispatch_row(row)

@@ -283,4 +283,6 @@ class Outcomes:
 
 
 def _with_open_rows(config: Config, open_rows: int) -> Config:
+    if open_rows == config.open_rows:
+        return config
     return dataclasses.replace(config, open_rows=open_rows)
