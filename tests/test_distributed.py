@@ -221,6 +221,14 @@ def test_a_task_is_a_page_of_users_its_bookkeeping_a_few_statements(
     assert {(t.state, t.outcome, t.deliveries) for t in _task_rows(cluster, run_id)} == {
         ("done", "succeeded", 1)
     }
+    # a duplicate delivery's ends: neither written again nor counted twice
+    from byod.controlplane import TaskEnd
+
+    again = [(uid, TaskEnd(outcome="failed", error="duplicate")) for uid in ids]
+    assert dispatcher.tasks.finish_page(run_id, again) is None
+    after = RunStore(cluster.ws.engine).get(run_id)
+    assert (after.counts.succeeded, after.counts.failed, after.in_flight) == (12, 0, 0)
+    assert {t.outcome for t in _task_rows(cluster, run_id)} == {"succeeded"}
 
 
 def test_kill_9_of_a_worker_after_a_commit_and_before_its_batch_is_recorded(
