@@ -331,9 +331,9 @@ def _mariadb_bound(conn: sa.Connection, timeout_ms: int | None) -> None:
         conn.info["byod_mariadb_bound"] = True
 
 
-_MYSQL_LOOK = (
-    "SELECT GET_LOCK(:lock, 0), (SELECT GROUP_CONCAT(table_name SEPARATOR ' ') FROM "
-    "information_schema.tables WHERE table_schema = DATABASE() AND table_name IN :names)"
+_MYSQL_TABLES = (
+    "(SELECT GROUP_CONCAT(table_name SEPARATOR ' ') FROM information_schema.tables "
+    "WHERE table_schema = DATABASE() AND table_name IN :names)"
 )
 
 
@@ -341,13 +341,8 @@ def _mysql_lock_and_look(
     conn: sa.Connection, timeout_ms: int | None, names: tuple[str, ...]
 ) -> set[str]:
     """The session lock and which of the tables exist, in one round trip."""
-    if "byod_mysql_lock" in conn.info:  # held by this session already
-        query = sa.text(
-            "SELECT 1, (SELECT GROUP_CONCAT(table_name SEPARATOR ' ') FROM "
-            "information_schema.tables WHERE table_schema = DATABASE() AND table_name IN :names)"
-        )
-    else:
-        query = sa.text(_MYSQL_LOOK)
+    held = "byod_mysql_lock" in conn.info  # by this session already
+    query = sa.text(f"SELECT {'1' if held else 'GET_LOCK(:lock, 0)'}, {_MYSQL_TABLES}")
     name = f"{_MYSQL_LOCK}:{conn.engine.url.database}"
     statement = query.bindparams(sa.bindparam("names", expanding=True))
     taken, found = conn.execute(statement, {"lock": name, "names": list(names)}).one()
