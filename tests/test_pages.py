@@ -5,12 +5,14 @@ and how the selection is handed out page by page."""
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
 
 from byod.clock import utcnow
-from byod.controlplane.schema import applied_checksums
+from byod.controlplane.queries import iter_outdated
+from byod.controlplane.schema import applied_checksums, configs, users
 from byod.fleet.paging import MAX_PAGE, Pager
 from byod.fleet.selection import Item
 from byod.runner.pages import Claims, Outcomes
@@ -136,3 +138,53 @@ def test_the_selection_is_handed_out_page_by_page(
         assert claims.take(uid) is None and statuses(cws, uid) == []
         assert cws.directory.get_config(uid).lease_owner is None
     assert MAX_PAGE == 1000
+
+
+def test_the_outdated_users_are_read_in_keyset_pages_across_statuses(cws: Workspace) -> None:
+    """The selection's pages, a user at a time, walk every eligible user below the target
+    once, in (version, user id) order, whatever their connection status: connected and
+    errored users interleaved by version, never a user at the target, of another status,
+    or touched after the walk began."""
+    now = utcnow()
+    with cws.engine.begin() as conn:
+        for n in range(24):
+            conn.execute(users.insert().values(id=100 + n, clerk_id=f"walk-{n}", created_at=now))
+            conn.execute(
+                configs.insert().values(
+                    user_id=100 + n,
+                    target_kind="sqlite",
+                    sealed_url="-",
+                    key_id="k",
+                    connection_status=("connected", "error", "pending")[n % 3],
+                    schema_version=(2, 0, 1, 3)[n % 4],
+                    updated_at=now if n != 7 else now + timedelta(hours=1),
+                )
+            )
+    eligible = [
+        (version, uid)
+        for n in range(24)
+        for uid, status, version in [
+            (100 + n, ("connected", "error", "pending")[n % 3], (2, 0, 1, 3)[n % 4])
+        ]
+        if status != "pending" and version < 3 and n != 7
+    ]
+    for page_size in (1, 2, 5, 500):
+        walked = [
+            (row.schema_version, row.user_id)
+            for row in iter_outdated(
+                cws.engine,
+                3,
+                page_size=page_size,
+                statuses=("connected", "error"),
+                untouched_since=now,
+            )
+        ]
+        assert walked == sorted(eligible), page_size
+    resumed = iter_outdated(
+        cws.engine, 3, statuses=("connected", "error"), after=sorted(eligible)[4]
+    )
+    assert [(r.schema_version, r.user_id) for r in resumed] == sorted(eligible)[5:]
+    only_ones = iter_outdated(cws.engine, 3, statuses=("error",), only_version=1)
+    assert [r.user_id for r in only_ones] == [
+        100 + n for n in range(24) if n % 3 == 1 and n % 4 == 2
+    ]

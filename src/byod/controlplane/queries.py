@@ -220,29 +220,46 @@ def outdated_query(
     ``untouched_since`` leaves out configs updated after that moment, so users a running
     fleet run already moved are not handed out twice; ``only_version`` keeps only users at
     exactly that version; ``user_ids`` only those users.
+
+    Each status is its own range scan of the (status, version, user id) index, the
+    position a row-value bound within it, the scans merged: one query over several
+    statuses with the position spelled out as ``OR`` is planned on PostgreSQL as a scan
+    of every user after the position, sorted (233 ms a page at a million users, 2 ms
+    this way).
     """
-    version, user_id = after
-    query = (
-        sa.select(configs.c.user_id, users.c.clerk_id, configs.c.schema_version, configs.c.queue)
-        .join(users, users.c.id == configs.c.user_id)
-        .where(
-            configs.c.connection_status.in_(statuses),
-            configs.c.schema_version < below,
-            sa.or_(
-                configs.c.schema_version > version,
-                sa.and_(configs.c.schema_version == version, configs.c.user_id > user_id),
-            ),
+
+    def one(status: str) -> sa.Select[tuple[int, str, int, str | None]]:
+        query = (
+            sa.select(
+                configs.c.user_id, users.c.clerk_id, configs.c.schema_version, configs.c.queue
+            )
+            .join(users, users.c.id == configs.c.user_id)
+            .where(
+                configs.c.connection_status == status,
+                configs.c.schema_version < below,
+                sa.tuple_(configs.c.schema_version, configs.c.user_id) > sa.tuple_(*after),
+            )
+            .order_by(configs.c.schema_version, configs.c.user_id)
+            .limit(limit)
         )
-        .order_by(configs.c.schema_version, configs.c.user_id)
+        if untouched_since is not None:
+            query = query.where(configs.c.updated_at <= untouched_since)
+        if only_version is not None:
+            query = query.where(configs.c.schema_version == only_version)
+        if user_ids is not None:
+            query = query.where(configs.c.user_id.in_(user_ids))
+        return query
+
+    if len(statuses) == 1:
+        return one(statuses[0])
+    # each branch a subquery of its own: SQLite takes no ORDER BY or LIMIT in a branch
+    branches = [one(status).subquery() for status in statuses]
+    merged = sa.union_all(*(sa.select(*branch.c) for branch in branches)).subquery("outdated")
+    return (
+        sa.select(merged.c.user_id, merged.c.clerk_id, merged.c.schema_version, merged.c.queue)
+        .order_by(merged.c.schema_version, merged.c.user_id)
         .limit(limit)
     )
-    if untouched_since is not None:
-        query = query.where(configs.c.updated_at <= untouched_since)
-    if only_version is not None:
-        query = query.where(configs.c.schema_version == only_version)
-    if user_ids is not None:
-        query = query.where(configs.c.user_id.in_(user_ids))
-    return query
 
 
 def iter_outdated(
