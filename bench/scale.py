@@ -75,10 +75,14 @@ migration = Migration(id="002_next", version=2, name="next", description="", up=
 
 
 class Simulated:
-    """An instance that exists only in this process: each call waits the latency."""
+    """An instance that exists only in this process: each call waits the latency. Its
+    stamp is one version a user (a byte in ``versions``, indexed by user id), so the
+    simulation's memory stays flat and the process's peak is the runner's."""
 
     kind = "sqlite"
-    stamps: ClassVar[dict[int, list[StampEntry]]] = {}
+    versions = bytearray()
+    #: the stamp of each version (its entries made once)
+    stamp_at: ClassVar[dict[int, list[StampEntry]]] = {}
     lock = threading.Lock()
 
     def __init__(self, user_id: int, latency: float) -> None:
@@ -103,7 +107,7 @@ class Simulated:
 
     def read_stamp(self) -> list[StampEntry]:
         with self.lock:
-            return list(self.stamps.get(self.user_id, []))
+            return list(self.stamp_at[self.versions[self.user_id]])
 
     def begin(self, deadline: float | None = None) -> list[StampEntry]:
         self._wait()  # the lock and the stamp read, one round trip
@@ -114,11 +118,12 @@ class Simulated:
         stamp = self.read_stamp()
         if not check_position(step, stamp):
             return False
-        entry = StampEntry(
-            step.migration.id, step.migration.version, step.migration.checksum, datetime.now(UTC)
-        )
+        version = step.migration.version
         with self.lock:
-            self.stamps.setdefault(self.user_id, []).append(entry)
+            if version not in self.stamp_at:
+                entry = StampEntry(step.migration.id, version, step.migration.checksum, _now())
+                self.stamp_at[version] = [*self.stamp_at[version - 1], entry]
+            self.versions[self.user_id] = version
         return True
 
     def in_progress(self) -> list[str]:
@@ -135,6 +140,10 @@ class Simulated:
 
     def __exit__(self, *exc_info: object) -> None:
         pass
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 def opener(latency: float) -> Any:
@@ -195,17 +204,22 @@ def fleet(url: str, users: int, folder: Path) -> Workspace:
     with ws.engine.connect() as conn:  # statistics, as autovacuum keeps them on a live fleet
         conn.execution_options(isolation_level="AUTOCOMMIT")
         conn.execute(sa.text("VACUUM ANALYZE users, byod_configs"))
-    stamp = [StampEntry(first.id, 1, first.checksum, datetime.now(UTC))]
-    Simulated.stamps = {uid: list(stamp) for uid in ids}
+    Simulated.stamp_at = {1: [StampEntry(first.id, 1, first.checksum, _now())]}
+    Simulated.versions = bytearray(max(ids) + 1)
+    for uid in ids:
+        Simulated.versions[uid] = 1
     return ws
 
 
 class Statements:
-    """The control plane's statements and the time the client waited on them."""
+    """The control plane's statements and the time the client waited on them, in all and
+    by statement (its first words)."""
 
     def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
         self.count = 0
         self.seconds = 0.0
+        self.by_statement: dict[str, float] = {}
         self._started = threading.local()
         sa.event.listen(engine, "before_cursor_execute", self._before)
         sa.event.listen(engine, "after_cursor_execute", self._after)
@@ -213,14 +227,22 @@ class Statements:
     def _before(self, *args: object) -> None:
         self._started.at = time.perf_counter()
 
-    def _after(self, *args: object) -> None:
+    def _after(self, conn: object, cursor: object, statement: str, *args: object) -> None:
+        waited = time.perf_counter() - getattr(self._started, "at", time.perf_counter())
         self.count += 1
-        self.seconds += time.perf_counter() - getattr(self._started, "at", time.perf_counter())
+        self.seconds += waited
+        words = " ".join(statement.split()[:3])
+        self.by_statement[words] = self.by_statement.get(words, 0.0) + waited
+
+    def stop(self) -> None:
+        sa.event.remove(self.engine, "before_cursor_execute", self._before)
+        sa.event.remove(self.engine, "after_cursor_execute", self._after)
 
 
-def bookkeeping(ws: Workspace, users: int) -> float:
+def bookkeeping(ws: Workspace, users: int, waits: dict[str, list[float]]) -> float:
     """Users/s of the control plane's writes alone: pages of 1,000 claimed and planned,
-    then their last steps recorded in one batch each, no instance touched."""
+    then their last steps recorded in one batch each, no instance touched. ``waits``
+    gets, per statement, the milliseconds a page waited on it."""
     runner = ws.runner(run_id="bench-bookkeeping")
     claims = Claims(runner.directory, runner.ledger, runner.owner, runner.run_id, 300)
     outcomes = Outcomes(runner.ledger, seconds=3600)
@@ -228,6 +250,7 @@ def bookkeeping(ws: Workspace, users: int) -> float:
         ids = [int(uid) for uid in conn.execute(sa.select(configs.c.user_id)).scalars()]
     steps = runner.registry.plan_up(1, 2)
     step = steps.steps[0]
+    statements = Statements(ws.engine)
     started = time.perf_counter()
     for at in range(0, len(ids), 1000):
         page = ids[at : at + 1000]
@@ -237,6 +260,12 @@ def bookkeeping(ws: Workspace, users: int) -> float:
             outcomes.add(uid, step, runner.owner, utcnow())
         outcomes.flush()
     seconds = time.perf_counter() - started
+    statements.stop()
+    pages = (len(ids) + 999) // 1000
+    for words, waited in statements.by_statement.items():
+        waits.setdefault(words, []).append(waited / pages * 1000)
+    waits.setdefault("(all)", []).append(statements.seconds / pages * 1000)
+    waits.setdefault("(the whole page)", []).append(seconds / pages * 1000)
     outcomes.close(10)
     _reset(ws)  # back to version 1 for the runs that follow
     return len(ids) / seconds
@@ -261,6 +290,7 @@ def run(ws: Workspace, latency: float, concurrency: int, profile: int) -> dict[s
         profiler.disable()
     seconds = time.perf_counter() - started
     cpu = time.process_time() - cpu
+    statements.stop()
     users = summary.succeeded
     assert users and not summary.failed, summary.as_dict()
     if profiler:
@@ -287,8 +317,9 @@ def _reset(ws: Workspace) -> None:
         # plan each page's ledger read as a scan of the whole table once it has grown)
         conn.execute(sa.text("VACUUM ANALYZE byod_configs"))
         conn.execute(sa.text("VACUUM byod_migrations"))
-    for uid in Simulated.stamps:
-        Simulated.stamps[uid] = Simulated.stamps[uid][:1]
+    for uid, version in enumerate(Simulated.versions):
+        if version:
+            Simulated.versions[uid] = 1
 
 
 def _runs(values: list[float], digits: int = 0) -> str:
@@ -312,11 +343,15 @@ def main() -> None:
         built = time.perf_counter()
         ws = fleet(url, args.users, Path(tmp))
         print(f"fleet built: {args.users:,} users in {time.perf_counter() - built:.1f} s")
-        rates = [bookkeeping(ws, args.users) for _ in range(args.repeat)]
+        waits: dict[str, list[float]] = {}
+        rates = [bookkeeping(ws, args.users, waits) for _ in range(args.repeat)]
         print(
             f"control-plane bookkeeping: {statistics.median(rates):,.0f} users/s "
             f"(median of {args.repeat}: {_runs(rates)})"
         )
+        print("  a page of 1,000 users waited on (ms, medians; the rest is the client's CPU):")
+        for words, ms in sorted(waits.items(), key=lambda kv: -statistics.median(kv[1])):
+            print(f"    {statistics.median(ms):6.1f}  {words}")
         found: dict[float, list[dict[str, float]]] = {ms: [] for ms in latencies}
         profiled = False
         for round_ in range(args.repeat):
