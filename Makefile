@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-convex test lint unit bench clean chromium client mutate
+.PHONY: demo demo-convex test lint unit docs bench clean chromium client mutate
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,8 @@ demo-convex: $(STAMP) $(NODE_STAMP)  ## the demo on local Convex test deployment
 	$(BIN)/byod demo --convex
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench docs/hooks
+	$(BIN)/ruff format --check src tests bench docs/hooks
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
@@ -62,8 +62,14 @@ client: $(STAMP) $(CLIENT_STAMP)  ## after changing the HTTP API: its document a
 mutate: $(STAMP)  ## mutation testing of the modules that hold byod's guarantees (slow; not in `make test`); SUITES="chain ledger" for some
 	$(BIN)/python tests/mutation/run.py $(SUITES)
 
+# Material's banner about MkDocs 2.0 is not a build warning; it would only hide real ones
+export NO_MKDOCS_2_WARNING := true
+
+docs: $(STAMP)  ## the documentation site, built offline into ./site (open site/index.html)
+	$(BIN)/mkdocs build --strict
+
 bench: $(STAMP)
 	$(BIN)/python bench/fleet.py
 
 clean:
-	rm -rf $(VENV) node_modules $(CLIENT)/node_modules $(ARENA)/node_modules $(CLIENT)/dist byod.db byod.db-wal byod.db-shm byod.key byod-demo byod-convex-demo
+	rm -rf site $(VENV) node_modules $(CLIENT)/node_modules $(ARENA)/node_modules $(CLIENT)/dist byod.db byod.db-wal byod.db-shm byod.key byod-demo byod-convex-demo

@@ -581,7 +581,7 @@ def test_a_refused_option_says_exactly_what_is_wrong_and_what_to_do(url: str, me
         check(url)
     assert refused.value.message == message
     if "is refused" in message:
-        assert refused.value.hint == "Remove the option from the URL (see Security in the README)."
+        assert refused.value.hint == "Remove the option from the URL (see docs/how-to/security.md)."
 
 
 def test_an_internal_host_is_refused_naming_the_settings_that_allow_it() -> None:

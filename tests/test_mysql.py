@@ -141,7 +141,7 @@ def test_a_step_on_mariadb_costs_the_round_trips_the_docs_state(
     """A MySQL/MariaDB instance, where DDL commits on its own: the session's named lock
     and which of byod's tables exist in one round trip, the stamp and the dirty markers
     in one, then the step (its dirty marker, the migration, the stamp row, the marker
-    cleared, the commit) and the lock given back: 7 of byod's own, as the README's
+    cleared, the commit) and the lock given back: 7 of byod's own, as the docs' round-trip
     table says (15 before). An instance at head: 3."""
     url = mysql.create()
     uid = add_connected(cws, url)

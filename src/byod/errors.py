@@ -111,7 +111,7 @@ class RehearsalError(InputError):
 class SettingsError(InputError):
     """A setting (flag or BYOD_* variable) is missing or malformed: correct it."""
 
-    hint = "Correct the setting the message names (see the README's Configuration)."
+    hint = "Correct the setting the message names (see docs/reference/settings.md)."
 
 
 class RegistryError(InputError):

@@ -382,7 +382,7 @@ def _check_option(
             )
         raise SettingsError(
             f"instance URL option {name!r} is refused: it {reason}",
-            hint="Remove the option from the URL (see Security in the README).",
+            hint="Remove the option from the URL (see docs/how-to/security.md).",
         )
     if not isinstance(value, str):
         raise SettingsError(f"instance URL option {name!r} is given more than once")

@@ -214,7 +214,8 @@ def _log_run_end(summary: FleetSummary) -> None:
 
 
 def print_error(err: Console, error: ByodError) -> None:
-    """``error: ErrorClass: message`` (the class is what the README's error table lists),
+    """``error: ErrorClass: message`` (the class is one the error table lists:
+    docs/reference/errors.md),
     then the hint; with ``--log-format json``, one JSON record instead. Secrets byod
     knows are masked (an instance's error may echo one)."""
     error.message = mask(error.message)

@@ -41,7 +41,7 @@ log = logging.getLogger("byod.convex")
 DEFAULT_COMMAND = "npx convex deploy --yes"
 _SETTINGS_HINT = (
     "Set BYOD_CONVEX_APP to the app's folder (the one holding convex/) and BYOD_CONVEX_DEPLOY "
-    "to a command that deploys it; see Convex deployments in the README."
+    "to a command that deploys it; see docs/tutorials/convex.md."
 )
 #: How many times a failing deploy is run before it is reported, and the waits between.
 ATTEMPTS = 3
