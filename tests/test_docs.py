@@ -191,6 +191,29 @@ def test_every_link_of_the_readme_resolves() -> None:
     assert len(text.splitlines()) <= 250
 
 
+def test_the_readme_lists_every_command() -> None:
+    """The README's table of commands has a row for every command (a group's commands in
+    its group's row), so a new command cannot be left out of it."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = [line for line in text.splitlines() if line.startswith("| `byod ")]
+    missing = []
+    for name, command in ROOT_COMMAND.commands.items():  # type: ignore[attr-defined]
+        if isinstance(command, typer.core.TyperGroup):
+            row = next((r for r in rows if r.startswith(f"| `byod {name}")), "")
+            missing += [
+                f"{name} {sub}"
+                for sub in command.commands
+                if not any(
+                    f"`{form}`" in row for form in (sub, f"{name} {sub}", f"byod {name} {sub}")
+                )
+            ]
+            if not row:
+                missing.append(name)
+        elif not any(f"`byod {name}`" in r or f"`{name}`" in r for r in rows):
+            missing.append(name)
+    assert missing == []
+
+
 def test_the_settings_page_names_every_setting_the_code_reads() -> None:
     """Every ``BYOD_*`` environment variable in byod's source is on the settings page."""
     page = (DOCS / "reference" / "settings.md").read_text(encoding="utf-8")
