@@ -20,7 +20,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Block", "blocks", "byod_lines", "script"]
+__all__ = ["Block", "blocks", "byod_lines", "inline_byod_commands", "script"]
 
 _FENCE = re.compile(r"^(?P<indent> *)(?P<fence>```+|~~~+)(?P<info>.*)$")
 _TITLE = re.compile(r'title="([^"]+)"')
@@ -122,4 +122,28 @@ def byod_lines(block: Block) -> list[list[str]]:
                     command.append(rest)
                 found.append(command)
                 break
+    return found
+
+
+def inline_byod_commands(page: Path) -> list[tuple[int, list[str]]]:
+    """The ``byod …`` commands a page's prose shows in code spans (a span may wrap onto
+    the next line), outside its blocks, as words (a synopsis's brackets, bars and
+    ellipses dropped), with their line."""
+    prose = []
+    in_block = False
+    for line in page.read_text(encoding="utf-8").split("\n"):
+        if _FENCE.match(line):
+            in_block = not in_block
+            prose.append("")
+            continue
+        prose.append("" if in_block else line)
+    text = "\n".join(prose)
+    found = []
+    for match in re.finditer(r"`(byod [^`]+)`", text):
+        words_text = re.sub(r"[()\[\]|]|\.\.\.|…", " ", match.group(1))
+        try:
+            words = shlex.split(words_text, comments=True)
+        except ValueError:
+            continue
+        found.append((text.count("\n", 0, match.start()) + 1, words[1:]))
     return found

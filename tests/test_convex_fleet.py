@@ -699,6 +699,12 @@ def test_the_convex_demo_migrates_a_local_fleet_of_deployments(tmp_path: Path) -
     followed = run_byod(tmp_path, *shlex.split(hint.group(1))[1:], env={})  # the hint works
     assert followed.returncode == 0, followed.stderr
     assert "002_add_tags" in followed.stdout
+    # the hint's flags name the demo's control plane and its migrations: with them
+    # `status` counts the fleet against the Convex app's head (not the SQL example's 3)
+    told = re.search(r"`(byod status [^`]+)`", " ".join(done.stdout.split()))
+    assert told is not None, done.stdout
+    status = run_byod(tmp_path, *shlex.split(told.group(1))[1:], env={})
+    assert "head version 2, 2 users, 0 below head" in status.stdout, status.stdout
     again = run_byod(tmp_path, "demo", "--convex", "--tenants", "1", env={})
     assert again.returncode == 0, "a second run starts afresh"
 

@@ -20,7 +20,7 @@ from typer import _click as click
 
 import byod.errors
 from byod.cli import app
-from tests.docs_blocks import Block, blocks, byod_lines, script
+from tests.docs_blocks import Block, blocks, byod_lines, inline_byod_commands, script
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -121,6 +121,11 @@ def test_every_byod_command_line_in_the_docs_uses_options_its_command_has() -> N
             why = check_byod_line(words)
             if why:
                 wrong.append(f"{block.page.relative_to(ROOT)}:{block.line}: {why}")
+    for page in [ROOT / "README.md", *PAGES]:
+        for line, words in inline_byod_commands(page):
+            why = check_byod_line(words)
+            if why:
+                wrong.append(f"{page.relative_to(ROOT)}:{line}: {why}")
     assert wrong == []
 
 

@@ -50,6 +50,8 @@ class DemoResult:
     sample_history: list[LedgerRow]
     #: the control plane the demo used, when it is not the configured one
     database_url: str | None = None
+    #: the migrations folder the demo ran
+    migrations: Path | None = None
 
 
 def run_demo(
@@ -116,6 +118,7 @@ def demo_result(
         sample_user=sample.clerk_id,
         sample_history=history(ws.engine, sample.id),
         database_url=database_url,
+        migrations=ws.settings.migrations_dir,
     )
 
 
