@@ -10,6 +10,10 @@ from typing import Any
 
 from mkdocs.config.defaults import MkDocsConfig
 from mkdocs.structure.files import File, Files
+from mkdocs.structure.pages import Page
+
+#: where the errors page takes its generated table
+ERRORS_TABLE = "<!-- generated: the table of errors -->"
 
 
 def on_files(files: Files, config: MkDocsConfig) -> Files:
@@ -17,6 +21,46 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
     files.append(File.generated(config, "reference/cli.md", content=cli_markdown()))
     files.append(File.generated(config, "reference/http-api.md", content=http_markdown()))
     return files
+
+
+def on_page_markdown(markdown: str, page: Page, **_: Any) -> str:
+    """The errors page's table, from the error classes themselves."""
+    if ERRORS_TABLE in markdown:
+        return markdown.replace(ERRORS_TABLE, errors_markdown())
+    return markdown
+
+
+def errors_markdown() -> str:
+    """Every error class: its exit status, the HTTP status the API answers it with, what
+    happened (its docstring's first paragraph) and what to do (its "What to do:"
+    paragraph, else the hint the command line prints)."""
+    import inspect
+
+    import byod.errors
+    from byod.api.problems import http_status
+
+    classes = [
+        obj
+        for obj in vars(byod.errors).values()
+        if isinstance(obj, type) and issubclass(obj, byod.errors.ByodError)
+    ]
+    out = ["| error | exit | HTTP | what happened | what to do |", "|---|---|---|---|---|"]
+    for error in classes:
+        doc = inspect.cleandoc(error.__doc__ or "")
+        paragraphs = [p for p in doc.split("\n\n") if p.strip()]
+        happened = paragraphs[0] if paragraphs else ""
+        todo = next(
+            (p.split(":", 1)[1] for p in paragraphs if p.startswith("What to do:")), error.hint
+        )
+        status, kind = http_status(error)
+        base = error.__mro__[1].__name__
+        article = "an" if base[0] in "AEIOU" else "a"
+        parent = "" if error is byod.errors.ByodError else f" ({article} `{base}`)"
+        out.append(
+            f"| `{error.__name__}`{parent} | {error.exit_code} | {status} `{kind}` "
+            f"| {_cell(happened)} | {_cell(todo) or '-'} |"
+        )
+    return "\n".join(out) + "\n"
 
 
 def cli_markdown() -> str:

@@ -100,6 +100,14 @@ _STATUS: list[tuple[type[ByodError], int, ProblemKind]] = [
 ]
 
 
+def http_status(error: type[ByodError]) -> tuple[int, ProblemKind]:
+    """The status and problem kind the HTTP API answers an error of this class with."""
+    for kind, status, name in _STATUS:
+        if issubclass(error, kind):
+            return status, name
+    return 500, "failed"
+
+
 def problem(
     status: int,
     kind: ProblemKind,

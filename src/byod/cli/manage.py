@@ -583,12 +583,12 @@ def demo(
         # the demo's own control plane and migrations: without them `byod status` here
         # would read another control plane, or count against another folder's head
         database = shlex.join(["--database-url", result.database_url or ""])
-        migrations = shlex.join(["--migrations", str(result.migrations)])
+        folder_flag = shlex.join(["--migrations", str(result.migrations)])
         out.print(
             f"deployments: {result.created} local Convex test deployments (gone with the demo); "
             f"their ledger stays in {escape(result.database_url or '')}: e.g. "
             f"`byod history {result.sample_user} {escape(database)}`, "
-            f"`byod status {escape(database)} {escape(migrations)}`"
+            f"`byod status {escape(database)} {escape(folder_flag)}`"
         )
     else:
         out.print(f"instances: {escape(str(result.folder))} ({result.created} created this time)")
