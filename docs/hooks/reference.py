@@ -14,6 +14,9 @@ from mkdocs.structure.pages import Page
 
 #: where the errors page takes its generated table
 ERRORS_TABLE = "<!-- generated: the table of errors -->"
+#: where the settings page takes its two generated tables
+SETTINGS_TABLE = "<!-- generated: the settings -->"
+SERVE_SETTINGS_TABLE = "<!-- generated: the settings of byod serve -->"
 
 
 def on_files(files: Files, config: MkDocsConfig) -> Files:
@@ -24,10 +27,29 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
 
 
 def on_page_markdown(markdown: str, page: Page, **_: Any) -> str:
-    """The errors page's table, from the error classes themselves."""
+    """The errors page's table, from the error classes themselves; the settings page's,
+    from :mod:`byod.settings_reference`."""
     if ERRORS_TABLE in markdown:
-        return markdown.replace(ERRORS_TABLE, errors_markdown())
+        markdown = markdown.replace(ERRORS_TABLE, errors_markdown())
+    if SETTINGS_TABLE in markdown or SERVE_SETTINGS_TABLE in markdown:
+        main, serve = settings_markdown()
+        markdown = markdown.replace(SETTINGS_TABLE, main)
+        markdown = markdown.replace(SERVE_SETTINGS_TABLE, serve)
     return markdown
+
+
+def settings_markdown() -> tuple[str, str]:
+    """The two settings tables: every command's, and ``byod serve``'s."""
+    from byod.settings_reference import SERVE_SETTINGS, SETTINGS
+
+    main = ["| setting | flag | environment | default |", "|---|---|---|---|"]
+    main += [
+        f"| {_cell(s.what)} | {_cell(s.flag)} | {_cell(s.environment)} | {_cell(s.default)} |"
+        for s in SETTINGS
+    ]
+    serve = ["| variable | meaning |", "|---|---|"]
+    serve += [f"| {_cell(s.environment)} | {_cell(s.what)} |" for s in SERVE_SETTINGS]
+    return "\n".join(main) + "\n", "\n".join(serve) + "\n"
 
 
 def errors_markdown() -> str:
