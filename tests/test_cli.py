@@ -614,3 +614,16 @@ def test_a_command_line_builds_only_the_command_it_names() -> None:
         assert _app_for(whole) is app, whole
     group = typer.main.get_command(status)
     assert list(group.commands) == ["status"]  # type: ignore[attr-defined]
+
+
+def test_version_is_printed_from_its_one_place(cli: Cli) -> None:
+    """`byod --version` prints the version the package and its metadata carry (one
+    place: ``byod.__version__``, which pyproject.toml reads), before any command."""
+    import byod
+
+    for args in (("--version",), ("--version", "status")):
+        run = cli(*args)
+        assert run.code == 0 and run.out.strip() == f"byod {byod.__version__}", run
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in pyproject and '\nversion = "' not in pyproject
+    assert (Path(byod.__file__).parent / "py.typed").is_file()  # types reach users' mypy

@@ -195,10 +195,27 @@ def one_target(user: str | None, every: bool) -> str | None:
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from byod import __version__
+
+        out.print(f"byod {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     verbose: Annotated[
         bool, typer.Option("-v", "--verbose", help="Log every step to stderr.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="Print byod's version and exit.",
+            is_eager=True,
+            callback=_print_version,
+        ),
     ] = False,
     log_file: Annotated[
         Path | None,
