@@ -36,7 +36,8 @@ def chart(spec: dict[str, object]) -> str:
     for n, (label, value) in enumerate(bars):
         y = TOP + n * (BAR + GAP)
         fill = "#3f51b5" if "byod" in label or "users" in label else "#9e9e9e"
-        shown = f"{value:,.2f}" if value < 10 else f"{value:,.0f}"
+        digits = 2 if value < 10 else 1 if value < 100 else 0
+        shown = f"{value:,.{digits}f}"
         baseline = f"{y + BAR * 0.68:.0f}"
         out += [
             f'<text x="{LABEL - 8}" y="{baseline}" text-anchor="end">{escape(label)}</text>',
