@@ -16,7 +16,11 @@ from pathlib import Path
 import pytest
 import typer.core
 import typer.main
-from typer import _click as click
+
+try:  # Typer 0.29 carries its own copy of Click; earlier Typers use Click itself
+    from typer import _click as click
+except ImportError:  # pragma: no cover
+    import click  # type: ignore[no-redef]
 
 import byod.errors
 from byod.cli import app

@@ -88,8 +88,12 @@ def errors_markdown() -> str:
 def cli_markdown() -> str:
     """Every command, group and option of ``byod``, as ``typer … utils docs`` writes them."""
     import typer.main
-    from typer._click import Context
     from typer.cli import get_docs_for_click
+
+    try:  # Typer 0.29 carries its own copy of Click; earlier Typers use Click itself
+        from typer._click import Context
+    except ImportError:  # pragma: no cover
+        from click import Context
 
     from byod.cli import app
 
