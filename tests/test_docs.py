@@ -22,7 +22,6 @@ try:  # Typer 0.29 carries its own copy of Click; earlier Typers use Click itsel
 except ImportError:  # pragma: no cover
     import click  # type: ignore[no-redef]
 
-import byod.errors
 from byod.cli import app
 from tests.docs_blocks import Block, blocks, byod_lines, inline_byod_commands, script
 
@@ -254,11 +253,7 @@ def test_the_errors_page_names_every_error() -> None:
         sys.path.remove(str(DOCS / "hooks"))
     assert reference.ERRORS_TABLE in (DOCS / "reference" / "errors.md").read_text()
     table = reference.errors_markdown()
-    classes = [
-        obj
-        for obj in vars(byod.errors).values()
-        if isinstance(obj, type) and issubclass(obj, byod.errors.ByodError)
-    ]
+    classes = reference.error_classes()
     assert len(classes) > 20
     assert [c.__name__ for c in classes if f"| `{c.__name__}`" not in table] == []
     assert "| `NotFoundError` (an `AccessError`) | 1 | 404 `not-found` |" in table

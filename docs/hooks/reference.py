@@ -6,11 +6,14 @@ offline, without a CDN."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mkdocs.config.defaults import MkDocsConfig
 from mkdocs.structure.files import File, Files
 from mkdocs.structure.pages import Page
+
+if TYPE_CHECKING:
+    from byod.errors import ByodError
 
 #: where the errors page takes its generated table
 ERRORS_TABLE = "<!-- generated: the table of errors -->"
@@ -58,16 +61,10 @@ def errors_markdown() -> str:
     paragraph, else the hint the command line prints)."""
     import inspect
 
-    import byod.errors
     from byod.api.problems import http_status
 
-    classes = [
-        obj
-        for obj in vars(byod.errors).values()
-        if isinstance(obj, type) and issubclass(obj, byod.errors.ByodError)
-    ]
     out = ["| error | exit | HTTP | what happened | what to do |", "|---|---|---|---|---|"]
-    for error in classes:
+    for error in error_classes():
         doc = inspect.cleandoc(error.__doc__ or "")
         paragraphs = [p for p in doc.split("\n\n") if p.strip()]
         happened = paragraphs[0] if paragraphs else ""
@@ -77,12 +74,23 @@ def errors_markdown() -> str:
         status, kind = http_status(error)
         base = error.__mro__[1].__name__
         article = "an" if base[0] in "AEIOU" else "a"
-        parent = "" if error is byod.errors.ByodError else f" ({article} `{base}`)"
+        parent = "" if base == "Exception" else f" ({article} `{base}`)"
         out.append(
             f"| `{error.__name__}`{parent} | {error.exit_code} | {status} `{kind}` "
             f"| {_cell(happened)} | {_cell(todo) or '-'} |"
         )
     return "\n".join(out) + "\n"
+
+
+def error_classes() -> list[type[ByodError]]:
+    """Every error class of :mod:`byod.errors`, in the order the module defines them."""
+    import byod.errors
+
+    return [
+        obj
+        for obj in vars(byod.errors).values()
+        if isinstance(obj, type) and issubclass(obj, byod.errors.ByodError)
+    ]
 
 
 def cli_markdown() -> str:

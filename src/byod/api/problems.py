@@ -133,10 +133,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ByodError)
     async def _byod(_request: Request, exc: ByodError) -> JSONResponse:
-        for kind, status, name in _STATUS:
-            if isinstance(exc, kind):
-                return problem(status, name, exc.message)
-        return problem(500, "failed", exc.message)  # pragma: no cover
+        status, name = http_status(type(exc))
+        return problem(status, name, exc.message)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
