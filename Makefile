@@ -9,13 +9,17 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[all,dev]'
 	touch $(STAMP)
 
-# Convex's own client and JS test backend, for the Convex tests (from the lock file)
-NODE_STAMP := node_modules/.installed
-$(NODE_STAMP): package.json package-lock.json
-	npm ci --no-audit --no-fund
+# The local Convex backend's npm packages (Convex's own client and its JS test backend),
+# from the lock file the wheel ships: installed next to server.mjs, so the checkout runs it
+# in place; ./node_modules links to them for the tests' own Node scripts
+CONVEX_SERVER := src/byod/convex_server
+NODE_STAMP := $(CONVEX_SERVER)/node_modules/.installed
+$(NODE_STAMP): $(CONVEX_SERVER)/package.json $(CONVEX_SERVER)/package-lock.json
+	cd $(CONVEX_SERVER) && npm ci --no-audit --no-fund --ignore-scripts
+	ln -sfn $(CONVEX_SERVER)/node_modules node_modules
 	touch $(NODE_STAMP)
 
 # The TypeScript client's packages (openapi-fetch; openapi-typescript and tsc to build and
@@ -72,4 +76,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/fleet.py
 
 clean:
-	rm -rf site $(VENV) node_modules $(CLIENT)/node_modules $(ARENA)/node_modules $(CLIENT)/dist byod.db byod.db-wal byod.db-shm byod.key byod-demo byod-convex-demo
+	rm -rf site $(VENV) node_modules $(CONVEX_SERVER)/node_modules $(CLIENT)/node_modules $(ARENA)/node_modules $(CLIENT)/dist byod.db byod.db-wal byod.db-shm byod.key byod-demo byod-convex-demo

@@ -1,7 +1,7 @@
 """Convex fleet benchmark: byod migrating local Convex test deployments over HTTP.
 
 Builds ``--deployments`` deployments of the example app (convex-test behind Convex's HTTP
-API, ``tools/convex-local``) with ``--documents`` documents each, connected and at
+API, ``byod/convex_server``) with ``--documents`` documents each, connected and at
 version 1, then adds ``--latency-ms`` to every HTTP round trip and times ``byod``'s fleet
 run to head: the deploy step, then a migration whose backfill walks every document in
 pages of ``--batch-size`` (each page and its cursor in one Convex mutation). Prints one

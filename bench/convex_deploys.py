@@ -1,4 +1,4 @@
-"""Deploys per minute with the local stand-in's deploy (``tools/convex-local/deploy.mjs``,
+"""Deploys per minute with the local stand-in's deploy (``byod/convex_server/deploy.mjs``,
 what the tests and the demo use in place of ``npx convex deploy``): the example app
 deployed by byod's deploy step to ``--deployments`` local deployments, one at a time and
 ``--concurrency`` at a time (BYOD_CONVEX_DEPLOY_CONCURRENCY bounds it), and the app's code

@@ -1,5 +1,5 @@
-"""The local Convex backend (``tools/convex-local/server.mjs``) answers as a Convex deployment
-does, running the example app's real functions (``examples/convex-notes``, byod's module
+"""The local Convex backend (``byod/convex_server/server.mjs``) answers as a Convex deployment
+does, running the example app's real functions (``byod/example_convex_app``, byod's module
 copied in), spoken to with plain httpx: public and internal functions with and without the
 deploy key, a function that throws (HTTP 560), the 429 switch and the latency, byod's
 backfill wrapper (one transaction per batch, a compare-and-set on the progress), its lock,

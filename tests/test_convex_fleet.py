@@ -35,13 +35,12 @@ from byod.spec import FleetOptions
 from byod.targets.convex_client import ConvexClient
 from byod.workspace import Workspace
 from tests.conftest import TEST_KEY, ServerDatabases, child_env, write_migrations
-from tests.convex_backend import EXAMPLE_APP, ROOT, ControlError, ConvexServer
+from tests.convex_backend import DEPLOY, EXAMPLE_APP, ROOT, ControlError, ConvexServer
 from tests.distributed_kit import BYOD, _delete_redis_queues
 from tests.helpers import wait_for_leases_to_lapse, wait_until
 from tests.test_cli import Cli
 
 MIGRATIONS = EXAMPLE_APP / "migrations"
-DEPLOY = f"node {ROOT / 'tools' / 'convex-local' / 'deploy.mjs'}"
 BODIES = [
     "plans for #Work and #home",
     "no tags here",

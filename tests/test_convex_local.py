@@ -83,9 +83,11 @@ def test_local_deployments_of_a_second_app_with_its_own_packages_are_migrated(
     try:
         assert local.stdout is not None
         made = []
+        ready: dict[str, object] = {}
         for line in local.stdout:
             data = json.loads(line)
             if "ready" in data:
+                ready = data
                 break
             made.append(data)
         assert len(made) == 2, local.stderr.read() if local.stderr else ""
@@ -95,7 +97,7 @@ def test_local_deployments_of_a_second_app_with_its_own_packages_are_migrated(
             "BYOD_DATABASE_URL": f"sqlite:///{tmp_path / 'byod.db'}",
             "BYOD_MIGRATIONS": str(ARENA / "migrations"),
             "BYOD_ALLOW_PRIVATE_INSTANCES": "1",
-            "BYOD_CONVEX_DEPLOY": f"node {ROOT / 'tools' / 'convex-local' / 'deploy.mjs'}",
+            "BYOD_CONVEX_DEPLOY": str(ready["deploy"]),  # the command it printed
             "BYOD_CONVEX_CODE": "folder",
         }
         assert byod(tmp_path, "init", env=run_env).returncode == 0

@@ -9,6 +9,7 @@ once, at its edge.
 * ByodError
   x InputError (exit 2)
     + SettingsError
+      + MissingExtraError
     + RegistryError
     + UnknownUserError
     + NotConnectedError
@@ -58,6 +59,7 @@ __all__ = [
     "IrreversibleError",
     "KeysUnavailableError",
     "MigrationFailedError",
+    "MissingExtraError",
     "NotConnectedError",
     "NotFoundError",
     "PlanError",
@@ -132,6 +134,24 @@ class SettingsError(InputError):
     the user with an allowed URL; `byod verify --policy` lists the configs refused."""
 
     hint = "Correct the setting the message names (see docs/reference/settings.md)."
+
+
+class MissingExtraError(SettingsError):
+    """The command needs optional packages that are not installed: the message names the
+    extra that brings them (`postgres` for PostgreSQL instances and control planes,
+    `mysql` for MySQL and MariaDB, `serve` for `byod serve`, `celery` for `byod worker`
+    and `--broker`). Nothing was started or stored; in a run, each user whose instance
+    needs it fails with status `error`, nothing touched.
+
+    What to do: run the `pip install "byod[...]"` the message gives (or `byod[all]`),
+    in the environment byod is installed in, and run the command again."""
+
+    def __init__(self, extra: str, module: str, feature: str) -> None:
+        super().__init__(
+            f"{feature} needs byod's {extra!r} extra ({module} is not installed)",
+            hint=f'pip install "byod[{extra}]" (or "byod[all]"), then run it again',
+        )
+        self.extra = extra
 
 
 class RegistryError(InputError):

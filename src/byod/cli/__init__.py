@@ -17,6 +17,7 @@ from byod.cli import gates, manage, reports, runs  # noqa: F401 - each registers
 from byod.cli.base import app, celery_broker, err
 from byod.cli.progress import print_error
 from byod.errors import ByodError
+from byod.extras import missing_extra
 
 __all__ = ["app", "celery_broker", "main"]
 
@@ -28,6 +29,12 @@ def main() -> None:
     except ByodError as error:
         print_error(err, error)
         sys.exit(error.exit_code)
+    except ImportError as exc:  # an extra's package a command imported without asking
+        missing = missing_extra(exc, f"byod {sys.argv[1] if len(sys.argv) > 1 else ''}".strip())
+        if missing is None:
+            raise
+        print_error(err, missing)
+        sys.exit(missing.exit_code)
 
 
 def _app_for(args: list[str]) -> typer.Typer:

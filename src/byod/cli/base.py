@@ -18,6 +18,7 @@ from typer import _click as click
 from typer._coercion import RuntimeParam
 
 from byod.errors import InputError, SettingsError
+from byod.extras import require
 from byod.spec import DEFAULT_CONCURRENCY, FleetOptions
 
 if TYPE_CHECKING:
@@ -169,6 +170,7 @@ def workspace_for(
 def celery_broker(settings: Settings) -> Broker:
     """The task queue for distributed runs: the Celery adapter (imported only when a
     command needs it, so other commands never pay for importing Celery)."""
+    require("celery", "a distributed run (BYOD_BROKER_URL)")
     from byod.taskqueue import CeleryBroker
 
     return CeleryBroker(settings)

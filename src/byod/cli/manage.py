@@ -40,6 +40,7 @@ from byod.cli.base import (
     workspace_for,
 )
 from byod.errors import InputError
+from byod.extras import require
 from byod.logs import json_on_stderr, libraries_log_json
 
 
@@ -179,7 +180,9 @@ def token(
     ] = 3600,
 ) -> None:
     """Print a test token for `byod serve`, signed with BYOD_JWT_SECRET (development
-    only; refused where tokens are verified with a public key or a JWKS)."""
+    only; refused where tokens are verified with a public key or a JWKS). Needs the
+    serve extra."""
+    require("serve", "byod token")
     from byod.api.auth import AuthSettings, mint_test_token
 
     if role not in (None, "admin"):
@@ -363,7 +366,11 @@ def convex_local_deployments(
 
     log = Path(tempfile.mkdtemp(prefix="byod-convex-local-")) / "server.log"
     server, made = convex_local.start_local_deployments(
-        app_dir, deployments, tuple(seed or ()), log
+        app_dir,
+        deployments,
+        tuple(seed or ()),
+        log,
+        on_install=lambda message: say(escape(message)),
     )
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as Ctrl-C does
     try:
@@ -381,11 +388,11 @@ def convex_local_deployments(
             out.print(
                 "to migrate them with byod (local addresses allowed, the local deploy):\n"
                 "  export BYOD_ALLOW_PRIVATE_INSTANCES=1 "
-                f"BYOD_CONVEX_DEPLOY={shlex.quote(convex_local.DEPLOY_COMMAND)}\n"
+                f"BYOD_CONVEX_DEPLOY={shlex.quote(server.deploy_command)}\n"
                 f"  byod connect USER --url {made[0].url} --secret KEY"
             )
         out.print(
-            render.dump({"ready": len(made)})
+            render.dump({"ready": len(made), "deploy": server.deploy_command})
             if json_out
             else f"ready: {len(made)} local deployments (Ctrl-C stops them; their data goes too)"
         )
@@ -449,7 +456,9 @@ def worker(
     migrations: Migrations = None,
 ) -> None:
     """Run a task-queue worker for distributed runs (needs BYOD_BROKER_URL and a
-    PostgreSQL control plane); stop it with Ctrl-C (running users finish)."""
+    PostgreSQL control plane); stop it with Ctrl-C (running users finish). Needs the
+    celery extra."""
+    require("celery", "byod worker")
     names = [q.strip() for q in (queues or "").split(",") if q.strip()]
     if queues is not None and not names:
         raise InputError("--queues names no queue")
@@ -499,7 +508,9 @@ def serve(
     database_url: DatabaseUrl = None,
     migrations: Migrations = None,
 ) -> None:
-    """Serve the HTTP API and the operators' dashboard (BYOD_JWT_* configure tokens)."""
+    """Serve the HTTP API and the operators' dashboard (BYOD_JWT_* configure tokens).
+    Needs the serve extra."""
+    require("serve", "byod serve")
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
@@ -550,8 +561,8 @@ def demo(
         bool,
         typer.Option(
             "--convex",
-            help="A fleet of local Convex test deployments instead (needs Node 20 and "
-            "byod's checkout with its npm packages: `make node_modules/.installed`).",
+            help="A fleet of local Convex test deployments instead (needs Node 20+; the "
+            "local backend's npm packages install on first use, into byod's cache folder).",
         ),
     ] = False,
     database_url: DatabaseUrl = None,
@@ -568,7 +579,11 @@ def demo(
 
         def build(on_event: Callable[[Any], None]) -> commands.DemoResult:
             return run_convex_demo(
-                ws.settings, tenants=tenants, own_database=database_url is None, on_event=on_event
+                ws.settings,
+                tenants=tenants,
+                own_database=database_url is None,
+                on_event=on_event,
+                on_install=lambda message: say(escape(message)),
             )
     else:
 

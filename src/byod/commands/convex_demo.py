@@ -1,14 +1,15 @@
 """``byod demo --convex``: a local fleet of Convex test deployments, migrated like the
 SQLite demo.
 
-Each tenant is a deployment of the example app (``examples/convex-notes``) on the local
-Convex backend (convex-test behind Convex's HTTP API, in a Node process of byod's
-checkout), with its own deploy key. The demo connects each at version 1, gives the first
-one ``LARGE_TENANT_DOCUMENTS`` documents (so ``002_add_tags``'s backfill walks it in many
-batches), then migrates the fleet to head: the deploy step (the stand-in for
-``npx convex deploy``), then the migrations. The deployments live in memory and end with
-the demo; its control plane (``byod-convex-demo/byod.db`` unless ``--database-url``)
-keeps the ledger, and is started afresh on each run.
+Each tenant is a deployment of the example app (``byod/example_convex_app``) on the local
+Convex backend (convex-test behind Convex's HTTP API, in a Node process: see
+:mod:`byod.commands.convex_local`), with its own deploy key. The demo connects each at
+version 1, gives the first one ``LARGE_TENANT_DOCUMENTS`` documents (so
+``002_add_tags``'s backfill walks it in many batches), then migrates the fleet to head:
+the deploy step (the stand-in for ``npx convex deploy``), then the migrations. The
+deployments live in memory and end with the demo; its control plane
+(``byod-convex-demo/byod.db`` unless ``--database-url``) keeps the ledger, and is started
+afresh on each run.
 """
 
 from __future__ import annotations
@@ -43,15 +44,18 @@ _DOCUMENTS = (
 )
 
 
-def convex_demo_settings(settings: Settings, folder: Path, *, own_database: bool) -> Settings:
-    """The demo's settings: the example app's migrations and deploy stand-in, local
-    deployments allowed, and (``own_database``) its own control plane in ``folder``."""
+def convex_demo_settings(
+    settings: Settings, folder: Path, deploy_command: str, *, own_database: bool
+) -> Settings:
+    """The demo's settings: the example app's migrations and the local backend's
+    ``deploy_command``, local deployments allowed, and (``own_database``) its own control
+    plane in ``folder``."""
     app = convex_local.EXAMPLE_APP
     policy = dataclasses.replace(
         settings.instance_policy,
         allow_private=True,  # the local backend listens on 127.0.0.1, over http
         convex_app=str(app),
-        convex_deploy=convex_local.DEPLOY_COMMAND,
+        convex_deploy=deploy_command,
         convex_code="folder",  # the example app as it is (in a clone, byod's git holds it)
     )
     database_url = f"sqlite:///{folder / 'byod.db'}" if own_database else settings.database_url
@@ -72,6 +76,7 @@ def run_convex_demo(
     folder: Path | None = None,
     create_key: bool = True,
     on_event: Callable[[FleetEvent], None] = lambda event: None,
+    on_install: Callable[[str], None] = lambda message: None,
 ) -> DemoResult:
     """Start the local Convex backend, build ``tenants`` deployments at version 1, and
     migrate them all to head; the backend stops before this returns."""
@@ -79,19 +84,21 @@ def run_convex_demo(
         raise InputError("--tenants must be at least 1")
     if tenants > 50:
         raise InputError("--tenants: at most 50 Convex test deployments (each is a Node worker)")
-    why = convex_local.problem()
-    if why is not None:  # before any file is made
-        raise SettingsError(f"byod demo --convex cannot run here: {why}")
+    try:  # before any file is made
+        where = convex_local.backend(on_install=on_install)
+    except SettingsError as exc:
+        raise SettingsError(f"byod demo --convex cannot run here: {exc}", hint=exc.hint) from None
     folder = folder or Path.cwd() / "byod-convex-demo"
     folder.mkdir(parents=True, exist_ok=True)
     if own_database:  # its deployments did not outlive it: neither does its ledger
         for name in ("byod.db", "byod.db-wal", "byod.db-shm"):
             (folder / name).unlink(missing_ok=True)
     ws = Workspace(
-        convex_demo_settings(settings, folder, own_database=own_database), create_key=create_key
+        convex_demo_settings(settings, folder, where.deploy_command, own_database=own_database),
+        create_key=create_key,
     )
     setup = init(ws)
-    with convex_local.start(folder / "convex-local.log") as server:
+    with convex_local.start(folder / "convex-local.log", where) as server:
         runner = ws.runner()
         for number in range(1, tenants + 1):
             clerk_id = f"demo-convex-{number:03d}"

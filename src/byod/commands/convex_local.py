@@ -1,80 +1,189 @@
-"""The local Convex backend of byod's checkout: ``tools/convex-local/server.mjs`` in a Node
-process, hosting deployments that run an app's real Convex functions on Convex's own JS
-test backend (``convex-test``) behind Convex's HTTP API.
+"""The local Convex backend: ``server.mjs`` (shipped in :mod:`byod`, folder
+``convex_server``) in a Node process, hosting deployments that run an app's real Convex
+functions on Convex's own JS test backend (``convex-test``) behind Convex's HTTP API.
 
 ``byod demo --convex``, ``byod convex local`` (deployments of a team's own app) and the
-tests start it; it needs Node 20+ and the npm packages of
-the checkout (``make node_modules/.installed``), so it runs only from a clone of byod's
-repository, never from an installed wheel. Nothing here ever reaches a real Convex
-deployment.
+tests start it. It needs Node 20+ and its npm packages, found (:func:`backend`) where
+the scripts are (a clone of byod after ``make``), else in the app's own ``node_modules``
+when it holds the same ``convex-test``, else installed once from the lock file shipped
+beside the scripts into byod's cache folder (``npm ci``; the scripts are copied beside
+the packages, since Node resolves a module's imports from where the module is). Nothing
+here ever reaches a real Convex deployment.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import logging
 import os
 import secrets
 import select
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from byod import npm
 from byod.errors import InputError, SettingsError
 
 if TYPE_CHECKING:
     from types import TracebackType
 
 __all__ = [
-    "CHECKOUT",
-    "DEPLOY_COMMAND",
     "EXAMPLE_APP",
+    "Backend",
     "LocalConvex",
     "LocalDeployment",
+    "backend",
     "problem",
     "read_seed",
+    "runs_in_place",
     "start",
     "start_local_deployments",
 ]
 
-#: byod's checkout (the folder holding ``tools/`` and ``node_modules/``), when run from one
-CHECKOUT = Path(__file__).resolve().parents[3]
-SERVER = CHECKOUT / "tools" / "convex-local" / "server.mjs"
-#: The stand-in for ``npx convex deploy`` that the local backend understands.
-DEPLOY_SCRIPT = CHECKOUT / "tools" / "convex-local" / "deploy.mjs"
-DEPLOY_COMMAND = f"node {DEPLOY_SCRIPT}"
+_PACKAGE = Path(__file__).resolve().parents[1]
+#: The server, the deploy stand-in and the lock file of their npm packages, as shipped.
+SHIPPED = _PACKAGE / "convex_server"
+_SHIPPED_FILES = ("package.json", "package-lock.json", "server.mjs", "deploy.mjs")
 #: The example Convex app (``convex/`` with byod's module, ``migrations/``).
-EXAMPLE_APP = CHECKOUT / "examples" / "convex-notes"
+EXAMPLE_APP = _PACKAGE / "example_convex_app"
 NODE_PACKAGES = ("convex", "convex-test", "esbuild")
 START_TIMEOUT = 20.0
 #: most local deployments one command starts, and documents seeded per request
 MAX_LOCAL = 50
 _SEED_PAGE = 500
+_log = logging.getLogger(__name__)
 
 
 @functools.cache
 def problem() -> str | None:
-    """Why the local backend cannot run here, or None when it can."""
-    if not SERVER.is_file():
-        return (
-            "the local Convex backend (tools/convex-local) is not here: it runs from a clone "
-            "of byod's repository"
-        )
+    """Why Node cannot run the local backend here (missing, or older than 20), or None."""
     node = shutil.which("node")
     if node is None:
-        return "node is not installed (Node 20+ runs the local Convex backend)"
+        return "node is not installed (Node 20+ runs the local Convex backend: nodejs.org)"
     version = subprocess.run([node, "--version"], capture_output=True, text=True, check=False)
     major = version.stdout.strip().lstrip("v").split(".")[0]
     if not major.isdigit() or int(major) < 20:
         return f"node {version.stdout.strip()} is too old: the local Convex backend needs 20+"
-    for package in NODE_PACKAGES:
-        if not (CHECKOUT / "node_modules" / package / "package.json").is_file():
-            return f"node_modules/{package} is missing: run `make node_modules/.installed`"
     return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A folder holding ``server.mjs`` and ``deploy.mjs`` whose npm packages resolve."""
+
+    folder: Path
+
+    @property
+    def server(self) -> Path:
+        """The server script."""
+        return self.folder / "server.mjs"
+
+    @property
+    def deploy_command(self) -> str:
+        """The stand-in for ``npx convex deploy`` that the local backend understands (a
+        ``BYOD_CONVEX_DEPLOY`` command)."""
+        return f"node {self.folder / 'deploy.mjs'}"
+
+
+def backend(app_dir: Path | None = None, on_install: Callable[[str], None] = _log.info) -> Backend:
+    """Where the local backend runs from, its npm packages installed (``on_install`` is
+    told first, once, when they must be); :class:`SettingsError` saying why when Node or
+    the packages cannot be had."""
+    why = problem()
+    if why is not None:
+        raise SettingsError(f"the local Convex backend cannot start: {why}")
+    if runs_in_place():
+        return Backend(SHIPPED)
+    if app_dir is not None and _same_convex_test(app_dir):
+        try:  # npm's convention for tools' files: node_modules/.cache
+            return _copy_scripts(
+                app_dir.resolve() / "node_modules" / ".cache" / "byod-convex-local"
+            )
+        except OSError:
+            pass  # a read-only app folder: the cache's own packages then
+    place = npm.installed(
+        npm.default_cache() / "convex-local" / _digest(),
+        {name: SHIPPED / name for name in _SHIPPED_FILES},
+        fail=lambda message: SettingsError(
+            f"the local Convex backend's npm packages cannot be installed: {message}",
+            hint="They come from the npm registry (npm's own proxy and registry settings "
+            "apply): check it is reachable from here, then run the command again.",
+        ),
+        on_install=lambda: on_install(
+            "installing the local Convex backend's npm packages (first use, from the lock "
+            "file byod ships)"
+        ),
+    )
+    return Backend(place)
+
+
+def runs_in_place() -> bool:
+    """The shipped scripts' npm packages resolve where they are (a clone of byod, its
+    packages installed by ``make``): the server runs from there."""
+    return _resolves(SHIPPED)
+
+
+def _find_package(folder: Path, name: str) -> Path | None:
+    """The package's ``package.json`` as Node resolves ``name`` from a module in
+    ``folder`` (its ``node_modules`` and each parent's), or None."""
+    for parent in (folder, *folder.parents):
+        if parent.name == "node_modules":
+            continue
+        manifest = parent / "node_modules" / name / "package.json"
+        if manifest.is_file():
+            return manifest
+    return None
+
+
+def _resolves(folder: Path) -> bool:
+    return all(_find_package(folder, name) is not None for name in NODE_PACKAGES)
+
+
+def _version(manifest: Path) -> str | None:
+    try:
+        return str(json.loads(manifest.read_text())["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _same_convex_test(app_dir: Path) -> bool:
+    """The app's ``node_modules`` holds convex, esbuild and the very ``convex-test`` the
+    server was written against (it opens that module's internals: another version may
+    not have them)."""
+    modules = app_dir.resolve() / "node_modules"
+    if not all((modules / name / "package.json").is_file() for name in NODE_PACKAGES):
+        return False
+    lock = json.loads((SHIPPED / "package-lock.json").read_text())
+    locked = str(lock["packages"]["node_modules/convex-test"]["version"])
+    return _version(modules / "convex-test" / "package.json") == locked
+
+
+def _copy_scripts(folder: Path) -> Backend:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("server.mjs", "deploy.mjs"):
+        if (
+            not (folder / name).is_file()
+            or (folder / name).read_bytes() != (SHIPPED / name).read_bytes()
+        ):
+            shutil.copyfile(SHIPPED / name, folder / name)
+    return Backend(folder)
+
+
+def _digest() -> str:
+    """Names the cache folder after what is installed in it: a byod with other scripts
+    or packages installs anew, beside the old one."""
+    digest = hashlib.sha256()
+    for name in _SHIPPED_FILES:
+        digest.update((SHIPPED / name).read_bytes())
+    return digest.hexdigest()[:12]
 
 
 class ControlError(Exception):
@@ -90,8 +199,12 @@ class ControlError(Exception):
 class LocalConvex:
     """A running ``server.mjs`` and its control API (the admin token stays in here)."""
 
-    def __init__(self, process: subprocess.Popen[bytes], port: int, admin_token: str) -> None:
+    def __init__(
+        self, process: subprocess.Popen[bytes], port: int, admin_token: str, where: Backend
+    ) -> None:
         self.process = process
+        #: the ``BYOD_CONVEX_DEPLOY`` command that deploys to this server's deployments
+        self.deploy_command = where.deploy_command
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self._control = httpx.Client(
@@ -176,18 +289,17 @@ class LocalConvex:
                 self.process.wait()
 
 
-def start(log: Path) -> LocalConvex:
-    """Start ``server.mjs`` on a free port of 127.0.0.1 (its stderr to ``log``) and wait
-    for it; :class:`SettingsError` saying why when it cannot run here."""
-    why = problem()
-    if why is not None:
-        raise SettingsError(f"the local Convex backend cannot start: {why}")
+def start(log: Path, where: Backend | None = None) -> LocalConvex:
+    """Start ``server.mjs`` (of ``where``, else of :func:`backend`) on a free port of
+    127.0.0.1 (its stderr to ``log``) and wait for it; :class:`SettingsError` saying why
+    when it cannot run here."""
+    where = where or backend()
     token = secrets.token_urlsafe(24)
     env = {**os.environ, "BYOD_CONVEX_ADMIN_TOKEN": token}
     with log.open("wb") as err:
         process = subprocess.Popen(
-            ["node", str(SERVER), "--port", "0", "--exit-with-stdin"],
-            cwd=CHECKOUT,
+            ["node", str(where.server), "--port", "0", "--exit-with-stdin"],
+            cwd=where.folder,
             env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -203,7 +315,7 @@ def start(log: Path) -> LocalConvex:
             f"the local Convex backend did not start: {log.read_text(errors='replace')[-500:]}"
         )
     port = int(json.loads(line)["port"])
-    return LocalConvex(process, port, token)
+    return LocalConvex(process, port, token, where)
 
 
 @dataclass(frozen=True)
@@ -242,7 +354,11 @@ def read_seed(spec: str) -> tuple[str, list[dict[str, Any]]]:
 
 
 def start_local_deployments(
-    app_dir: Path, count: int, seeds: tuple[str, ...], log: Path
+    app_dir: Path,
+    count: int,
+    seeds: tuple[str, ...],
+    log: Path,
+    on_install: Callable[[str], None] = _log.info,
 ) -> tuple[LocalConvex, list[LocalDeployment]]:
     """Start the local backend with ``count`` deployments of the app in ``app_dir`` (its
     own npm packages from its ``node_modules``), each seeded from ``seeds``
@@ -252,7 +368,7 @@ def start_local_deployments(
     if not 1 <= count <= MAX_LOCAL:
         raise InputError(f"--deployments must be 1 to {MAX_LOCAL}, not {count}")
     tables = [read_seed(spec) for spec in seeds]  # a bad file is refused before starting
-    server = start(log)
+    server = start(log, backend(app_dir, on_install))
     made = []
     try:
         for n in range(1, count + 1):

@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from byod.clock import utcnow
 from byod.errors import ControlPlaneError
+from byod.extras import needs
 from byod.settings import normalize_url, safe_url
 from byod.targets.base import CONTROL_PLANE_TABLE
 
@@ -282,7 +283,8 @@ def open_engine(url: str) -> sa.Engine:
     if parsed.get_backend_name() == "postgresql":
         kwargs["use_native_hstore"] = False  # no type lookup at the first connect
     try:
-        engine = sa.create_engine(parsed, **kwargs)
+        with needs("a PostgreSQL control plane"):
+            engine = sa.create_engine(parsed, **kwargs)
     except (SQLAlchemyError, ImportError) as exc:
         raise ControlPlaneError(f"cannot open the control plane {safe_url(parsed)}") from exc
     if parsed.get_backend_name() == "sqlite":

@@ -15,6 +15,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from byod.errors import BusyError, SettingsError, UnreachableError
+from byod.extras import needs
 from byod.settings import safe_url
 from byod.targets.dialects import Dialect
 
@@ -25,6 +26,7 @@ __all__ = ["connect", "describe_error"]
 #: ER_CON_COUNT_ERROR and ER_TOO_MANY_USER_CONNECTIONS
 _PG_NO_SLOT = "53300"
 _MYSQL_NO_SLOT = (1040, 1203)
+_KIND_NAMES = {"postgresql": "PostgreSQL", "mysql": "MySQL or MariaDB", "sqlite": "SQLite"}
 
 
 def _no_slot_free(exc: SQLAlchemyError) -> bool:
@@ -97,9 +99,10 @@ def connect(
     ``address``, the host's checked address, where given): :class:`SettingsError` for a
     URL the driver cannot use, :class:`UnreachableError` when the instance does not
     answer within ``timeout``."""
-    engine_url, options = dialect.engine_options(url, timeout, ssl_ca, address)
     try:
-        engine = _engine_for(engine_url, options, dialect, timeout)
+        with needs(f"a {_KIND_NAMES.get(url.get_backend_name(), 'SQL')} instance"):
+            engine_url, options = dialect.engine_options(url, timeout, ssl_ca, address)
+            engine = _engine_for(engine_url, options, dialect, timeout)
         cargs, cparams = engine.dialect.create_connect_args(engine_url)
     except (SQLAlchemyError, ImportError) as exc:
         raise SettingsError(f"cannot use the instance URL {safe_url(url)}") from exc

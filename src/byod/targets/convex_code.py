@@ -22,7 +22,6 @@ A migration file that is not committed is refused (its code cannot be named), un
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import io
@@ -34,12 +33,11 @@ import subprocess
 import tarfile
 import tempfile
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from byod.errors import DeployError, SettingsError
+from byod.npm import default_cache, file_lock, installed
 from byod.registry import Migration
 
 __all__ = [
@@ -49,7 +47,6 @@ __all__ = [
     "app_code",
     "check_convex_version",
     "convex_version",
-    "default_cache",
     "in_git",
 ]
 
@@ -65,17 +62,6 @@ WORKTREE = "worktree"
 _MODULE_DIR = Path(__file__).resolve().parent.parent / "convex_module"
 _DEPLOYED_LINE = "const DEPLOYED_CODE: string | null = null;"
 _GIT_TIMEOUT = 60.0
-_NPM_TIMEOUT = 900.0
-
-
-def default_cache() -> Path:
-    """byod's cache folder: ``BYOD_CACHE_DIR``, else ``$XDG_CACHE_HOME/byod``, else
-    ``~/.cache/byod``."""
-    given = os.environ.get("BYOD_CACHE_DIR")
-    if given:
-        return Path(given)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "byod"
 
 
 def in_git(folder: Path) -> bool:
@@ -248,7 +234,7 @@ class AppCode:
         key = hashlib.sha256(f"{self._repo.root}\0{self._repo.app}".encode()).hexdigest()[:12]
         home = self.cache / "convex-code" / f"{sha[:20]}-{key}"
         app = home / self._repo.app if self._repo.app else home
-        with _file_lock(self.cache / "convex-code" / f".{sha[:20]}-{key}.lock"):
+        with file_lock(self.cache / "convex-code" / f".{sha[:20]}-{key}.lock"):
             if not (home / ".byod-ready").is_file():
                 self._extract(sha, home)
                 (home / ".byod-ready").write_text(sha + "\n")
@@ -315,38 +301,13 @@ class AppCode:
     def _installed(self, lock: Path) -> Path:
         """``node_modules`` for this lock file, installed once (``npm ci``) and shared."""
         digest = hashlib.sha256(lock.read_bytes()).hexdigest()[:20]
-        place = self.cache / "npm" / digest
-        with _file_lock(self.cache / "npm" / f".{digest}.lock"):
-            if not (place / ".byod-ready").is_file():
-                shutil.rmtree(place, ignore_errors=True)
-                place.mkdir(parents=True)
-                shutil.copyfile(lock.parent / "package.json", place / "package.json")
-                shutil.copyfile(lock, place / "package-lock.json")
-                npm = shutil.which("npm")
-                if npm is None:
-                    raise DeployError("npm is not installed: it installs the app's packages")
-                log.info("installing the app's npm packages (lock file %s)", digest)
-                try:
-                    done = subprocess.run(
-                        [
-                            npm,
-                            "ci",
-                            "--no-audit",
-                            "--no-fund",
-                            "--ignore-scripts",
-                            "--prefer-offline",
-                        ],
-                        cwd=place,
-                        capture_output=True,
-                        timeout=_NPM_TIMEOUT,
-                        check=False,
-                    )
-                except subprocess.TimeoutExpired:
-                    raise DeployError("npm ci did not finish in time") from None
-                if done.returncode != 0:
-                    tail = done.stderr.decode("utf-8", "replace").strip().splitlines()[-5:]
-                    raise DeployError(f"npm ci failed: {' | '.join(tail)}")
-                (place / ".byod-ready").write_text(digest + "\n")
+        files = {"package.json": lock.parent / "package.json", "package-lock.json": lock}
+        place = installed(
+            self.cache / "npm" / digest,
+            files,
+            fail=lambda message: DeployError(f"the app's packages: {message}"),
+            on_install=lambda: log.info("installing the app's npm packages (lock file %s)", digest),
+        )
         return place / "node_modules"
 
 
@@ -362,21 +323,6 @@ def app_code(app_dir: str, cache: Path | None = None, *, allow_dirty: bool = Fal
         if key not in _SHARED:
             _SHARED[key] = AppCode(Path(app_dir), where, allow_dirty=allow_dirty)
         return _SHARED[key]
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Held by one process (and thread) at a time: a cache entry is made once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _THREADS, path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-_THREADS = threading.RLock()
 
 
 def _git(cwd: Path, *args: str) -> str:

@@ -4,7 +4,7 @@
  * app's REAL Convex functions on Convex's own JS test backend (`convex-test`) behind
  * Convex's HTTP API, several deployments in one process.
  *
- *   BYOD_CONVEX_ADMIN_TOKEN=... node tools/convex-local/server.mjs [--port 0]
+ *   BYOD_CONVEX_ADMIN_TOKEN=... node server.mjs [--port 0]
  *       [--admin-token T] [--latency-ms N] [--work-dir D] [--exit-with-stdin]
  *
  * Its first line on stdout is `{"port": N}` (the port it listens on, 127.0.0.1 only);
@@ -46,7 +46,7 @@
  *          deploy`: load the folder's current schema and functions, KEEPING the data
  *   POST   <base>/_deploy {"appDir"}  the same deploy, authorized by the deployment's deploy
  *          key (`Authorization: Convex <key>`) as `npx convex deploy` is; what
- *          tools/convex-local/deploy.mjs, byod's stand-in deploy command, calls
+ *          deploy.mjs (beside this file), byod's stand-in deploy command, calls
  *   POST   /_admin/deployments/<name>/import {"table", "documents": [...]}  insert the
  *          documents (Convex's JSON) into the table in one transaction, checked against
  *          the schema (a seed, as `npx convex import --table` does)
@@ -777,7 +777,7 @@ async function deploySerialized(host, deployment, appDir) {
 }
 
 /** `POST <base>/_deploy {"appDir"}` with `Authorization: Convex <deploy key>`: what
- * `npx convex deploy` does with a deploy key, here (tools/convex-local/deploy.mjs). */
+ * `npx convex deploy` does with a deploy key, here (deploy.mjs (beside this file)). */
 async function handleKeyDeploy(host, req, res, name) {
   const deployment = host.deployments.get(name);
   if (deployment === undefined) {
