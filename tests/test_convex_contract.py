@@ -2,8 +2,8 @@
 against ``convex/values`` (``convexToJson`` / ``jsonToConvex``), the HTTP client's requests
 against ``ConvexHttpClient``'s, and how each failure of a deployment becomes byod's error.
 
-The JavaScript runs in Node from ``node_modules`` (``make node_modules/.installed``). In CI
-(``CI=true``) a missing ``node`` or ``node_modules`` fails these tests; elsewhere they are
+The JavaScript runs in Node from ``node_modules`` (the local backend's packages, which
+``make`` installs). In CI (``CI=true``) a missing ``node`` or ``node_modules`` fails these tests; elsewhere they are
 skipped with the reason. The servers are real ones on 127.0.0.1, started here.
 """
 
@@ -72,7 +72,7 @@ def _node_problem() -> str | None:
     if shutil.which("node") is None:
         return "node is not installed (Node 20 runs Convex's own client for these tests)"
     if not CONVEX_PACKAGE.is_file():
-        return f"{CONVEX_PACKAGE.parent} is missing: run `make node_modules/.installed`"
+        return f"{CONVEX_PACKAGE.parent} is missing: run `make unit` (it installs them)"
     return None
 
 

@@ -165,7 +165,8 @@ SETTINGS: tuple[Setting, ...] = (
         flag="",
     ),
     Setting(
-        what="byod's cache (each commit's app code, npm packages per lock file)",
+        what="byod's cache (each commit's Convex app code, npm packages per lock file, "
+        "the local Convex backend's packages)",
         environment="`BYOD_CACHE_DIR`",
         default="`$XDG_CACHE_HOME/byod`, else `~/.cache/byod`",
         flag="",
