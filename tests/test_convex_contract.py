@@ -4,7 +4,8 @@ against ``ConvexHttpClient``'s, and how each failure of a deployment becomes byo
 
 The JavaScript runs in Node from ``node_modules`` (the local backend's packages, which
 ``make`` installs). In CI (``CI=true``) a missing ``node`` or ``node_modules`` fails these
-tests; elsewhere they are skipped with the reason. The servers are real ones on 127.0.0.1, started here.
+tests; elsewhere they are skipped with the reason. The servers are real ones on 127.0.0.1,
+started here.
 """
 
 from __future__ import annotations
