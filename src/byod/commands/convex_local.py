@@ -126,25 +126,14 @@ def backend(app_dir: Path | None = None, on_install: Callable[[str], None] = _lo
 
 
 def runs_in_place() -> bool:
-    """The shipped scripts' npm packages resolve where they are (a clone of byod, its
-    packages installed by ``make``): the server runs from there."""
-    return _resolves(SHIPPED)
+    """The shipped scripts' npm packages are installed beside them (a clone of byod, by
+    ``make``): the server runs from there. Only there: a ``node_modules`` further up
+    (a home folder's) may hold other versions."""
+    return _has_packages(SHIPPED / "node_modules")
 
 
-def _find_package(folder: Path, name: str) -> Path | None:
-    """The package's ``package.json`` as Node resolves ``name`` from a module in
-    ``folder`` (its ``node_modules`` and each parent's), or None."""
-    for parent in (folder, *folder.parents):
-        if parent.name == "node_modules":
-            continue
-        manifest = parent / "node_modules" / name / "package.json"
-        if manifest.is_file():
-            return manifest
-    return None
-
-
-def _resolves(folder: Path) -> bool:
-    return all(_find_package(folder, name) is not None for name in NODE_PACKAGES)
+def _has_packages(modules: Path) -> bool:
+    return all((modules / name / "package.json").is_file() for name in NODE_PACKAGES)
 
 
 def _version(manifest: Path) -> str | None:
@@ -159,7 +148,7 @@ def _same_convex_test(app_dir: Path) -> bool:
     server was written against (it opens that module's internals: another version may
     not have them)."""
     modules = app_dir.resolve() / "node_modules"
-    if not all((modules / name / "package.json").is_file() for name in NODE_PACKAGES):
+    if not _has_packages(modules):
         return False
     lock = json.loads((SHIPPED / "package-lock.json").read_text())
     locked = str(lock["packages"]["node_modules/convex-test"]["version"])
