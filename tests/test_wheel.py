@@ -52,12 +52,11 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _made_once(
-    factory: pytest.TempPathFactory, worker_id: str, name: str, make: Callable[[Path], None]
-) -> Path:
+def _made_once(factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]) -> Path:
     """A folder made by ``make`` once for the session, shared by its xdist workers."""
     base = factory.getbasetemp()
-    root = base if worker_id == "master" else base.parent  # pytest-xdist's shared folder
+    # an xdist worker's base is a folder of the session's own, shared by its workers
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     place = root / name
     with _locked(root / f"{name}.lock"):
         if not (place / ".ready").is_file():
@@ -74,7 +73,7 @@ def _run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="session")
-def wheel(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel of this checkout, built once."""
 
     def build(place: Path) -> None:
@@ -83,7 +82,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
         )
         assert done.returncode == 0, done.stderr
 
-    return next(_made_once(tmp_path_factory, worker_id, "wheel", build).glob("byod-*.whl"))
+    return next(_made_once(tmp_path_factory, "wheel", build).glob("byod-*.whl"))
 
 
 def _venv(wheel: Path, extras: str) -> Callable[[Path], None]:
@@ -99,16 +98,16 @@ def _venv(wheel: Path, extras: str) -> Callable[[Path], None]:
 
 
 @pytest.fixture(scope="session")
-def core(tmp_path_factory: pytest.TempPathFactory, worker_id: str, wheel: Path) -> Path:
+def core(tmp_path_factory: pytest.TempPathFactory, wheel: Path) -> Path:
     """A fresh venv holding the wheel and its core dependencies only: its ``bin``."""
-    made = _made_once(tmp_path_factory, worker_id, "venv-core", _venv(wheel, ""))
+    made = _made_once(tmp_path_factory, "venv-core", _venv(wheel, ""))
     return made / "venv" / "bin"
 
 
 @pytest.fixture(scope="session")
-def served(tmp_path_factory: pytest.TempPathFactory, worker_id: str, wheel: Path) -> Path:
+def served(tmp_path_factory: pytest.TempPathFactory, wheel: Path) -> Path:
     """A fresh venv holding the wheel with its ``serve`` extra: its ``bin``."""
-    made = _made_once(tmp_path_factory, worker_id, "venv-serve", _venv(wheel, "serve"))
+    made = _made_once(tmp_path_factory, "venv-serve", _venv(wheel, "serve"))
     return made / "venv" / "bin"
 
 
@@ -197,6 +196,28 @@ def test_the_convex_demo_installs_the_backends_packages_once_from_the_shipped_lo
     again = byod_in(core, tmp_path, "demo", "--convex", "--tenants", "2", env=env)
     assert again.returncode == 0, again.stderr
     assert "installing" not in again.stderr, "installed once"
+
+
+def test_when_the_packages_cannot_be_installed_the_convex_demo_says_why(
+    core: Path, tmp_path: Path
+) -> None:
+    require_node()
+    offline = env_for(
+        core,
+        tmp_path,
+        npm_config_cache=str(tmp_path / "npm-cache"),  # nothing cached: npm must fetch
+        npm_config_registry="http://127.0.0.1:9/",  # and the registry does not answer
+        npm_config_fetch_retries="0",
+    )
+    done = byod_in(core, tmp_path, "demo", "--convex", env=offline)
+    assert done.returncode == 2, done.stderr
+    assert "npm ci failed: FetchError" in done.stderr and "ECONNREFUSED" in done.stderr
+    assert "registry" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "byod-convex-demo").exists(), "refused before any file is made"
+    unwritable = env_for(core, tmp_path, BYOD_CACHE_DIR="/proc/byod-cache")
+    done = byod_in(core, tmp_path, "demo", "--convex", env=unwritable)
+    assert done.returncode == 2, done.stderr
+    assert "cannot write /proc/byod-cache" in done.stderr and "BYOD_CACHE_DIR" in done.stderr
 
 
 def test_without_node_the_convex_commands_say_so(core: Path, tmp_path: Path) -> None:

@@ -60,7 +60,19 @@ def installed(
     """``place``, holding ``files`` (name -> source; a ``package.json`` and its
     ``package-lock.json`` among them) and the packages ``npm ci`` installed from them,
     made once and shared (``on_install`` is called before it is made); ``fail(message)``
-    is raised when npm is missing or fails."""
+    is raised when npm is missing or fails, or the cache folder cannot be written."""
+    try:
+        return _installed(place, files, fail, on_install)
+    except OSError as exc:
+        raise fail(f"cannot write {place.parent}: {exc.strerror or exc}") from None
+
+
+def _installed(
+    place: Path,
+    files: Mapping[str, Path],
+    fail: Callable[[str], ByodError],
+    on_install: Callable[[], None],
+) -> Path:
     with file_lock(place.parent / f".{place.name}.lock"):
         if (place / _READY).is_file():
             return place
@@ -80,7 +92,21 @@ def installed(
         except subprocess.TimeoutExpired:
             raise fail(f"npm ci did not finish in {NPM_TIMEOUT:.0f} s") from None
         if done.returncode != 0:
-            said = (done.stderr or done.stdout).decode("utf-8", "replace").strip()
-            raise fail(f"npm ci failed: {' | '.join(said.splitlines()[-5:])}")
+            raise fail(f"npm ci failed: {_gist(done.stderr or done.stdout)}")
         (place / _READY).write_text("")
     return place
+
+
+def _gist(output: bytes) -> str:
+    """npm's error in a line: what failed, and where its full log is (not its stack)."""
+    lines = []
+    for raw in output.decode("utf-8", "replace").splitlines():
+        line = raw.removeprefix("npm error").removeprefix("npm ERR!")
+        if (
+            line[:1] == " "
+            and line[1:2] not in (" ", "}", "")
+            and not line[1:].startswith(("code ", "syscall ", "errno "))
+        ):
+            lines.append(line.strip())
+    useful = [x for x in lines if not x.startswith("A complete log")][:1]
+    return " | ".join(useful + [x for x in lines if x.startswith("A complete log")][:1])

@@ -115,7 +115,8 @@ def backend(app_dir: Path | None = None, on_install: Callable[[str], None] = _lo
         fail=lambda message: SettingsError(
             f"the local Convex backend's npm packages cannot be installed: {message}",
             hint="They come from the npm registry (npm's own proxy and registry settings "
-            "apply): check it is reachable from here, then run the command again.",
+            "apply) into byod's cache folder (BYOD_CACHE_DIR): check the registry is "
+            "reachable and the folder writable, then run the command again.",
         ),
         on_install=lambda: on_install(
             "installing the local Convex backend's npm packages (first use, from the lock "
