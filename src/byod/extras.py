@@ -11,6 +11,7 @@ extra's package that slipped through the same way, so a user never meets an Impo
 from __future__ import annotations
 
 import importlib.util
+import sys
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -56,5 +57,7 @@ def require(extra: str, feature: str) -> None:
     """:class:`MissingExtraError` unless every package of ``extra`` is installed (checked
     without importing them)."""
     for module in EXTRAS[extra]:
+        if module in sys.modules:  # imported already (find_spec refuses a module whose
+            continue  # __spec__ is None, as a package's lazy stand-ins leave it)
         if importlib.util.find_spec(module) is None:
             raise MissingExtraError(extra, module, feature)
