@@ -1,0 +1,768 @@
+"""A fault soak: real rollouts of a mixed fleet with faults injected at random moments from
+a seed, and every invariant checked from the instances' own data and the control plane
+after each settle.
+
+The fleet: SQLite files, PostgreSQL databases (through a proxy that can be cut) and
+MariaDB databases, on a PostgreSQL control plane reached through a proxy of its own. The
+chain: ``001_tables`` (applied before the soak), ``002_count`` (a non-idempotent counter),
+``003_bump`` (its counter, then a backfill adding 1 to every row, then its finalize),
+``004_count`` and ``005_contract`` (gated: it waits until the soak opens its gate). Each
+``up`` adds 1 to its migration's ``ups`` counter inside the step, each ``down`` 1 to its
+``downs``: on every instance ``ups - downs`` must equal 1 exactly where the stamp says the
+step is applied, else 0, and every row's ``n`` 1 exactly where ``003_bump`` is applied.
+
+The schedule, drawn from ``--seed``: runs (``byod migrate --all`` on threads, on
+``--processes 2``, on Celery workers over a private Redis; rollbacks of an earlier run or
+to a version; rehearsals; two runs at once), each with a fault at a random moment or
+none: ``kill -9`` or SIGINT of the runner, a Celery worker killed, the broker restarted,
+the control plane cut, a PostgreSQL instance's server cut, SQLite writes past a file size
+limit (a full disk). After each, the soak settles: faults healed, leases left to lapse,
+``byod migrate --all`` to the target until it exits 0, then the checker runs.
+
+    .venv/bin/python bench/soak.py --minutes 10 --seed 1     # a fixed schedule
+    .venv/bin/python bench/soak.py --minutes 10              # a random seed (printed)
+    .venv/bin/python bench/soak.py --minutes 2 --sqlite 24 --postgres 6 --mysql 4
+
+Prints a report (faults by kind, runs, steps applied, checks passed, the longest time a
+user waited to be free again after a fault) and writes it as JSON (``--report``). On a
+violation it prints the seed and the fault history: ``--seed`` replays the schedule.
+Exit status: 0 every invariant held, 1 a violation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import random
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.tcp_proxy import CuttableProxy  # noqa: E402
+
+from byod.targets.dialects import STAMP_TABLE  # noqa: E402
+
+PG = os.environ.get("BYOD_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+MYSQL = os.environ.get("BYOD_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/mysql")
+BYOD = str(Path(sys.executable).with_name("byod"))
+HEAD = 5
+GATED = "005_contract"
+ROWS = 120  # rows per instance: the backfill walks them in batches of 25
+COUNTED = ("002_count", "003_bump", "004_count", "005_contract")
+#: the kinds of forward round, drawn evenly (the common ones twice)
+ROUNDS = ("threads", "threads", "processes", "distributed", "distributed", "rehearse", "two")
+REDIS_FLAGS = ("--save", "", "--appendonly", "no")
+#: secrets that must never show in a log, a message or the ledger
+PG_PASSWORD = "soak-pg-" + secrets.token_hex(6)
+MYSQL_PASSWORD = "soak-my-" + secrets.token_hex(6)
+
+MIGRATIONS = {
+    "001_tables.py": """
+        import sqlalchemy as sa
+        from byod import Migration
+
+        COUNTED = ("002_count", "003_bump", "004_count", "005_contract")
+
+        def up(ctx):
+            ctx.op.create_table(
+                "items",
+                sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+                sa.Column("n", sa.Integer, nullable=False),
+            )
+            ctx.op.create_table(
+                "counts",
+                sa.Column("name", sa.String(40), primary_key=True),
+                sa.Column("ups", sa.Integer, nullable=False),
+                sa.Column("downs", sa.Integer, nullable=False),
+            )
+            ctx.op.bulk_insert(
+                sa.table("items", sa.column("id"), sa.column("n")),
+                [{"id": i, "n": 0} for i in range(1, ROWS + 1)],
+            )
+            ctx.op.bulk_insert(
+                sa.table("counts", sa.column("name"), sa.column("ups"), sa.column("downs")),
+                [{"name": name, "ups": 0, "downs": 0} for name in COUNTED],
+            )
+
+        migration = Migration(id="001_tables", version=1, name="Tables", description="", up=up)
+    """,
+    "002_count.py": """
+        from byod import Migration
+        from soak_steps import count
+
+        migration = Migration(id="002_count", version=2, name="Count", description="",
+                              up=count("002_count", "ups"), down=count("002_count", "downs"))
+    """,
+    "003_bump.py": """
+        import sqlalchemy as sa
+        from byod import Backfill, Migration
+        from soak_steps import count
+
+        def bump(ctx, rows):
+            ids = [row[0] for row in rows]
+            ctx.conn.execute(
+                sa.text("UPDATE items SET n = n + 1 WHERE id IN :ids").bindparams(
+                    sa.bindparam("ids", expanding=True)
+                ),
+                {"ids": ids},
+            )
+
+        def down(ctx):
+            ctx.conn.execute(sa.text("UPDATE items SET n = n - 1"))
+            count("003_bump", "downs")(ctx)
+
+        migration = Migration(
+            id="003_bump", version=3, name="Bump", description="",
+            up=count("003_bump", "ups"), down=down,
+            backfills=[Backfill(table="items", key="id", apply=bump, batch_size=25)],
+        )
+    """,
+    "004_count.py": """
+        from byod import Migration
+        from soak_steps import count
+
+        migration = Migration(id="004_count", version=4, name="Count", description="",
+                              up=count("004_count", "ups"), down=count("004_count", "downs"))
+    """,
+    "005_contract.py": """
+        from byod import Migration
+        from soak_steps import count
+
+        migration = Migration(id="005_contract", version=5, name="Contract", description="",
+                              up=count("005_contract", "ups"), down=count("005_contract", "downs"),
+                              gated=True)
+    """,
+}
+STEPS_MODULE = """
+import os
+import time
+
+import sqlalchemy as sa
+
+
+def count(name, column):
+    def step(ctx):
+        ctx.conn.execute(
+            sa.text(f"UPDATE counts SET {column} = {column} + 1 WHERE name = :name"),
+            {"name": name},
+        )
+        time.sleep(float(os.environ.get("SOAK_STEP_SECONDS", "0")))  # a window for faults
+
+    return step
+"""
+
+
+@dataclass
+class Fault:
+    """One fault injected: what, into which run, when (seconds into the soak), how long."""
+
+    kind: str
+    run: int
+    at: float
+    seconds: float = 0.0
+    note: str = ""
+
+
+@dataclass
+class Report:
+    """What the soak did and found."""
+
+    seed: int
+    minutes: float
+    instances: dict[str, int]
+    runs: Counter[str] = field(default_factory=Counter)
+    faults: Counter[str] = field(default_factory=Counter)
+    steps_applied: int = 0
+    steps_undone: int = 0
+    checks_passed: int = 0
+    settles: int = 0
+    longest_recovery_seconds: float = 0.0
+    settle_seconds: list[float] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    history: list[Fault] = field(default_factory=list)
+    failed_users_seen: Counter[str] = field(default_factory=Counter)
+
+
+class Soak:
+    """The fleet, its servers and proxies, the schedule and the checker."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.rng = random.Random(args.seed)
+        self.folder = Path(tempfile.mkdtemp(prefix=f"byod-soak-{args.seed}-"))
+        self.logs = self.folder / "logs"
+        self.logs.mkdir()
+        self.tag = f"byod_soak_{secrets.token_hex(4)}"
+        self.report = Report(
+            seed=args.seed,
+            minutes=args.minutes,
+            instances={"sqlite": args.sqlite, "postgresql": args.postgres, "mysql": args.mysql},
+        )
+        self.started = time.monotonic()
+        self.pg_proxy = CuttableProxy(5432)  # the instances' PostgreSQL server
+        self.cp_proxy = CuttableProxy(5432)  # the control plane's
+        self.redis_port = _free_port()
+        self.redis: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.pg_dbs: list[str] = []
+        self.my_dbs: list[str] = []
+        self.sqlite_files: list[Path] = []
+        self.gate_open = False
+        self.log_count = 0
+        self.key = base64.b64encode(os.urandom(32)).decode()
+        self.cp_db = f"{self.tag}_cp"
+        self.cp_url = f"postgresql+psycopg://postgres@127.0.0.1:{self.cp_proxy.port}/{self.cp_db}"
+        self.cp = sa.create_engine(
+            f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.cp_db}", poolclass=sa.NullPool
+        )
+
+    # -- set-up and tear-down ----------------------------------------------------------
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """A byod process's environment: the soak's control plane, key, migrations."""
+        base = {k: v for k, v in os.environ.items() if not k.startswith("BYOD_")}
+        return (
+            base
+            | {
+                "BYOD_DATABASE_URL": self.cp_url,
+                "BYOD_ENCRYPTION_KEY": self.key,
+                "BYOD_MIGRATIONS": str(self.folder / "migrations"),
+                "BYOD_ALLOW_PRIVATE_INSTANCES": "1",
+                "BYOD_BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+                "PYTHONPATH": str(self.folder / "lib"),  # soak_steps: a team's own helpers
+                "SOAK_STEP_SECONDS": str(self.args.step_seconds),
+                "ROWS": str(ROWS),
+            }
+            | extra
+        )
+
+    def setup(self) -> None:
+        """The servers' databases, the migrations, the fleet connected at version 1."""
+        _admin(PG, f'CREATE DATABASE "{self.cp_db}"')
+        with contextlib.suppress(Exception):
+            _admin(MYSQL, f"CREATE USER IF NOT EXISTS 'soak'@'%%' IDENTIFIED BY '{MYSQL_PASSWORD}'")
+        _admin(MYSQL, f"ALTER USER 'soak'@'%%' IDENTIFIED BY '{MYSQL_PASSWORD}'")
+        migrations = self.folder / "migrations"
+        migrations.mkdir()
+        for name, text in MIGRATIONS.items():
+            body = textwrap.dedent(text).replace("ROWS + 1", f"{ROWS} + 1")
+            (migrations / name).write_text(body)
+        (self.folder / "lib").mkdir()
+        (self.folder / "lib" / "soak_steps.py").write_text(STEPS_MODULE)
+        rows = []
+        for n in range(self.args.sqlite):
+            path = self.folder / "instances" / f"s{n:03d}.db"
+            path.parent.mkdir(exist_ok=True)
+            sqlite3.connect(path).close()
+            self.sqlite_files.append(path)
+            rows.append({"clerk_id": f"sqlite-{n:03d}", "url": f"sqlite:///{path}"})
+        for n in range(self.args.postgres):
+            name = f"{self.tag}_pg{n:03d}"
+            _admin(PG, f'CREATE DATABASE "{name}"')
+            self.pg_dbs.append(name)
+            url = f"postgresql://postgres:{PG_PASSWORD}@127.0.0.1:{self.pg_proxy.port}/{name}"
+            rows.append({"clerk_id": f"pg-{n:03d}", "url": url})
+        for n in range(self.args.mysql):
+            name = f"{self.tag}_my{n:03d}"
+            _admin(MYSQL, f"CREATE DATABASE `{name}`")
+            _admin(MYSQL, f"GRANT ALL ON `{name}`.* TO 'soak'@'%%'")
+            self.my_dbs.append(name)
+            url = f"mysql://soak:{MYSQL_PASSWORD}@127.0.0.1:3306/{name}"
+            rows.append({"clerk_id": f"my-{n:03d}", "url": url})
+        users = self.folder / "users.jsonl"
+        users.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        users.chmod(0o600)
+        self.byod("init")
+        self.byod("users", "import", str(users))
+        self.byod("connect", "--check", "--all")
+        self.start_redis()
+        self.start_workers(2)
+        done = self.byod("migrate", "--all", "--to", "1", "--concurrency", "16", check=False)
+        if done.returncode != 0 or not self.all_at(1):
+            raise SystemExit(f"the fleet did not reach version 1: {done.stdout[-2000:]}")
+
+    def teardown(self) -> None:
+        """Stop every process, drop every database the soak made."""
+        for worker in self.workers:
+            _stop(worker)
+        if self.redis is not None:
+            _stop(self.redis)
+        self.cp.dispose()
+        self.pg_proxy.close()
+        self.cp_proxy.close()
+        for name in [self.cp_db, *self.pg_dbs]:
+            _admin(PG, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        for name in self.my_dbs:
+            _admin(MYSQL, f"DROP DATABASE IF EXISTS `{name}`")
+        if not self.args.keep:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def start_redis(self) -> None:
+        """A private Redis (the broker): the soak may restart it."""
+        self.redis = subprocess.Popen(
+            ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", *REDIS_FLAGS],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait_port(self.redis_port)
+
+    def start_workers(self, count: int) -> None:
+        """``count`` more ``byod worker`` processes."""
+        for _ in range(count):
+            self.log_count += 1
+            log = (self.logs / f"worker-{self.log_count}.log").open("wb")
+            self.workers.append(
+                subprocess.Popen(
+                    [BYOD, "worker", "--concurrency", "2"],
+                    env=self.env(),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+
+    def byod(
+        self, *args: str, check: bool = True, **extra: str
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a byod command to its end (its output kept in the logs)."""
+        self.log_count += 1
+        done = subprocess.run(
+            [BYOD, *args],
+            env=self.env(**extra),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        (self.logs / f"{self.log_count:04d}-{args[0]}.log").write_text(
+            f"$ byod {' '.join(args)}\n{done.stdout}\n{done.stderr}\nexit {done.returncode}\n"
+        )
+        if check and done.returncode != 0:
+            raise SystemExit(f"byod {' '.join(args)} failed: {done.stderr[-2000:]}")
+        return done
+
+    # -- the schedule --------------------------------------------------------------------
+
+    def now(self) -> float:
+        return time.monotonic() - self.started
+
+    def run(self) -> Report:
+        """Rounds until the time is up, a settle and the checks after each; a final
+        settle to head (every user at the target) at the end."""
+        deadline = self.args.minutes * 60
+        number = 0
+        while self.now() < deadline and number < self.args.max_runs:
+            number += 1
+            undoing = self.one_round(number)
+            self.settle(number, undoing)
+            if self.report.violations:
+                break
+        if not self.report.violations:
+            self.settle(number + 1, None)
+        return self.report
+
+    def one_round(self, number: int) -> str | None:
+        """A round: the fleet at the top is rolled back (the last run that moved users
+        undone), else moved forward (threads, processes, workers, two runs at once, a
+        rehearsal); with a fault at a random moment, or none. Returns the run undone."""
+        undoing = self.last_forward_run() if self.all_at(self.expected()) else None
+        kind = "rollback" if undoing else self.rng.choice(ROUNDS)
+        self.report.runs[kind] += 1
+        commands = self.commands_for(kind, undoing)
+        fault = self.rng.choice(self.faults_for(kind))
+        limit_files = fault == "disk_full"
+        processes = [self.start(args, limit_files=limit_files) for args in commands]
+        time.sleep(self.rng.uniform(0.1, 2.5))
+        if fault != "none":
+            self.inject(fault, number, processes)
+        for process in processes:
+            try:
+                process.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                self.violation(f"run {number}: a byod process did not end in 300 s")
+                _stop(process)
+        return undoing
+
+    def last_forward_run(self) -> str | None:
+        """The latest migrate run that moved users and no rollback undid yet."""
+        with self.cp.connect() as conn:
+            found: str | None = conn.execute(
+                sa.text(
+                    "SELECT id FROM byod_runs WHERE kind = 'migrate' AND succeeded > 0 "
+                    "AND id NOT IN (SELECT undoes FROM byod_runs WHERE undoes IS NOT NULL) "
+                    "ORDER BY started_at DESC LIMIT 1"
+                )
+            ).scalar()
+        return found
+
+    def commands_for(self, kind: str, undoing: str | None) -> list[list[str]]:
+        """The byod command lines of a round."""
+        lease = ["--lease-seconds", str(self.args.lease_seconds)]
+        if undoing is not None:
+            return [["rollback", "--run", undoing, *lease]]
+        forward = ["migrate", "--all", "--retries", "1", "--timeout", "30", *lease]
+        if kind == "processes":
+            return [[*forward, "--processes", "2"]]
+        if kind == "distributed":
+            return [[*forward, "--distributed", "--concurrency", "16"]]
+        if kind == "rehearse":
+            return [["migrate", "--all", "--rehearse", "--rehearse-skip-unsupported", *lease]]
+        if kind == "two":
+            return [[*forward, "--concurrency", "4"], [*forward, "--concurrency", "4"]]
+        return [[*forward, "--concurrency", "8"]]
+
+    def faults_for(self, kind: str) -> list[str]:
+        common = ["none", "kill9", "sigint", "cp_cut", "instance_cut", "disk_full"]
+        if kind == "distributed":
+            return [*common, "worker_kill9", "broker_restart"]
+        return common
+
+    def start(self, args: list[str], *, limit_files: bool) -> subprocess.Popen[str]:
+        """A byod command in the background, its own process group; its output goes
+        through a pipe (a file size limit must not reach its log) to its log file."""
+        self.log_count += 1
+        log = (self.logs / f"{self.log_count:04d}-{args[0]}.log").open("w")
+        log.write(f"$ byod {' '.join(args)}\n")
+        log.flush()
+
+        def limits() -> None:
+            if limit_files:  # every SQLite write past 8 KB fails: a full disk
+                resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+
+        process = subprocess.Popen(
+            [BYOD, *args],
+            env=self.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            preexec_fn=limits,  # noqa: PLW1509 - only setrlimit, before exec
+        )
+
+        def drain() -> None:
+            assert process.stdout is not None
+            for line in process.stdout:
+                log.write(line)
+            log.close()
+
+        threading.Thread(target=drain, daemon=True).start()
+        return process
+
+    def inject(self, fault: str, number: int, processes: list[subprocess.Popen[str]]) -> None:
+        """Do the fault now; record it."""
+        record = Fault(fault, number, round(self.now(), 2))
+        victim = self.rng.choice(processes)
+        if fault == "kill9":
+            _signal_group(victim, signal.SIGKILL)
+        elif fault == "sigint":
+            _signal_group(victim, signal.SIGINT)
+        elif fault in ("cp_cut", "instance_cut", "broker_restart"):
+            record.seconds = round(self.rng.uniform(0.5, 4.0), 2)
+            if fault == "cp_cut":
+                self.cp_proxy.cut()
+            elif fault == "instance_cut":
+                self.pg_proxy.cut()
+            elif self.redis is not None:
+                _stop(self.redis, signal.SIGKILL)
+            time.sleep(record.seconds)
+            self.cp_proxy.restore()
+            self.pg_proxy.restore()
+            if fault == "broker_restart":
+                self.start_redis()
+        elif fault == "worker_kill9":
+            alive = [w for w in self.workers if w.poll() is None]
+            if alive:
+                _signal_group(self.rng.choice(alive), signal.SIGKILL)
+        # disk_full was set when the runner started
+        self.report.faults[fault] += 1
+        self.report.history.append(record)
+
+    # -- settling and checking -----------------------------------------------------------
+
+    def settle(self, number: int, undoing: str | None) -> None:
+        """Heal every fault, then finish the round's work: the rollback of ``undoing``
+        again until it exits 0, else ``byod migrate --all`` until every user is at the
+        top; then check. Also opens the gate now and then, as an operator would."""
+        began = time.monotonic()
+        self.cp_proxy.restore()
+        self.pg_proxy.restore()
+        if self.redis is None or self.redis.poll() is not None:
+            self.start_redis()
+        self.workers = [w for w in self.workers if w.poll() is None]
+        self.start_workers(2 - len(self.workers))
+        lease = ["--lease-seconds", str(self.args.lease_seconds)]
+        for attempt in range(1, 30):
+            if undoing is not None:
+                done = self.byod(
+                    "rollback", "--run", undoing, "--retries", "2", *lease, check=False
+                )
+                if done.returncode == 0:
+                    break
+            else:
+                done = self.byod("migrate", "--all", "--retries", "2", *lease, check=False)
+                if done.returncode == 0 and self.all_at(self.expected()):
+                    break
+            time.sleep(min(self.args.lease_seconds, 0.5 * attempt))
+        else:
+            self.violation(f"after run {number}: the fleet did not settle")
+        waited = time.monotonic() - began
+        self.report.longest_recovery_seconds = max(self.report.longest_recovery_seconds, waited)
+        self.report.settle_seconds.append(round(waited, 1))
+        self.report.settles += 1
+        self.check(number, at_top=undoing is None)
+        if undoing is None and not self.gate_open and self.rng.random() < 0.3:
+            self.gate_open = self.byod("gate", "open", GATED, check=False).returncode == 0
+
+    def expected(self) -> int:
+        """Where a settled fleet stands: the gated step waits for its gate."""
+        return HEAD if self.gate_open else HEAD - 1
+
+    def all_at(self, version: int) -> bool:
+        """Every user connected at ``version``, as the control plane says."""
+        with self.cp.connect() as conn:
+            versions = conn.execute(
+                sa.text(
+                    "SELECT schema_version, connection_status, count(*) FROM byod_configs "
+                    "GROUP BY 1, 2"
+                )
+            ).all()
+        return [tuple(v) for v in versions] == [(version, "connected", self.fleet_size())]
+
+    def fleet_size(self) -> int:
+        return self.args.sqlite + self.args.postgres + self.args.mysql
+
+    def instances(self) -> list[tuple[str, sa.Engine]]:
+        engines = [
+            (f"sqlite-{n:03d}", sa.create_engine(f"sqlite:///{p}", poolclass=sa.NullPool))
+            for n, p in enumerate(self.sqlite_files)
+        ]
+        engines += [
+            (
+                f"pg-{n:03d}",
+                sa.create_engine(
+                    f"postgresql+psycopg://postgres@127.0.0.1:5432/{db}", poolclass=sa.NullPool
+                ),
+            )
+            for n, db in enumerate(self.pg_dbs)
+        ]
+        engines += [
+            (
+                f"my-{n:03d}",
+                sa.create_engine(
+                    f"mysql+pymysql://root@127.0.0.1:3306/{db}", poolclass=sa.NullPool
+                ),
+            )
+            for n, db in enumerate(self.my_dbs)
+        ]
+        return engines
+
+    def check(self, number: int, *, at_top: bool) -> None:
+        """Every invariant, from the instances' own data and the control plane (and,
+        ``at_top``, every user at the top)."""
+        where = f"after run {number}"
+        with self.cp.connect() as conn:
+            configs = {
+                row.clerk_id: row
+                for row in conn.execute(
+                    sa.text(
+                        "SELECT u.clerk_id, c.schema_version, c.connection_status, "
+                        "c.lease_owner, c.lease_expires_at, c.last_error FROM byod_configs c "
+                        "JOIN users u ON u.id = c.user_id"
+                    )
+                )
+            }
+            running = conn.execute(
+                sa.text("SELECT count(*) FROM byod_migrations WHERE status = 'running'")
+            ).scalar_one()
+            ledger_errors = (
+                conn.execute(sa.text("SELECT error FROM byod_migrations WHERE error IS NOT NULL"))
+                .scalars()
+                .all()
+            )
+            runs = conn.execute(sa.text("SELECT * FROM byod_runs")).mappings().all()
+            applied = conn.execute(
+                sa.text(
+                    "SELECT direction, count(*) FROM byod_migrations "
+                    "WHERE status = 'completed' GROUP BY direction"
+                )
+            ).all()
+            db_now = conn.execute(sa.text("SELECT now() AT TIME ZONE 'utc'")).scalar_one()
+        moved = dict(applied)
+        self.report.steps_applied = moved.get("up", 0)
+        self.report.steps_undone = moved.get("down", 0)
+        self.expect(running == 0, f"{where}: {running} ledger rows left running")
+        for clerk_id, engine in self.instances():
+            try:
+                self.check_instance(where, clerk_id, engine, configs[clerk_id], db_now, at_top)
+            finally:
+                engine.dispose()
+        for run in runs:
+            if run["state"] == "running":
+                continue  # a distributed run whose starter was killed: its workers go on
+            # RunCounts: total is every user the run took; not_eligible ones are outside
+            taken = ("succeeded", "failed", "busy", "up_to_date", "not_started", "skipped")
+            counted = sum(run[name] for name in taken)
+            self.expect(
+                counted == run["total"],
+                f"{where}: run {run['id']} counts {counted} of total {run['total']}",
+            )
+        for text in [*ledger_errors, *self.log_texts()]:
+            for secret in (PG_PASSWORD, MYSQL_PASSWORD, self.key):
+                self.expect(secret not in text, f"{where}: a secret in a log or the ledger")
+
+    def check_instance(
+        self, where: str, clerk_id: str, engine: sa.Engine, config: Any, db_now: Any, at_top: bool
+    ) -> None:
+        with engine.connect() as conn:
+            stamp = dict(conn.execute(sa.text(f"SELECT id, version FROM {STAMP_TABLE}")).all())
+            counts = {
+                r.name: (r.ups, r.downs) for r in conn.execute(sa.text("SELECT * FROM counts"))
+            }
+            ns = Counter(conn.execute(sa.text("SELECT n FROM items")).scalars())
+        version = max(stamp.values(), default=0)
+        if at_top:
+            expected = self.expected()
+            self.expect(
+                version == expected, f"{where}: {clerk_id} at {version}, not {expected} (stamp)"
+            )
+        self.expect(
+            config.schema_version == version,
+            f"{where}: {clerk_id}: control plane says {config.schema_version}, stamp {version}",
+        )
+        for name in COUNTED:
+            ups, downs = counts[name]
+            net = ups - downs
+            want = 1 if name in stamp else 0
+            self.expect(net == want, f"{where}: {clerk_id}: {name} applied {net} times net")
+        bumped = 1 if "003_bump" in stamp else 0
+        self.expect(
+            set(ns) == {bumped} and sum(ns.values()) == ROWS,
+            f"{where}: {clerk_id}: rows' n {dict(ns)}, want all {bumped}",
+        )
+        if config.lease_expires_at is not None:
+            over = (config.lease_expires_at - db_now).total_seconds()
+            self.expect(
+                over <= self.args.lease_seconds + 1,
+                f"{where}: {clerk_id}: a lease {over:.1f} s beyond now, none is running",
+            )
+
+    def log_texts(self) -> list[str]:
+        return [p.read_text(errors="replace") for p in self.logs.glob("*.log")]
+
+    def expect(self, holds: bool, message: str) -> None:
+        if holds:
+            self.report.checks_passed += 1
+        else:
+            self.violation(message)
+
+    def violation(self, message: str) -> None:
+        self.report.violations.append(message)
+
+
+def _admin(url: str, statement: str) -> None:
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(statement)
+    finally:
+        engine.dispose()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _wait_port(port: int) -> None:
+    for _ in range(100):
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+def _signal_group(process: subprocess.Popen[Any], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+
+
+def _stop(process: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(sig)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def print_report(report: Report) -> None:
+    held = "every invariant held" if not report.violations else "VIOLATIONS"
+    print(f"soak seed {report.seed}: {held}")
+    print(f"  instances: {report.instances}")
+    print(f"  runs: {dict(report.runs)} ({sum(report.runs.values())}), settles {report.settles}")
+    print(f"  faults: {dict(report.faults)} ({sum(report.faults.values())})")
+    print(f"  steps applied {report.steps_applied}, undone {report.steps_undone}")
+    print(f"  checks passed: {report.checks_passed}")
+    print(f"  longest settle after a fault: {report.longest_recovery_seconds:.1f} s")
+    print(f"  settles (s): {report.settle_seconds}")
+    for message in report.violations[:20]:
+        print(f"  VIOLATION: {message}")
+    if report.violations:
+        print(f"  replay: bench/soak.py --seed {report.seed} (fault history below)")
+        for fault in report.history:
+            print(f"    run {fault.run} at {fault.at} s: {fault.kind} {fault.seconds or ''}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=None, help="default: a random one")
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--max-runs", type=int, default=10_000)
+    parser.add_argument("--sqlite", type=int, default=160)
+    parser.add_argument("--postgres", type=int, default=60)
+    parser.add_argument("--mysql", type=int, default=40)
+    parser.add_argument("--lease-seconds", type=float, default=3.0)
+    parser.add_argument("--step-seconds", type=float, default=0.05)
+    parser.add_argument("--report", type=Path, default=None, help="write the report as JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the soak's folder")
+    args = parser.parse_args()
+    if args.seed is None:
+        args.seed = random.SystemRandom().randrange(1, 2**31)
+    soak = Soak(args)
+    try:
+        soak.setup()
+        report = soak.run()
+    finally:
+        soak.teardown()
+    print_report(report)
+    if args.report is not None:
+        data = asdict(report)
+        args.report.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    sys.exit(1 if report.violations else 0)
+
+
+if __name__ == "__main__":
+    main()
