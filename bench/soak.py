@@ -303,7 +303,8 @@ class Soak:
             raise SystemExit(f"the fleet did not reach version 1: {done.stdout[-2000:]}")
 
     def teardown(self) -> None:
-        """Stop every process, drop every database the soak made."""
+        """Stop every process, drop every database the soak made (kept, with the folder,
+        after a violation, to look at)."""
         for worker in self.workers:
             _stop(worker)
         if self.redis is not None:
@@ -311,6 +312,9 @@ class Soak:
         self.cp.dispose()
         self.pg_proxy.close()
         self.cp_proxy.close()
+        if self.report.violations:
+            print(f"kept for a look: {self.folder}, control plane {self.cp_db}")
+            return
         for name in [self.cp_db, *self.pg_dbs]:
             _admin(PG, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         for name in self.my_dbs:
@@ -401,8 +405,28 @@ class Soak:
                 process.wait(timeout=300)
             except subprocess.TimeoutExpired:
                 self.violation(f"run {number}: a byod process did not end in 300 s")
+                self.dump_state(number)
                 _stop(process)
         return undoing
+
+    def dump_state(self, number: int) -> None:
+        """The control plane's runs, tasks and leases as they are, into the logs."""
+        with self.cp.connect() as conn:
+            state = {
+                table: [dict(r) for r in conn.execute(sa.text(query)).mappings()]
+                for table, query in (
+                    ("runs", "SELECT * FROM byod_runs WHERE state = 'running'"),
+                    ("tasks", "SELECT * FROM byod_run_tasks WHERE state <> 'done'"),
+                    (
+                        "leases",
+                        "SELECT user_id, lease_owner, lease_expires_at, schema_version "
+                        "FROM byod_configs WHERE lease_owner IS NOT NULL",
+                    ),
+                    ("now", "SELECT now() AT TIME ZONE 'utc' AS now"),
+                )
+            }
+        path = self.logs / f"state-after-run-{number}.json"
+        path.write_text(json.dumps(state, indent=1, default=str))
 
     def last_forward_run(self) -> str | None:
         """The latest migrate run that moved users and no rollback undid yet."""

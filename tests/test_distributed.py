@@ -601,6 +601,50 @@ def test_tasks_a_broker_lost_are_sent_again(redis_cluster: Cluster) -> None:
     assert all(stamp_ids(url) == HEAD for url in fleet.values())
 
 
+def test_tasks_a_dead_worker_had_taken_are_sent_again_once_the_run_stalls(
+    redis_cluster: Cluster,
+) -> None:
+    # found by bench/soak.py --seed 2: a worker killed -9 holding messages it had taken
+    # from a Redis queue but not begun (acks_late; Redis returns them only after its
+    # visibility timeout) left the run waiting for RESEND_AFTER_SECONDS (300 s)
+    from byod.distributed.dispatch import Dispatcher
+    from byod.distributed.run import stall_seconds
+    from byod.taskqueue.celery_app import make_app, publisher
+
+    cluster = redis_cluster
+    fleet = sqlite_fleet(cluster, 6)
+    run_id = commands.migrate_distributed(cluster.ws, options=FleetOptions(concurrency=6))
+    dispatcher = Dispatcher(cluster.ws.engine, publisher(make_app(cluster.ws.settings)))
+    redis.Redis.from_url(cluster.broker).delete(cluster.queue)  # taken by a worker that died
+    assert dispatcher.resend_stale(run_id, 3600, stalled_seconds=30) == 0  # not stalled yet
+
+    time.sleep(1.2)
+    assert dispatcher.resend_stale(run_id, 3600, stalled_seconds=1) == 6  # stalled: all queued
+    assert dispatcher.resend_stale(run_id, 3600, stalled_seconds=1) == 0  # sent just now
+    cluster.start_worker(concurrency=2)
+    summary = follow_to_end(cluster, run_id)
+
+    assert (summary.state, summary.succeeded) == ("completed", 6)
+    assert all(stamp_ids(url) == HEAD for url in fleet.values())
+    assert stall_seconds(30.0) == 90.0 and stall_seconds(1.0) == 10.0  # the watcher's window
+
+
+def test_a_run_that_moves_has_no_task_sent_early(redis_cluster: Cluster) -> None:
+    from byod.controlplane import TaskStore
+
+    cluster = redis_cluster
+    sqlite_fleet(cluster, 4)
+    run_id = commands.migrate_distributed(cluster.ws, options=FleetOptions(concurrency=4))
+    tasks = TaskStore(cluster.ws.engine)
+    time.sleep(1.2)
+    with cluster.ws.engine.begin() as conn:  # a task of the run ended just now
+        conn.execute(
+            sa.text("UPDATE byod_runs SET updated_at = timezone('UTC', now()) WHERE id = :id"),
+            {"id": run_id},
+        )
+    assert tasks.send_again(run_id, 3600, stalled_seconds=1) == []  # queued, but it moves
+
+
 def test_ctrl_c_stops_an_attached_distributed_run(redis_cluster: Cluster) -> None:
     cluster = redis_cluster
     fleet = sqlite_fleet(cluster, 30)

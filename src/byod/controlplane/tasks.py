@@ -19,7 +19,7 @@ from byod.controlplane._pages import as_json
 from byod.controlplane._tx import reading, single
 from byod.controlplane.run_records import Claim, DispatchRow, FinishedTask, TaskEnd
 from byod.controlplane.runs import DISPATCH_COLUMNS, dispatch_row
-from byod.controlplane.schema import configs, run_tasks, users
+from byod.controlplane.schema import configs, run_tasks, runs, users
 from byod.redact import mask
 from byod.spec import OUTCOMES, RunSpec
 
@@ -200,15 +200,23 @@ class TaskStore:
         return None if row is None else dispatch_row(row)
 
     def send_again(
-        self, run_id: str, older_than_seconds: float, lapsed_seconds: float | None = None
+        self,
+        run_id: str,
+        older_than_seconds: float,
+        lapsed_seconds: float | None = None,
+        stalled_seconds: float | None = None,
     ) -> list[tuple[int, str | None]]:
         """The run's tasks that look lost, marked sent again now; returns them (user,
         queue) for the caller to publish. Lost: queued longer than ``older_than_seconds``
         (a broker lost the message), or taken that long ago by a worker whose lease on
         the user has lapsed; and, given ``lapsed_seconds`` (the run's lease), at once
         when a worker of this run took the user's lease and let it lapse (it died) and
-        the task was not sent again within that long. Tasks merely waiting in a queue
-        are never sent early."""
+        the task was not sent again within that long; and, given ``stalled_seconds``,
+        queued that long while no task of the run has ended for that long (a worker that
+        died holding messages it had taken from the queue but not begun: Redis gives
+        them back only after its visibility timeout). Tasks merely waiting in a queue of
+        a run that moves are never sent early; a duplicate finds its task done, or waits
+        for its twin."""
         now = utcnow()
         cutoff = now - timedelta(seconds=older_than_seconds)
         lost = sa.or_(
@@ -227,9 +235,18 @@ class TaskStore:
                 run_tasks.c.queued_at < now - timedelta(seconds=lapsed_seconds),
             )
             lost = sa.or_(lost, lapsed)
+        if stalled_seconds is not None:
+            quiet = now - timedelta(seconds=stalled_seconds)
+            stalled = sa.and_(
+                run_tasks.c.state == "queued",
+                run_tasks.c.queued_at < quiet,
+                runs.c.updated_at < quiet,
+            )
+            lost = sa.or_(lost, stalled)
         query = (
             sa.select(run_tasks.c.user_id, run_tasks.c.queue)
             .join(configs, configs.c.user_id == run_tasks.c.user_id)
+            .join(runs, runs.c.id == run_tasks.c.run_id)
             .where(run_tasks.c.run_id == run_id, lost)
         )
         with reading(self.engine, "find the run's lost tasks") as conn:

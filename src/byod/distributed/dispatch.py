@@ -131,13 +131,18 @@ class Dispatcher:
         return len(handed)
 
     def resend_stale(
-        self, run_id: str, older_than_seconds: float, lapsed_seconds: float | None = None
+        self,
+        run_id: str,
+        older_than_seconds: float,
+        lapsed_seconds: float | None = None,
+        stalled_seconds: float | None = None,
     ) -> int:
         """Send again the run's tasks that look lost (a broker that lost its messages, a
         publish that failed, and, given the run's lease as ``lapsed_seconds``, a worker
-        that died holding a user: see :meth:`TaskStore.send_again`). A duplicate is
+        that died holding a user; given ``stalled_seconds``, a run stalled on messages a
+        dead worker had taken: see :meth:`TaskStore.send_again`). A duplicate is
         harmless (it finds the task done, or waits for its twin). Returns how many."""
-        lost = self.tasks.send_again(run_id, older_than_seconds, lapsed_seconds)
+        lost = self.tasks.send_again(run_id, older_than_seconds, lapsed_seconds, stalled_seconds)
         if lost:
             log.warning("run %s: sending %d lost tasks again", run_id, len(lost))
             self.publish(in_pages(run_id, lost, MAX_TASK_PAGE))

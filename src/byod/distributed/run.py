@@ -32,7 +32,7 @@ from byod.results import UserResult, steps_from_json
 from byod.runner import Runner
 from byod.spec import ELIGIBLE_STATUSES, FleetOptions, RunCounts, RunSpec, Selection
 
-__all__ = ["RunProgress", "follow_run", "start_distributed", "summary_of"]
+__all__ = ["RunProgress", "follow_run", "stall_seconds", "start_distributed", "summary_of"]
 
 log = logging.getLogger("byod.distributed")
 
@@ -41,6 +41,14 @@ _WINDOW = timedelta(seconds=5)
 #: A watcher sends again the tasks queued longer than this (lost by a broker); a task
 #: whose worker died holding the user's lease, as soon as that lease lapses.
 RESEND_AFTER_SECONDS = 300.0
+
+
+def stall_seconds(lease_seconds: float) -> float:
+    """How long a run may go without a task ending, its queued tasks waiting, before a
+    watcher sends them again (their messages may be with a worker that died)."""
+    return max(10.0, 3 * lease_seconds)
+
+
 #: How often a watcher hands out users and looks for lost tasks.
 _NUDGE_SECONDS = 5.0
 
@@ -143,7 +151,12 @@ def follow_run(
 def _nudge(dispatcher: Dispatcher, run_id: str, lease_seconds: float) -> None:
     try:
         dispatcher.top_up(run_id)
-        dispatcher.resend_stale(run_id, RESEND_AFTER_SECONDS, lapsed_seconds=lease_seconds)
+        dispatcher.resend_stale(
+            run_id,
+            RESEND_AFTER_SECONDS,
+            lapsed_seconds=lease_seconds,
+            stalled_seconds=stall_seconds(lease_seconds),
+        )
     except ByodError as exc:
         log.warning("run %s: cannot hand out users now: %s", run_id, exc.message)
 
