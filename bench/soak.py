@@ -191,8 +191,8 @@ class Report:
     seed: int
     minutes: float
     instances: dict[str, int]
-    runs: Counter[str] = field(default_factory=Counter)
-    faults: Counter[str] = field(default_factory=Counter)
+    runs: dict[str, int] = field(default_factory=dict)
+    faults: dict[str, int] = field(default_factory=dict)
     steps_applied: int = 0
     steps_undone: int = 0
     checks_passed: int = 0
@@ -201,7 +201,6 @@ class Report:
     settle_seconds: list[float] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     history: list[Fault] = field(default_factory=list)
-    failed_users_seen: Counter[str] = field(default_factory=Counter)
 
 
 class Soak:
@@ -260,9 +259,7 @@ class Soak:
     def setup(self) -> None:
         """The servers' databases, the migrations, the fleet connected at version 1."""
         _admin(PG, f'CREATE DATABASE "{self.cp_db}"')
-        with contextlib.suppress(Exception):
-            _admin(MYSQL, f"CREATE USER IF NOT EXISTS 'soak'@'%%' IDENTIFIED BY '{MYSQL_PASSWORD}'")
-        _admin(MYSQL, f"ALTER USER 'soak'@'%%' IDENTIFIED BY '{MYSQL_PASSWORD}'")
+        _admin(MYSQL, f"CREATE USER '{self.tag}'@'%%' IDENTIFIED BY '{MYSQL_PASSWORD}'")
         migrations = self.folder / "migrations"
         migrations.mkdir()
         for name, text in MIGRATIONS.items():
@@ -286,9 +283,9 @@ class Soak:
         for n in range(self.args.mysql):
             name = f"{self.tag}_my{n:03d}"
             _admin(MYSQL, f"CREATE DATABASE `{name}`")
-            _admin(MYSQL, f"GRANT ALL ON `{name}`.* TO 'soak'@'%%'")
+            _admin(MYSQL, f"GRANT ALL ON `{name}`.* TO '{self.tag}'@'%%'")
             self.my_dbs.append(name)
-            url = f"mysql://soak:{MYSQL_PASSWORD}@127.0.0.1:3306/{name}"
+            url = f"mysql://{self.tag}:{MYSQL_PASSWORD}@127.0.0.1:3306/{name}"
             rows.append({"clerk_id": f"my-{n:03d}", "url": url})
         users = self.folder / "users.jsonl"
         users.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -319,6 +316,7 @@ class Soak:
             _admin(PG, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         for name in self.my_dbs:
             _admin(MYSQL, f"DROP DATABASE IF EXISTS `{name}`")
+        _admin(MYSQL, f"DROP USER IF EXISTS '{self.tag}'@'%%'")
         if not self.args.keep:
             shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -391,8 +389,8 @@ class Soak:
         undone), else moved forward (threads, processes, workers, two runs at once, a
         rehearsal); with a fault at a random moment, or none. Returns the run undone."""
         undoing = self.last_forward_run() if self.all_at(self.expected()) else None
-        kind = "rollback" if undoing else self.rng.choice(ROUNDS)
-        self.report.runs[kind] += 1
+        kind = "rollback" if undoing else self.rng.choice(self.args.rounds or ROUNDS)
+        _bump(self.report.runs, kind)
         commands = self.commands_for(kind, undoing)
         fault = self.rng.choice(self.faults_for(kind))
         limit_files = fault == "disk_full"
@@ -459,8 +457,9 @@ class Soak:
     def faults_for(self, kind: str) -> list[str]:
         common = ["none", "kill9", "sigint", "cp_cut", "instance_cut", "disk_full"]
         if kind == "distributed":
-            return [*common, "worker_kill9", "broker_restart"]
-        return common
+            common += ["worker_kill9", "broker_restart"]
+        chosen = [f for f in common if not self.args.faults or f in self.args.faults]
+        return chosen or ["none"]
 
     def start(self, args: list[str], *, limit_files: bool) -> subprocess.Popen[str]:
         """A byod command in the background, its own process group; its output goes
@@ -519,7 +518,7 @@ class Soak:
             if alive:
                 _signal_group(self.rng.choice(alive), signal.SIGKILL)
         # disk_full was set when the runner started
-        self.report.faults[fault] += 1
+        _bump(self.report.faults, fault)
         self.report.history.append(record)
 
     # -- settling and checking -----------------------------------------------------------
@@ -703,6 +702,10 @@ class Soak:
         self.report.violations.append(message)
 
 
+def _bump(counts: dict[str, int], key: str) -> None:
+    counts[key] = counts.get(key, 0) + 1
+
+
 def _summary(output: str) -> dict[str, Any]:
     """The summary a ``--json`` run prints last."""
     for line in reversed(output.splitlines()):
@@ -780,6 +783,15 @@ def main() -> None:
     parser.add_argument("--lease-seconds", type=float, default=3.0)
     parser.add_argument("--step-seconds", type=float, default=0.05)
     parser.add_argument("--report", type=Path, default=None, help="write the report as JSON")
+    parser.add_argument(
+        "--faults", type=lambda text: text.split(","), default=None, help="only these, e.g. kill9"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=lambda text: tuple(text.split(",")),
+        default=None,
+        help="only these forward rounds, e.g. distributed",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the soak's folder")
     args = parser.parse_args()
     if args.seed is None:
