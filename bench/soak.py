@@ -400,9 +400,11 @@ class Soak:
             self.inject(fault, number, processes)
         for process in processes:
             try:
-                process.wait(timeout=300)
+                process.wait(timeout=self.args.hang_seconds)
             except subprocess.TimeoutExpired:
-                self.violation(f"run {number}: a byod process did not end in 300 s")
+                self.violation(
+                    f"run {number}: a byod process did not end in {self.args.hang_seconds} s"
+                )
                 self.dump_state(number)
                 _stop(process)
         return undoing
@@ -783,6 +785,7 @@ def main() -> None:
     parser.add_argument("--lease-seconds", type=float, default=3.0)
     parser.add_argument("--step-seconds", type=float, default=0.05)
     parser.add_argument("--report", type=Path, default=None, help="write the report as JSON")
+    parser.add_argument("--hang-seconds", type=float, default=300.0, help="a run hangs after")
     parser.add_argument(
         "--faults", type=lambda text: text.split(","), default=None, help="only these, e.g. kill9"
     )
