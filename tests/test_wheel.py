@@ -11,7 +11,6 @@ extra and serves.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ import pytest
 
 import byod
 from byod.commands import convex_local
+from byod.npm import file_lock
 from byod.targets.convex_client import ConvexClient
 from tests.conftest import child_env
 from tests.convex_backend import require_node
@@ -42,23 +42,13 @@ PIP = (sys.executable, "-m", "pip", "--disable-pip-version-check")
 MYPY = (sys.executable, "-m", "mypy", "--strict", "--cache-dir", "/dev/null")
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _made_once(factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]) -> Path:
     """A folder made by ``make`` once for the session, shared by its xdist workers."""
     base = factory.getbasetemp()
     # an xdist worker's base is a folder of the session's own, shared by its workers
     root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     place = root / name
-    with _locked(root / f"{name}.lock"):
+    with file_lock(root / f"{name}.lock"):
         if not (place / ".ready").is_file():
             shutil.rmtree(place, ignore_errors=True)
             place.mkdir(parents=True)
