@@ -10,6 +10,8 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from tests.distributed_kit import (
     completed_per_user,
     follow_to_end,
     ledger_counts,
+    make_cluster,
     sqlite_fleet,
     wait_for,
 )
@@ -38,6 +41,7 @@ from tests.helpers import (
     stamp_ids,
     statuses,
 )
+from tests.served import free_port
 from tests.tcp_proxy import CuttableProxy
 
 pytestmark = pytest.mark.postgres
@@ -643,6 +647,75 @@ def test_a_run_that_moves_has_no_task_sent_early(redis_cluster: Cluster) -> None
             {"id": run_id},
         )
     assert tasks.send_again(run_id, 3600, stalled_seconds=1) == []  # queued, but it moves
+
+
+@contextmanager
+def _private_redis() -> Iterator[tuple[str, Callable[[], None], Callable[[], None]]]:
+    """A Redis of the test's own (the test kills it): its URL, kill -9, start again."""
+    port = free_port()
+    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    servers: list[subprocess.Popen[bytes]] = []
+
+    def start() -> None:
+        servers.append(subprocess.Popen([*args], stdout=subprocess.DEVNULL))
+        wait_for(lambda: _answers(port), 10, "the private Redis to answer")
+
+    def kill() -> None:
+        servers[-1].kill()
+        servers[-1].wait(10)
+
+    start()
+    try:
+        yield f"redis://127.0.0.1:{port}/0", kill, start
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait(10)
+
+
+def _answers(port: int) -> bool:
+    try:
+        return bool(redis.Redis(port=port, socket_connect_timeout=0.5).ping())
+    except redis.ConnectionError:
+        return False
+
+
+def test_a_worker_takes_tasks_again_after_its_acknowledgement_met_a_dead_broker(
+    pg: ServerDatabases, tmp_path: Path
+) -> None:
+    # found by bench/soak.py --seed 1 --faults broker_restart: a task that ended while
+    # Redis was down could not be acknowledged; kombu kept counting it against the
+    # worker's prefetch, and a worker whose every slot was so held took no task again.
+    # (With Celery's heartbeat on, the worker's loop waited in the heartbeat's retries
+    # and this test timed out waiting for the lost acknowledgement.)
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    with _private_redis() as (broker, kill_broker, start_broker):
+        cluster = make_cluster(pg, tmp_path, broker)
+        try:
+            sqlite_fleet(cluster, 1, "first")
+            worker = cluster.start_worker(
+                concurrency=1,  # one slot: one lost acknowledgement held it for good
+                extra_env={"BYOD_TEST_HOLD_DIR": str(hold), "BYOD_TEST_HOLD_SECONDS": "3"},
+            )
+            first = commands.migrate_distributed(cluster.ws, options=FleetOptions())
+            wait_for(lambda: any(hold.iterdir()), what="the task inside its migration")
+            kill_broker()  # the task ends, and is acknowledged, while Redis is down
+            log = cluster.folder.parent / "worker-0.log"
+            wait_for(lambda: "Couldn't ack" in log.read_text(), what="the lost acknowledgement")
+            start_broker()
+            assert RunStore(cluster.ws.engine).get(first).ended_at is not None
+
+            fleet = sqlite_fleet(cluster, 3, "second")
+            second = commands.migrate_distributed(cluster.ws, options=FleetOptions())
+            summary = follow_to_end(cluster, second, timeout=60)
+
+            assert (summary.state, summary.succeeded) == ("completed", 3)
+            assert all(stamp_ids(url) == HEAD for url in fleet.values())
+            assert worker.poll() is None  # the same worker, not a restarted one
+        finally:
+            cluster.stop()
+            cluster.ws.engine.dispose()
 
 
 def test_ctrl_c_stops_an_attached_distributed_run(redis_cluster: Cluster) -> None:

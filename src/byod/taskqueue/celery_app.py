@@ -18,7 +18,9 @@ from urllib.parse import urlsplit
 
 from celery import Celery, Task, signals
 from celery.signals import worker_process_init, worker_process_shutdown
+from celery.worker.request import Request
 from kombu.exceptions import OperationalError
+from kombu.transport import virtual
 
 from byod import commands
 from byod.distributed.dispatch import Publisher, TaskMessage
@@ -100,9 +102,55 @@ def make_app(settings: Settings) -> Celery:
     app.conf.update(conf)
     app.byod_settings = settings  # what each worker process builds its runner from
     _apps.append(app)
-    app.task(name=TASK_NAME, bind=True, max_retries=None)(_migrate_page)
-    app.task(name=USER_TASK_NAME, bind=True, max_retries=None)(_migrate_user)
+    app.task(name=TASK_NAME, bind=True, max_retries=None, Request=_BrokerLossSafeRequest)(
+        _migrate_page
+    )
+    app.task(name=USER_TASK_NAME, bind=True, max_retries=None, Request=_BrokerLossSafeRequest)(
+        _migrate_user
+    )
     return app
+
+
+class _BrokerLossSafeRequest(Request):  # type: ignore[misc]
+    """A task request whose worker keeps taking tasks when the broker could not take its
+    acknowledgement.
+
+    On Redis, kombu counts a message against the worker's prefetch until the broker
+    confirms its acknowledgement; an acknowledgement sent while Redis was down or
+    restarting (logged by kombu as "Couldn't ack") never is, and a worker whose every slot
+    is so held takes no task again (found by ``bench/soak.py --seed 1 --faults
+    broker_restart``). Here the slot is freed in the worker: the message itself stays
+    where the broker has it (lost with a restarted Redis, else handed out again after its
+    visibility timeout); byod's tasks are safe to run twice and the run's watcher sends
+    again what is lost.
+    """
+
+    def acknowledge(self) -> None:
+        try:
+            super().acknowledge()
+        finally:  # kombu re-raises a BrokenPipeError
+            self._free_a_slot_the_broker_kept()
+
+    def reject(self, requeue: bool = False) -> None:
+        try:
+            super().reject(requeue=requeue)
+        finally:
+            self._free_a_slot_the_broker_kept()
+
+    def _free_a_slot_the_broker_kept(self) -> None:
+        message = self._message
+        qos = getattr(message.channel, "qos", None)
+        if message.acknowledged or not isinstance(qos, virtual.QoS):
+            return  # done, or a broker (AMQP) whose channel dies and is made anew
+        tag = message.delivery_tag
+        if tag in qos._delivered and tag not in qos._dirty:
+            virtual.QoS.ack(qos, tag)  # type: ignore[no-untyped-call]  # the count only
+            log.warning(
+                "the broker did not take the acknowledgement of task %s (%s); the worker "
+                "takes tasks on, and the task may be delivered again",
+                self.id,
+                self.name,
+            )
 
 
 def _warm_up(**_: object) -> None:
@@ -207,6 +255,9 @@ def run_worker(
             f"--hostname=byod-{os.getpid()}@%h",
             "--without-gossip",
             "--without-mingle",
+            # byod uses no worker events; a heartbeat sent while the broker is down would
+            # hold the worker's event loop in its retries
+            "--without-heartbeat",
         ]
     )
 
