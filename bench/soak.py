@@ -50,6 +50,7 @@ import textwrap
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,8 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _soak_convex import TOP as CONVEX_TOP  # noqa: E402
+from _soak_convex import ConvexFleet  # noqa: E402
 from tests.tcp_proxy import CuttableProxy  # noqa: E402
 
 from byod.targets.dialects import STAMP_TABLE  # noqa: E402
@@ -73,6 +76,8 @@ COUNTED = ("002_count", "003_bump", "004_count", "005_contract")
 #: the kinds of forward round, drawn evenly (the common ones twice)
 ROUNDS = ("threads", "threads", "processes", "distributed", "distributed", "rehearse", "two")
 REDIS_FLAGS = ("--save", "", "--appendonly", "no")
+AMQP_PORT = 5672  # the machine's RabbitMQ, shared: the soak cuts a proxy, never the server
+BROKERS = ("redis", "rabbitmq")
 #: secrets that must never show in a log, a message or the ledger
 PG_PASSWORD = "soak-pg-" + secrets.token_hex(6)
 MYSQL_PASSWORD = "soak-my-" + secrets.token_hex(6)
@@ -198,6 +203,7 @@ class Report:
     checks_passed: int = 0
     settles: int = 0
     longest_recovery_seconds: float = 0.0
+    convex_429s_answered: int = 0
     settle_seconds: list[float] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     history: list[Fault] = field(default_factory=list)
@@ -216,14 +222,20 @@ class Soak:
         self.report = Report(
             seed=args.seed,
             minutes=args.minutes,
-            instances={"sqlite": args.sqlite, "postgresql": args.postgres, "mysql": args.mysql},
+            instances={
+                "sqlite": args.sqlite,
+                "postgresql": args.postgres,
+                "mysql": args.mysql,
+                "convex": args.convex,
+            },
         )
         self.started = time.monotonic()
         self.pg_proxy = CuttableProxy(5432)  # the instances' PostgreSQL server
         self.cp_proxy = CuttableProxy(5432)  # the control plane's
+        self.amqp_proxy = CuttableProxy(AMQP_PORT)  # RabbitMQ, as the workers reach it
         self.redis_port = _free_port()
         self.redis: subprocess.Popen[bytes] | None = None
-        self.workers: list[subprocess.Popen[bytes]] = []
+        self.workers: dict[str, list[subprocess.Popen[bytes]]] = {b: [] for b in BROKERS}
         self.pg_dbs: list[str] = []
         self.my_dbs: list[str] = []
         self.sqlite_files: list[Path] = []
@@ -235,8 +247,29 @@ class Soak:
         self.cp = sa.create_engine(
             f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.cp_db}", poolclass=sa.NullPool
         )
+        self.convex = (
+            ConvexFleet(
+                self.folder,
+                self.tag,
+                self.cp_proxy.port,
+                args.convex,
+                args.convex_documents,
+                random.Random(args.seed + 1),
+            )
+            if args.convex
+            else None
+        )
+        self.convex_undoing: str | None = None
 
     # -- set-up and tear-down ----------------------------------------------------------
+
+    def broker_env(self, broker: str) -> dict[str, str]:
+        """The settings that put a byod process on ``broker``: the private Redis, or the
+        machine's RabbitMQ through the soak's proxy on a queue of the soak's own."""
+        if broker == "redis":
+            return {}
+        url = f"amqp://guest:guest@127.0.0.1:{self.amqp_proxy.port}//"
+        return {"BYOD_BROKER_URL": url, "BYOD_QUEUE": self.tag}
 
     def env(self, **extra: str) -> dict[str, str]:
         """A byod process's environment: the soak's control plane, key, migrations."""
@@ -294,25 +327,41 @@ class Soak:
         self.byod("users", "import", str(users))
         self.byod("connect", "--check", "--all")
         self.start_redis()
-        self.start_workers(2)
+        for broker in BROKERS:
+            self.start_workers(broker, 2)
         done = self.byod("migrate", "--all", "--to", "1", "--concurrency", "16", check=False)
         if done.returncode != 0 or not self.all_at(1):
             raise SystemExit(f"the fleet did not reach version 1: {done.stdout[-2000:]}")
+        if self.convex is not None:
+            _admin(PG, f'CREATE DATABASE "{self.convex.cp_db}"')
+            users = self.convex.start()
+            extra = self.convex.env()
+            self.byod("init", extra=extra)
+            self.byod("users", "import", str(users), extra=extra)
+            self.byod("connect", "--check", "--all", extra=extra)
+            done = self.byod("migrate", "--all", "--to", "1", check=False, extra=extra)
+            if done.returncode != 0 or not _all_at(self.convex.cp, 1, self.convex.count):
+                raise SystemExit(f"the Convex fleet did not reach 1: {done.stdout[-2000:]}")
 
     def teardown(self) -> None:
         """Stop every process, drop every database the soak made (kept, with the folder,
         after a violation, to look at)."""
-        for worker in self.workers:
+        for worker in [w for workers in self.workers.values() for w in workers]:
             _stop(worker)
         if self.redis is not None:
             _stop(self.redis)
+        if self.convex is not None:
+            self.convex.close()
         self.cp.dispose()
         self.pg_proxy.close()
         self.cp_proxy.close()
+        self.amqp_proxy.close()
+        _delete_amqp_queue(self.tag)
         if self.report.violations:
             print(f"kept for a look: {self.folder}, control plane {self.cp_db}")
             return
-        for name in [self.cp_db, *self.pg_dbs]:
+        convex_db = [self.convex.cp_db] if self.convex is not None else []
+        for name in [self.cp_db, *convex_db, *self.pg_dbs]:
             _admin(PG, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         for name in self.my_dbs:
             _admin(MYSQL, f"DROP DATABASE IF EXISTS `{name}`")
@@ -329,15 +378,15 @@ class Soak:
         )
         _wait_port(self.redis_port)
 
-    def start_workers(self, count: int) -> None:
-        """``count`` more ``byod worker`` processes."""
+    def start_workers(self, broker: str, count: int) -> None:
+        """``count`` more ``byod worker`` processes on ``broker``."""
         for _ in range(count):
             self.log_count += 1
-            log = (self.logs / f"worker-{self.log_count}.log").open("wb")
-            self.workers.append(
+            log = (self.logs / f"worker-{broker}-{self.log_count}.log").open("wb")
+            self.workers[broker].append(
                 subprocess.Popen(
                     [BYOD, "worker", "--concurrency", "2"],
-                    env=self.env(),
+                    env=self.env(**self.broker_env(broker)),
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
@@ -345,13 +394,14 @@ class Soak:
             )
 
     def byod(
-        self, *args: str, check: bool = True, **extra: str
+        self, *args: str, check: bool = True, extra: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """Run a byod command to its end (its output kept in the logs)."""
+        """Run a byod command to its end (its output kept in the logs), with the settings
+        ``extra`` adds."""
         self.log_count += 1
         done = subprocess.run(
             [BYOD, *args],
-            env=self.env(**extra),
+            env=self.env(**(extra or {})),
             capture_output=True,
             text=True,
             timeout=600,
@@ -381,23 +431,29 @@ class Soak:
             if self.report.violations:
                 break
         if not self.report.violations:
+            self.convex_undoing = None
             self.settle(number + 1, None)
         return self.report
 
     def one_round(self, number: int) -> str | None:
         """A round: the fleet at the top is rolled back (the last run that moved users
-        undone), else moved forward (threads, processes, workers, two runs at once, a
-        rehearsal); with a fault at a random moment, or none. Returns the run undone."""
-        undoing = self.last_forward_run() if self.all_at(self.expected()) else None
+        undone), else moved forward (threads, processes, workers on Redis or RabbitMQ,
+        two runs at once, a rehearsal); the Convex fleet likewise beside it; with a fault
+        at a random moment, or none. Returns the run undone."""
+        undoing = self.last_forward_run(self.cp) if self.all_at(self.expected()) else None
         kind = "rollback" if undoing else self.rng.choice(self.args.rounds or ROUNDS)
-        _bump(self.report.runs, kind)
         commands = self.commands_for(kind, undoing)
+        if kind == "distributed":
+            kind += "-rabbitmq" if "BYOD_QUEUE" in commands[0][1] else "-redis"
+        _bump(self.report.runs, kind)
+        if self.convex is not None:
+            commands.append(self.convex_command())
         fault = self.rng.choice(self.faults_for(kind))
         limit_files = fault == "disk_full"
-        processes = [self.start(args, limit_files=limit_files) for args in commands]
+        processes = [self.start(args, extra, limit_files=limit_files) for args, extra in commands]
         time.sleep(self.rng.uniform(0.1, 2.5))
         if fault != "none":
-            self.inject(fault, number, processes)
+            self.inject(fault, number, processes, kind)
         for process in processes:
             try:
                 process.wait(timeout=self.args.hang_seconds)
@@ -408,6 +464,20 @@ class Soak:
                 self.dump_state(number)
                 _stop(process)
         return undoing
+
+    def convex_command(self) -> tuple[list[str], dict[str, str]]:
+        """The Convex fleet's part of a round: the rollback of its last forward run when
+        it is at the top, else a forward run."""
+        assert self.convex is not None
+        lease = ["--lease-seconds", str(self.args.lease_seconds)]
+        at_top = _all_at(self.convex.cp, CONVEX_TOP, self.convex.count)
+        self.convex_undoing = self.last_forward_run(self.convex.cp) if at_top else None
+        _bump(self.report.runs, "convex-rollback" if self.convex_undoing else "convex-migrate")
+        if self.convex_undoing is not None:
+            args = ["rollback", "--run", self.convex_undoing, *lease]
+        else:
+            args = ["migrate", "--all", "--retries", "1", "--timeout", "30", *lease]
+        return args, self.convex.env()
 
     def dump_state(self, number: int) -> None:
         """The control plane's runs, tasks and leases as they are, into the logs."""
@@ -428,42 +498,57 @@ class Soak:
         path = self.logs / f"state-after-run-{number}.json"
         path.write_text(json.dumps(state, indent=1, default=str))
 
-    def last_forward_run(self) -> str | None:
-        """The latest migrate run that moved users and no rollback undid yet."""
-        with self.cp.connect() as conn:
+    @staticmethod
+    def last_forward_run(engine: sa.Engine) -> str | None:
+        """The latest migrate run that moved users (its ledger rows, as byod counts what a
+        run moved: a killed run's counts may fall short) and no rollback undid yet; never
+        the set-up's run from version 0 (the first step has no ``down``)."""
+        with engine.connect() as conn:
             found: str | None = conn.execute(
                 sa.text(
-                    "SELECT id FROM byod_runs WHERE kind = 'migrate' AND succeeded > 0 "
-                    "AND id NOT IN (SELECT undoes FROM byod_runs WHERE undoes IS NOT NULL) "
-                    "ORDER BY started_at DESC LIMIT 1"
+                    "SELECT r.id FROM byod_runs r WHERE r.kind = 'migrate' "
+                    "AND r.id NOT IN (SELECT undoes FROM byod_runs WHERE undoes IS NOT NULL) "
+                    "AND EXISTS (SELECT 1 FROM byod_migrations m WHERE m.run_id = r.id "
+                    "AND m.direction = 'up' AND m.status = 'completed') "
+                    "AND NOT EXISTS (SELECT 1 FROM byod_migrations m WHERE m.run_id = r.id "
+                    "AND m.direction = 'up' AND m.version = 1) "
+                    "ORDER BY r.started_at DESC LIMIT 1"
                 )
             ).scalar()
         return found
 
-    def commands_for(self, kind: str, undoing: str | None) -> list[list[str]]:
-        """The byod command lines of a round."""
+    def commands_for(
+        self, kind: str, undoing: str | None
+    ) -> list[tuple[list[str], dict[str, str]]]:
+        """The byod command lines of a round, each with the settings it adds."""
         lease = ["--lease-seconds", str(self.args.lease_seconds)]
         if undoing is not None:
-            return [["rollback", "--run", undoing, *lease]]
+            return [(["rollback", "--run", undoing, *lease], {})]
         forward = ["migrate", "--all", "--retries", "1", "--timeout", "30", *lease]
         if kind == "processes":
-            return [[*forward, "--processes", "2"]]
+            return [([*forward, "--processes", "2"], {})]
         if kind == "distributed":
-            return [[*forward, "--distributed", "--concurrency", "16"]]
+            broker = self.rng.choice(self.args.brokers)
+            return [([*forward, "--distributed", "--concurrency", "16"], self.broker_env(broker))]
         if kind == "rehearse":
-            return [["migrate", "--all", "--rehearse", "--rehearse-skip-unsupported", *lease]]
+            return [(["migrate", "--all", "--rehearse", "--rehearse-skip-unsupported", *lease], {})]
         if kind == "two":
-            return [[*forward, "--concurrency", "4"], [*forward, "--concurrency", "4"]]
-        return [[*forward, "--concurrency", "8"]]
+            return [([*forward, "--concurrency", "4"], {}), ([*forward, "--concurrency", "4"], {})]
+        return [([*forward, "--concurrency", "8"], {})]
 
     def faults_for(self, kind: str) -> list[str]:
-        common = ["none", "kill9", "sigint", "cp_cut", "instance_cut", "disk_full"]
-        if kind == "distributed":
+        common = ["none", "kill9", "sigint", "cp_cut", "instance_cut", "instance_slow"]
+        common.append("disk_full")
+        if self.convex is not None:
+            common.append("convex_429")
+        if kind.startswith("distributed"):
             common += ["worker_kill9", "broker_restart"]
         chosen = [f for f in common if not self.args.faults or f in self.args.faults]
         return chosen or ["none"]
 
-    def start(self, args: list[str], *, limit_files: bool) -> subprocess.Popen[str]:
+    def start(
+        self, args: list[str], extra: dict[str, str], *, limit_files: bool
+    ) -> subprocess.Popen[str]:
         """A byod command in the background, its own process group; its output goes
         through a pipe (a file size limit must not reach its log) to its log file."""
         self.log_count += 1
@@ -477,7 +562,7 @@ class Soak:
 
         process = subprocess.Popen(
             [BYOD, *args],
-            env=self.env(),
+            env=self.env(**extra),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -494,69 +579,111 @@ class Soak:
         threading.Thread(target=drain, daemon=True).start()
         return process
 
-    def inject(self, fault: str, number: int, processes: list[subprocess.Popen[str]]) -> None:
+    def inject(
+        self, fault: str, number: int, processes: list[subprocess.Popen[str]], kind: str
+    ) -> None:
         """Do the fault now; record it."""
         record = Fault(fault, number, round(self.now(), 2))
         victim = self.rng.choice(processes)
+        rabbit = kind == "distributed-rabbitmq"
         if fault == "kill9":
             _signal_group(victim, signal.SIGKILL)
         elif fault == "sigint":
             _signal_group(victim, signal.SIGINT)
-        elif fault in ("cp_cut", "instance_cut", "broker_restart"):
+        elif fault in ("cp_cut", "instance_cut", "broker_restart", "instance_slow"):
             record.seconds = round(self.rng.uniform(0.5, 4.0), 2)
             if fault == "cp_cut":
                 self.cp_proxy.cut()
             elif fault == "instance_cut":
                 self.pg_proxy.cut()
+            elif fault == "instance_slow":
+                delay = self.rng.uniform(0.02, 0.3)
+                self.pg_proxy.slow(delay)
+                if self.convex is not None:
+                    self.convex.slow(delay * 1000)
+                record.note = f"{delay * 1000:.0f} ms a chunk"
+            elif rabbit:  # the machine's RabbitMQ is shared: its connections are cut
+                self.amqp_proxy.cut()
             elif self.redis is not None:
                 _stop(self.redis, signal.SIGKILL)
             time.sleep(record.seconds)
-            self.cp_proxy.restore()
-            self.pg_proxy.restore()
-            if fault == "broker_restart":
-                self.start_redis()
+            self.heal()
         elif fault == "worker_kill9":
-            alive = [w for w in self.workers if w.poll() is None]
+            alive = [w for w in self.workers["rabbitmq" if rabbit else "redis"] if w.poll() is None]
             if alive:
                 _signal_group(self.rng.choice(alive), signal.SIGKILL)
+        elif fault == "convex_429" and self.convex is not None:
+            record.note = self.convex.storm()
         # disk_full was set when the runner started
         _bump(self.report.faults, fault)
         self.report.history.append(record)
+
+    def heal(self) -> None:
+        """Every proxy forwarding again at once, the broker up, no slowed deployment."""
+        self.cp_proxy.restore()
+        self.pg_proxy.restore()
+        self.amqp_proxy.restore()
+        if self.convex is not None:
+            self.convex.slow(0)
+        if self.redis is None or self.redis.poll() is not None:
+            self.start_redis()
 
     # -- settling and checking -----------------------------------------------------------
 
     def settle(self, number: int, undoing: str | None) -> None:
         """Heal every fault, then finish the round's work: the rollback of ``undoing``
         again until it exits 0, else ``byod migrate --all`` until every user is at the
-        top; then check. Also opens the gate now and then, as an operator would."""
+        top (the Convex fleet's likewise); then check. Also opens the gate now and then,
+        as an operator would."""
         began = time.monotonic()
-        self.cp_proxy.restore()
-        self.pg_proxy.restore()
-        if self.redis is None or self.redis.poll() is not None:
-            self.start_redis()
-        self.workers = [w for w in self.workers if w.poll() is None]
-        self.start_workers(2 - len(self.workers))
-        lease = ["--lease-seconds", str(self.args.lease_seconds)]
-        for attempt in range(1, 30):
-            if undoing is not None:  # busy users (a dead runner's leases) are not failures
-                args = ["rollback", "--run", undoing, "--retries", "2", "--json", *lease]
-                done = self.byod(*args, check=False)
-                if done.returncode == 0 and _summary(done.stdout).get("busy") == 0:
-                    break
-            else:
-                done = self.byod("migrate", "--all", "--retries", "2", *lease, check=False)
-                if done.returncode == 0 and self.all_at(self.expected()):
-                    break
-            time.sleep(min(self.args.lease_seconds, 0.5 * attempt))
-        else:
+        self.heal()
+        if self.convex is not None:
+            self.convex.heal()
+            self.report.convex_429s_answered = self.convex.answered_429
+        for broker, workers in self.workers.items():
+            self.workers[broker] = [w for w in workers if w.poll() is None]
+            self.start_workers(broker, 2 - len(self.workers[broker]))
+        if not self.settle_fleet(undoing, {}, lambda: self.all_at(self.expected())):
             self.violation(f"after run {number}: the fleet did not settle")
+        if self.convex is not None:
+            fleet = self.convex
+
+            def convex_at_top() -> bool:
+                return _all_at(fleet.cp, CONVEX_TOP, fleet.count)
+
+            if not self.settle_fleet(self.convex_undoing, fleet.env(), convex_at_top):
+                self.violation(f"after run {number}: the Convex fleet did not settle")
         waited = time.monotonic() - began
         self.report.longest_recovery_seconds = max(self.report.longest_recovery_seconds, waited)
         self.report.settle_seconds.append(round(waited, 1))
         self.report.settles += 1
         self.check(number, at_top=undoing is None)
+        if self.convex is not None:
+            where = f"after run {number}"
+            self.convex.check(where, self.expect, at_top=self.convex_undoing is None)
         if undoing is None and not self.gate_open and self.rng.random() < 0.3:
             self.gate_open = self.byod("gate", "open", GATED, check=False).returncode == 0
+
+    def settle_fleet(
+        self, undoing: str | None, extra: dict[str, str], at_top: Callable[[], bool]
+    ) -> bool:
+        """The rollback of ``undoing`` again until it exits 0 with no user busy (a dead
+        runner's leases are not failures), else ``migrate --all`` until ``at_top``."""
+        lease = ["--lease-seconds", str(self.args.lease_seconds)]
+        for attempt in range(1, 30):
+            if undoing is not None:
+                args = ["rollback", "--run", undoing, "--retries", "2", "--json", *lease]
+                done = self.byod(*args, check=False, extra=extra)
+                if done.returncode == 0 and _summary(done.stdout).get("busy") == 0:
+                    return True
+            else:
+                done = self.byod(
+                    "migrate", "--all", "--retries", "2", *lease, check=False, extra=extra
+                )
+                if done.returncode == 0 and at_top():
+                    return True
+            time.sleep(min(self.args.lease_seconds, 0.5 * attempt))
+        return False
 
     def expected(self) -> int:
         """Where a settled fleet stands: the gated step waits for its gate."""
@@ -564,14 +691,7 @@ class Soak:
 
     def all_at(self, version: int) -> bool:
         """Every user connected at ``version``, as the control plane says."""
-        with self.cp.connect() as conn:
-            versions = conn.execute(
-                sa.text(
-                    "SELECT schema_version, connection_status, count(*) FROM byod_configs "
-                    "GROUP BY 1, 2"
-                )
-            ).all()
-        return [tuple(v) for v in versions] == [(version, "connected", self.fleet_size())]
+        return _all_at(self.cp, version, self.fleet_size())
 
     def fleet_size(self) -> int:
         return self.args.sqlite + self.args.postgres + self.args.mysql
@@ -652,7 +772,8 @@ class Soak:
                 f"{where}: run {run['id']} counts {counted} of total {run['total']}",
             )
         for text in [*ledger_errors, *self.log_texts()]:
-            for secret in (PG_PASSWORD, MYSQL_PASSWORD, self.key):
+            convex_keys = self.convex.secrets if self.convex is not None else []
+            for secret in (PG_PASSWORD, MYSQL_PASSWORD, self.key, *convex_keys):
                 self.expect(secret not in text, f"{where}: a secret in a log or the ledger")
 
     def check_instance(
@@ -718,6 +839,28 @@ def _summary(output: str) -> dict[str, Any]:
     return {}
 
 
+def _all_at(engine: sa.Engine, version: int, size: int) -> bool:
+    """Every one of ``size`` users connected at ``version``, as the control plane says."""
+    with engine.connect() as conn:
+        versions = conn.execute(
+            sa.text(
+                "SELECT schema_version, connection_status, count(*) FROM byod_configs GROUP BY 1, 2"
+            )
+        ).all()
+    return [tuple(v) for v in versions] == [(version, "connected", size)]
+
+
+def _delete_amqp_queue(name: str) -> None:
+    """The soak's queue on the machine's RabbitMQ, gone."""
+    from kombu import Connection
+
+    with (
+        contextlib.suppress(Exception),
+        Connection(f"amqp://guest:guest@127.0.0.1:{AMQP_PORT}//") as c,
+    ):
+        c.default_channel.queue_delete(name)
+
+
 def _admin(url: str, statement: str) -> None:
     engine = sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
     try:
@@ -764,6 +907,7 @@ def print_report(report: Report) -> None:
     print(f"  faults: {dict(report.faults)} ({sum(report.faults.values())})")
     print(f"  steps applied {report.steps_applied}, undone {report.steps_undone}")
     print(f"  checks passed: {report.checks_passed}")
+    print(f"  429s answered by Convex deployments: {report.convex_429s_answered}")
     print(f"  longest settle after a fault: {report.longest_recovery_seconds:.1f} s")
     print(f"  settles (s): {report.settle_seconds}")
     for message in report.violations[:20]:
@@ -782,6 +926,14 @@ def main() -> None:
     parser.add_argument("--sqlite", type=int, default=160)
     parser.add_argument("--postgres", type=int, default=60)
     parser.add_argument("--mysql", type=int, default=40)
+    parser.add_argument("--convex", type=int, default=12, help="local Convex deployments")
+    parser.add_argument("--convex-documents", type=int, default=250, help="per deployment")
+    parser.add_argument(
+        "--brokers",
+        type=lambda text: tuple(text.split(",")),
+        default=BROKERS,
+        help="the distributed rounds' brokers: redis,rabbitmq",
+    )
     parser.add_argument("--lease-seconds", type=float, default=3.0)
     parser.add_argument("--step-seconds", type=float, default=0.05)
     parser.add_argument("--report", type=Path, default=None, help="write the report as JSON")

@@ -1,24 +1,27 @@
-"""A TCP forwarder on loopback that a test can cut: every connection through it is
-dropped and new ones are refused until it is restored (a server that went away)."""
+"""A TCP forwarder on loopback that a test can cut (every connection through it is
+dropped and new ones are refused until it is restored: a server that went away) or slow
+(each chunk forwarded late: a server far away or overloaded)."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import threading
+import time
 
 __all__ = ["CuttableProxy"]
 
 
 class CuttableProxy:
     """Forwards ``host``:``port`` (127.0.0.1 unless given) to 127.0.0.1:``target_port``;
-    :meth:`cut` and :meth:`restore`."""
+    :meth:`cut`, :meth:`slow` and :meth:`restore`."""
 
     def __init__(self, target_port: int, host: str = "127.0.0.1") -> None:
         self.target = ("127.0.0.1", target_port)
         self.listener = socket.create_server((host, 0))
         self.port = self.listener.getsockname()[1]
         self.up = True
+        self.delay = 0.0
         self.sockets: list[socket.socket] = []
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -33,9 +36,14 @@ class CuttableProxy:
                 sock.close()
             self.sockets.clear()
 
+    def slow(self, seconds: float) -> None:
+        """Forward each chunk ``seconds`` late, both ways (0: at once)."""
+        self.delay = seconds
+
     def restore(self) -> None:
-        """Forward again."""
+        """Forward again, at once."""
         self.up = True
+        self.delay = 0.0
 
     def close(self) -> None:
         self.cut()
@@ -60,10 +68,11 @@ class CuttableProxy:
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
 
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                if self.delay:
+                    time.sleep(self.delay)
                 sink.sendall(data)
         except OSError:
             pass
