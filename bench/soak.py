@@ -11,13 +11,18 @@ chain: ``001_tables`` (applied before the soak), ``002_count`` (a non-idempotent
 ``downs``: on every instance ``ups - downs`` must equal 1 exactly where the stamp says the
 step is applied, else 0, and every row's ``n`` 1 exactly where ``003_bump`` is applied.
 
+Beside it, a Convex fleet (``--convex N``, :mod:`_soak_convex`): local deployments of
+byod's example app on a control plane of their own, checked from their own documents.
+
 The schedule, drawn from ``--seed``: runs (``byod migrate --all`` on threads, on
-``--processes 2``, on Celery workers over a private Redis; rollbacks of an earlier run or
-to a version; rehearsals; two runs at once), each with a fault at a random moment or
-none: ``kill -9`` or SIGINT of the runner, a Celery worker killed, the broker restarted,
-the control plane cut, a PostgreSQL instance's server cut, SQLite writes past a file size
-limit (a full disk). After each, the soak settles: faults healed, leases left to lapse,
-``byod migrate --all`` to the target until it exits 0, then the checker runs.
+``--processes 2``, on Celery workers over a private Redis or the machine's RabbitMQ;
+rollbacks of an earlier run; rehearsals; two runs at once; the Convex fleet forward or
+back beside each), each with a fault at a random moment or none: ``kill -9`` or SIGINT of
+a runner, a Celery worker killed, the broker restarted (RabbitMQ: its connections cut),
+the control plane cut, a PostgreSQL instance's server cut or slowed, SQLite writes past a
+file size limit (a full disk), a 429 storm on the Convex deployments. After each, the soak
+settles: faults healed, leases left to lapse, the rollback or ``byod migrate --all`` again
+until it is done, then the checker runs.
 
     .venv/bin/python bench/soak.py --minutes 10 --seed 1     # a fixed schedule
     .venv/bin/python bench/soak.py --minutes 10              # a random seed (printed)
@@ -78,6 +83,12 @@ ROUNDS = ("threads", "threads", "processes", "distributed", "distributed", "rehe
 REDIS_FLAGS = ("--save", "", "--appendonly", "no")
 AMQP_PORT = 5672  # the machine's RabbitMQ, shared: the soak cuts a proxy, never the server
 BROKERS = ("redis", "rabbitmq")
+#: every fault the soak injects (``worker_kill9`` and ``broker_restart`` in distributed
+#: rounds only, ``convex_429`` with a Convex fleet only)
+FAULTS = (
+    "none", "kill9", "sigint", "cp_cut", "instance_cut", "instance_slow", "disk_full",
+    "convex_429", "worker_kill9", "broker_restart",
+)  # fmt: skip
 #: secrets that must never show in a log, a message or the ledger
 PG_PASSWORD = "soak-pg-" + secrets.token_hex(6)
 MYSQL_PASSWORD = "soak-my-" + secrets.token_hex(6)
@@ -949,6 +960,14 @@ def main() -> None:
     )
     parser.add_argument("--keep", action="store_true", help="keep the soak's folder")
     args = parser.parse_args()
+    for option, given, known in (
+        ("--faults", args.faults or (), FAULTS),
+        ("--rounds", args.rounds or (), set(ROUNDS)),
+        ("--brokers", args.brokers, BROKERS),
+    ):
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            parser.error(f"{option}: unknown {', '.join(unknown)} (known: {', '.join(known)})")
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1, 2**31)
     soak = Soak(args)
