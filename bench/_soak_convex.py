@@ -19,6 +19,7 @@ import json
 import random
 import re
 import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -143,9 +144,20 @@ class ConvexFleet:
 
     # -- the checker ----------------------------------------------------------------------
 
-    def check(self, where: str, expect: Expect, *, at_top: bool) -> None:
-        """Every deployment's own data against the control plane (see the module)."""
+    def check(self, where: str, expect: Expect, *, at_top: bool, lease_seconds: float) -> None:
+        """Every deployment's own data against the control plane (see the module); no
+        ledger row left running, no lease (a user's, a deployment's lock) reaching more
+        than one lease past now."""
         with self.cp.connect() as conn:
+            running = conn.execute(
+                sa.text("SELECT count(*) FROM byod_migrations WHERE status = 'running'")
+            ).scalar_one()
+            furthest = conn.execute(
+                sa.text(
+                    "SELECT max(extract(epoch FROM lease_expires_at - now() AT TIME ZONE 'utc'))"
+                    " FROM byod_configs"
+                )
+            ).scalar()
             versions: dict[str, int] = dict(
                 conn.execute(
                     sa.text(
@@ -164,9 +176,20 @@ class ConvexFleet:
                     {"id": BACKFILL},
                 ).all()
             )
+        expect(running == 0, f"{where}: {running} Convex ledger rows left running")
+        expect(
+            furthest is None or float(furthest) <= lease_seconds + 1,
+            f"{where}: a Convex user's lease {furthest} s beyond now, none is running",
+        )
         for n, name in enumerate(self.names):
             clerk_id = f"convex-{n:03d}"
             self.check_one(where, expect, name, versions[clerk_id], applied.get(clerk_id, 0))
+            lock = self.clients[name].function("byod:readLock", {})
+            over = None if lock is None else lock["expiresAt"] / 1000 - time.time()
+            expect(
+                over is None or over <= lease_seconds + 1,
+                f"{where}: {name}: its lock held {over} s beyond now, none is running",
+            )
             if at_top:
                 expect(versions[clerk_id] == TOP, f"{where}: {clerk_id} not at {TOP}")
 

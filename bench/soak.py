@@ -671,7 +671,12 @@ class Soak:
         self.check(number, at_top=undoing is None)
         if self.convex is not None:
             where = f"after run {number}"
-            self.convex.check(where, self.expect, at_top=self.convex_undoing is None)
+            self.convex.check(
+                where,
+                self.expect,
+                at_top=self.convex_undoing is None,
+                lease_seconds=self.args.lease_seconds,
+            )
         if undoing is None and not self.gate_open and self.rng.random() < 0.3:
             self.gate_open = self.byod("gate", "open", GATED, check=False).returncode == 0
 
