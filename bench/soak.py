@@ -17,10 +17,11 @@ byod's example app on a control plane of their own, checked from their own docum
 The schedule, drawn from ``--seed``: runs (``byod migrate --all`` on threads, on
 ``--processes 2``, on Celery workers over a private Redis or the machine's RabbitMQ;
 rollbacks of an earlier run; rehearsals; two runs at once; the Convex fleet forward or
-back beside each), each with a fault at a random moment or none: ``kill -9`` or SIGINT of
-a runner, a Celery worker killed, the broker restarted (RabbitMQ: its connections cut),
-the control plane cut, a PostgreSQL instance's server cut or slowed, SQLite writes past a
-file size limit (a full disk), a 429 storm on the Convex deployments. After each, the soak
+back beside each), each with one to three faults at random moments, overlapping, or
+none: ``kill -9`` or SIGINT of a runner, a Celery worker killed, the broker restarted
+(RabbitMQ: its connections cut), the control plane cut, a PostgreSQL instance's server
+cut or slowed, SQLite writes past a file size limit (a full disk), a 429 storm on the
+Convex deployments. After each, the soak
 settles: faults healed, leases left to lapse, the rollback or ``byod migrate --all`` again
 until it is done, then the checker runs.
 
@@ -83,6 +84,8 @@ ROUNDS = ("threads", "threads", "processes", "distributed", "distributed", "rehe
 REDIS_FLAGS = ("--save", "", "--appendonly", "no")
 AMQP_PORT = 5672  # the machine's RabbitMQ, shared: the soak cuts a proxy, never the server
 BROKERS = ("redis", "rabbitmq")
+#: how many faults a round draws (duplicates fall away): one, often two or three
+FAULTS_PER_ROUND = (1, 1, 2, 3)
 #: every fault the soak injects (``worker_kill9`` and ``broker_restart`` in distributed
 #: rounds only, ``convex_429`` with a Convex fleet only)
 FAULTS = (
@@ -449,8 +452,8 @@ class Soak:
     def one_round(self, number: int) -> str | None:
         """A round: the fleet at the top is rolled back (the last run that moved users
         undone), else moved forward (threads, processes, workers on Redis or RabbitMQ,
-        two runs at once, a rehearsal); the Convex fleet likewise beside it; with a fault
-        at a random moment, or none. Returns the run undone."""
+        two runs at once, a rehearsal); the Convex fleet likewise beside it; with one to
+        three faults at random moments, overlapping, or none. Returns the run undone."""
         undoing = self.last_forward_run(self.cp) if self.all_at(self.expected()) else None
         kind = "rollback" if undoing else self.rng.choice(self.args.rounds or ROUNDS)
         commands = self.commands_for(kind, undoing)
@@ -459,12 +462,15 @@ class Soak:
         _bump(self.report.runs, kind)
         if self.convex is not None:
             commands.append(self.convex_command())
-        fault = self.rng.choice(self.faults_for(kind))
-        limit_files = fault == "disk_full"
+        drawn = self.rng.choice(FAULTS_PER_ROUND)
+        faults = list(dict.fromkeys(self.rng.choice(self.faults_for(kind)) for _ in range(drawn)))
+        limit_files = "disk_full" in faults
         processes = [self.start(args, extra, limit_files=limit_files) for args, extra in commands]
-        time.sleep(self.rng.uniform(0.1, 2.5))
-        if fault != "none":
-            self.inject(fault, number, processes, kind)
+        lasting: list[threading.Timer] = []  # cuts and slows end on their own, overlapping
+        for fault in faults:
+            time.sleep(self.rng.uniform(0.1, 2.0))
+            if fault != "none":
+                lasting += self.inject(fault, number, processes, kind)
         for process in processes:
             try:
                 process.wait(timeout=self.args.hang_seconds)
@@ -474,6 +480,8 @@ class Soak:
                 )
                 self.dump_state(number)
                 _stop(process)
+        for timer in lasting:
+            timer.join()
         return undoing
 
     def convex_command(self) -> tuple[list[str], dict[str, str]]:
@@ -592,47 +600,66 @@ class Soak:
 
     def inject(
         self, fault: str, number: int, processes: list[subprocess.Popen[str]], kind: str
-    ) -> None:
-        """Do the fault now; record it."""
+    ) -> list[threading.Timer]:
+        """Do the fault now; record it. A cut, a slow or a broker down lasts 0.5 to 4 s
+        while the round goes on: its end (a timer, returned) heals it."""
         record = Fault(fault, number, round(self.now(), 2))
         victim = self.rng.choice(processes)
         rabbit = kind == "distributed-rabbitmq"
+        _bump(self.report.faults, fault)
+        self.report.history.append(record)
         if fault == "kill9":
             _signal_group(victim, signal.SIGKILL)
         elif fault == "sigint":
             _signal_group(victim, signal.SIGINT)
-        elif fault in ("cp_cut", "instance_cut", "broker_restart", "instance_slow"):
-            record.seconds = round(self.rng.uniform(0.5, 4.0), 2)
-            if fault == "cp_cut":
-                self.cp_proxy.cut()
-            elif fault == "instance_cut":
-                self.pg_proxy.cut()
-            elif fault == "instance_slow":
-                delay = self.rng.uniform(0.02, 0.3)
-                self.pg_proxy.slow(delay)
-                if self.convex is not None:
-                    self.convex.slow(delay * 1000)
-                record.note = f"{delay * 1000:.0f} ms a chunk"
-            elif rabbit:  # the machine's RabbitMQ is shared: its connections are cut
-                self.amqp_proxy.cut()
-            elif self.redis is not None:
-                _stop(self.redis, signal.SIGKILL)
-            time.sleep(record.seconds)
-            self.heal()
         elif fault == "worker_kill9":
             alive = [w for w in self.workers["rabbitmq" if rabbit else "redis"] if w.poll() is None]
             if alive:
                 _signal_group(self.rng.choice(alive), signal.SIGKILL)
         elif fault == "convex_429" and self.convex is not None:
             record.note = self.convex.storm()
+        elif fault in ("cp_cut", "instance_cut", "broker_restart", "instance_slow"):
+            record.seconds = round(self.rng.uniform(0.5, 4.0), 2)
+            undo = self.start_lasting(fault, record, rabbit)
+            timer = threading.Timer(record.seconds, undo)
+            timer.start()
+            return [timer]
         # disk_full was set when the runner started
-        _bump(self.report.faults, fault)
-        self.report.history.append(record)
+        return []
+
+    def start_lasting(self, fault: str, record: Fault, rabbit: bool) -> Callable[[], None]:
+        """Begin a fault that lasts; what ends it."""
+        if fault == "cp_cut":
+            self.cp_proxy.cut()
+            return self.cp_proxy.restore
+        if fault == "instance_cut":
+            self.pg_proxy.cut()
+            return self.pg_proxy.restore
+        if fault == "instance_slow":
+            delay = self.rng.uniform(0.02, 0.3)
+            record.note = f"{delay * 1000:.0f} ms a chunk"
+            self.pg_proxy.slow(delay)
+            if self.convex is not None:
+                self.convex.slow(delay * 1000)
+
+            def fast_again() -> None:
+                self.pg_proxy.slow(0)
+                if self.convex is not None:
+                    self.convex.slow(0)
+
+            return fast_again
+        if rabbit:  # the machine's RabbitMQ is shared: its connections are cut
+            self.amqp_proxy.cut()
+            return self.amqp_proxy.restore
+        if self.redis is not None:
+            _stop(self.redis, signal.SIGKILL)
+        return self.start_redis
 
     def heal(self) -> None:
         """Every proxy forwarding again at once, the broker up, no slowed deployment."""
         self.cp_proxy.restore()
         self.pg_proxy.restore()
+        self.pg_proxy.slow(0)
         self.amqp_proxy.restore()
         if self.convex is not None:
             self.convex.slow(0)
@@ -935,7 +962,7 @@ def print_report(report: Report) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--seed", type=int, default=None, help="default: a random one")
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--max-runs", type=int, default=10_000)

@@ -41,9 +41,8 @@ class CuttableProxy:
         self.delay = seconds
 
     def restore(self) -> None:
-        """Forward again, at once."""
+        """Forward again (at the pace :meth:`slow` set)."""
         self.up = True
-        self.delay = 0.0
 
     def close(self) -> None:
         self.cut()
