@@ -3,8 +3,10 @@ a PostgreSQL control plane and real instances."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -13,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -716,6 +719,42 @@ def test_a_worker_takes_tasks_again_after_its_acknowledgement_met_a_dead_broker(
         finally:
             cluster.stop()
             cluster.ws.engine.dispose()
+
+
+def test_a_slot_whose_acknowledgement_redis_never_took_is_freed_in_the_worker() -> None:
+    # the mechanism behind the test above, on a real Redis and kombu's own consumer:
+    # a worker whose every slot is held by such a message takes no task again
+    from kombu import Connection, Exchange, Queue
+
+    from byod.taskqueue.celery_app import free_slot_kept_by_broker
+
+    with _private_redis() as (broker, kill_broker, _), Connection(broker) as connection:
+        channel = connection.channel()
+        queue = Queue("slots", Exchange("slots"), "slots", channel=channel)
+        connection.Producer(channel).publish(
+            {"n": 1}, exchange=queue.exchange, routing_key="slots", declare=[queue]
+        )
+        taken: list[Any] = []
+        consumer = connection.Consumer(
+            queues=[queue], channel=channel, callbacks=[lambda _, m: taken.append(m)],
+            accept=["json"],
+        )  # fmt: skip
+        consumer.qos(prefetch_count=1)  # a worker of one slot
+        consumer.consume()
+        connection.drain_events(timeout=5)
+        [message] = taken
+        assert not channel.qos.can_consume()  # its one slot is taken
+
+        kill_broker()
+        message.ack_log_error(logging.getLogger("test"), connection.connection_errors)
+
+        assert not message.acknowledged  # "Couldn't ack"
+        assert not channel.qos.can_consume()  # and the slot stays taken: no task again
+        assert free_slot_kept_by_broker(message)
+        assert channel.qos.can_consume()
+        assert not free_slot_kept_by_broker(message)  # freed once, never twice
+        with contextlib.suppress(Exception):  # the connection's close meets no Redis
+            channel.close()
 
 
 def test_ctrl_c_stops_an_attached_distributed_run(redis_cluster: Cluster) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "USER_TASK_NAME",
     "CeleryBroker",
     "check_broker",
+    "free_slot_kept_by_broker",
     "make_app",
     "publisher",
     "run_worker",
@@ -138,19 +139,28 @@ class _BrokerLossSafeRequest(Request):  # type: ignore[misc]
             self._free_a_slot_the_broker_kept()
 
     def _free_a_slot_the_broker_kept(self) -> None:
-        message = self._message
-        qos = getattr(message.channel, "qos", None)
-        if message.acknowledged or not isinstance(qos, virtual.QoS):
-            return  # done, or a broker (AMQP) whose channel dies and is made anew
-        tag = message.delivery_tag
-        if tag in qos._delivered and tag not in qos._dirty:
-            virtual.QoS.ack(qos, tag)  # type: ignore[no-untyped-call]  # the count only
+        if free_slot_kept_by_broker(self._message):
             log.warning(
                 "the broker did not take the acknowledgement of task %s (%s); the worker "
                 "takes tasks on, and the task may be delivered again",
                 self.id,
                 self.name,
             )
+
+
+def free_slot_kept_by_broker(message: Any) -> bool:
+    """Free the worker's prefetch slot held by ``message`` when the broker did not take
+    its acknowledgement (kombu's virtual transports, Redis among them, count a message
+    until the broker confirms it); whether one was freed. The worker's count only: the
+    message stays where the broker has it."""
+    qos = getattr(message.channel, "qos", None)
+    if message.acknowledged or not isinstance(qos, virtual.QoS):
+        return False  # done, or a broker (AMQP) whose channel dies and is made anew
+    tag = message.delivery_tag
+    if tag not in qos._delivered or tag in qos._dirty:
+        return False
+    virtual.QoS.ack(qos, tag)  # type: ignore[no-untyped-call]  # the base: no broker call
+    return True
 
 
 def _warm_up(**_: object) -> None:
