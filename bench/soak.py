@@ -656,13 +656,15 @@ class Soak:
         return self.start_redis
 
     def heal(self) -> None:
-        """Every proxy forwarding again at once, the broker up, no slowed deployment."""
+        """Every proxy forwarding again at once, the broker up, no Convex deployment slowed
+        or throttled (the 429s its storms got answered are counted)."""
         self.cp_proxy.restore()
         self.pg_proxy.restore()
         self.pg_proxy.slow(0)
         self.amqp_proxy.restore()
         if self.convex is not None:
-            self.convex.slow(0)
+            self.convex.heal()
+            self.report.convex_429s_answered = self.convex.answered_429
         if self.redis is None or self.redis.poll() is not None:
             self.start_redis()
 
@@ -675,9 +677,6 @@ class Soak:
         as an operator would."""
         began = time.monotonic()
         self.heal()
-        if self.convex is not None:
-            self.convex.heal()
-            self.report.convex_429s_answered = self.convex.answered_429
         for broker, workers in self.workers.items():
             self.workers[broker] = [w for w in workers if w.poll() is None]
             self.start_workers(broker, 2 - len(self.workers[broker]))
